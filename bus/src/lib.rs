@@ -1,0 +1,1 @@
+//! swimlane-bus (filled in by later issues).

@@ -1,0 +1,1 @@
+//! swimlane-ingest worker library (filled in by the pipeline issue).

@@ -1,0 +1,6 @@
+fn main() {
+    eprintln!(
+        "swimlane-ingest: this worker is not built yet (see issue 4, the pipeline); nothing to run"
+    );
+    std::process::exit(2);
+}

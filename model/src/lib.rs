@@ -1,0 +1,1 @@
+//! swimlane-model (filled in by later issues).

@@ -1,0 +1,1 @@
+//! swimlane-publisher worker library (filled in by the pipeline issue).

@@ -1,0 +1,1 @@
+//! swimlane-runtime (filled in by later issues).

@@ -1,0 +1,423 @@
+//! The `Kv` port: [`Db`] and [`Transaction`] (backend independent), and the
+//! [`Backend`] / [`BackendTx`] traits each backend implements.
+//!
+//! Invariants kept here, once, for every backend:
+//! - limits (key, value, transaction bytes, transaction age) are checked before a
+//!   write reaches a backend or before a commit is attempted;
+//! - the retry loop: retryable errors re-run the closure on a fresh transaction, with
+//!   bounded attempts and exponential backoff with jitter.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::KvError;
+use crate::limits;
+
+/// One key and its value, as returned by range reads.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// A range read: keys `k` with `begin <= k < end`, in ascending order (or descending
+/// when `reverse`), at most `limit` of them (`None`: no limit).
+#[derive(Clone, Debug)]
+pub struct RangeOption {
+    pub begin: Vec<u8>,
+    pub end: Vec<u8>,
+    pub limit: Option<usize>,
+    pub reverse: bool,
+}
+
+impl RangeOption {
+    /// All keys in `[begin, end)`, ascending, no limit.
+    pub fn new(begin: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
+        RangeOption {
+            begin: begin.into(),
+            end: end.into(),
+            limit: None,
+            reverse: false,
+        }
+    }
+    /// All keys that start with `prefix`, ascending.
+    pub fn prefix(prefix: &[u8]) -> Self {
+        let (b, e) = prefix_range(prefix);
+        RangeOption::new(b, e)
+    }
+    /// At most `n` keys.
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = Some(n);
+        self
+    }
+    /// Descending order (the last keys of the range first).
+    pub fn reverse(mut self) -> Self {
+        self.reverse = true;
+        self
+    }
+}
+
+/// `[prefix, strinc(prefix))`: the range of every key starting with `prefix`.
+/// An empty prefix, or one of only 0xff bytes, ends at `[0xff]`... extended so that it
+/// covers every key starting with the prefix.
+pub fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last == 0xff {
+            end.pop();
+        } else {
+            *end.last_mut().unwrap() += 1;
+            return (prefix.to_vec(), end);
+        }
+    }
+    // Prefix empty or all 0xff: every key >= prefix.
+    let mut e = prefix.to_vec();
+    e.extend_from_slice(&[0xff; 16]);
+    (prefix.to_vec(), e)
+}
+
+/// A backend: hands out transactions. Implemented by [`crate::embedded::EmbeddedBackend`]
+/// and (feature `fdb`) `crate::fdb::FdbBackend`.
+pub trait Backend: Send + Sync + 'static {
+    /// Start a transaction at a read version no older than the last commit that
+    /// returned `Ok` to anyone (strict serializability).
+    fn begin(&self) -> Result<Box<dyn BackendTx + '_>, KvError>;
+    /// A short name for logs and metrics ("embedded", "fdb").
+    fn name(&self) -> &'static str;
+}
+
+/// One backend transaction. Limits are already checked by [`Transaction`]; a backend
+/// must provide serializable isolation, read-your-writes, and report a conflict at
+/// commit as [`KvError::Conflict`].
+pub trait BackendTx {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError>;
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError>;
+    fn clear(&mut self, key: &[u8]) -> Result<(), KvError>;
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError>;
+    /// Add `delta` to the 8-byte little-endian signed integer at `key` (absent = 0),
+    /// without adding a read conflict on `key` (FDB's `ADD` mutation).
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError>;
+    fn commit(self: Box<Self>) -> Result<(), KvError>;
+}
+
+/// Time source for the transaction-age limit, injected so tests are deterministic.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Instant;
+}
+
+/// The real monotonic clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that only moves when told to; for tests of the age limit.
+#[derive(Debug)]
+pub struct ManualClock {
+    base: Instant,
+    offset: Mutex<Duration>,
+}
+impl ManualClock {
+    pub fn new() -> Self {
+        ManualClock {
+            base: Instant::now(),
+            offset: Mutex::new(Duration::ZERO),
+        }
+    }
+    pub fn advance(&self, d: Duration) {
+        *self.offset.lock().unwrap() += d;
+    }
+}
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.base + *self.offset.lock().unwrap()
+    }
+}
+
+/// How [`Db::transact`] retries.
+#[derive(Clone, Debug)]
+pub struct RetryOptions {
+    /// Attempts in all, the first included. At least 1.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+impl Default for RetryOptions {
+    fn default() -> Self {
+        RetryOptions {
+            max_attempts: 50,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Counters a process exports as metrics.
+#[derive(Debug, Default)]
+pub struct DbStats {
+    pub commits: AtomicU64,
+    pub retries: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// A handle to a store. Cheap to clone; share it between threads.
+#[derive(Clone)]
+pub struct Db {
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    retry: RetryOptions,
+    stats: Arc<DbStats>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+impl Db {
+    /// A store over `backend`, with the system clock and default retries.
+    pub fn new(backend: impl Backend) -> Self {
+        Db {
+            backend: Arc::new(backend),
+            clock: Arc::new(SystemClock),
+            retry: RetryOptions::default(),
+            stats: Arc::new(DbStats::default()),
+        }
+    }
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    pub fn with_retry(mut self, retry: RetryOptions) -> Self {
+        self.retry = retry;
+        self
+    }
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+    /// Commit, retry, conflict and failure counts since this handle was built.
+    pub fn stats(&self) -> &DbStats {
+        &self.stats
+    }
+
+    /// Run `f` in a serializable transaction and commit it.
+    ///
+    /// On a retryable error (conflict, transient) from a read, a write or the commit,
+    /// `f` runs again on a fresh transaction after a backoff, up to
+    /// [`RetryOptions::max_attempts`] attempts, then fails with
+    /// [`KvError::RetriesExhausted`]. Any other error, including the closure's own
+    /// ([`KvError::Aborted`]), returns at once with nothing committed.
+    ///
+    /// Because `f` may run more than once, and (on FoundationDB, after
+    /// `commit_unknown_result`) even after an attempt that did commit, `f` must only
+    /// touch the world through `tx` and must be safe to re-run.
+    pub fn transact<T>(
+        &self,
+        mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        let mut backoff = self.retry.initial_backoff;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let result = self.attempt(&mut f);
+            match result {
+                Ok(v) => {
+                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if e.is_retryable() => {
+                    if matches!(e, KvError::Conflict) {
+                        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if attempt >= self.retry.max_attempts.max(1) {
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        return Err(KvError::RetriesExhausted {
+                            attempts: attempt,
+                            last: Box::new(e),
+                        });
+                    }
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(attempt, error = %e, "retrying transaction");
+                    let jitter = rand::random_range(0.5..1.5);
+                    std::thread::sleep(backoff.mul_f64(jitter));
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                }
+                Err(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn attempt<T>(
+        &self,
+        f: &mut impl FnMut(&mut Transaction<'_>) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        let inner = self.backend.begin()?;
+        let mut tx = Transaction {
+            inner,
+            started: self.clock.now(),
+            clock: &*self.clock,
+            written: 0,
+        };
+        let v = f(&mut tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Read one key in its own transaction.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.transact(|tx| tx.get(key))
+    }
+}
+
+/// The transaction a [`Db::transact`] closure works with.
+pub struct Transaction<'a> {
+    inner: Box<dyn BackendTx + 'a>,
+    started: Instant,
+    clock: &'a dyn Clock,
+    written: usize,
+}
+
+impl Transaction<'_> {
+    fn check_key(key: &[u8]) -> Result<(), KvError> {
+        if key.len() > limits::MAX_KEY_BYTES {
+            return Err(KvError::KeyTooLarge {
+                len: key.len(),
+                limit: limits::MAX_KEY_BYTES,
+            });
+        }
+        Ok(())
+    }
+    fn account(&mut self, n: usize) -> Result<(), KvError> {
+        let total = self.written + n;
+        if total > limits::MAX_TXN_BYTES {
+            return Err(KvError::TransactionTooLarge {
+                len: total,
+                limit: limits::MAX_TXN_BYTES,
+            });
+        }
+        self.written = total;
+        Ok(())
+    }
+
+    /// The value at `key`, or `None`.
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Self::check_key(key)?;
+        self.inner.get(key)
+    }
+
+    /// The keys and values in `range` (see [`RangeOption`]).
+    pub fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError> {
+        Self::check_key(&range.begin)?;
+        Self::check_key(&range.end)?;
+        if range.begin > range.end {
+            return Err(KvError::InvalidArgument(
+                "range end sorts before its begin".into(),
+            ));
+        }
+        if range.limit == Some(0) || range.begin == range.end {
+            return Ok(Vec::new());
+        }
+        self.inner.get_range(range)
+    }
+
+    /// Set `key` to `value`.
+    pub fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        Self::check_key(key)?;
+        if value.len() > limits::MAX_VALUE_BYTES {
+            return Err(KvError::ValueTooLarge {
+                len: value.len(),
+                limit: limits::MAX_VALUE_BYTES,
+            });
+        }
+        self.account(key.len() + value.len())?;
+        self.inner.set(key, value)
+    }
+
+    /// Remove `key` (no error when absent).
+    pub fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
+        Self::check_key(key)?;
+        self.account(key.len())?;
+        self.inner.clear(key)
+    }
+
+    /// Remove every key in `[begin, end)`.
+    pub fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
+        Self::check_key(begin)?;
+        Self::check_key(end)?;
+        if begin > end {
+            return Err(KvError::InvalidArgument(
+                "clear_range end sorts before its begin".into(),
+            ));
+        }
+        self.account(begin.len() + end.len())?;
+        if begin == end {
+            return Ok(());
+        }
+        self.inner.clear_range(begin, end)
+    }
+
+    /// Remove every key starting with `prefix`.
+    pub fn clear_prefix(&mut self, prefix: &[u8]) -> Result<(), KvError> {
+        let (b, e) = prefix_range(prefix);
+        self.clear_range(&b, &e)
+    }
+
+    /// Add `delta` to the little-endian i64 counter at `key` without a read conflict.
+    pub fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
+        Self::check_key(key)?;
+        self.account(key.len() + 8)?;
+        self.inner.atomic_add(key, delta)
+    }
+
+    /// Read a counter written by [`Transaction::atomic_add`] (absent = 0).
+    pub fn get_counter(&mut self, key: &[u8]) -> Result<i64, KvError> {
+        match self.get(key)? {
+            None => Ok(0),
+            Some(v) if v.len() == 8 => Ok(i64::from_le_bytes(v.try_into().unwrap())),
+            Some(v) => Err(KvError::Corrupt {
+                what: "counter".into(),
+                reason: format!("expected 8 bytes, found {}", v.len()),
+            }),
+        }
+    }
+
+    /// Bytes written so far (counted against [`limits::MAX_TXN_BYTES`]).
+    pub fn bytes_written(&self) -> usize {
+        self.written
+    }
+
+    fn commit(self) -> Result<(), KvError> {
+        let age = self.clock.now().saturating_duration_since(self.started);
+        if age > limits::MAX_TXN_AGE {
+            return Err(KvError::TransactionTooOld {
+                age,
+                limit: limits::MAX_TXN_AGE,
+            });
+        }
+        self.inner.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn prefix_range_increments_last_non_ff_byte() {
+        assert_eq!(prefix_range(b"ab"), (b"ab".to_vec(), b"ac".to_vec()));
+        assert_eq!(prefix_range(&[1, 0xff]), (vec![1, 0xff], vec![2]));
+        let (b, e) = prefix_range(&[]);
+        assert!(b.is_empty() && e > vec![0xff; 8]);
+    }
+}

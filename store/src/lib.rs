@@ -1,0 +1,30 @@
+//! swimlane-store: the ordered, transactional key-value layer everything durable in
+//! swimlane sits on.
+//!
+//! Guarantees, on every backend (embedded SQLite and FoundationDB):
+//! - Keys are byte strings ordered lexicographically (memcmp order).
+//! - [`Db::transact`] runs a closure in a strictly serializable transaction. If the
+//!   transaction conflicts with another committed one, the closure is run again on a
+//!   fresh transaction (bounded attempts, exponential backoff with jitter), so closures
+//!   must be idempotent with respect to anything outside the transaction.
+//! - Inside a transaction, reads see the transaction's own writes (read-your-writes).
+//! - FoundationDB's limits are enforced with typed errors, never a panic: key at most
+//!   [`limits::MAX_KEY_BYTES`], value at most [`limits::MAX_VALUE_BYTES`], writes of one
+//!   transaction at most [`limits::MAX_TXN_BYTES`], and a transaction at most
+//!   [`limits::MAX_TXN_AGE`] old when it commits.
+//! - A commit that returned `Ok` is durable (fsynced) before `transact` returns.
+
+pub mod blob;
+pub mod conformance;
+pub mod embedded;
+mod error;
+#[cfg(feature = "fdb")]
+pub mod fdb;
+mod kv;
+pub mod limits;
+
+pub use error::KvError;
+pub use kv::{
+    Backend, BackendTx, Clock, Db, KeyValue, ManualClock, RangeOption, RetryOptions, SystemClock,
+    Transaction,
+};

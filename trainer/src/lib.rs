@@ -1,0 +1,1 @@
+//! swimlane-trainer worker library (filled in by the pipeline issue).

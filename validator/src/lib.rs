@@ -1,0 +1,1 @@
+//! swimlane-validator worker library (filled in by the pipeline issue).
