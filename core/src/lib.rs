@@ -1,9 +1,11 @@
 //! swimlane-core: the pure domain. Knows nothing of Kafka, FoundationDB, HTTP or
 //! tokio; every function here is deterministic given its arguments.
 
+pub mod events;
 pub mod ids;
 pub mod keys;
 pub mod stroke;
 
+pub use events::{Event, EventDecodeError};
 pub use ids::{BatchId, IdError, UserId};
 pub use stroke::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};
