@@ -18,6 +18,10 @@
 //! | `("pos", group, topic, partition)`           | a consumer group's queue position      |
 //! | `("outbox", seq)`                            | an event waiting for the relay         |
 //! | `("log", topic, partition, offset)`          | the embedded bus's durable log         |
+//! | `("loghead", topic, partition)`              | next offset of an embedded log partition|
+//! | `("lease", group, topic, partition)`         | partition owner and fencing epoch      |
+//! | `("member", group, topic, member)`           | a live consumer's heartbeat            |
+//! | `("run", user, run_id)`                      | a training run and its verdict         |
 //!
 //! Invariant: a user's data lives only under keys that contain that user's id as the
 //! second tuple element (`user`, `model`), so a range read under one user's prefix can
@@ -103,6 +107,22 @@ impl Keys {
     /// Prefix of one partition of the embedded log.
     pub fn log_partition(&self, topic: &str, partition: u32) -> Vec<u8> {
         self.root.subspace(&("log", topic, partition)).into_bytes()
+    }
+    pub fn log_head(&self, topic: &str, partition: u32) -> Vec<u8> {
+        self.root.pack(&("loghead", topic, partition))
+    }
+    pub fn lease(&self, group: &str, topic: &str, partition: u32) -> Vec<u8> {
+        self.root.pack(&("lease", group, topic, partition))
+    }
+    pub fn member(&self, group: &str, topic: &str, member: &str) -> Vec<u8> {
+        self.root.pack(&("member", group, topic, member))
+    }
+    /// Prefix of every member heartbeat of one group on one topic.
+    pub fn members(&self, group: &str, topic: &str) -> Vec<u8> {
+        self.root.subspace(&("member", group, topic)).into_bytes()
+    }
+    pub fn run(&self, user: &str, run_id: &str) -> Vec<u8> {
+        self.root.pack(&("run", user, run_id))
     }
     /// Decode the offset from a key made by [`Keys::log_entry`].
     pub fn log_offset(&self, topic: &str, partition: u32, key: &[u8]) -> Option<u64> {

@@ -4,6 +4,7 @@
 pub mod events;
 pub mod ids;
 pub mod keys;
+pub mod records;
 pub mod stroke;
 
 pub use events::{Event, EventDecodeError};

@@ -1,0 +1,264 @@
+//! Stored records shared by the stages: a batch's record and status, staged samples
+//! and their chunk encoding, the held-out assignment.
+//!
+//! Every stored value begins with a schema version; decoding checks it and never
+//! panics on any bytes.
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::stroke::{StrokeClass, WINDOW_FEATURES, WINDOW_FRAMES};
+
+/// Values in one window (frames × features).
+pub const WINDOW_VALUES: usize = WINDOW_FRAMES * WINDOW_FEATURES;
+/// Samples per stored chunk: 40 × (512 × 4 bytes + id) stays well under the store's
+/// 100 kB value limit (ids are at most 128 bytes).
+pub const SAMPLES_PER_CHUNK: usize = 40;
+/// Share of samples assigned to a user's held-out split, in percent.
+pub const HELDOUT_PERCENT: u64 = 20;
+
+/// Where a batch is in the pipeline. Terminal states: `Published`, `Rejected`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum BatchStatus {
+    /// Validated and durably staged; waiting for a trainer.
+    Staged,
+    /// Included in training run `run_id`; its candidate waits for the validator.
+    Validating { run_id: String },
+    /// The run's candidate was accepted and published as `version`.
+    Published { run_id: String, version: u64 },
+    /// The run's candidate was rejected (or the batch can never be trained).
+    Rejected {
+        run_id: Option<String>,
+        reason: String,
+    },
+}
+
+impl BatchStatus {
+    /// Whether the batch will never change state again.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            BatchStatus::Published { .. } | BatchStatus::Rejected { .. }
+        )
+    }
+}
+
+/// The stored record of one accepted upload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// Schema version of this record (currently 1).
+    pub v: u32,
+    /// SHA-256 (hex) of the upload's canonical content: a retry with the same id and
+    /// the same content is answered from this record; a different content is a
+    /// conflict.
+    pub digest: String,
+    pub samples: u32,
+    pub heldout: u32,
+    pub chunks: u32,
+    /// Milliseconds since the Unix epoch when ingest staged it.
+    pub staged_at_ms: u64,
+    pub status: BatchStatus,
+}
+
+/// Why stored bytes did not decode.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RecordError {
+    #[error("unsupported schema version {0}")]
+    Version(u32),
+    #[error("malformed record: {0}")]
+    Malformed(String),
+}
+
+/// Encode a JSON record (all JSON records carry a `v` field).
+pub fn encode_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records always serialize")
+}
+
+/// Decode a JSON record; never panics.
+pub fn decode_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, RecordError> {
+    serde_json::from_slice(bytes).map_err(|e| RecordError::Malformed(e.to_string()))
+}
+
+impl BatchRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_json(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let r: BatchRecord = decode_json(bytes)?;
+        if r.v != 1 {
+            return Err(RecordError::Version(r.v));
+        }
+        Ok(r)
+    }
+}
+
+/// One validated sample as staged: the window, the corrected label, and its split.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagedSample {
+    pub id: String,
+    /// `WINDOW_VALUES` finite values, frame by frame.
+    pub frames: Vec<f32>,
+    pub label: StrokeClass,
+    /// In the user's held-out split: used for validation, never for training.
+    pub heldout: bool,
+}
+
+/// Whether a sample belongs to the held-out split. Deterministic in (user, batch,
+/// sample id), so a retried upload or a re-run stage assigns the same split.
+pub fn is_heldout(user: &str, batch: &str, sample_id: &str) -> bool {
+    let mut h = Sha256::new();
+    for part in [user, batch, sample_id] {
+        h.update((part.len() as u32).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let d = h.finalize();
+    let n = u64::from_le_bytes(d[..8].try_into().unwrap());
+    n % 100 < HELDOUT_PERCENT
+}
+
+const CHUNK_VERSION: u8 = 1;
+
+/// Encode up to [`SAMPLES_PER_CHUNK`] samples as one stored value:
+/// `[version u8][count u16 LE]` then per sample
+/// `[id_len u16 LE][id][label u8][heldout u8][WINDOW_VALUES × f32 LE]`.
+pub fn encode_chunk(samples: &[StagedSample]) -> Vec<u8> {
+    assert!(
+        samples.len() <= SAMPLES_PER_CHUNK,
+        "chunk holds at most {SAMPLES_PER_CHUNK}"
+    );
+    let mut out = Vec::with_capacity(3 + samples.len() * (4 + WINDOW_VALUES * 4 + 32));
+    out.push(CHUNK_VERSION);
+    out.extend_from_slice(&(samples.len() as u16).to_le_bytes());
+    for s in samples {
+        assert_eq!(
+            s.frames.len(),
+            WINDOW_VALUES,
+            "staged samples are validated"
+        );
+        out.extend_from_slice(&(s.id.len() as u16).to_le_bytes());
+        out.extend_from_slice(s.id.as_bytes());
+        out.push(s.label.index() as u8);
+        out.push(s.heldout as u8);
+        for v in &s.frames {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decode a chunk made by [`encode_chunk`]; any other bytes give an error.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
+    let bad = |m: &str| RecordError::Malformed(m.to_string());
+    let mut r = bytes;
+    let mut take = |n: usize| -> Result<&[u8], RecordError> {
+        if r.len() < n {
+            return Err(bad("chunk truncated"));
+        }
+        let (a, b) = r.split_at(n);
+        r = b;
+        Ok(a)
+    };
+    let v = take(1)?[0];
+    if v != CHUNK_VERSION {
+        return Err(RecordError::Version(v as u32));
+    }
+    let count = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
+    if count > SAMPLES_PER_CHUNK {
+        return Err(bad("chunk sample count over the limit"));
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let id_len = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
+        let id = std::str::from_utf8(take(id_len)?)
+            .map_err(|_| bad("sample id not UTF-8"))?
+            .to_string();
+        let label =
+            StrokeClass::from_index(take(1)?[0] as usize).ok_or_else(|| bad("label index"))?;
+        let heldout = match take(1)?[0] {
+            0 => false,
+            1 => true,
+            _ => return Err(bad("heldout flag")),
+        };
+        let raw = take(WINDOW_VALUES * 4)?;
+        let frames: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        if frames.iter().any(|f| !f.is_finite()) {
+            return Err(bad("non-finite value"));
+        }
+        out.push(StagedSample {
+            id,
+            frames,
+            label,
+            heldout,
+        });
+    }
+    if !r.is_empty() {
+        return Err(bad("trailing bytes after chunk"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(i: usize) -> StagedSample {
+        StagedSample {
+            id: format!("s{i}"),
+            frames: (0..WINDOW_VALUES).map(|j| (i * j) as f32 * 0.01).collect(),
+            label: StrokeClass::from_index(i % 6).unwrap(),
+            heldout: i % 3 == 0,
+        }
+    }
+
+    #[test]
+    fn chunk_round_trips_and_fits_the_value_limit() {
+        let samples: Vec<_> = (0..SAMPLES_PER_CHUNK).map(sample).collect();
+        let mut big = samples.clone();
+        for s in &mut big {
+            s.id = "x".repeat(128);
+        }
+        assert!(encode_chunk(&big).len() < 100_000);
+        let bytes = encode_chunk(&samples);
+        assert_eq!(decode_chunk(&bytes).unwrap(), samples);
+        // Every truncation and a trailing byte are errors, not panics.
+        for n in 0..bytes.len().min(3000) {
+            assert!(decode_chunk(&bytes[..n]).is_err());
+        }
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(decode_chunk(&extra).is_err());
+    }
+
+    #[test]
+    fn heldout_split_is_deterministic_and_near_twenty_percent() {
+        let n = (0..10_000)
+            .filter(|i| is_heldout("u", "b", &i.to_string()))
+            .count();
+        assert!((1_700..2_300).contains(&n), "{n}");
+        assert_eq!(is_heldout("u", "b", "7"), is_heldout("u", "b", "7"));
+    }
+
+    #[test]
+    fn batch_record_checks_version() {
+        let r = BatchRecord {
+            v: 1,
+            digest: "d".into(),
+            samples: 3,
+            heldout: 1,
+            chunks: 1,
+            staged_at_ms: 5,
+            status: BatchStatus::Staged,
+        };
+        assert_eq!(BatchRecord::decode(&r.encode()).unwrap(), r);
+        let mut r2 = r.clone();
+        r2.v = 9;
+        assert_eq!(
+            BatchRecord::decode(&r2.encode()),
+            Err(RecordError::Version(9))
+        );
+        assert!(BatchRecord::decode(b"nope").is_err());
+    }
+}
