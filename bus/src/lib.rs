@@ -1,1 +1,108 @@
-//! swimlane-bus (filled in by later issues).
+//! swimlane-bus: moving events between stages, exactly once.
+//!
+//! Guarantees:
+//! - An event is emitted *inside* the store transaction that makes the effect it
+//!   announces ([`Emitter::emit`]): the event exists if and only if the effect
+//!   committed. (Embedded bus: the event is appended to the log in the same store
+//!   transaction. Kafka bus: it is written to the outbox and relayed.)
+//! - Events with the same key (a user id) land on the same partition, in order.
+//! - A consumer's queue position lives in the store, and a stage commits its effect
+//!   and its new position in one transaction ([`positions::commit`]); a consumer that
+//!   lost its partition (a zombie) cannot commit, because the position write checks
+//!   the partition's owner epoch, which every new owner bumps.
+//! - So a record is processed to a committed effect exactly once per consumer group,
+//!   whatever process dies when.
+use std::time::Duration;
+
+use swimlane_core::Event;
+use swimlane_store::{KvError, Transaction};
+
+pub mod embedded;
+pub mod positions;
+
+pub use positions::Fence;
+
+/// Errors of the bus layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("store error on bus operation: {0}")]
+    Store(#[from] KvError),
+    #[error("corrupt bus record at {topic}/{partition}@{offset}: {reason}")]
+    Corrupt {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        reason: String,
+    },
+    #[error("bus configuration error: {0}")]
+    Config(String),
+}
+
+/// Writes events as part of a store transaction.
+pub trait Emitter: Send + Sync {
+    /// Record `event` in `tx` for delivery on its topic, keyed by its user. Nothing is
+    /// delivered unless `tx` commits.
+    fn emit(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), KvError> {
+        self.emit_raw(tx, event.topic(), event.user().as_str(), &event.encode())
+    }
+    /// Record raw bytes for `topic` under `key` (dead letters use this).
+    fn emit_raw(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), KvError>;
+}
+
+/// One record as delivered to a consumer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub offset: u64,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// Records of one partition, in order, with the fence to commit them under.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub fence: Fence,
+    pub records: Vec<Record>,
+}
+
+impl Delivery {
+    /// The position to commit once every record of this delivery is handled.
+    pub fn next_offset(&self) -> u64 {
+        self.records
+            .last()
+            .map(|r| r.offset + 1)
+            .unwrap_or(self.fence.offset)
+    }
+}
+
+/// A member of a consumer group on one topic. Blocking; run it on its own thread.
+pub trait Consumer: Send {
+    /// Wait up to `timeout` for records on a partition this member owns. Returns at
+    /// most `max_records` consecutive records of one partition, starting at the
+    /// position last committed in the store (or after the previous delivery when it was
+    /// committed through [`Consumer::committed`]).
+    fn poll(&mut self, max_records: usize, timeout: Duration)
+        -> Result<Option<Delivery>, BusError>;
+    /// Tell the consumer that `delivery` was committed up to `next_offset`.
+    fn committed(&mut self, fence: &Fence, next_offset: u64);
+    /// Tell the consumer its fence was rejected: drop the partition and re-read its
+    /// position if it is assigned again.
+    fn fenced(&mut self, fence: &Fence);
+    /// Leave the group, releasing owned partitions so others take them at once.
+    fn close(&mut self) -> Result<(), BusError>;
+}
+
+/// Stable partition of `key` among `partitions` (FNV-1a).
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in key.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % partitions.max(1) as u64) as u32
+}

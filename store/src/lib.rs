@@ -25,6 +25,6 @@ pub mod limits;
 
 pub use error::KvError;
 pub use kv::{
-    Backend, BackendTx, Clock, Db, KeyValue, ManualClock, RangeOption, RetryOptions, SystemClock,
-    Transaction,
+    prefix_range, Backend, BackendTx, Clock, Db, KeyValue, ManualClock, RangeOption, RetryOptions,
+    SystemClock, Transaction,
 };

@@ -1,0 +1,377 @@
+//! The embedded bus: a partitioned, durable log inside the store, and consumer groups
+//! with leases, so separate worker processes on one machine share it with no broker.
+//!
+//! Layout: `("log", topic, partition, offset)` → record, `("loghead", topic,
+//! partition)` → next offset (u64 LE). Appending reads the head inside the emitting
+//! transaction, so offsets are dense and never reused; concurrent appends to one
+//! partition conflict and are retried by the store.
+//!
+//! Group membership: each member heartbeats `("member", group, topic, member)` with an
+//! expiry; at every heartbeat a member counts the live members, takes free or expired
+//! partitions up to its fair share `ceil(partitions / live)` and releases any above
+//! it. A member that dies stops renewing; its partitions are taken once their leases
+//! expire (after `lease_ttl`), and the new owner's bumped epoch fences it out.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use swimlane_core::keys::Keys;
+use swimlane_store::{Db, KvError, RangeOption, Transaction};
+
+use crate::positions::{self, Fence};
+use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Record};
+
+const RECORD_VERSION: u8 = 1;
+
+fn encode_record(key: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(3 + key.len() + payload.len());
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    v.extend_from_slice(key.as_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn decode_record(bytes: &[u8]) -> Result<(String, Vec<u8>), String> {
+    if bytes.len() < 3 {
+        return Err("record truncated".into());
+    }
+    if bytes[0] != RECORD_VERSION {
+        return Err(format!("record version {}", bytes[0]));
+    }
+    let n = u16::from_le_bytes([bytes[1], bytes[2]]) as usize;
+    let key = bytes.get(3..3 + n).ok_or("record key truncated")?;
+    let key = std::str::from_utf8(key).map_err(|_| "record key not UTF-8")?;
+    Ok((key.to_string(), bytes[3 + n..].to_vec()))
+}
+
+/// Milliseconds since the Unix epoch; the embedded bus's lease clock.
+pub type NowMs = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The wall clock, for leases shared between processes on one machine.
+pub fn system_now_ms() -> NowMs {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// The embedded log's producer side.
+#[derive(Clone, Debug)]
+pub struct EmbeddedBus {
+    keys: Keys,
+    partitions: u32,
+}
+
+impl EmbeddedBus {
+    /// A bus with `partitions` partitions per topic (at least 1). Every process that
+    /// shares a store must use the same partition count.
+    pub fn new(keys: Keys, partitions: u32) -> Self {
+        EmbeddedBus {
+            keys,
+            partitions: partitions.max(1),
+        }
+    }
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The next offset of a partition (its high watermark).
+    pub fn high_watermark(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+        partition: u32,
+    ) -> Result<u64, KvError> {
+        tx.get_counter(&self.keys.log_head(topic, partition))
+            .map(|v| v as u64)
+    }
+
+    /// Read up to `limit` records of a partition from `from` on.
+    pub fn read(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let begin = self.keys.log_entry(topic, partition, from);
+        let (_, end) = swimlane_store::prefix_range(&self.keys.log_partition(topic, partition));
+        let rows = tx.get_range(&RangeOption::new(begin, end).limit(limit))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let offset =
+                self.keys
+                    .log_offset(topic, partition, &k)
+                    .ok_or_else(|| BusError::Corrupt {
+                        topic: topic.into(),
+                        partition,
+                        offset: from,
+                        reason: "log key does not decode".into(),
+                    })?;
+            let (key, payload) = decode_record(&v).map_err(|reason| BusError::Corrupt {
+                topic: topic.into(),
+                partition,
+                offset,
+                reason,
+            })?;
+            out.push(Record {
+                offset,
+                key,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Emitter for EmbeddedBus {
+    fn emit_raw(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), KvError> {
+        let p = partition_for(key, self.partitions);
+        let head_key = self.keys.log_head(topic, p);
+        let head = tx.get_counter(&head_key)? as u64;
+        tx.set(
+            &self.keys.log_entry(topic, p, head),
+            &encode_record(key, payload),
+        )?;
+        tx.set(&head_key, &((head + 1) as i64).to_le_bytes())
+    }
+}
+
+/// How an [`EmbeddedConsumer`] behaves.
+#[derive(Clone)]
+pub struct ConsumerOptions {
+    pub group: String,
+    pub topic: String,
+    /// Unique per live process (e.g. `trainer-<pid>-<random>`).
+    pub member: String,
+    /// A dead member's partitions move after this long.
+    pub lease_ttl: Duration,
+    /// Sleep between empty polls (the embedded log has no push notification).
+    pub poll_interval: Duration,
+    pub now_ms: NowMs,
+}
+
+struct Owned {
+    fence: Fence,
+    cursor: u64,
+}
+
+/// A member of a consumer group on the embedded log.
+pub struct EmbeddedConsumer {
+    db: Db,
+    keys: Keys,
+    bus: EmbeddedBus,
+    opts: ConsumerOptions,
+    owned: BTreeMap<u32, Owned>,
+    last_heartbeat: Option<Instant>,
+    next_partition: u32,
+}
+
+impl EmbeddedConsumer {
+    pub fn new(db: Db, keys: Keys, bus: EmbeddedBus, opts: ConsumerOptions) -> Self {
+        EmbeddedConsumer {
+            db,
+            keys,
+            bus,
+            opts,
+            owned: BTreeMap::new(),
+            last_heartbeat: None,
+            next_partition: 0,
+        }
+    }
+
+    /// Partitions this member currently owns.
+    pub fn owned_partitions(&self) -> Vec<u32> {
+        self.owned.keys().copied().collect()
+    }
+
+    /// Heartbeat, renew owned leases, and move towards the fair share.
+    pub fn rebalance(&mut self) -> Result<(), BusError> {
+        let now = (self.opts.now_ms)();
+        let ttl = self.opts.lease_ttl.as_millis() as u64;
+        let partitions = self.bus.partitions;
+        let (keys, opts) = (&self.keys, &self.opts);
+        let owned: Vec<(u32, Fence)> = self
+            .owned
+            .iter()
+            .map(|(p, o)| (*p, o.fence.clone()))
+            .collect();
+        let (kept, released, acquired) = self.db.transact(|tx| {
+            tx.set(
+                &keys.member(&opts.group, &opts.topic, &opts.member),
+                &(now + ttl).to_le_bytes(),
+            )?;
+            let mut live = 0u32;
+            for (_, v) in tx.get_range(&RangeOption::prefix(
+                &keys.members(&opts.group, &opts.topic),
+            ))? {
+                let exp = v
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                    .unwrap_or(0);
+                if exp > now {
+                    live += 1;
+                }
+            }
+            let share = partitions.div_ceil(live.max(1)) as usize;
+            let mut kept = Vec::new();
+            for (p, f) in &owned {
+                if positions::renew(tx, keys, f, &opts.member, now, ttl)? {
+                    kept.push(*p);
+                }
+            }
+            let mut released = Vec::new();
+            while kept.len() > share {
+                let p = kept.pop().unwrap();
+                let f = &owned.iter().find(|(q, _)| *q == p).unwrap().1;
+                positions::release(tx, keys, f, &opts.member)?;
+                released.push(p);
+            }
+            let mut acquired = Vec::new();
+            for p in 0..partitions {
+                if kept.len() + acquired.len() >= share {
+                    break;
+                }
+                if kept.contains(&p) || released.contains(&p) {
+                    continue;
+                }
+                if let Some(f) = positions::acquire(
+                    tx,
+                    keys,
+                    &opts.group,
+                    &opts.topic,
+                    p,
+                    &opts.member,
+                    now,
+                    ttl,
+                    false,
+                )? {
+                    acquired.push(f);
+                }
+            }
+            Ok((kept, released, acquired))
+        })?;
+        self.owned.retain(|p, _| kept.contains(p));
+        for p in &released {
+            self.owned.remove(p);
+        }
+        for f in acquired {
+            tracing::info!(group = %f.group, topic = %f.topic, partition = f.partition, epoch = f.epoch, offset = f.offset, "partition assigned");
+            self.owned.insert(
+                f.partition,
+                Owned {
+                    cursor: f.offset,
+                    fence: f,
+                },
+            );
+        }
+        self.last_heartbeat = Some(Instant::now());
+        Ok(())
+    }
+
+    fn heartbeat_due(&self) -> bool {
+        match self.last_heartbeat {
+            None => true,
+            Some(t) => t.elapsed() >= self.opts.lease_ttl / 3,
+        }
+    }
+
+    fn try_read(&mut self, max_records: usize) -> Result<Option<Delivery>, BusError> {
+        let parts: Vec<u32> = self.owned.keys().copied().collect();
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let start = parts
+            .iter()
+            .position(|p| *p >= self.next_partition)
+            .unwrap_or(0);
+        for i in 0..parts.len() {
+            let p = parts[(start + i) % parts.len()];
+            let o = &self.owned[&p];
+            let (bus, topic, cursor) = (&self.bus, &self.opts.topic, o.cursor);
+            let records =
+                self.db
+                    .transact(|tx| match bus.read(tx, topic, p, cursor, max_records) {
+                        Ok(r) => Ok(Ok(r)),
+                        Err(BusError::Store(e)) => Err(e),
+                        Err(e) => Ok(Err(e)),
+                    })??;
+            if !records.is_empty() {
+                self.next_partition = p + 1;
+                let mut fence = o.fence.clone();
+                fence.offset = cursor;
+                return Ok(Some(Delivery { fence, records }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Consumer for EmbeddedConsumer {
+    fn poll(
+        &mut self,
+        max_records: usize,
+        timeout: Duration,
+    ) -> Result<Option<Delivery>, BusError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.heartbeat_due() {
+                self.rebalance()?;
+            }
+            if let Some(d) = self.try_read(max_records.max(1))? {
+                return Ok(Some(d));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(self.opts.poll_interval.min(deadline - now));
+        }
+    }
+
+    fn committed(&mut self, fence: &Fence, next_offset: u64) {
+        if let Some(o) = self.owned.get_mut(&fence.partition) {
+            if o.fence.epoch == fence.epoch {
+                o.cursor = next_offset;
+            }
+        }
+    }
+
+    fn fenced(&mut self, fence: &Fence) {
+        if self
+            .owned
+            .get(&fence.partition)
+            .is_some_and(|o| o.fence.epoch == fence.epoch)
+        {
+            tracing::warn!(
+                partition = fence.partition,
+                epoch = fence.epoch,
+                "partition lost to a newer owner"
+            );
+            self.owned.remove(&fence.partition);
+        }
+    }
+
+    fn close(&mut self) -> Result<(), BusError> {
+        let owned: Vec<Fence> = self.owned.values().map(|o| o.fence.clone()).collect();
+        let (keys, opts) = (&self.keys, &self.opts);
+        self.db.transact(|tx| {
+            for f in &owned {
+                positions::release(tx, keys, f, &opts.member)?;
+            }
+            tx.clear(&keys.member(&opts.group, &opts.topic, &opts.member))
+        })?;
+        self.owned.clear();
+        Ok(())
+    }
+}

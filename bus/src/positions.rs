@@ -1,0 +1,209 @@
+//! Queue positions and partition ownership, kept in the store.
+//!
+//! Layout (see `swimlane_core::keys`): `("lease", group, topic, partition)` holds the
+//! partition's owner, its epoch and the lease expiry; `("pos", group, topic,
+//! partition)` holds the next offset to process.
+//!
+//! Invariants:
+//! - The epoch of a partition only grows; every change of owner bumps it.
+//! - [`commit`] succeeds only if the lease still carries the committer's epoch; since
+//!   it reads the lease inside the stage's transaction, a concurrent take-over makes
+//!   that transaction conflict and, on retry, fail with [`Fenced`]. A zombie's effect
+//!   therefore never commits.
+//! - Positions never move backwards.
+use serde::{Deserialize, Serialize};
+use swimlane_core::keys::Keys;
+use swimlane_store::{KvError, Transaction};
+
+/// The right to commit positions of one partition, as granted at acquisition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub group: String,
+    pub topic: String,
+    pub partition: u32,
+    pub epoch: u64,
+    /// The committed position when the fence was granted.
+    pub offset: u64,
+}
+
+/// The commit was refused: the partition has a newer owner.
+#[derive(Debug, thiserror::Error)]
+#[error("fenced: {group}/{topic}/{partition} epoch {mine} superseded by {current}")]
+pub struct Fenced {
+    pub group: String,
+    pub topic: String,
+    pub partition: u32,
+    pub mine: u64,
+    pub current: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Lease {
+    v: u32,
+    member: String,
+    epoch: u64,
+    expires_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Position {
+    v: u32,
+    offset: u64,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> KvError {
+    KvError::Corrupt {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_lease(tx: &mut Transaction<'_>, key: &[u8]) -> Result<Option<Lease>, KvError> {
+    match tx.get(key)? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| corrupt("lease", e)),
+    }
+}
+
+/// The committed position of a partition (0 when none).
+pub fn position(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    group: &str,
+    topic: &str,
+    partition: u32,
+) -> Result<u64, KvError> {
+    match tx.get(&keys.position(group, topic, partition))? {
+        None => Ok(0),
+        Some(b) => serde_json::from_slice::<Position>(&b)
+            .map(|p| p.offset)
+            .map_err(|e| corrupt("position", e)),
+    }
+}
+
+/// Take the partition for `member` if it is free, expired, or already `member`'s;
+/// with `force`, take it whoever holds it (Kafka: the group coordinator already
+/// decided). A change of owner bumps the epoch. Returns the fence, or `None` when
+/// another live member holds the lease.
+#[allow(clippy::too_many_arguments)]
+pub fn acquire(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    group: &str,
+    topic: &str,
+    partition: u32,
+    member: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+    force: bool,
+) -> Result<Option<Fence>, KvError> {
+    let key = keys.lease(group, topic, partition);
+    let current = read_lease(tx, &key)?;
+    let epoch = match &current {
+        Some(l) if l.member == member && l.expires_ms > now_ms && !force => l.epoch,
+        Some(l) if l.expires_ms > now_ms && !force => return Ok(None),
+        Some(l) => l.epoch + 1,
+        None => 1,
+    };
+    let lease = Lease {
+        v: 1,
+        member: member.to_string(),
+        epoch,
+        expires_ms: now_ms + ttl_ms,
+    };
+    tx.set(&key, &serde_json::to_vec(&lease).expect("serializes"))?;
+    let offset = position(tx, keys, group, topic, partition)?;
+    Ok(Some(Fence {
+        group: group.into(),
+        topic: topic.into(),
+        partition,
+        epoch,
+        offset,
+    }))
+}
+
+/// Extend `fence`'s lease. Returns false (and changes nothing) when the partition has
+/// a newer owner.
+pub fn renew(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    fence: &Fence,
+    member: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<bool, KvError> {
+    let key = keys.lease(&fence.group, &fence.topic, fence.partition);
+    match read_lease(tx, &key)? {
+        Some(l) if l.epoch == fence.epoch && l.member == member => {
+            let l = Lease {
+                expires_ms: now_ms + ttl_ms,
+                ..l
+            };
+            tx.set(&key, &serde_json::to_vec(&l).expect("serializes"))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Give the partition up so another member may take it at once (epoch kept: the
+/// next owner bumps it).
+pub fn release(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    fence: &Fence,
+    member: &str,
+) -> Result<(), KvError> {
+    let key = keys.lease(&fence.group, &fence.topic, fence.partition);
+    if let Some(l) = read_lease(tx, &key)? {
+        if l.epoch == fence.epoch && l.member == member {
+            let l = Lease { expires_ms: 0, ..l };
+            tx.set(&key, &serde_json::to_vec(&l).expect("serializes"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Record that everything before `next_offset` is processed, in the caller's
+/// transaction, if and only if `fence` is still the partition's current epoch.
+/// Otherwise aborts the transaction with [`Fenced`] (see `KvError::aborted_as`).
+pub fn commit(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    fence: &Fence,
+    next_offset: u64,
+) -> Result<(), KvError> {
+    let key = keys.lease(&fence.group, &fence.topic, fence.partition);
+    let current = read_lease(tx, &key)?.map(|l| l.epoch).unwrap_or(0);
+    if current != fence.epoch {
+        return Err(KvError::abort(Fenced {
+            group: fence.group.clone(),
+            topic: fence.topic.clone(),
+            partition: fence.partition,
+            mine: fence.epoch,
+            current,
+        }));
+    }
+    let pos = position(tx, keys, &fence.group, &fence.topic, fence.partition)?;
+    if next_offset < pos {
+        return Err(KvError::InvalidArgument(format!(
+            "position of {}/{}/{} would move back from {pos} to {next_offset}",
+            fence.group, fence.topic, fence.partition
+        )));
+    }
+    tx.set(
+        &keys.position(&fence.group, &fence.topic, fence.partition),
+        &serde_json::to_vec(&Position {
+            v: 1,
+            offset: next_offset,
+        })
+        .expect("serializes"),
+    )
+}
+
+/// Whether an error from a stage transaction is a [`Fenced`] refusal.
+pub fn is_fenced(e: &KvError) -> bool {
+    e.aborted_as::<Fenced>().is_some()
+}
