@@ -19,6 +19,7 @@ use swimlane_store::{KvError, Transaction};
 
 pub mod embedded;
 pub mod positions;
+pub mod stage;
 
 pub use positions::Fence;
 

@@ -58,6 +58,17 @@ impl Keys {
     pub fn batches(&self, user: &str) -> Vec<u8> {
         self.root.subspace(&("user", user, "batch")).into_bytes()
     }
+    /// The batch id of a key made by [`Keys::batch`] for `user`.
+    pub fn batch_id_of(&self, user: &str, key: &[u8]) -> Option<String> {
+        self.root
+            .subspace(&("user", user, "batch"))
+            .unpack::<String>(key)
+            .ok()
+    }
+    /// The version of a key made by [`Keys::model_version`] for `user`.
+    pub fn version_of(&self, user: &str, key: &[u8]) -> Option<u64> {
+        self.root.subspace(&("model", user)).unpack::<u64>(key).ok()
+    }
     pub fn sample_chunk(&self, user: &str, batch: &str, chunk: u32) -> Vec<u8> {
         self.root.pack(&("user", user, "sample", batch, chunk))
     }
@@ -158,6 +169,11 @@ mod tests {
         assert!(k.model_version("u", 9) < k.model_version("u", 10));
         assert!(k.log_entry("t", 0, 255) < k.log_entry("t", 0, 256));
         assert_eq!(k.log_offset("t", 0, &k.log_entry("t", 0, 4242)), Some(4242));
+        assert_eq!(
+            k.batch_id_of("u", &k.batch("u", "b-1")).as_deref(),
+            Some("b-1")
+        );
+        assert_eq!(k.version_of("u", &k.model_version("u", 77)), Some(77));
         assert!(k.outbox(1) < k.outbox(1 << 40));
     }
 

@@ -1,9 +1,11 @@
 //! swimlane-core: the pure domain. Knows nothing of Kafka, FoundationDB, HTTP or
 //! tokio; every function here is deterministic given its arguments.
 
+pub mod batch;
 pub mod events;
 pub mod ids;
 pub mod keys;
+pub mod policy;
 pub mod records;
 pub mod stroke;
 

@@ -262,3 +262,76 @@ mod tests {
         assert!(BatchRecord::decode(b"nope").is_err());
     }
 }
+
+/// The validator's decision on a run's candidate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub accepted: bool,
+    /// Why it was accepted or rejected, for people.
+    pub reason: String,
+    /// Held-out accuracy of the candidate and of the model it would replace, on the
+    /// same held-out windows.
+    pub candidate_heldout_accuracy: f32,
+    pub current_heldout_accuracy: f32,
+    pub heldout_samples: u32,
+    /// Accuracy on the population guard set, candidate and current.
+    pub candidate_guard_accuracy: f32,
+    pub current_guard_accuracy: f32,
+}
+
+/// One training run: the batches it trained on, the candidate it made, its verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub v: u32,
+    pub run_id: String,
+    /// The published version it was fine-tuned from (`None`: the base model).
+    pub parent_version: Option<u64>,
+    /// The batches whose training samples it learned from for the first time.
+    pub batches: Vec<String>,
+    pub train_samples: u32,
+    /// Blob id of the candidate's weights, their SHA-256 (hex) and size.
+    pub model_blob: String,
+    pub model_sha256: String,
+    pub model_bytes: u64,
+    pub created_at_ms: u64,
+    pub train_seconds: f32,
+    pub verdict: Option<Verdict>,
+    pub published_version: Option<u64>,
+}
+
+/// One published model version of a user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersionRecord {
+    pub v: u32,
+    pub version: u64,
+    pub run_id: String,
+    pub parent_version: Option<u64>,
+    pub batches: Vec<String>,
+    pub model_blob: String,
+    /// SHA-256 (hex) of the weights file, for the device to verify its download.
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub heldout_accuracy: f32,
+    pub parent_heldout_accuracy: f32,
+    pub guard_accuracy: f32,
+    pub published_at_ms: u64,
+}
+
+/// A user's pipeline state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserState {
+    pub v: u32,
+    /// The run between training and verdict/publication, if any. At most one run of a
+    /// user is in flight: the trainer leaves newer batches staged until it ends.
+    pub inflight_run: Option<String>,
+    /// The version devices get (`None`: the base model).
+    pub head: Option<u64>,
+    /// Highest version ever published (versions are never reused, even after a
+    /// rollback).
+    pub last_version: u64,
+    /// Held-out accuracy of the head model when it was published.
+    pub head_heldout_accuracy: Option<f32>,
+    /// The head model reached the target accuracy: no retraining until new
+    /// corrections arrive.
+    pub converged: bool,
+}
