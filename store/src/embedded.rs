@@ -1,1 +1,882 @@
+//! The embedded backend: FoundationDB's semantics on one SQLite file.
+//!
+//! # Storage
+//! - `kv(k BLOB PRIMARY KEY, v BLOB, ver INTEGER NOT NULL) WITHOUT ROWID`: keys are BLOBs,
+//!   which SQLite compares with `memcmp` (shorter first on a common prefix), i.e. FDB's
+//!   key order. `v IS NULL` is a *tombstone*: the key is absent, and `ver` remembers the
+//!   commit version that deleted it. A partial index on `ver WHERE v IS NULL` finds
+//!   tombstones for garbage collection.
+//! - `meta(name, val)`: `schema` (file format), `version` (the version of the last commit),
+//!   `gc_version` (tombstones with `ver <= gc_version` may have been deleted).
+//! - `commits(ver, at_ms)`: the wall-clock time of some commits, for tombstone GC.
+//! - The file is in WAL mode with `synchronous=FULL`: a `COMMIT` that returned is in the
+//!   fsynced WAL, so it survives a crash or power loss. Several threads and several
+//!   processes may open the same file; SQLite's file locks serialise writers
+//!   (`busy_timeout` waits for the lock; a lock still busy after it is
+//!   [`KvError::Transient`], which [`crate::Db::transact`] retries).
+//!
+//! # Transactions: optimistic concurrency, as on FoundationDB
+//! - *Begin*: take a pooled connection, `BEGIN` a read transaction and read `version`:
+//!   that is the *read version*, and the WAL snapshot it pins is what every read sees.
+//!   A fresh snapshot includes every commit that has returned, so transactions are
+//!   strictly serializable.
+//! - *Reads* see the snapshot overlaid with the transaction's own buffered writes
+//!   (read-your-writes). Every read that consults the snapshot records a *read conflict
+//!   range*: the key of a point read; for a range read, the part of the range the result
+//!   depends on (all of it, or up to the last key returned when the limit cut it short).
+//!   Reads answered from the buffer alone (a key set or cleared in this transaction) need
+//!   none. [`BackendTx::atomic_add`] records none either; reading that key later does.
+//! - *Writes* are only buffered until commit.
+//! - *Commit* of a transaction with writes: end the read transaction, `BEGIN IMMEDIATE`
+//!   (the write lock, across processes), and check that no row in any read conflict range
+//!   has `ver > read_version` (tombstones included, so deletes conflict too). If one has,
+//!   another transaction changed something this one read: roll back,
+//!   [`KvError::Conflict`], and `transact` re-runs the closure. Otherwise apply the
+//!   writes at `version + 1` (clears become tombstones; atomic adds are computed against
+//!   the latest committed value, so they never conflict), bump `version`, `COMMIT`.
+//!   A transaction without writes commits without taking the write lock: its reads were
+//!   one consistent snapshot, so it serialises at its read version.
+//!
+//! # Tombstone garbage collection (invariants)
+//! - A tombstone at version `t` matters only to a transaction whose read version is
+//!   older than `t`. Every `GC_EVERY` commits, the committing transaction records the
+//!   commit's wall-clock time in `commits`, finds the newest recorded version `g`
+//!   committed more than `retention` (10 s, twice [`crate::limits::MAX_TXN_AGE`]) ago,
+//!   deletes tombstones with `ver <= g`, and sets `gc_version = g`.
+//! - Correctness does not depend on clocks: a transaction whose read version is older
+//!   than `gc_version` cannot know whether a tombstone it needed was deleted, so its
+//!   commit reports [`KvError::Conflict`] (and is retried on a fresh snapshot). Clocks
+//!   (the injected one that enforces the 5 s age limit, the wall clock here, clock jumps,
+//!   other processes' clocks) only decide how often that happens, never whether a
+//!   conflict is missed.
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+
+use crate::error::KvError;
+use crate::kv::{Backend, BackendTx, KeyValue, RangeOption};
+
+/// File format version stored in `meta`; a file with another version is refused.
+const SCHEMA_VERSION: i64 = 1;
+/// How long a connection waits for SQLite's write lock before the attempt is retried.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept for reuse.
+const MAX_IDLE_CONNECTIONS: usize = 8;
+/// Tombstone GC runs on every `GC_EVERY`-th commit.
+const GC_EVERY: i64 = 128;
+/// Tombstones are kept at least this long after the commit that wrote them.
+const TOMBSTONE_RETENTION: Duration = Duration::from_secs(10);
+/// The file name [`EmbeddedBackend::open_in_dir`] uses.
+pub const DEFAULT_FILE_NAME: &str = "swimlane-store.sqlite";
+
+/// An ordered, transactional key-value store in one SQLite file (see the module doc for
+/// how FoundationDB's semantics are kept). `Send + Sync`: share one per process; other
+/// processes may open the same file at the same time.
+pub struct EmbeddedBackend {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+    /// Serialises this process's committers before they contend for SQLite's file
+    /// lock, so in-process contention waits on a mutex rather than SQLite's sleep-based
+    /// busy handler. Cross-process exclusion is SQLite's.
+    write_lock: Mutex<()>,
+    gc_every: i64,
+    retention: Duration,
+    // Declared last: dropped after the connections.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBackend")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl EmbeddedBackend {
+    /// Open (creating if needed) the store file at `path`. Its parent directory is created
+    /// if missing. Safe to call from several processes at once.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, KvError> {
+        Self::open_inner(path.as_ref().to_path_buf(), None)
+    }
+
+    /// Open (creating if needed) [`DEFAULT_FILE_NAME`] inside `dir`.
+    pub fn open_in_dir(dir: impl AsRef<Path>) -> Result<Self, KvError> {
+        Self::open(dir.as_ref().join(DEFAULT_FILE_NAME))
+    }
+
+    /// A store in a fresh temporary directory, deleted when the backend is dropped
+    /// (tests, benchmarks).
+    pub fn open_temp() -> Result<Self, KvError> {
+        let dir = tempfile::Builder::new()
+            .prefix("swimlane-store-")
+            .tempdir()
+            .map_err(|e| KvError::Backend(format!("creating a temporary directory: {e}")))?;
+        let path = dir.path().join(DEFAULT_FILE_NAME);
+        Self::open_inner(path, Some(dir))
+    }
+
+    fn open_inner(path: PathBuf, temp: Option<tempfile::TempDir>) -> Result<Self, KvError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    KvError::Backend(format!("creating directory {}: {e}", parent.display()))
+                })?;
+            }
+        }
+        let conn = open_connection(&path)?;
+        init_schema(&conn, &path)?;
+        Ok(EmbeddedBackend {
+            path,
+            pool: Mutex::new(vec![conn]),
+            write_lock: Mutex::new(()),
+            gc_every: GC_EVERY,
+            retention: TOMBSTONE_RETENTION,
+            _temp: temp,
+        })
+    }
+
+    /// Tune tombstone GC: run it every `every` commits, keeping tombstones for
+    /// `retention`. Only for tests of the GC invariant; the defaults are right otherwise.
+    #[doc(hidden)]
+    pub fn with_gc(mut self, every: i64, retention: Duration) -> Self {
+        self.gc_every = every.max(1);
+        self.retention = retention;
+        self
+    }
+
+    /// The SQLite file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn take_connection(&self) -> Result<Connection, KvError> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => open_connection(&self.path),
+        }
+    }
+
+    fn return_connection(&self, conn: Connection) {
+        if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+            return; // state unknown: drop (close) it
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < MAX_IDLE_CONNECTIONS {
+            pool.push(conn);
+        }
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, KvError> {
+    let ctx = |what: &str| format!("{what} {}", path.display());
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| map_sqlite(&ctx("opening"), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
+    // Switching a new file to WAL needs a brief exclusive lock; processes opening the
+    // same new file at once may see it busy for a moment.
+    let mut attempts = 0;
+    loop {
+        let r: Result<String, _> =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0));
+        match r {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => break,
+            Ok(mode) => {
+                return Err(KvError::Backend(format!(
+                    "{}: journal_mode is {mode}, WAL is required",
+                    ctx("opening")
+                )))
+            }
+            Err(e) if is_busy(&e) && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(map_sqlite(&ctx("enabling WAL on"), e)),
+        }
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
+    Ok(conn)
+}
+
+fn init_schema(conn: &Connection, path: &Path) -> Result<(), KvError> {
+    let ctx = format!("creating the schema of {}", path.display());
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| map_sqlite(&ctx, e))?;
+    let r = (|| -> rusqlite::Result<Option<i64>> {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB, ver INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS kv_tombstones ON kv(ver) WHERE v IS NULL;
+             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, val INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS commits (ver INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);",
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(name, val) VALUES ('schema', ?1), ('version', 0), ('gc_version', 0)",
+            params![SCHEMA_VERSION],
+        )?;
+        conn.query_row("SELECT val FROM meta WHERE name = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+    })();
+    match r {
+        Ok(Some(SCHEMA_VERSION)) => conn
+            .execute_batch("COMMIT")
+            .map_err(|e| map_sqlite(&ctx, e)),
+        Ok(other) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(KvError::Backend(format!(
+                "{}: file format {other:?}, this build reads {SCHEMA_VERSION}",
+                path.display()
+            )))
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(map_sqlite(&ctx, e))
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// SQLite errors as [`KvError`]s: lock contention is transient (retried); everything
+/// else (I/O error, disk full, corruption) is a backend error with a clear message.
+fn map_sqlite(context: &str, e: rusqlite::Error) -> KvError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        let what = match f.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                return KvError::Transient(format!("{context}: database busy ({e})"))
+            }
+            ErrorCode::DiskFull => "disk full",
+            ErrorCode::SystemIoFailure => "I/O error",
+            ErrorCode::DatabaseCorrupt => "database file is corrupt",
+            ErrorCode::NotADatabase => "not a database file",
+            ErrorCode::CannotOpen => "cannot open the database file",
+            ErrorCode::ReadOnly => "database is read-only",
+            ErrorCode::PermissionDenied => "permission denied",
+            _ => "sqlite error",
+        };
+        return KvError::Backend(format!("{context}: {what} ({e})"));
+    }
+    KvError::Backend(format!("{context}: {e}"))
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Backend for EmbeddedBackend {
+    fn begin(&self) -> Result<Box<dyn BackendTx + '_>, KvError> {
+        let conn = self.take_connection()?;
+        let mut tx = EmbeddedTx {
+            backend: self,
+            conn: Some(conn),
+            read_version: 0,
+            buf: WriteBuffer::default(),
+            conflicts: Vec::new(),
+        };
+        let conn = tx.conn();
+        conn.execute_batch("BEGIN")
+            .map_err(|e| map_sqlite("beginning a transaction", e))?;
+        tx.read_version = conn
+            .query_row("SELECT val FROM meta WHERE name = 'version'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| map_sqlite("reading the store version", e))?;
+        Ok(Box::new(tx))
+    }
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+/// A read conflict: a key, or a range `[begin, end)`.
+#[derive(Debug, Clone)]
+enum Conflict {
+    Key(Vec<u8>),
+    Range(Vec<u8>, Vec<u8>),
+}
+
+struct EmbeddedTx<'a> {
+    backend: &'a EmbeddedBackend,
+    conn: Option<Connection>,
+    read_version: i64,
+    buf: WriteBuffer,
+    conflicts: Vec<Conflict>,
+}
+
+impl Drop for EmbeddedTx<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.backend.return_connection(conn);
+        }
+    }
+}
+
+impl EmbeddedTx<'_> {
+    fn conn(&self) -> &Connection {
+        self.conn.as_ref().expect("connection present until drop")
+    }
+
+    fn snapshot_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT v FROM kv WHERE k = ?1")
+            .map_err(|e| map_sqlite("reading a key", e))?;
+        let v: Option<Option<Vec<u8>>> = stmt
+            .query_row(params![key], |r| r.get(0))
+            .optional()
+            .map_err(|e| map_sqlite("reading a key", e))?;
+        Ok(v.flatten())
+    }
+
+    fn commit_writes(&mut self) -> Result<(), KvError> {
+        let backend = self.backend;
+        let _guard = backend.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = self.conn.as_ref().expect("connection present until drop");
+        // The read snapshot cannot be upgraded to a writer once others committed; end it
+        // and validate reads against the latest data under the write lock instead.
+        conn.execute_batch("ROLLBACK")
+            .map_err(|e| map_sqlite("ending the read snapshot", e))?;
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| map_sqlite("taking the write lock", e))?;
+        let r = apply(conn, self.read_version, &self.conflicts, &self.buf, backend);
+        match r {
+            Ok(()) => match conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(map_sqlite("committing", e))
+                }
+            },
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Validate and apply one transaction's writes; runs inside `BEGIN IMMEDIATE`.
+fn apply(
+    conn: &Connection,
+    read_version: i64,
+    conflicts: &[Conflict],
+    buf: &WriteBuffer,
+    backend: &EmbeddedBackend,
+) -> Result<(), KvError> {
+    let m = |e| map_sqlite("committing", e);
+    let meta = |name: &str| -> Result<i64, KvError> {
+        conn.query_row("SELECT val FROM meta WHERE name = ?1", params![name], |r| {
+            r.get(0)
+        })
+        .map_err(m)
+    };
+    let current = meta("version")?;
+    if !conflicts.is_empty() && current != read_version {
+        if read_version < meta("gc_version")? {
+            // Tombstones this transaction may need were garbage collected.
+            return Err(KvError::Conflict);
+        }
+        let mut key_stmt = conn
+            .prepare_cached("SELECT 1 FROM kv WHERE k = ?1 AND ver > ?2")
+            .map_err(m)?;
+        let mut range_stmt = conn
+            .prepare_cached("SELECT 1 FROM kv WHERE k >= ?1 AND k < ?2 AND ver > ?3 LIMIT 1")
+            .map_err(m)?;
+        for c in conflicts {
+            let changed = match c {
+                Conflict::Key(k) => key_stmt.exists(params![k, read_version]),
+                Conflict::Range(b, e) => range_stmt.exists(params![b, e, read_version]),
+            }
+            .map_err(m)?;
+            if changed {
+                return Err(KvError::Conflict);
+            }
+        }
+    }
+    let ver = current + 1;
+    let mut clear_range = conn
+        .prepare_cached(
+            "UPDATE kv SET v = NULL, ver = ?3 WHERE k >= ?1 AND k < ?2 AND v IS NOT NULL",
+        )
+        .map_err(m)?;
+    for (b, e) in &buf.cleared {
+        clear_range.execute(params![b, e, ver]).map_err(m)?;
+    }
+    let mut upsert = conn
+        .prepare_cached(
+            "INSERT INTO kv(k, v, ver) VALUES (?1, ?2, ?3)
+             ON CONFLICT(k) DO UPDATE SET v = excluded.v, ver = excluded.ver",
+        )
+        .map_err(m)?;
+    let mut clear = conn
+        .prepare_cached("UPDATE kv SET v = NULL, ver = ?2 WHERE k = ?1 AND v IS NOT NULL")
+        .map_err(m)?;
+    let mut get = conn
+        .prepare_cached("SELECT v FROM kv WHERE k = ?1")
+        .map_err(m)?;
+    for (k, op) in &buf.ops {
+        match op {
+            Op::Set(v) => {
+                upsert.execute(params![k, v, ver]).map_err(m)?;
+            }
+            Op::Clear => {
+                clear.execute(params![k, ver]).map_err(m)?;
+            }
+            Op::Add(d) => {
+                let base: Option<Vec<u8>> = get
+                    .query_row(params![k], |r| r.get::<_, Option<Vec<u8>>>(0))
+                    .optional()
+                    .map_err(m)?
+                    .flatten();
+                let v = add_le(base.as_deref(), *d);
+                upsert.execute(params![k, v, ver]).map_err(m)?;
+            }
+        }
+    }
+    conn.execute(
+        "UPDATE meta SET val = ?1 WHERE name = 'version'",
+        params![ver],
+    )
+    .map_err(m)?;
+    if ver % backend.gc_every == 0 {
+        collect_tombstones(conn, ver, backend.retention)?;
+    }
+    Ok(())
+}
+
+/// Record this commit's time and delete tombstones old enough that no transaction that
+/// could still commit needs them (see the module doc).
+fn collect_tombstones(conn: &Connection, ver: i64, retention: Duration) -> Result<(), KvError> {
+    let m = |e| map_sqlite("collecting tombstones", e);
+    let now = now_unix_ms();
+    conn.execute(
+        "INSERT OR REPLACE INTO commits(ver, at_ms) VALUES (?1, ?2)",
+        params![ver, now],
+    )
+    .map_err(m)?;
+    let cutoff = now - retention.as_millis() as i64;
+    let horizon: Option<i64> = conn
+        .query_row(
+            "SELECT MAX(ver) FROM commits WHERE at_ms <= ?1",
+            params![cutoff],
+            |r| r.get(0),
+        )
+        .map_err(m)?;
+    let gc_version: i64 = conn
+        .query_row("SELECT val FROM meta WHERE name = 'gc_version'", [], |r| {
+            r.get(0)
+        })
+        .map_err(m)?;
+    if let Some(g) = horizon.filter(|&g| g > gc_version) {
+        let n = conn
+            .execute("DELETE FROM kv WHERE v IS NULL AND ver <= ?1", params![g])
+            .map_err(m)?;
+        conn.execute("DELETE FROM commits WHERE ver < ?1", params![g])
+            .map_err(m)?;
+        conn.execute(
+            "UPDATE meta SET val = ?1 WHERE name = 'gc_version'",
+            params![g],
+        )
+        .map_err(m)?;
+        tracing::debug!(tombstones = n, gc_version = g, "collected tombstones");
+    }
+    Ok(())
+}
+
+impl BackendTx for EmbeddedTx<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        match self.buf.lookup(key) {
+            Lookup::Known(v) => Ok(v),
+            Lookup::Add(d) => {
+                let base = self.snapshot_get(key)?;
+                self.conflicts.push(Conflict::Key(key.to_vec()));
+                Ok(Some(add_le(base.as_deref(), d)))
+            }
+            Lookup::Unknown => {
+                let v = self.snapshot_get(key)?;
+                self.conflicts.push(Conflict::Key(key.to_vec()));
+                Ok(v)
+            }
+        }
+    }
+
+    fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError> {
+        let sql = if range.reverse {
+            "SELECT k, v FROM kv WHERE k >= ?1 AND k < ?2 AND v IS NOT NULL ORDER BY k DESC"
+        } else {
+            "SELECT k, v FROM kv WHERE k >= ?1 AND k < ?2 AND v IS NOT NULL ORDER BY k ASC"
+        };
+        let (out, cut) = {
+            let conn = self.conn();
+            let mut stmt = conn
+                .prepare_cached(sql)
+                .map_err(|e| map_sqlite("reading a range", e))?;
+            let rows = stmt
+                .query_map(params![range.begin, range.end], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(|e| map_sqlite("reading a range", e))?
+                .map(|r| r.map_err(|e| map_sqlite("reading a range", e)));
+            merge_range(rows, &self.buf, range)?
+        };
+        let conflict = match (cut, out.last()) {
+            (true, Some((last, _))) if !range.reverse => {
+                Conflict::Range(range.begin.clone(), key_after(last))
+            }
+            (true, Some((last, _))) => Conflict::Range(last.clone(), range.end.clone()),
+            _ => Conflict::Range(range.begin.clone(), range.end.clone()),
+        };
+        self.conflicts.push(conflict);
+        Ok(out)
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        self.buf.set(key, value);
+        Ok(())
+    }
+    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
+        self.buf.clear(key);
+        Ok(())
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
+        self.buf.clear_range(begin, end);
+        Ok(())
+    }
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
+        self.buf.atomic_add(key, delta);
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), KvError> {
+        if self.buf.is_empty() {
+            // Read-only: the snapshot was consistent; nothing to validate or write.
+            return self
+                .conn()
+                .execute_batch("COMMIT")
+                .map_err(|e| map_sqlite("ending a read-only transaction", e));
+        }
+        self.commit_writes()
+    }
+}
+
+/// The smallest key after `k` (`k` followed by a zero byte).
+fn key_after(k: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(k.len() + 1);
+    v.extend_from_slice(k);
+    v.push(0);
+    v
+}
+
+/// FDB's `ADD` on an 8-byte little-endian operand: the existing value (absent = 0) is
+/// read as little-endian, zero-extended or truncated to 8 bytes; addition wraps.
+pub(crate) fn add_le(base: Option<&[u8]>, delta: i64) -> Vec<u8> {
+    let mut b = [0u8; 8];
+    if let Some(v) = base {
+        let n = v.len().min(8);
+        b[..n].copy_from_slice(&v[..n]);
+    }
+    i64::from_le_bytes(b)
+        .wrapping_add(delta)
+        .to_le_bytes()
+        .to_vec()
+}
+
+/// One buffered write to a key.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Set(Vec<u8>),
+    Clear,
+    /// Add to whatever the snapshot holds (the key is not under a buffered clear).
+    Add(i64),
+}
+
+/// What the buffer knows about a key.
+#[derive(Debug, PartialEq)]
+enum Lookup {
+    Known(Option<Vec<u8>>),
+    Add(i64),
+    Unknown,
+}
+
+/// A transaction's buffered writes: per-key ops over a set of cleared ranges. A cleared
+/// range hides the snapshot; an op on a key overrides both (ops made before a clear
+/// range are dropped by it).
+#[derive(Debug, Default)]
+struct WriteBuffer {
+    ops: BTreeMap<Vec<u8>, Op>,
+    /// Disjoint, non-adjacent ranges `begin -> end`.
+    cleared: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl WriteBuffer {
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.cleared.is_empty()
+    }
+    fn is_cleared(&self, key: &[u8]) -> bool {
+        self.cleared
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+            .is_some_and(|(_, end)| key < end.as_slice())
+    }
+    fn lookup(&self, key: &[u8]) -> Lookup {
+        match self.ops.get(key) {
+            Some(Op::Set(v)) => Lookup::Known(Some(v.clone())),
+            Some(Op::Clear) => Lookup::Known(None),
+            Some(Op::Add(d)) => Lookup::Add(*d),
+            None if self.is_cleared(key) => Lookup::Known(None),
+            None => Lookup::Unknown,
+        }
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) {
+        self.ops.insert(key.to_vec(), Op::Set(value.to_vec()));
+    }
+    fn clear(&mut self, key: &[u8]) {
+        self.ops.insert(key.to_vec(), Op::Clear);
+    }
+    fn atomic_add(&mut self, key: &[u8], delta: i64) {
+        let cleared = self.is_cleared(key);
+        let op = match self.ops.get(key) {
+            Some(Op::Set(v)) => Op::Set(add_le(Some(v), delta)),
+            Some(Op::Clear) => Op::Set(add_le(None, delta)),
+            Some(Op::Add(d)) => Op::Add(d.wrapping_add(delta)),
+            None if cleared => Op::Set(add_le(None, delta)),
+            None => Op::Add(delta),
+        };
+        self.ops.insert(key.to_vec(), op);
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        if begin >= end {
+            return;
+        }
+        // Drop ops inside the range.
+        let mut tail = self.ops.split_off(begin);
+        let mut rest = tail.split_off(end);
+        self.ops.append(&mut rest);
+        // Merge with overlapping or adjacent cleared ranges.
+        let (mut b, mut e) = (begin.to_vec(), end.to_vec());
+        let touching: Vec<Vec<u8>> = self
+            .cleared
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(end)))
+            .rev()
+            .take_while(|(_, en)| en.as_slice() >= begin)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in touching {
+            let en = self.cleared.remove(&s).expect("present");
+            if s < b {
+                b = s;
+            }
+            if en > e {
+                e = en;
+            }
+        }
+        self.cleared.insert(b, e);
+    }
+}
+
+/// Merge snapshot rows (already in the requested order, tombstones excluded) with the
+/// buffer. Returns the result and whether the limit cut it short.
+fn merge_range(
+    snapshot: impl Iterator<Item = Result<KeyValue, KvError>>,
+    buf: &WriteBuffer,
+    range: &RangeOption,
+) -> Result<(Vec<KeyValue>, bool), KvError> {
+    let limit = range.limit.unwrap_or(usize::MAX);
+    let bounds = (
+        Bound::Included(range.begin.as_slice()),
+        Bound::Excluded(range.end.as_slice()),
+    );
+    let ops = buf.ops.range::<[u8], _>(bounds);
+    let mut ops: Box<dyn Iterator<Item = (&Vec<u8>, &Op)>> = if range.reverse {
+        Box::new(ops.rev())
+    } else {
+        Box::new(ops)
+    };
+    let mut snap = snapshot;
+    let mut s_head: Option<KeyValue> = snap.next().transpose()?;
+    let mut b_head = ops.next();
+    let mut out = Vec::new();
+    loop {
+        if out.len() >= limit {
+            return Ok((out, true));
+        }
+        let order = match (&s_head, &b_head) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((sk, _)), Some((bk, _))) => {
+                let o = sk.as_slice().cmp(bk.as_slice());
+                if range.reverse {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (k, v) = s_head.take().expect("snapshot head");
+                if !buf.is_cleared(&k) {
+                    out.push((k, v));
+                }
+                s_head = snap.next().transpose()?;
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, op) = b_head.take().expect("buffer head");
+                match op {
+                    Op::Set(v) => out.push((k.clone(), v.clone())),
+                    Op::Clear => {}
+                    Op::Add(d) => out.push((k.clone(), add_le(None, *d))),
+                }
+                b_head = ops.next();
+            }
+            std::cmp::Ordering::Equal => {
+                let (k, sv) = s_head.take().expect("snapshot head");
+                let (_, op) = b_head.take().expect("buffer head");
+                match op {
+                    Op::Set(v) => out.push((k, v.clone())),
+                    Op::Clear => {}
+                    Op::Add(d) => out.push((k, add_le(Some(&sv), *d))),
+                }
+                s_head = snap.next().transpose()?;
+                b_head = ops.next();
+            }
+        }
+    }
+    Ok((out, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Db;
+
+    fn rows(keys: &[(&[u8], &[u8])]) -> Vec<Result<KeyValue, KvError>> {
+        keys.iter()
+            .map(|(k, v)| Ok((k.to_vec(), v.to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn clear_ranges_merge_and_drop_ops() {
+        let mut b = WriteBuffer::default();
+        b.set(b"b", b"1");
+        b.set(b"d", b"2");
+        b.clear_range(b"a", b"c");
+        b.clear_range(b"c", b"e"); // adjacent: merged
+        b.clear_range(b"x", b"z");
+        assert!(b.ops.is_empty());
+        assert_eq!(b.cleared.len(), 2);
+        assert_eq!(b.cleared.get(b"a".as_slice()), Some(&b"e".to_vec()));
+        assert!(b.is_cleared(b"a") && b.is_cleared(b"d") && !b.is_cleared(b"e"));
+        b.clear_range(b"0", b"y"); // swallows both
+        assert_eq!(b.cleared.len(), 1);
+        assert_eq!(b.cleared.get(b"0".as_slice()), Some(&b"z".to_vec()));
+        b.atomic_add(b"m", 5);
+        assert_eq!(
+            b.lookup(b"m"),
+            Lookup::Known(Some(5i64.to_le_bytes().to_vec()))
+        );
+    }
+
+    #[test]
+    fn merge_overlays_buffer_forward_reverse_and_limit() {
+        let mut b = WriteBuffer::default();
+        b.clear_range(b"b", b"d"); // hides b, c
+        b.set(b"c", b"new"); // but c is set again
+        b.set(b"e", b"E");
+        b.clear(b"f");
+        b.atomic_add(b"g", 2);
+        let snap: &[(&[u8], &[u8])] = &[
+            (b"a", b"A"),
+            (b"b", b"B"),
+            (b"c", b"C"),
+            (b"f", b"F"),
+            (b"g", &[1, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let r = RangeOption::new(b"a".to_vec(), b"z".to_vec());
+        let (out, cut) = merge_range(rows(snap).into_iter(), &b, &r).unwrap();
+        let keys: Vec<&[u8]> = out.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(keys, vec![&b"a"[..], b"c", b"e", b"g"]);
+        assert_eq!(out[1].1, b"new");
+        assert_eq!(out[3].1, 3i64.to_le_bytes());
+        assert!(!cut);
+        let mut rev_snap = rows(snap);
+        rev_snap.reverse();
+        let (out, cut) =
+            merge_range(rev_snap.into_iter(), &b, &r.clone().reverse().limit(3)).unwrap();
+        let keys: Vec<&[u8]> = out.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(keys, vec![&b"g"[..], b"e", b"c"]);
+        assert!(cut);
+    }
+
+    #[test]
+    fn add_le_wraps_and_resizes() {
+        assert_eq!(add_le(None, -1), (-1i64).to_le_bytes());
+        assert_eq!(add_le(Some(&[1]), 1), 2i64.to_le_bytes());
+        assert_eq!(add_le(Some(&[0xff; 9]), 1), 0i64.to_le_bytes());
+    }
+
+    /// The GC invariant: once a tombstone a transaction needed may be gone, that
+    /// transaction's commit reports a conflict instead of silently succeeding.
+    #[test]
+    fn transaction_older_than_gc_horizon_conflicts() {
+        let backend = EmbeddedBackend::open_temp()
+            .unwrap()
+            .with_gc(1, Duration::ZERO);
+        let db = Db::new(backend);
+        db.transact(|tx| tx.set(b"k", b"v")).unwrap();
+        let be = db.backend();
+        // T1 reads k.
+        let mut t1 = be.begin().unwrap();
+        assert_eq!(t1.get(b"k").unwrap(), Some(b"v".to_vec()));
+        // T2 deletes k (a tombstone), T3 commits and, with retention zero, GCs it.
+        db.transact(|tx| tx.clear(b"k")).unwrap();
+        db.transact(|tx| tx.set(b"other", b"x")).unwrap();
+        t1.set(b"k2", b"from t1").unwrap();
+        assert!(matches!(t1.commit(), Err(KvError::Conflict)));
+    }
+
+    #[test]
+    fn tombstones_are_collected() {
+        let backend = EmbeddedBackend::open_temp()
+            .unwrap()
+            .with_gc(1, Duration::ZERO);
+        let path = backend.path().to_path_buf();
+        let db = Db::new(backend);
+        db.transact(|tx| {
+            for i in 0..10u8 {
+                tx.set(&[i], b"v")?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        db.transact(|tx| tx.clear_range(&[0], &[10])).unwrap();
+        db.transact(|tx| tx.set(b"z", b"z")).unwrap();
+        db.transact(|tx| tx.set(b"z", b"z2")).unwrap();
+        let conn = Connection::open(path).unwrap();
+        let tombstones: i64 = conn
+            .query_row("SELECT COUNT(*) FROM kv WHERE v IS NULL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tombstones, 0);
+    }
+}

@@ -204,6 +204,12 @@ impl Db {
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
     }
+    /// The backend itself, for code that drives [`BackendTx`]s by hand (tests that need
+    /// two interleaved transactions in one thread). Bypasses the limit checks and the
+    /// retry loop of [`Db::transact`].
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
     /// Commit, retry, conflict and failure counts since this handle was built.
     pub fn stats(&self) -> &DbStats {
         &self.stats
