@@ -107,3 +107,44 @@ pub fn partition_for(key: &str, partitions: u32) -> u32 {
     }
     (h % partitions.max(1) as u64) as u32
 }
+
+/// Publish a record no stage can process to the dead-letter topic, with the reason,
+/// inside `tx` (so it commits with the position that skips it). The body is JSON:
+/// `{"v":1,"source_topic":..,"reason":..,"payload_hex":..}`.
+pub fn dead_letter(
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    source_topic: &str,
+    key: &str,
+    payload: &[u8],
+    reason: &str,
+) -> Result<(), KvError> {
+    tracing::warn!(source_topic, reason, "dead-lettering a record");
+    let body = serde_json::json!({
+        "v": 1,
+        "source_topic": source_topic,
+        "reason": reason,
+        "payload_hex": payload.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    });
+    emitter.emit_raw(
+        tx,
+        swimlane_core::topics::DEAD_LETTER,
+        key,
+        body.to_string().as_bytes(),
+    )
+}
+
+/// A member id unique to this process and call: `<group>-<pid>-<n>`.
+pub fn member_id(group: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{group}-{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
