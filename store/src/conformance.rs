@@ -182,6 +182,21 @@ fn check_eq<T: Debug + PartialEq>(what: &str, got: T, want: T) -> Res {
     }
 }
 
+/// Bytes as an escaped string (readable failure messages; injective, so comparing the
+/// strings compares the bytes).
+fn esc(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+/// Key-value rows in readable form.
+fn kvs<'a>(rows: impl IntoIterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>) -> Vec<(String, String)> {
+    rows.into_iter().map(|(k, v)| (esc(k), esc(v))).collect()
+}
+
+fn rows(v: &[(Vec<u8>, Vec<u8>)]) -> Vec<(String, String)> {
+    kvs(v.iter().map(|(k, v)| (k, v)))
+}
+
 fn check(what: &str, ok: bool) -> Res {
     if ok {
         Ok(())
@@ -311,7 +326,10 @@ pub fn range_reads_order_reverse_limit(f: &dyn StoreFactory) -> Res {
         }),
     )?;
     let all: Vec<(Vec<u8>, Vec<u8>)> = model.clone().into_iter().collect();
-    let read = |r: RangeOption| ctx("range read", db.transact(|tx| tx.get_range(&r)));
+    let raw_read = |r: RangeOption| ctx("range read", db.transact(|tx| tx.get_range(&r)));
+    let read = |r: RangeOption| raw_read(r).map(|v| rows(&v));
+    let all_raw = all.clone();
+    let all = rows(&all);
     check_eq("forward", read(RangeOption::prefix(&p))?, all.clone())?;
     let rev: Vec<_> = all.iter().rev().cloned().collect();
     check_eq(
@@ -335,11 +353,12 @@ pub fn range_reads_order_reverse_limit(f: &dyn StoreFactory) -> Res {
         all.clone(),
     )?;
     let (b, e) = (key(&p, [0x00, 0x01]), key(&p, [0xff]));
-    let sub: Vec<_> = all
+    let sub: Vec<_> = all_raw
         .iter()
         .filter(|(k, _)| *k >= b && *k < e)
         .cloned()
         .collect();
+    let sub = rows(&sub);
     check_eq(
         "sub-range [begin, end)",
         read(RangeOption::new(b.clone(), e.clone()))?,
@@ -361,12 +380,12 @@ pub fn range_reads_order_reverse_limit(f: &dyn StoreFactory) -> Res {
     let mut begin = p.clone();
     let mut paged = Vec::new();
     loop {
-        let page = read(RangeOption::new(begin.clone(), end.clone()).limit(2))?;
+        let page = raw_read(RangeOption::new(begin.clone(), end.clone()).limit(2))?;
         if page.is_empty() {
             break;
         }
         begin = key(&page.last().unwrap().0, [0]);
-        paged.extend(page);
+        paged.extend(rows(&page));
     }
     check_eq("paged", paged, all)?;
     cleanup(&db, &p);
@@ -395,14 +414,14 @@ pub fn clear_range_and_prefix(f: &dyn StoreFactory) -> Res {
             tx.clear_range(&key(&p, "x"), &key(&p, "y")) // nothing there
         }),
     )?;
-    let left: Vec<Vec<u8>> = read_all(&db, &p)?.into_iter().map(|(k, _)| k).collect();
+    let left: Vec<String> = read_all(&db, &p)?.iter().map(|(k, _)| esc(k)).collect();
     check_eq(
         "keys left",
         left,
-        vec![key(&p, "a"), key(&p, "e"), key(&p, "g")],
+        ["a", "e", "g"].map(|n| esc(&key(&p, n))).to_vec(),
     )?;
     cleanup(&db, &p);
-    check_eq("after clear_prefix", read_all(&db, &p)?, vec![])
+    check_eq("after clear_prefix", read_all(&db, &p)?.len(), 0)
 }
 
 /// `atomic_add`: absent is zero, negative deltas, several adds in one transaction, adds
@@ -584,23 +603,27 @@ pub fn read_your_writes(f: &dyn StoreFactory) -> Res {
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    check_eq("range read over own writes", fwd, expected.clone())?;
+    check_eq("range read over own writes", rows(&fwd), rows(&expected))?;
     check_eq(
         "reverse range read over own writes",
-        rev,
-        expected_rev.clone(),
+        rows(&rev),
+        rows(&expected_rev),
     )?;
     check_eq(
         "limited range read over own writes",
-        fwd2,
-        expected[..2].to_vec(),
+        rows(&fwd2),
+        rows(&expected[..2]),
     )?;
     check_eq(
         "limited reverse range read over own writes",
-        rev2,
-        expected_rev[..2].to_vec(),
+        rows(&rev2),
+        rows(&expected_rev[..2]),
     )?;
-    check_eq("committed state", read_all(&db, &p)?, expected)?;
+    check_eq(
+        "committed state",
+        rows(&read_all(&db, &p)?),
+        rows(&expected),
+    )?;
     cleanup(&db, &p);
     Ok(())
 }
@@ -683,9 +706,10 @@ pub fn read_your_writes_model(f: &dyn StoreFactory) -> Res {
                         let got = tx.get(&k)?;
                         if got.as_ref() != model.get(&k) {
                             return fail(format!(
-                                "get {:?}: got {got:?}, model {:?}",
-                                k,
-                                model.get(&k)
+                                "get {}: got {:?}, model {:?}",
+                                esc(&k),
+                                got.as_deref().map(esc),
+                                model.get(&k).map(|v| esc(v))
                             ));
                         }
                     }
@@ -709,7 +733,13 @@ pub fn read_your_writes_model(f: &dyn StoreFactory) -> Res {
                             it.take(limit.unwrap_or(usize::MAX)).collect()
                         };
                         if got != want {
-                            return fail(format!("range {r:?}: got {got:?}, model {want:?}"));
+                            return fail(format!(
+                                "range {} .. {} reverse {reverse} limit {limit:?}: got {:?}, model {:?}",
+                                esc(&r.begin),
+                                esc(&r.end),
+                                rows(&got),
+                                rows(&want)
+                            ));
                         }
                     }
                 }
@@ -717,8 +747,11 @@ pub fn read_your_writes_model(f: &dyn StoreFactory) -> Res {
             Ok(Ok(model))
         });
         let model = ctx("model transaction", result)??;
-        let stored: BTreeMap<_, _> = read_all(&db, &p)?.into_iter().collect();
-        check_eq(&format!("seed {seed}: committed state"), stored, model)?;
+        check_eq(
+            &format!("seed {seed}: committed state"),
+            rows(&read_all(&db, &p)?),
+            kvs(&model),
+        )?;
     }
     cleanup(&db, &p);
     Ok(())

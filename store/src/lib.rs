@@ -14,6 +14,7 @@
 //!   [`limits::MAX_TXN_AGE`] old when it commits.
 //! - A commit that returned `Ok` is durable (fsynced) before `transact` returns.
 
+pub mod bench;
 pub mod blob;
 pub mod conformance;
 pub mod embedded;
