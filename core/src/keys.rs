@@ -13,7 +13,7 @@
 //! | `("user", user, "head")`                     | the user's current published version   |
 //! | `("user", user, "state")`                    | per-user pipeline state (convergence)  |
 //! | `("model", user, version)`                   | model version record (metrics, lineage)|
-//! | `("blob", blob_id)` / `("blob", blob_id, i)` | blob header / blob chunk `i`           |
+//! | `("blob", blob_id)` / `("blob", blob_id, gen, i)` | blob header / chunk `i` of generation `gen` (`swimlane_store::blob`) |
 //! | `("token", sha256(token))`                   | the user a bearer token belongs to     |
 //! | `("pos", group, topic, partition)`           | a consumer group's queue position      |
 //! | `("outbox", seq)`                            | an event waiting for the relay         |
