@@ -1,1 +1,60 @@
-//! swimlane-runtime (filled in by later issues).
+//! swimlane-runtime: what every worker process needs, so that worker binaries stay a
+//! few lines long (parse [`config::Args`], [`Config::load`], [`telemetry::init_tracing`],
+//! [`store::open_store`], then the worker's `run(config, deps, shutdown)` under
+//! [`shutdown::shutdown_signal`]).
+//!
+//! - [`config`]: the one typed [`Config`], loaded defaults → TOML file → `SWIMLANE_*`
+//!   environment → flags, then validated; errors name the key.
+//! - [`store`]: open the configured store (embedded, or FoundationDB with the `fdb`
+//!   feature).
+//! - [`telemetry`]: tracing set-up, the metrics registry, store metrics.
+//! - [`ops`]: the `/metrics`, `/healthz`, `/readyz` server.
+//! - [`shutdown`]: one root cancellation token; the first SIGTERM/SIGINT drains, the
+//!   second exits at once.
+//! - [`clock`]: the injected wall clock.
+
+pub mod clock;
+pub mod config;
+pub mod ops;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use clock::{ManualWallClock, SystemWallClock, WallClock};
+pub use config::{Args, Config, ConfigError, Worker};
+pub use ops::{serve_ops, OpsServer, Readiness};
+pub use shutdown::shutdown_signal;
+pub use store::open_store;
+pub use telemetry::{init_tracing, new_registry, register_store_metrics};
+pub use tokio_util::sync::CancellationToken;
+
+use std::net::SocketAddr;
+
+/// Errors of the runtime layer.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store {location}: {source}")]
+    Store {
+        location: String,
+        source: swimlane_store::KvError,
+    },
+    #[error("store {location:?} is FoundationDB, but this binary was built without FoundationDB support; rebuild with `--features fdb`")]
+    FdbNotBuilt { location: String },
+    #[error("metrics registration failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Bind a TCP listener, with an error that says what it was for.
+pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<tokio::net::TcpListener, RuntimeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RuntimeError::Bind { what, addr, source })
+}

@@ -1,0 +1,135 @@
+//! Tracing set-up and metrics helpers.
+//!
+//! Log filter: `SWIMLANE_LOG`, else `RUST_LOG`, else `info` (tracing-subscriber's
+//! `EnvFilter` syntax, e.g. `swimlane_ingest=debug,info`).
+use std::sync::Mutex;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounter, Opts, Registry};
+use swimlane_store::Db;
+use tracing_subscriber::EnvFilter;
+
+/// Install the global tracing subscriber: text, or JSON lines when `json`. A second
+/// call does nothing (the first subscriber stays).
+pub fn init_tracing(json: bool) {
+    let filter = std::env::var("SWIMLANE_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// A fresh registry for one process (or one worker of `swimlane dev`).
+pub fn new_registry() -> Registry {
+    Registry::new()
+}
+
+/// The text exposition of everything in `registry`.
+pub fn encode_metrics(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+/// Export `db`'s transaction counters as `swimlane_<worker>_store_commits_total`,
+/// `..._store_retries_total`, `..._store_conflicts_total` and
+/// `..._store_failures_total`, read at every scrape.
+pub fn register_store_metrics(
+    registry: &Registry,
+    worker: &str,
+    db: &Db,
+) -> Result<(), prometheus::Error> {
+    registry.register(Box::new(StoreCollector::new(worker, db.clone())?))
+}
+
+struct StoreCollector {
+    db: Db,
+    // commits, retries, conflicts, failures
+    counters: Mutex<[IntCounter; 4]>,
+    descs: Vec<Desc>,
+}
+
+impl StoreCollector {
+    fn new(worker: &str, db: Db) -> Result<Self, prometheus::Error> {
+        let c = |what: &str, help: &str| {
+            IntCounter::with_opts(Opts::new(
+                format!("swimlane_{worker}_store_{what}_total"),
+                help.to_string(),
+            ))
+        };
+        let counters = [
+            c("commits", "Store transactions committed")?,
+            c("retries", "Store transaction attempts retried")?,
+            c("conflicts", "Store transaction attempts that conflicted")?,
+            c("failures", "Store transactions that failed for good")?,
+        ];
+        let descs = counters
+            .iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        Ok(StoreCollector {
+            db,
+            counters: Mutex::new(counters),
+            descs,
+        })
+    }
+}
+
+impl Collector for StoreCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.db.stats();
+        let values = [
+            s.commits.load(Relaxed),
+            s.retries.load(Relaxed),
+            s.conflicts.load(Relaxed),
+            s.failures.load(Relaxed),
+        ];
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        counters
+            .iter()
+            .zip(values)
+            .flat_map(|(c, v)| {
+                c.reset();
+                c.inc_by(v);
+                c.collect()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_metrics_follow_the_db_stats() {
+        let db = Db::new(swimlane_store::embedded::EmbeddedBackend::open_temp().unwrap());
+        let r = new_registry();
+        register_store_metrics(&r, "ingest", &db).unwrap();
+        db.transact(|tx| tx.set(b"a", b"1")).unwrap();
+        db.transact(|tx| tx.set(b"b", b"2")).unwrap();
+        let text = encode_metrics(&r);
+        assert!(text.contains("swimlane_ingest_store_commits_total 2"), "{text}");
+        assert!(text.contains("swimlane_ingest_store_conflicts_total 0"), "{text}");
+        db.transact(|tx| tx.set(b"c", b"3")).unwrap();
+        assert!(encode_metrics(&r).contains("swimlane_ingest_store_commits_total 3"));
+        // A second registration of the same names is refused, not duplicated.
+        assert!(register_store_metrics(&r, "ingest", &db).is_err());
+    }
+}
