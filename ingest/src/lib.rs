@@ -1,1 +1,128 @@
-//! swimlane-ingest worker library (filled in by the pipeline issue).
+//! swimlane-ingest: the device-facing upload API, step 1 of a batch's flow.
+//!
+//! Routes (errors are `{"error": {"code": "...", "message": "..."}}`):
+//! - `POST /v1/users/{user}/batches` with `Authorization: Bearer <token>` and a JSON
+//!   body (optionally `Content-Encoding: gzip`), see `swimlane_core::batch`:
+//!   - 202 `{"batch_id", "status": "staged", "samples", "heldout"}`: staged now, or
+//!     already staged with the same content (a retry: nothing is stored twice);
+//!   - 400 with a validation code (`malformed_json`, `bad_frame_count`,
+//!     `non_finite_value`, ...; see `BatchError::CODES`), `bad_user_id`, `bad_gzip`,
+//!     `bad_body`; 401 `unauthorized`; 403 `forbidden` (another user's token);
+//!     409 `conflict` (the batch id was staged with other content); 413
+//!     `payload_too_large` (raw or decompressed body over `ingest.max_body_bytes`); 415
+//!     `unsupported_encoding`; 503 `store_unavailable` with `Retry-After`; 500
+//!     `internal`.
+//! - `GET /v1/users/{user}/batches/{batch_id}` (same auth): 200 with `status` one of
+//!   `staged`, `validating` (+`run_id`), `published` (+`run_id`, `version`),
+//!   `rejected` (+`run_id`, `reason`); 404 `not_found`.
+//!
+//! Invariants: everything is validated before anything is written; a batch is staged
+//! in one transaction with its `BatchStaged` event (see [`stage`]); tokens are only
+//! ever handled as SHA-256 hashes (see [`tokens`]).
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::Registry;
+use swimlane_bus::Emitter;
+use swimlane_runtime::ops::Readiness;
+use swimlane_runtime::CancellationToken;
+use swimlane_runtime::{Config, WallClock};
+use swimlane_store::Db;
+use tokio::task::JoinHandle;
+
+pub mod api;
+pub mod error;
+pub mod metrics;
+pub mod stage;
+pub mod tokens;
+
+pub use api::{router, IngestState};
+pub use error::{ApiError, IngestError};
+pub use tokens::{create_token, hash_token, revoke_token, revoke_token_hash};
+
+/// What ingest runs on, built by the caller (the binary, `swimlane dev`, tests).
+#[derive(Clone)]
+pub struct IngestDeps {
+    pub db: Db,
+    /// Where `BatchStaged` is emitted, inside the staging transaction.
+    pub emitter: Arc<dyn Emitter>,
+    /// Ingest's metrics are registered here (and served on `ingest.metrics_listen`).
+    pub registry: Registry,
+    /// `staged_at_ms` comes from here.
+    pub clock: Arc<dyn WallClock>,
+}
+
+/// A started ingest worker.
+pub struct Running {
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// Where /metrics, /healthz and /readyz listen.
+    pub ops_addr: SocketAddr,
+    /// Ends once the shutdown token is cancelled and in-flight requests finished.
+    pub handle: JoinHandle<Result<(), IngestError>>,
+}
+
+/// Bind the API (`ingest.listen`) and ops server (`ingest.metrics_listen`), and serve
+/// until `shutdown` is cancelled; then stop accepting, finish in-flight requests (each
+/// staging transaction commits whole or not at all) and return.
+pub async fn start(
+    config: Config,
+    deps: IngestDeps,
+    shutdown: CancellationToken,
+) -> Result<Running, IngestError> {
+    let registry = deps.registry.clone();
+    swimlane_runtime::register_store_metrics(&registry, "ingest", &deps.db)?;
+    let state = IngestState::new(&config, deps)?;
+    let ready = Readiness::new();
+    let ops = swimlane_runtime::serve_ops(
+        config.ingest.metrics_listen,
+        registry,
+        ready.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let listener = swimlane_runtime::bind(config.ingest.listen, "ingest API").await?;
+    let api_addr = listener.local_addr().map_err(IngestError::Serve)?;
+    tracing::info!(%api_addr, deployment = %config.deployment, "ingest API listening");
+    ready.set(true);
+    let app = router(state);
+    let handle = tokio::spawn(async move {
+        let drain = {
+            let ready = ready.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                ready.set(false);
+                tracing::info!("ingest draining: finishing in-flight requests");
+            }
+        };
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(drain)
+            .await
+            .map_err(IngestError::Serve);
+        let ops_done = ops
+            .handle
+            .await
+            .map_err(|e| IngestError::Task(e.to_string()))?
+            .map_err(IngestError::Serve);
+        served.and(ops_done)
+    });
+    Ok(Running {
+        api_addr,
+        ops_addr: ops.local_addr,
+        handle,
+    })
+}
+
+/// [`start`], then wait until it has drained.
+pub async fn run(
+    config: Config,
+    deps: IngestDeps,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let running = start(config, deps, shutdown).await?;
+    running
+        .handle
+        .await
+        .map_err(|e| IngestError::Task(e.to_string()))?
+}

@@ -290,7 +290,9 @@ pub enum ConfigError {
 }
 
 fn origin_suffix(o: &Option<String>) -> String {
-    o.as_ref().map(|o| format!(" (from {o})")).unwrap_or_default()
+    o.as_ref()
+        .map(|o| format!(" (from {o})"))
+        .unwrap_or_default()
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -552,8 +554,8 @@ impl Config {
             },
             e => e,
         };
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
                 let key = e.path().to_string();
                 with_origin(invalid(&key, e.into_inner().to_string()), &origins)
             })?;
@@ -588,7 +590,10 @@ impl Config {
         }
         let h = &self.admin_token_sha256;
         if !h.is_empty()
-            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            && (h.len() != 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
         {
             return Err(invalid(
                 "admin_token_sha256",
@@ -747,7 +752,10 @@ mod tests {
         let c = Config::load_from(&Args::default(), Some(Worker::Ingest), env(&[])).unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.deployment, "default");
-        assert_eq!(c.store_location().unwrap(), StoreLocation::Embedded("./swimlane-data".into()));
+        assert_eq!(
+            c.store_location().unwrap(),
+            StoreLocation::Embedded("./swimlane-data".into())
+        );
         assert_eq!(c.bus_location().unwrap(), BusLocation::Embedded);
         assert_eq!(c.ingest.listen.to_string(), "127.0.0.1:8080");
         let ports: std::collections::HashSet<_> =
@@ -813,7 +821,10 @@ mod tests {
             ..Args::default()
         };
         let e = Config::load_from(&args, None, env(&[])).unwrap_err();
-        assert!(matches!(&e, ConfigError::UnknownKey { key, .. } if key == "ingest.lisen"), "{e}");
+        assert!(
+            matches!(&e, ConfigError::UnknownKey { key, .. } if key == "ingest.lisen"),
+            "{e}"
+        );
         assert!(e.to_string().contains("ingest.lisen"));
 
         let f = file("nope = 1\n");
@@ -824,38 +835,59 @@ mod tests {
         let e = Config::load_from(&args, None, env(&[])).unwrap_err();
         assert!(e.to_string().contains("`nope`"), "{e}");
 
-        let e = Config::load_from(&Args::default(), None, env(&[("SWIMLANE_INGEST_LISTN", "x")]))
-            .unwrap_err();
+        let e = Config::load_from(
+            &Args::default(),
+            None,
+            env(&[("SWIMLANE_INGEST_LISTN", "x")]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("SWIMLANE_INGEST_LISTN"), "{e}");
     }
 
     #[test]
     fn bad_values_name_the_key_and_where_it_came_from() {
-        let e = Config::load_from(&Args::default(), None, env(&[("SWIMLANE_PARTITIONS", "many")]))
-            .unwrap_err();
+        let e = Config::load_from(
+            &Args::default(),
+            None,
+            env(&[("SWIMLANE_PARTITIONS", "many")]),
+        )
+        .unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("`partitions`") && m.contains("SWIMLANE_PARTITIONS"), "{m}");
+        assert!(
+            m.contains("`partitions`") && m.contains("SWIMLANE_PARTITIONS"),
+            "{m}"
+        );
 
         let f = file("[ingest]\nlisten = \"not-an-address\"\n");
         let args = Args {
             config: Some(f.path().to_path_buf()),
             ..Args::default()
         };
-        let m = Config::load_from(&args, None, env(&[])).unwrap_err().to_string();
-        assert!(m.contains("`ingest.listen`") && m.contains("config file"), "{m}");
+        let m = Config::load_from(&args, None, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("`ingest.listen`") && m.contains("config file"),
+            "{m}"
+        );
 
         let f = file("ingest = 5\n");
         let args = Args {
             config: Some(f.path().to_path_buf()),
             ..Args::default()
         };
-        let m = Config::load_from(&args, None, env(&[])).unwrap_err().to_string();
+        let m = Config::load_from(&args, None, env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("`ingest`"), "{m}");
 
         let m = Config::load_from(&Args::default(), None, env(&[("SWIMLANE_PARTITIONS", "0")]))
             .unwrap_err()
             .to_string();
-        assert!(m.contains("`partitions`") && m.contains("SWIMLANE_PARTITIONS"), "{m}");
+        assert!(
+            m.contains("`partitions`") && m.contains("SWIMLANE_PARTITIONS"),
+            "{m}"
+        );
 
         let f = file("this is not toml");
         let args = Args {
@@ -878,19 +910,41 @@ mod tests {
 
     #[test]
     fn validate_checks_each_key() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("deployment", Box::new(|c| c.deployment.clear())),
             ("store", Box::new(|c| c.store = "s3://bucket".into())),
             ("bus", Box::new(|c| c.bus = "kafka://nohost".into())),
             ("bus", Box::new(|c| c.bus = "rabbit".into())),
-            ("admin_token_sha256", Box::new(|c| c.admin_token_sha256 = "secret".into())),
-            ("ingest.max_body_bytes", Box::new(|c| c.ingest.max_body_bytes = 10)),
-            ("ingest.max_samples_per_batch", Box::new(|c| c.ingest.max_samples_per_batch = 100_000)),
-            ("validator.consumer.max_batch", Box::new(|c| c.validator.consumer.max_batch = 0)),
-            ("trainer.consumer.lease_ttl_ms", Box::new(|c| c.trainer.consumer.lease_ttl_ms = 10)),
+            (
+                "admin_token_sha256",
+                Box::new(|c| c.admin_token_sha256 = "secret".into()),
+            ),
+            (
+                "ingest.max_body_bytes",
+                Box::new(|c| c.ingest.max_body_bytes = 10),
+            ),
+            (
+                "ingest.max_samples_per_batch",
+                Box::new(|c| c.ingest.max_samples_per_batch = 100_000),
+            ),
+            (
+                "validator.consumer.max_batch",
+                Box::new(|c| c.validator.consumer.max_batch = 0),
+            ),
+            (
+                "trainer.consumer.lease_ttl_ms",
+                Box::new(|c| c.trainer.consumer.lease_ttl_ms = 10),
+            ),
             ("validator.margin", Box::new(|c| c.validator.margin = 1.5)),
-            ("policy.target_accuracy", Box::new(|c| c.policy.target_accuracy = 0.0)),
-            ("ingest.metrics_listen", Box::new(|c| c.ingest.metrics_listen = c.ingest.listen)),
+            (
+                "policy.target_accuracy",
+                Box::new(|c| c.policy.target_accuracy = 0.0),
+            ),
+            (
+                "ingest.metrics_listen",
+                Box::new(|c| c.ingest.metrics_listen = c.ingest.listen),
+            ),
         ];
         for (key, f) in cases {
             let mut c = Config::default();
@@ -900,10 +954,12 @@ mod tests {
                 other => panic!("{key}: {other:?}"),
             }
         }
-        let mut c = Config::default();
-        c.store = "fdb:".into();
-        c.bus = "kafka://localhost:9092".into();
-        c.admin_token_sha256 = "a".repeat(64);
+        let mut c = Config {
+            store: "fdb:".into(),
+            bus: "kafka://localhost:9092".into(),
+            admin_token_sha256: "a".repeat(64),
+            ..Config::default()
+        };
         c.validate().unwrap();
         assert_eq!(c.store_location().unwrap(), StoreLocation::Fdb(None));
         c.store = "fdb:/etc/foundationdb/fdb.cluster".into();
@@ -911,7 +967,10 @@ mod tests {
             c.store_location().unwrap(),
             StoreLocation::Fdb(Some("/etc/foundationdb/fdb.cluster".into()))
         );
-        assert_eq!(c.bus_location().unwrap(), BusLocation::Kafka("localhost:9092".into()));
+        assert_eq!(
+            c.bus_location().unwrap(),
+            BusLocation::Kafka("localhost:9092".into())
+        );
     }
 
     #[test]
@@ -937,14 +996,21 @@ mod tests {
         let names = env_names();
         let set: std::collections::HashSet<_> = names.iter().map(|(n, _)| n).collect();
         assert_eq!(set.len(), names.len());
-        assert!(names.iter().any(|(n, k)| n == "SWIMLANE_INGEST_LISTEN" && k == "ingest.listen"));
-        assert!(names.iter().all(|(n, _)| !NON_CONFIG_ENV.contains(&n.as_str())));
+        assert!(names
+            .iter()
+            .any(|(n, k)| n == "SWIMLANE_INGEST_LISTEN" && k == "ingest.listen"));
+        assert!(names
+            .iter()
+            .all(|(n, _)| !NON_CONFIG_ENV.contains(&n.as_str())));
         let f = file(&Config::default().to_toml());
         let args = Args {
             config: Some(f.path().to_path_buf()),
             ..Args::default()
         };
-        assert_eq!(Config::load_from(&args, None, env(&[])).unwrap(), Config::default());
+        assert_eq!(
+            Config::load_from(&args, None, env(&[])).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]

@@ -53,7 +53,10 @@ pub enum RuntimeError {
 }
 
 /// Bind a TCP listener, with an error that says what it was for.
-pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<tokio::net::TcpListener, RuntimeError> {
+pub async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<tokio::net::TcpListener, RuntimeError> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RuntimeError::Bind { what, addr, source })

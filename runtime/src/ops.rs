@@ -50,7 +50,10 @@ pub fn ops_router(registry: Registry, ready: Readiness) -> Router {
 
 async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         encode_metrics(&s.registry),
     )
 }
@@ -103,13 +106,18 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let status = out[9..12].parse().unwrap();
-        let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -121,9 +129,14 @@ mod tests {
         c.inc_by(3);
         let ready = Readiness::new();
         let token = CancellationToken::new();
-        let srv = serve_ops("127.0.0.1:0".parse().unwrap(), registry, ready.clone(), token.clone())
-            .await
-            .unwrap();
+        let srv = serve_ops(
+            "127.0.0.1:0".parse().unwrap(),
+            registry,
+            ready.clone(),
+            token.clone(),
+        )
+        .await
+        .unwrap();
         let addr = srv.local_addr;
         assert_eq!(get(addr, "/healthz").await.0, 200);
         assert_eq!(get(addr, "/readyz").await.0, 503);
@@ -139,7 +152,10 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(e.contains(&addr.to_string()) && e.contains("metrics"), "{e}");
+        assert!(
+            e.contains(&addr.to_string()) && e.contains("metrics"),
+            "{e}"
+        );
 
         token.cancel();
         tokio::time::timeout(std::time::Duration::from_secs(5), srv.handle)

@@ -11,10 +11,12 @@ use crate::RuntimeError;
 pub fn open_store(config: &Config) -> Result<Db, RuntimeError> {
     match config.store_location()? {
         StoreLocation::Embedded(dir) => {
-            let backend = swimlane_store::embedded::EmbeddedBackend::open_in_dir(&dir)
-                .map_err(|source| RuntimeError::Store {
-                    location: dir.display().to_string(),
-                    source,
+            let backend =
+                swimlane_store::embedded::EmbeddedBackend::open_in_dir(&dir).map_err(|source| {
+                    RuntimeError::Store {
+                        location: dir.display().to_string(),
+                        source,
+                    }
                 })?;
             Ok(Db::new(backend))
         }
@@ -23,24 +25,19 @@ pub fn open_store(config: &Config) -> Result<Db, RuntimeError> {
 }
 
 #[cfg(feature = "fdb")]
-fn open_fdb(
-    location: &str,
-    cluster_file: Option<std::path::PathBuf>,
-) -> Result<Db, RuntimeError> {
-    let backend = swimlane_store::fdb::FdbBackend::open(cluster_file.as_deref()).map_err(
-        |source| RuntimeError::Store {
-            location: location.to_string(),
-            source,
-        },
-    )?;
+fn open_fdb(location: &str, cluster_file: Option<std::path::PathBuf>) -> Result<Db, RuntimeError> {
+    let backend =
+        swimlane_store::fdb::FdbBackend::open(cluster_file.as_deref()).map_err(|source| {
+            RuntimeError::Store {
+                location: location.to_string(),
+                source,
+            }
+        })?;
     Ok(Db::new(backend))
 }
 
 #[cfg(not(feature = "fdb"))]
-fn open_fdb(
-    location: &str,
-    _cluster_file: Option<std::path::PathBuf>,
-) -> Result<Db, RuntimeError> {
+fn open_fdb(location: &str, _cluster_file: Option<std::path::PathBuf>) -> Result<Db, RuntimeError> {
     Err(RuntimeError::FdbNotBuilt {
         location: location.to_string(),
     })

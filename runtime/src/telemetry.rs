@@ -125,8 +125,14 @@ mod tests {
         db.transact(|tx| tx.set(b"a", b"1")).unwrap();
         db.transact(|tx| tx.set(b"b", b"2")).unwrap();
         let text = encode_metrics(&r);
-        assert!(text.contains("swimlane_ingest_store_commits_total 2"), "{text}");
-        assert!(text.contains("swimlane_ingest_store_conflicts_total 0"), "{text}");
+        assert!(
+            text.contains("swimlane_ingest_store_commits_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("swimlane_ingest_store_conflicts_total 0"),
+            "{text}"
+        );
         db.transact(|tx| tx.set(b"c", b"3")).unwrap();
         assert!(encode_metrics(&r).contains("swimlane_ingest_store_commits_total 3"));
         // A second registration of the same names is refused, not duplicated.

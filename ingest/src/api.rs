@@ -1,0 +1,321 @@
+//! The HTTP API (see the crate doc for the routes). Handlers do I/O only through
+//! `spawn_blocking` (the store is blocking) and answer errors as JSON
+//! `{"error": {"code", "message"}}`. The `Authorization` header is never logged.
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use swimlane_bus::Emitter;
+use swimlane_core::batch::BatchLimits;
+use swimlane_core::keys::Keys;
+use swimlane_core::records::{BatchRecord, BatchStatus};
+use swimlane_core::{BatchId, UserId};
+use swimlane_runtime::{Config, WallClock};
+use swimlane_store::Db;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::metrics::IngestMetrics;
+use crate::stage::{self, Encoding, StageOutcome};
+use crate::tokens::{self, constant_time_eq};
+
+/// What a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct IngestState {
+    pub(crate) db: Db,
+    pub(crate) keys: Keys,
+    pub(crate) emitter: Arc<dyn Emitter>,
+    pub(crate) metrics: IngestMetrics,
+    pub(crate) clock: Arc<dyn WallClock>,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) limits: BatchLimits,
+    /// SHA-256 hex of the admin token, or empty.
+    pub(crate) admin_token_sha256: String,
+}
+
+impl IngestState {
+    /// Build from the config (deployment, limits, admin token hash) and the deps;
+    /// registers ingest's metrics in `deps.registry`.
+    pub fn new(config: &Config, deps: crate::IngestDeps) -> Result<Self, prometheus::Error> {
+        Ok(IngestState {
+            metrics: IngestMetrics::register(&deps.registry)?,
+            db: deps.db,
+            keys: Keys::new(&config.deployment),
+            emitter: deps.emitter,
+            clock: deps.clock,
+            max_body_bytes: config.ingest.max_body_bytes,
+            limits: BatchLimits {
+                max_samples: config.ingest.max_samples_per_batch as usize,
+            },
+            admin_token_sha256: config.admin_token_sha256.clone(),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+}
+
+/// The ingest routes:
+/// - `POST /v1/users/{user}/batches`
+/// - `GET /v1/users/{user}/batches/{batch_id}`
+pub fn router(state: IngestState) -> Router {
+    Router::new()
+        .route("/v1/users/{user}/batches", post(post_batch))
+        .route("/v1/users/{user}/batches/{batch_id}", get(get_batch))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state)
+}
+
+/// Run blocking work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking task failed");
+        ApiError::internal()
+    })
+}
+
+fn parse_user(user: String) -> Result<UserId, ApiError> {
+    UserId::new(user)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_user_id", e.to_string()))
+}
+
+/// The bearer token of the request, if any. Never logged.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Check the request may act for `user`: the admin token, or a live token of `user`.
+async fn authorize(
+    state: &IngestState,
+    headers: &HeaderMap,
+    user: &UserId,
+) -> Result<(), ApiError> {
+    let Some(token) = bearer(headers) else {
+        return Err(ApiError::unauthorized(
+            "missing bearer token (Authorization: Bearer <token>)",
+        ));
+    };
+    let hash = tokens::hash_token(token);
+    if !state.admin_token_sha256.is_empty()
+        && constant_time_eq(hash.as_bytes(), state.admin_token_sha256.as_bytes())
+    {
+        return Ok(());
+    }
+    let (db, keys) = (state.db.clone(), state.keys.clone());
+    let record = blocking(move || db.transact(|tx| tokens::lookup_token(tx, &keys, &hash)))
+        .await?
+        .map_err(|e| ApiError::store(&e))?;
+    match record {
+        Some(r) if !r.revoked => {
+            if &r.user == user {
+                Ok(())
+            } else {
+                Err(ApiError::forbidden())
+            }
+        }
+        _ => Err(ApiError::unauthorized("invalid or revoked token")),
+    }
+}
+
+fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+    match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str()) {
+        None => Ok(Encoding::Identity),
+        Some(Ok(v)) if v.trim().eq_ignore_ascii_case("identity") => Ok(Encoding::Identity),
+        Some(Ok(v)) if v.trim().eq_ignore_ascii_case("gzip") => Ok(Encoding::Gzip),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            "Content-Encoding must be gzip or absent",
+        )),
+    }
+}
+
+/// Read at most `max` bytes of body; more is 413 (checked on Content-Length first).
+async fn read_body(headers: &HeaderMap, body: Body, max: u64) -> Result<Vec<u8>, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(stage::too_large(max));
+    }
+    match Limited::new(body, max as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(stage::too_large(max)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+fn staged_answer(batch_id: &str, r: &BatchRecord) -> serde_json::Value {
+    json!({"batch_id": batch_id, "status": "staged", "samples": r.samples, "heldout": r.heldout})
+}
+
+async fn post_batch(
+    State(state): State<IngestState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "post_batch",
+        user_id = %user,
+        batch_id = tracing::field::Empty
+    );
+    let result = post_batch_inner(&state, user, &headers, body)
+        .instrument(span.clone())
+        .await;
+    state
+        .metrics
+        .request_seconds("post_batch")
+        .observe(started.elapsed().as_secs_f64());
+    let _enter = span.enter();
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            state.metrics.rejected(e.code);
+            if e.status.is_server_error() {
+                tracing::warn!(
+                    code = e.code,
+                    status = e.status.as_u16(),
+                    "batch not staged"
+                );
+            } else {
+                tracing::info!(code = e.code, status = e.status.as_u16(), "batch refused");
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn post_batch_inner(
+    state: &IngestState,
+    user: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let user = parse_user(user)?;
+    authorize(state, headers, &user).await?;
+    let enc = encoding(headers)?;
+    let raw = read_body(headers, body, state.max_body_bytes).await?;
+    let (max, limits, u) = (state.max_body_bytes, state.limits, user.clone());
+    let batch = blocking(move || stage::decode_and_validate(&u, &raw, enc, max, limits)).await??;
+    tracing::Span::current().record("batch_id", tracing::field::display(&batch.batch_id));
+
+    let (db, keys, emitter, u) = (
+        state.db.clone(),
+        state.keys.clone(),
+        state.emitter.clone(),
+        user.clone(),
+    );
+    let now = state.clock.now_ms();
+    let batch = Arc::new(batch);
+    let b = batch.clone();
+    let outcome = blocking(move || stage::stage_batch(&db, &keys, &emitter, &u, &b, now))
+        .await?
+        .map_err(|e| ApiError::store(&e))?;
+    let id = batch.batch_id.as_str();
+    match outcome {
+        StageOutcome::Staged(r) => {
+            state.metrics.accepted.inc();
+            state.metrics.samples_staged.inc_by(r.samples as u64);
+            tracing::info!(samples = r.samples, heldout = r.heldout, "batch staged");
+            Ok((StatusCode::ACCEPTED, Json(staged_answer(id, &r))).into_response())
+        }
+        StageOutcome::Duplicate(r) => {
+            state.metrics.duplicates.inc();
+            tracing::info!("batch already staged with the same content; nothing stored");
+            Ok((StatusCode::ACCEPTED, Json(staged_answer(id, &r))).into_response())
+        }
+        StageOutcome::Conflict(_) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("batch {id} was already staged with a different content; use a new batch id"),
+        )),
+    }
+}
+
+async fn get_batch(
+    State(state): State<IngestState>,
+    Path((user, batch_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let span = tracing::info_span!("get_batch", user_id = %user, batch_id = %batch_id);
+    let result = get_batch_inner(&state, user, batch_id, &headers)
+        .instrument(span)
+        .await;
+    state
+        .metrics
+        .request_seconds("get_batch")
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_batch_inner(
+    state: &IngestState,
+    user: String,
+    batch_id: String,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = parse_user(user)?;
+    authorize(state, headers, &user).await?;
+    let batch_id = BatchId::new(batch_id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_batch_id", e.to_string()))?;
+    let (db, keys, u, b) = (
+        state.db.clone(),
+        state.keys.clone(),
+        user.clone(),
+        batch_id.clone(),
+    );
+    let record = blocking(move || stage::batch_record(&db, &keys, &u, b.as_str()))
+        .await?
+        .map_err(|e| ApiError::store(&e))?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no batch {batch_id} for user {user}"),
+            )
+        })?;
+    let mut answer = json!({
+        "batch_id": batch_id.as_str(),
+        "samples": record.samples,
+        "heldout": record.heldout,
+        "staged_at_ms": record.staged_at_ms,
+    });
+    let fields = match &record.status {
+        BatchStatus::Staged => json!({"status": "staged"}),
+        BatchStatus::Validating { run_id } => json!({"status": "validating", "run_id": run_id}),
+        BatchStatus::Published { run_id, version } => {
+            json!({"status": "published", "run_id": run_id, "version": version})
+        }
+        BatchStatus::Rejected { run_id, reason } => {
+            json!({"status": "rejected", "run_id": run_id, "reason": reason})
+        }
+    };
+    for (k, v) in fields.as_object().expect("an object") {
+        answer[k] = v.clone();
+    }
+    Ok((StatusCode::OK, Json(answer)).into_response())
+}

@@ -1,0 +1,835 @@
+//! The ingest API against the real embedded store, the real embedded bus and the real
+//! router (in-process via `tower::ServiceExt::oneshot`, and over TCP for `start`).
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use swimlane_bus::embedded::EmbeddedBus;
+use swimlane_bus::Emitter;
+use swimlane_core::events::topics;
+use swimlane_core::keys::Keys;
+use swimlane_core::records::{decode_chunk, is_heldout, BatchRecord, BatchStatus};
+use swimlane_core::{Event, StrokeClass, UserId, WINDOW_FEATURES, WINDOW_FRAMES};
+use swimlane_ingest::{create_token, hash_token, revoke_token, router, IngestDeps, IngestState};
+use swimlane_runtime::{Config, ManualWallClock};
+use swimlane_store::embedded::EmbeddedBackend;
+use swimlane_store::{Backend, BackendTx, Db, KeyValue, KvError, RangeOption, RetryOptions};
+use tower::ServiceExt;
+
+const PARTITIONS: u32 = 4;
+const NOW_MS: u64 = 1_790_000_000_000;
+const MAX_BODY: u64 = 1 << 20;
+const MAX_SAMPLES: u32 = 100;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    db: Db,
+    keys: Keys,
+    bus: EmbeddedBus,
+    registry: prometheus::Registry,
+    app: Router,
+    alice: String,
+    bob: String,
+    admin: String,
+}
+
+fn config() -> Config {
+    let mut c = Config {
+        deployment: "test".into(),
+        partitions: PARTITIONS,
+        ..Config::default()
+    };
+    c.ingest.max_body_bytes = MAX_BODY;
+    c.ingest.max_samples_per_batch = MAX_SAMPLES;
+    c
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+        Self::with_db(dir, db)
+    }
+
+    fn with_db(dir: tempfile::TempDir, db: Db) -> Self {
+        let mut c = config();
+        let admin = swimlane_ingest::tokens::generate_token();
+        c.admin_token_sha256 = hash_token(&admin);
+        c.validate().unwrap();
+        let keys = Keys::new(&c.deployment);
+        let bus = EmbeddedBus::new(keys.clone(), c.partitions);
+        let registry = prometheus::Registry::new();
+        let deps = IngestDeps {
+            db: db.clone(),
+            emitter: Arc::new(bus.clone()),
+            registry: registry.clone(),
+            clock: Arc::new(ManualWallClock::new(NOW_MS)),
+        };
+        let state = IngestState::new(&c, deps).unwrap();
+        let (alice, bob) = (String::new(), String::new());
+        let mut h = Harness {
+            _dir: dir,
+            db,
+            keys,
+            bus,
+            registry,
+            app: router(state),
+            alice,
+            bob,
+            admin,
+        };
+        // Tokens are made only when the store works (the broken-store test has none).
+        if let Ok(t) = create_token(&h.db, &h.keys, &uid("alice"), NOW_MS) {
+            h.alice = t;
+            h.bob = create_token(&h.db, &h.keys, &uid("bob"), NOW_MS).unwrap();
+        }
+        h
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .unwrap();
+        out
+    }
+
+    /// Every event in the bus log, all partitions of the batches topic.
+    fn events(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        for p in 0..PARTITIONS {
+            let recs = self
+                .db
+                .transact(|tx| {
+                    self.bus
+                        .read(tx, topics::BATCHES, p, 0, 10_000)
+                        .map_err(|e| KvError::Backend(e.to_string()))
+                })
+                .unwrap();
+            out.extend(recs.into_iter().map(|r| Event::decode(&r.payload).unwrap()));
+        }
+        out
+    }
+
+    fn user_keys(&self, user: &str) -> Vec<KeyValue> {
+        self.db
+            .transact(|tx| tx.get_range(&RangeOption::prefix(&self.keys.user_prefix(user))))
+            .unwrap()
+    }
+
+    /// Nothing of `user` in the store and no event on the bus.
+    fn assert_nothing_staged(&self, user: &str, case: &str) {
+        assert!(
+            self.user_keys(user).is_empty(),
+            "{case}: keys stored for {user}"
+        );
+        assert!(self.events().is_empty(), "{case}: events emitted");
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, v, headers)
+    }
+
+    async fn post(&self, user: &str, token: &str, body: impl Into<Vec<u8>>) -> (StatusCode, Value) {
+        let body = body.into();
+        let req = Request::post(format!("/v1/users/{user}/batches"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap();
+        let (s, v, _) = self.send(req).await;
+        (s, v)
+    }
+
+    async fn get(&self, user: &str, batch: &str, token: &str) -> (StatusCode, Value) {
+        let req = Request::get(format!("/v1/users/{user}/batches/{batch}"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, v, _) = self.send(req).await;
+        (s, v)
+    }
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn frames(seed: usize) -> Value {
+    let f: Vec<Vec<f64>> = (0..WINDOW_FRAMES)
+        .map(|i| {
+            (0..WINDOW_FEATURES)
+                .map(|j| ((seed * 7 + i * 3 + j) % 100) as f64 / 100.0)
+                .collect()
+        })
+        .collect();
+    json!(f)
+}
+
+fn batch(id: &str, n: usize) -> Value {
+    let samples: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"id": format!("s{i}"), "frames": frames(i), "label": StrokeClass::ALL[i % 6].name()})
+        })
+        .collect();
+    json!({"batch_id": id, "samples": samples})
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+#[tokio::test]
+async fn happy_path_stages_chunks_record_and_event() {
+    let h = Harness::new();
+    let body = batch("b-1", 90);
+    let (status, v) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    let heldout = (0..90)
+        .filter(|i| is_heldout("alice", "b-1", &format!("s{i}")))
+        .count() as u64;
+    assert_eq!(
+        v,
+        json!({"batch_id": "b-1", "status": "staged", "samples": 90, "heldout": heldout})
+    );
+
+    // The record.
+    let rec = h.db.get(&h.keys.batch("alice", "b-1")).unwrap().unwrap();
+    let rec = BatchRecord::decode(&rec).unwrap();
+    assert_eq!(rec.status, BatchStatus::Staged);
+    assert_eq!(
+        (rec.samples, rec.heldout as u64, rec.chunks),
+        (90, heldout, 3)
+    );
+    assert_eq!(rec.staged_at_ms, NOW_MS);
+    assert_eq!(rec.digest.len(), 64);
+
+    // The chunks: 40 + 40 + 10 samples, in order, with their split and values.
+    let chunks =
+        h.db.transact(|tx| {
+            tx.get_range(&RangeOption::prefix(
+                &h.keys.samples_of_batch("alice", "b-1"),
+            ))
+        })
+        .unwrap();
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(chunks[0].0, h.keys.sample_chunk("alice", "b-1", 0));
+    let samples: Vec<_> = chunks
+        .iter()
+        .flat_map(|(_, v)| decode_chunk(v).unwrap())
+        .collect();
+    assert_eq!(decode_chunk(&chunks[2].1).unwrap().len(), 10);
+    assert_eq!(samples.len(), 90);
+    for (i, s) in samples.iter().enumerate() {
+        assert_eq!(s.id, format!("s{i}"));
+        assert_eq!(s.label, StrokeClass::ALL[i % 6]);
+        assert_eq!(s.heldout, is_heldout("alice", "b-1", &s.id));
+        assert_eq!(
+            s.frames[17] as f64,
+            body["samples"][i]["frames"][1][1].as_f64().unwrap() as f32 as f64
+        );
+    }
+
+    // The event, on the user's partition.
+    assert_eq!(
+        h.events(),
+        vec![Event::BatchStaged {
+            user: uid("alice"),
+            batch_id: "b-1".parse().unwrap(),
+            samples: 90
+        }]
+    );
+
+    let m = h.metrics();
+    assert!(
+        m.contains("swimlane_ingest_batches_accepted_total 1"),
+        "{m}"
+    );
+    assert!(m.contains("swimlane_ingest_samples_staged_total 90"), "{m}");
+    assert!(
+        m.contains("swimlane_ingest_request_seconds_count{route=\"post_batch\"} 1"),
+        "{m}"
+    );
+
+    // Its status.
+    let (s, v) = h.get("alice", "b-1", &h.alice).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "staged");
+    assert_eq!(v["samples"], 90);
+    assert_eq!(v["staged_at_ms"], NOW_MS);
+}
+
+#[tokio::test]
+async fn gzip_body_is_accepted() {
+    let h = Harness::new();
+    let body = gzip(batch("gz", 5).to_string().as_bytes());
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(body))
+        .unwrap();
+    let (s, v, _) = h.send(req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["samples"], 5);
+    assert_eq!(h.events().len(), 1);
+}
+
+#[tokio::test]
+async fn a_retry_answers_the_same_and_stores_nothing_twice() {
+    let h = Harness::new();
+    let body = batch("b-1", 45);
+    let (s1, v1) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!(s1, StatusCode::ACCEPTED);
+    let before = h.user_keys("alice");
+    // The same batch, formatted differently and gzipped: the same content.
+    let pretty = serde_json::to_string_pretty(&body).unwrap();
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(gzip(pretty.as_bytes())))
+        .unwrap();
+    let (s2, v2, _) = h.send(req).await;
+    assert_eq!(s2, StatusCode::ACCEPTED);
+    assert_eq!(v1, v2);
+    let (s3, v3) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!((s3, &v3), (StatusCode::ACCEPTED, &v1));
+    assert_eq!(h.user_keys("alice"), before, "nothing rewritten");
+    assert_eq!(h.events().len(), 1, "one event");
+    let m = h.metrics();
+    assert!(
+        m.contains("swimlane_ingest_batches_accepted_total 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("swimlane_ingest_batches_duplicate_total 2"),
+        "{m}"
+    );
+    assert!(m.contains("swimlane_ingest_samples_staged_total 45"), "{m}");
+}
+
+#[tokio::test]
+async fn same_batch_id_with_other_content_is_409() {
+    let h = Harness::new();
+    let body = batch("b-1", 3);
+    assert_eq!(
+        h.post("alice", &h.alice, body.to_string()).await.0,
+        StatusCode::ACCEPTED
+    );
+    let before = h.user_keys("alice");
+    let mut other = body.clone();
+    other["samples"][1]["label"] = json!("glide");
+    let (s, v) = h.post("alice", &h.alice, other.to_string()).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(code(&v), "conflict");
+    assert_eq!(h.user_keys("alice"), before);
+    assert_eq!(h.events().len(), 1);
+    // The same id for another user is another batch.
+    assert_eq!(
+        h.post("bob", &h.bob, other.to_string()).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert!(h
+        .metrics()
+        .contains("swimlane_ingest_batches_rejected_total{reason=\"conflict\"} 1"));
+}
+
+/// Every bad-input class: the documented status and code, and nothing staged.
+#[tokio::test]
+async fn bad_inputs_are_refused_with_their_code_and_stage_nothing() {
+    let good = batch("b-1", 3);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut b = good.clone();
+        f(&mut b);
+        b.to_string()
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed json", "{\"batch_id\": ".into(), "malformed_json"),
+        ("not an object", "[1,2]".into(), "malformed_json"),
+        (
+            "NaN literal",
+            good.to_string().replacen("0.0", "NaN", 1),
+            "malformed_json",
+        ),
+        (
+            "unknown field",
+            with(&|b| b["extra"] = json!(1)),
+            "malformed_json",
+        ),
+        (
+            "bad batch id",
+            with(&|b| b["batch_id"] = json!("../etc")),
+            "bad_batch_id",
+        ),
+        ("zero samples", batch("b-1", 0).to_string(), "no_samples"),
+        (
+            "too many samples",
+            batch("b-1", MAX_SAMPLES as usize + 1).to_string(),
+            "too_many_samples",
+        ),
+        (
+            "empty sample id",
+            with(&|b| b["samples"][1]["id"] = json!("")),
+            "empty_sample_id",
+        ),
+        (
+            "long sample id",
+            with(&|b| b["samples"][1]["id"] = json!("x".repeat(200))),
+            "sample_id_too_long",
+        ),
+        (
+            "duplicate sample id",
+            with(&|b| b["samples"][2]["id"] = json!("s0")),
+            "duplicate_sample_id",
+        ),
+        (
+            "31 frames",
+            with(&|b| {
+                b["samples"][0]["frames"].as_array_mut().unwrap().pop();
+            }),
+            "bad_frame_count",
+        ),
+        (
+            "33 frames",
+            with(&|b| {
+                b["samples"][0]["frames"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!(vec![0.0; 16]))
+            }),
+            "bad_frame_count",
+        ),
+        (
+            "15 features",
+            with(&|b| {
+                b["samples"][2]["frames"][9].as_array_mut().unwrap().pop();
+            }),
+            "bad_feature_count",
+        ),
+        (
+            "f32 overflow",
+            with(&|b| b["samples"][1]["frames"][4][2] = json!(1e39)),
+            "non_finite_value",
+        ),
+        (
+            "negative f32 overflow",
+            with(&|b| b["samples"][1]["frames"][4][2] = json!(-1e300)),
+            "non_finite_value",
+        ),
+        (
+            "f64 overflow",
+            good.to_string().replacen("0.0", "1e999", 1),
+            "malformed_json",
+        ),
+        (
+            "string value",
+            with(&|b| b["samples"][1]["frames"][0][0] = json!("0.5")),
+            "malformed_json",
+        ),
+        (
+            "unknown label",
+            with(&|b| b["samples"][1]["label"] = json!("doggy_paddle")),
+            "unknown_label",
+        ),
+        (
+            "label case",
+            with(&|b| b["samples"][1]["label"] = json!("Freestyle")),
+            "unknown_label",
+        ),
+    ];
+    for (name, body, want) in cases {
+        let h = Harness::new();
+        let (s, v) = h.post("alice", &h.alice, body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{name}: {v}");
+        assert_eq!(code(&v), want, "{name}: {v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+        h.assert_nothing_staged("alice", name);
+        let m = h.metrics();
+        assert!(
+            m.contains(&format!(
+                "swimlane_ingest_batches_rejected_total{{reason=\"{want}\"}} 1"
+            )),
+            "{name}: {m}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_error_message_names_the_sample_and_frame() {
+    let h = Harness::new();
+    let mut b = batch("b-1", 3);
+    b["samples"][2]["frames"][9].as_array_mut().unwrap().pop();
+    let (_, v) = h.post("alice", &h.alice, b.to_string()).await;
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("sample 2") && m.contains("frame 9") && m.contains("15 features"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413_raw_and_decompressed() {
+    // Raw, announced by Content-Length.
+    let h = Harness::new();
+    let big = format!("{}{}", " ".repeat(MAX_BODY as usize + 1), batch("b-1", 1));
+    let (s, v) = h.post("alice", &h.alice, big.clone()).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    h.assert_nothing_staged("alice", "raw with length");
+
+    // Raw, streamed without Content-Length.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .into_bytes()
+        .chunks(64 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .body(Body::from_stream(futures::stream::iter(chunks)))
+        .unwrap();
+    let (s, v, _) = h.send(req).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    h.assert_nothing_staged("alice", "raw streamed");
+
+    // A gzip bomb: 64 MiB of whitespace compress to ~64 KiB; it must hit the limit,
+    // not memory.
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let spaces = vec![b' '; 1 << 20];
+    for _ in 0..64 {
+        e.write_all(&spaces).unwrap();
+    }
+    e.write_all(batch("b-1", 1).to_string().as_bytes()).unwrap();
+    let bomb = e.finish().unwrap();
+    assert!((bomb.len() as u64) < MAX_BODY);
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(bomb))
+        .unwrap();
+    let (s, v, _) = h.send(req).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    h.assert_nothing_staged("alice", "gzip bomb");
+    assert!(h
+        .metrics()
+        .contains("swimlane_ingest_batches_rejected_total{reason=\"payload_too_large\"} 3"));
+}
+
+#[tokio::test]
+async fn bad_encodings_are_refused_and_stage_nothing() {
+    let h = Harness::new();
+    let body = batch("b-1", 2).to_string();
+    let send = |enc: &'static str, bytes: Vec<u8>| {
+        Request::post("/v1/users/alice/batches")
+            .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+            .header(header::CONTENT_ENCODING, enc)
+            .body(Body::from(bytes))
+            .unwrap()
+    };
+    let (s, v, _) = h.send(send("gzip", body.clone().into_bytes())).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_gzip"));
+    let mut truncated = gzip(body.as_bytes());
+    truncated.truncate(truncated.len() / 2);
+    let (s, v, _) = h.send(send("gzip", truncated)).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_gzip"));
+    let (s, v, _) = h.send(send("br", body.clone().into_bytes())).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding")
+    );
+    h.assert_nothing_staged("alice", "encodings");
+}
+
+#[tokio::test]
+async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
+    let h = Harness::new();
+    let body = batch("b-1", 2).to_string();
+    let no_token = Request::post("/v1/users/alice/batches")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (s, v, headers) = h.send(no_token).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+    let basic = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Basic {}", h.alice))
+        .body(Body::from(body.clone()))
+        .unwrap();
+    assert_eq!(h.send(basic).await.0, StatusCode::UNAUTHORIZED);
+    let guessed = swimlane_ingest::tokens::generate_token();
+    let (s, v) = h.post("alice", &guessed, body.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    // Bob's valid token on Alice's path.
+    let (s, v) = h.post("alice", &h.bob, body.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"));
+    let (s, v) = h.get("alice", "b-1", &h.bob).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"));
+    // A bad user id in the path.
+    let (s, v) = h.post("al%20ice", &h.alice, body.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_user_id"));
+    h.assert_nothing_staged("alice", "auth");
+    h.assert_nothing_staged("bob", "auth");
+    // A revoked token stops working.
+    assert!(revoke_token(&h.db, &h.keys, &h.alice).unwrap());
+    let (s, v) = h.post("alice", &h.alice, body.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    h.assert_nothing_staged("alice", "revoked");
+    // Error messages never echo a token.
+    for t in [&h.alice, &h.bob, &guessed] {
+        assert!(!v.to_string().contains(t.as_str()));
+        assert!(!h.metrics().contains(t.as_str()));
+    }
+    let m = h.metrics();
+    assert!(
+        m.contains("swimlane_ingest_batches_rejected_total{reason=\"unauthorized\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("swimlane_ingest_batches_rejected_total{reason=\"forbidden\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_token_may_act_for_any_user() {
+    let h = Harness::new();
+    let (s, v) = h.post("carol", &h.admin, batch("b-9", 2).to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (s, v) = h.get("carol", "b-9", &h.admin).await;
+    assert_eq!((s, &v["status"]), (StatusCode::OK, &json!("staged")));
+}
+
+#[tokio::test]
+async fn status_follows_the_record_and_unknown_batches_are_404() {
+    let h = Harness::new();
+    assert_eq!(
+        h.post("alice", &h.alice, batch("b-1", 2).to_string())
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    let (s, v) = h.get("alice", "b-2", &h.alice).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, v) = h.get("alice", "b..1?", &h.alice).await;
+    assert_ne!(s, StatusCode::OK, "{v}");
+    let key = h.keys.batch("alice", "b-1");
+    let set = |status: BatchStatus| {
+        h.db.transact(|tx| {
+            let mut r = BatchRecord::decode(&tx.get(&key)?.unwrap()).unwrap();
+            r.status = status.clone();
+            tx.set(&key, &r.encode())
+        })
+        .unwrap()
+    };
+    set(BatchStatus::Validating {
+        run_id: "r1".into(),
+    });
+    let (_, v) = h.get("alice", "b-1", &h.alice).await;
+    assert_eq!(
+        (&v["status"], &v["run_id"]),
+        (&json!("validating"), &json!("r1"))
+    );
+    set(BatchStatus::Published {
+        run_id: "r1".into(),
+        version: 3,
+    });
+    let (_, v) = h.get("alice", "b-1", &h.alice).await;
+    assert_eq!(
+        (&v["status"], &v["version"]),
+        (&json!("published"), &json!(3))
+    );
+    set(BatchStatus::Rejected {
+        run_id: Some("r1".into()),
+        reason: "no gain".into(),
+    });
+    let (_, v) = h.get("alice", "b-1", &h.alice).await;
+    assert_eq!(
+        (&v["status"], &v["reason"]),
+        (&json!("rejected"), &json!("no gain"))
+    );
+    // A retry after the batch moved on still answers as the upload did.
+    let (s, v) = h.post("alice", &h.alice, batch("b-1", 2).to_string()).await;
+    assert_eq!((s, &v["status"]), (StatusCode::ACCEPTED, &json!("staged")));
+}
+
+/// A backend whose commits fail (retryably) while `fail` is set.
+struct FlakyBackend {
+    inner: EmbeddedBackend,
+    fail: Arc<AtomicBool>,
+}
+struct FlakyTx<'a> {
+    inner: Box<dyn BackendTx + 'a>,
+    fail: bool,
+}
+impl Backend for FlakyBackend {
+    fn begin(&self) -> Result<Box<dyn BackendTx + '_>, KvError> {
+        Ok(Box::new(FlakyTx {
+            inner: self.inner.begin()?,
+            fail: self.fail.load(Ordering::SeqCst),
+        }))
+    }
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+}
+impl BackendTx for FlakyTx<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(key)
+    }
+    fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError> {
+        self.inner.get_range(range)
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        self.inner.set(key, value)
+    }
+    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
+        self.inner.clear(key)
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
+        self.inner.clear_range(begin, end)
+    }
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
+        self.inner.atomic_add(key, delta)
+    }
+    fn commit(self: Box<Self>) -> Result<(), KvError> {
+        if self.fail {
+            return Err(KvError::Transient("injected commit failure".into()));
+        }
+        self.inner.commit()
+    }
+}
+
+#[tokio::test]
+async fn store_failures_are_503_with_retry_after_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let backend = FlakyBackend {
+        inner: EmbeddedBackend::open_in_dir(dir.path()).unwrap(),
+        fail: fail.clone(),
+    };
+    let db = Db::new(backend).with_retry(RetryOptions {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+    });
+    let h = Harness::with_db(dir, db);
+    fail.store(true, Ordering::SeqCst);
+    let body = batch("b-1", 50).to_string();
+    // The admin token needs no store read, so this reaches the staging transaction.
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.admin))
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (s, v, headers) = h.send(req).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+    );
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    // A user token lookup fails the same way.
+    let (s, v) = h.post("alice", &h.alice, body.clone()).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+    );
+    fail.store(false, Ordering::SeqCst);
+    h.assert_nothing_staged("alice", "failed commits");
+    // Once the store recovers, the retry stages the batch.
+    let (s, _) = h.post("alice", &h.alice, body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(h.events().len(), 1);
+}
+
+#[tokio::test]
+async fn start_serves_api_and_ops_over_tcp_and_drains_on_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let mut c = config();
+    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    let keys = Keys::new(&c.deployment);
+    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
+    let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), c.partitions));
+    let shutdown = swimlane_runtime::CancellationToken::new();
+    let running = swimlane_ingest::start(
+        c,
+        IngestDeps {
+            db: db.clone(),
+            emitter,
+            registry: prometheus::Registry::new(),
+            clock: Arc::new(ManualWallClock::new(NOW_MS)),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+
+    async fn http(addr: std::net::SocketAddr, req: String) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+    let body = batch("b-tcp", 3).to_string();
+    let resp = http(
+        running.api_addr,
+        format!(
+            "POST /v1/users/alice/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    let ready = http(
+        running.ops_addr,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = http(
+        running.ops_addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(
+        metrics.contains("swimlane_ingest_batches_accepted_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("swimlane_ingest_store_commits_total"),
+        "{metrics}"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("drains")
+        .unwrap()
+        .unwrap();
+    assert!(db.get(&keys.batch("alice", "b-tcp")).unwrap().is_some());
+}

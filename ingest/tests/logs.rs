@@ -1,0 +1,91 @@
+//! What ingest logs. Its own test binary: tracing caches per-callsite interest
+//! process-wide, so a thread-local subscriber only sees everything when no other test
+//! runs in the same process.
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use serde_json::json;
+use swimlane_bus::embedded::EmbeddedBus;
+use swimlane_core::keys::Keys;
+use swimlane_core::{StrokeClass, UserId, WINDOW_FEATURES, WINDOW_FRAMES};
+use swimlane_ingest::{create_token, hash_token, router, IngestDeps, IngestState};
+use swimlane_runtime::{Config, ManualWallClock};
+use swimlane_store::embedded::EmbeddedBackend;
+use swimlane_store::Db;
+use tower::ServiceExt;
+
+/// Captures log output of the current thread.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+impl Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn logs_carry_user_and_batch_ids_and_never_a_token() {
+    let buf = LogBuf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let admin = swimlane_ingest::tokens::generate_token();
+    let config = Config {
+        deployment: "test".into(),
+        admin_token_sha256: hash_token(&admin),
+        ..Config::default()
+    };
+    let keys = Keys::new(&config.deployment);
+    let alice = create_token(&db, &keys, &UserId::new("alice").unwrap(), 1).unwrap();
+    let bob = create_token(&db, &keys, &UserId::new("bob").unwrap(), 1).unwrap();
+    let deps = IngestDeps {
+        db: db.clone(),
+        emitter: Arc::new(EmbeddedBus::new(keys.clone(), 2)),
+        registry: prometheus::Registry::new(),
+        clock: Arc::new(ManualWallClock::new(1)),
+    };
+    let app = router(IngestState::new(&config, deps).unwrap());
+    let post = |token: &str, batch_id: &str| {
+        let samples: Vec<_> = (0..2)
+            .map(|i| json!({"id": format!("s{i}"), "frames": vec![vec![0.5; WINDOW_FEATURES]; WINDOW_FRAMES], "label": StrokeClass::Glide.name()}))
+            .collect();
+        Request::post("/v1/users/alice/batches")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(
+                json!({"batch_id": batch_id, "samples": samples}).to_string(),
+            ))
+            .unwrap()
+    };
+    let r = app.clone().oneshot(post(&alice, "b-log")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = app.clone().oneshot(post(&bob, "b-x")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = app.clone().oneshot(post(&admin, "b-y")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("batch staged")
+            && logs.contains("user_id=alice")
+            && logs.contains("batch_id=b-log"),
+        "{logs}"
+    );
+    for t in [&alice, &bob, &admin] {
+        assert!(!logs.contains(t.as_str()), "a token leaked into the logs");
+        assert!(
+            !logs.contains(&hash_token(t)),
+            "a token hash leaked into the logs"
+        );
+    }
+}
