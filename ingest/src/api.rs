@@ -35,6 +35,7 @@ pub struct IngestState {
     pub(crate) metrics: IngestMetrics,
     pub(crate) clock: Arc<dyn WallClock>,
     pub(crate) max_body_bytes: u64,
+    pub(crate) body_timeout: std::time::Duration,
     pub(crate) limits: BatchLimits,
     /// SHA-256 hex of the admin token, or empty.
     pub(crate) admin_token_sha256: String,
@@ -51,6 +52,7 @@ impl IngestState {
             emitter: deps.emitter,
             clock: deps.clock,
             max_body_bytes: config.ingest.max_body_bytes,
+            body_timeout: std::time::Duration::from_millis(config.ingest.body_timeout_ms),
             limits: BatchLimits {
                 max_samples: config.ingest.max_samples_per_batch as usize,
             },
@@ -214,7 +216,18 @@ async fn post_batch_inner(
     let user = parse_user(user)?;
     authorize(state, headers, &user).await?;
     let enc = encoding(headers)?;
-    let raw = read_body(headers, body, state.max_body_bytes).await?;
+    let raw = tokio::time::timeout(
+        state.body_timeout,
+        read_body(headers, body, state.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        )
+    })??;
     let (max, limits, u) = (state.max_body_bytes, state.limits, user.clone());
     let batch = blocking(move || stage::decode_and_validate(&u, &raw, enc, max, limits)).await??;
     tracing::Span::current().record("batch_id", tracing::field::display(&batch.batch_id));

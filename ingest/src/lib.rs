@@ -10,7 +10,8 @@
 //!     `bad_body`; 401 `unauthorized`; 403 `forbidden` (another user's token);
 //!     409 `conflict` (the batch id was staged with other content); 413
 //!     `payload_too_large` (raw or decompressed body over `ingest.max_body_bytes`); 415
-//!     `unsupported_encoding`; 503 `store_unavailable` with `Retry-After`; 500
+//!     `unsupported_encoding`; 408 `request_timeout` (body slower than
+//!     `ingest.body_timeout_ms`); 503 `store_unavailable` with `Retry-After`; 500
 //!     `internal`.
 //! - `GET /v1/users/{user}/batches/{batch_id}` (same auth): 200 with `status` one of
 //!   `staged`, `validating` (+`run_id`), `published` (+`run_id`, `version`),
@@ -86,6 +87,7 @@ pub async fn start(
     tracing::info!(%api_addr, deployment = %config.deployment, "ingest API listening");
     ready.set(true);
     let app = router(state);
+    let drain_timeout = std::time::Duration::from_millis(config.ingest.drain_timeout_ms);
     let handle = tokio::spawn(async move {
         let drain = {
             let ready = ready.clone();
@@ -96,10 +98,18 @@ pub async fn start(
                 tracing::info!("ingest draining: finishing in-flight requests");
             }
         };
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(drain)
-            .await
-            .map_err(IngestError::Serve);
+        let serve = axum::serve(listener, app).with_graceful_shutdown(drain);
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        let served = tokio::select! {
+            r = serve => r.map_err(IngestError::Serve),
+            _ = deadline => {
+                tracing::warn!(?drain_timeout, "drain deadline passed; closing remaining requests");
+                Ok(())
+            }
+        };
         let ops_done = ops
             .handle
             .await

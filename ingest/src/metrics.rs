@@ -15,12 +15,13 @@ pub const REQUEST_SECONDS: &str = "swimlane_ingest_request_seconds";
 pub const ROUTES: [&str; 2] = ["post_batch", "get_batch"];
 
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
-pub const EDGE_CODES: [&str; 10] = [
+pub const EDGE_CODES: [&str; 11] = [
     "unauthorized",
     "forbidden",
     "bad_user_id",
     "payload_too_large",
     "bad_body",
+    "request_timeout",
     "bad_gzip",
     "unsupported_encoding",
     "conflict",

@@ -46,6 +46,7 @@ fn config() -> Config {
     };
     c.ingest.max_body_bytes = MAX_BODY;
     c.ingest.max_samples_per_batch = MAX_SAMPLES;
+    c.ingest.body_timeout_ms = 300;
     c
 }
 
@@ -832,4 +833,70 @@ async fn start_serves_api_and_ops_over_tcp_and_drains_on_shutdown() {
         .unwrap()
         .unwrap();
     assert!(db.get(&keys.batch("alice", "b-tcp")).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_body_that_never_finishes_is_408_and_stages_nothing() {
+    let h = Harness::new();
+    let first: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(b"{\"batch_id\": ".to_vec())];
+    let stream =
+        futures::StreamExt::chain(futures::stream::iter(first), futures::stream::pending());
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let (s, v, _) = h.send(req).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::REQUEST_TIMEOUT, "request_timeout")
+    );
+    h.assert_nothing_staged("alice", "slow body");
+}
+
+#[tokio::test]
+async fn shutdown_stops_waiting_for_a_stuck_request_after_the_drain_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let mut c = config();
+    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    c.ingest.body_timeout_ms = 60_000;
+    c.ingest.drain_timeout_ms = 200;
+    let keys = Keys::new(&c.deployment);
+    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
+    let shutdown = swimlane_runtime::CancellationToken::new();
+    let running = swimlane_ingest::start(
+        c,
+        IngestDeps {
+            db: db.clone(),
+            emitter: Arc::new(EmbeddedBus::new(keys.clone(), PARTITIONS)),
+            registry: prometheus::Registry::new(),
+            clock: Arc::new(ManualWallClock::new(NOW_MS)),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    // A request whose body never completes.
+    let mut s = tokio::net::TcpStream::connect(running.api_addr)
+        .await
+        .unwrap();
+    s.write_all(
+        format!("POST /v1/users/alice/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{").as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running.handle)
+        .await
+        .expect("the drain deadline ends the server")
+        .unwrap()
+        .unwrap();
+    assert!(db
+        .transact(|tx| tx.get_range(&RangeOption::prefix(&keys.user_prefix("alice"))))
+        .unwrap()
+        .is_empty());
+    drop(s);
 }

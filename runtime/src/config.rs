@@ -100,6 +100,11 @@ pub struct IngestConfig {
     /// Largest request body, before and after decompression.
     pub max_body_bytes: u64,
     pub max_samples_per_batch: u32,
+    /// A request body must arrive within this long (slow clients get 408).
+    pub body_timeout_ms: u64,
+    /// On shutdown, in-flight requests get this long to finish; then the server stops
+    /// (an unfinished staging transaction commits whole or not at all).
+    pub drain_timeout_ms: u64,
 }
 
 /// A stage's bus consumer settings (`[trainer.consumer]`, ...).
@@ -182,6 +187,8 @@ impl Default for IngestConfig {
             metrics_listen: addr("127.0.0.1:9101"),
             max_body_bytes: 8 << 20,
             max_samples_per_batch: 1000,
+            body_timeout_ms: 30_000,
+            drain_timeout_ms: 10_000,
         }
     }
 }
@@ -613,6 +620,9 @@ impl Config {
                     "must be between 1 and {MAX_SAMPLES_PER_BATCH_LIMIT} (one batch is staged in one store transaction)"
                 ),
             ));
+        }
+        if self.ingest.body_timeout_ms == 0 {
+            return Err(invalid("ingest.body_timeout_ms", "must be at least 1"));
         }
         for (section, c) in [
             ("trainer", &self.trainer.consumer),
