@@ -1,1 +1,54 @@
-//! swimlane-model (filled in by later issues).
+//! swimlane-model: the micro model that classifies a window of pose keypoints into a
+//! stroke class, its training (base and per-user fine-tuning, candle on the CPU), its
+//! evaluation, its weights (safetensors with a version header) and the synthetic
+//! swimmers the rest of the project tests against.
+//!
+//! Pure: bytes and tensors in, bytes and tensors out. No files, no network, no clock;
+//! every result is a function of the inputs and the seeds.
+//!
+//! - [`synth`]: seeded swimmers with personal styles, corrections, poisoning.
+//! - [`net`]: [`MicroModel`] (normalisation + MLP), `to_bytes` / `from_bytes`.
+//! - [`train`]: [`TrainConfig`], [`train_base`], [`fine_tune`], [`fine_tune_many`].
+//! - [`eval`]: [`evaluate`] → accuracy, per-class recall, confusion matrix.
+//! - [`experiment`]: the personalisation protocol behind `swimlane model evaluate` and
+//!   the acceptance tests.
+use serde::{Deserialize, Serialize};
+use swimlane_core::StrokeClass;
+
+pub mod dataset;
+pub mod eval;
+pub mod experiment;
+pub mod net;
+mod st;
+pub mod synth;
+pub mod train;
+
+pub use eval::{evaluate, Evaluation};
+pub use net::{MicroModel, FORMAT_VERSION, MAX_MODEL_BYTES};
+pub use train::{fine_tune, fine_tune_many, train_base, FineTuneJob, TrainConfig, TrainReport};
+
+/// One labelled window: `frames` holds `WINDOW_FRAMES * WINDOW_FEATURES` values, frame
+/// by frame (row-major: frame 0's 16 features, then frame 1's, ...), features in the
+/// order of [`synth::FEATURE_NAMES`] (see `docs/batch-format.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub frames: Vec<f32>,
+    pub label: StrokeClass,
+}
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model bytes are not a swimlane micro model: {0}")]
+    Format(String),
+    #[error("model format version {0:?} is not supported (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(String),
+    #[error("window {index} has {len} values, expected {}", swimlane_core::WINDOW_FRAMES * swimlane_core::WINDOW_FEATURES)]
+    BadWindow { index: usize, len: usize },
+    #[error("no samples to train on")]
+    NoSamples,
+    #[error("bad training configuration: {0}")]
+    Config(String),
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
