@@ -9,6 +9,6 @@ pub mod policy;
 pub mod records;
 pub mod stroke;
 
-pub use events::{Event, EventDecodeError};
+pub use events::{topics, Event, EventDecodeError};
 pub use ids::{BatchId, IdError, UserId};
 pub use stroke::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};
