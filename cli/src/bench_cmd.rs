@@ -1,9 +1,102 @@
-//! `swimlane bench ...` (filled in by the store work).
-use clap::Subcommand;
+//! `swimlane bench ...`: benchmarks whose numbers the README and the issues quote.
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use swimlane_store::bench::{self, StoreBenchOptions};
 
 #[derive(Subcommand, Debug)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// Durable commits per second and range-read throughput of the embedded store.
+    Store(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    /// Directory for the scratch store (a temporary subdirectory is created and removed);
+    /// default: the system temporary directory. Put it on the disk you care about.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seconds per timed phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Megabytes (10^6 bytes) of 1-10 kB values to fill before the range scans.
+    #[arg(long, default_value_t = 64)]
+    fill_mb: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    match command {}
+    match command {
+        BenchCommand::Store(args) => store(args),
+    }
+}
+
+fn store(args: StoreArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
+    let opts = StoreBenchOptions {
+        dir: args.dir,
+        seconds: args.seconds,
+        fill_bytes: args.fill_mb * 1_000_000,
+    };
+    let r = bench::run_embedded(&opts)?;
+    if args.json {
+        let j = serde_json::json!({
+            "backend": r.backend,
+            "dir": r.dir,
+            "seconds_per_phase": args.seconds,
+            "disk_fsyncs_per_sec": r.disk_fsyncs_per_sec.round(),
+            "commits_per_sec_1_thread": r.commits_per_sec_1_thread.round(),
+            "commit_p50_us": r.commit_p50_us.round(),
+            "commit_p99_us": r.commit_p99_us.round(),
+            "commits_per_sec_2_threads": r.commits_per_sec_2_threads.round(),
+            "fill_bytes": r.fill_bytes,
+            "fill_keys": r.fill_keys,
+            "fill_mb_per_sec": (r.fill_mb_per_sec * 10.0).round() / 10.0,
+            "range_read_mb_per_sec": (r.range_read_mb_per_sec * 10.0).round() / 10.0,
+            "range_scans": r.range_scans,
+        });
+        println!("{j}");
+        return Ok(());
+    }
+    println!("swimlane bench store: backend {}, in {}", r.backend, r.dir);
+    println!("{:<46} {:>12}", "measure", "value");
+    let rows = [
+        (
+            "disk: 4 KiB append + fdatasync /s",
+            format!("{:.0}", r.disk_fsyncs_per_sec),
+        ),
+        (
+            "durable commits /s, 1 thread",
+            format!("{:.0}", r.commits_per_sec_1_thread),
+        ),
+        (
+            "  commit latency p50 / p99 (us)",
+            format!("{:.0} / {:.0}", r.commit_p50_us, r.commit_p99_us),
+        ),
+        (
+            "durable commits /s, 2 threads",
+            format!("{:.0}", r.commits_per_sec_2_threads),
+        ),
+        (
+            "fill (4 MB transactions) MB/s",
+            format!("{:.1}", r.fill_mb_per_sec),
+        ),
+        (
+            "range read MB/s (1,000 keys per transaction)",
+            format!("{:.1}", r.range_read_mb_per_sec),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("{k:<46} {v:>12}");
+    }
+    println!(
+        "filled {} keys, {:.1} MB of 1-10 kB values; {} full scans; {} s per phase",
+        r.fill_keys,
+        r.fill_bytes as f64 / 1e6,
+        r.range_scans,
+        args.seconds
+    );
+    Ok(())
 }

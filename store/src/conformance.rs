@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::embedded::{add_le, EmbeddedBackend};
-use crate::kv::{Db, ManualClock, RangeOption, RetryOptions, Transaction};
+use crate::kv::{Db, KeyValue, ManualClock, RangeOption, RetryOptions, Transaction};
 use crate::{blob, limits, KvError};
 
 /// Opens handles to one store. Each call returns a new handle (for the durability
@@ -218,7 +218,7 @@ fn patient(db: Db) -> Db {
     })
 }
 
-fn read_all(db: &Db, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn read_all(db: &Db, prefix: &[u8]) -> Result<Vec<KeyValue>, String> {
     ctx(
         "range read",
         db.transact(|tx| tx.get_range(&RangeOption::prefix(prefix))),

@@ -13,6 +13,10 @@
 //!   transaction at most [`limits::MAX_TXN_BYTES`], and a transaction at most
 //!   [`limits::MAX_TXN_AGE`] old when it commits.
 //! - A commit that returned `Ok` is durable (fsynced) before `transact` returns.
+//!
+//! Modules: [`embedded`] (SQLite, the default backend), `fdb` (feature `fdb`), [`blob`]
+//! (chunked blobs of any size), [`conformance`] (the suite every backend must pass, and
+//! the [`conformance_tests!`] macro), [`bench`] (`swimlane bench store`).
 
 pub mod bench;
 pub mod blob;
