@@ -12,7 +12,7 @@
 //!
 //! # Guarantees
 //! - A reader sees a whole blob or none: the header is written in the same transaction
-//!   as the chunks ([`write_in`]) or after all of them ([`write`] for large blobs), and
+//!   as the chunks ([`write_in`]) or after all of them ([`write()`] for large blobs), and
 //!   names the generation its chunks live under. Chunks of a generation are never
 //!   modified; they are deleted only in the transaction that replaces or deletes the
 //!   header pointing at them.
@@ -33,7 +33,7 @@ use crate::kv::{Db, RangeOption, Transaction};
 pub const SCHEMA_VERSION: u8 = 1;
 /// Bytes per chunk (below FDB's 100,000-byte value limit, with room to spare).
 pub const CHUNK_SIZE: usize = 90_000;
-/// Largest blob [`write_in`] accepts and [`write`] writes in one transaction: well under
+/// Largest blob [`write_in`] accepts and [`write()`] writes in one transaction: well under
 /// FDB's 10 MB transaction limit, leaving room for the caller's other writes.
 pub const MAX_SINGLE_TXN_BYTES: usize = 8_000_000;
 /// Length of an encoded header.
@@ -160,7 +160,7 @@ fn clear_old(tx: &mut Transaction<'_>, prefix: &[u8], keep: Option<u64>) -> Resu
 
 /// Write `data` as the blob at `prefix` inside the caller's transaction, replacing any
 /// blob there; commits (or not) with the rest of the transaction. At most
-/// [`MAX_SINGLE_TXN_BYTES`] (else [`KvError::InvalidArgument`]: use [`write`]).
+/// [`MAX_SINGLE_TXN_BYTES`] (else [`KvError::InvalidArgument`]: use [`write()`]).
 pub fn write_in(
     tx: &mut Transaction<'_>,
     prefix: &[u8],

@@ -16,7 +16,7 @@
 //!
 //! Modules: [`embedded`] (SQLite, the default backend), `fdb` (feature `fdb`), [`blob`]
 //! (chunked blobs of any size), [`conformance`] (the suite every backend must pass, and
-//! the [`conformance_tests!`] macro), [`bench`] (`swimlane bench store`).
+//! the [`conformance_tests!`] macro), [`mod@bench`] (`swimlane bench store`).
 
 pub mod bench;
 pub mod blob;
