@@ -1,9 +1,237 @@
-//! `swimlane model ...` (filled in by the micro-model work).
+//! `swimlane model ...`: train the base model, run the personalisation protocol, and the
+//! candle side of the candle-versus-PyTorch benchmark (bench/model_vs_pytorch.sh).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
 use clap::Subcommand;
+use swimlane_core::StrokeClass;
+use swimlane_model::experiment::{self, Protocol};
+use swimlane_model::synth::Population;
+use swimlane_model::{dataset, train_base, MicroModel, TrainConfig};
 
 #[derive(Subcommand, Debug)]
-pub enum ModelCommand {}
+pub enum ModelCommand {
+    /// Train the base model on a synthetic population and write it (safetensors).
+    TrainBase {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Personalisation protocol on unseen synthetic swimmers: base accuracy, accuracy
+    /// after up to 5 rounds of corrections, and whether a poisoned round hurts.
+    Evaluate {
+        #[arg(long, default_value_t = 20)]
+        swimmers: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Base model file; without it the base model is trained first (seed 0, seconds).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a synthetic sample set (safetensors: x [n,32,16] f32, y [n] u8).
+    ExportDataset {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        swimmers: usize,
+        #[arg(long, default_value_t = 60)]
+        windows: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Benchmark: train on a sample set for a fixed number of epochs (no early stopping)
+    /// and time it; then time inference. Prints JSON.
+    BenchTrain {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        epochs: usize,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Compute threads (sets RAYON_NUM_THREADS before candle starts).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
 
 pub fn run(command: ModelCommand) -> anyhow::Result<()> {
-    match command {}
+    match command {
+        ModelCommand::TrainBase { out, seed } => {
+            let t = Instant::now();
+            let (model, report) = experiment::train_default_base(seed)?;
+            let bytes = model.to_bytes();
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes): {} swimmers x {} windows, {} epochs (best {}), {:.1} s",
+                out.display(),
+                bytes.len(),
+                experiment::BASE_SWIMMERS,
+                experiment::BASE_WINDOWS_PER_SWIMMER,
+                report.epochs_run,
+                report.best_epoch,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        ModelCommand::Evaluate {
+            swimmers,
+            seed,
+            base,
+            json,
+        } => evaluate(swimmers, seed, base, json),
+        ModelCommand::ExportDataset {
+            out,
+            swimmers,
+            windows,
+            seed,
+        } => {
+            let samples = Population::training(seed, swimmers).samples(windows, seed);
+            std::fs::write(&out, dataset::to_bytes(&samples)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} samples to {}", samples.len(), out.display());
+            Ok(())
+        }
+        ModelCommand::BenchTrain {
+            data,
+            epochs,
+            batch,
+            lr,
+            threads,
+            seed,
+        } => bench_train(data, epochs, batch, lr, threads, seed),
+    }
+}
+
+fn evaluate(n: usize, seed: u64, base: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let model = match &base {
+        Some(p) => MicroModel::from_bytes(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("loading {}", p.display()))?,
+        None => experiment::train_default_base(0)?.0,
+    };
+    let base_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let report = experiment::run(&model, n, seed, &Protocol::default())?;
+    let protocol_secs = t.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["base_model"] = serde_json::json!(match &base {
+            Some(p) => p.display().to_string(),
+            None => "trained (seed 0)".to_string(),
+        });
+        v["base_seconds"] = serde_json::json!(base_secs);
+        v["protocol_seconds"] = serde_json::json!(protocol_secs);
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    println!("swimmer  seed                  base   corrections per round   after rounds                    personal  poisoned");
+    for s in &report.swimmers {
+        let rounds: Vec<String> = s.round_accuracy.iter().map(|a| format!("{a:.3}")).collect();
+        println!(
+            "{:>7}  {:<20}  {:.3}  {:<22}  {:<30}  {:.3}     {:.3}{}",
+            s.index,
+            s.seed,
+            s.base_accuracy,
+            format!("{:?}", s.corrections),
+            rounds.join(" "),
+            s.personalized_accuracy,
+            s.poisoned_accuracy,
+            if s.poisoned_drop { "" } else { "  (no drop!)" }
+        );
+    }
+    println!(
+        "\nbase median accuracy {:.3}; personalised median {:.3}; poisoned round lowers accuracy for every swimmer: {}; model {} bytes",
+        report.base_median_accuracy, report.personalized_median_accuracy, report.poisoned_drop_all, report.model_bytes
+    );
+    println!(
+        "(base model {:.1} s, protocol {:.1} s; classes: {})",
+        base_secs,
+        protocol_secs,
+        StrokeClass::ALL.map(|c| c.name()).join(", ")
+    );
+    Ok(())
+}
+
+fn bench_train(
+    data: PathBuf,
+    epochs: usize,
+    batch: usize,
+    lr: f64,
+    threads: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    // Before candle or rayon start any thread pool.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let samples = dataset::from_bytes(
+        &std::fs::read(&data).with_context(|| format!("reading {}", data.display()))?,
+    )?;
+    let cfg = TrainConfig {
+        epochs,
+        batch_size: batch,
+        learning_rate: lr,
+        weight_decay: 1e-2,
+        seed,
+        val_fraction: 0.0,
+        ..TrainConfig::base()
+    };
+    // Warm-up: one short run so that thread pools and allocator are up for both peers.
+    let warm = TrainConfig {
+        epochs: 1,
+        max_steps: Some(5),
+        ..cfg.clone()
+    };
+    train_base(&samples, &warm)?;
+    let t = Instant::now();
+    let (model, report) = train_base(&samples, &cfg)?;
+    let train_secs = t.elapsed().as_secs_f64();
+    let final_loss = report.train_loss.last().copied().unwrap_or(f32::NAN);
+    let acc = swimlane_model::evaluate(&model, &samples)?.accuracy;
+    // Inference: one window at a time, and batches of 256.
+    let one = [samples[0].frames.as_slice()];
+    for _ in 0..50 {
+        model.predict_proba(&one)?;
+    }
+    let reps = 2000;
+    let t = Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(model.predict_proba(&one)?);
+    }
+    let single_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let batch256: Vec<&[f32]> = samples
+        .iter()
+        .take(256)
+        .map(|s| s.frames.as_slice())
+        .collect();
+    let reps_b = 100;
+    let t = Instant::now();
+    for _ in 0..reps_b {
+        std::hint::black_box(model.predict_proba(&batch256)?);
+    }
+    let batched_us = t.elapsed().as_secs_f64() * 1e6 / (reps_b * batch256.len()) as f64;
+    let out = serde_json::json!({
+        "framework": "candle",
+        "threads": threads,
+        "samples": samples.len(),
+        "epochs": report.epochs_run,
+        "batch": batch,
+        "train_seconds": train_secs,
+        "train_samples_per_sec": report.samples_processed as f64 / train_secs,
+        "final_train_loss": final_loss,
+        "train_accuracy": acc,
+        "infer_single_us_per_window": single_us,
+        "infer_batch256_us_per_window": batched_us,
+    });
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
 }
