@@ -27,6 +27,16 @@ impl Default for ValidationPolicy {
     }
 }
 
+/// What the validator does with a candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    Reject,
+    /// Not enough held-out evidence yet: neither publish nor discard the batches; train
+    /// them again with the user's next batch.
+    Defer,
+}
+
 /// The measurements a verdict is made from.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scores {
@@ -38,12 +48,13 @@ pub struct Scores {
 }
 
 impl ValidationPolicy {
-    /// Accept (true) or reject (false), with the reason. Accepts only with enough
-    /// held-out evidence, a gain of at least `margin`, and no guard-set collapse.
-    pub fn decide(&self, s: &Scores) -> (bool, String) {
+    /// Accept, reject, or defer (too little held-out evidence to judge), with the
+    /// reason. Accepts only with enough held-out evidence, a gain of at least `margin`,
+    /// and no guard-set collapse.
+    pub fn decide(&self, s: &Scores) -> (Decision, String) {
         if s.heldout_samples < self.min_heldout {
             return (
-                false,
+                Decision::Defer,
                 format!(
                     "only {} held-out windows (need {})",
                     s.heldout_samples, self.min_heldout
@@ -53,7 +64,7 @@ impl ValidationPolicy {
         let gain = s.candidate_heldout - s.current_heldout;
         if gain < self.margin {
             return (
-                false,
+                Decision::Reject,
                 format!(
                     "held-out accuracy {:.3} vs current {:.3}: gain {:.3} below margin {:.3}",
                     s.candidate_heldout, s.current_heldout, gain, self.margin
@@ -63,7 +74,7 @@ impl ValidationPolicy {
         let drop = s.current_guard - s.candidate_guard;
         if drop > self.guard_max_drop {
             return (
-                false,
+                Decision::Reject,
                 format!(
                     "guard-set accuracy fell {:.3} (from {:.3} to {:.3}), more than {:.3}: collapsed",
                     drop, s.current_guard, s.candidate_guard, self.guard_max_drop
@@ -71,7 +82,7 @@ impl ValidationPolicy {
             );
         }
         (
-            true,
+            Decision::Accept,
             format!(
                 "held-out accuracy {:.3} vs current {:.3} (+{:.3})",
                 s.candidate_heldout, s.current_heldout, gain
@@ -101,17 +112,24 @@ mod tests {
     #[test]
     fn accepts_only_a_real_gain_without_collapse() {
         let p = ValidationPolicy::default();
-        assert!(p.decide(&s(0.9, 0.8, 50, 0.9, 0.9)).0);
-        assert!(
-            !p.decide(&s(0.81, 0.8, 50, 0.9, 0.9)).0,
+        use Decision::*;
+        assert_eq!(p.decide(&s(0.9, 0.8, 50, 0.9, 0.9)).0, Accept);
+        assert_eq!(
+            p.decide(&s(0.81, 0.8, 50, 0.9, 0.9)).0,
+            Reject,
             "gain under margin"
         );
-        assert!(!p.decide(&s(0.7, 0.8, 50, 0.9, 0.9)).0, "worse");
-        assert!(
-            !p.decide(&s(0.9, 0.8, 5, 0.9, 0.9)).0,
+        assert_eq!(p.decide(&s(0.7, 0.8, 50, 0.9, 0.9)).0, Reject, "worse");
+        assert_eq!(
+            p.decide(&s(0.9, 0.8, 5, 0.9, 0.9)).0,
+            Defer,
             "too little evidence"
         );
-        assert!(!p.decide(&s(0.9, 0.8, 50, 0.5, 0.9)).0, "guard collapse");
+        assert_eq!(
+            p.decide(&s(0.9, 0.8, 50, 0.5, 0.9)).0,
+            Reject,
+            "guard collapse"
+        );
         assert!(converged(0.97, 0.97) && !converged(0.96, 0.97));
     }
 }

@@ -22,6 +22,9 @@ pub const HELDOUT_PERCENT: u64 = 20;
 pub enum BatchStatus {
     /// Validated and durably staged; waiting for a trainer.
     Staged,
+    /// Its last run had too little held-out evidence to judge (`reason`); it waits, and
+    /// is trained again together with the user's next batch.
+    Deferred { reason: String },
     /// Included in training run `run_id`; its candidate waits for the validator.
     Validating { run_id: String },
     /// The run's candidate was accepted and published as `version`.
@@ -40,6 +43,11 @@ impl BatchStatus {
             self,
             BatchStatus::Published { .. } | BatchStatus::Rejected { .. }
         )
+    }
+
+    /// Waiting to be trained (staged, or deferred for more evidence).
+    pub fn is_pending(&self) -> bool {
+        matches!(self, BatchStatus::Staged | BatchStatus::Deferred { .. })
     }
 }
 

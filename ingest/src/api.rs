@@ -319,6 +319,7 @@ async fn get_batch_inner(
     });
     let fields = match &record.status {
         BatchStatus::Staged => json!({"status": "staged"}),
+        BatchStatus::Deferred { reason } => json!({"status": "deferred", "reason": reason}),
         BatchStatus::Validating { run_id } => json!({"status": "validating", "run_id": run_id}),
         BatchStatus::Published { run_id, version } => {
             json!({"status": "published", "run_id": run_id, "version": version})

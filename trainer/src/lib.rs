@@ -1,1 +1,393 @@
-//! swimlane-trainer worker library (filled in by the pipeline issue).
+//! The trainer: for each `BatchStaged` event, fine-tune the user's candidate from the
+//! user's current model on the user's own training samples, and hand it to the
+//! validator.
+//!
+//! Invariants:
+//! - Training data are one user's non-held-out samples only: batches already in a
+//!   published model plus the newly staged ones. Held-out samples and rejected batches
+//!   are never trained on; no other user's key is read.
+//! - At most one run per user is in flight (between training and verdict). A batch
+//!   staged meanwhile stays `Staged`; the stage that ends the in-flight run re-emits a
+//!   trigger, and every staged batch of the user is then trained as one run.
+//! - Training happens outside any store transaction. The candidate's weights, the run
+//!   record, the batches' new status, the `CandidateTrained` event and this consumer's
+//!   position commit in one transaction. The run id is a function of the user and the
+//!   batch ids, and training is seeded by it, so a re-run after a crash makes the same
+//!   candidate, and a duplicate trigger finds the batches no longer staged and does
+//!   nothing.
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
+use swimlane_bus::{positions, Consumer, Delivery, Emitter};
+use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
+use swimlane_core::{topics, Event, UserId};
+use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
+use swimlane_state::{sha256_hex, Repo, BASE_MODEL_BLOB};
+use swimlane_store::{Db, KvError};
+use tokio_util::sync::CancellationToken;
+
+mod metrics;
+pub use metrics::TrainerMetrics;
+
+/// The consumer group every trainer joins.
+pub const GROUP: &str = "trainers";
+
+/// Errors that stop the trainer.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("bus error: {0}")]
+    Bus(#[from] swimlane_bus::BusError),
+    #[error("trainer thread failed: {0}")]
+    Join(String),
+}
+
+/// What the trainer needs to know.
+#[derive(Clone, Debug)]
+pub struct TrainerConfig {
+    pub train: TrainConfig,
+    pub loop_options: LoopOptions,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            train: TrainConfig::fine_tune(),
+            loop_options: LoopOptions {
+                max_records: 8,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// What the trainer works with.
+pub struct TrainerDeps {
+    pub db: Db,
+    pub repo: Repo,
+    pub emitter: Arc<dyn Emitter>,
+    pub consumer: Box<dyn Consumer>,
+    pub metrics: TrainerMetrics,
+}
+
+/// Run until `shutdown` is cancelled; in-flight work is either committed whole or
+/// abandoned (and redone by whoever owns the partition next).
+pub async fn run(
+    config: TrainerConfig,
+    deps: TrainerDeps,
+    shutdown: CancellationToken,
+) -> Result<(), TrainerError> {
+    let handle = tokio::task::spawn_blocking(move || {
+        run_blocking(config, deps, &|| shutdown.is_cancelled())
+    });
+    handle
+        .await
+        .map_err(|e| TrainerError::Join(e.to_string()))?
+}
+
+/// The same loop on the calling thread, for callers without a runtime.
+pub fn run_blocking(
+    config: TrainerConfig,
+    deps: TrainerDeps,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), TrainerError> {
+    let TrainerDeps {
+        db,
+        repo,
+        emitter,
+        mut consumer,
+        metrics,
+    } = deps;
+    let mut handler = Trainer {
+        db,
+        repo,
+        emitter,
+        metrics,
+        train: config.train,
+    };
+    run_stage(consumer.as_mut(), &mut handler, &config.loop_options, stop)?;
+    Ok(())
+}
+
+struct Trainer {
+    db: Db,
+    repo: Repo,
+    emitter: Arc<dyn Emitter>,
+    metrics: TrainerMetrics,
+    train: TrainConfig,
+}
+
+/// Everything one run needs, read in one short transaction.
+struct Plan {
+    user: UserId,
+    run_id: String,
+    batches: Vec<String>,
+    parent_version: Option<u64>,
+    parent: Vec<u8>,
+    samples: Vec<Sample>,
+}
+
+struct Trained {
+    plan: Plan,
+    weights: Vec<u8>,
+    seconds: f32,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Deterministic run id of a user's run over `batches` (sorted).
+pub fn run_id(user: &str, batches: &[String]) -> String {
+    let mut h = Sha256::new();
+    h.update(user.as_bytes());
+    for b in batches {
+        h.update([0u8]);
+        h.update(b.as_bytes());
+    }
+    format!("r-{}", &hex::encode(h.finalize())[..20])
+}
+
+fn to_sample(s: StagedSample) -> Sample {
+    Sample {
+        frames: s.frames,
+        label: s.label,
+    }
+}
+
+fn seed_of(run_id: &str) -> u64 {
+    let d = Sha256::digest(run_id.as_bytes());
+    u64::from_le_bytes(d[..8].try_into().unwrap())
+}
+
+impl Trainer {
+    /// Read what a run for `user` needs; `None` when there is nothing to train (run in
+    /// flight, or no staged batch left).
+    fn plan(&self, user: &UserId) -> Result<Option<Plan>, KvError> {
+        let repo = &self.repo;
+        let u = user.as_str();
+        self.db.transact(|tx| {
+            let state = repo.user_state(tx, u)?;
+            if state.inflight_run.is_some() {
+                return Ok(None);
+            }
+            let batches = repo.batches(tx, u)?;
+            // New corrections trigger a run; deferred batches ride along with them.
+            if !batches.iter().any(|(_, r)| r.status == BatchStatus::Staged) {
+                return Ok(None);
+            }
+            let staged: Vec<String> = batches
+                .iter()
+                .filter(|(_, r)| r.status.is_pending())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut samples = Vec::new();
+            for (id, r) in &batches {
+                let include =
+                    r.status.is_pending() || matches!(r.status, BatchStatus::Published { .. });
+                if include {
+                    samples.extend(
+                        repo.samples(tx, u, id)?
+                            .into_iter()
+                            .filter(|s| !s.heldout)
+                            .map(to_sample),
+                    );
+                }
+            }
+            let parent = match state.head {
+                Some(v) => {
+                    let mv = repo
+                        .model_version(tx, u, v)?
+                        .ok_or_else(|| KvError::Corrupt {
+                            what: format!("user {u} head"),
+                            reason: format!("version {v} has no record"),
+                        })?;
+                    repo.blob(tx, &mv.model_blob)?
+                }
+                None => repo.blob(tx, BASE_MODEL_BLOB)?,
+            }
+            .ok_or_else(|| KvError::Corrupt {
+                what: format!("user {u} parent model"),
+                reason: "weights missing (was the base model installed? `swimlane admin init`)"
+                    .into(),
+            })?;
+            Ok(Some(Plan {
+                user: user.clone(),
+                run_id: run_id(u, &staged),
+                batches: staged,
+                parent_version: state.head,
+                parent,
+                samples,
+            }))
+        })
+    }
+
+    fn train(&self, plan: Plan) -> Result<Trained, String> {
+        let t0 = Instant::now();
+        let parent =
+            MicroModel::from_bytes(&plan.parent).map_err(|e| format!("parent model: {e}"))?;
+        let cfg = self.train.clone().with_seed(seed_of(&plan.run_id));
+        let (model, _report) =
+            fine_tune(&parent, &plan.samples, &cfg).map_err(|e| format!("training: {e}"))?;
+        let seconds = t0.elapsed().as_secs_f32();
+        Ok(Trained {
+            weights: model.to_bytes(),
+            plan,
+            seconds,
+        })
+    }
+}
+
+impl StageHandler for Trainer {
+    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
+        // Decode; remember what cannot be processed, for the dead-letter topic.
+        let mut users: Vec<UserId> = Vec::new();
+        let mut dead: Vec<(String, Vec<u8>, String)> = Vec::new();
+        for r in &d.records {
+            match Event::decode(&r.payload) {
+                Ok(Event::BatchStaged { user, .. }) => {
+                    if !users.contains(&user) {
+                        users.push(user)
+                    }
+                }
+                Ok(other) => dead.push((
+                    r.key.clone(),
+                    r.payload.clone(),
+                    format!(
+                        "unexpected event on {}: {:?}",
+                        topics::BATCHES,
+                        other.topic()
+                    ),
+                )),
+                Err(e) => dead.push((r.key.clone(), r.payload.clone(), e.to_string())),
+            }
+        }
+        let mut trained = Vec::new();
+        let mut failed: Vec<(UserId, Vec<String>, String)> = Vec::new();
+        for user in &users {
+            let span = tracing::info_span!("train", user_id = %user);
+            let _g = span.enter();
+            let Some(plan) = self.plan(user)? else {
+                tracing::debug!("nothing to train");
+                continue;
+            };
+            tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
+            let batches = plan.batches.clone();
+            match self.train(plan) {
+                Ok(t) => {
+                    self.metrics.train_seconds.observe(t.seconds as f64);
+                    trained.push(t)
+                }
+                Err(reason) => {
+                    // Deterministic failure (bad parent bytes, no samples): retrying
+                    // gives the same; reject the batches with the reason.
+                    tracing::error!(%reason, "training failed");
+                    self.metrics.runs_failed.inc();
+                    failed.push((user.clone(), batches, reason));
+                }
+            }
+        }
+        let (repo, emitter) = (&self.repo, &self.emitter);
+        let next = d.next_offset();
+        let committed = self.db.transact(|tx| {
+            positions::commit(tx, &repo.keys, &d.fence, next)?;
+            for (key, payload, reason) in &dead {
+                swimlane_bus::dead_letter(
+                    emitter.as_ref(),
+                    tx,
+                    topics::BATCHES,
+                    key,
+                    payload,
+                    reason,
+                )?;
+            }
+            let mut runs = 0;
+            for t in &trained {
+                let u = t.plan.user.as_str();
+                let state = repo.user_state(tx, u)?;
+                let mut still_staged = true;
+                let mut recs = Vec::new();
+                for b in &t.plan.batches {
+                    match repo.batch(tx, u, b)? {
+                        Some(r) if r.status.is_pending() => recs.push((b, r)),
+                        _ => still_staged = false,
+                    }
+                }
+                if state.inflight_run.is_some()
+                    || !still_staged
+                    || state.head != t.plan.parent_version
+                {
+                    continue; // someone else moved this user on; the trigger is stale
+                }
+                let blob_id = format!("cand-{}-{}", u, t.plan.run_id);
+                repo.put_blob(tx, &blob_id, &t.weights)?;
+                repo.put_run(
+                    tx,
+                    u,
+                    &RunRecord {
+                        v: 1,
+                        run_id: t.plan.run_id.clone(),
+                        parent_version: t.plan.parent_version,
+                        batches: t.plan.batches.clone(),
+                        train_samples: t.plan.samples.len() as u32,
+                        model_blob: blob_id,
+                        model_sha256: sha256_hex(&t.weights),
+                        model_bytes: t.weights.len() as u64,
+                        created_at_ms: now_ms(),
+                        train_seconds: t.seconds,
+                        verdict: None,
+                        published_version: None,
+                    },
+                )?;
+                for (b, mut r) in recs {
+                    r.status = BatchStatus::Validating {
+                        run_id: t.plan.run_id.clone(),
+                    };
+                    repo.put_batch(tx, u, b, &r)?;
+                }
+                let mut state = state;
+                state.inflight_run = Some(t.plan.run_id.clone());
+                repo.put_user_state(tx, u, &state)?;
+                emitter.emit(
+                    tx,
+                    &Event::CandidateTrained {
+                        user: t.plan.user.clone(),
+                        run_id: t.plan.run_id.clone(),
+                        batches: t
+                            .plan
+                            .batches
+                            .iter()
+                            .map(|b| {
+                                swimlane_core::BatchId::new(b.clone())
+                                    .expect("stored ids are valid")
+                            })
+                            .collect(),
+                    },
+                )?;
+                runs += 1;
+            }
+            for (user, batches, reason) in &failed {
+                let u = user.as_str();
+                for b in batches {
+                    if let Some(mut r) = repo.batch(tx, u, b)? {
+                        if r.status.is_pending() {
+                            r.status = BatchStatus::Rejected {
+                                run_id: None,
+                                reason: format!("cannot be trained: {reason}"),
+                            };
+                            repo.put_batch(tx, u, b, &r)?;
+                        }
+                    }
+                }
+            }
+            Ok(runs)
+        })?;
+        self.metrics.runs_committed.inc_by(committed as u64);
+        self.metrics.dead_letters.inc_by(dead.len() as u64);
+        Ok(())
+    }
+}

@@ -1,1 +1,390 @@
-//! swimlane-validator worker library (filled in by the pipeline issue).
+//! The validator: for each `CandidateTrained` event, score the candidate and the
+//! user's current model on the same held-out windows, and on the population guard set;
+//! accept only a real gain without collapse (`swimlane_core::policy`).
+//!
+//! Invariants:
+//! - The held-out windows are the user's own samples marked held-out when staged
+//!   (never trained on), from batches already in a published model and from the run's
+//!   own batches. Rejected batches' samples are not used.
+//! - A run gets exactly one verdict: the verdict, the batches' new status, the event
+//!   (`CandidateAccepted` or `CandidateRejected`) and the position commit together; a
+//!   duplicate event finds the verdict and does nothing.
+//! - A rejection ends the user's in-flight run; if batches were staged meanwhile, the
+//!   same transaction re-emits a trigger so they are trained next.
+use std::sync::Arc;
+use std::time::Instant;
+
+use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
+use swimlane_bus::{positions, Consumer, Delivery, Emitter};
+use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
+use swimlane_core::records::{BatchStatus, RunRecord, StagedSample, Verdict};
+use swimlane_core::{topics, Event, UserId};
+use swimlane_model::{evaluate, MicroModel, Sample};
+use swimlane_state::{
+    decode_sample_set, end_run_and_retrigger, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB,
+};
+use swimlane_store::{Db, KvError, Transaction};
+use tokio_util::sync::CancellationToken;
+
+mod metrics;
+pub use metrics::ValidatorMetrics;
+
+/// The consumer group every validator joins.
+pub const GROUP: &str = "validators";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidatorError {
+    #[error("bus error: {0}")]
+    Bus(#[from] swimlane_bus::BusError),
+    #[error("validator thread failed: {0}")]
+    Join(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ValidatorConfig {
+    pub policy: ValidationPolicy,
+    pub loop_options: LoopOptions,
+}
+
+pub struct ValidatorDeps {
+    pub db: Db,
+    pub repo: Repo,
+    pub emitter: Arc<dyn Emitter>,
+    pub consumer: Box<dyn Consumer>,
+    pub metrics: ValidatorMetrics,
+}
+
+/// Run until `shutdown` is cancelled.
+pub async fn run(
+    config: ValidatorConfig,
+    deps: ValidatorDeps,
+    shutdown: CancellationToken,
+) -> Result<(), ValidatorError> {
+    tokio::task::spawn_blocking(move || run_blocking(config, deps, &|| shutdown.is_cancelled()))
+        .await
+        .map_err(|e| ValidatorError::Join(e.to_string()))?
+}
+
+/// The same loop on the calling thread.
+pub fn run_blocking(
+    config: ValidatorConfig,
+    deps: ValidatorDeps,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), ValidatorError> {
+    let ValidatorDeps {
+        db,
+        repo,
+        emitter,
+        mut consumer,
+        metrics,
+    } = deps;
+    let mut h = Validator {
+        db,
+        repo,
+        emitter,
+        metrics,
+        policy: config.policy,
+        guard: None,
+    };
+    run_stage(consumer.as_mut(), &mut h, &config.loop_options, stop)?;
+    Ok(())
+}
+
+struct Validator {
+    db: Db,
+    repo: Repo,
+    emitter: Arc<dyn Emitter>,
+    metrics: ValidatorMetrics,
+    policy: ValidationPolicy,
+    /// The guard set, read once (it only changes with a redeploy).
+    guard: Option<Vec<Sample>>,
+}
+
+struct Inputs {
+    run: RunRecord,
+    candidate: Vec<u8>,
+    current: Vec<u8>,
+    heldout: Vec<Sample>,
+}
+
+fn to_sample(s: StagedSample) -> Sample {
+    Sample {
+        frames: s.frames,
+        label: s.label,
+    }
+}
+
+fn missing(what: String, reason: &str) -> KvError {
+    KvError::Corrupt {
+        what,
+        reason: reason.into(),
+    }
+}
+
+/// Outcome for one event: a verdict to record, or a reason to dead-letter.
+enum Outcome {
+    Verdict {
+        decision: Decision,
+        user: UserId,
+        run_id: String,
+        verdict: Verdict,
+    },
+    Skip,
+    Dead(String),
+}
+
+impl Validator {
+    fn guard(&mut self) -> Result<Vec<Sample>, KvError> {
+        if self.guard.is_none() {
+            let bytes = self
+                .repo
+                .blob_db(&self.db, GUARD_SET_BLOB)?
+                .ok_or_else(|| {
+                    missing(
+                        "guard set".into(),
+                        "not installed (run `swimlane admin init`)",
+                    )
+                })?;
+            self.guard = Some(
+                decode_sample_set(&bytes)?
+                    .into_iter()
+                    .map(to_sample)
+                    .collect(),
+            );
+        }
+        Ok(self.guard.clone().unwrap())
+    }
+
+    fn inputs(&self, user: &str, run_id: &str) -> Result<Option<Inputs>, KvError> {
+        let repo = &self.repo;
+        self.db.transact(|tx| {
+            let Some(run) = repo.run(tx, user, run_id)? else {
+                return Ok(None);
+            };
+            if run.verdict.is_some() {
+                return Ok(None);
+            }
+            let state = repo.user_state(tx, user)?;
+            if state.inflight_run.as_deref() != Some(run_id) {
+                return Ok(None);
+            }
+            let candidate = repo.blob(tx, &run.model_blob)?.ok_or_else(|| {
+                missing(
+                    format!("run {run_id} of {user}"),
+                    "candidate weights missing",
+                )
+            })?;
+            let current = current_model(repo, tx, user, state.head)?;
+            let mut heldout = Vec::new();
+            for (id, r) in repo.batches(tx, user)? {
+                let mine = run.batches.contains(&id);
+                if mine || matches!(r.status, BatchStatus::Published { .. }) {
+                    heldout.extend(
+                        repo.samples(tx, user, &id)?
+                            .into_iter()
+                            .filter(|s| s.heldout)
+                            .map(to_sample),
+                    );
+                }
+            }
+            Ok(Some(Inputs {
+                run,
+                candidate,
+                current,
+                heldout,
+            }))
+        })
+    }
+
+    fn score(&mut self, user: &UserId, run_id: &str) -> Result<Outcome, KvError> {
+        let Some(inp) = self.inputs(user.as_str(), run_id)? else {
+            return Ok(Outcome::Skip);
+        };
+        let guard = self.guard()?;
+        let t0 = Instant::now();
+        let cand = match MicroModel::from_bytes(&inp.candidate) {
+            Ok(m) => m,
+            Err(e) => return Ok(Outcome::Dead(format!("candidate does not load: {e}"))),
+        };
+        let cur = match MicroModel::from_bytes(&inp.current) {
+            Ok(m) => m,
+            Err(e) => return Ok(Outcome::Dead(format!("current model does not load: {e}"))),
+        };
+        let acc = |m: &MicroModel, s: &[Sample]| evaluate(m, s).map(|e| e.accuracy as f32);
+        let scored = (|| -> Result<Scores, swimlane_model::ModelError> {
+            Ok(Scores {
+                candidate_heldout: acc(&cand, &inp.heldout)?,
+                current_heldout: acc(&cur, &inp.heldout)?,
+                heldout_samples: inp.heldout.len() as u32,
+                candidate_guard: acc(&cand, &guard)?,
+                current_guard: acc(&cur, &guard)?,
+            })
+        })();
+        let s = match scored {
+            Ok(s) => s,
+            Err(e) => return Ok(Outcome::Dead(format!("scoring failed: {e}"))),
+        };
+        self.metrics
+            .validate_seconds
+            .observe(t0.elapsed().as_secs_f64());
+        let (decision, reason) = self.policy.decide(&s);
+        tracing::info!(run_id, ?decision, %reason, "verdict");
+        let _ = &inp.run;
+        Ok(Outcome::Verdict {
+            user: user.clone(),
+            run_id: run_id.to_string(),
+            decision,
+            verdict: Verdict {
+                accepted: decision == Decision::Accept,
+                reason,
+                candidate_heldout_accuracy: s.candidate_heldout,
+                current_heldout_accuracy: s.current_heldout,
+                heldout_samples: s.heldout_samples,
+                candidate_guard_accuracy: s.candidate_guard,
+                current_guard_accuracy: s.current_guard,
+            },
+        })
+    }
+}
+
+/// The weights of the model a user's devices run now: the head version's, else the base.
+pub fn current_model(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    head: Option<u64>,
+) -> Result<Vec<u8>, KvError> {
+    let bytes = match head {
+        Some(v) => {
+            let mv = repo.model_version(tx, user, v)?.ok_or_else(|| {
+                missing(format!("user {user} head"), "head version has no record")
+            })?;
+            repo.blob(tx, &mv.model_blob)?
+        }
+        None => repo.blob(tx, BASE_MODEL_BLOB)?,
+    };
+    bytes.ok_or_else(|| missing(format!("user {user} current model"), "weights missing"))
+}
+
+impl StageHandler for Validator {
+    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
+        let mut outcomes = Vec::new();
+        for r in &d.records {
+            let out = match Event::decode(&r.payload) {
+                Ok(Event::CandidateTrained { user, run_id, .. }) => {
+                    let span = tracing::info_span!("validate", user_id = %user, run_id = %run_id);
+                    let _g = span.enter();
+                    self.score(&user, &run_id)?
+                }
+                Ok(other) => Outcome::Dead(format!(
+                    "unexpected event on {}: {}",
+                    topics::CANDIDATES,
+                    other.topic()
+                )),
+                Err(e) => Outcome::Dead(e.to_string()),
+            };
+            outcomes.push((r, out));
+        }
+        let (repo, emitter) = (&self.repo, &self.emitter);
+        let next = d.next_offset();
+        let counts = self.db.transact(|tx| {
+            positions::commit(tx, &repo.keys, &d.fence, next)?;
+            let (mut acc, mut rej, mut deferred, mut dead) = (0u64, 0u64, 0u64, 0u64);
+            for (rec, out) in &outcomes {
+                match out {
+                    Outcome::Skip => {}
+                    Outcome::Dead(reason) => {
+                        swimlane_bus::dead_letter(
+                            emitter.as_ref(),
+                            tx,
+                            topics::CANDIDATES,
+                            &rec.key,
+                            &rec.payload,
+                            reason,
+                        )?;
+                        dead += 1;
+                    }
+                    Outcome::Verdict {
+                        user,
+                        run_id,
+                        decision,
+                        verdict,
+                    } => {
+                        let u = user.as_str();
+                        let Some(mut run) = repo.run(tx, u, run_id)? else {
+                            continue;
+                        };
+                        if run.verdict.is_some() {
+                            continue;
+                        }
+                        run.verdict = Some(verdict.clone());
+                        repo.put_run(tx, u, &run)?;
+                        if *decision == Decision::Accept {
+                            emitter.emit(
+                                tx,
+                                &Event::CandidateAccepted {
+                                    user: user.clone(),
+                                    run_id: run_id.clone(),
+                                },
+                            )?;
+                            acc += 1;
+                        } else {
+                            for b in &run.batches {
+                                if let Some(mut br) = repo.batch(tx, u, b)? {
+                                    br.status = match decision {
+                                        Decision::Defer => BatchStatus::Deferred {
+                                            reason: verdict.reason.clone(),
+                                        },
+                                        _ => BatchStatus::Rejected {
+                                            run_id: Some(run_id.clone()),
+                                            reason: verdict.reason.clone(),
+                                        },
+                                    };
+                                    repo.put_batch(tx, u, b, &br)?;
+                                }
+                            }
+                            let mut state = repo.user_state(tx, u)?;
+                            end_run_and_retrigger(
+                                repo,
+                                emitter.as_ref(),
+                                tx,
+                                user,
+                                run_id,
+                                &mut state,
+                            )?;
+                            repo.put_user_state(tx, u, &state)?;
+                            emitter.emit(
+                                tx,
+                                &Event::CandidateRejected {
+                                    user: user.clone(),
+                                    run_id: run_id.clone(),
+                                    reason: verdict.reason.clone(),
+                                },
+                            )?;
+                            if *decision == Decision::Defer {
+                                deferred += 1;
+                            } else {
+                                rej += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok((acc, rej, deferred, dead))
+        })?;
+        self.metrics
+            .verdicts
+            .with_label_values(&["accepted"])
+            .inc_by(counts.0);
+        self.metrics
+            .verdicts
+            .with_label_values(&["rejected"])
+            .inc_by(counts.1);
+        self.metrics
+            .verdicts
+            .with_label_values(&["deferred"])
+            .inc_by(counts.2);
+        self.metrics.dead_letters.inc_by(counts.3);
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! Wiring the stages in one process: what `swimlane dev`, `swimlane demo` and the
+//! integration tests run. Each stage runs on its own thread with its own consumer, as
+//! it would in its own process.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use prometheus::Registry;
+use swimlane_bus::embedded::{system_now_ms, ConsumerOptions, EmbeddedBus, EmbeddedConsumer};
+use swimlane_bus::stage::LoopOptions;
+use swimlane_bus::{member_id, Consumer, Emitter};
+use swimlane_core::keys::Keys;
+use swimlane_core::topics;
+use swimlane_runtime::config::ConsumerConfig;
+use swimlane_runtime::Config;
+use swimlane_state::Repo;
+use swimlane_store::Db;
+
+/// A consumer on the embedded bus for `group` on `topic`, configured by `c`.
+pub fn embedded_consumer(
+    db: &Db,
+    keys: &Keys,
+    partitions: u32,
+    group: &str,
+    topic: &str,
+    c: &ConsumerConfig,
+) -> Box<dyn Consumer> {
+    Box::new(EmbeddedConsumer::new(
+        db.clone(),
+        keys.clone(),
+        EmbeddedBus::new(keys.clone(), partitions),
+        ConsumerOptions {
+            group: group.into(),
+            topic: topic.into(),
+            member: member_id(group),
+            lease_ttl: c.lease_ttl(),
+            poll_interval: c.poll_interval(),
+            now_ms: system_now_ms(),
+        },
+    ))
+}
+
+/// Loop options from a consumer config.
+pub fn loop_options(c: &ConsumerConfig) -> LoopOptions {
+    LoopOptions {
+        max_records: c.max_batch as usize,
+        ..Default::default()
+    }
+}
+
+/// The consuming stages running in this process.
+pub struct Stages {
+    stop: Arc<AtomicBool>,
+    threads: Vec<(String, JoinHandle<Result<(), String>>)>,
+}
+
+impl Stages {
+    /// Start `trainers` trainer threads, one validator and one publisher stage.
+    pub fn start(
+        config: &Config,
+        db: &Db,
+        registry: &Registry,
+        trainers: usize,
+    ) -> anyhow::Result<Stages> {
+        let keys = Keys::new(&config.deployment);
+        let repo = Repo::new(keys.clone());
+        let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), config.partitions));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let p = config.partitions;
+
+        let tm = swimlane_trainer::TrainerMetrics::register(registry)?;
+        for i in 0..trainers {
+            let deps = swimlane_trainer::TrainerDeps {
+                db: db.clone(),
+                repo: repo.clone(),
+                emitter: emitter.clone(),
+                consumer: embedded_consumer(
+                    db,
+                    &keys,
+                    p,
+                    swimlane_trainer::GROUP,
+                    topics::BATCHES,
+                    &config.trainer.consumer,
+                ),
+                metrics: tm.clone(),
+            };
+            let cfg = swimlane_trainer::TrainerConfig {
+                loop_options: loop_options(&config.trainer.consumer),
+                ..Default::default()
+            };
+            let s = stop.clone();
+            threads.push((
+                format!("trainer-{i}"),
+                std::thread::Builder::new()
+                    .name(format!("trainer-{i}"))
+                    .spawn(move || {
+                        swimlane_trainer::run_blocking(cfg, deps, &|| s.load(Ordering::Relaxed))
+                            .map_err(|e| e.to_string())
+                    })?,
+            ));
+        }
+
+        let vm = swimlane_validator::ValidatorMetrics::register(registry)?;
+        let vdeps = swimlane_validator::ValidatorDeps {
+            db: db.clone(),
+            repo: repo.clone(),
+            emitter: emitter.clone(),
+            consumer: embedded_consumer(
+                db,
+                &keys,
+                p,
+                swimlane_validator::GROUP,
+                topics::CANDIDATES,
+                &config.validator.consumer,
+            ),
+            metrics: vm,
+        };
+        let vcfg = swimlane_validator::ValidatorConfig {
+            policy: config.validator.policy(),
+            loop_options: loop_options(&config.validator.consumer),
+        };
+        let s = stop.clone();
+        threads.push((
+            "validator".into(),
+            std::thread::Builder::new()
+                .name("validator".into())
+                .spawn(move || {
+                    swimlane_validator::run_blocking(vcfg, vdeps, &|| s.load(Ordering::Relaxed))
+                        .map_err(|e| e.to_string())
+                })?,
+        ));
+
+        let pm = swimlane_publisher::PublisherMetrics::register(registry)?;
+        let pdeps = swimlane_publisher::PublisherDeps {
+            db: db.clone(),
+            repo,
+            emitter,
+            consumer: embedded_consumer(
+                db,
+                &keys,
+                p,
+                swimlane_publisher::GROUP,
+                topics::VERDICTS,
+                &config.publisher.consumer,
+            ),
+            metrics: pm,
+        };
+        let pcfg = swimlane_publisher::PublisherConfig {
+            target_accuracy: config.policy.target_accuracy,
+            loop_options: loop_options(&config.publisher.consumer),
+        };
+        let s = stop.clone();
+        threads.push((
+            "publisher".into(),
+            std::thread::Builder::new()
+                .name("publisher".into())
+                .spawn(move || {
+                    swimlane_publisher::run_stage_blocking(pcfg, pdeps, &|| {
+                        s.load(Ordering::Relaxed)
+                    })
+                    .map_err(|e| e.to_string())
+                })?,
+        ));
+        Ok(Stages { stop, threads })
+    }
+
+    /// Ask every stage to stop after its current delivery, and wait for them. Errors
+    /// name the stage that failed.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for (name, t) in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(format!("{name}: {e}")),
+                Err(_) => errors.push(format!("{name}: panicked")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("stages failed: {}", errors.join("; "))
+        }
+    }
+}

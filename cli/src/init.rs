@@ -1,0 +1,73 @@
+//! Installing what a deployment needs before the first upload: the base model every
+//! user starts from, and the population guard set the validator checks candidates on.
+use swimlane_core::keys::Keys;
+use swimlane_core::records::StagedSample;
+use swimlane_model::experiment::train_default_base;
+use swimlane_model::synth::{derive_seed, Population};
+use swimlane_model::MicroModel;
+use swimlane_state::{encode_sample_set, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB};
+use swimlane_store::Db;
+
+/// Swimmers and windows per swimmer in the default guard set (a population disjoint
+/// from the base model's training population).
+pub const GUARD_SWIMMERS: usize = 60;
+pub const GUARD_WINDOWS_PER_SWIMMER: usize = 10;
+
+/// What `install` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Installed {
+    pub base_model_bytes: usize,
+    pub guard_samples: usize,
+    pub already_present: bool,
+}
+
+/// Install `base` (or, if `None`, a base model trained from `seed`) and a guard set
+/// from `seed`, unless both are present already (then nothing changes).
+pub fn install(
+    db: &Db,
+    deployment: &str,
+    seed: u64,
+    base: Option<MicroModel>,
+) -> anyhow::Result<Installed> {
+    let repo = Repo::new(Keys::new(deployment));
+    let present = db.transact(|tx| {
+        Ok((
+            repo.blob(tx, BASE_MODEL_BLOB)?,
+            repo.blob(tx, GUARD_SET_BLOB)?.is_some(),
+        ))
+    })?;
+    if let (Some(b), true) = present {
+        return Ok(Installed {
+            base_model_bytes: b.len(),
+            guard_samples: 0,
+            already_present: true,
+        });
+    }
+    let base = match base {
+        Some(m) => m,
+        None => train_default_base(seed)?.0,
+    };
+    let weights = base.to_bytes();
+    let guard: Vec<StagedSample> =
+        Population::unseen(derive_seed(seed, 0x6775_6172_64, 0), GUARD_SWIMMERS)
+            .samples(GUARD_WINDOWS_PER_SWIMMER, seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| StagedSample {
+                id: format!("g{i}"),
+                frames: s.frames,
+                label: s.label,
+                heldout: false,
+            })
+            .collect();
+    let guard_bytes = encode_sample_set(&guard);
+    db.transact(|tx| {
+        repo.put_blob(tx, BASE_MODEL_BLOB, &weights)?;
+        repo.put_blob(tx, GUARD_SET_BLOB, &guard_bytes)
+    })?;
+    Ok(Installed {
+        base_model_bytes: weights.len(),
+        guard_samples: guard.len(),
+        already_present: false,
+    })
+}

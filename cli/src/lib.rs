@@ -1,0 +1,4 @@
+//! The `swimlane` command's library: the in-process fleet, deployment set-up and the
+//! demo, shared by the binary and the integration tests.
+pub mod fleet;
+pub mod init;

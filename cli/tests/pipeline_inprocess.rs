@@ -1,0 +1,167 @@
+//! The three consuming stages, in one process on the real embedded store: staged
+//! batches become published versions; a poisoned batch is rejected.
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use swimlane_bus::embedded::EmbeddedBus;
+use swimlane_bus::Emitter;
+use swimlane_cli::fleet::Stages;
+use swimlane_cli::init;
+use swimlane_core::keys::Keys;
+use swimlane_core::records::{
+    encode_chunk, is_heldout, BatchRecord, BatchStatus, StagedSample, SAMPLES_PER_CHUNK,
+};
+use swimlane_core::{BatchId, Event, UserId};
+use swimlane_model::synth::{corrections, poison, Swimmer};
+use swimlane_model::{MicroModel, Sample};
+use swimlane_runtime::Config;
+use swimlane_state::{Repo, BASE_MODEL_BLOB};
+use swimlane_store::embedded::EmbeddedBackend;
+use swimlane_store::Db;
+
+#[global_allocator]
+static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Stage a batch the way ingest does (record, chunks and event in one transaction).
+fn stage(db: &Db, keys: &Keys, bus: &EmbeddedBus, user: &str, batch: &str, samples: &[Sample]) {
+    let repo = Repo::new(keys.clone());
+    let staged: Vec<StagedSample> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StagedSample {
+            id: format!("s{i}"),
+            frames: s.frames.clone(),
+            label: s.label,
+            heldout: is_heldout(user, batch, &format!("s{i}")),
+        })
+        .collect();
+    db.transact(|tx| {
+        for (c, chunk) in staged.chunks(SAMPLES_PER_CHUNK).enumerate() {
+            tx.set(
+                &keys.sample_chunk(user, batch, c as u32),
+                &encode_chunk(chunk),
+            )?;
+        }
+        repo.put_batch(
+            tx,
+            user,
+            batch,
+            &BatchRecord {
+                v: 1,
+                digest: "test".into(),
+                samples: staged.len() as u32,
+                heldout: staged.iter().filter(|s| s.heldout).count() as u32,
+                chunks: staged.len().div_ceil(SAMPLES_PER_CHUNK) as u32,
+                staged_at_ms: 0,
+                status: BatchStatus::Staged,
+            },
+        )?;
+        bus.emit(
+            tx,
+            &Event::BatchStaged {
+                user: UserId::new(user).unwrap(),
+                batch_id: BatchId::new(batch).unwrap(),
+                samples: staged.len() as u32,
+            },
+        )
+    })
+    .unwrap();
+}
+
+fn wait_terminal(db: &Db, repo: &Repo, user: &str, batch: &str) -> BatchStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = db
+            .transact(|tx| repo.batch(tx, user, batch))
+            .unwrap()
+            .unwrap()
+            .status;
+        if st.is_terminal() || matches!(st, BatchStatus::Deferred { .. }) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batch {user}/{batch} stuck in {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open(dir.path().join("store")).unwrap());
+    let mut config = Config::default();
+    config.deployment = "t".into();
+    config.partitions = 4;
+    let keys = Keys::new("t");
+    let repo = Repo::new(keys.clone());
+    let bus = EmbeddedBus::new(keys.clone(), 4);
+    init::install(&db, "t", 7, None).unwrap();
+    let base = MicroModel::from_bytes(
+        &db.transact(|tx| repo.blob(tx, BASE_MODEL_BLOB))
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let registry = prometheus::Registry::new();
+    let stages = Stages::start(&config, &db, &registry, 2).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let users = ["alice", "bob", "carol"];
+    // Swimmers the base model gets wrong often enough that one night's corrections
+    // carry enough held-out evidence to judge (the policy defers otherwise).
+    let mut swimmers = Vec::new();
+    let mut seed = 1000;
+    while swimmers.len() < users.len() {
+        let swimmer = Swimmer::new(seed);
+        let c = corrections(&base, &swimmer, 400, 200, &mut rng).unwrap();
+        if c.len() >= 80 {
+            swimmers.push((swimmer, c));
+        }
+        seed += 1;
+    }
+    for (u, (_, c)) in users.iter().zip(&swimmers) {
+        stage(&db, &keys, &bus, u, "night-1", c);
+    }
+    for u in users {
+        let st = wait_terminal(&db, &repo, u, "night-1");
+        assert!(
+            matches!(st, BatchStatus::Published { version: 1, .. }),
+            "{u}: {st:?}"
+        );
+    }
+    // Night 2: alice uploads honest corrections, bob a poisoned batch.
+    let alice_model = MicroModel::from_bytes(
+        &db.transact(|tx| {
+            let v = repo.model_version(tx, "alice", 1)?.unwrap();
+            repo.blob(tx, &v.model_blob)
+        })
+        .unwrap()
+        .unwrap(),
+    )
+    .unwrap();
+    let c = corrections(&alice_model, &swimmers[0].0, 400, 200, &mut rng).unwrap();
+    stage(&db, &keys, &bus, "alice", "night-2", &c);
+    let bob_obs = swimmers[1].0.windows(200, &mut rng);
+    stage(
+        &db,
+        &keys,
+        &bus,
+        "bob",
+        "night-2",
+        &poison(&bob_obs, &mut rng),
+    );
+    let a = wait_terminal(&db, &repo, "alice", "night-2");
+    let b = wait_terminal(&db, &repo, "bob", "night-2");
+    stages.stop().unwrap();
+    assert!(
+        matches!(a, BatchStatus::Published { version: 2, .. }),
+        "alice: {a:?}"
+    );
+    assert!(matches!(b, BatchStatus::Rejected { .. }), "bob: {b:?}");
+    let bob = db.transact(|tx| repo.user_state(tx, "bob")).unwrap();
+    assert_eq!(bob.head, Some(1));
+    assert_eq!(bob.inflight_run, None);
+}

@@ -1,0 +1,58 @@
+//! The publisher's metrics, defined in one place.
+use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+
+/// Metrics the publisher exports as `swimlane_publisher_*`.
+#[derive(Clone)]
+pub struct PublisherMetrics {
+    pub publishes: IntCounter,
+    pub dead_letters: IntCounter,
+    /// Time from a batch's upload being accepted to the model containing it published.
+    pub upload_to_publish_seconds: Histogram,
+    /// Held-out accuracy of each newly published model (a distribution, no per-user
+    /// label).
+    pub heldout_accuracy: Histogram,
+    pub model_downloads: IntCounter,
+}
+
+impl PublisherMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = PublisherMetrics {
+            publishes: IntCounter::new(
+                "swimlane_publisher_publishes_total",
+                "Model versions published",
+            )?,
+            dead_letters: IntCounter::new(
+                "swimlane_publisher_dead_letters_total",
+                "Records sent to the dead-letter topic",
+            )?,
+            upload_to_publish_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "swimlane_publisher_upload_to_publish_seconds",
+                    "From upload accepted to a model containing it published",
+                )
+                .buckets(vec![
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+                ]),
+            )?,
+            heldout_accuracy: Histogram::with_opts(
+                HistogramOpts::new(
+                    "swimlane_publisher_heldout_accuracy",
+                    "Held-out accuracy of published models",
+                )
+                .buckets(vec![
+                    0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0,
+                ]),
+            )?,
+            model_downloads: IntCounter::new(
+                "swimlane_publisher_model_downloads_total",
+                "Model downloads served (200 responses)",
+            )?,
+        };
+        registry.register(Box::new(m.publishes.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.upload_to_publish_seconds.clone()))?;
+        registry.register(Box::new(m.heldout_accuracy.clone()))?;
+        registry.register(Box::new(m.model_downloads.clone()))?;
+        Ok(m)
+    }
+}

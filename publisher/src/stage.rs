@@ -1,0 +1,187 @@
+//! The publishing stage: `CandidateAccepted` → the user's next version.
+//!
+//! Invariants:
+//! - Versions of a user are 1, 2, 3, … with no gap and no repeat: the next version is
+//!   `last_version + 1`, assigned in the same transaction that records the version,
+//!   moves the head, marks the run published and commits the position; a duplicate
+//!   event finds `published_version` set and does nothing.
+//! - The version record keeps the lineage: parent version, batches, held-out metrics.
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use swimlane_bus::stage::StageHandler;
+use swimlane_bus::{positions, Delivery, Emitter};
+use swimlane_core::records::{BatchStatus, ModelVersionRecord};
+use swimlane_core::{policy, topics, Event, UserId};
+use swimlane_state::{end_run_and_retrigger, Repo};
+use swimlane_store::{Db, KvError};
+
+use crate::metrics::PublisherMetrics;
+
+pub(crate) struct Publisher {
+    pub db: Db,
+    pub repo: Repo,
+    pub emitter: Arc<dyn Emitter>,
+    pub metrics: PublisherMetrics,
+    pub target_accuracy: f32,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum Item {
+    Publish { user: UserId, run_id: String },
+    Ignore,
+    Dead(String),
+}
+
+impl StageHandler for Publisher {
+    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
+        let items: Vec<_> = d
+            .records
+            .iter()
+            .map(|r| {
+                let item = match Event::decode(&r.payload) {
+                    Ok(Event::CandidateAccepted { user, run_id }) => Item::Publish { user, run_id },
+                    Ok(Event::CandidateRejected { .. }) => Item::Ignore,
+                    Ok(other) => Item::Dead(format!(
+                        "unexpected event on {}: {}",
+                        topics::VERDICTS,
+                        other.topic()
+                    )),
+                    Err(e) => Item::Dead(e.to_string()),
+                };
+                (r, item)
+            })
+            .collect();
+        let (repo, emitter, target) = (&self.repo, &self.emitter, self.target_accuracy);
+        let next = d.next_offset();
+        let now = now_ms();
+        let (published, dead, staged_at) = self.db.transact(|tx| {
+            positions::commit(tx, &repo.keys, &d.fence, next)?;
+            let (mut published, mut dead, mut staged_at) = (Vec::new(), 0u64, Vec::new());
+            for (rec, item) in &items {
+                match item {
+                    Item::Ignore => {}
+                    Item::Dead(reason) => {
+                        swimlane_bus::dead_letter(
+                            emitter.as_ref(),
+                            tx,
+                            topics::VERDICTS,
+                            &rec.key,
+                            &rec.payload,
+                            reason,
+                        )?;
+                        dead += 1;
+                    }
+                    Item::Publish { user, run_id } => {
+                        let u = user.as_str();
+                        let Some(mut run) = repo.run(tx, u, run_id)? else {
+                            swimlane_bus::dead_letter(
+                                emitter.as_ref(),
+                                tx,
+                                topics::VERDICTS,
+                                &rec.key,
+                                &rec.payload,
+                                "run record missing",
+                            )?;
+                            dead += 1;
+                            continue;
+                        };
+                        let Some(verdict) = run.verdict.clone().filter(|v| v.accepted) else {
+                            swimlane_bus::dead_letter(
+                                emitter.as_ref(),
+                                tx,
+                                topics::VERDICTS,
+                                &rec.key,
+                                &rec.payload,
+                                "run has no accepting verdict",
+                            )?;
+                            dead += 1;
+                            continue;
+                        };
+                        if run.published_version.is_some() {
+                            continue; // duplicate delivery
+                        }
+                        let mut state = repo.user_state(tx, u)?;
+                        let version = state.last_version + 1;
+                        repo.put_model_version(
+                            tx,
+                            u,
+                            &ModelVersionRecord {
+                                v: 1,
+                                version,
+                                run_id: run_id.clone(),
+                                parent_version: run.parent_version,
+                                batches: run.batches.clone(),
+                                model_blob: run.model_blob.clone(),
+                                sha256: run.model_sha256.clone(),
+                                size_bytes: run.model_bytes,
+                                heldout_accuracy: verdict.candidate_heldout_accuracy,
+                                parent_heldout_accuracy: verdict.current_heldout_accuracy,
+                                guard_accuracy: verdict.candidate_guard_accuracy,
+                                published_at_ms: now,
+                            },
+                        )?;
+                        run.published_version = Some(version);
+                        repo.put_run(tx, u, &run)?;
+                        for b in &run.batches {
+                            if let Some(mut br) = repo.batch(tx, u, b)? {
+                                staged_at.push(br.staged_at_ms);
+                                br.status = BatchStatus::Published {
+                                    run_id: run_id.clone(),
+                                    version,
+                                };
+                                repo.put_batch(tx, u, b, &br)?;
+                            }
+                        }
+                        state.last_version = version;
+                        state.head = Some(version);
+                        state.head_heldout_accuracy = Some(verdict.candidate_heldout_accuracy);
+                        state.converged =
+                            policy::converged(verdict.candidate_heldout_accuracy, target);
+                        end_run_and_retrigger(
+                            repo,
+                            emitter.as_ref(),
+                            tx,
+                            user,
+                            run_id,
+                            &mut state,
+                        )?;
+                        repo.put_user_state(tx, u, &state)?;
+                        emitter.emit(
+                            tx,
+                            &Event::ModelPublished {
+                                user: user.clone(),
+                                run_id: run_id.clone(),
+                                version,
+                            },
+                        )?;
+                        published.push((
+                            u.to_string(),
+                            version,
+                            verdict.candidate_heldout_accuracy,
+                        ));
+                    }
+                }
+            }
+            Ok((published, dead, staged_at))
+        })?;
+        for (user, version, acc) in &published {
+            tracing::info!(user_id = %user, version, heldout_accuracy = acc, "model published");
+            self.metrics.heldout_accuracy.observe(*acc as f64);
+        }
+        for t in staged_at {
+            self.metrics
+                .upload_to_publish_seconds
+                .observe(now.saturating_sub(t) as f64 / 1000.0);
+        }
+        self.metrics.publishes.inc_by(published.len() as u64);
+        self.metrics.dead_letters.inc_by(dead);
+        Ok(())
+    }
+}
