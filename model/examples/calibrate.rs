@@ -13,10 +13,12 @@ fn main() {
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
     let seed: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(7);
     let t = Instant::now();
-    let samples = Population::training(0, experiment::BASE_SWIMMERS).samples(experiment::BASE_WINDOWS_PER_SWIMMER, 0);
+    let samples = Population::training(0, experiment::BASE_SWIMMERS)
+        .samples(experiment::BASE_WINDOWS_PER_SWIMMER, 0);
     let gen = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (base, rep) = swimlane_model::train_base(&samples, &swimlane_model::TrainConfig::base()).unwrap();
+    let (base, rep) =
+        swimlane_model::train_base(&samples, &swimlane_model::TrainConfig::base()).unwrap();
     println!(
         "population {} windows in {gen:.2}s; base training {:.2}s, {} epochs (best {}), val loss {:?}",
         samples.len(),
@@ -26,11 +28,23 @@ fn main() {
         rep.val_loss
     );
     let t = Instant::now();
-    let r = experiment::run(&base, n, seed, &Protocol::default()).unwrap();
+    let mut p = Protocol::default();
+    if let Some(a) = std::env::var("ANCHOR").ok().and_then(|s| s.parse().ok()) {
+        p.fine_tune.anchor = a;
+    }
+    if let Some(a) = std::env::var("LR").ok().and_then(|s| s.parse().ok()) {
+        p.fine_tune.learning_rate = a;
+    }
+    let r = experiment::run(&base, n, seed, &p).unwrap();
     for s in &r.swimmers {
         println!(
             "{:>2} base {:.3} corr {:?} rounds {:?} personal {:.3} poisoned {:.3}",
-            s.index, s.base_accuracy, s.corrections, s.round_accuracy, s.personalized_accuracy, s.poisoned_accuracy
+            s.index,
+            s.base_accuracy,
+            s.corrections,
+            s.round_accuracy,
+            s.personalized_accuracy,
+            s.poisoned_accuracy
         );
     }
     println!(

@@ -18,15 +18,28 @@ pub fn to_bytes(samples: &[Sample]) -> Result<Vec<u8>, ModelError> {
     let mut x = Vec::with_capacity(samples.len() * WINDOW_FRAMES * WINDOW_FEATURES * 4);
     for (i, s) in samples.iter().enumerate() {
         if s.frames.len() != WINDOW_FRAMES * WINDOW_FEATURES {
-            return Err(ModelError::BadWindow { index: i, len: s.frames.len() });
+            return Err(ModelError::BadWindow {
+                index: i,
+                len: s.frames.len(),
+            });
         }
         x.extend(s.frames.iter().flat_map(|v| v.to_le_bytes()));
     }
     let y: Vec<u8> = samples.iter().map(|s| s.label.index() as u8).collect();
     let shape_x = vec![samples.len(), WINDOW_FRAMES, WINDOW_FEATURES];
     let entries = [
-        Entry { name: "x", dtype: "F32", shape: shape_x, data: &x },
-        Entry { name: "y", dtype: "U8", shape: vec![samples.len()], data: &y },
+        Entry {
+            name: "x",
+            dtype: "F32",
+            shape: shape_x,
+            data: &x,
+        },
+        Entry {
+            name: "y",
+            dtype: "U8",
+            shape: vec![samples.len()],
+            data: &y,
+        },
     ];
     let meta = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
@@ -45,21 +58,35 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<Sample>, ModelError> {
         return Err(bad("not a swimlane-samples file".into()));
     }
     if meta.get("format_version").map(String::as_str) != Some("1") {
-        return Err(ModelError::UnsupportedVersion(meta.get("format_version").cloned().unwrap_or_default()));
+        return Err(ModelError::UnsupportedVersion(
+            meta.get("format_version").cloned().unwrap_or_default(),
+        ));
     }
     let x = st.tensor("x").map_err(|e| bad(e.to_string()))?;
     let y = st.tensor("y").map_err(|e| bad(e.to_string()))?;
     let n = y.shape().first().copied().unwrap_or(0);
-    if x.dtype() != Dtype::F32 || y.dtype() != Dtype::U8 || x.shape() != [n, WINDOW_FRAMES, WINDOW_FEATURES] || y.shape() != [n] {
-        return Err(bad(format!("unexpected shapes x {:?} y {:?}", x.shape(), y.shape())));
+    if x.dtype() != Dtype::F32
+        || y.dtype() != Dtype::U8
+        || x.shape() != [n, WINDOW_FRAMES, WINDOW_FEATURES]
+        || y.shape() != [n]
+    {
+        return Err(bad(format!(
+            "unexpected shapes x {:?} y {:?}",
+            x.shape(),
+            y.shape()
+        )));
     }
     let w = WINDOW_FRAMES * WINDOW_FEATURES * 4;
     x.data()
         .chunks_exact(w)
         .zip(y.data())
         .map(|(c, &l)| {
-            let label = StrokeClass::from_index(l as usize).ok_or_else(|| bad(format!("label {l} out of range")))?;
-            let frames = c.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let label = StrokeClass::from_index(l as usize)
+                .ok_or_else(|| bad(format!("label {l} out of range")))?;
+            let frames = c
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             Ok(Sample { frames, label })
         })
         .collect()

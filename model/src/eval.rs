@@ -39,7 +39,11 @@ pub fn from_confusion(confusion: [[u32; NUM_CLASSES]; NUM_CLASSES]) -> Evaluatio
     }
     Evaluation {
         samples: total as usize,
-        accuracy: if total == 0 { 0.0 } else { correct as f64 / total as f64 },
+        accuracy: if total == 0 {
+            0.0
+        } else {
+            correct as f64 / total as f64
+        },
         per_class_recall,
         confusion,
     }
@@ -61,6 +65,9 @@ mod tests {
         assert_eq!(e.per_class_recall[0], Some(0.75));
         assert_eq!(e.per_class_recall[1], None);
         assert_eq!(e.per_class_recall[2], Some(1.0));
-        assert_eq!(from_confusion([[0; NUM_CLASSES]; NUM_CLASSES]).accuracy, 0.0);
+        assert_eq!(
+            from_confusion([[0; NUM_CLASSES]; NUM_CLASSES]).accuracy,
+            0.0
+        );
     }
 }

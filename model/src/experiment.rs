@@ -17,7 +17,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::synth::{corrections, derive_seed, poison, Population, Swimmer};
-use crate::{evaluate, fine_tune, train_base, MicroModel, ModelError, Sample, TrainConfig, TrainReport};
+use crate::{
+    evaluate, fine_tune, train_base, MicroModel, ModelError, Sample, TrainConfig, TrainReport,
+};
 
 /// Swimmers in the default base population, and windows drawn from each.
 pub const BASE_SWIMMERS: usize = 160;
@@ -83,11 +85,20 @@ pub struct Report {
 
 /// Swimmer `index` of the unseen evaluation swimmers for `seed`.
 pub fn unseen_swimmer(seed: u64, index: usize) -> Swimmer {
-    Population::unseen(seed, index + 1).swimmers.pop().expect("index + 1 swimmers")
+    Population::unseen(seed, index + 1)
+        .swimmers
+        .pop()
+        .expect("index + 1 swimmers")
 }
 
 /// Run the protocol for one swimmer.
-pub fn run_swimmer(base: &MicroModel, swimmer: &Swimmer, index: usize, seed: u64, p: &Protocol) -> Result<SwimmerResult, ModelError> {
+pub fn run_swimmer(
+    base: &MicroModel,
+    swimmer: &Swimmer,
+    index: usize,
+    seed: u64,
+    p: &Protocol,
+) -> Result<SwimmerResult, ModelError> {
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, 20, index as u64));
     let held_out = swimmer.windows(p.held_out, &mut rng);
     let base_accuracy = evaluate(base, &held_out)?.accuracy;
@@ -96,13 +107,22 @@ pub fn run_swimmer(base: &MicroModel, swimmer: &Swimmer, index: usize, seed: u64
     let mut counts = Vec::new();
     let mut round_accuracy = Vec::new();
     for round in 0..p.rounds {
-        let corr = corrections(&current, swimmer, p.observed_per_round, p.max_corrections_per_round, &mut rng)?;
+        let corr = corrections(
+            &current,
+            swimmer,
+            p.observed_per_round,
+            p.max_corrections_per_round,
+            &mut rng,
+        )?;
         counts.push(corr.len());
         if corr.is_empty() {
             break;
         }
         accumulated.extend(corr);
-        let cfg = p.fine_tune.clone().with_seed(derive_seed(seed, 30 + round as u64, index as u64));
+        let cfg = p
+            .fine_tune
+            .clone()
+            .with_seed(derive_seed(seed, 30 + round as u64, index as u64));
         current = fine_tune(&current, &accumulated, &cfg)?.0;
         round_accuracy.push(evaluate(&current, &held_out)?.accuracy);
     }
@@ -110,7 +130,10 @@ pub fn run_swimmer(base: &MicroModel, swimmer: &Swimmer, index: usize, seed: u64
     let fresh = swimmer.windows(p.poison_windows, &mut rng);
     let mut poisoned_set = accumulated.clone();
     poisoned_set.extend(poison(&fresh, &mut rng));
-    let cfg = p.fine_tune.clone().with_seed(derive_seed(seed, 40, index as u64));
+    let cfg = p
+        .fine_tune
+        .clone()
+        .with_seed(derive_seed(seed, 40, index as u64));
     let poisoned = fine_tune(&current, &poisoned_set, &cfg)?.0;
     let poisoned_accuracy = evaluate(&poisoned, &held_out)?.accuracy;
     Ok(SwimmerResult {
@@ -139,7 +162,8 @@ pub fn run(base: &MicroModel, n: usize, seed: u64, p: &Protocol) -> Result<Repor
 
 /// Medians and the poisoning verdict over per-swimmer results.
 pub fn summarise(swimmers: Vec<SwimmerResult>, model_bytes: usize) -> Report {
-    let med = |f: &dyn Fn(&SwimmerResult) -> f64| median(&swimmers.iter().map(f).collect::<Vec<_>>());
+    let med =
+        |f: &dyn Fn(&SwimmerResult) -> f64| median(&swimmers.iter().map(f).collect::<Vec<_>>());
     Report {
         base_median_accuracy: med(&|s| s.base_accuracy),
         personalized_median_accuracy: med(&|s| s.personalized_accuracy),

@@ -41,7 +41,9 @@ pub struct Sample {
 pub enum ModelError {
     #[error("model bytes are not a swimlane micro model: {0}")]
     Format(String),
-    #[error("model format version {0:?} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "model format version {0:?} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(String),
     #[error("window {index} has {len} values, expected {}", swimlane_core::WINDOW_FRAMES * swimlane_core::WINDOW_FEATURES)]
     BadWindow { index: usize, len: usize },

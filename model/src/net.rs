@@ -96,11 +96,19 @@ impl MicroModel {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut params = Vec::new();
         for (_, shape) in &TENSORS[2..] {
-            let fan_in = if shape.len() == 2 { shape[1] } else { params_fan_in(params.len()) };
+            let fan_in = if shape.len() == 2 {
+                shape[1]
+            } else {
+                params_fan_in(params.len())
+            };
             let bound = 1.0 / (fan_in as f32).sqrt();
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
-            params.push(Var::from_tensor(&Tensor::from_vec(data, *shape, &Device::Cpu)?)?);
+            params.push(Var::from_tensor(&Tensor::from_vec(
+                data,
+                *shape,
+                &Device::Cpu,
+            )?)?);
         }
         Self::assemble(mean, std, params)
     }
@@ -109,7 +117,13 @@ impl MicroModel {
         let mean_row = Tensor::from_vec(tile(&mean), (1, INPUT), &Device::Cpu)?;
         let inv: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
         let inv_std_row = Tensor::from_vec(tile(&inv), (1, INPUT), &Device::Cpu)?;
-        Ok(MicroModel { mean, std, mean_row, inv_std_row, params })
+        Ok(MicroModel {
+            mean,
+            std,
+            mean_row,
+            inv_std_row,
+            params,
+        })
     }
 
     /// The trainable parameters (fc1.w, fc1.b, fc2.w, fc2.b, fc3.w, fc3.b).
@@ -120,7 +134,9 @@ impl MicroModel {
     /// Logits for a batch `x` of shape [batch, 512].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = &self.params;
-        let x = x.broadcast_sub(&self.mean_row)?.broadcast_mul(&self.inv_std_row)?;
+        let x = x
+            .broadcast_sub(&self.mean_row)?
+            .broadcast_mul(&self.inv_std_row)?;
         let h = x.matmul(&p[0].t()?)?.broadcast_add(&p[1])?.relu()?;
         let h = h.matmul(&p[2].t()?)?.broadcast_add(&p[3])?.relu()?;
         h.matmul(&p[4].t()?)?.broadcast_add(&p[5])
@@ -134,7 +150,10 @@ impl MicroModel {
         let mut flat = Vec::with_capacity(windows.len() * INPUT);
         for (i, w) in windows.iter().enumerate() {
             if w.len() != INPUT {
-                return Err(ModelError::BadWindow { index: i, len: w.len() });
+                return Err(ModelError::BadWindow {
+                    index: i,
+                    len: w.len(),
+                });
             }
             flat.extend_from_slice(w);
         }
@@ -152,14 +171,21 @@ impl MicroModel {
     }
 
     /// Class probabilities for samples (their labels are ignored).
-    pub fn predict_proba_samples(&self, samples: &[Sample]) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
+    pub fn predict_proba_samples(
+        &self,
+        samples: &[Sample],
+    ) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
         let refs: Vec<&[f32]> = samples.iter().map(|s| s.frames.as_slice()).collect();
         self.predict_proba(&refs)
     }
 
     /// The most likely class of each sample.
     pub fn predict(&self, samples: &[Sample]) -> Result<Vec<StrokeClass>, ModelError> {
-        Ok(self.predict_proba_samples(samples)?.iter().map(|p| argmax_class(p)).collect())
+        Ok(self
+            .predict_proba_samples(samples)?
+            .iter()
+            .map(|p| argmax_class(p))
+            .collect())
     }
 
     /// Serialise as safetensors with the version header (see the module doc).
@@ -167,13 +193,22 @@ impl MicroModel {
         let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut data: Vec<Vec<u8>> = vec![le(&self.mean), le(&self.std)];
         for var in &self.params {
-            let v: Vec<f32> = var.as_tensor().flatten_all().and_then(|t| t.to_vec1()).expect("f32 cpu tensor");
+            let v: Vec<f32> = var
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .expect("f32 cpu tensor");
             data.push(le(&v));
         }
         let entries: Vec<crate::st::Entry<'_>> = TENSORS
             .iter()
             .zip(&data)
-            .map(|((name, shape), d)| crate::st::Entry { name, dtype: "F32", shape: shape.to_vec(), data: d })
+            .map(|((name, shape), d)| crate::st::Entry {
+                name,
+                dtype: "F32",
+                shape: shape.to_vec(),
+                data: d,
+            })
             .collect();
         crate::st::write(&entries, &metadata())
     }
@@ -182,31 +217,53 @@ impl MicroModel {
     /// different version or architecture, or a damaged tensor give a [`ModelError`].
     pub fn from_bytes(bytes: &[u8]) -> Result<MicroModel, ModelError> {
         if bytes.len() > MAX_MODEL_BYTES {
-            return Err(ModelError::Format(format!("{} bytes is more than the {} byte limit", bytes.len(), MAX_MODEL_BYTES)));
+            return Err(ModelError::Format(format!(
+                "{} bytes is more than the {} byte limit",
+                bytes.len(),
+                MAX_MODEL_BYTES
+            )));
         }
-        let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format(format!("not a safetensors file: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Format(format!("bad header: {e}")))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| ModelError::Format(format!("not a safetensors file: {e}")))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| ModelError::Format(format!("bad header: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| meta.get(k).map(String::as_str).unwrap_or("");
         if get("format") != FORMAT_NAME {
-            return Err(ModelError::Format(format!("format {:?} is not {FORMAT_NAME:?}", get("format"))));
+            return Err(ModelError::Format(format!(
+                "format {:?} is not {FORMAT_NAME:?}",
+                get("format")
+            )));
         }
         let version = get("format_version");
         if version != FORMAT_VERSION.to_string() {
             return Err(ModelError::UnsupportedVersion(version.to_string()));
         }
         if get("architecture") != ARCHITECTURE {
-            return Err(ModelError::Format(format!("architecture {:?} is not {ARCHITECTURE:?}", get("architecture"))));
+            return Err(ModelError::Format(format!(
+                "architecture {:?} is not {ARCHITECTURE:?}",
+                get("architecture")
+            )));
         }
         if get("classes") != class_list() {
-            return Err(ModelError::Format(format!("class list {:?} is not {:?}", get("classes"), class_list())));
+            return Err(ModelError::Format(format!(
+                "class list {:?} is not {:?}",
+                get("classes"),
+                class_list()
+            )));
         }
         if st.len() != TENSORS.len() {
-            return Err(ModelError::Format(format!("{} tensors, expected {}", st.len(), TENSORS.len())));
+            return Err(ModelError::Format(format!(
+                "{} tensors, expected {}",
+                st.len(),
+                TENSORS.len()
+            )));
         }
         let mut values: Vec<Vec<f32>> = Vec::new();
         for (name, shape) in TENSORS {
-            let view = st.tensor(name).map_err(|_| ModelError::Format(format!("missing tensor {name}")))?;
+            let view = st
+                .tensor(name)
+                .map_err(|_| ModelError::Format(format!("missing tensor {name}")))?;
             if view.dtype() != Dtype::F32 || view.shape() != shape {
                 return Err(ModelError::Format(format!(
                     "tensor {name}: {:?} {:?}, expected F32 {:?}",
@@ -215,9 +272,15 @@ impl MicroModel {
                     shape
                 )));
             }
-            let v: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             if v.iter().any(|x| !x.is_finite()) {
-                return Err(ModelError::Format(format!("tensor {name} holds a non-finite value")));
+                return Err(ModelError::Format(format!(
+                    "tensor {name} holds a non-finite value"
+                )));
             }
             values.push(v);
         }
@@ -229,14 +292,22 @@ impl MicroModel {
         let std = it.next().unwrap_or_default();
         let mut params = Vec::new();
         for ((_, shape), v) in TENSORS[2..].iter().zip(it) {
-            params.push(Var::from_tensor(&Tensor::from_vec(v, *shape, &Device::Cpu)?)?);
+            params.push(Var::from_tensor(&Tensor::from_vec(
+                v,
+                *shape,
+                &Device::Cpu,
+            )?)?);
         }
         Self::assemble(mean, std, params)
     }
 
     /// Overwrite this model's parameters with `other`'s (used to restore the best epoch).
     pub(crate) fn snapshot(&self) -> Result<Vec<Tensor>, ModelError> {
-        Ok(self.params.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
+        Ok(self
+            .params
+            .iter()
+            .map(|v| v.as_tensor().copy().map(|t| t.detach()))
+            .collect::<candle_core::Result<_>>()?)
     }
 
     pub(crate) fn restore(&self, snap: &[Tensor]) -> Result<(), ModelError> {
@@ -267,7 +338,11 @@ fn params_fan_in(index: usize) -> usize {
 }
 
 fn class_list() -> String {
-    StrokeClass::ALL.iter().map(|c| c.name()).collect::<Vec<_>>().join(",")
+    StrokeClass::ALL
+        .iter()
+        .map(|c| c.name())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn metadata() -> BTreeMap<String, String> {
@@ -276,7 +351,10 @@ fn metadata() -> BTreeMap<String, String> {
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
         ("architecture".to_string(), ARCHITECTURE.to_string()),
         ("classes".to_string(), class_list()),
-        ("window".to_string(), format!("{WINDOW_FRAMES}x{WINDOW_FEATURES}")),
+        (
+            "window".to_string(),
+            format!("{WINDOW_FRAMES}x{WINDOW_FEATURES}"),
+        ),
     ])
 }
 
@@ -322,7 +400,10 @@ pub(crate) fn to_tensors(samples: &[Sample]) -> Result<(Tensor, Tensor), ModelEr
     let mut flat = Vec::with_capacity(samples.len() * INPUT);
     for (i, s) in samples.iter().enumerate() {
         if s.frames.len() != INPUT {
-            return Err(ModelError::BadWindow { index: i, len: s.frames.len() });
+            return Err(ModelError::BadWindow {
+                index: i,
+                len: s.frames.len(),
+            });
         }
         flat.extend_from_slice(&s.frames);
     }
@@ -350,7 +431,10 @@ mod tests {
         assert!(bytes.len() <= MAX_MODEL_BYTES, "{}", bytes.len());
         let m2 = MicroModel::from_bytes(&bytes).unwrap();
         assert!(m2.to_bytes() == bytes);
-        assert_eq!(m.predict_proba_samples(&s).unwrap(), m2.predict_proba_samples(&s).unwrap());
+        assert_eq!(
+            m.predict_proba_samples(&s).unwrap(),
+            m2.predict_proba_samples(&s).unwrap()
+        );
         assert_eq!(m.num_params(), 74_310);
     }
 
@@ -372,16 +456,24 @@ mod tests {
             let _ = MicroModel::from_bytes(&b); // may succeed (a weight changed) but never panics
         }
         let needle = b"\"format_version\":\"1\"";
-        let at = bytes.windows(needle.len()).position(|w| w == needle).expect("version in header");
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("version in header");
         let mut b = bytes.clone();
         b[at + needle.len() - 2] = b'2';
-        assert!(matches!(MicroModel::from_bytes(&b), Err(ModelError::UnsupportedVersion(v)) if v == "2"));
+        assert!(
+            matches!(MicroModel::from_bytes(&b), Err(ModelError::UnsupportedVersion(v)) if v == "2")
+        );
     }
 
     #[test]
     fn rejects_wrong_window_length() {
         let (m, _) = model();
-        assert!(matches!(m.predict_proba(&[&[0.0; 10]]), Err(ModelError::BadWindow { index: 0, len: 10 })));
+        assert!(matches!(
+            m.predict_proba(&[&[0.0; 10]]),
+            Err(ModelError::BadWindow { index: 0, len: 10 })
+        ));
         let p = m.predict_proba(&[&[0.5; INPUT]]).unwrap();
         assert!((p[0].iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }

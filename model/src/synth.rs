@@ -160,10 +160,17 @@ impl Swimmer {
         let quirks = classes[..n_quirks]
             .iter()
             .map(|&class| {
-                let others: Vec<StrokeClass> =
-                    StrokeClass::ALL.iter().copied().filter(|c| *c != class).collect();
+                let others: Vec<StrokeClass> = StrokeClass::ALL
+                    .iter()
+                    .copied()
+                    .filter(|c| *c != class)
+                    .collect();
                 let like = others[(r.random::<u32>() as usize) % others.len()];
-                Quirk { class, like, strength: u(r, 0.4, 0.6) }
+                Quirk {
+                    class,
+                    like,
+                    strength: u(r, 0.4, 0.6),
+                }
             })
             .collect();
         Swimmer {
@@ -230,7 +237,10 @@ impl Swimmer {
                 *dst = v + self.noise * normal(&mut wr);
             }
         }
-        Sample { frames, label: class }
+        Sample {
+            frames,
+            label: class,
+        }
     }
 
     /// The 16 image coordinates of one frame at time `t` (0..1 across the window).
@@ -253,39 +263,101 @@ impl Swimmer {
             StrokeClass::Freestyle => {
                 let l = ph;
                 let r = ph + PI + lag;
-                let bend = |a: f32| 0.25 + 0.5 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0;
-                (l, r, bend(l), bend(r), 0.0, 0.01 * self.amp_hip * (2.0 * ph).sin(), ph.cos(), 0.0)
+                let bend = |a: f32| {
+                    0.25 + 0.5 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0
+                };
+                (
+                    l,
+                    r,
+                    bend(l),
+                    bend(r),
+                    0.0,
+                    0.01 * self.amp_hip * (2.0 * ph).sin(),
+                    ph.cos(),
+                    0.0,
+                )
             }
             StrokeClass::Backstroke => {
                 let l = -ph;
                 let r = -ph + PI + lag;
-                let bend = |a: f32| 0.05 + 0.15 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0;
-                (l, r, bend(l), bend(r), 0.0, 0.03 + 0.01 * self.amp_hip * ph.sin(), ph.cos(), 0.0)
+                let bend = |a: f32| {
+                    0.05 + 0.15 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0
+                };
+                (
+                    l,
+                    r,
+                    bend(l),
+                    bend(r),
+                    0.0,
+                    0.03 + 0.01 * self.amp_hip * ph.sin(),
+                    ph.cos(),
+                    0.0,
+                )
             }
             StrokeClass::Breaststroke => {
                 let sweep = |a: f32| 0.15 + 0.7 * ar * a.sin();
-                let bend = |a: f32| 0.9 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0;
+                let bend =
+                    |a: f32| 0.9 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0;
                 let r_ph = ph + 0.3 * lag;
-                (sweep(ph), sweep(r_ph), bend(ph), bend(r_ph), 0.05 * ph.sin(), 0.025 * self.amp_hip * (ph + FRAC_PI_2).sin(), 0.1, 0.0)
+                (
+                    sweep(ph),
+                    sweep(r_ph),
+                    bend(ph),
+                    bend(r_ph),
+                    0.05 * ph.sin(),
+                    0.025 * self.amp_hip * (ph + FRAC_PI_2).sin(),
+                    0.1,
+                    0.0,
+                )
             }
             StrokeClass::Butterfly => {
                 let l = ph;
                 let r = ph + 0.3 * lag;
-                let bend = |a: f32| 0.2 + 0.4 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0;
-                (l, r, bend(l), bend(r), 0.12 * self.amp_hip * (ph + FRAC_PI_2).sin(), 0.045 * self.amp_hip * (ph + FRAC_PI_2).sin(), 0.15, 0.0)
+                let bend = |a: f32| {
+                    0.2 + 0.4 * self.amp_elbow * (1.0 + (a + self.elbow_phase).sin()) / 2.0
+                };
+                (
+                    l,
+                    r,
+                    bend(l),
+                    bend(r),
+                    0.12 * self.amp_hip * (ph + FRAC_PI_2).sin(),
+                    0.045 * self.amp_hip * (ph + FRAC_PI_2).sin(),
+                    0.15,
+                    0.0,
+                )
             }
             StrokeClass::Turn => {
                 let s = ((t - w.turn_start) / w.turn_len).clamp(0.0, 1.0);
                 let smooth = s * s * (3.0 - 2.0 * s);
                 let tuck = 1.3 + 0.2 * (TAU * t + w.phase).sin();
-                (tuck, tuck + 0.2 * lag, 1.4 * self.amp_elbow, 1.4 * self.amp_elbow, PI * smooth, -0.02 * smooth, 1.0 - 2.0 * smooth, 0.0)
+                (
+                    tuck,
+                    tuck + 0.2 * lag,
+                    1.4 * self.amp_elbow,
+                    1.4 * self.amp_elbow,
+                    PI * smooth,
+                    -0.02 * smooth,
+                    1.0 - 2.0 * smooth,
+                    0.0,
+                )
             }
             StrokeClass::Glide => {
                 let wob = 0.04 * (TAU * 0.5 * t + w.phase).sin();
-                (wob, wob + 0.05 * lag, 0.05, 0.05, 0.02 * w.phase.sin(), 0.0, 0.3, -w.drift * t)
+                (
+                    wob,
+                    wob + 0.05 * lag,
+                    0.05,
+                    0.05,
+                    0.02 * w.phase.sin(),
+                    0.0,
+                    0.3,
+                    -w.drift * t,
+                )
             }
         };
-        let d = self.depth * (0.4 + 0.6 * self.amp_roll * roll.abs().min(1.0)) * roll.signum().max(0.3);
+        let d =
+            self.depth * (0.4 + 0.6 * self.amp_roll * roll.abs().min(1.0)) * roll.signum().max(0.3);
         // Body frame, shoulder centre at the origin, head towards +x, y down.
         let sh_l = (0.0, -d / 2.0);
         let sh_r = (0.0, d / 2.0);
@@ -344,7 +416,9 @@ impl Population {
 
     fn in_domain(seed: u64, domain: u64, n: usize) -> Population {
         Population {
-            swimmers: (0..n as u64).map(|i| Swimmer::new(derive_seed(seed, domain, i))).collect(),
+            swimmers: (0..n as u64)
+                .map(|i| Swimmer::new(derive_seed(seed, domain, i)))
+                .collect(),
         }
     }
 
@@ -397,7 +471,10 @@ pub fn poison<R: Rng>(samples: &[Sample], rng: &mut R) -> Vec<Sample> {
     samples
         .iter()
         .zip(labels)
-        .map(|(s, label)| Sample { frames: s.frames.clone(), label })
+        .map(|(s, label)| Sample {
+            frames: s.frames.clone(),
+            label,
+        })
         .collect()
 }
 
@@ -417,7 +494,10 @@ mod tests {
         for (i, w) in a.iter().enumerate() {
             assert_eq!(w.frames.len(), WINDOW_FRAMES * WINDOW_FEATURES);
             assert_eq!(w.label, StrokeClass::ALL[i % NUM_CLASSES]);
-            assert!(w.frames.iter().all(|v| v.is_finite() && *v > -0.5 && *v < 1.5));
+            assert!(w
+                .frames
+                .iter()
+                .all(|v| v.is_finite() && *v > -0.5 && *v < 1.5));
         }
     }
 

@@ -11,6 +11,11 @@
 //!   improvement. At least one epoch is always trained, so the result is never simply
 //!   the parent. With fewer than `min_val_samples` validation samples, every sample is
 //!   trained on and the last epoch is kept.
+//! - Fine-tuning pulls towards the parent (L2-SP, `anchor`, default 3.0): a user's
+//!   corrections are all windows the parent got wrong, and without the pull the first
+//!   fine-tune often "forgets" the classes the parent got right (held-out accuracy fell
+//!   from 0.67 to 0.33 for one swimmer in round 1). A pull of 30 was too strong: a
+//!   poisoned round then barely moved the model.
 //! - [`fine_tune_many`] runs the jobs one after another: each job's loss and gradients
 //!   touch only its own copy of its own parent's parameters.
 use candle_core::Tensor;
@@ -40,6 +45,11 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     /// Below this many validation samples, early stopping is off.
     pub min_val_samples: usize,
+    /// Strength of an L2 pull towards the starting weights (L2-SP): the loss adds
+    /// `anchor * sum((w - w_start)^2)`. Keeps a fine-tune on a few corrections (all of
+    /// them windows the parent got wrong) from forgetting what the parent got right.
+    #[serde(default)]
+    pub anchor: f64,
 }
 
 impl TrainConfig {
@@ -55,6 +65,7 @@ impl TrainConfig {
             patience: 4,
             val_fraction: 0.15,
             min_val_samples: 8,
+            anchor: 3.0,
         }
     }
 
@@ -70,6 +81,7 @@ impl TrainConfig {
             patience: 4,
             val_fraction: 0.1,
             min_val_samples: 8,
+            anchor: 0.0,
         }
     }
 
@@ -95,6 +107,9 @@ impl TrainConfig {
         }
         if !(0.0..0.9).contains(&self.val_fraction) {
             return bad("val_fraction", "must be in [0, 0.9)");
+        }
+        if !(self.anchor >= 0.0 && self.anchor.is_finite()) {
+            return bad("anchor", "must be non-negative");
         }
         if self.max_steps == Some(0) {
             return bad("max_steps", "must be at least 1 when set");
@@ -137,7 +152,10 @@ pub struct FineTuneJob<'a> {
 
 /// Train a base model from scratch on a population's samples (normalisation computed
 /// from them, initialisation from `cfg.seed`).
-pub fn train_base(samples: &[Sample], cfg: &TrainConfig) -> Result<(MicroModel, TrainReport), ModelError> {
+pub fn train_base(
+    samples: &[Sample],
+    cfg: &TrainConfig,
+) -> Result<(MicroModel, TrainReport), ModelError> {
     cfg.validate()?;
     if samples.is_empty() {
         return Err(ModelError::NoSamples);
@@ -148,7 +166,11 @@ pub fn train_base(samples: &[Sample], cfg: &TrainConfig) -> Result<(MicroModel, 
 }
 
 /// Fine-tune a copy of `parent` on `samples` (one user's own samples only).
-pub fn fine_tune(parent: &MicroModel, samples: &[Sample], cfg: &TrainConfig) -> Result<(MicroModel, TrainReport), ModelError> {
+pub fn fine_tune(
+    parent: &MicroModel,
+    samples: &[Sample],
+    cfg: &TrainConfig,
+) -> Result<(MicroModel, TrainReport), ModelError> {
     cfg.validate()?;
     if samples.is_empty() {
         return Err(ModelError::NoSamples);
@@ -161,25 +183,45 @@ pub fn fine_tune(parent: &MicroModel, samples: &[Sample], cfg: &TrainConfig) -> 
 /// Several users' fine-tunes in one call, one result per job in order. Sequential:
 /// fusing jobs into batched matmuls was slower in candle 0.11 (shared/facts.md); a
 /// trainer spreads calls over cores instead.
-pub fn fine_tune_many(jobs: &[FineTuneJob<'_>]) -> Vec<Result<(MicroModel, TrainReport), ModelError>> {
-    jobs.iter().map(|j| fine_tune(j.parent, j.samples, &j.config)).collect()
+pub fn fine_tune_many(
+    jobs: &[FineTuneJob<'_>],
+) -> Vec<Result<(MicroModel, TrainReport), ModelError>> {
+    jobs.iter()
+        .map(|j| fine_tune(j.parent, j.samples, &j.config))
+        .collect()
 }
 
-fn train_in_place(model: &MicroModel, samples: &[Sample], cfg: &TrainConfig) -> Result<TrainReport, ModelError> {
+fn train_in_place(
+    model: &MicroModel,
+    samples: &[Sample],
+    cfg: &TrainConfig,
+) -> Result<TrainReport, ModelError> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..samples.len()).collect();
     order.shuffle(&mut rng);
     let n_val = (samples.len() as f64 * cfg.val_fraction).round() as usize;
     let early = n_val >= cfg.min_val_samples && n_val < samples.len();
-    let (val_idx, train_idx) = if early { order.split_at(n_val) } else { (&order[..0], &order[..]) };
+    let (val_idx, train_idx) = if early {
+        order.split_at(n_val)
+    } else {
+        (&order[..0], &order[..])
+    };
     let pick = |idx: &[usize]| idx.iter().map(|&i| samples[i].clone()).collect::<Vec<_>>();
     let (xt, yt) = to_tensors(&pick(train_idx))?;
-    let val = if early { Some(to_tensors(&pick(val_idx))?) } else { None };
+    let val = if early {
+        Some(to_tensors(&pick(val_idx))?)
+    } else {
+        None
+    };
     let n = train_idx.len();
 
     let mut opt = AdamW::new(
         model.params().to_vec(),
-        ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() },
+        ParamsAdamW {
+            lr: cfg.learning_rate,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
     )?;
     let mut report = TrainReport {
         epochs_run: 0,
@@ -191,6 +233,11 @@ fn train_in_place(model: &MicroModel, samples: &[Sample], cfg: &TrainConfig) -> 
         val_loss: Vec::new(),
         stopped_early: false,
         samples_processed: 0,
+    };
+    let start = if cfg.anchor > 0.0 {
+        Some(model.snapshot()?)
+    } else {
+        None
     };
     let mut best: Option<(f32, Vec<Tensor>)> = None;
     let mut since_best = 0;
@@ -207,7 +254,21 @@ fn train_in_place(model: &MicroModel, samples: &[Sample], cfg: &TrainConfig) -> 
             let xb = xt.index_select(&idx, 0)?;
             let yb = yt.index_select(&idx, 0)?;
             let loss = candle_nn::loss::cross_entropy(&model.forward(&xb)?, &yb)?;
-            opt.backward_step(&loss)?;
+            let total = match &start {
+                Some(w0) => {
+                    let mut pull = loss.clone();
+                    for (v, w) in model.params().iter().zip(w0) {
+                        pull = (pull
+                            + (v.as_tensor() - w)?
+                                .sqr()?
+                                .sum_all()?
+                                .affine(cfg.anchor, 0.0)?)?;
+                    }
+                    pull
+                }
+                None => loss.clone(),
+            };
+            opt.backward_step(&total)?;
             loss_sum += loss.to_scalar::<f32>()?;
             batches += 1;
             report.steps += 1;
@@ -220,7 +281,8 @@ fn train_in_place(model: &MicroModel, samples: &[Sample], cfg: &TrainConfig) -> 
         report.train_loss.push(loss_sum / batches as f32);
         match &val {
             Some((xv, yv)) => {
-                let vl = candle_nn::loss::cross_entropy(&model.forward(xv)?, yv)?.to_scalar::<f32>()?;
+                let vl =
+                    candle_nn::loss::cross_entropy(&model.forward(xv)?, yv)?.to_scalar::<f32>()?;
                 report.val_loss.push(vl);
                 if best.as_ref().is_none_or(|(b, _)| vl < *b) {
                     best = Some((vl, model.snapshot()?));
@@ -256,7 +318,10 @@ mod tests {
     fn training_is_reproducible_and_learns() {
         let pop = Population::training(1, 12);
         let s = pop.samples(60, 1);
-        let cfg = TrainConfig { epochs: 4, ..TrainConfig::base() };
+        let cfg = TrainConfig {
+            epochs: 4,
+            ..TrainConfig::base()
+        };
         let (a, ra) = train_base(&s, &cfg).unwrap();
         let (b, rb) = train_base(&s, &cfg).unwrap();
         assert!(a.to_bytes() == b.to_bytes());
@@ -268,20 +333,48 @@ mod tests {
     #[test]
     fn fine_tune_leaves_the_parent_alone_and_respects_the_budget() {
         let s = Population::training(2, 4).samples(30, 2);
-        let (parent, _) = train_base(&s, &TrainConfig { epochs: 1, ..TrainConfig::base() }).unwrap();
+        let (parent, _) = train_base(
+            &s,
+            &TrainConfig {
+                epochs: 1,
+                ..TrainConfig::base()
+            },
+        )
+        .unwrap();
         let before = parent.to_bytes();
-        let cfg = TrainConfig { epochs: 50, max_steps: Some(3), batch_size: 8, ..TrainConfig::fine_tune() };
+        let cfg = TrainConfig {
+            epochs: 50,
+            max_steps: Some(3),
+            batch_size: 8,
+            ..TrainConfig::fine_tune()
+        };
         let (child, r) = fine_tune(&parent, &s[..40], &cfg).unwrap();
         assert!(parent.to_bytes() == before);
         assert!(child.to_bytes() != before);
         assert_eq!(r.steps, 3);
         let jobs = [
-            FineTuneJob { parent: &parent, samples: &s[..40], config: cfg.clone() },
-            FineTuneJob { parent: &parent, samples: &[], config: cfg.clone() },
+            FineTuneJob {
+                parent: &parent,
+                samples: &s[..40],
+                config: cfg.clone(),
+            },
+            FineTuneJob {
+                parent: &parent,
+                samples: &[],
+                config: cfg.clone(),
+            },
         ];
         let out = fine_tune_many(&jobs);
         assert!(out[0].as_ref().unwrap().0.to_bytes() == child.to_bytes());
         assert!(matches!(out[1], Err(ModelError::NoSamples)));
-        assert!(fine_tune(&parent, &s, &TrainConfig { batch_size: 0, ..cfg }).is_err());
+        assert!(fine_tune(
+            &parent,
+            &s,
+            &TrainConfig {
+                batch_size: 0,
+                ..cfg
+            }
+        )
+        .is_err());
     }
 }

@@ -44,7 +44,11 @@ fn base_model_starts_near_eighty_percent_on_unseen_swimmers() {
 fn five_rounds_of_corrections_personalise_to_95_percent() {
     let r = report();
     for s in &r.swimmers {
-        assert!(s.corrections.len() <= 5 && s.corrections.iter().all(|&c| c <= 200), "{:?}", s.corrections);
+        assert!(
+            s.corrections.len() <= 5 && s.corrections.iter().all(|&c| c <= 200),
+            "{:?}",
+            s.corrections
+        );
     }
     assert!(
         r.personalized_median_accuracy >= 0.95,
@@ -62,5 +66,8 @@ fn a_poisoned_round_lowers_held_out_accuracy_for_every_swimmer() {
         .filter(|s| !s.poisoned_drop)
         .map(|s| (s.index, s.personalized_accuracy, s.poisoned_accuracy))
         .collect();
-    assert!(r.poisoned_drop_all && failed.is_empty(), "no drop for (swimmer, parent, poisoned): {failed:?}");
+    assert!(
+        r.poisoned_drop_all && failed.is_empty(),
+        "no drop for (swimmer, parent, poisoned): {failed:?}"
+    );
 }
