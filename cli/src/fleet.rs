@@ -6,47 +6,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use prometheus::Registry;
-use swimlane_bus::embedded::{system_now_ms, ConsumerOptions, EmbeddedBus, EmbeddedConsumer};
-use swimlane_bus::stage::LoopOptions;
-use swimlane_bus::{member_id, Consumer, Emitter};
 use swimlane_core::keys::Keys;
 use swimlane_core::topics;
-use swimlane_runtime::config::ConsumerConfig;
-use swimlane_runtime::Config;
+use swimlane_runtime::{wiring, Config};
 use swimlane_state::Repo;
 use swimlane_store::Db;
-
-/// A consumer on the embedded bus for `group` on `topic`, configured by `c`.
-pub fn embedded_consumer(
-    db: &Db,
-    keys: &Keys,
-    partitions: u32,
-    group: &str,
-    topic: &str,
-    c: &ConsumerConfig,
-) -> Box<dyn Consumer> {
-    Box::new(EmbeddedConsumer::new(
-        db.clone(),
-        keys.clone(),
-        EmbeddedBus::new(keys.clone(), partitions),
-        ConsumerOptions {
-            group: group.into(),
-            topic: topic.into(),
-            member: member_id(group),
-            lease_ttl: c.lease_ttl(),
-            poll_interval: c.poll_interval(),
-            now_ms: system_now_ms(),
-        },
-    ))
-}
-
-/// Loop options from a consumer config.
-pub fn loop_options(c: &ConsumerConfig) -> LoopOptions {
-    LoopOptions {
-        max_records: c.max_batch as usize,
-        ..Default::default()
-    }
-}
 
 /// The consuming stages running in this process.
 pub struct Stages {
@@ -62,12 +26,32 @@ impl Stages {
         registry: &Registry,
         trainers: usize,
     ) -> anyhow::Result<Stages> {
+        Self::start_stages(config, db, registry, trainers, true)
+    }
+
+    /// Start `trainers` trainer threads and one validator (the publisher runs
+    /// elsewhere, e.g. with its API).
+    pub fn start_without_publisher(
+        config: &Config,
+        db: &Db,
+        registry: &Registry,
+        trainers: usize,
+    ) -> anyhow::Result<Stages> {
+        Self::start_stages(config, db, registry, trainers, false)
+    }
+
+    fn start_stages(
+        config: &Config,
+        db: &Db,
+        registry: &Registry,
+        trainers: usize,
+        publisher: bool,
+    ) -> anyhow::Result<Stages> {
         let keys = Keys::new(&config.deployment);
         let repo = Repo::new(keys.clone());
-        let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), config.partitions));
+        let emitter = wiring::emitter(config)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        let p = config.partitions;
 
         let tm = swimlane_trainer::TrainerMetrics::register(registry)?;
         for i in 0..trainers {
@@ -75,18 +59,17 @@ impl Stages {
                 db: db.clone(),
                 repo: repo.clone(),
                 emitter: emitter.clone(),
-                consumer: embedded_consumer(
+                consumer: wiring::consumer(
+                    config,
                     db,
-                    &keys,
-                    p,
                     swimlane_trainer::GROUP,
                     topics::BATCHES,
                     &config.trainer.consumer,
-                ),
+                )?,
                 metrics: tm.clone(),
             };
             let cfg = swimlane_trainer::TrainerConfig {
-                loop_options: loop_options(&config.trainer.consumer),
+                loop_options: wiring::loop_options(&config.trainer.consumer),
                 ..Default::default()
             };
             let s = stop.clone();
@@ -106,19 +89,18 @@ impl Stages {
             db: db.clone(),
             repo: repo.clone(),
             emitter: emitter.clone(),
-            consumer: embedded_consumer(
+            consumer: wiring::consumer(
+                config,
                 db,
-                &keys,
-                p,
                 swimlane_validator::GROUP,
                 topics::CANDIDATES,
                 &config.validator.consumer,
-            ),
+            )?,
             metrics: vm,
         };
         let vcfg = swimlane_validator::ValidatorConfig {
             policy: config.validator.policy(),
-            loop_options: loop_options(&config.validator.consumer),
+            loop_options: wiring::loop_options(&config.validator.consumer),
         };
         let s = stop.clone();
         threads.push((
@@ -131,37 +113,38 @@ impl Stages {
                 })?,
         ));
 
-        let pm = swimlane_publisher::PublisherMetrics::register(registry)?;
-        let pdeps = swimlane_publisher::PublisherDeps {
-            db: db.clone(),
-            repo,
-            emitter,
-            consumer: embedded_consumer(
-                db,
-                &keys,
-                p,
-                swimlane_publisher::GROUP,
-                topics::VERDICTS,
-                &config.publisher.consumer,
-            ),
-            metrics: pm,
-        };
-        let pcfg = swimlane_publisher::PublisherConfig {
-            target_accuracy: config.policy.target_accuracy,
-            loop_options: loop_options(&config.publisher.consumer),
-        };
-        let s = stop.clone();
-        threads.push((
-            "publisher".into(),
-            std::thread::Builder::new()
-                .name("publisher".into())
-                .spawn(move || {
-                    swimlane_publisher::run_stage_blocking(pcfg, pdeps, &|| {
-                        s.load(Ordering::Relaxed)
-                    })
-                    .map_err(|e| e.to_string())
-                })?,
-        ));
+        if publisher {
+            let pm = swimlane_publisher::PublisherMetrics::register(registry)?;
+            let pdeps = swimlane_publisher::PublisherDeps {
+                db: db.clone(),
+                repo,
+                emitter,
+                consumer: wiring::consumer(
+                    config,
+                    db,
+                    swimlane_publisher::GROUP,
+                    topics::VERDICTS,
+                    &config.publisher.consumer,
+                )?,
+                metrics: pm,
+            };
+            let pcfg = swimlane_publisher::PublisherConfig {
+                target_accuracy: config.policy.target_accuracy,
+                loop_options: wiring::loop_options(&config.publisher.consumer),
+            };
+            let s = stop.clone();
+            threads.push((
+                "publisher".into(),
+                std::thread::Builder::new()
+                    .name("publisher".into())
+                    .spawn(move || {
+                        swimlane_publisher::run_stage_blocking(pcfg, pdeps, &|| {
+                            s.load(Ordering::Relaxed)
+                        })
+                        .map_err(|e| e.to_string())
+                    })?,
+            ));
+        }
         Ok(Stages { stop, threads })
     }
 

@@ -3,8 +3,11 @@
 //! Each subcommand group lives in its own module; this file only parses arguments.
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
 mod bench_cmd;
 mod model_cmd;
+
+use swimlane_runtime::{Args, Config, Worker};
 
 // Training allocates a fresh tensor per op; glibc's allocator turns that into page
 // faults (shared/facts.md). mimalloc made training about 5x faster here.
@@ -30,8 +33,69 @@ enum Command {
         #[command(subcommand)]
         command: bench_cmd::BenchCommand,
     },
-    /// Run the whole pipeline on simulated swimmers (not built yet: see README).
-    Demo,
+    /// Run the whole fleet in this process on a fresh embedded store and drive it with
+    /// simulated swimmers through the HTTP APIs; print a table per swimmer.
+    Demo {
+        /// Simulated swimmers.
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Nights of uploads.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Share of uploads that are poisoned (labels shuffled).
+        #[arg(long, default_value_t = 0.15)]
+        poison_rate: f64,
+        /// Trainer threads.
+        #[arg(long, default_value_t = 2)]
+        trainers: usize,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// All four workers in this process, on the configured store and bus (default: an
+    /// embedded store in ./swimlane-data); installs the base model first if needed.
+    Dev {
+        #[command(flatten)]
+        args: Args,
+    },
+    /// Run one worker (the same code as its own binary, `swimlane-<worker>`).
+    Worker {
+        #[arg(value_enum)]
+        worker: WorkerName,
+        #[command(flatten)]
+        args: Args,
+    },
+    /// Set up a deployment; manage tokens.
+    Admin {
+        #[command(subcommand)]
+        command: admin_cmd::AdminCommand,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum WorkerName {
+    Ingest,
+    Trainer,
+    Validator,
+    Publisher,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn run_worker(w: WorkerName, config: Config) -> anyhow::Result<()> {
+    match w {
+        WorkerName::Ingest => swimlane_ingest::run_process(config).await?,
+        WorkerName::Trainer => swimlane_trainer::run_process(config).await?,
+        WorkerName::Validator => swimlane_validator::run_process(config).await?,
+        WorkerName::Publisher => swimlane_publisher::run(config).await?,
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,13 +103,70 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model_cmd::run(command),
         Command::Bench { command } => bench_cmd::run(command),
-        Command::Demo => {
-            println!(
-                "swimlane demo: the pipeline (ingest -> trainer -> validator -> publisher) is \
-                 not built yet; it arrives with issue 4. Today you can run:\n  \
-                 swimlane model evaluate --swimmers 20 --seed 7\n  swimlane bench store"
-            );
+        Command::Demo {
+            users,
+            seed,
+            rounds,
+            poison_rate,
+            trainers,
+            json,
+        } => {
+            // The demo prints its own progress; workers' logs only when asked for.
+            if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+                std::env::set_var("SWIMLANE_LOG", "warn");
+            }
+            swimlane_runtime::init_tracing(false);
+            let opts = swimlane_cli::demo::DemoOptions {
+                users,
+                seed,
+                rounds,
+                poison_rate,
+                trainers,
+                progress: true,
+                ..Default::default()
+            };
+            let report = runtime()?.block_on(swimlane_cli::demo::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                swimlane_cli::demo::print_table(&report);
+            }
             Ok(())
         }
+        Command::Dev { args } => {
+            let config = Config::load(&args, None)?;
+            swimlane_runtime::init_tracing(config.log_json);
+            let db = swimlane_runtime::open_store(&config)?;
+            let installed = swimlane_cli::init::install(&db, &config.deployment, 7, None)?;
+            if !installed.already_present {
+                eprintln!("installed the base model and guard set");
+            }
+            drop(db);
+            eprintln!(
+                "swimlane dev: ingest on http://{}, models on http://{}; create a device token with `swimlane admin token create --user NAME`",
+                config.ingest.listen, config.publisher.listen
+            );
+            runtime()?.block_on(async move {
+                let r = tokio::try_join!(
+                    run_worker(WorkerName::Ingest, config.clone()),
+                    run_worker(WorkerName::Trainer, config.clone()),
+                    run_worker(WorkerName::Validator, config.clone()),
+                    run_worker(WorkerName::Publisher, config.clone()),
+                );
+                r.map(|_| ())
+            })
+        }
+        Command::Worker { worker, args } => {
+            let w = match worker {
+                WorkerName::Ingest => Worker::Ingest,
+                WorkerName::Trainer => Worker::Trainer,
+                WorkerName::Validator => Worker::Validator,
+                WorkerName::Publisher => Worker::Publisher,
+            };
+            let config = Config::load(&args, Some(w))?;
+            swimlane_runtime::init_tracing(config.log_json);
+            runtime()?.block_on(run_worker(worker, config))
+        }
+        Command::Admin { command } => admin_cmd::run(command),
     }
 }

@@ -1,19 +1,36 @@
 //! The validation policy and the convergence rule: pure functions of measured
 //! accuracies.
+//!
+//! The validator compares the candidate with the user's current model on the same
+//! held-out windows (never trained on), in three ways:
+//! - **significant gain** on all held-out windows, counted per window: `improved`
+//!   windows the candidate gets right and the current model wrong, `regressed` the
+//!   reverse. The net gain must reach `margin` (as a share of the windows) and be
+//!   significant: `improved - regressed >= z * sqrt(improved + regressed)` (a one-sided
+//!   sign test). Labels shuffled at random give `improved ≈ regressed`, so a poisoned
+//!   candidate passes this only by chance (about 0.6% at z = 2.5).
+//! - **no forgetting** on the established held-out windows (those of batches already in
+//!   a published model): a candidate that loses more than `history_max_drop` there
+//!   unlearned what was validated before, as training on wrong labels does.
+//! - **no collapse** on the population guard set.
 use serde::{Deserialize, Serialize};
 
 /// When a candidate may replace a user's current model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValidationPolicy {
-    /// The candidate's held-out accuracy must exceed the current model's by at least
-    /// this much (absolute).
+    /// Net held-out gain (improved minus regressed windows, as a share of all held-out
+    /// windows) the candidate needs.
     pub margin: f32,
-    /// Fewer held-out windows than this and no candidate is accepted (too little
-    /// evidence).
+    /// Fewer held-out windows than this and the run is deferred (too little evidence):
+    /// its batches wait and are trained again with the user's next batch.
     pub min_heldout: u32,
-    /// The candidate may lose at most this much accuracy on the population guard set
-    /// compared with the current model; more means it collapsed (e.g. poisoned labels).
+    /// One-sided significance of the gain, in standard deviations of a sign test.
+    pub significance_z: f32,
+    /// Most accuracy the candidate may lose on the established held-out windows.
+    pub history_max_drop: f32,
+    /// Most accuracy the candidate may lose on the population guard set compared with
+    /// the current model; more means it collapsed.
     pub guard_max_drop: f32,
 }
 
@@ -22,13 +39,16 @@ impl Default for ValidationPolicy {
         ValidationPolicy {
             margin: 0.02,
             min_heldout: 10,
-            guard_max_drop: 0.15,
+            significance_z: 2.5,
+            history_max_drop: 0.02,
+            guard_max_drop: 0.25,
         }
     }
 }
 
 /// What the validator does with a candidate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Decision {
     Accept,
     Reject,
@@ -38,36 +58,55 @@ pub enum Decision {
 }
 
 /// The measurements a verdict is made from.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Scores {
+    /// All held-out windows: accuracy of each model, and the per-window comparison.
     pub candidate_heldout: f32,
     pub current_heldout: f32,
     pub heldout_samples: u32,
+    pub improved: u32,
+    pub regressed: u32,
+    /// The established held-out windows (batches already in a published model).
+    pub candidate_history: f32,
+    pub current_history: f32,
+    pub history_samples: u32,
+    /// The population guard set.
     pub candidate_guard: f32,
     pub current_guard: f32,
 }
 
 impl ValidationPolicy {
-    /// Accept, reject, or defer (too little held-out evidence to judge), with the
-    /// reason. Accepts only with enough held-out evidence, a gain of at least `margin`,
-    /// and no guard-set collapse.
+    /// Accept, reject or defer, with the reason.
     pub fn decide(&self, s: &Scores) -> (Decision, String) {
         if s.heldout_samples < self.min_heldout {
             return (
                 Decision::Defer,
                 format!(
-                    "only {} held-out windows (need {})",
+                    "only {} held-out windows (need {}); waiting for more corrections",
                     s.heldout_samples, self.min_heldout
                 ),
             );
         }
-        let gain = s.candidate_heldout - s.current_heldout;
-        if gain < self.margin {
+        let net = s.improved as f32 - s.regressed as f32;
+        let share = net / s.heldout_samples as f32;
+        let needed = self.significance_z * ((s.improved + s.regressed) as f32).sqrt();
+        if share < self.margin || net < needed || net <= 0.0 {
             return (
                 Decision::Reject,
                 format!(
-                    "held-out accuracy {:.3} vs current {:.3}: gain {:.3} below margin {:.3}",
-                    s.candidate_heldout, s.current_heldout, gain, self.margin
+                    "no significant held-out gain: {} windows improved, {} regressed of {} (net {:+.3}, need {:+.3} and {:.1} > {:.1})",
+                    s.improved, s.regressed, s.heldout_samples, share, self.margin, net, needed
+                ),
+            );
+        }
+        if s.history_samples >= self.min_heldout
+            && s.current_history - s.candidate_history > self.history_max_drop
+        {
+            return (
+                Decision::Reject,
+                format!(
+                    "forgets validated behaviour: established held-out accuracy {:.3} -> {:.3} on {} windows",
+                    s.current_history, s.candidate_history, s.history_samples
                 ),
             );
         }
@@ -84,8 +123,8 @@ impl ValidationPolicy {
         (
             Decision::Accept,
             format!(
-                "held-out accuracy {:.3} vs current {:.3} (+{:.3})",
-                s.candidate_heldout, s.current_heldout, gain
+                "held-out accuracy {:.3} -> {:.3} ({} improved, {} regressed of {})",
+                s.current_heldout, s.candidate_heldout, s.improved, s.regressed, s.heldout_samples
             ),
         )
     }
@@ -100,36 +139,72 @@ pub fn converged(heldout_accuracy: f32, target: f32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    fn s(c: f32, cur: f32, n: u32, cg: f32, curg: f32) -> Scores {
+
+    fn s(improved: u32, regressed: u32, n: u32) -> Scores {
         Scores {
-            candidate_heldout: c,
-            current_heldout: cur,
+            candidate_heldout: 0.9,
+            current_heldout: 0.5,
             heldout_samples: n,
-            candidate_guard: cg,
-            current_guard: curg,
+            improved,
+            regressed,
+            candidate_history: 0.95,
+            current_history: 0.95,
+            history_samples: 50,
+            candidate_guard: 0.9,
+            current_guard: 0.9,
         }
     }
+
     #[test]
-    fn accepts_only_a_real_gain_without_collapse() {
-        let p = ValidationPolicy::default();
+    fn accepts_only_a_significant_gain_without_forgetting_or_collapse() {
         use Decision::*;
-        assert_eq!(p.decide(&s(0.9, 0.8, 50, 0.9, 0.9)).0, Accept);
+        let p = ValidationPolicy::default();
+        assert_eq!(p.decide(&s(30, 2, 60)).0, Accept);
+        assert_eq!(p.decide(&s(9, 0, 5)).0, Defer, "too little evidence");
         assert_eq!(
-            p.decide(&s(0.81, 0.8, 50, 0.9, 0.9)).0,
+            p.decide(&s(12, 10, 60)).0,
             Reject,
-            "gain under margin"
+            "a coin-flip difference is not a gain"
         );
-        assert_eq!(p.decide(&s(0.7, 0.8, 50, 0.9, 0.9)).0, Reject, "worse");
+        assert_eq!(p.decide(&s(1, 0, 100)).0, Reject, "under the margin");
+        assert_eq!(p.decide(&s(0, 0, 60)).0, Reject, "no change is no gain");
+        let mut forget = s(30, 2, 60);
+        forget.candidate_history = 0.80;
+        assert_eq!(p.decide(&forget).0, Reject);
+        let mut few = forget;
+        few.history_samples = 3;
         assert_eq!(
-            p.decide(&s(0.9, 0.8, 5, 0.9, 0.9)).0,
-            Defer,
-            "too little evidence"
+            p.decide(&few).0,
+            Accept,
+            "history too small to judge forgetting"
         );
-        assert_eq!(
-            p.decide(&s(0.9, 0.8, 50, 0.5, 0.9)).0,
-            Reject,
-            "guard collapse"
-        );
+        let mut collapse = s(30, 2, 60);
+        collapse.candidate_guard = 0.5;
+        assert_eq!(p.decide(&collapse).0, Reject);
+    }
+
+    #[test]
+    fn shuffled_labels_rarely_pass_the_sign_test() {
+        // With improved and regressed equally likely, count how often a sign test at the
+        // default z passes, over every (improved, regressed) split of 40 changed windows
+        // weighted by its binomial probability: it must stay under 1%.
+        let p = ValidationPolicy::default();
+        let n = 40u32;
+        let mut pass = 0.0f64;
+        let mut binom = 1.0f64; // C(n, k)
+        for k in 0..=n {
+            if k > 0 {
+                binom = binom * (n - k + 1) as f64 / k as f64;
+            }
+            if p.decide(&s(k, n - k, 200)).0 == Decision::Accept {
+                pass += binom / 2f64.powi(n as i32);
+            }
+        }
+        assert!(pass < 0.01, "{pass}");
+    }
+
+    #[test]
+    fn convergence_is_a_threshold() {
         assert!(converged(0.97, 0.97) && !converged(0.96, 0.97));
     }
 }

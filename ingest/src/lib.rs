@@ -136,3 +136,20 @@ pub async fn run(
         .await
         .map_err(|e| IngestError::Task(e.to_string()))?
 }
+
+/// Run a whole ingest process from its config: store, bus, signal handling, the API
+/// and the ops server, until SIGTERM/SIGINT. What `swimlane-ingest` and
+/// `swimlane worker ingest` run.
+pub async fn run_process(config: Config) -> Result<(), IngestError> {
+    let db = swimlane_runtime::open_store(&config)?;
+    let emitter = swimlane_runtime::wiring::emitter(&config)?;
+    let shutdown = CancellationToken::new();
+    swimlane_runtime::shutdown_signal(shutdown.clone());
+    let deps = IngestDeps {
+        db,
+        emitter,
+        registry: swimlane_runtime::new_registry(),
+        clock: std::sync::Arc::new(swimlane_runtime::SystemWallClock),
+    };
+    run(config, deps, shutdown).await
+}

@@ -21,6 +21,12 @@ pub enum PublisherError {
     Bus(#[from] swimlane_bus::BusError),
     #[error("publisher thread failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Runtime(#[from] swimlane_runtime::RuntimeError),
+    #[error("metrics registration failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("serving the model API failed: {0}")]
+    Serve(std::io::Error),
 }
 
 #[derive(Clone, Debug)]
@@ -86,3 +92,79 @@ pub fn run_stage_blocking(
 
 pub mod http;
 pub use http::{router, ApiState};
+
+/// A publisher process's API and stage, running.
+pub struct Running {
+    /// Where the model API listens.
+    pub api_addr: std::net::SocketAddr,
+    /// Where /metrics, /healthz and /readyz listen.
+    pub ops_addr: std::net::SocketAddr,
+    pub shutdown: CancellationToken,
+    /// Ends when both the API and the stage have stopped.
+    pub handle: tokio::task::JoinHandle<Result<(), PublisherError>>,
+}
+
+/// Start the model API on `publisher.listen` and the publishing stage, with ops on
+/// `publisher.metrics_listen`; both stop when `shutdown` (wired to SIGTERM/SIGINT) is
+/// cancelled.
+pub async fn start(config: swimlane_runtime::Config) -> Result<Running, PublisherError> {
+    use swimlane_runtime::wiring::{self, Process};
+    use swimlane_runtime::Worker;
+    let p = Process::start(&config, Worker::Publisher).await?;
+    let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
+    let metrics = PublisherMetrics::register(&p.registry)?;
+    let deps = PublisherDeps {
+        db: p.db.clone(),
+        repo: repo.clone(),
+        emitter: wiring::emitter(&config)?,
+        consumer: wiring::consumer(
+            &config,
+            &p.db,
+            GROUP,
+            swimlane_core::topics::VERDICTS,
+            &config.publisher.consumer,
+        )?,
+        metrics: metrics.clone(),
+    };
+    let cfg = PublisherConfig {
+        target_accuracy: config.policy.target_accuracy,
+        loop_options: wiring::loop_options(&config.publisher.consumer),
+    };
+    let api = router(ApiState {
+        db: p.db.clone(),
+        repo,
+        admin_token_sha256: config.admin_token_sha256.clone().into(),
+        metrics,
+    });
+    let listener = swimlane_runtime::bind(config.publisher.listen, "publisher API").await?;
+    let api_addr = listener.local_addr().map_err(PublisherError::Serve)?;
+    tracing::info!(%api_addr, "publisher API listening");
+    p.ready.set(true);
+    let shutdown = p.shutdown.clone();
+    let stage = tokio::spawn(run_stage_worker(cfg, deps, shutdown.clone()));
+    let serve =
+        axum::serve(listener, api).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let ops = p.ops.handle;
+    let handle = tokio::spawn(async move {
+        let served = serve.await.map_err(PublisherError::Serve);
+        let staged = stage
+            .await
+            .map_err(|e| PublisherError::Join(e.to_string()))?;
+        let _ = ops.await;
+        served.and(staged)
+    });
+    Ok(Running {
+        api_addr,
+        ops_addr: p.ops.local_addr,
+        shutdown,
+        handle,
+    })
+}
+
+/// [`start`], then wait until everything stopped.
+pub async fn run(config: swimlane_runtime::Config) -> Result<(), PublisherError> {
+    let r = start(config).await?;
+    r.handle
+        .await
+        .map_err(|e| PublisherError::Join(e.to_string()))?
+}

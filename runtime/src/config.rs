@@ -136,6 +136,10 @@ pub struct ValidatorConfig {
     pub margin: f32,
     /// Fewer held-out windows than this and no candidate is accepted.
     pub min_heldout: u32,
+    /// One-sided significance (sign test, in standard deviations) the gain needs.
+    pub significance_z: f32,
+    /// Most accuracy a candidate may lose on the user's established held-out windows.
+    pub history_max_drop: f32,
     /// Most accuracy a candidate may lose on the population guard set.
     pub guard_max_drop: f32,
     pub consumer: ConsumerConfig,
@@ -216,6 +220,8 @@ impl Default for ValidatorConfig {
             metrics_listen: addr("127.0.0.1:9103"),
             margin: p.margin,
             min_heldout: p.min_heldout,
+            significance_z: p.significance_z,
+            history_max_drop: p.history_max_drop,
             guard_max_drop: p.guard_max_drop,
             consumer: ConsumerConfig::default(),
         }
@@ -244,6 +250,8 @@ impl ValidatorConfig {
         ValidationPolicy {
             margin: self.margin,
             min_heldout: self.min_heldout,
+            significance_z: self.significance_z,
+            history_max_drop: self.history_max_drop,
             guard_max_drop: self.guard_max_drop,
         }
     }
@@ -650,6 +658,12 @@ impl Config {
         }
         if !(0.0..1.0).contains(&self.validator.margin) {
             return Err(invalid("validator.margin", "must be in [0, 1)"));
+        }
+        if !(0.0..=10.0).contains(&self.validator.significance_z) {
+            return Err(invalid("validator.significance_z", "must be in [0, 10]"));
+        }
+        if !(0.0..=1.0).contains(&self.validator.history_max_drop) {
+            return Err(invalid("validator.history_max_drop", "must be in [0, 1]"));
         }
         if !(0.0..=1.0).contains(&self.validator.guard_max_drop) {
             return Err(invalid("validator.guard_max_drop", "must be in [0, 1]"));

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod wiring;
 
 pub use clock::{ManualWallClock, SystemWallClock, WallClock};
 pub use config::{Args, Config, ConfigError, Worker};
@@ -48,6 +49,8 @@ pub enum RuntimeError {
     },
     #[error("store {location:?} is FoundationDB, but this binary was built without FoundationDB support; rebuild with `--features fdb`")]
     FdbNotBuilt { location: String },
+    #[error("bus {location:?} is not supported by this build yet; use `embedded`")]
+    BusNotBuilt { location: String },
     #[error("metrics registration failed: {0}")]
     Metrics(#[from] prometheus::Error),
 }

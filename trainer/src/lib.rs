@@ -34,6 +34,10 @@ pub use metrics::TrainerMetrics;
 /// The consumer group every trainer joins.
 pub const GROUP: &str = "trainers";
 
+/// Most records (and so candidates) one delivery, and one commit, may carry: 8
+/// models of at most 1 MiB stay well inside the store's 10 MB transaction limit.
+pub const MAX_RUNS_PER_COMMIT: usize = 8;
+
 /// Errors that stop the trainer.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
@@ -41,6 +45,10 @@ pub enum TrainerError {
     Bus(#[from] swimlane_bus::BusError),
     #[error("trainer thread failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Runtime(#[from] swimlane_runtime::RuntimeError),
+    #[error("metrics registration failed: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// What the trainer needs to know.
@@ -92,6 +100,13 @@ pub fn run_blocking(
     deps: TrainerDeps,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), TrainerError> {
+    let mut config = config;
+    // Every candidate of a delivery commits in one transaction (10 MB limit): cap the
+    // delivery so that its candidates (at most 1 MiB each) fit with room.
+    config.loop_options.max_records = config
+        .loop_options
+        .max_records
+        .clamp(1, MAX_RUNS_PER_COMMIT);
     let TrainerDeps {
         db,
         repo,
@@ -390,4 +405,34 @@ impl StageHandler for Trainer {
         self.metrics.dead_letters.inc_by(dead.len() as u64);
         Ok(())
     }
+}
+
+/// Run a whole trainer process from its config: store, metrics and health server,
+/// signal handling, then the stage until SIGTERM/SIGINT. What `swimlane-trainer` and
+/// `swimlane worker trainer` run.
+pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), TrainerError> {
+    use swimlane_core::{keys::Keys, topics};
+    use swimlane_runtime::wiring::{self, Process};
+    use swimlane_runtime::Worker;
+    let p = Process::start(&config, Worker::Trainer).await?;
+    let deps = TrainerDeps {
+        repo: Repo::new(Keys::new(&config.deployment)),
+        emitter: wiring::emitter(&config)?,
+        consumer: wiring::consumer(
+            &config,
+            &p.db,
+            GROUP,
+            topics::BATCHES,
+            &config.trainer.consumer,
+        )?,
+        metrics: TrainerMetrics::register(&p.registry)?,
+        db: p.db.clone(),
+    };
+    let cfg = TrainerConfig {
+        loop_options: wiring::loop_options(&config.trainer.consumer),
+        ..Default::default()
+    };
+    p.ready.set(true);
+    run(cfg, deps, p.shutdown.clone()).await?;
+    Ok(())
 }

