@@ -112,7 +112,8 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             // The demo prints its own progress; workers' logs only when asked for.
-            if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+            if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none()
+            {
                 std::env::set_var("SWIMLANE_LOG", "warn");
             }
             swimlane_runtime::init_tracing(false);
