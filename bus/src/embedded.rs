@@ -362,6 +362,18 @@ impl Consumer for EmbeddedConsumer {
         }
     }
 
+    fn lag(&mut self) -> Result<u64, BusError> {
+        let owned: Vec<(u32, u64)> = self.owned.iter().map(|(p, o)| (*p, o.cursor)).collect();
+        let (bus, topic) = (&self.bus, &self.opts.topic);
+        Ok(self.db.transact(|tx| {
+            let mut lag = 0;
+            for (p, cursor) in &owned {
+                lag += bus.high_watermark(tx, topic, *p)?.saturating_sub(*cursor);
+            }
+            Ok(lag)
+        })?)
+    }
+
     fn close(&mut self) -> Result<(), BusError> {
         let owned: Vec<Fence> = self.owned.values().map(|o| o.fence.clone()).collect();
         let (keys, opts) = (&self.keys, &self.opts);

@@ -96,6 +96,9 @@ pub trait Consumer: Send {
     fn fenced(&mut self, fence: &Fence);
     /// Leave the group, releasing owned partitions so others take them at once.
     fn close(&mut self) -> Result<(), BusError>;
+    /// Records waiting on the partitions this member owns (high watermark minus the
+    /// committed cursor, summed).
+    fn lag(&mut self) -> Result<u64, BusError>;
 }
 
 /// Stable partition of `key` among `partitions` (FNV-1a).

@@ -18,12 +18,28 @@ pub trait StageHandler {
     fn handle(&mut self, delivery: &Delivery) -> Result<(), KvError>;
 }
 
+/// Receives the consumer's lag (records waiting on its partitions), at most once a
+/// second.
+pub type LagSink = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
 /// How the loop polls and backs off.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LoopOptions {
     pub max_records: usize,
     pub poll_timeout: Duration,
     pub max_backoff: Duration,
+    /// Where to report lag (a metrics gauge), if anywhere.
+    pub lag: Option<LagSink>,
+}
+
+impl std::fmt::Debug for LoopOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopOptions")
+            .field("max_records", &self.max_records)
+            .field("poll_timeout", &self.poll_timeout)
+            .field("max_backoff", &self.max_backoff)
+            .finish()
+    }
 }
 
 impl Default for LoopOptions {
@@ -32,6 +48,7 @@ impl Default for LoopOptions {
             max_records: 8,
             poll_timeout: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            lag: None,
         }
     }
 }
@@ -45,7 +62,16 @@ pub fn run_stage(
     stop: &dyn Fn() -> bool,
 ) -> Result<(), BusError> {
     let mut backoff = Duration::from_millis(50);
+    let mut lag_reported: Option<std::time::Instant> = None;
     while !stop() {
+        if let Some(sink) = &opts.lag {
+            if lag_reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if let Ok(l) = consumer.lag() {
+                    sink(l);
+                }
+                lag_reported = Some(std::time::Instant::now());
+            }
+        }
         let delivery = match consumer.poll(opts.max_records, opts.poll_timeout) {
             Ok(Some(d)) => d,
             Ok(None) => continue,

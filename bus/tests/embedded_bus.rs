@@ -149,3 +149,18 @@ fn two_members_split_the_partitions_and_one_takes_all_when_the_other_leaves() {
     b.rebalance().unwrap();
     assert_eq!(b.owned_partitions().len(), 4);
 }
+
+#[test]
+fn lag_counts_records_not_yet_committed() {
+    let (_d, db, keys, bus) = setup();
+    for i in 0..5 {
+        emit(&db, &bus, "same-user", &format!("{i}"));
+    }
+    let (_c, now) = clock(1_000);
+    let mut c = consumer(&db, &keys, &bus, "m1", now);
+    c.rebalance().unwrap();
+    assert_eq!(c.lag().unwrap(), 5);
+    let got = drain(&db, &keys, &mut c);
+    assert_eq!(got.len(), 5);
+    assert_eq!(c.lag().unwrap(), 0);
+}

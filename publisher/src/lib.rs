@@ -79,6 +79,7 @@ pub fn run_stage_blocking(
         mut consumer,
         metrics,
     } = deps;
+    let lag_gauge = metrics.bus_lag.clone();
     let mut h = stage::Publisher {
         db,
         repo,
@@ -86,7 +87,12 @@ pub fn run_stage_blocking(
         metrics,
         target_accuracy: config.target_accuracy,
     };
-    run_stage(consumer.as_mut(), &mut h, &config.loop_options, stop)?;
+    let mut opts = config.loop_options.clone();
+    if opts.lag.is_none() {
+        let gauge = lag_gauge;
+        opts.lag = Some(std::sync::Arc::new(move |l| gauge.set(l as i64)));
+    }
+    run_stage(consumer.as_mut(), &mut h, &opts, stop)?;
     Ok(())
 }
 

@@ -1,9 +1,11 @@
 //! The publisher's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 
 /// Metrics the publisher exports as `swimlane_publisher_*`.
 #[derive(Clone)]
 pub struct PublisherMetrics {
+    /// Records waiting on this member's partitions.
+    pub bus_lag: IntGauge,
     pub publishes: IntCounter,
     pub dead_letters: IntCounter,
     /// Time from a batch's upload being accepted to the model containing it published.
@@ -17,6 +19,10 @@ pub struct PublisherMetrics {
 impl PublisherMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = PublisherMetrics {
+            bus_lag: IntGauge::new(
+                "swimlane_publisher_bus_lag_records",
+                "Records waiting on the partitions this member owns",
+            )?,
             publishes: IntCounter::new(
                 "swimlane_publisher_publishes_total",
                 "Model versions published",
@@ -48,6 +54,7 @@ impl PublisherMetrics {
                 "Model downloads served (200 responses)",
             )?,
         };
+        registry.register(Box::new(m.bus_lag.clone()))?;
         registry.register(Box::new(m.publishes.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.upload_to_publish_seconds.clone()))?;

@@ -114,6 +114,7 @@ pub fn run_blocking(
         mut consumer,
         metrics,
     } = deps;
+    let lag_gauge = metrics.bus_lag.clone();
     let mut handler = Trainer {
         db,
         repo,
@@ -121,7 +122,12 @@ pub fn run_blocking(
         metrics,
         train: config.train,
     };
-    run_stage(consumer.as_mut(), &mut handler, &config.loop_options, stop)?;
+    let mut opts = config.loop_options.clone();
+    if opts.lag.is_none() {
+        let gauge = lag_gauge;
+        opts.lag = Some(std::sync::Arc::new(move |l| gauge.set(l as i64)));
+    }
+    run_stage(consumer.as_mut(), &mut handler, &opts, stop)?;
     Ok(())
 }
 

@@ -1,9 +1,11 @@
 //! The trainer's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 
 /// Counters and histograms the trainer exports as `swimlane_trainer_*`.
 #[derive(Clone)]
 pub struct TrainerMetrics {
+    /// Records waiting on this member's partitions.
+    pub bus_lag: IntGauge,
     pub train_seconds: Histogram,
     pub runs_committed: IntCounter,
     pub runs_failed: IntCounter,
@@ -14,6 +16,10 @@ impl TrainerMetrics {
     /// Create and register on `registry` (errors if registered twice).
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = TrainerMetrics {
+            bus_lag: IntGauge::new(
+                "swimlane_trainer_bus_lag_records",
+                "Records waiting on the partitions this member owns",
+            )?,
             train_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "swimlane_trainer_train_seconds",
@@ -36,6 +42,7 @@ impl TrainerMetrics {
                 "Records the trainer could not process, sent to the dead-letter topic",
             )?,
         };
+        registry.register(Box::new(m.bus_lag.clone()))?;
         registry.register(Box::new(m.train_seconds.clone()))?;
         registry.register(Box::new(m.runs_committed.clone()))?;
         registry.register(Box::new(m.runs_failed.clone()))?;

@@ -82,6 +82,7 @@ pub fn run_blocking(
         mut consumer,
         metrics,
     } = deps;
+    let lag_gauge = metrics.bus_lag.clone();
     let mut h = Validator {
         db,
         repo,
@@ -90,7 +91,12 @@ pub fn run_blocking(
         policy: config.policy,
         guard: None,
     };
-    run_stage(consumer.as_mut(), &mut h, &config.loop_options, stop)?;
+    let mut opts = config.loop_options.clone();
+    if opts.lag.is_none() {
+        let gauge = lag_gauge;
+        opts.lag = Some(std::sync::Arc::new(move |l| gauge.set(l as i64)));
+    }
+    run_stage(consumer.as_mut(), &mut h, &opts, stop)?;
     Ok(())
 }
 

@@ -1,9 +1,11 @@
 //! The validator's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Metrics the validator exports as `swimlane_validator_*`.
 #[derive(Clone)]
 pub struct ValidatorMetrics {
+    /// Records waiting on this member's partitions.
+    pub bus_lag: IntGauge,
     pub validate_seconds: Histogram,
     /// Label `verdict`: `accepted` | `rejected` | `deferred`.
     pub verdicts: IntCounterVec,
@@ -13,6 +15,10 @@ pub struct ValidatorMetrics {
 impl ValidatorMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = ValidatorMetrics {
+            bus_lag: IntGauge::new(
+                "swimlane_validator_bus_lag_records",
+                "Records waiting on the partitions this member owns",
+            )?,
             validate_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "swimlane_validator_validate_seconds",
@@ -31,6 +37,7 @@ impl ValidatorMetrics {
                 "Records sent to the dead-letter topic",
             )?,
         };
+        registry.register(Box::new(m.bus_lag.clone()))?;
         registry.register(Box::new(m.validate_seconds.clone()))?;
         registry.register(Box::new(m.verdicts.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
