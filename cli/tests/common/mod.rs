@@ -1,0 +1,545 @@
+//! Shared by the multi-process tests: a fleet of `swimlane worker …` child processes on
+//! one embedded store, each on its own ports, killed when the fleet is dropped (also on
+//! panic); a device's HTTP client; reads of the store and of the embedded log.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use swimlane_bus::embedded::EmbeddedBus;
+use swimlane_bus::positions;
+use swimlane_core::keys::Keys;
+use swimlane_core::Event;
+use swimlane_model::{MicroModel, Sample};
+use swimlane_runtime::Config;
+use swimlane_state::{Repo, BASE_MODEL_BLOB};
+use swimlane_store::Db;
+
+/// The four worker kinds, in pipeline order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Ingest,
+    Trainer,
+    Validator,
+    Publisher,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::Ingest,
+        Kind::Trainer,
+        Kind::Validator,
+        Kind::Publisher,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ingest => "ingest",
+            Kind::Trainer => "trainer",
+            Kind::Validator => "validator",
+            Kind::Publisher => "publisher",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+    /// The consumer group and the topic it consumes (none for ingest).
+    pub fn consumes(self) -> Option<(&'static str, &'static str)> {
+        use swimlane_core::topics;
+        match self {
+            Kind::Ingest => None,
+            Kind::Trainer => Some(("trainers", topics::BATCHES)),
+            Kind::Validator => Some(("validators", topics::CANDIDATES)),
+            Kind::Publisher => Some(("publishers", topics::VERDICTS)),
+        }
+    }
+}
+
+/// Addresses of every listener of the fleet.
+#[derive(Clone, Debug)]
+pub struct Ports {
+    pub ingest_api: SocketAddr,
+    pub ingest_ops: SocketAddr,
+    pub trainer_ops: SocketAddr,
+    pub validator_ops: SocketAddr,
+    pub publisher_api: SocketAddr,
+    pub publisher_ops: SocketAddr,
+}
+
+impl Ports {
+    /// Free ports on 127.0.0.1: bind port 0 for all of them at once (so they differ),
+    /// then release them.
+    pub fn pick() -> Ports {
+        let ls: Vec<TcpListener> = (0..6)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+            .collect();
+        let a: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        Ports {
+            ingest_api: a[0],
+            ingest_ops: a[1],
+            trainer_ops: a[2],
+            validator_ops: a[3],
+            publisher_api: a[4],
+            publisher_ops: a[5],
+        }
+    }
+    pub fn ops(&self, k: Kind) -> SocketAddr {
+        match k {
+            Kind::Ingest => self.ingest_ops,
+            Kind::Trainer => self.trainer_ops,
+            Kind::Validator => self.validator_ops,
+            Kind::Publisher => self.publisher_ops,
+        }
+    }
+}
+
+pub const DEPLOYMENT: &str = "proc-test";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_swimlane")
+}
+
+struct Slot {
+    child: Option<Child>,
+    /// Processes started for this kind so far (names the log files).
+    started: usize,
+}
+
+/// Four worker processes on one embedded store in a temporary directory. Dropping it
+/// kills every child (SIGKILL) and waits for them.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub ports: Ports,
+    env: Vec<(String, String)>,
+    slots: Mutex<Vec<Slot>>,
+}
+
+impl Fleet {
+    /// A fresh store set up with `swimlane admin init`; no worker running yet.
+    /// `extra_env`: more `SWIMLANE_*` settings for every worker.
+    pub fn new(extra_env: &[(&str, &str)]) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let ports = Ports::pick();
+        let store = dir.path().join("store");
+        let mut env: Vec<(String, String)> = vec![
+            ("SWIMLANE_STORE".into(), store.display().to_string()),
+            ("SWIMLANE_DEPLOYMENT".into(), DEPLOYMENT.into()),
+            ("SWIMLANE_LOG".into(), "info".into()),
+            (
+                "SWIMLANE_INGEST_LISTEN".into(),
+                ports.ingest_api.to_string(),
+            ),
+            (
+                "SWIMLANE_INGEST_METRICS_LISTEN".into(),
+                ports.ingest_ops.to_string(),
+            ),
+            (
+                "SWIMLANE_TRAINER_METRICS_LISTEN".into(),
+                ports.trainer_ops.to_string(),
+            ),
+            (
+                "SWIMLANE_VALIDATOR_METRICS_LISTEN".into(),
+                ports.validator_ops.to_string(),
+            ),
+            (
+                "SWIMLANE_PUBLISHER_LISTEN".into(),
+                ports.publisher_api.to_string(),
+            ),
+            (
+                "SWIMLANE_PUBLISHER_METRICS_LISTEN".into(),
+                ports.publisher_ops.to_string(),
+            ),
+        ];
+        for (k, v) in extra_env {
+            env.retain(|(k2, _)| k2 != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let fleet = Fleet {
+            dir,
+            ports,
+            env,
+            slots: Mutex::new(
+                (0..4)
+                    .map(|_| Slot {
+                        child: None,
+                        started: 0,
+                    })
+                    .collect(),
+            ),
+        };
+        let out = fleet.admin(&["init"]);
+        assert!(out.contains("installed"), "admin init: {out}");
+        fleet
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(bin());
+        // Only our settings: a stray SWIMLANE_* variable would change the config (or,
+        // unknown, be refused).
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SWIMLANE_") {
+                c.env_remove(k);
+            }
+        }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Run `swimlane admin ARGS --store DIR` and return its standard output.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut c = self.command();
+        c.arg("admin").args(args);
+        c.arg("--store").arg(self.store_path());
+        let out = c.output().expect("run swimlane admin");
+        assert!(
+            out.status.success(),
+            "swimlane admin {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A new device token for `user`, through `swimlane admin token create`.
+    pub fn token(&self, user: &str) -> String {
+        let out = self.admin(&["token", "create", "--user", user]);
+        let t = out.trim().to_string();
+        assert!(t.starts_with("swl_"), "token create printed {out:?}");
+        t
+    }
+
+    fn log_path(&self, k: Kind, n: usize) -> PathBuf {
+        self.dir
+            .path()
+            .join("logs")
+            .join(format!("{}-{n}.log", k.name()))
+    }
+
+    /// Start a `k` worker (there must be none running); does not wait for readiness.
+    pub fn spawn(&self, k: Kind) -> u32 {
+        let mut slots = self.slots.lock().unwrap();
+        let slot = &mut slots[k.index()];
+        assert!(slot.child.is_none(), "{} already running", k.name());
+        slot.started += 1;
+        let log = std::fs::File::create(self.log_path(k, slot.started)).unwrap();
+        let mut c = self.command();
+        c.args(["worker", k.name()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = c.spawn().expect("spawn swimlane worker");
+        let pid = child.id();
+        slot.child = Some(child);
+        pid
+    }
+
+    /// Wait until the `k` worker answers 200 on `/readyz`; panics (with its log) if it
+    /// exits or is not ready in time.
+    pub fn wait_ready(&self, k: Kind, within: Duration) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build();
+        let url = format!("http://{}/readyz", self.ports.ops(k));
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = agent.get(&url).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            {
+                let mut slots = self.slots.lock().unwrap();
+                let slot = &mut slots[k.index()];
+                if let Some(c) = slot.child.as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        let n = slot.started;
+                        drop(slots);
+                        panic!(
+                            "{} worker exited ({st}) before it was ready; its log:\n{}",
+                            k.name(),
+                            self.log_tail(k, n)
+                        );
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {within:?}; its log:\n{}",
+                k.name(),
+                self.log_tail(k, self.started(k))
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn started(&self, k: Kind) -> usize {
+        self.slots.lock().unwrap()[k.index()].started
+    }
+
+    /// Start all four workers and wait until each is ready.
+    pub fn start_all(&self) {
+        for k in Kind::ALL {
+            self.spawn(k);
+        }
+        for k in Kind::ALL {
+            self.wait_ready(k, Duration::from_secs(60));
+        }
+    }
+
+    /// SIGKILL the running `k` worker and reap it; returns its pid. Panics if it had
+    /// already exited (a worker must never die on its own).
+    pub fn kill(&self, k: Kind) -> u32 {
+        let mut slots = self.slots.lock().unwrap();
+        let slot = &mut slots[k.index()];
+        let mut child = slot.child.take().expect("worker running");
+        if let Ok(Some(st)) = child.try_wait() {
+            let n = slot.started;
+            drop(slots);
+            panic!(
+                "{} worker had exited on its own ({st}); its log:\n{}",
+                k.name(),
+                self.log_tail(k, n)
+            );
+        }
+        let pid = child.id();
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        pid
+    }
+
+    /// Check that every running worker is still alive.
+    pub fn assert_alive(&self) {
+        let mut slots = self.slots.lock().unwrap();
+        let mut dead = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Some(c) = slot.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    dead.push((Kind::ALL[i], slot.started, st));
+                }
+            }
+        }
+        drop(slots);
+        if let Some((k, n, st)) = dead.first() {
+            panic!(
+                "{} worker exited on its own ({st}); its log:\n{}",
+                k.name(),
+                self.log_tail(*k, *n)
+            );
+        }
+    }
+
+    /// The last lines of the `n`-th log of a `k` worker.
+    pub fn log_tail(&self, k: Kind, n: usize) -> String {
+        let s = std::fs::read_to_string(self.log_path(k, n)).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Every line at WARN or ERROR level in every worker log, with the log's name.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in Kind::ALL {
+            for n in 1..=self.started(k) {
+                let s = std::fs::read_to_string(self.log_path(k, n)).unwrap_or_default();
+                for l in s.lines() {
+                    if l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked") {
+                        out.push(format!("{}-{n}: {l}", k.name()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The store, opened in this process (the embedded store is safe to share between
+    /// processes).
+    pub fn db(&self) -> Db {
+        let mut config = Config::default();
+        config.store = self.store_path().display().to_string();
+        config.deployment = DEPLOYMENT.into();
+        swimlane_runtime::open_store(&config).expect("open the store")
+    }
+
+    pub fn ingest_url(&self) -> String {
+        format!("http://{}", self.ports.ingest_api)
+    }
+    pub fn publisher_url(&self) -> String {
+        format!("http://{}", self.ports.publisher_api)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let mut slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        for slot in slots.iter_mut() {
+            if let Some(mut c) = slot.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+pub fn keys() -> Keys {
+    Keys::new(DEPLOYMENT)
+}
+pub fn repo() -> Repo {
+    Repo::new(keys())
+}
+
+/// The deployment's base model, read from the store.
+pub fn base_model(db: &Db) -> MicroModel {
+    let bytes = db
+        .transact(|tx| repo().blob(tx, BASE_MODEL_BLOB))
+        .unwrap()
+        .expect("base model installed");
+    MicroModel::from_bytes(&bytes).unwrap()
+}
+
+/// The upload JSON of a batch (as `swimlane demo`'s devices send it).
+pub fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
+    let samples: Vec<_> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let frames: Vec<&[f32]> = s.frames.chunks(swimlane_core::WINDOW_FEATURES).collect();
+            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"batch_id": batch_id, "samples": samples})).unwrap()
+}
+
+/// An HTTP answer: status, headers we look at, body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(|s| s.as_str())
+    }
+}
+
+/// One request; `Err` only for transport errors (connection refused or reset, …).
+pub fn request(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Answer, String> {
+    let mut req = agent.request(method, url);
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    for (k, v) in extra {
+        req = req.set(k, v);
+    }
+    let res = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
+        None => req.call(),
+    };
+    let r = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = r.status();
+    let mut headers = BTreeMap::new();
+    for name in r.headers_names() {
+        if let Some(v) = r.header(&name) {
+            headers.insert(name.to_ascii_lowercase(), v.to_string());
+        }
+    }
+    let mut body = Vec::new();
+    r.into_reader()
+        .read_to_end(&mut body)
+        .map_err(|e| format!("reading the body: {e}"))?;
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// Records of every partition of `topic`, decoded, with their partition and offset.
+pub fn log_events(db: &Db, topic: &str, partitions: u32) -> Vec<(u32, u64, Event)> {
+    let bus = EmbeddedBus::new(keys(), partitions);
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let mut from = 0;
+        loop {
+            let recs = db
+                .transact(|tx| match bus.read(tx, topic, p, from, 500) {
+                    Ok(r) => Ok(r),
+                    Err(swimlane_bus::BusError::Store(e)) => Err(e),
+                    Err(e) => panic!("reading {topic}/{p}: {e}"),
+                })
+                .unwrap();
+            if recs.is_empty() {
+                break;
+            }
+            for r in recs {
+                assert_eq!(r.offset, from, "{topic}/{p}: offsets are dense");
+                let ev = Event::decode(&r.payload)
+                    .unwrap_or_else(|e| panic!("{topic}/{p}@{}: {e}", r.offset));
+                out.push((p, r.offset, ev));
+                from += 1;
+            }
+        }
+        let hw = db.transact(|tx| bus.high_watermark(tx, topic, p)).unwrap();
+        assert_eq!(hw, from, "{topic}/{p}: high watermark");
+    }
+    out
+}
+
+/// Records a consumer group has not committed yet, over every partition of its topic.
+pub fn backlog(db: &Db, k: Kind, partitions: u32) -> u64 {
+    let Some((group, topic)) = k.consumes() else {
+        return 0;
+    };
+    let bus = EmbeddedBus::new(keys(), partitions);
+    let keys = keys();
+    db.transact(|tx| {
+        let mut n = 0;
+        for p in 0..partitions {
+            let hw = bus.high_watermark(tx, topic, p)?;
+            let pos = positions::position(tx, &keys, group, topic, p)?;
+            n += hw.saturating_sub(pos);
+        }
+        Ok(n)
+    })
+    .unwrap()
+}
+
+/// Whether `status` (the API's word) is one a batch rests in.
+pub fn settled(status: &str) -> bool {
+    matches!(status, "published" | "rejected" | "deferred")
+}
