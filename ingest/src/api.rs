@@ -18,13 +18,14 @@ use swimlane_core::keys::Keys;
 use swimlane_core::records::{BatchRecord, BatchStatus};
 use swimlane_core::{BatchId, UserId};
 use swimlane_runtime::{Config, WallClock};
+use swimlane_state::tokens::AuthError;
+use swimlane_state::Repo;
 use swimlane_store::Db;
 use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::metrics::IngestMetrics;
 use crate::stage::{self, Encoding, StageOutcome};
-use crate::tokens::{self, constant_time_eq};
 
 /// What a request handler needs. Cheap to clone.
 #[derive(Clone)]
@@ -38,7 +39,7 @@ pub struct IngestState {
     pub(crate) body_timeout: std::time::Duration,
     pub(crate) limits: BatchLimits,
     /// SHA-256 hex of the admin token, or empty.
-    pub(crate) admin_token_sha256: String,
+    pub(crate) admin_token_sha256: Arc<str>,
 }
 
 impl IngestState {
@@ -56,7 +57,7 @@ impl IngestState {
             limits: BatchLimits {
                 max_samples: config.ingest.max_samples_per_batch as usize,
             },
-            admin_token_sha256: config.admin_token_sha256.clone(),
+            admin_token_sha256: config.admin_token_sha256.as_str().into(),
         })
     }
 
@@ -91,45 +92,37 @@ fn parse_user(user: String) -> Result<UserId, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_user_id", e.to_string()))
 }
 
-/// The bearer token of the request, if any. Never logged.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// Check the request may act for `user`: the admin token, or a live token of `user`.
+/// Check the request may act for `user`: the admin token, or a live token of `user`
+/// (see [`swimlane_state::tokens`]; the admin token and a malformed header need no
+/// store read). The `Authorization` header is never logged nor echoed.
 async fn authorize(
     state: &IngestState,
     headers: &HeaderMap,
     user: &UserId,
 ) -> Result<(), ApiError> {
-    let Some(token) = bearer(headers) else {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
             "missing bearer token (Authorization: Bearer <token>)",
         ));
     };
-    let hash = tokens::hash_token(token);
-    if !state.admin_token_sha256.is_empty()
-        && constant_time_eq(hash.as_bytes(), state.admin_token_sha256.as_bytes())
-    {
-        return Ok(());
-    }
-    let (db, keys) = (state.db.clone(), state.keys.clone());
-    let record = blocking(move || db.transact(|tx| tokens::lookup_token(tx, &keys, &hash)))
+    // A value that is not visible ASCII cannot be a token: refused like any malformed one.
+    let value = value.to_str().unwrap_or_default().to_string();
+    let (db, repo, admin) = (
+        state.db.clone(),
+        Repo::new(state.keys.clone()),
+        state.admin_token_sha256.clone(),
+    );
+    let caller = blocking(move || repo.authenticate_db(&db, Some(&value), &admin))
         .await?
         .map_err(|e| ApiError::store(&e))?;
-    match record {
-        Some(r) if !r.revoked => {
-            if &r.user == user {
-                Ok(())
-            } else {
-                Err(ApiError::forbidden())
-            }
-        }
-        _ => Err(ApiError::unauthorized("invalid or revoked token")),
-    }
+    caller
+        .and_then(|c| c.may_access(user))
+        .map_err(|e| match e {
+            AuthError::Unauthenticated => ApiError::unauthorized(
+                "invalid or revoked bearer token (Authorization: Bearer <token>)",
+            ),
+            AuthError::Forbidden => ApiError::forbidden(),
+        })
 }
 
 fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {

@@ -19,7 +19,8 @@
 //!
 //! Invariants: everything is validated before anything is written; a batch is staged
 //! in one transaction with its `BatchStaged` event (see [`stage`]); tokens are only
-//! ever handled as SHA-256 hashes (see [`tokens`]).
+//! ever handled as SHA-256 hashes, by [`swimlane_state::tokens`] (issued with
+//! `swimlane admin token create`).
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -35,11 +36,9 @@ pub mod api;
 pub mod error;
 pub mod metrics;
 pub mod stage;
-pub mod tokens;
 
 pub use api::{router, IngestState};
 pub use error::{ApiError, IngestError};
-pub use tokens::{create_token, hash_token, revoke_token, revoke_token_hash};
 
 /// What ingest runs on, built by the caller (the binary, `swimlane dev`, tests).
 #[derive(Clone)]

@@ -15,8 +15,10 @@ use swimlane_core::events::topics;
 use swimlane_core::keys::Keys;
 use swimlane_core::records::{decode_chunk, is_heldout, BatchRecord, BatchStatus};
 use swimlane_core::{Event, StrokeClass, UserId, WINDOW_FEATURES, WINDOW_FRAMES};
-use swimlane_ingest::{create_token, hash_token, revoke_token, router, IngestDeps, IngestState};
+use swimlane_ingest::{router, IngestDeps, IngestState};
 use swimlane_runtime::{Config, ManualWallClock};
+use swimlane_state::tokens::{hash_token, new_token};
+use swimlane_state::Repo;
 use swimlane_store::embedded::EmbeddedBackend;
 use swimlane_store::{Backend, BackendTx, Db, KeyValue, KvError, RangeOption, RetryOptions};
 use tower::ServiceExt;
@@ -25,6 +27,14 @@ const PARTITIONS: u32 = 4;
 const NOW_MS: u64 = 1_790_000_000_000;
 const MAX_BODY: u64 = 1 << 20;
 const MAX_SAMPLES: u32 = 100;
+
+/// Issue a token for `user` the way `swimlane admin token create` does.
+fn create_token(db: &Db, keys: &Keys, user: &UserId, now_ms: u64) -> Result<String, KvError> {
+    let token = new_token();
+    let repo = Repo::new(keys.clone());
+    db.transact(|tx| repo.put_token(tx, user, &token, now_ms))?;
+    Ok(token)
+}
 
 struct Harness {
     _dir: tempfile::TempDir,
@@ -59,7 +69,7 @@ impl Harness {
 
     fn with_db(dir: tempfile::TempDir, db: Db) -> Self {
         let mut c = config();
-        let admin = swimlane_ingest::tokens::generate_token();
+        let admin = new_token();
         c.admin_token_sha256 = hash_token(&admin);
         c.validate().unwrap();
         let keys = Keys::new(&c.deployment);
@@ -581,7 +591,7 @@ async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
         .body(Body::from(body.clone()))
         .unwrap();
     assert_eq!(h.send(basic).await.0, StatusCode::UNAUTHORIZED);
-    let guessed = swimlane_ingest::tokens::generate_token();
+    let guessed = new_token();
     let (s, v) = h.post("alice", &guessed, body.clone()).await;
     assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
     // Bob's valid token on Alice's path.
@@ -595,7 +605,8 @@ async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
     h.assert_nothing_staged("alice", "auth");
     h.assert_nothing_staged("bob", "auth");
     // A revoked token stops working.
-    assert!(revoke_token(&h.db, &h.keys, &h.alice).unwrap());
+    let repo = Repo::new(h.keys.clone());
+    assert!(h.db.transact(|tx| repo.revoke_token(tx, &h.alice)).unwrap());
     let (s, v) = h.post("alice", &h.alice, body.clone()).await;
     assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
     h.assert_nothing_staged("alice", "revoked");

@@ -10,8 +10,10 @@ use serde_json::json;
 use swimlane_bus::embedded::EmbeddedBus;
 use swimlane_core::keys::Keys;
 use swimlane_core::{StrokeClass, UserId, WINDOW_FEATURES, WINDOW_FRAMES};
-use swimlane_ingest::{create_token, hash_token, router, IngestDeps, IngestState};
+use swimlane_ingest::{router, IngestDeps, IngestState};
 use swimlane_runtime::{Config, ManualWallClock};
+use swimlane_state::tokens::{hash_token, new_token};
+use swimlane_state::Repo;
 use swimlane_store::embedded::EmbeddedBackend;
 use swimlane_store::Db;
 use tower::ServiceExt;
@@ -41,15 +43,20 @@ async fn logs_carry_user_and_batch_ids_and_never_a_token() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let dir = tempfile::tempdir().unwrap();
     let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
-    let admin = swimlane_ingest::tokens::generate_token();
+    let admin = new_token();
     let config = Config {
         deployment: "test".into(),
         admin_token_sha256: hash_token(&admin),
         ..Config::default()
     };
     let keys = Keys::new(&config.deployment);
-    let alice = create_token(&db, &keys, &UserId::new("alice").unwrap(), 1).unwrap();
-    let bob = create_token(&db, &keys, &UserId::new("bob").unwrap(), 1).unwrap();
+    let repo = Repo::new(keys.clone());
+    let (alice, bob) = (new_token(), new_token());
+    db.transact(|tx| {
+        repo.put_token(tx, &UserId::new("alice").unwrap(), &alice, 1)?;
+        repo.put_token(tx, &UserId::new("bob").unwrap(), &bob, 1)
+    })
+    .unwrap();
     let deps = IngestDeps {
         db: db.clone(),
         emitter: Arc::new(EmbeddedBus::new(keys.clone(), 2)),
