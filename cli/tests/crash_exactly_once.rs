@@ -56,6 +56,21 @@ struct Kill {
     what: String,
 }
 
+/// Print the kill as it happens (so a failing run shows its schedule so far) and keep
+/// it for the summary.
+fn log_kill(kills: &mut Vec<Kill>, k: Kill) {
+    eprintln!(
+        "[{:6.1}s] night {}: killed {} (pid {}) after {} ms: {}",
+        k.at,
+        k.night,
+        k.kind.name(),
+        k.pid,
+        k.delay_ms,
+        k.what
+    );
+    kills.push(k);
+}
+
 /// Uploads that are accepted (202), and how the devices fared.
 #[derive(Default)]
 struct Uploads {
@@ -279,14 +294,17 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
                         let n = in_flight.load(Ordering::SeqCst);
                         if n > 0 {
                             let pid = fleet.kill(Kind::Ingest);
-                            kills.push(Kill {
-                                at: now(t0),
-                                night,
-                                kind: Kind::Ingest,
-                                pid,
-                                delay_ms: delay,
-                                what: format!("{n} uploads in flight"),
-                            });
+                            log_kill(
+                                &mut kills,
+                                Kill {
+                                    at: now(t0),
+                                    night,
+                                    kind: Kind::Ingest,
+                                    pid,
+                                    delay_ms: delay,
+                                    what: format!("{n} uploads in flight"),
+                                },
+                            );
                             restart(Kind::Ingest);
                             killed = true;
                             break;
@@ -332,14 +350,17 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
                     continue; // done already: wait for its next work
                 }
                 let pid = fleet.kill(kind);
-                kills.push(Kill {
-                    at: now(t0),
-                    night,
-                    kind,
-                    pid,
-                    delay_ms: delay,
-                    what: format!("{n} records not yet committed"),
-                });
+                log_kill(
+                    &mut kills,
+                    Kill {
+                        at: now(t0),
+                        night,
+                        kind,
+                        pid,
+                        delay_ms: delay,
+                        what: format!("{n} records not yet committed"),
+                    },
+                );
                 restart(kind);
                 break;
             }
@@ -410,6 +431,24 @@ fn check_exactly_once(
     let published = log_events(db, topics::PUBLISHED, PARTITIONS);
     let dead = log_events(db, topics::DEAD_LETTER, PARTITIONS);
     assert!(dead.is_empty(), "dead letters: {dead:?}");
+    // Every accepted upload's event is in the log (ingest commits it with the batch;
+    // the stages re-emit triggers, so more than one per batch is fine).
+    let staged: BTreeSet<(String, String)> = log_events(db, topics::BATCHES, PARTITIONS)
+        .into_iter()
+        .map(|(p, off, ev)| match ev {
+            Event::BatchStaged { user, batch_id, .. } => {
+                (user.to_string(), batch_id.as_str().to_string())
+            }
+            other => panic!("{p}@{off}: {other:?} on the batches topic"),
+        })
+        .collect();
+    for (u, b) in accepted {
+        assert!(
+            staged.contains(&(users[*u].clone(), b.clone())),
+            "{}/{b}: no BatchStaged event",
+            users[*u]
+        );
+    }
     // (user, run) → batches, from CandidateTrained.
     let mut trained: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for (p, off, ev) in &candidates {

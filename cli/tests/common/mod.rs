@@ -110,9 +110,10 @@ struct Slot {
 }
 
 /// Four worker processes on one embedded store in a temporary directory. Dropping it
-/// kills every child (SIGKILL) and waits for them.
+/// kills every child (SIGKILL) and waits for them; when dropped by a panic it also
+/// prints the workers' warnings and keeps the directory (store and logs) for a look.
 pub struct Fleet {
-    pub dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     pub ports: Ports,
     env: Vec<(String, String)>,
     slots: Mutex<Vec<Slot>>,
@@ -160,7 +161,7 @@ impl Fleet {
             env.push((k.to_string(), v.to_string()));
         }
         let fleet = Fleet {
-            dir,
+            dir: Some(dir),
             ports,
             env,
             slots: Mutex::new(
@@ -177,8 +178,13 @@ impl Fleet {
         fleet
     }
 
+    /// The fleet's directory: `store/` and `logs/`.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("until dropped").path()
+    }
+
     pub fn store_path(&self) -> PathBuf {
-        self.dir.path().join("store")
+        self.dir().join("store")
     }
 
     fn command(&self) -> Command {
@@ -217,8 +223,7 @@ impl Fleet {
     }
 
     fn log_path(&self, k: Kind, n: usize) -> PathBuf {
-        self.dir
-            .path()
+        self.dir()
             .join("logs")
             .join(format!("{}-{n}.log", k.name()))
     }
@@ -386,6 +391,23 @@ impl Drop for Fleet {
             if let Some(mut c) = slot.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+        }
+        drop(slots);
+        if std::thread::panicking() {
+            let w = self.warnings();
+            eprintln!(
+                "--- worker warnings and errors ({} lines, last 80) ---",
+                w.len()
+            );
+            for l in &w[w.len().saturating_sub(80)..] {
+                eprintln!("{l}");
+            }
+            if let Some(d) = self.dir.take() {
+                eprintln!(
+                    "--- store and worker logs kept in {} ---",
+                    d.keep().display()
+                );
             }
         }
     }
