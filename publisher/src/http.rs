@@ -1,25 +1,34 @@
 //! The device-facing model API.
 //!
 //! - `GET /v1/users/{user}/model`: the user's current model (safetensors), with
-//!   `X-Model-Version`, `X-Model-Sha256` and a strong `ETag`; `If-None-Match` with the
-//!   current ETag answers 304; 404 `no_model` while the user has none (the device keeps
+//!   `X-Model-Version`, `X-Model-Sha256` and a strong `ETag` (the quoted SHA-256);
+//!   `If-None-Match` matching the current ETag (a list, `W/` and `*` are understood)
+//!   answers 304 with no body; 404 `no_model` while the user has none (the device keeps
 //!   the base model).
 //! - `GET /v1/users/{user}/model/versions`: every version with held-out metrics and
 //!   lineage, and the current head.
 //! - `POST /v1/admin/users/{user}/rollback` `{"version": N}` (admin token): point the
-//!   head at an earlier published version.
+//!   head at an earlier published version; 200 `{"head": N}`, 404 `no_such_version`,
+//!   400 `bad_json`.
 //!
 //! Every route authenticates the bearer token and checks that the caller may access
-//! the user in the path before reading anything of that user. Errors are JSON
-//! `{"error": {"code": "...", "message": "..."}}`.
+//! the user in the path before reading anything of that user (or the request body):
+//! 401 `unauthenticated` (with `WWW-Authenticate: Bearer`) for a missing, malformed,
+//! unknown or revoked token; 403 `forbidden` for another user's token, or a user token
+//! on the admin route; 400 `bad_user_id`. Errors, including unknown routes (404
+//! `not_found`) and methods (405 `method_not_allowed`), are JSON
+//! `{"error": {"code": "...", "message": "..."}}` and never contain the token; 503
+//! `store_unavailable` carries `Retry-After`.
 use std::sync::Arc;
 
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use swimlane_core::records::ModelVersionRecord;
 use swimlane_core::UserId;
 use swimlane_state::tokens::{AuthError, Caller};
 use swimlane_state::Repo;
@@ -43,6 +52,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/users/{user}/model", get(get_model))
         .route("/v1/users/{user}/model/versions", get(list_versions))
         .route("/v1/admin/users/{user}/rollback", post(rollback))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method".into(),
+            )
+        })
         .with_state(state)
 }
 
@@ -53,7 +70,16 @@ pub struct ApiError(StatusCode, &'static str, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.1, "message": self.2}});
-        (self.0, Json(body)).into_response()
+        let mut r = (self.0, Json(body)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -85,8 +111,32 @@ fn store_error(e: KvError) -> ApiError {
     }
 }
 
-fn parse_user(raw: &str) -> Result<UserId, ApiError> {
+fn internal() -> ApiError {
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error".into(),
+    )
+}
+
+fn parse_user(raw: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
+    let Path(raw) = raw.map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_user_id",
+            "the user id in the path does not decode".into(),
+        )
+    })?;
     UserId::new(raw).map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_user_id", e.to_string()))
+}
+
+/// Does an `If-None-Match` value match `etag`? Weak comparison (RFC 9110 13.1.2): a
+/// list of entity tags, each possibly `W/`, or `*` (we have a current representation).
+fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    if_none_match.split(',').map(str::trim).any(|t| {
+        let t = t.strip_prefix("W/").unwrap_or(t);
+        t == "*" || t == etag
+    })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -100,12 +150,9 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error".into(),
-        )
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking task failed");
+        internal()
     })?
 }
 
@@ -138,49 +185,73 @@ fn authorised<T>(
     r.map_err(ApiError::from)
 }
 
+/// What `GET /model` found.
+enum Head {
+    None,
+    NotModified(ModelVersionRecord),
+    Model(ModelVersionRecord, Vec<u8>),
+}
+
 async fn get_model(
     State(st): State<ApiState>,
-    Path(user): Path<String>,
+    user: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let user = parse_user(&user)?;
+    let user = parse_user(user)?;
     let auth = bearer(&headers);
     let inm = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let st2 = st.clone();
+    let u = user.clone();
     let found = blocking(move || {
         let repo = st2.repo.clone();
-        authorised(&st2, auth.as_deref(), &user, false, |tx| {
-            let state = repo.user_state(tx, user.as_str())?;
-            let Some(v) = state.head else { return Ok(None) };
-            let Some(rec) = repo.model_version(tx, user.as_str(), v)? else {
-                return Ok(None);
+        authorised(&st2, auth.as_deref(), &u, false, |tx| {
+            let state = repo.user_state(tx, u.as_str())?;
+            let Some(v) = state.head else {
+                return Ok(Head::None);
+            };
+            let Some(rec) = repo.model_version(tx, u.as_str(), v)? else {
+                return Ok(Head::None);
             };
             let etag = format!("\"{}\"", rec.sha256);
-            if inm.as_deref() == Some(etag.as_str()) {
-                return Ok(Some((rec, etag, None)));
+            if inm.as_deref().is_some_and(|h| etag_matches(h, &etag)) {
+                return Ok(Head::NotModified(rec));
             }
-            let bytes = repo.blob(tx, &rec.model_blob)?;
-            Ok(Some((rec, etag, bytes)))
+            // A head whose weights are gone is a broken store, not "not modified".
+            let bytes = repo
+                .blob(tx, &rec.model_blob)?
+                .ok_or_else(|| KvError::Corrupt {
+                    what: format!("model blob {}", rec.model_blob),
+                    reason: format!("missing for published version {}", rec.version),
+                })?;
+            Ok(Head::Model(rec, bytes))
         })
     })
     .await?;
-    let Some((rec, etag, bytes)) = found else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            "no_model",
-            "no personal model published yet; use the base model".into(),
-        ));
+    let (rec, bytes) = match found {
+        Head::None => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "no_model",
+                "no personal model published yet; use the base model".into(),
+            ))
+        }
+        Head::NotModified(rec) => (rec, None),
+        Head::Model(rec, b) => (rec, Some(b)),
+    };
+    let (Ok(etag), Ok(sha)) = (
+        HeaderValue::from_str(&format!("\"{}\"", rec.sha256)),
+        HeaderValue::from_str(&rec.sha256),
+    ) else {
+        tracing::error!(user_id = %user, version = rec.version, "model version record has an unusable sha256");
+        return Err(internal());
     };
     let mut h = HeaderMap::new();
-    h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex"));
+    h.insert(header::ETAG, etag);
     h.insert("x-model-version", HeaderValue::from(rec.version));
-    h.insert(
-        "x-model-sha256",
-        HeaderValue::from_str(&rec.sha256).expect("hex"),
-    );
+    h.insert("x-model-sha256", sha);
     match bytes {
         None => Ok((StatusCode::NOT_MODIFIED, h).into_response()),
         Some(b) => {
@@ -196,10 +267,10 @@ async fn get_model(
 
 async fn list_versions(
     State(st): State<ApiState>,
-    Path(user): Path<String>,
+    user: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let user = parse_user(&user)?;
+    let user = parse_user(user)?;
     let auth = bearer(&headers);
     let (head, versions) = blocking(move || {
         let repo = st.repo.clone();
@@ -222,30 +293,42 @@ struct RollbackBody {
 
 async fn rollback(
     State(st): State<ApiState>,
-    Path(user): Path<String>,
+    user: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let user = parse_user(&user)?;
+    let user = parse_user(user)?;
     let auth = bearer(&headers);
-    let req: RollbackBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("expected {{\"version\": N}}: {e}"),
-        )
-    })?;
+    // Authenticate before looking at the body: a caller who may not roll back learns
+    // nothing from it (401/403, never 400).
+    let st2 = st.clone();
+    let u = user.clone();
+    blocking(move || authorised(&st2, auth.as_deref(), &u, true, |_| Ok(()))).await?;
+    let req: RollbackBody = body
+        .map_err(|e| ApiError(e.status(), "bad_body", e.body_text()))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    format!("expected {{\"version\": N}}: {e}"),
+                )
+            })
+        })?;
+    let auth = bearer(&headers);
+    let u = user.clone();
     let outcome = blocking(move || {
         let repo = st.repo.clone();
-        authorised(&st, auth.as_deref(), &user, true, |tx| {
-            let Some(rec) = repo.model_version(tx, user.as_str(), req.version)? else {
+        // Authorised again in the writing transaction: a token revoked meanwhile fails.
+        authorised(&st, auth.as_deref(), &u, true, |tx| {
+            let Some(rec) = repo.model_version(tx, u.as_str(), req.version)? else {
                 return Ok(None);
             };
-            let mut state = repo.user_state(tx, user.as_str())?;
+            let mut state = repo.user_state(tx, u.as_str())?;
             state.head = Some(rec.version);
             state.head_heldout_accuracy = Some(rec.heldout_accuracy);
             state.converged = false;
-            repo.put_user_state(tx, user.as_str(), &state)?;
+            repo.put_user_state(tx, u.as_str(), &state)?;
             Ok(Some(rec.version))
         })
     })
@@ -257,7 +340,7 @@ async fn rollback(
             format!("version {} was never published", req.version),
         )),
         Some(v) => {
-            tracing::warn!(version = v, "head rolled back by an operator");
+            tracing::warn!(user_id = %user, version = v, "head rolled back by an operator");
             Ok(Json(serde_json::json!({ "head": v })).into_response())
         }
     }

@@ -1,0 +1,565 @@
+//! The publisher's model API against the real embedded store and the real router
+//! (in-process via `tower::ServiceExt::oneshot`). Models are put in place the way the
+//! publishing stage leaves them: a version record, its weights blob and the user's
+//! state head, written through `swimlane_state::Repo`.
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use swimlane_core::keys::Keys;
+use swimlane_core::records::{ModelVersionRecord, UserState};
+use swimlane_core::UserId;
+use swimlane_publisher::{router, ApiState, PublisherMetrics};
+use swimlane_state::tokens::{hash_token, new_token};
+use swimlane_state::{sha256_hex, Repo};
+use swimlane_store::embedded::EmbeddedBackend;
+use swimlane_store::Db;
+use tower::ServiceExt;
+
+struct Harness {
+    db: Db,
+    repo: Repo,
+    registry: prometheus::Registry,
+    app: Router,
+    alice: String,
+    bob: String,
+    /// Carol's token, revoked.
+    revoked: String,
+    admin: String,
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+/// What a response came back as.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    /// The error code of a `{"error": {"code", "message"}}` body (checked to be one).
+    fn code(&self) -> String {
+        let v = self.json();
+        let err = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
+        assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+        assert_eq!(err.len(), 2, "{v}");
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        err["code"].as_str().unwrap().to_string()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let repo = Repo::new(Keys::new("test"));
+        let (alice, bob, revoked, admin) = (new_token(), new_token(), new_token(), new_token());
+        db.transact(|tx| {
+            repo.put_token(tx, &uid("alice"), &alice, 1)?;
+            repo.put_token(tx, &uid("bob"), &bob, 1)?;
+            repo.put_token(tx, &uid("carol"), &revoked, 1)?;
+            repo.revoke_token(tx, &revoked).map(|_| ())
+        })
+        .unwrap();
+        let registry = prometheus::Registry::new();
+        let app = router(ApiState {
+            db: db.clone(),
+            repo: repo.clone(),
+            admin_token_sha256: hash_token(&admin).into(),
+            metrics: PublisherMetrics::register(&registry).unwrap(),
+        });
+        Harness {
+            db,
+            repo,
+            registry,
+            app,
+            alice,
+            bob,
+            revoked,
+            admin,
+        }
+    }
+
+    fn tokens(&self) -> [&str; 4] {
+        [&self.alice, &self.bob, &self.revoked, &self.admin]
+    }
+
+    /// Weights for `user`'s version `version` (distinct per version).
+    fn weights(user: &str, version: u64) -> Vec<u8> {
+        let mut w = format!("safetensors weights of {user} v{version} ").into_bytes();
+        w.extend((0..4096u32).map(|i| (i * 31 + version as u32) as u8));
+        w
+    }
+
+    /// Publish `version` of `user` as the stage does: record, blob, head.
+    fn publish(&self, user: &str, version: u64) -> ModelVersionRecord {
+        let rec = self.put_version(user, version, true);
+        self.db
+            .transact(|tx| {
+                let mut s = self.repo.user_state(tx, user)?;
+                s.head = Some(version);
+                s.last_version = s.last_version.max(version);
+                s.head_heldout_accuracy = Some(rec.heldout_accuracy);
+                s.converged = true;
+                self.repo.put_user_state(tx, user, &s)
+            })
+            .unwrap();
+        rec
+    }
+
+    /// A version record of `user` (and its blob when `with_blob`), not moving the head.
+    fn put_version(&self, user: &str, version: u64, with_blob: bool) -> ModelVersionRecord {
+        let w = Self::weights(user, version);
+        let rec = ModelVersionRecord {
+            v: 1,
+            version,
+            run_id: format!("run-{version}"),
+            parent_version: version.checked_sub(1).filter(|v| *v > 0),
+            batches: vec![format!("b-{version}")],
+            model_blob: format!("model-{user}-{version}"),
+            sha256: sha256_hex(&w),
+            size_bytes: w.len() as u64,
+            heldout_accuracy: 0.8 + version as f32 / 100.0,
+            parent_heldout_accuracy: 0.8,
+            guard_accuracy: 0.9,
+            published_at_ms: 1_000 + version,
+        };
+        self.db
+            .transact(|tx| {
+                self.repo.put_model_version(tx, user, &rec)?;
+                if with_blob {
+                    self.repo.put_blob(tx, &rec.model_blob, &w)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        rec
+    }
+
+    fn state(&self, user: &str) -> UserState {
+        self.db
+            .transact(|tx| self.repo.user_state(tx, user))
+            .unwrap()
+    }
+
+    async fn send(&self, req: Request<Body>) -> Answer {
+        let r = self.app.clone().oneshot(req).await.unwrap();
+        let (parts, body) = r.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: axum::body::to_bytes(body, 1 << 24).await.unwrap(),
+        }
+    }
+
+    /// A request with `Authorization: <authorization>` when given.
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        authorization: Option<&str>,
+        body: &str,
+    ) -> Answer {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(a) = authorization {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        self.send(b.body(Body::from(body.to_string())).unwrap())
+            .await
+    }
+
+    async fn get(&self, uri: &str, token: &str) -> Answer {
+        self.call(Method::GET, uri, Some(&format!("Bearer {token}")), "")
+            .await
+    }
+
+    async fn rollback(&self, user: &str, token: Option<&str>, body: &str) -> Answer {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        self.call(
+            Method::POST,
+            &format!("/v1/admin/users/{user}/rollback"),
+            auth.as_deref(),
+            body,
+        )
+        .await
+    }
+
+    fn downloads(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .unwrap();
+        out.lines()
+            .find(|l| l.starts_with("swimlane_publisher_model_downloads_total "))
+            .unwrap()
+            .to_string()
+    }
+
+    /// An error answer: the status, a JSON error body with `code`, and no token in it.
+    fn assert_error(&self, a: &Answer, status: StatusCode, code: &str, case: &str) {
+        assert_eq!(a.status, status, "{case}: {:?}", a.body);
+        assert_eq!(a.code(), code, "{case}");
+        assert_eq!(a.header("content-type"), Some("application/json"), "{case}");
+        let text = String::from_utf8_lossy(&a.body);
+        for t in self.tokens() {
+            assert!(!text.contains(t), "{case}: a token in the error body");
+            assert!(!text.contains(&hash_token(t)), "{case}: a token hash");
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(a.header("www-authenticate"), Some("Bearer"), "{case}");
+        }
+    }
+}
+
+const MODEL: &str = "/v1/users/alice/model";
+const VERSIONS: &str = "/v1/users/alice/model/versions";
+
+#[tokio::test]
+async fn no_model_is_404_no_model_before_any_publish() {
+    let h = Harness::new();
+    let a = h.get(MODEL, &h.alice).await;
+    h.assert_error(&a, StatusCode::NOT_FOUND, "no_model", "before publish");
+    assert!(a.header("etag").is_none() && a.header("x-model-version").is_none());
+    let a = h.get(VERSIONS, &h.alice).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json(), json!({"head": null, "versions": []}));
+    // Another user's publication changes nothing for Alice.
+    h.publish("bob", 1);
+    let a = h.get(MODEL, &h.alice).await;
+    h.assert_error(&a, StatusCode::NOT_FOUND, "no_model", "bob published");
+    assert!(h.downloads().ends_with(" 0"), "{}", h.downloads());
+}
+
+#[tokio::test]
+async fn a_published_model_is_served_with_version_sha_and_etag() {
+    let h = Harness::new();
+    let rec = h.publish("alice", 1);
+    let a = h.get(MODEL, &h.alice).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body.as_ref(), Harness::weights("alice", 1).as_slice());
+    assert_eq!(a.header("x-model-version"), Some("1"));
+    assert_eq!(a.header("x-model-sha256"), Some(rec.sha256.as_str()));
+    assert_eq!(sha256_hex(&a.body), rec.sha256);
+    let etag = format!("\"{}\"", rec.sha256);
+    assert_eq!(a.header("etag"), Some(etag.as_str()));
+    assert_eq!(
+        a.header("content-type"),
+        Some("application/vnd.swimlane.safetensors")
+    );
+    assert!(h.downloads().ends_with(" 1"), "{}", h.downloads());
+}
+
+#[tokio::test]
+async fn if_none_match_with_the_current_etag_is_304_without_a_body() {
+    let h = Harness::new();
+    let rec = h.publish("alice", 1);
+    let etag = format!("\"{}\"", rec.sha256);
+    let cond = |inm: String| {
+        Request::get(MODEL)
+            .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+            .header(header::IF_NONE_MATCH, inm)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for inm in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"{}\", {etag}", "0".repeat(64)),
+        "*".to_string(),
+    ] {
+        let a = h.send(cond(inm.clone())).await;
+        assert_eq!(a.status, StatusCode::NOT_MODIFIED, "{inm}");
+        assert!(a.body.is_empty(), "{inm}: 304 with a body");
+        assert_eq!(a.header("etag"), Some(etag.as_str()), "{inm}");
+        assert_eq!(a.header("x-model-version"), Some("1"), "{inm}");
+    }
+    assert!(h.downloads().ends_with(" 0"), "{}", h.downloads());
+    // A stale ETag (the device holds v1, v2 is out) downloads v2.
+    let rec2 = h.publish("alice", 2);
+    let a = h.send(cond(etag.clone())).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("x-model-version"), Some("2"));
+    assert_eq!(
+        a.header("etag"),
+        Some(format!("\"{}\"", rec2.sha256).as_str())
+    );
+    assert_eq!(a.body.as_ref(), Harness::weights("alice", 2).as_slice());
+    // The unquoted hash is not the ETag.
+    let a = h.send(cond(rec2.sha256.clone())).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(h.downloads().ends_with(" 2"), "{}", h.downloads());
+}
+
+#[tokio::test]
+async fn versions_list_every_version_with_lineage_and_the_head() {
+    let h = Harness::new();
+    let r1 = h.publish("alice", 1);
+    let r2 = h.publish("alice", 2);
+    h.publish("bob", 1);
+    let a = h.get(VERSIONS, &h.alice).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let v = a.json();
+    assert_eq!(v["head"], 2);
+    let versions: Vec<ModelVersionRecord> = serde_json::from_value(v["versions"].clone()).unwrap();
+    assert_eq!(versions, vec![r1, r2]);
+    assert_eq!(v["versions"][1]["parent_version"], 1);
+    assert_eq!(v["versions"][1]["batches"], json!(["b-2"]));
+}
+
+#[tokio::test]
+async fn rollback_is_admin_only_and_moves_the_head() {
+    let h = Harness::new();
+    h.publish("alice", 1);
+    h.publish("alice", 2);
+    let body = r#"{"version": 1}"#;
+    let a = h.rollback("alice", Some(&h.alice), body).await;
+    h.assert_error(&a, StatusCode::FORBIDDEN, "forbidden", "user token");
+    let a = h.rollback("alice", Some(&h.bob), body).await;
+    h.assert_error(&a, StatusCode::FORBIDDEN, "forbidden", "other user's token");
+    let a = h.rollback("alice", None, body).await;
+    h.assert_error(&a, StatusCode::UNAUTHORIZED, "unauthenticated", "no token");
+    // Who may not roll back learns nothing from a bad body: auth comes first.
+    let a = h.rollback("alice", None, "{not json").await;
+    h.assert_error(
+        &a,
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "no token, bad body",
+    );
+    let a = h.rollback("alice", Some(&h.alice), "{not json").await;
+    h.assert_error(
+        &a,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "user token, bad body",
+    );
+    assert_eq!(
+        h.state("alice").head,
+        Some(2),
+        "refused rollbacks moved the head"
+    );
+    // The admin: bad bodies, unknown versions.
+    for bad in [
+        "{not json",
+        r#"{"version": "1"}"#,
+        r#"{"version": 1, "x": 2}"#,
+        "",
+    ] {
+        let a = h.rollback("alice", Some(&h.admin), bad).await;
+        h.assert_error(&a, StatusCode::BAD_REQUEST, "bad_json", bad);
+    }
+    for unknown in [0, 3, 7] {
+        let a = h
+            .rollback(
+                "alice",
+                Some(&h.admin),
+                &format!(r#"{{"version": {unknown}}}"#),
+            )
+            .await;
+        h.assert_error(
+            &a,
+            StatusCode::NOT_FOUND,
+            "no_such_version",
+            "unknown version",
+        );
+    }
+    // Bob's version 1 is not Alice's.
+    h.put_version("bob", 5, true);
+    let a = h
+        .rollback("alice", Some(&h.admin), r#"{"version": 5}"#)
+        .await;
+    h.assert_error(
+        &a,
+        StatusCode::NOT_FOUND,
+        "no_such_version",
+        "bob's version",
+    );
+    assert_eq!(h.state("alice").head, Some(2));
+    // A known version: the head moves and GET serves it.
+    let a = h.rollback("alice", Some(&h.admin), body).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(a.json(), json!({"head": 1}));
+    let s = h.state("alice");
+    assert_eq!(s.head, Some(1));
+    assert_eq!(
+        s.last_version, 2,
+        "versions are never reused after a rollback"
+    );
+    assert!(!s.converged);
+    assert_eq!(s.head_heldout_accuracy, Some(0.81));
+    let a = h.get(MODEL, &h.alice).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("x-model-version"), Some("1"));
+    assert_eq!(a.body.as_ref(), Harness::weights("alice", 1).as_slice());
+    let v = h.get(VERSIONS, &h.alice).await.json();
+    assert_eq!(v["head"], 1);
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2);
+    // And forward again.
+    let a = h
+        .rollback("alice", Some(&h.admin), r#"{"version": 2}"#)
+        .await;
+    assert_eq!(a.json(), json!({"head": 2}));
+    let a = h.get(MODEL, &h.alice).await;
+    assert_eq!(a.header("x-model-version"), Some("2"));
+}
+
+/// Every route × every kind of caller.
+#[tokio::test]
+async fn authorization_matrix_for_every_route() {
+    let h = Harness::new();
+    h.publish("alice", 1);
+    h.publish("alice", 2);
+    let routes: [(Method, &str, &str); 3] = [
+        (Method::GET, MODEL, ""),
+        (Method::GET, VERSIONS, ""),
+        (
+            Method::POST,
+            "/v1/admin/users/alice/rollback",
+            r#"{"version": 2}"#,
+        ),
+    ];
+    let a = &h.alice;
+    let malformed = [
+        String::new(),
+        "Bearer".to_string(),
+        "Bearer ".to_string(),
+        a.to_string(),
+        format!("Basic {a}"),
+        format!("Bearer{a}"),
+        format!("Bearer {a} {a}"),
+        format!("Bearer {a}{}", "0".repeat(300)),
+        format!("Bearer {}", new_token()),
+        format!("Bearer {}", hash_token(a)),
+    ];
+    for (method, uri, body) in &routes {
+        let admin_route = *method == Method::POST;
+        let case = |who: &str| format!("{method} {uri} as {who}");
+        let r = h.call(method.clone(), uri, None, body).await;
+        h.assert_error(
+            &r,
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            &case("nobody"),
+        );
+        for m in &malformed {
+            let r = h.call(method.clone(), uri, Some(m), body).await;
+            h.assert_error(
+                &r,
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                &case("a malformed or unknown token"),
+            );
+        }
+        let bearer = |t: &str| format!("Bearer {t}");
+        let r = h
+            .call(method.clone(), uri, Some(&bearer(&h.revoked)), body)
+            .await;
+        h.assert_error(
+            &r,
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            &case("revoked"),
+        );
+        let r = h
+            .call(method.clone(), uri, Some(&bearer(&h.bob)), body)
+            .await;
+        h.assert_error(&r, StatusCode::FORBIDDEN, "forbidden", &case("bob"));
+        let r = h
+            .call(method.clone(), uri, Some(&bearer(&h.alice)), body)
+            .await;
+        if admin_route {
+            h.assert_error(&r, StatusCode::FORBIDDEN, "forbidden", &case("alice"));
+        } else {
+            assert_eq!(r.status, StatusCode::OK, "{}", case("alice"));
+        }
+        // The scheme is case-insensitive.
+        let r = h
+            .call(
+                method.clone(),
+                uri,
+                Some(&format!("bearer {}", h.alice)),
+                body,
+            )
+            .await;
+        assert_eq!(
+            r.status == StatusCode::OK,
+            !admin_route,
+            "{}",
+            case("alice, lowercase scheme")
+        );
+        let r = h
+            .call(method.clone(), uri, Some(&bearer(&h.admin)), body)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}: {:?}", case("admin"), r.body);
+    }
+    // The admin reads anyone's: 404 for a user with nothing published.
+    let r = h.get("/v1/users/dave/model", &h.admin).await;
+    h.assert_error(&r, StatusCode::NOT_FOUND, "no_model", "admin, no model");
+    let r = h.get("/v1/users/dave/model/versions", &h.admin).await;
+    assert_eq!(r.json(), json!({"head": null, "versions": []}));
+    // Nothing refused moved anything.
+    assert_eq!(h.state("alice").head, Some(2));
+}
+
+#[tokio::test]
+async fn bad_user_ids_unknown_routes_and_methods_answer_json_errors() {
+    let h = Harness::new();
+    let r = h.get("/v1/users/al%20ice/model", &h.alice).await;
+    h.assert_error(&r, StatusCode::BAD_REQUEST, "bad_user_id", "bad user id");
+    let r = h.get("/v1/users/%FF/model", &h.alice).await;
+    h.assert_error(
+        &r,
+        StatusCode::BAD_REQUEST,
+        "bad_user_id",
+        "undecodable user id",
+    );
+    let r = h.get("/v1/nope", &h.alice).await;
+    h.assert_error(&r, StatusCode::NOT_FOUND, "not_found", "unknown route");
+    let r = h
+        .call(
+            Method::DELETE,
+            MODEL,
+            Some(&format!("Bearer {}", h.alice)),
+            "",
+        )
+        .await;
+    h.assert_error(
+        &r,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "wrong method",
+    );
+}
+
+#[tokio::test]
+async fn a_head_whose_weights_are_missing_is_500_not_304() {
+    let h = Harness::new();
+    h.put_version("alice", 1, false);
+    h.db.transact(|tx| {
+        let mut s = h.repo.user_state(tx, "alice")?;
+        s.head = Some(1);
+        s.last_version = 1;
+        h.repo.put_user_state(tx, "alice", &s)
+    })
+    .unwrap();
+    let a = h.get(MODEL, &h.alice).await;
+    h.assert_error(
+        &a,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "missing blob",
+    );
+    assert!(h.downloads().ends_with(" 0"));
+}
