@@ -409,6 +409,16 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
     );
     fleet.assert_alive();
 
+    let w = fleet.warnings();
+    eprintln!(
+        "worker logs: {} warning/error lines ({} about fencing)",
+        w.len(),
+        w.iter().filter(|l| l.contains("fenced")).count()
+    );
+    for l in w.iter().filter(|l| l.contains(" ERROR ")).take(5) {
+        eprintln!("  {l}");
+    }
+
     check_exactly_once(&fleet, &db, &users, &tokens, &uploads.accepted, &http);
     eprintln!("done in {:.1}s", now(t0));
 }

@@ -354,7 +354,7 @@ impl Fleet {
         for k in Kind::ALL {
             for n in 1..=self.started(k) {
                 let s = std::fs::read_to_string(self.log_path(k, n)).unwrap_or_default();
-                for l in s.lines() {
+                for l in s.lines().map(strip_ansi) {
                     if l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked") {
                         out.push(format!("{}-{n}: {l}", k.name()));
                     }
@@ -411,6 +411,24 @@ impl Drop for Fleet {
             }
         }
     }
+}
+
+/// `line` without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub fn keys() -> Keys {
