@@ -3,6 +3,10 @@
 //!
 //! The validator compares the candidate with the user's current model on the same
 //! held-out windows (never trained on), in three ways:
+//! - **enough evidence**: with fewer than `min_heldout` held-out windows, or so few
+//!   changed windows that even all of them improving could not pass the sign test
+//!   below (fewer than z²), and no net loss, the run is deferred: its batches wait and
+//!   are trained again with the user's next batch.
 //! - **significant gain** on all held-out windows, counted per window: `improved`
 //!   windows the candidate gets right and the current model wrong, `regressed` the
 //!   reverse. The net gain must reach `margin` (as a share of the windows) and be
@@ -88,6 +92,21 @@ impl ValidationPolicy {
             );
         }
         let net = s.improved as f32 - s.regressed as f32;
+        let changed = (s.improved + s.regressed) as f32;
+        if net >= 0.0 && changed < self.significance_z * self.significance_z {
+            // Even if every changed window improved, the sign test could not pass:
+            // too little evidence either way, so wait for more corrections.
+            return (
+                Decision::Defer,
+                format!(
+                    "only {} of {} held-out windows changed ({} improved, {} regressed): too few to judge; waiting for more corrections",
+                    s.improved + s.regressed,
+                    s.heldout_samples,
+                    s.improved,
+                    s.regressed
+                ),
+            );
+        }
         let share = net / s.heldout_samples as f32;
         let needed = self.significance_z * ((s.improved + s.regressed) as f32).sqrt();
         if share < self.margin || net < needed || net <= 0.0 {
@@ -130,6 +149,30 @@ impl ValidationPolicy {
     }
 }
 
+impl ValidationPolicy {
+    /// One batch of a run of several, on its own held-out windows. A batch with at
+    /// least `min_heldout` held-out windows must show a significant gain there by itself
+    /// (`improved − regressed ≥ z·√(improved + regressed)` and at least z² net windows),
+    /// else `Err(reason)`: honest corrections are windows the current model got wrong,
+    /// so a candidate that learned them gets many of their held-out siblings right,
+    /// while wrong (e.g. shuffled) labels cannot be learned and show no such gain, even
+    /// when other batches of the run carry the run's overall gain. Smaller batches ride
+    /// along, judged only as part of the run.
+    pub fn judge_batch(&self, improved: u32, regressed: u32, heldout: u32) -> Result<(), String> {
+        if heldout < self.min_heldout {
+            return Ok(());
+        }
+        let net = improved as f32 - regressed as f32;
+        let z = self.significance_z;
+        if net < z * ((improved + regressed) as f32).sqrt() || net < z * z {
+            return Err(format!(
+                "no significant gain on its own held-out windows ({improved} improved, {regressed} regressed of {heldout})"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a model with this held-out accuracy is good enough that the user stops
 /// being retrained until new corrections arrive.
 pub fn converged(heldout_accuracy: f32, target: f32) -> bool {
@@ -166,8 +209,26 @@ mod tests {
             Reject,
             "a coin-flip difference is not a gain"
         );
-        assert_eq!(p.decide(&s(1, 0, 100)).0, Reject, "under the margin");
-        assert_eq!(p.decide(&s(0, 0, 60)).0, Reject, "no change is no gain");
+        assert_eq!(
+            p.decide(&s(1, 0, 100)).0,
+            Defer,
+            "too few changed windows to judge"
+        );
+        assert_eq!(
+            p.decide(&s(0, 0, 60)).0,
+            Defer,
+            "no change: nothing to judge yet"
+        );
+        assert_eq!(
+            p.decide(&s(8, 0, 1000)).0,
+            Reject,
+            "significant but under the margin"
+        );
+        assert_eq!(
+            p.decide(&s(1, 5, 60)).0,
+            Reject,
+            "worse is rejected at once"
+        );
         let mut forget = s(30, 2, 60);
         forget.candidate_history = 0.80;
         assert_eq!(p.decide(&forget).0, Reject);
@@ -201,6 +262,22 @@ mod tests {
             }
         }
         assert!(pass < 0.01, "{pass}");
+    }
+
+    #[test]
+    fn a_batch_must_prove_itself_once_it_can_be_judged() {
+        let p = ValidationPolicy::default();
+        assert!(p.judge_batch(12, 0, 15).is_ok());
+        assert!(p.judge_batch(2, 0, 8).is_ok(), "too small to judge alone");
+        assert!(
+            p.judge_batch(2, 0, 40).is_err(),
+            "a large batch that taught nothing"
+        );
+        assert!(
+            p.judge_batch(9, 8, 40).is_err(),
+            "shuffled labels: a coin flip"
+        );
+        assert!(p.judge_batch(0, 1, 40).is_err(), "a loss");
     }
 
     #[test]

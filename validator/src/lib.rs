@@ -118,6 +118,8 @@ struct Inputs {
     /// the rest are the run's own.
     heldout: Vec<Sample>,
     history: usize,
+    /// The batch of each of the run's own held-out windows (`heldout[history..]`).
+    fresh_batches: Vec<String>,
 }
 
 fn to_sample(s: StagedSample) -> Sample {
@@ -138,6 +140,8 @@ fn missing(what: String, reason: &str) -> KvError {
 enum Outcome {
     Verdict {
         decision: Decision,
+        /// Batches that failed on their own (the rest of the run is retrained).
+        failed: Vec<(String, String)>,
         user: UserId,
         run_id: String,
         verdict: Verdict,
@@ -189,7 +193,7 @@ impl Validator {
             })?;
             let current = current_model(repo, tx, user, state.head)?;
             // Established windows first, then the run's own: `history` is a prefix.
-            let (mut heldout, mut fresh) = (Vec::new(), Vec::new());
+            let (mut heldout, mut fresh, mut fresh_batches) = (Vec::new(), Vec::new(), Vec::new());
             for (id, r) in repo.batches(tx, user)? {
                 let mine = run.batches.contains(&id);
                 let established = matches!(r.status, BatchStatus::Published { .. });
@@ -200,7 +204,9 @@ impl Validator {
                         .filter(|s| s.heldout)
                         .map(to_sample);
                     if mine {
-                        fresh.extend(held)
+                        let before = fresh.len();
+                        fresh.extend(held);
+                        fresh_batches.extend(std::iter::repeat_n(id.clone(), fresh.len() - before));
                     } else {
                         heldout.extend(held)
                     }
@@ -214,6 +220,7 @@ impl Validator {
                 current,
                 heldout,
                 history,
+                fresh_batches,
             }))
         })
     }
@@ -232,10 +239,20 @@ impl Validator {
             Ok(m) => m,
             Err(e) => return Ok(Outcome::Dead(format!("current model does not load: {e}"))),
         };
+        // (improved, regressed, windows) per batch of the run, on its own held-out.
+        let mut per_batch: std::collections::BTreeMap<String, (u32, u32, u32)> = Default::default();
         let scored = (|| -> Result<Scores, swimlane_model::ModelError> {
             let truth: Vec<_> = inp.heldout.iter().map(|s| s.label).collect();
             let pc = cand.predict(&inp.heldout)?;
             let pu = cur.predict(&inp.heldout)?;
+            for (k, b) in inp.fresh_batches.iter().enumerate() {
+                let i = inp.history + k;
+                let (c, u) = (pc[i] == truth[i], pu[i] == truth[i]);
+                let e = per_batch.entry(b.clone()).or_default();
+                e.0 += (c && !u) as u32;
+                e.1 += (u && !c) as u32;
+                e.2 += 1;
+            }
             let (mut improved, mut regressed) = (0u32, 0u32);
             let (mut c_all, mut u_all, mut c_hist, mut u_hist) = (0u32, 0u32, 0u32, 0u32);
             for (i, t) in truth.iter().enumerate() {
@@ -271,13 +288,31 @@ impl Validator {
         self.metrics
             .validate_seconds
             .observe(t0.elapsed().as_secs_f64());
-        let (decision, reason) = self.policy.decide(&s);
+        let (mut decision, mut reason) = self.policy.decide(&s);
+        // A run of several batches: each batch that can be judged on its own held-out
+        // windows must show a gain, or it is rejected alone and the others retrained.
+        let mut failed = Vec::new();
+        if inp.run.batches.len() > 1 {
+            for (b, (i, r, n)) in &per_batch {
+                if let Err(why) = self.policy.judge_batch(*i, *r, *n) {
+                    failed.push((b.clone(), why));
+                }
+            }
+        }
+        if !failed.is_empty() {
+            decision = Decision::Reject;
+            reason = failed
+                .iter()
+                .map(|(b, why)| format!("batch {b}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+        }
         tracing::info!(run_id, ?decision, %reason, "verdict");
-        let _ = &inp.run;
         Ok(Outcome::Verdict {
             user: user.clone(),
             run_id: run_id.to_string(),
             decision,
+            failed,
             verdict: Verdict {
                 accepted: decision == Decision::Accept,
                 reason,
@@ -352,6 +387,7 @@ impl StageHandler for Validator {
                         user,
                         run_id,
                         decision,
+                        failed,
                         verdict,
                     } => {
                         let u = user.as_str();
@@ -375,10 +411,18 @@ impl StageHandler for Validator {
                         } else {
                             for b in &run.batches {
                                 if let Some(mut br) = repo.batch(tx, u, b)? {
-                                    br.status = match decision {
-                                        Decision::Defer => BatchStatus::Deferred {
+                                    let own = failed.iter().find(|(f, _)| f == b);
+                                    br.status = match (decision, own) {
+                                        (Decision::Defer, _) => BatchStatus::Deferred {
                                             reason: verdict.reason.clone(),
                                         },
+                                        // Rejected alone: its run-mates go back to staged
+                                        // and are retrained at once without it.
+                                        (_, Some((_, why))) => BatchStatus::Rejected {
+                                            run_id: Some(run_id.clone()),
+                                            reason: why.clone(),
+                                        },
+                                        _ if !failed.is_empty() => BatchStatus::Staged,
                                         _ => BatchStatus::Rejected {
                                             run_id: Some(run_id.clone()),
                                             reason: verdict.reason.clone(),
