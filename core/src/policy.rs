@@ -150,7 +150,7 @@ impl ValidationPolicy {
 }
 
 impl ValidationPolicy {
-    /// One batch of a run of several, on its own held-out windows. A batch with at
+    /// One batch of a run, on its own held-out windows. A batch with at
     /// least `min_heldout` held-out windows must show a significant gain there by itself
     /// (`improved − regressed ≥ z·√(improved + regressed)` and at least z² net windows),
     /// else `Err(reason)`: honest corrections are windows the current model got wrong,

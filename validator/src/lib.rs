@@ -289,14 +289,13 @@ impl Validator {
             .validate_seconds
             .observe(t0.elapsed().as_secs_f64());
         let (mut decision, mut reason) = self.policy.decide(&s);
-        // A run of several batches: each batch that can be judged on its own held-out
-        // windows must show a gain, or it is rejected alone and the others retrained.
+        // Each batch large enough to judge on its own held-out windows must show a
+        // significant gain there, or it is rejected alone (and its run-mates, if any,
+        // go back to staged and are retrained without it).
         let mut failed = Vec::new();
-        if inp.run.batches.len() > 1 {
-            for (b, (i, r, n)) in &per_batch {
-                if let Err(why) = self.policy.judge_batch(*i, *r, *n) {
-                    failed.push((b.clone(), why));
-                }
+        for (b, (i, r, n)) in &per_batch {
+            if let Err(why) = self.policy.judge_batch(*i, *r, *n) {
+                failed.push((b.clone(), why));
             }
         }
         if !failed.is_empty() {
