@@ -17,7 +17,7 @@ use std::time::Instant;
 use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
 use swimlane_bus::{positions, Consumer, Delivery, Emitter};
 use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
-use swimlane_core::records::{BatchStatus, RunRecord, StagedSample, Verdict};
+use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{evaluate, MicroModel, Sample};
 use swimlane_state::{
@@ -111,7 +111,6 @@ struct Validator {
 }
 
 struct Inputs {
-    run: RunRecord,
     candidate: Vec<u8>,
     current: Vec<u8>,
     /// Held-out windows: the first `history` are established (from published batches),
@@ -215,7 +214,6 @@ impl Validator {
             let history = heldout.len();
             heldout.extend(fresh);
             Ok(Some(Inputs {
-                run,
                 candidate,
                 current,
                 heldout,
