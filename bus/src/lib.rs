@@ -18,6 +18,8 @@ use swimlane_core::Event;
 use swimlane_store::{KvError, Transaction};
 
 pub mod embedded;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod positions;
 pub mod stage;
 
@@ -37,6 +39,8 @@ pub enum BusError {
     },
     #[error("bus configuration error: {0}")]
     Config(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 /// Writes events as part of a store transaction.
