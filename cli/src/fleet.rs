@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use prometheus::Registry;
-use swimlane_core::keys::Keys;
-use swimlane_core::topics;
-use swimlane_runtime::{wiring, Config};
-use swimlane_state::Repo;
+use swimlane_publisher::{PublisherConfig, PublisherDeps, PublisherMetrics};
+use swimlane_runtime::Config;
 use swimlane_store::Db;
+use swimlane_trainer::{TrainerConfig, TrainerDeps, TrainerMetrics};
+use swimlane_validator::{ValidatorConfig, ValidatorDeps, ValidatorMetrics};
 
 /// The consuming stages running in this process.
 pub struct Stages {
@@ -47,103 +47,53 @@ impl Stages {
         trainers: usize,
         publisher: bool,
     ) -> anyhow::Result<Stages> {
-        let keys = Keys::new(&config.deployment);
-        let repo = Repo::new(keys.clone());
-        let emitter = wiring::emitter(config)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-
-        let tm = swimlane_trainer::TrainerMetrics::register(registry)?;
+        let mut spawn =
+            |name: String,
+             work: Box<dyn FnOnce(&dyn Fn() -> bool) -> Result<(), String> + Send>| {
+                let s = stop.clone();
+                let t = std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || work(&|| s.load(Ordering::Relaxed)))?;
+                threads.push((name, t));
+                anyhow::Ok(())
+            };
+        let tm = TrainerMetrics::register(registry)?;
         for i in 0..trainers {
-            let deps = swimlane_trainer::TrainerDeps {
-                db: db.clone(),
-                repo: repo.clone(),
-                emitter: emitter.clone(),
-                consumer: wiring::consumer(
-                    config,
-                    db,
-                    swimlane_trainer::GROUP,
-                    topics::BATCHES,
-                    &config.trainer.consumer,
-                )?,
-                metrics: tm.clone(),
-            };
-            let cfg = swimlane_trainer::TrainerConfig {
-                loop_options: wiring::loop_options(&config.trainer.consumer),
-                ..Default::default()
-            };
-            let s = stop.clone();
-            threads.push((
+            let (cfg, deps) = (
+                TrainerConfig::from_config(config),
+                TrainerDeps::from_config(config, db, tm.clone())?,
+            );
+            spawn(
                 format!("trainer-{i}"),
-                std::thread::Builder::new()
-                    .name(format!("trainer-{i}"))
-                    .spawn(move || {
-                        swimlane_trainer::run_blocking(cfg, deps, &|| s.load(Ordering::Relaxed))
-                            .map_err(|e| e.to_string())
-                    })?,
-            ));
+                Box::new(move |stop| {
+                    swimlane_trainer::run_blocking(cfg, deps, stop).map_err(|e| e.to_string())
+                }),
+            )?;
         }
-
-        let vm = swimlane_validator::ValidatorMetrics::register(registry)?;
-        let vdeps = swimlane_validator::ValidatorDeps {
-            db: db.clone(),
-            repo: repo.clone(),
-            emitter: emitter.clone(),
-            consumer: wiring::consumer(
-                config,
-                db,
-                swimlane_validator::GROUP,
-                topics::CANDIDATES,
-                &config.validator.consumer,
-            )?,
-            metrics: vm,
-        };
-        let vcfg = swimlane_validator::ValidatorConfig {
-            policy: config.validator.policy(),
-            loop_options: wiring::loop_options(&config.validator.consumer),
-        };
-        let s = stop.clone();
-        threads.push((
+        let (cfg, deps) = (
+            ValidatorConfig::from_config(config),
+            ValidatorDeps::from_config(config, db, ValidatorMetrics::register(registry)?)?,
+        );
+        spawn(
             "validator".into(),
-            std::thread::Builder::new()
-                .name("validator".into())
-                .spawn(move || {
-                    swimlane_validator::run_blocking(vcfg, vdeps, &|| s.load(Ordering::Relaxed))
-                        .map_err(|e| e.to_string())
-                })?,
-        ));
-
+            Box::new(move |stop| {
+                swimlane_validator::run_blocking(cfg, deps, stop).map_err(|e| e.to_string())
+            }),
+        )?;
         if publisher {
-            let pm = swimlane_publisher::PublisherMetrics::register(registry)?;
-            let pdeps = swimlane_publisher::PublisherDeps {
-                db: db.clone(),
-                repo,
-                emitter,
-                consumer: wiring::consumer(
-                    config,
-                    db,
-                    swimlane_publisher::GROUP,
-                    topics::VERDICTS,
-                    &config.publisher.consumer,
-                )?,
-                metrics: pm,
-            };
-            let pcfg = swimlane_publisher::PublisherConfig {
-                target_accuracy: config.policy.target_accuracy,
-                loop_options: wiring::loop_options(&config.publisher.consumer),
-            };
-            let s = stop.clone();
-            threads.push((
+            let (cfg, deps) = (
+                PublisherConfig::from_config(config),
+                PublisherDeps::from_config(config, db, PublisherMetrics::register(registry)?)?,
+            );
+            spawn(
                 "publisher".into(),
-                std::thread::Builder::new()
-                    .name("publisher".into())
-                    .spawn(move || {
-                        swimlane_publisher::run_stage_blocking(pcfg, pdeps, &|| {
-                            s.load(Ordering::Relaxed)
-                        })
+                Box::new(move |stop| {
+                    swimlane_publisher::run_stage_blocking(cfg, deps, stop)
                         .map_err(|e| e.to_string())
-                    })?,
-            ));
+                }),
+            )?;
         }
         Ok(Stages { stop, threads })
     }

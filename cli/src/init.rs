@@ -12,6 +12,8 @@ use swimlane_store::Db;
 /// from the base model's training population).
 pub const GUARD_SWIMMERS: usize = 60;
 pub const GUARD_WINDOWS_PER_SWIMMER: usize = 10;
+/// Seed domain of the guard population ("guard" in ASCII).
+const GUARD_DOMAIN: u64 = 0x67_7561_7264;
 
 /// What `install` did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,7 +51,7 @@ pub fn install(
     };
     let weights = base.to_bytes();
     let guard: Vec<StagedSample> =
-        Population::unseen(derive_seed(seed, 0x6775_6172_64, 0), GUARD_SWIMMERS)
+        Population::unseen(derive_seed(seed, GUARD_DOMAIN, 0), GUARD_SWIMMERS)
             .samples(GUARD_WINDOWS_PER_SWIMMER, seed)
             .into_iter()
             .enumerate()

@@ -99,6 +99,41 @@ pub fn run_stage_blocking(
 pub mod http;
 pub use http::{router, ApiState};
 
+impl PublisherDeps {
+    /// The publishing stage's dependencies for `config` over an open store: the
+    /// configured bus's emitter and a consumer in group [`GROUP`] on the verdicts topic.
+    pub fn from_config(
+        config: &swimlane_runtime::Config,
+        db: &Db,
+        metrics: PublisherMetrics,
+    ) -> Result<Self, PublisherError> {
+        use swimlane_runtime::wiring;
+        Ok(PublisherDeps {
+            db: db.clone(),
+            repo: Repo::new(swimlane_core::keys::Keys::new(&config.deployment)),
+            emitter: wiring::emitter(config)?,
+            consumer: wiring::consumer(
+                config,
+                db,
+                GROUP,
+                swimlane_core::topics::VERDICTS,
+                &config.publisher.consumer,
+            )?,
+            metrics,
+        })
+    }
+}
+
+impl PublisherConfig {
+    /// The publishing stage's settings from the process config.
+    pub fn from_config(config: &swimlane_runtime::Config) -> Self {
+        PublisherConfig {
+            target_accuracy: config.policy.target_accuracy,
+            loop_options: swimlane_runtime::wiring::loop_options(&config.publisher.consumer),
+        }
+    }
+}
+
 /// A publisher process's API and stage, running.
 pub struct Running {
     /// Where the model API listens.
@@ -114,28 +149,13 @@ pub struct Running {
 /// `publisher.metrics_listen`; both stop when `shutdown` (wired to SIGTERM/SIGINT) is
 /// cancelled.
 pub async fn start(config: swimlane_runtime::Config) -> Result<Running, PublisherError> {
-    use swimlane_runtime::wiring::{self, Process};
+    use swimlane_runtime::wiring::Process;
     use swimlane_runtime::Worker;
     let p = Process::start(&config, Worker::Publisher).await?;
-    let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
     let metrics = PublisherMetrics::register(&p.registry)?;
-    let deps = PublisherDeps {
-        db: p.db.clone(),
-        repo: repo.clone(),
-        emitter: wiring::emitter(&config)?,
-        consumer: wiring::consumer(
-            &config,
-            &p.db,
-            GROUP,
-            swimlane_core::topics::VERDICTS,
-            &config.publisher.consumer,
-        )?,
-        metrics: metrics.clone(),
-    };
-    let cfg = PublisherConfig {
-        target_accuracy: config.policy.target_accuracy,
-        loop_options: wiring::loop_options(&config.publisher.consumer),
-    };
+    let deps = PublisherDeps::from_config(&config, &p.db, metrics.clone())?;
+    let repo = deps.repo.clone();
+    let cfg = PublisherConfig::from_config(&config);
     let api = router(ApiState {
         db: p.db.clone(),
         repo,

@@ -413,32 +413,53 @@ impl StageHandler for Trainer {
     }
 }
 
+impl TrainerDeps {
+    /// The trainer's dependencies for `config` over an open store: the configured bus's
+    /// emitter and a consumer in group [`GROUP`] on the batches topic.
+    pub fn from_config(
+        config: &swimlane_runtime::Config,
+        db: &Db,
+        metrics: TrainerMetrics,
+    ) -> Result<Self, TrainerError> {
+        use swimlane_runtime::wiring;
+        Ok(TrainerDeps {
+            db: db.clone(),
+            repo: Repo::new(swimlane_core::keys::Keys::new(&config.deployment)),
+            emitter: wiring::emitter(config)?,
+            consumer: wiring::consumer(
+                config,
+                db,
+                GROUP,
+                topics::BATCHES,
+                &config.trainer.consumer,
+            )?,
+            metrics,
+        })
+    }
+}
+
+impl TrainerConfig {
+    /// The trainer's settings from the process config.
+    pub fn from_config(config: &swimlane_runtime::Config) -> Self {
+        TrainerConfig {
+            loop_options: swimlane_runtime::wiring::loop_options(&config.trainer.consumer),
+            ..Default::default()
+        }
+    }
+}
+
 /// Run a whole trainer process from its config: store, metrics and health server,
 /// signal handling, then the stage until SIGTERM/SIGINT. What `swimlane-trainer` and
 /// `swimlane worker trainer` run.
 pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), TrainerError> {
-    use swimlane_core::{keys::Keys, topics};
-    use swimlane_runtime::wiring::{self, Process};
-    use swimlane_runtime::Worker;
-    let p = Process::start(&config, Worker::Trainer).await?;
-    let deps = TrainerDeps {
-        repo: Repo::new(Keys::new(&config.deployment)),
-        emitter: wiring::emitter(&config)?,
-        consumer: wiring::consumer(
-            &config,
-            &p.db,
-            GROUP,
-            topics::BATCHES,
-            &config.trainer.consumer,
-        )?,
-        metrics: TrainerMetrics::register(&p.registry)?,
-        db: p.db.clone(),
-    };
-    let cfg = TrainerConfig {
-        loop_options: wiring::loop_options(&config.trainer.consumer),
-        ..Default::default()
-    };
+    let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Trainer)
+        .await?;
+    let deps = TrainerDeps::from_config(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
     p.ready.set(true);
-    run(cfg, deps, p.shutdown.clone()).await?;
-    Ok(())
+    run(
+        TrainerConfig::from_config(&config),
+        deps,
+        p.shutdown.clone(),
+    )
+    .await
 }

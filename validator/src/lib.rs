@@ -474,32 +474,54 @@ impl StageHandler for Validator {
     }
 }
 
+impl ValidatorDeps {
+    /// The validator's dependencies for `config` over an open store: the configured
+    /// bus's emitter and a consumer in group [`GROUP`] on the candidates topic.
+    pub fn from_config(
+        config: &swimlane_runtime::Config,
+        db: &Db,
+        metrics: ValidatorMetrics,
+    ) -> Result<Self, ValidatorError> {
+        use swimlane_runtime::wiring;
+        Ok(ValidatorDeps {
+            db: db.clone(),
+            repo: Repo::new(swimlane_core::keys::Keys::new(&config.deployment)),
+            emitter: wiring::emitter(config)?,
+            consumer: wiring::consumer(
+                config,
+                db,
+                GROUP,
+                topics::CANDIDATES,
+                &config.validator.consumer,
+            )?,
+            metrics,
+        })
+    }
+}
+
+impl ValidatorConfig {
+    /// The validator's settings from the process config.
+    pub fn from_config(config: &swimlane_runtime::Config) -> Self {
+        ValidatorConfig {
+            policy: config.validator.policy(),
+            loop_options: swimlane_runtime::wiring::loop_options(&config.validator.consumer),
+        }
+    }
+}
+
 /// Run a whole validator process from its config: store, metrics and health server,
 /// signal handling, then the stage until SIGTERM/SIGINT. What `swimlane-validator` and
 /// `swimlane worker validator` run.
 pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), ValidatorError> {
-    use swimlane_core::{keys::Keys, topics};
-    use swimlane_runtime::wiring::{self, Process};
-    use swimlane_runtime::Worker;
-    let p = Process::start(&config, Worker::Validator).await?;
-    let deps = ValidatorDeps {
-        repo: Repo::new(Keys::new(&config.deployment)),
-        emitter: wiring::emitter(&config)?,
-        consumer: wiring::consumer(
-            &config,
-            &p.db,
-            GROUP,
-            topics::CANDIDATES,
-            &config.validator.consumer,
-        )?,
-        metrics: ValidatorMetrics::register(&p.registry)?,
-        db: p.db.clone(),
-    };
-    let cfg = ValidatorConfig {
-        policy: config.validator.policy(),
-        loop_options: wiring::loop_options(&config.validator.consumer),
-    };
+    let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Validator)
+        .await?;
+    let deps =
+        ValidatorDeps::from_config(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
     p.ready.set(true);
-    run(cfg, deps, p.shutdown.clone()).await?;
-    Ok(())
+    run(
+        ValidatorConfig::from_config(&config),
+        deps,
+        p.shutdown.clone(),
+    )
+    .await
 }
