@@ -458,23 +458,33 @@ impl Relay {
         Ok(done.len())
     }
 
-    /// Relay until `stop()`; then one last round so a draining process leaves little
-    /// behind (another process's relay, or the next start, relays the rest).
+    /// Relay until `stop()`; then one last round, if the previous one succeeded, so a
+    /// draining process leaves little behind (another process's relay, or the next
+    /// start, relays the rest).
     pub fn run(&mut self, stop: &dyn Fn() -> bool) {
         let mut backoff = Duration::from_millis(50);
+        let mut healthy = false;
         while !stop() {
             match self.round() {
-                Ok(n) if n > 0 => backoff = Duration::from_millis(50),
-                Ok(_) => std::thread::sleep(self.opts.idle),
+                Ok(n) => {
+                    healthy = true;
+                    backoff = Duration::from_millis(50);
+                    if n == 0 {
+                        std::thread::sleep(self.opts.idle);
+                    }
+                }
                 Err(e) => {
+                    healthy = false;
                     tracing::warn!(error = %e, "outbox relay round failed; backing off");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
-        if let Err(e) = self.round() {
-            tracing::warn!(error = %e, "last outbox relay round failed");
+        if healthy {
+            if let Err(e) = self.round() {
+                tracing::warn!(error = %e, "last outbox relay round failed");
+            }
         }
         if let Some(f) = self.fence.take() {
             let (keys, member) = (&self.keys, &self.opts.member);

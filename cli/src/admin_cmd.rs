@@ -30,6 +30,16 @@ pub enum AdminCommand {
     /// Make a new admin token: prints the token (keep it secret) and the
     /// `admin_token_sha256` value to configure.
     AdminToken,
+    /// Create the Kafka bus's topics with `partitions` partitions each, unless they
+    /// exist (idempotent). Needs a build with `--features swimlane-runtime/kafka`;
+    /// nothing to do on the embedded bus.
+    CreateTopics {
+        #[command(flatten)]
+        args: Args,
+        /// Replication factor of new topics.
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +126,18 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
             } else {
                 anyhow::bail!("no such token")
             }
+        }
+        AdminCommand::CreateTopics { args, replication } => {
+            let config = Config::load(&args, None)?;
+            let topics = swimlane_runtime::wiring::create_topics(&config, replication)?;
+            if topics.is_empty() {
+                println!("embedded bus: no topics to create");
+            } else {
+                for t in topics {
+                    println!("{t}: {} partitions", config.partitions);
+                }
+            }
+            Ok(())
         }
         AdminCommand::AdminToken => {
             let token = new_token();

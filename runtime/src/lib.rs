@@ -49,8 +49,10 @@ pub enum RuntimeError {
     },
     #[error("store {location:?} is FoundationDB, but this binary was built without FoundationDB support; rebuild with `--features fdb`")]
     FdbNotBuilt { location: String },
-    #[error("bus {location:?} is not supported by this build yet; use `embedded`")]
+    #[error("bus {location:?} is Kafka, but this binary was built without Kafka support; rebuild with `--features swimlane-runtime/kafka` (or use `embedded`)")]
     BusNotBuilt { location: String },
+    #[error("bus error: {0}")]
+    Bus(#[from] swimlane_bus::BusError),
     #[error("metrics registration failed: {0}")]
     Metrics(#[from] prometheus::Error),
 }

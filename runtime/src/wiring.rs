@@ -1,5 +1,14 @@
 //! Building a worker process's bus ends and its process scaffolding from the config,
 //! so each worker's `main.rs` stays a few lines.
+//!
+//! Kafka (`kafka://host:port`, feature `kafka`): the emitter writes to the store's
+//! outbox, and an outbox relay moves committed entries into Kafka. The relay runs in
+//! every process that calls [`spawn_relay`], which [`Process::start`] does (trainer,
+//! validator, publisher); only one relay at a time holds the store's relay lease and
+//! relays every process's entries (the outbox is one per store), the others stand by.
+//! So an ingest process needs no relay of its own while any other worker runs; it may
+//! run one too with [`spawn_relay`]. Topics must exist first:
+//! `swimlane admin create-topics`.
 use std::sync::Arc;
 
 use prometheus::Registry;
@@ -20,9 +29,88 @@ pub fn emitter(config: &Config) -> Result<Arc<dyn Emitter>, RuntimeError> {
             Keys::new(&config.deployment),
             config.partitions,
         ))),
+        #[cfg(feature = "kafka")]
+        BusLocation::Kafka(_) => Ok(Arc::new(swimlane_bus::kafka::KafkaEmitter::new(Keys::new(
+            &config.deployment,
+        )))),
+        #[cfg(not(feature = "kafka"))]
         BusLocation::Kafka(addr) => Err(RuntimeError::BusNotBuilt {
             location: format!("kafka://{addr}"),
         }),
+    }
+}
+
+/// A running outbox relay; it stops when the token it was spawned with is cancelled
+/// (after one last round).
+pub struct RelayHandle {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// Wait for the relay thread to finish (cancel its token first).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Start the outbox relay for the configured bus on its own thread, until `shutdown`
+/// is cancelled. `None` on the embedded bus, which needs none (its log is in the
+/// store).
+pub fn spawn_relay(
+    config: &Config,
+    db: &Db,
+    shutdown: CancellationToken,
+) -> Result<Option<RelayHandle>, RuntimeError> {
+    match config.bus_location()? {
+        BusLocation::Embedded => Ok(None),
+        #[cfg(feature = "kafka")]
+        BusLocation::Kafka(addr) => {
+            use swimlane_bus::kafka::{relay_producer, Relay, RelayOptions};
+            let producer = relay_producer(&addr)?;
+            let mut relay = Relay::new(
+                db.clone(),
+                Keys::new(&config.deployment),
+                producer,
+                RelayOptions::default(),
+            );
+            let thread = std::thread::Builder::new()
+                .name("outbox-relay".into())
+                .spawn(move || relay.run(&|| shutdown.is_cancelled()))
+                .map_err(|e| {
+                    RuntimeError::Bus(swimlane_bus::BusError::Config(format!(
+                        "cannot start the outbox relay thread: {e}"
+                    )))
+                })?;
+            Ok(Some(RelayHandle { thread }))
+        }
+        #[cfg(not(feature = "kafka"))]
+        BusLocation::Kafka(addr) => {
+            let _ = (db, shutdown);
+            Err(RuntimeError::BusNotBuilt {
+                location: format!("kafka://{addr}"),
+            })
+        }
+    }
+}
+
+/// Create the bus's topics (`swimlane_core::topics::ALL`) with `config.partitions`
+/// partitions each, unless they exist. Nothing to do on the embedded bus.
+pub fn create_topics(config: &Config, replication: i32) -> Result<Vec<String>, RuntimeError> {
+    match config.bus_location()? {
+        BusLocation::Embedded => Ok(Vec::new()),
+        #[cfg(feature = "kafka")]
+        BusLocation::Kafka(addr) => {
+            let topics = swimlane_core::topics::ALL;
+            swimlane_bus::kafka::create_topics(&addr, &topics, config.partitions, replication)?;
+            Ok(topics.iter().map(|t| t.to_string()).collect())
+        }
+        #[cfg(not(feature = "kafka"))]
+        BusLocation::Kafka(addr) => {
+            let _ = replication;
+            Err(RuntimeError::BusNotBuilt {
+                location: format!("kafka://{addr}"),
+            })
+        }
     }
 }
 
@@ -51,9 +139,24 @@ pub fn consumer(
                 },
             )))
         }
-        BusLocation::Kafka(addr) => Err(RuntimeError::BusNotBuilt {
-            location: format!("kafka://{addr}"),
-        }),
+        #[cfg(feature = "kafka")]
+        BusLocation::Kafka(addr) => {
+            use swimlane_bus::kafka::{KafkaConsumer, KafkaConsumerOptions};
+            let mut o = KafkaConsumerOptions::new(&addr, group, topic);
+            o.lease_ttl = c.lease_ttl();
+            Ok(Box::new(KafkaConsumer::new(
+                db.clone(),
+                Keys::new(&config.deployment),
+                o,
+            )?))
+        }
+        #[cfg(not(feature = "kafka"))]
+        BusLocation::Kafka(addr) => {
+            let _ = (db, group, topic, c);
+            Err(RuntimeError::BusNotBuilt {
+                location: format!("kafka://{addr}"),
+            })
+        }
     }
 }
 
@@ -74,11 +177,14 @@ pub struct Process {
     pub shutdown: CancellationToken,
     pub ready: Readiness,
     pub ops: OpsServer,
+    /// The outbox relay (Kafka bus only); stops with `shutdown`.
+    pub relay: Option<RelayHandle>,
 }
 
 impl Process {
     /// Open the store, register store metrics, install signal handling and start the
-    /// ops server on the worker's `metrics_listen`.
+    /// ops server on the worker's `metrics_listen`; on the Kafka bus, start the outbox
+    /// relay ([`spawn_relay`]).
     pub async fn start(config: &Config, worker: Worker) -> Result<Process, RuntimeError> {
         let db = crate::open_store(config)?;
         let registry = crate::new_registry();
@@ -93,12 +199,64 @@ impl Process {
             shutdown.clone(),
         )
         .await?;
+        let relay = spawn_relay(config, &db, shutdown.clone())?;
         Ok(Process {
             db,
             registry,
             shutdown,
             ready,
             ops,
+            relay,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka_config() -> Config {
+        Config {
+            bus: "kafka://127.0.0.1:1".into(),
+            ..Config::default()
+        }
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    #[test]
+    fn kafka_without_the_feature_says_how_to_build_it() {
+        let db = Db::new(swimlane_store::embedded::EmbeddedBackend::open_temp().unwrap());
+        let e = emitter(&kafka_config()).err().unwrap().to_string();
+        assert!(e.contains("--features swimlane-runtime/kafka"), "{e}");
+        let r = spawn_relay(&kafka_config(), &db, CancellationToken::new());
+        assert!(matches!(r, Err(RuntimeError::BusNotBuilt { .. })));
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn kafka_builds_an_outbox_emitter_and_a_relay_that_stops_with_shutdown() {
+        let db = Db::new(swimlane_store::embedded::EmbeddedBackend::open_temp().unwrap());
+        let config = kafka_config();
+        let e = emitter(&config).unwrap();
+        let keys = Keys::new(&config.deployment);
+        db.transact(|tx| e.emit_raw(tx, "t", "u", b"x")).unwrap();
+        let waiting = db
+            .transact(|tx| swimlane_bus::kafka::read_outbox(tx, &keys, 10))
+            .unwrap();
+        assert_eq!(waiting.len(), 1, "the event waits in the outbox");
+        let token = CancellationToken::new();
+        let relay = spawn_relay(&config, &db, token.clone()).unwrap().unwrap();
+        token.cancel();
+        relay.join();
+    }
+
+    #[test]
+    fn the_embedded_bus_needs_no_relay() {
+        let db = Db::new(swimlane_store::embedded::EmbeddedBackend::open_temp().unwrap());
+        assert!(
+            spawn_relay(&Config::default(), &db, CancellationToken::new())
+                .unwrap()
+                .is_none()
+        );
     }
 }
