@@ -476,7 +476,10 @@ impl Relay {
                 Err(e) => {
                     healthy = false;
                     tracing::warn!(error = %e, "outbox relay round failed; backing off");
-                    std::thread::sleep(backoff);
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !stop() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
@@ -1025,5 +1028,31 @@ mod tests {
             .transact(|tx| read_outbox(tx, &keys, 10))
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn one_relay_leads_per_store_and_another_takes_over_when_it_stops() {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let keys = Keys::new("t");
+        let relay = |member: &str| {
+            Relay::new(
+                db.clone(),
+                keys.clone(),
+                // No broker needed: the outbox stays empty, so nothing is produced.
+                relay_producer("127.0.0.1:1").unwrap(),
+                RelayOptions {
+                    member: member.into(),
+                    ..RelayOptions::default()
+                },
+            )
+        };
+        let (mut a, mut b) = (relay("a"), relay("b"));
+        assert_eq!(a.round().unwrap(), 0);
+        assert_eq!(b.round().unwrap(), 0);
+        assert!(a.is_leader());
+        assert!(!b.is_leader(), "the lease is held by a");
+        a.run(&|| true); // stops at once and releases the lease
+        assert_eq!(b.round().unwrap(), 0);
+        assert!(b.is_leader(), "b takes over once a released the lease");
     }
 }
