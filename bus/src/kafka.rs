@@ -246,8 +246,6 @@ pub type RelayProducer = BaseProducer<RelayContext>;
 fn base_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
-        // tansu answers a waiting fetch only when this runs out (shared/facts.md).
-        .set("fetch.wait.max.ms", "10")
         .set("socket.keepalive.enable", "true");
     c
 }
@@ -716,6 +714,9 @@ impl KafkaConsumer {
     pub fn new(db: Db, keys: Keys, opts: KafkaConsumerOptions) -> Result<Self, BusError> {
         let mut c = base_config(&opts.bootstrap);
         c.set("group.id", &opts.group)
+            // tansu answers a waiting fetch only when this runs out (shared/facts.md);
+            // a real Kafka broker answers as soon as data arrives.
+            .set("fetch.wait.max.ms", "10")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // Only used when no position is given, which never happens: every
