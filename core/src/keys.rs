@@ -22,10 +22,13 @@
 //! | `("lease", group, topic, partition)`         | partition owner and fencing epoch      |
 //! | `("member", group, topic, member)`           | a live consumer's heartbeat            |
 //! | `("run", user, run_id)`                      | a training run and its verdict         |
+//! | `("pending", staged_at_ms, user, batch_id)`  | empty: a batch staged and not yet settled (operations: the oldest one's age) |
+//! | `("stat", name, index)`                      | an 8-byte LE counter kept with `atomic_add` (operations statistics) |
 //!
 //! Invariant: a user's data lives only under keys that contain that user's id as the
 //! second tuple element (`user`, `model`), so a range read under one user's prefix can
-//! never return another user's samples.
+//! never return another user's samples. (`pending` keys name a user and a batch but
+//! hold no data; `stat` counters are over all users.)
 use foundationdb_tuple::Subspace;
 
 /// The key layout of one deployment. Cheap to clone.
@@ -135,6 +138,27 @@ impl Keys {
     pub fn run(&self, user: &str, run_id: &str) -> Vec<u8> {
         self.root.pack(&("run", user, run_id))
     }
+    /// The index entry of a batch staged at `staged_at_ms` and not yet settled
+    /// (published, rejected or deferred); the first key under [`Keys::pending_batches`]
+    /// is the oldest such batch.
+    pub fn pending_batch(&self, staged_at_ms: u64, user: &str, batch: &str) -> Vec<u8> {
+        self.root.pack(&("pending", staged_at_ms, user, batch))
+    }
+    /// Prefix of every [`Keys::pending_batch`] entry.
+    pub fn pending_batches(&self) -> Vec<u8> {
+        self.root.subspace(&("pending",)).into_bytes()
+    }
+    /// `(staged_at_ms, user, batch_id)` of a key made by [`Keys::pending_batch`].
+    pub fn pending_batch_of(&self, key: &[u8]) -> Option<(u64, String, String)> {
+        self.root
+            .subspace(&("pending",))
+            .unpack::<(u64, String, String)>(key)
+            .ok()
+    }
+    /// A statistics counter: `index` of the counter family `name`.
+    pub fn stat(&self, name: &str, index: u32) -> Vec<u8> {
+        self.root.pack(&("stat", name, index))
+    }
     /// Decode the offset from a key made by [`Keys::log_entry`].
     pub fn log_offset(&self, topic: &str, partition: u32, key: &[u8]) -> Option<u64> {
         self.root
@@ -175,6 +199,22 @@ mod tests {
         );
         assert_eq!(k.version_of("u", &k.model_version("u", 77)), Some(77));
         assert!(k.outbox(1) < k.outbox(1 << 40));
+    }
+
+    #[test]
+    fn pending_batches_sort_by_staging_time_and_decode() {
+        let k = Keys::new("test");
+        let (a, b) = (
+            k.pending_batch(999, "zed", "b"),
+            k.pending_batch(1000, "amy", "a"),
+        );
+        assert!(a < b, "older first, whatever the user");
+        assert!(a.starts_with(&k.pending_batches()));
+        assert_eq!(
+            k.pending_batch_of(&b),
+            Some((1000, "amy".to_string(), "a".to_string()))
+        );
+        assert!(!k.stat("x", 1).starts_with(&k.pending_batches()));
     }
 
     #[test]

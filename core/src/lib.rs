@@ -7,6 +7,7 @@ pub mod ids;
 pub mod keys;
 pub mod policy;
 pub mod records;
+pub mod stats;
 pub mod stroke;
 
 pub use events::{topics, Event, EventDecodeError};

@@ -285,6 +285,10 @@ pub struct Verdict {
     /// Accuracy on the population guard set, candidate and current.
     pub candidate_guard_accuracy: f32,
     pub current_guard_accuracy: f32,
+    /// Seconds the validator spent loading and scoring the models (0 in records
+    /// written before this field existed).
+    #[serde(default)]
+    pub validate_seconds: f32,
 }
 
 /// One training run: the batches it trained on, the candidate it made, its verdict.
@@ -342,4 +346,8 @@ pub struct UserState {
     /// The head model reached the target accuracy: no retraining until new
     /// corrections arrive.
     pub converged: bool,
+    /// The `stats::HEAD_ACCURACY` bucket this user is counted in (kept by
+    /// `swimlane_state::Repo::put_user_state`; `None`: not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_accuracy_bucket: Option<u32>,
 }

@@ -44,8 +44,15 @@ pub struct IngestState {
 
 impl IngestState {
     /// Build from the config (deployment, limits, admin token hash) and the deps;
-    /// registers ingest's metrics in `deps.registry`.
+    /// registers ingest's metrics (and the store-wide pipeline statistics,
+    /// [`crate::metrics::PipelineCollector`]) in `deps.registry`.
     pub fn new(config: &Config, deps: crate::IngestDeps) -> Result<Self, prometheus::Error> {
+        crate::metrics::PipelineCollector::register(
+            &deps.registry,
+            deps.db.clone(),
+            Repo::new(Keys::new(&config.deployment)),
+            deps.clock.clone(),
+        )?;
         Ok(IngestState {
             metrics: IngestMetrics::register(&deps.registry)?,
             db: deps.db,
@@ -182,6 +189,11 @@ async fn post_batch(
         .request_seconds("post_batch")
         .observe(started.elapsed().as_secs_f64());
     let _enter = span.enter();
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status,
+    };
+    state.metrics.responded("post_batch", status);
     match result {
         Ok(r) => r,
         Err(e) => {
@@ -272,10 +284,12 @@ async fn get_batch(
         .metrics
         .request_seconds("get_batch")
         .observe(started.elapsed().as_secs_f64());
-    match result {
+    let response = match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    state.metrics.responded("get_batch", response.status());
+    response
 }
 
 async fn get_batch_inner(

@@ -1,15 +1,46 @@
 //! Every metric ingest exports, defined in one place. Label values come from closed
-//! sets ([`reject_reasons`], [`ROUTES`]).
+//! sets ([`reject_reasons`], [`ROUTES`], [`STATUS_CLASSES`]).
+//!
+//! Ingest also exports the pipeline's state as read from the store at each scrape
+//! ([`PipelineCollector`]): the age of the oldest batch staged and not yet settled, and
+//! the distribution of users' current held-out accuracy. Every ingest replica exports
+//! the same values (they are store-wide): aggregate them with `max`.
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 use swimlane_core::batch::BatchError;
+use swimlane_core::stats::ACCURACY_BUCKETS;
+use swimlane_runtime::WallClock;
+use swimlane_state::Repo;
+use swimlane_store::Db;
 
 pub const BATCHES_ACCEPTED_TOTAL: &str = "swimlane_ingest_batches_accepted_total";
 pub const BATCHES_DUPLICATE_TOTAL: &str = "swimlane_ingest_batches_duplicate_total";
 pub const BATCHES_REJECTED_TOTAL: &str = "swimlane_ingest_batches_rejected_total";
 pub const SAMPLES_STAGED_TOTAL: &str = "swimlane_ingest_samples_staged_total";
 pub const REQUEST_SECONDS: &str = "swimlane_ingest_request_seconds";
+pub const RESPONSES_TOTAL: &str = "swimlane_ingest_responses_total";
+pub const OLDEST_PENDING_AGE: &str = "swimlane_pipeline_oldest_pending_batch_age_seconds";
+pub const USERS_HELDOUT_ACCURACY: &str = "swimlane_users_heldout_accuracy";
+
+/// Values of the `class` label of [`RESPONSES_TOTAL`]: the HTTP status class.
+pub const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+/// The [`STATUS_CLASSES`] value of an answer's status (1xx and 3xx count as 2xx:
+/// ingest answers neither).
+pub fn status_class(status: axum::http::StatusCode) -> &'static str {
+    if status.is_server_error() {
+        "5xx"
+    } else if status.is_client_error() {
+        "4xx"
+    } else {
+        "2xx"
+    }
+}
 
 /// Values of the `route` label of [`REQUEST_SECONDS`].
 pub const ROUTES: [&str; 2] = ["post_batch", "get_batch"];
@@ -42,6 +73,7 @@ pub struct IngestMetrics {
     rejected: IntCounterVec,
     pub samples_staged: IntCounter,
     request_seconds: HistogramVec,
+    responses: IntCounterVec,
 }
 
 impl IngestMetrics {
@@ -71,13 +103,24 @@ impl IngestMetrics {
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(samples_staged.clone()))?;
+        let responses = IntCounterVec::new(
+            Opts::new(
+                RESPONSES_TOTAL,
+                "Ingest API answers, by route and HTTP status class",
+            ),
+            &["route", "class"],
+        )?;
         registry.register(Box::new(request_seconds.clone()))?;
+        registry.register(Box::new(responses.clone()))?;
         // Export every reason at 0 so dashboards and alerts see the whole set.
         for r in reject_reasons() {
             rejected.with_label_values(&[r]);
         }
         for r in ROUTES {
             request_seconds.with_label_values(&[r]);
+            for c in STATUS_CLASSES {
+                responses.with_label_values(&[r, c]);
+            }
         }
         Ok(IngestMetrics {
             accepted,
@@ -85,6 +128,7 @@ impl IngestMetrics {
             rejected,
             samples_staged,
             request_seconds,
+            responses,
         })
     }
 
@@ -96,5 +140,218 @@ impl IngestMetrics {
 
     pub fn request_seconds(&self, route: &'static str) -> Histogram {
         self.request_seconds.with_label_values(&[route])
+    }
+
+    /// Count an answer of `route` (one of [`ROUTES`]).
+    pub fn responded(&self, route: &'static str, status: axum::http::StatusCode) {
+        debug_assert!(ROUTES.contains(&route), "{route}");
+        self.responses
+            .with_label_values(&[route, status_class(status)])
+            .inc();
+    }
+}
+
+/// Exports, at each scrape, what one short store transaction reads:
+/// - `swimlane_pipeline_oldest_pending_batch_age_seconds`: how long ago the oldest batch
+///   not yet published, rejected or deferred was staged (0 when there is none);
+/// - `swimlane_users_heldout_accuracy`: a histogram of the held-out accuracy of every
+///   user's current model (users without a published model are not counted).
+///
+/// A failed read logs a warning and exports neither (Prometheus then sees them absent,
+/// which the alert rules treat as a problem of its own).
+pub struct PipelineCollector {
+    db: Db,
+    repo: Repo,
+    clock: Arc<dyn WallClock>,
+    descs: Vec<Desc>,
+}
+
+impl PipelineCollector {
+    pub fn new(db: Db, repo: Repo, clock: Arc<dyn WallClock>) -> prometheus::Result<Self> {
+        let descs = vec![
+            Desc::new(
+                OLDEST_PENDING_AGE.into(),
+                "Seconds since the oldest batch that is staged and not yet published, rejected or deferred was staged".into(),
+                vec![],
+                Default::default(),
+            )?,
+            Desc::new(
+                USERS_HELDOUT_ACCURACY.into(),
+                "Held-out accuracy of each user's current (head) model".into(),
+                vec![],
+                Default::default(),
+            )?,
+        ];
+        Ok(PipelineCollector {
+            db,
+            repo,
+            clock,
+            descs,
+        })
+    }
+
+    /// Register a collector over `db` in `registry`.
+    pub fn register(
+        registry: &Registry,
+        db: Db,
+        repo: Repo,
+        clock: Arc<dyn WallClock>,
+    ) -> prometheus::Result<()> {
+        registry.register(Box::new(Self::new(db, repo, clock)?))
+    }
+}
+
+impl Collector for PipelineCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let repo = &self.repo;
+        let read = self.db.transact(|tx| {
+            Ok((
+                repo.oldest_pending_batch(tx)?,
+                repo.head_accuracy_histogram(tx)?,
+            ))
+        });
+        let (oldest, (counts, sum)) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading pipeline statistics for /metrics failed");
+                return Vec::new();
+            }
+        };
+        let now = self.clock.now_ms();
+        let age = oldest.map_or(0.0, |(at, _, _)| now.saturating_sub(at) as f64 / 1000.0);
+
+        let mut gauge = proto::Gauge::default();
+        gauge.set_value(age);
+        let mut m = proto::Metric::default();
+        m.set_gauge(gauge);
+        let mut age_family = MetricFamily::default();
+        age_family.set_name(OLDEST_PENDING_AGE.into());
+        age_family.set_help(self.descs[0].help.clone());
+        age_family.set_field_type(MetricType::GAUGE);
+        age_family.set_metric(vec![m]);
+
+        let mut h = proto::Histogram::default();
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(ACCURACY_BUCKETS.len());
+        for (bound, n) in ACCURACY_BUCKETS.iter().zip(&counts) {
+            cumulative += n;
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+        h.set_bucket(buckets);
+        h.set_sample_count(counts.iter().sum());
+        h.set_sample_sum(sum);
+        let mut m = proto::Metric::default();
+        m.set_histogram(h);
+        let mut acc_family = MetricFamily::default();
+        acc_family.set_name(USERS_HELDOUT_ACCURACY.into());
+        acc_family.set_help(self.descs[1].help.clone());
+        acc_family.set_field_type(MetricType::HISTOGRAM);
+        acc_family.set_metric(vec![m]);
+
+        vec![age_family, acc_family]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swimlane_core::keys::Keys;
+    use swimlane_core::records::{BatchRecord, BatchStatus};
+    use swimlane_runtime::ManualWallClock;
+    use swimlane_store::embedded::EmbeddedBackend;
+
+    fn metrics(r: &Registry) -> String {
+        swimlane_runtime::telemetry::encode_metrics(r)
+    }
+
+    #[test]
+    fn pipeline_collector_reads_the_oldest_pending_batch_and_the_accuracy_histogram() {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let repo = Repo::new(Keys::new("t"));
+        let clock = Arc::new(ManualWallClock::new(10_000));
+        let r = Registry::new();
+        PipelineCollector::register(&r, db.clone(), repo.clone(), clock.clone()).unwrap();
+        let m = metrics(&r);
+        assert!(
+            m.contains("swimlane_pipeline_oldest_pending_batch_age_seconds 0\n"),
+            "{m}"
+        );
+        assert!(m.contains("swimlane_users_heldout_accuracy_count 0"), "{m}");
+        assert!(
+            m.contains("swimlane_users_heldout_accuracy_bucket{le=\"+Inf\"} 0"),
+            "{m}"
+        );
+
+        // A batch staged at 4 s, two users with published heads.
+        db.transact(|tx| {
+            tx.set(&repo.keys.pending_batch(4_000, "al", "b1"), b"")?;
+            for (u, acc) in [("al", 0.82f32), ("bo", 0.97)] {
+                let mut s = repo.user_state(tx, u)?;
+                s.head_heldout_accuracy = Some(acc);
+                repo.put_user_state(tx, u, &s)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let m = metrics(&r);
+        assert!(
+            m.contains("swimlane_pipeline_oldest_pending_batch_age_seconds 6\n"),
+            "{m}"
+        );
+        for line in [
+            "swimlane_users_heldout_accuracy_bucket{le=\"0.8\"} 0",
+            "swimlane_users_heldout_accuracy_bucket{le=\"0.85\"} 1",
+            "swimlane_users_heldout_accuracy_bucket{le=\"0.95\"} 1",
+            "swimlane_users_heldout_accuracy_bucket{le=\"0.975\"} 2",
+            "swimlane_users_heldout_accuracy_bucket{le=\"1\"} 2",
+            "swimlane_users_heldout_accuracy_bucket{le=\"+Inf\"} 2",
+            "swimlane_users_heldout_accuracy_count 2",
+        ] {
+            assert!(m.contains(line), "{line} in\n{m}");
+        }
+        assert!(
+            m.contains("# TYPE swimlane_users_heldout_accuracy histogram"),
+            "{m}"
+        );
+
+        // Published: nothing pending any more; the age reads 0 again.
+        clock.set(60_000);
+        db.transact(|tx| {
+            let rec = BatchRecord {
+                v: 1,
+                digest: "d".into(),
+                samples: 1,
+                heldout: 0,
+                chunks: 1,
+                staged_at_ms: 4_000,
+                status: BatchStatus::Published {
+                    run_id: "r".into(),
+                    version: 1,
+                },
+            };
+            repo.put_batch(tx, "al", "b1", &rec)
+        })
+        .unwrap();
+        let m = metrics(&r);
+        assert!(
+            m.contains("swimlane_pipeline_oldest_pending_batch_age_seconds 0\n"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn status_classes() {
+        use axum::http::StatusCode;
+        assert_eq!(status_class(StatusCode::ACCEPTED), "2xx");
+        assert_eq!(status_class(StatusCode::NOT_MODIFIED), "2xx");
+        assert_eq!(status_class(StatusCode::CONFLICT), "4xx");
+        assert_eq!(status_class(StatusCode::SERVICE_UNAVAILABLE), "5xx");
     }
 }

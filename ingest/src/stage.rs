@@ -2,7 +2,7 @@
 //! and the one transaction that stages it.
 //!
 //! Invariant: a batch is staged by exactly one transaction that writes its sample
-//! chunks, its record and its `BatchStaged` event together, so the store holds either
+//! chunks, its record, its pending-index entry and its `BatchStaged` event together, so the store holds either
 //! all of a batch or none of it, and the event exists iff the batch does. A batch id
 //! that already has a record is never written again: the same content is answered
 //! from the record, a different content is a conflict.
@@ -91,6 +91,7 @@ pub fn stage_batch(
 ) -> Result<StageOutcome, KvError> {
     let (u, b) = (user.as_str(), batch.batch_id.as_str());
     let record_key = keys.batch(u, b);
+    let pending_key = keys.pending_batch(now_ms, u, b);
     // Encode outside the closure: it may run more than once.
     let chunks: Vec<(Vec<u8>, Vec<u8>)> = batch
         .samples
@@ -129,6 +130,8 @@ pub fn stage_batch(
             tx.set(k, v)?;
         }
         tx.set(&record_key, &record_bytes)?;
+        // Pending until published, rejected or deferred (`Repo::put_batch` removes it).
+        tx.set(&pending_key, b"")?;
         emitter.emit(tx, &event)?;
         Ok(StageOutcome::Staged(record.clone()))
     })

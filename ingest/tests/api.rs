@@ -280,6 +280,15 @@ async fn happy_path_stages_chunks_record_and_event() {
         m.contains("swimlane_ingest_request_seconds_count{route=\"post_batch\"} 1"),
         "{m}"
     );
+    assert!(
+        m.contains("swimlane_ingest_responses_total{class=\"2xx\",route=\"post_batch\"} 1"),
+        "{m}"
+    );
+    // Staged now (the harness clock does not move), not yet settled.
+    assert!(
+        m.contains("swimlane_pipeline_oldest_pending_batch_age_seconds 0"),
+        "{m}"
+    );
 
     // Its status.
     let (s, v) = h.get("alice", "b-1", &h.alice).await;
@@ -478,6 +487,10 @@ async fn bad_inputs_are_refused_with_their_code_and_stage_nothing() {
             m.contains(&format!(
                 "swimlane_ingest_batches_rejected_total{{reason=\"{want}\"}} 1"
             )),
+            "{name}: {m}"
+        );
+        assert!(
+            m.contains("swimlane_ingest_responses_total{class=\"4xx\",route=\"post_batch\"} 1"),
             "{name}: {m}"
         );
     }
@@ -767,6 +780,12 @@ async fn store_failures_are_503_with_retry_after_and_leave_nothing() {
     assert_eq!(
         (s, code(&v)),
         (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+    );
+    // Both answers count as 5xx (what the ingest-5xx alert watches).
+    let m = h.metrics();
+    assert!(
+        m.contains("swimlane_ingest_responses_total{class=\"5xx\",route=\"post_batch\"} 2"),
+        "{m}"
     );
     fail.store(false, Ordering::SeqCst);
     h.assert_nothing_staged("alice", "failed commits");

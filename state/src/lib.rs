@@ -11,8 +11,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
 use swimlane_core::keys::Keys;
 use swimlane_core::records::{
-    decode_chunk, BatchRecord, ModelVersionRecord, RunRecord, StagedSample, UserState,
+    decode_chunk, BatchRecord, BatchStatus, ModelVersionRecord, RunRecord, StagedSample, UserState,
 };
+use swimlane_core::stats;
 use swimlane_store::{blob, Db, KvError, RangeOption, Transaction};
 
 /// Blob id of the deployment's base model (the parent of every user's first run).
@@ -70,6 +71,9 @@ impl Repo {
         }
     }
 
+    /// Write a batch record. A batch leaving the pipeline's hands (published, rejected,
+    /// or deferred until the user's next upload) leaves the pending index too (see
+    /// [`Repo::oldest_pending_batch`]); only ingest adds to it, when it stages.
     pub fn put_batch(
         &self,
         tx: &mut Transaction<'_>,
@@ -77,7 +81,46 @@ impl Repo {
         batch: &str,
         r: &BatchRecord,
     ) -> Result<(), KvError> {
+        if !matches!(
+            r.status,
+            BatchStatus::Staged | BatchStatus::Validating { .. }
+        ) {
+            tx.clear(&self.keys.pending_batch(r.staged_at_ms, user, batch))?;
+        }
         tx.set(&self.keys.batch(user, batch), &r.encode())
+    }
+
+    /// `(staged_at_ms, user, batch_id)` of the batch staged longest ago that the
+    /// pipeline has not settled yet (published, rejected, or deferred for more
+    /// evidence); `None` when every staged batch is settled. One short range read.
+    pub fn oldest_pending_batch(
+        &self,
+        tx: &mut Transaction<'_>,
+    ) -> Result<Option<(u64, String, String)>, KvError> {
+        let rows = tx.get_range(&RangeOption::prefix(&self.keys.pending_batches()).limit(1))?;
+        rows.first()
+            .map(|(k, _)| {
+                self.keys
+                    .pending_batch_of(k)
+                    .ok_or_else(|| corrupt("pending batch key", "does not decode"))
+            })
+            .transpose()
+    }
+
+    /// How many users' head model has a held-out accuracy in each bucket of
+    /// `stats::ACCURACY_BUCKETS` (not cumulative; the last entry counts accuracies
+    /// above the last bound), and the sum of those accuracies.
+    pub fn head_accuracy_histogram(
+        &self,
+        tx: &mut Transaction<'_>,
+    ) -> Result<(Vec<u64>, f64), KvError> {
+        let mut counts = Vec::with_capacity(stats::ACCURACY_BUCKETS.len() + 1);
+        for i in 0..=stats::ACCURACY_BUCKETS.len() as u32 {
+            let n = tx.get_counter(&self.keys.stat(stats::HEAD_ACCURACY, i))?;
+            counts.push(n.max(0) as u64);
+        }
+        let sum = tx.get_counter(&self.keys.stat(stats::HEAD_ACCURACY_SUM, 0))?;
+        Ok((counts, sum.max(0) as f64 / 1e6))
     }
 
     /// Every batch record of `user`, in batch-id order.
@@ -125,13 +168,36 @@ impl Repo {
         )
     }
 
+    /// Write a user's state, keeping the `stats::HEAD_ACCURACY` counters in step with
+    /// the head's held-out accuracy: the user moves from the bucket it was counted in
+    /// (as stored, read here) to the bucket of `s.head_heldout_accuracy`. Atomic adds:
+    /// concurrent writers for other users never conflict on the counters.
     pub fn put_user_state(
         &self,
         tx: &mut Transaction<'_>,
         user: &str,
         s: &UserState,
     ) -> Result<(), KvError> {
-        put_json(tx, &self.keys.user_state(user), s)
+        let old = self.user_state(tx, user)?;
+        let mut s = s.clone();
+        let old_count = old
+            .counted_accuracy_bucket
+            .map(|b| (b, old.head_heldout_accuracy.map(stats::micros).unwrap_or(0)));
+        let new_count = s
+            .head_heldout_accuracy
+            .map(|a| (stats::accuracy_bucket(a), stats::micros(a)));
+        if old_count != new_count {
+            if let Some((b, micros)) = old_count {
+                tx.atomic_add(&self.keys.stat(stats::HEAD_ACCURACY, b), -1)?;
+                tx.atomic_add(&self.keys.stat(stats::HEAD_ACCURACY_SUM, 0), -micros)?;
+            }
+            if let Some((b, micros)) = new_count {
+                tx.atomic_add(&self.keys.stat(stats::HEAD_ACCURACY, b), 1)?;
+                tx.atomic_add(&self.keys.stat(stats::HEAD_ACCURACY_SUM, 0), micros)?;
+            }
+        }
+        s.counted_accuracy_bucket = new_count.map(|(b, _)| b);
+        put_json(tx, &self.keys.user_state(user), &s)
     }
 
     pub fn run(
@@ -276,4 +342,122 @@ pub fn end_run_and_retrigger(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swimlane_store::embedded::EmbeddedBackend;
+
+    fn setup() -> (Db, Repo) {
+        (
+            Db::new(EmbeddedBackend::open_temp().unwrap()),
+            Repo::new(Keys::new("t")),
+        )
+    }
+
+    fn record(staged_at_ms: u64, status: BatchStatus) -> BatchRecord {
+        BatchRecord {
+            v: 1,
+            digest: "d".into(),
+            samples: 1,
+            heldout: 0,
+            chunks: 1,
+            staged_at_ms,
+            status,
+        }
+    }
+
+    #[test]
+    fn settling_a_batch_takes_it_out_of_the_pending_index() {
+        let (db, repo) = setup();
+        let oldest = |db: &Db| db.transact(|tx| repo.oldest_pending_batch(tx)).unwrap();
+        assert_eq!(oldest(&db), None);
+        // Ingest stages two batches (it writes the index entries itself).
+        db.transact(|tx| {
+            for (at, u, b) in [(100, "bo", "b1"), (50, "al", "a1")] {
+                tx.set(&repo.keys.pending_batch(at, u, b), b"")?;
+                repo.put_batch(tx, u, b, &record(at, BatchStatus::Staged))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(oldest(&db), Some((50, "al".into(), "a1".into())));
+        // Training it keeps it pending; its verdict settles it.
+        let validating = BatchStatus::Validating { run_id: "r".into() };
+        db.transact(|tx| repo.put_batch(tx, "al", "a1", &record(50, validating.clone())))
+            .unwrap();
+        assert_eq!(oldest(&db), Some((50, "al".into(), "a1".into())));
+        let deferred = BatchStatus::Deferred {
+            reason: "few".into(),
+        };
+        db.transact(|tx| repo.put_batch(tx, "al", "a1", &record(50, deferred.clone())))
+            .unwrap();
+        assert_eq!(oldest(&db), Some((100, "bo".into(), "b1".into())));
+        // A deferred batch trained again with a newer one is not pending again.
+        db.transact(|tx| repo.put_batch(tx, "al", "a1", &record(50, validating.clone())))
+            .unwrap();
+        assert_eq!(oldest(&db), Some((100, "bo".into(), "b1".into())));
+        let published = BatchStatus::Published {
+            run_id: "r".into(),
+            version: 1,
+        };
+        db.transact(|tx| repo.put_batch(tx, "bo", "b1", &record(100, published.clone())))
+            .unwrap();
+        assert_eq!(oldest(&db), None);
+    }
+
+    #[test]
+    fn head_accuracy_counts_each_user_once_in_the_bucket_of_their_head() {
+        let (db, repo) = setup();
+        let hist = |db: &Db| db.transact(|tx| repo.head_accuracy_histogram(tx)).unwrap();
+        let set = |db: &Db, user: &str, acc: Option<f32>| {
+            db.transact(|tx| {
+                let mut s = repo.user_state(tx, user)?;
+                s.head_heldout_accuracy = acc;
+                repo.put_user_state(tx, user, &s)
+            })
+            .unwrap()
+        };
+        let (counts, sum) = hist(&db);
+        assert_eq!(counts, vec![0; stats::ACCURACY_BUCKETS.len() + 1]);
+        assert_eq!(sum, 0.0);
+        set(&db, "al", Some(0.82)); // bucket 4 (<= 0.85)
+        set(&db, "bo", Some(0.82));
+        set(&db, "bo", Some(0.96)); // moves to bucket 8 (<= 0.975)
+                                    // Writes that leave the accuracy alone (the trainer's, the validator's) keep
+                                    // the count; so does writing the same state twice in one transaction.
+        db.transact(|tx| {
+            let mut s = repo.user_state(tx, "al")?;
+            s.inflight_run = Some("r".into());
+            repo.put_user_state(tx, "al", &s)?;
+            repo.put_user_state(tx, "al", &s)
+        })
+        .unwrap();
+        let (counts, sum) = hist(&db);
+        assert_eq!(counts.iter().sum::<u64>(), 2);
+        assert_eq!(counts[4], 1);
+        assert_eq!(counts[8], 1);
+        assert!((sum - 1.78).abs() < 1e-6, "{sum}");
+        // A state from before these counters (not counted) is counted from its next
+        // write on, and never subtracted.
+        db.transact(|tx| {
+            let s = UserState {
+                v: 1,
+                head: Some(3),
+                head_heldout_accuracy: Some(0.7),
+                ..Default::default()
+            };
+            tx.set(
+                &repo.keys.user_state("cy"),
+                &serde_json::to_vec(&s).unwrap(),
+            )
+        })
+        .unwrap();
+        set(&db, "cy", Some(0.99));
+        let (counts, _) = hist(&db);
+        assert_eq!(counts.iter().sum::<u64>(), 3);
+        assert_eq!(counts[9], 1);
+        assert_eq!(counts[2], 0);
+    }
 }
