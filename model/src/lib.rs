@@ -9,6 +9,7 @@
 //! - [`synth`]: seeded swimmers with personal styles, corrections, poisoning.
 //! - [`net`]: [`MicroModel`] (normalisation + MLP), `to_bytes` / `from_bytes`.
 //! - [`train`]: [`TrainConfig`], [`train_base`], [`fine_tune`], [`fine_tune_many`].
+//! - [`onnx`]: the model as ONNX (export, candle-onnx evaluation, parity with candle).
 //! - [`eval`]: [`evaluate`] → accuracy, per-class recall, confusion matrix.
 //! - [`experiment`]: the personalisation protocol behind `swimlane model evaluate` and
 //!   the acceptance tests.
@@ -19,6 +20,7 @@ pub mod dataset;
 pub mod eval;
 pub mod experiment;
 pub mod net;
+pub mod onnx;
 mod st;
 pub mod synth;
 pub mod train;

@@ -1,0 +1,645 @@
+//! The micro model as ONNX, for phones: export, loading, evaluation and the parity
+//! check against candle.
+//!
+//! # The graph (opset 17, IR version 8)
+//! ```text
+//! window  float32 [batch, 32, 16]            (frames × features, as uploaded)
+//!   Sub   norm.mean     [16]                 per-feature mean
+//!   Mul   norm.inv_std  [16]                 1 / per-feature std
+//!   Flatten axis=1   → [batch, 512]
+//!   Gemm  fc1.weight [128, 512] (transB=1) + fc1.bias → Relu
+//!   Gemm  fc2.weight [64, 128]  (transB=1) + fc2.bias → Relu
+//!   Gemm  fc3.weight [6, 64]    (transB=1) + fc3.bias
+//!   Softmax axis=-1
+//! probabilities  float32 [batch, 6]          in the order of `labels`
+//! ```
+//! The batch dimension is symbolic (`batch`): any number of windows per call. The
+//! normalisation is inside the graph, so the device feeds raw keypoints. Every op is in
+//! ONNX's default domain and supported by ONNX Runtime (including Mobile's default
+//! build), candle-onnx and the usual Core ML / TFLite converters. Weights are float32
+//! initializers (`raw_data`, little-endian); the file is about 298 kB.
+//!
+//! The normalisation multiplies by `1 / std` (computed in f32), exactly as
+//! [`MicroModel::forward`] does, so both compute the same numbers up to summation
+//! order inside the matrix products.
+//!
+//! # `metadata_props`
+//! | key | value |
+//! |---|---|
+//! | `format` | `swimlane-micro-model` |
+//! | `format_version` | `1` |
+//! | `architecture` | `mlp-512-128-64-6` |
+//! | `labels` | the class names in output order, comma-separated (`freestyle,backstroke,...`) |
+//! | `window` | `32x16` (frames x features) |
+//! | `features` | the 16 feature names of a frame, comma-separated |
+//! | `input` / `output` | the input and output names (`window`, `probabilities`) |
+//! | `model_version` | the published version (`1`, `2`, ...) or `base` |
+//! | `parent_version` | the version it was fine-tuned from, `base`, or empty for a base model |
+//! | `training_run` | the training run that made it (empty for a base model) |
+//! | `weights_sha256` | SHA-256 of the safetensors weights it was exported from |
+//!
+//! `ModelProto.model_version` is the published version (0 for a base model).
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use prost::Message;
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+use swimlane_core::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};
+
+use crate::net::{argmax_class, ARCHITECTURE, FORMAT_NAME, INPUT, TENSORS};
+use crate::{MicroModel, ModelError, FORMAT_VERSION, MAX_MODEL_BYTES};
+
+/// The ONNX operator set the graph is written for (ONNX's default domain).
+pub const OPSET: i64 = 17;
+/// The ONNX IR version written (IR 8 goes with opset 17).
+pub const IR_VERSION: i64 = 8;
+/// Name of the graph's input.
+pub const INPUT_NAME: &str = "window";
+/// Name of the graph's output.
+pub const OUTPUT_NAME: &str = "probabilities";
+/// The symbolic batch dimension of the input and the output.
+pub const BATCH_DIM: &str = "batch";
+/// Largest difference from candle's probabilities the export may show, and the bound
+/// the parity tests assert.
+pub const PARITY_TOLERANCE: f32 = 1e-5;
+
+/// A model a version refers to: the base model, or a user's published version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelRef {
+    Base,
+    Version(u64),
+}
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelRef::Base => f.write_str("base"),
+            ModelRef::Version(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// What the exported file says about where the model comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    /// This model: `Base` for the base model, else the user's published version.
+    pub model_version: ModelRef,
+    /// The model it was fine-tuned from (`None` for a base model).
+    pub parent_version: Option<ModelRef>,
+    /// The training run that made it (`None` for a base model).
+    pub training_run: Option<String>,
+}
+
+impl Lineage {
+    /// The lineage of a base model.
+    pub fn base() -> Lineage {
+        Lineage {
+            model_version: ModelRef::Base,
+            parent_version: None,
+            training_run: None,
+        }
+    }
+}
+
+fn class_names() -> String {
+    StrokeClass::ALL.map(|c| c.name()).join(",")
+}
+
+fn entry(key: &str, value: impl Into<String>) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: key.to_string(),
+        value: value.into(),
+    }
+}
+
+fn dims(shape: &[Option<usize>]) -> TensorShapeProto {
+    TensorShapeProto {
+        dim: shape
+            .iter()
+            .map(|d| tensor_shape_proto::Dimension {
+                denotation: String::new(),
+                value: Some(match d {
+                    Some(n) => tensor_shape_proto::dimension::Value::DimValue(*n as i64),
+                    None => tensor_shape_proto::dimension::Value::DimParam(BATCH_DIM.into()),
+                }),
+            })
+            .collect(),
+    }
+}
+
+fn float_value(name: &str, shape: &[Option<usize>], doc: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            denotation: String::new(),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(dims(shape)),
+            })),
+        }),
+        doc_string: doc.to_string(),
+    }
+}
+
+fn initializer(name: &str, shape: &[usize], values: &[f32]) -> TensorProto {
+    debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+    TensorProto {
+        dims: shape.iter().map(|d| *d as i64).collect(),
+        data_type: DataType::Float as i32,
+        name: name.to_string(),
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.to_string()],
+        name: output.to_string(),
+        op_type: op.to_string(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+/// The ONNX protobuf of `model` with `lineage` in its metadata (see the module doc).
+pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, ModelError> {
+    let (mean, std) = model.normalisation();
+    let inv_std: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
+    let mut initializers = vec![
+        initializer("norm.mean", &[WINDOW_FEATURES], mean),
+        initializer("norm.inv_std", &[WINDOW_FEATURES], &inv_std),
+    ];
+    for ((name, shape), var) in TENSORS[2..].iter().zip(model.params()) {
+        let v: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+        initializers.push(initializer(name, shape, &v));
+    }
+    let gemm = |x: &str, layer: &str, out: &str| {
+        let (w, b) = (format!("{layer}.weight"), format!("{layer}.bias"));
+        node("Gemm", &[x, &w, &b], out, vec![int_attr("transB", 1)])
+    };
+    let nodes = vec![
+        node("Sub", &[INPUT_NAME, "norm.mean"], "centred", vec![]),
+        node("Mul", &["centred", "norm.inv_std"], "normalised", vec![]),
+        node(
+            "Flatten",
+            &["normalised"],
+            "flat",
+            vec![int_attr("axis", 1)],
+        ),
+        gemm("flat", "fc1", "fc1.out"),
+        node("Relu", &["fc1.out"], "h1", vec![]),
+        gemm("h1", "fc2", "fc2.out"),
+        node("Relu", &["fc2.out"], "h2", vec![]),
+        gemm("h2", "fc3", "logits"),
+        node(
+            "Softmax",
+            &["logits"],
+            OUTPUT_NAME,
+            vec![int_attr("axis", -1)],
+        ),
+    ];
+    let graph = GraphProto {
+        node: nodes,
+        name: "swimlane_micro_model".to_string(),
+        initializer: initializers,
+        doc_string: "Stroke class probabilities for windows of pose keypoints".to_string(),
+        input: vec![float_value(
+            INPUT_NAME,
+            &[None, Some(WINDOW_FRAMES), Some(WINDOW_FEATURES)],
+            "raw keypoints, frame-major: [batch, frame, feature]; normalised inside the graph",
+        )],
+        output: vec![float_value(
+            OUTPUT_NAME,
+            &[None, Some(NUM_CLASSES)],
+            "class probabilities in the order of metadata `labels`",
+        )],
+        ..Default::default()
+    };
+    let weights_sha256 = hex::encode(Sha256::digest(model.to_bytes()));
+    let opt = |r: Option<String>| r.unwrap_or_default();
+    let metadata = vec![
+        entry("format", FORMAT_NAME),
+        entry("format_version", FORMAT_VERSION.to_string()),
+        entry("architecture", ARCHITECTURE),
+        entry("labels", class_names()),
+        entry("window", format!("{WINDOW_FRAMES}x{WINDOW_FEATURES}")),
+        entry("features", crate::synth::FEATURE_NAMES.join(",")),
+        entry("input", INPUT_NAME),
+        entry("output", OUTPUT_NAME),
+        entry("model_version", lineage.model_version.to_string()),
+        entry(
+            "parent_version",
+            opt(lineage.parent_version.map(|p| p.to_string())),
+        ),
+        entry("training_run", opt(lineage.training_run.clone())),
+        entry("weights_sha256", weights_sha256),
+    ];
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "swimlane".to_string(),
+        producer_version: env!("CARGO_PKG_VERSION").to_string(),
+        domain: "swimlane".to_string(),
+        model_version: match lineage.model_version {
+            ModelRef::Base => 0,
+            ModelRef::Version(v) => v as i64,
+        },
+        doc_string: "swimlane micro model: stroke class of a window of pose keypoints".to_string(),
+        graph: Some(graph),
+        metadata_props: metadata,
+        ..Default::default()
+    })
+}
+
+/// `model` as an ONNX file (see the module doc). The same model and lineage always
+/// give the same bytes. Errors if the file would exceed [`MAX_MODEL_BYTES`].
+pub fn export(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
+    let bytes = to_proto(model, lineage)?.encode_to_vec();
+    if bytes.len() > MAX_MODEL_BYTES {
+        return Err(ModelError::Format(format!(
+            "the ONNX file is {} bytes, more than the {MAX_MODEL_BYTES} byte limit",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`export`], then load the file back and check it against `model` on
+/// [`probe_windows`]: at most [`PARITY_TOLERANCE`] from candle's probabilities and the
+/// same predicted class for every window. What the publisher stores.
+pub fn export_checked(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
+    let bytes = export(model, lineage)?;
+    let onnx = OnnxModel::from_bytes(&bytes)?;
+    let probes = probe_windows();
+    let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
+    let p = parity(model, &onnx, &refs)?;
+    if !p.holds() {
+        return Err(ModelError::Format(format!(
+            "the ONNX export does not compute what the model computes: {p}"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// 64 fixed windows for [`export_checked`]: synthetic swimmers of every class, plus a
+/// window of zeros and one of ones.
+pub fn probe_windows() -> Vec<Vec<f32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x0_4e4e_0001);
+    let mut out: Vec<Vec<f32>> = crate::synth::Swimmer::new(0x0_4e4e_0002)
+        .windows(62, &mut rng)
+        .into_iter()
+        .map(|s| s.frames)
+        .collect();
+    out.push(vec![0.0; INPUT]);
+    out.push(vec![1.0; INPUT]);
+    out
+}
+
+/// How closely an ONNX file follows its model on some windows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Parity {
+    pub windows: usize,
+    /// Largest absolute difference between the two probability vectors of a window.
+    pub max_abs_diff: f32,
+    /// Windows whose predicted class differs.
+    pub class_mismatches: usize,
+}
+
+impl Parity {
+    /// Within [`PARITY_TOLERANCE`] and no predicted class differs.
+    pub fn holds(&self) -> bool {
+        self.max_abs_diff <= PARITY_TOLERANCE && self.class_mismatches == 0
+    }
+}
+
+impl fmt::Display for Parity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} windows, max abs diff {:.3e}, {} predicted classes differ",
+            self.windows, self.max_abs_diff, self.class_mismatches
+        )
+    }
+}
+
+/// Compare two sets of probabilities, window by window.
+pub fn compare(a: &[[f32; NUM_CLASSES]], b: &[[f32; NUM_CLASSES]]) -> Parity {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "one probability row per window on each side"
+    );
+    let mut max_abs_diff = 0f32;
+    let mut class_mismatches = 0;
+    for (x, y) in a.iter().zip(b) {
+        for (u, v) in x.iter().zip(y) {
+            let d = (u - v).abs();
+            // A NaN anywhere is a failure, never a pass.
+            max_abs_diff = if d.is_nan() {
+                f32::INFINITY
+            } else {
+                max_abs_diff.max(d)
+            };
+        }
+        if argmax_class(x) != argmax_class(y) {
+            class_mismatches += 1;
+        }
+    }
+    Parity {
+        windows: a.len(),
+        max_abs_diff,
+        class_mismatches,
+    }
+}
+
+/// Evaluate `onnx` and `model` on the same `windows` and compare.
+pub fn parity(
+    model: &MicroModel,
+    onnx: &OnnxModel,
+    windows: &[&[f32]],
+) -> Result<Parity, ModelError> {
+    Ok(compare(
+        &model.predict_proba(windows)?,
+        &onnx.predict_proba(windows)?,
+    ))
+}
+
+/// An exported ONNX micro model, evaluated with candle-onnx.
+#[derive(Clone, Debug)]
+pub struct OnnxModel {
+    proto: ModelProto,
+    metadata: BTreeMap<String, String>,
+}
+
+impl OnnxModel {
+    /// Load a file written by [`export`]. Checks the size, that it decodes, and that it
+    /// is a swimlane micro model: its format, input and output, and class list. Never
+    /// panics.
+    pub fn from_bytes(bytes: &[u8]) -> Result<OnnxModel, ModelError> {
+        if bytes.len() > MAX_MODEL_BYTES {
+            return Err(ModelError::Format(format!(
+                "{} bytes is more than the {MAX_MODEL_BYTES} byte limit",
+                bytes.len()
+            )));
+        }
+        let proto = ModelProto::decode(bytes)
+            .map_err(|e| ModelError::Format(format!("not an ONNX model: {e}")))?;
+        let metadata: BTreeMap<String, String> = proto
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        let get = |k: &str| metadata.get(k).map(String::as_str).unwrap_or("");
+        if get("format") != FORMAT_NAME || get("architecture") != ARCHITECTURE {
+            return Err(ModelError::Format(format!(
+                "ONNX model is not a swimlane micro model (format {:?}, architecture {:?})",
+                get("format"),
+                get("architecture")
+            )));
+        }
+        if get("format_version") != FORMAT_VERSION.to_string() {
+            return Err(ModelError::UnsupportedVersion(
+                get("format_version").to_string(),
+            ));
+        }
+        if get("labels") != class_names() {
+            return Err(ModelError::Format(format!(
+                "class list {:?} is not {:?}",
+                get("labels"),
+                class_names()
+            )));
+        }
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| ModelError::Format("ONNX model has no graph".into()))?;
+        let names = |v: &[ValueInfoProto]| v.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+        if names(&graph.input) != [INPUT_NAME] || names(&graph.output) != [OUTPUT_NAME] {
+            return Err(ModelError::Format(format!(
+                "ONNX graph inputs {:?} / outputs {:?}, expected [{INPUT_NAME}] / [{OUTPUT_NAME}]",
+                names(&graph.input),
+                names(&graph.output)
+            )));
+        }
+        Ok(OnnxModel { proto, metadata })
+    }
+
+    /// The file's `metadata_props`.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The protobuf.
+    pub fn proto(&self) -> &ModelProto {
+        &self.proto
+    }
+
+    /// Class probabilities for each window (each a flattened 32×16 window), evaluated
+    /// by candle-onnx in one batch.
+    pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
+        if windows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut flat = Vec::with_capacity(windows.len() * INPUT);
+        for (i, w) in windows.iter().enumerate() {
+            if w.len() != INPUT {
+                return Err(ModelError::BadWindow {
+                    index: i,
+                    len: w.len(),
+                });
+            }
+            flat.extend_from_slice(w);
+        }
+        let x = Tensor::from_vec(
+            flat,
+            (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
+            &Device::Cpu,
+        )?;
+        let mut out =
+            candle_onnx::simple_eval(&self.proto, HashMap::from([(INPUT_NAME.to_string(), x)]))?;
+        let p = out.remove(OUTPUT_NAME).ok_or_else(|| {
+            ModelError::Format(format!("the ONNX graph did not produce {OUTPUT_NAME}"))
+        })?;
+        let rows: Vec<Vec<f32>> = p.to_vec2()?;
+        rows.into_iter()
+            .map(|r| {
+                <[f32; NUM_CLASSES]>::try_from(r.as_slice()).map_err(|_| {
+                    ModelError::Format(format!(
+                        "{OUTPUT_NAME} has {} columns, expected {NUM_CLASSES}",
+                        r.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Is `bytes` (probably) an ONNX file rather than safetensors? A safetensors file
+/// starts with an 8-byte header length and then `{`; an ONNX file with a protobuf
+/// field tag.
+pub fn looks_like_onnx(bytes: &[u8]) -> bool {
+    !(bytes.len() > 8 && bytes[8] == b'{')
+}
+
+/// The models and windows of the parity check: what the Rust parity test evaluates with
+/// candle-onnx and `bench/onnx_check.sh` with ONNX Runtime.
+pub struct ParitySet {
+    /// Name (`base`, `swimmer0-v1`, ...), model and its lineage.
+    pub models: Vec<(String, MicroModel, Lineage)>,
+    /// Windows of unseen swimmers (labelled with the truth).
+    pub windows: Vec<crate::Sample>,
+}
+
+/// The parity set for `seed`: the default base model for `seed`
+/// ([`crate::experiment::train_default_base`]), and for each of `swimmers` unseen
+/// swimmers a chain of two personal versions (v1 fine-tuned from the base on the
+/// user's corrections, v2 from v1 on the next round's), the way the trainer makes
+/// them; windows: `windows_per_swimmer` fresh windows of each of those swimmers and of
+/// as many other unseen swimmers. Deterministic.
+pub fn parity_set(
+    seed: u64,
+    swimmers: usize,
+    windows_per_swimmer: usize,
+) -> Result<ParitySet, ModelError> {
+    use crate::synth::{corrections, derive_seed, Population};
+    let (base, _) = crate::experiment::train_default_base(seed)?;
+    let pop = Population::unseen(seed, 2 * swimmers);
+    let mut models = vec![("base".to_string(), base.clone(), Lineage::base())];
+    let mut windows = Vec::new();
+    for (i, swimmer) in pop.swimmers.iter().enumerate() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(derive_seed(seed, 90, i as u64));
+        windows.extend(swimmer.windows(windows_per_swimmer, &mut rng));
+        if i >= swimmers {
+            continue;
+        }
+        let mut current = base.clone();
+        let mut parent = ModelRef::Base;
+        let mut seen = Vec::new();
+        for version in 1..=2u64 {
+            let c = corrections(&current, swimmer, 300, 200, &mut rng)?;
+            if c.is_empty() {
+                break;
+            }
+            seen.extend(c);
+            let cfg = crate::TrainConfig::fine_tune().with_seed(derive_seed(seed, 91, version));
+            current = crate::fine_tune(&current, &seen, &cfg)?.0;
+            let lineage = Lineage {
+                model_version: ModelRef::Version(version),
+                parent_version: Some(parent),
+                training_run: Some(format!("parity-{seed}-{i}-{version}")),
+            };
+            models.push((format!("swimmer{i}-v{version}"), current.clone(), lineage));
+            parent = ModelRef::Version(version);
+        }
+    }
+    Ok(ParitySet { models, windows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::Swimmer;
+    use crate::Sample;
+
+    fn model() -> (MicroModel, Vec<Sample>) {
+        let s = Swimmer::new(3).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
+        (MicroModel::init(&s, 3).unwrap(), s)
+    }
+
+    #[test]
+    fn exports_deterministically_with_metadata_and_loads_back() {
+        let (m, _) = model();
+        let lineage = Lineage {
+            model_version: ModelRef::Version(4),
+            parent_version: Some(ModelRef::Version(3)),
+            training_run: Some("run-abc".into()),
+        };
+        let a = export(&m, &lineage).unwrap();
+        assert_eq!(a, export(&m, &lineage).unwrap());
+        assert!(a.len() <= MAX_MODEL_BYTES, "{}", a.len());
+        assert!(looks_like_onnx(&a) && !looks_like_onnx(&m.to_bytes()));
+        let o = OnnxModel::from_bytes(&a).unwrap();
+        let md = o.metadata();
+        assert_eq!(md["model_version"], "4");
+        assert_eq!(md["parent_version"], "3");
+        assert_eq!(md["training_run"], "run-abc");
+        assert_eq!(
+            md["labels"],
+            "freestyle,backstroke,breaststroke,butterfly,turn,glide"
+        );
+        assert_eq!(md["window"], "32x16");
+        assert_eq!(
+            md["weights_sha256"],
+            hex::encode(Sha256::digest(m.to_bytes()))
+        );
+        assert_eq!(o.proto().model_version, 4);
+        assert_eq!(o.proto().opset_import[0].version, OPSET);
+        let base = OnnxModel::from_bytes(&export(&m, &Lineage::base()).unwrap()).unwrap();
+        assert_eq!(base.metadata()["model_version"], "base");
+        assert_eq!(base.metadata()["parent_version"], "");
+    }
+
+    #[test]
+    fn computes_what_candle_computes_at_any_batch_size() {
+        let (m, s) = model();
+        let o = OnnxModel::from_bytes(&export_checked(&m, &Lineage::base()).unwrap()).unwrap();
+        let refs: Vec<&[f32]> = s.iter().map(|x| x.frames.as_slice()).collect();
+        for n in [1, 2, 64] {
+            let p = parity(&m, &o, &refs[..n]).unwrap();
+            assert!(p.holds(), "batch {n}: {p}");
+        }
+        assert!(o.predict_proba(&[]).unwrap().is_empty());
+        assert!(matches!(
+            o.predict_proba(&[&[0.0; 5]]),
+            Err(ModelError::BadWindow { index: 0, len: 5 })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let (m, _) = model();
+        let bytes = export(&m, &Lineage::base()).unwrap();
+        assert!(OnnxModel::from_bytes(b"").is_err());
+        assert!(OnnxModel::from_bytes(b"not onnx at all").is_err());
+        assert!(OnnxModel::from_bytes(&m.to_bytes()).is_err());
+        for cut in [1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(OnnxModel::from_bytes(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+        assert!(OnnxModel::from_bytes(&vec![0u8; MAX_MODEL_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn a_wrong_export_fails_the_parity_check() {
+        let (m, s) = model();
+        let (other, _) = {
+            let s2 = Swimmer::new(9).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
+            (MicroModel::init(&s2, 9).unwrap(), s2)
+        };
+        let o = OnnxModel::from_bytes(&export(&other, &Lineage::base()).unwrap()).unwrap();
+        let refs: Vec<&[f32]> = s.iter().map(|x| x.frames.as_slice()).collect();
+        assert!(!parity(&m, &o, &refs).unwrap().holds());
+        let nan = [[f32::NAN; NUM_CLASSES]];
+        assert!(!compare(&nan, &nan).holds());
+    }
+}
