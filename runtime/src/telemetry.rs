@@ -28,9 +28,19 @@ pub fn init_tracing(json: bool) {
     };
 }
 
-/// A fresh registry for one process (or one worker of `swimlane dev`).
+/// A fresh registry for one process (or one worker of `swimlane dev`), with the
+/// process's own CPU, memory, file-descriptor and thread metrics (`process_*`, on
+/// Linux), so every worker's `/metrics` shows what it costs.
 pub fn new_registry() -> Registry {
-    Registry::new()
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = registry.register(Box::new(pc)) {
+            tracing::warn!(error = %e, "process metrics unavailable");
+        }
+    }
+    registry
 }
 
 /// The text exposition of everything in `registry`.
@@ -116,6 +126,19 @@ impl Collector for StoreCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn registries_export_the_process_cpu_and_memory() {
+        let text = encode_metrics(&new_registry());
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "{name} in {text}");
+        }
+    }
 
     #[test]
     fn store_metrics_follow_the_db_stats() {
