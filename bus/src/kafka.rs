@@ -21,6 +21,8 @@
 //!   (the same epoch-fenced leases as consumer groups), so entries go out in seq order
 //!   and one user's events keep their order. Every emitting process runs a relay; the
 //!   others stand by and take over when the holder's lease expires.
+//! - Every relayed record carries the header [`OUTBOX_ENTRY_HEADER`], naming the outbox
+//!   entry it came from, so a reader can tell a relay's re-send from a second effect.
 //! - Records go to an explicit partition, `partition_for(user, partitions of the
 //!   topic)`, the same function as the embedded bus, with an idempotent producer, so
 //!   one user's events stay in order within their partition.
@@ -51,7 +53,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -63,6 +65,14 @@ use crate::positions::{self, Fence};
 use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Record};
 
 const OUTBOX_VERSION: u8 = 1;
+/// The Kafka header every relayed record carries: the hex of its outbox entry's key.
+/// A record produced twice (delivery into Kafka is at least once) carries the same
+/// value twice; two effects never share one.
+pub const OUTBOX_ENTRY_HEADER: &str = "swimlane-outbox-entry";
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
 /// The relay's lease: group, topic, partition.
 pub const RELAY_GROUP: &str = "swimlane-relay";
 const RELAY_TOPIC: &str = "outbox";
@@ -274,6 +284,8 @@ pub struct RelayOptions {
     pub lease_ttl: Duration,
     /// Longest wait for Kafka's acknowledgements of one round.
     pub ack_timeout: Duration,
+    /// Prefix of every Kafka topic name ([`kafka_name`]).
+    pub topic_prefix: String,
     pub now_ms: NowMs,
 }
 
@@ -285,6 +297,7 @@ impl Default for RelayOptions {
             idle: Duration::from_millis(10),
             lease_ttl: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(30),
+            topic_prefix: String::new(),
             now_ms: crate::embedded::system_now_ms(),
         }
     }
@@ -406,11 +419,17 @@ impl Relay {
                     continue;
                 }
             };
-            let p = partition_for(&e.key, self.partitions_of(&e.topic)?);
-            let mut record = BaseRecord::to(&e.topic)
+            let topic = kafka_name(&self.opts.topic_prefix, &e.topic);
+            let p = partition_for(&e.key, self.partitions_of(&topic)?);
+            let entry_id = hex_of(k);
+            let mut record = BaseRecord::to(&topic)
                 .key(&e.key)
                 .payload(&e.payload)
-                .partition(p as i32);
+                .partition(p as i32)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: OUTBOX_ENTRY_HEADER,
+                    value: Some(entry_id.as_bytes()),
+                }));
             loop {
                 match self.producer.send(record) {
                     Ok(()) => break,
@@ -504,6 +523,13 @@ pub fn run_relay(db: Db, keys: Keys, producer: RelayProducer, stop: &dyn Fn() ->
 
 // ---------------------------------------------------------------- topics
 
+/// The Kafka name of a topic or consumer group: `prefix` + `name`. A prefix lets
+/// several deployments (or tests) share one Kafka cluster; the store always uses the
+/// unprefixed names.
+pub fn kafka_name(prefix: &str, name: &str) -> String {
+    format!("{prefix}{name}")
+}
+
 /// Create `topics` with `partitions` partitions each, unless they exist. A topic that
 /// exists with another partition count is an error (the partitioner depends on it).
 pub fn create_topics(
@@ -576,6 +602,9 @@ pub struct KafkaConsumerOptions {
     /// Kafka's `session.timeout.ms`.
     pub session_timeout: Duration,
     pub now_ms: NowMs,
+    /// Prefix of the Kafka topic and group names ([`kafka_name`]); the store keeps
+    /// positions under the unprefixed names.
+    pub topic_prefix: String,
     /// Extra librdkafka settings (tests).
     pub extra: Vec<(String, String)>,
 }
@@ -590,8 +619,19 @@ impl KafkaConsumerOptions {
             lease_ttl: Duration::from_secs(30),
             session_timeout: Duration::from_secs(10),
             now_ms: crate::embedded::system_now_ms(),
+            topic_prefix: String::new(),
             extra: Vec::new(),
         }
+    }
+
+    /// The topic's name in Kafka.
+    pub fn kafka_topic(&self) -> String {
+        kafka_name(&self.topic_prefix, &self.topic)
+    }
+
+    /// The group's id in Kafka.
+    pub fn kafka_group(&self) -> String {
+        kafka_name(&self.topic_prefix, &self.group)
     }
 }
 
@@ -632,7 +672,7 @@ impl ConsumerContext for FencingContext {
                 let parts: Vec<u32> = tpl
                     .elements()
                     .iter()
-                    .filter(|e| e.topic() == self.opts.topic)
+                    .filter(|e| e.topic() == self.opts.kafka_topic())
                     .map(|e| e.partition() as u32)
                     .collect();
                 let now = (self.opts.now_ms)();
@@ -656,7 +696,7 @@ impl ConsumerContext for FencingContext {
                         for f in fences {
                             tracing::info!(group = %f.group, topic = %f.topic, partition = f.partition, epoch = f.epoch, offset = f.offset, "partition assigned; seeking to the stored position");
                             let _ = assign.add_partition_offset(
-                                &self.opts.topic,
+                                &self.opts.kafka_topic(),
                                 f.partition as i32,
                                 Offset::Offset(f.offset as i64),
                             );
@@ -713,7 +753,7 @@ impl KafkaConsumer {
     /// Join `opts.group` on `opts.topic`.
     pub fn new(db: Db, keys: Keys, opts: KafkaConsumerOptions) -> Result<Self, BusError> {
         let mut c = base_config(&opts.bootstrap);
-        c.set("group.id", &opts.group)
+        c.set("group.id", opts.kafka_group())
             // tansu answers a waiting fetch only when this runs out (shared/facts.md);
             // a real Kafka broker answers as soon as data arrives.
             .set("fetch.wait.max.ms", "10")
@@ -734,7 +774,7 @@ impl KafkaConsumer {
         for (k, v) in &opts.extra {
             c.set(k, v);
         }
-        let topic = opts.topic.clone();
+        let topic = opts.kafka_topic();
         let ctx = FencingContext {
             db,
             keys,
@@ -769,7 +809,7 @@ impl KafkaConsumer {
     /// offsets only feed lag monitoring; this consumer never reads them (operators,
     /// tests).
     pub fn commit_kafka_offset(&self, partition: u32, offset: u64) -> Result<(), BusError> {
-        let topic = &self.consumer.context().opts.topic;
+        let topic = &self.consumer.context().opts.kafka_topic();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset as i64))
             .map_err(|e| kafka_err("offset list", e))?;
@@ -784,7 +824,7 @@ impl KafkaConsumer {
     /// Take one message from Kafka into its partition's buffer. Returns false on
     /// timeout.
     fn fetch_one(&mut self, timeout: Duration) -> Result<bool, BusError> {
-        let topic = self.consumer.context().opts.topic.clone();
+        let topic = self.consumer.context().opts.kafka_topic();
         match self.consumer.poll(timeout) {
             None => Ok(false),
             Some(Err(KafkaError::PartitionEOF(_))) => Ok(true),
@@ -892,7 +932,7 @@ impl Consumer for KafkaConsumer {
             let mut tpl = TopicPartitionList::new();
             if tpl
                 .add_partition_offset(
-                    &fence.topic,
+                    &self.consumer.context().opts.kafka_topic(),
                     fence.partition as i32,
                     Offset::Offset(next_offset as i64),
                 )
@@ -943,11 +983,12 @@ impl Consumer for KafkaConsumer {
     }
 
     fn lag(&mut self) -> Result<u64, BusError> {
+        let topic = self.consumer.context().opts.kafka_topic();
         let owned: Vec<(String, u32, u64)> = {
             let st = self.consumer.context().state.lock().unwrap();
             st.owned
                 .iter()
-                .map(|(p, o)| (o.fence.topic.clone(), *p, o.cursor))
+                .map(|(p, o)| (topic.clone(), *p, o.cursor))
                 .collect()
         };
         let mut lag = 0;

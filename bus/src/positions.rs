@@ -83,6 +83,18 @@ pub fn position(
     }
 }
 
+/// The member holding a partition's lease and its epoch, if anyone ever took it (for
+/// operators and tests; the lease may have expired).
+pub fn owner(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    group: &str,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<(String, u64)>, KvError> {
+    Ok(read_lease(tx, &keys.lease(group, topic, partition))?.map(|l| (l.member, l.epoch)))
+}
+
 /// Take the partition for `member` if it is free, expired, or already `member`'s;
 /// with `force`, take it whoever holds it (Kafka: the group coordinator already
 /// decided). A change of owner bumps the epoch. Returns the fence, or `None` when

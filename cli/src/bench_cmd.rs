@@ -8,6 +8,38 @@ use swimlane_store::bench::{self, StoreBenchOptions};
 pub enum BenchCommand {
     /// Durable commits per second and range-read throughput of the embedded store.
     Store(StoreArgs),
+    /// Pipeline throughput (batches published per minute) and the pipeline's own
+    /// overhead per batch (upload to publish, minus training and validation time), with
+    /// the workers as separate processes, once per trainer count.
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PipelineArgs {
+    /// `embedded` or `kafka://host:port` (Kafka needs a build with `--features kafka`).
+    #[arg(long, default_value = "embedded")]
+    bus: String,
+    /// Trainer processes per run, comma-separated: one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    trainers: Vec<usize>,
+    /// Simulated swimmers, one batch of corrections each, uploaded at once.
+    #[arg(long, default_value_t = 32)]
+    users: usize,
+    /// More swimmers, one batch each, uploaded one at a time (the overhead without
+    /// queueing).
+    #[arg(long, default_value_t = 10)]
+    paced: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    /// Directory for the scratch stores (default: the system temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -30,7 +62,28 @@ pub struct StoreArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Store(args) => store(args),
+        BenchCommand::Pipeline(args) => pipeline(args),
     }
+}
+
+fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
+    let opts = swimlane_cli::bench_pipeline::PipelineBenchOptions {
+        bus: args.bus,
+        trainers: args.trainers,
+        users: args.users,
+        paced: args.paced,
+        seed: args.seed,
+        dir: args.dir,
+        exe: std::env::current_exe()?,
+        partitions: args.partitions,
+    };
+    let r = swimlane_cli::bench_pipeline::run(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        swimlane_cli::bench_pipeline::print_table(&r);
+    }
+    Ok(())
 }
 
 fn store(args: StoreArgs) -> anyhow::Result<()> {

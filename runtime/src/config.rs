@@ -79,6 +79,10 @@ pub struct Config {
     pub bus: String,
     /// Partitions per topic. Every process sharing a store must agree.
     pub partitions: u32,
+    /// Kafka bus: prefix of every topic and consumer group name in Kafka
+    /// (`<prefix>swimlane.batches`, ...), so several deployments can share one Kafka
+    /// cluster. Characters `[A-Za-z0-9._-]`, at most 100.
+    pub topic_prefix: String,
     /// SHA-256 (lowercase hex) of the admin bearer token; empty: no admin token. The
     /// token itself is never configured, logged or stored.
     pub admin_token_sha256: String,
@@ -111,7 +115,10 @@ pub struct IngestConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerConfig {
-    /// A dead member's partitions move to others after this long.
+    /// A dead member's partitions move to others after this long (embedded bus: the
+    /// partition lease's time to live; Kafka bus: the group's session timeout, which
+    /// a Kafka broker keeps between its `group.min.session.timeout.ms` and
+    /// `group.max.session.timeout.ms`, 6 s and 30 min by default).
     pub lease_ttl_ms: u64,
     /// Sleep between empty polls.
     pub poll_interval_ms: u64,
@@ -174,6 +181,7 @@ impl Default for Config {
             store: "./swimlane-data".into(),
             bus: "embedded".into(),
             partitions: 8,
+            topic_prefix: String::new(),
             admin_token_sha256: String::new(),
             log_json: false,
             ingest: IngestConfig::default(),
@@ -603,6 +611,17 @@ impl Config {
         if !(1..=4096).contains(&self.partitions) {
             return Err(invalid("partitions", "must be between 1 and 4096"));
         }
+        if self.topic_prefix.len() > 100
+            || !self
+                .topic_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(invalid(
+                "topic_prefix",
+                "may only hold A-Z, a-z, 0-9, '.', '_' and '-', at most 100 of them",
+            ));
+        }
         let h = &self.admin_token_sha256;
         if !h.is_empty()
             && (h.len() != 64
@@ -940,6 +959,7 @@ mod tests {
             ("store", Box::new(|c| c.store = "s3://bucket".into())),
             ("bus", Box::new(|c| c.bus = "kafka://nohost".into())),
             ("bus", Box::new(|c| c.bus = "rabbit".into())),
+            ("topic_prefix", Box::new(|c| c.topic_prefix = "a/b".into())),
             (
                 "admin_token_sha256",
                 Box::new(|c| c.admin_token_sha256 = "secret".into()),

@@ -71,7 +71,10 @@ pub fn spawn_relay(
                 db.clone(),
                 Keys::new(&config.deployment),
                 producer,
-                RelayOptions::default(),
+                RelayOptions {
+                    topic_prefix: config.topic_prefix.clone(),
+                    ..RelayOptions::default()
+                },
             );
             let thread = std::thread::Builder::new()
                 .name("outbox-relay".into())
@@ -93,16 +96,21 @@ pub fn spawn_relay(
     }
 }
 
-/// Create the bus's topics (`swimlane_core::topics::ALL`) with `config.partitions`
-/// partitions each, unless they exist. Nothing to do on the embedded bus.
+/// Create the bus's topics (`swimlane_core::topics::ALL`, each name prefixed with
+/// `config.topic_prefix`) with `config.partitions` partitions each, unless they exist.
+/// Returns their Kafka names. Nothing to do on the embedded bus.
 pub fn create_topics(config: &Config, replication: i32) -> Result<Vec<String>, RuntimeError> {
     match config.bus_location()? {
         BusLocation::Embedded => Ok(Vec::new()),
         #[cfg(feature = "kafka")]
         BusLocation::Kafka(addr) => {
-            let topics = swimlane_core::topics::ALL;
-            swimlane_bus::kafka::create_topics(&addr, &topics, config.partitions, replication)?;
-            Ok(topics.iter().map(|t| t.to_string()).collect())
+            let topics: Vec<String> = swimlane_core::topics::ALL
+                .iter()
+                .map(|t| swimlane_bus::kafka::kafka_name(&config.topic_prefix, t))
+                .collect();
+            let names: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
+            swimlane_bus::kafka::create_topics(&addr, &names, config.partitions, replication)?;
+            Ok(topics)
         }
         #[cfg(not(feature = "kafka"))]
         BusLocation::Kafka(addr) => {
@@ -144,6 +152,8 @@ pub fn consumer(
             use swimlane_bus::kafka::{KafkaConsumer, KafkaConsumerOptions};
             let mut o = KafkaConsumerOptions::new(&addr, group, topic);
             o.lease_ttl = c.lease_ttl();
+            o.session_timeout = c.lease_ttl();
+            o.topic_prefix = config.topic_prefix.clone();
             Ok(Box::new(KafkaConsumer::new(
                 db.clone(),
                 Keys::new(&config.deployment),

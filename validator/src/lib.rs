@@ -283,9 +283,8 @@ impl Validator {
             Ok(s) => s,
             Err(e) => return Ok(Outcome::Dead(format!("scoring failed: {e}"))),
         };
-        self.metrics
-            .validate_seconds
-            .observe(t0.elapsed().as_secs_f64());
+        let validate_seconds = t0.elapsed().as_secs_f64();
+        self.metrics.validate_seconds.observe(validate_seconds);
         let (mut decision, mut reason) = self.policy.decide(&s);
         // Each batch large enough to judge on its own held-out windows must show a
         // significant gain there, or it is rejected alone (and its run-mates, if any,
@@ -318,6 +317,7 @@ impl Validator {
                 heldout_samples: s.heldout_samples,
                 candidate_guard_accuracy: s.candidate_guard,
                 current_guard_accuracy: s.current_guard,
+                validate_seconds: validate_seconds as f32,
             },
         })
     }

@@ -3,6 +3,8 @@
 //! panic); a device's HTTP client; reads of the store and of the embedded log.
 #![allow(dead_code)]
 
+pub mod checks;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -43,9 +45,6 @@ impl Kind {
             Kind::Validator => "validator",
             Kind::Publisher => "publisher",
         }
-    }
-    fn index(self) -> usize {
-        self as usize
     }
     /// The consumer group and the topic it consumes (none for ingest).
     pub fn consumes(self) -> Option<(&'static str, &'static str)> {
@@ -105,18 +104,25 @@ pub fn bin() -> &'static str {
 
 struct Slot {
     child: Option<Child>,
-    /// Processes started for this kind so far (names the log files).
+    /// Processes started for this member so far (names the log files).
     started: usize,
 }
 
-/// Four worker processes on one embedded store in a temporary directory. Dropping it
-/// kills every child (SIGKILL) and waits for them; when dropped by a panic it also
-/// prints the workers' warnings and keeps the directory (store and logs) for a look.
+/// One worker process slot: its kind and its instance number (0 for the first).
+/// Instance 0 listens on [`Fleet::ports`]; others get their own ops (and API) ports.
+pub type Member = (Kind, usize);
+
+/// Worker processes on one store in a temporary directory, over the embedded bus or,
+/// with [`Fleet::kafka`], over Kafka. Dropping it kills every child (SIGKILL) and
+/// waits for them; when dropped by a panic it also prints the workers' warnings and
+/// keeps the directory (store and logs) for a look.
 pub struct Fleet {
     dir: Option<tempfile::TempDir>,
     pub ports: Ports,
     env: Vec<(String, String)>,
-    slots: Mutex<Vec<Slot>>,
+    slots: Mutex<BTreeMap<Member, Slot>>,
+    /// Ops addresses of instances other than 0.
+    extra_ops: Mutex<BTreeMap<Member, SocketAddr>>,
 }
 
 impl Fleet {
@@ -164,18 +170,37 @@ impl Fleet {
             dir: Some(dir),
             ports,
             env,
-            slots: Mutex::new(
-                (0..4)
-                    .map(|_| Slot {
-                        child: None,
-                        started: 0,
-                    })
-                    .collect(),
-            ),
+            slots: Mutex::new(BTreeMap::new()),
+            extra_ops: Mutex::new(BTreeMap::new()),
         };
         let out = fleet.admin(&["init"]);
         assert!(out.contains("installed"), "admin init: {out}");
         fleet
+    }
+
+    /// Like [`Fleet::new`], on the Kafka bus at `bootstrap` (`host:port`), with topics
+    /// and groups of a prefix of their own (so tests can share a broker), created by
+    /// `swimlane admin create-topics`.
+    pub fn kafka(bootstrap: &str, extra_env: &[(&str, &str)]) -> Fleet {
+        let prefix = unique_prefix();
+        let bus = format!("kafka://{bootstrap}");
+        let mut env: Vec<(&str, &str)> = vec![
+            ("SWIMLANE_BUS", bus.as_str()),
+            ("SWIMLANE_TOPIC_PREFIX", prefix.as_str()),
+        ];
+        env.extend_from_slice(extra_env);
+        let fleet = Fleet::new(&env);
+        let out = fleet.admin(&["create-topics"]);
+        assert!(out.contains(&prefix), "admin create-topics: {out}");
+        fleet
+    }
+
+    /// The value of a `SWIMLANE_*` setting every worker gets, if set.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The fleet's directory: `store/` and `logs/`.
@@ -222,21 +247,58 @@ impl Fleet {
         t
     }
 
-    fn log_path(&self, k: Kind, n: usize) -> PathBuf {
-        self.dir()
-            .join("logs")
-            .join(format!("{}-{n}.log", k.name()))
+    fn log_path(&self, m: Member, n: usize) -> PathBuf {
+        let name = match m.1 {
+            0 => m.0.name().to_string(),
+            i => format!("{}.{i}", m.0.name()),
+        };
+        self.dir().join("logs").join(format!("{name}-{n}.log"))
     }
 
-    /// Start a `k` worker (there must be none running); does not wait for readiness.
+    /// The ops (`/metrics`, `/readyz`) address of a member.
+    pub fn ops(&self, m: Member) -> SocketAddr {
+        if m.1 == 0 {
+            return self.ports.ops(m.0);
+        }
+        *self.extra_ops.lock().unwrap().entry(m).or_insert_with(|| {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+            l.local_addr().unwrap()
+        })
+    }
+
+    /// Start a `k` worker, instance 0 (there must be none running); does not wait for
+    /// readiness.
     pub fn spawn(&self, k: Kind) -> u32 {
+        self.spawn_member((k, 0))
+    }
+
+    /// Start worker `m` (it must not be running); does not wait for readiness.
+    /// Instances other than 0 of ingest and publisher are not supported (their API
+    /// ports are fixed).
+    pub fn spawn_member(&self, m: Member) -> u32 {
+        assert!(
+            m.1 == 0 || matches!(m.0, Kind::Trainer | Kind::Validator),
+            "one {} per fleet",
+            m.0.name()
+        );
+        let ops = self.ops(m);
         let mut slots = self.slots.lock().unwrap();
-        let slot = &mut slots[k.index()];
-        assert!(slot.child.is_none(), "{} already running", k.name());
+        let slot = slots.entry(m).or_insert(Slot {
+            child: None,
+            started: 0,
+        });
+        assert!(slot.child.is_none(), "{m:?} already running");
         slot.started += 1;
-        let log = std::fs::File::create(self.log_path(k, slot.started)).unwrap();
+        let log = std::fs::File::create(self.log_path(m, slot.started)).unwrap();
         let mut c = self.command();
-        c.args(["worker", k.name()])
+        c.args(["worker", m.0.name()])
+            .env(
+                format!(
+                    "SWIMLANE_{}_METRICS_LISTEN",
+                    m.0.name().to_ascii_uppercase()
+                ),
+                ops.to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -246,13 +308,19 @@ impl Fleet {
         pid
     }
 
-    /// Wait until the `k` worker answers 200 on `/readyz`; panics (with its log) if it
-    /// exits or is not ready in time.
+    /// Wait until the `k` worker (instance 0) answers 200 on `/readyz`; panics (with
+    /// its log) if it exits or is not ready in time.
     pub fn wait_ready(&self, k: Kind, within: Duration) {
+        self.wait_member_ready((k, 0), within)
+    }
+
+    /// Wait until worker `m` answers 200 on `/readyz`; panics (with its log) if it
+    /// exits or is not ready in time.
+    pub fn wait_member_ready(&self, m: Member, within: Duration) {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(2))
             .build();
-        let url = format!("http://{}/readyz", self.ports.ops(k));
+        let url = format!("http://{}/readyz", self.ops(m));
         let deadline = Instant::now() + within;
         loop {
             if let Ok(r) = agent.get(&url).call() {
@@ -262,31 +330,39 @@ impl Fleet {
             }
             {
                 let mut slots = self.slots.lock().unwrap();
-                let slot = &mut slots[k.index()];
-                if let Some(c) = slot.child.as_mut() {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        let n = slot.started;
-                        drop(slots);
-                        panic!(
-                            "{} worker exited ({st}) before it was ready; its log:\n{}",
-                            k.name(),
-                            self.log_tail(k, n)
-                        );
+                if let Some(slot) = slots.get_mut(&m) {
+                    if let Some(c) = slot.child.as_mut() {
+                        if let Ok(Some(st)) = c.try_wait() {
+                            let n = slot.started;
+                            drop(slots);
+                            panic!(
+                                "{m:?} worker exited ({st}) before it was ready; its log:\n{}",
+                                self.log_tail(m, n)
+                            );
+                        }
                     }
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "{} not ready within {within:?}; its log:\n{}",
-                k.name(),
-                self.log_tail(k, self.started(k))
+                "{m:?} not ready within {within:?}; its log:\n{}",
+                self.log_tail(m, self.started_member(m))
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn started(&self, k: Kind) -> usize {
-        self.slots.lock().unwrap()[k.index()].started
+        self.started_member((k, 0))
+    }
+
+    pub fn started_member(&self, m: Member) -> usize {
+        self.slots
+            .lock()
+            .unwrap()
+            .get(&m)
+            .map(|s| s.started)
+            .unwrap_or(0)
     }
 
     /// Start all four workers and wait until each is ready.
@@ -299,19 +375,24 @@ impl Fleet {
         }
     }
 
-    /// SIGKILL the running `k` worker and reap it; returns its pid. Panics if it had
-    /// already exited (a worker must never die on its own).
+    /// SIGKILL the running `k` worker (instance 0) and reap it; returns its pid.
+    /// Panics if it had already exited (a worker must never die on its own).
     pub fn kill(&self, k: Kind) -> u32 {
+        self.kill_member((k, 0))
+    }
+
+    /// SIGKILL the running worker `m` and reap it; returns its pid. Panics if it had
+    /// already exited (a worker must never die on its own).
+    pub fn kill_member(&self, m: Member) -> u32 {
         let mut slots = self.slots.lock().unwrap();
-        let slot = &mut slots[k.index()];
+        let slot = slots.get_mut(&m).expect("worker started");
         let mut child = slot.child.take().expect("worker running");
         if let Ok(Some(st)) = child.try_wait() {
             let n = slot.started;
             drop(slots);
             panic!(
-                "{} worker had exited on its own ({st}); its log:\n{}",
-                k.name(),
-                self.log_tail(k, n)
+                "{m:?} worker had exited on its own ({st}); its log:\n{}",
+                self.log_tail(m, n)
             );
         }
         let pid = child.id();
@@ -324,39 +405,57 @@ impl Fleet {
     pub fn assert_alive(&self) {
         let mut slots = self.slots.lock().unwrap();
         let mut dead = Vec::new();
-        for (i, slot) in slots.iter_mut().enumerate() {
+        for (m, slot) in slots.iter_mut() {
             if let Some(c) = slot.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    dead.push((Kind::ALL[i], slot.started, st));
+                    dead.push((*m, slot.started, st));
                 }
             }
         }
         drop(slots);
-        if let Some((k, n, st)) = dead.first() {
+        if let Some((m, n, st)) = dead.first() {
             panic!(
-                "{} worker exited on its own ({st}); its log:\n{}",
-                k.name(),
-                self.log_tail(*k, *n)
+                "{m:?} worker exited on its own ({st}); its log:\n{}",
+                self.log_tail(*m, *n)
             );
         }
     }
 
-    /// The last lines of the `n`-th log of a `k` worker.
-    pub fn log_tail(&self, k: Kind, n: usize) -> String {
-        let s = std::fs::read_to_string(self.log_path(k, n)).unwrap_or_default();
+    /// The whole `n`-th log of worker `m` (empty if there is none yet).
+    pub fn log(&self, m: Member, n: usize) -> String {
+        std::fs::read_to_string(self.log_path(m, n)).unwrap_or_default()
+    }
+
+    /// The pid of running worker `m`, if it runs.
+    pub fn pid(&self, m: Member) -> Option<u32> {
+        self.slots
+            .lock()
+            .unwrap()
+            .get(&m)
+            .and_then(|s| s.child.as_ref().map(|c| c.id()))
+    }
+
+    /// The last lines of the `n`-th log of worker `m`.
+    pub fn log_tail(&self, m: Member, n: usize) -> String {
+        let s = std::fs::read_to_string(self.log_path(m, n)).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// Every line at WARN or ERROR level in every worker log, with the log's name.
     pub fn warnings(&self) -> Vec<String> {
+        let members: Vec<(Member, usize)> = self
+            .slots
+            .lock()
+            .map(|s| s.iter().map(|(m, slot)| (*m, slot.started)).collect())
+            .unwrap_or_default();
         let mut out = Vec::new();
-        for k in Kind::ALL {
-            for n in 1..=self.started(k) {
-                let s = std::fs::read_to_string(self.log_path(k, n)).unwrap_or_default();
+        for (m, started) in members {
+            for n in 1..=started {
+                let s = std::fs::read_to_string(self.log_path(m, n)).unwrap_or_default();
                 for l in s.lines().map(strip_ansi) {
                     if l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked") {
-                        out.push(format!("{}-{n}: {l}", k.name()));
+                        out.push(format!("{}.{}-{n}: {l}", m.0.name(), m.1));
                     }
                 }
             }
@@ -387,7 +486,7 @@ impl Drop for Fleet {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        for slot in slots.iter_mut() {
+        for slot in slots.values_mut() {
             if let Some(mut c) = slot.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -413,8 +512,23 @@ impl Drop for Fleet {
     }
 }
 
+/// A topic prefix no other test run uses: `t<pid>-<nanos>-<n>.`.
+pub fn unique_prefix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "t{}-{nanos}-{}.",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// `line` without terminal colour sequences (`ESC [ … m`).
-fn strip_ansi(line: &str) -> String {
+pub fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {

@@ -1,0 +1,606 @@
+//! `swimlane bench pipeline`: the pipeline's throughput and its own overhead, with the
+//! workers as separate processes (`swimlane worker …`) on a fresh embedded store, over
+//! the embedded bus or Kafka.
+//!
+//! One run per trainer count: `users` simulated swimmers each upload one batch of
+//! corrections of the base model, all at once, through the ingest API; the run ends
+//! when every batch has settled (published, rejected or deferred). It reports, from
+//! the store's own records:
+//! - throughput: batches published per minute, from the first upload to the last
+//!   publish;
+//! - per published batch, the pipeline's overhead: upload accepted (`staged_at_ms`) to
+//!   model published (`published_at_ms`), minus the seconds the trainer spent training
+//!   its run (`train_seconds`) and the validator spent scoring it
+//!   (`validate_seconds`). p50 and p99, twice: for the burst above (where most of it
+//!   is waiting behind other users' training), and for `paced` more swimmers who
+//!   upload one at a time, each after the previous one settled (the bus, store
+//!   transactions, polling and process scheduling alone).
+use std::io::Read as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use swimlane_bus::positions;
+use swimlane_core::keys::Keys;
+use swimlane_core::records::BatchStatus;
+use swimlane_core::{topics, UserId, WINDOW_FEATURES};
+use swimlane_model::synth::{corrections, Swimmer};
+use swimlane_model::{MicroModel, Sample};
+use swimlane_runtime::Config;
+use swimlane_state::Repo;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct PipelineBenchOptions {
+    /// `embedded` or `kafka://host:port`.
+    pub bus: String,
+    /// One run per entry: trainer processes.
+    pub trainers: Vec<usize>,
+    /// Swimmers, one batch each, uploaded at once.
+    pub users: usize,
+    /// More swimmers, one batch each, uploaded one at a time.
+    pub paced: usize,
+    pub seed: u64,
+    /// Where the scratch stores go (default: the system temporary directory).
+    pub dir: Option<PathBuf>,
+    /// The `swimlane` binary to start workers from.
+    pub exe: PathBuf,
+    /// Partitions per topic.
+    pub partitions: u32,
+}
+
+/// One run's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineBenchRun {
+    pub trainers: usize,
+    pub batches: usize,
+    pub published: usize,
+    pub rejected: usize,
+    pub deferred: usize,
+    /// First upload to last publish.
+    pub seconds: f64,
+    pub batches_published_per_min: f64,
+    /// Upload accepted → model published, p50 / p99 (seconds).
+    pub latency_p50_s: f64,
+    pub latency_p99_s: f64,
+    /// The same minus training and validation time, p50 / p99 (seconds).
+    pub overhead_p50_s: f64,
+    pub overhead_p99_s: f64,
+    /// Batches uploaded one at a time, and how many of them were published.
+    pub paced_batches: usize,
+    pub paced_published: usize,
+    /// Their upload → published latency and overhead, p50 / p99 (seconds).
+    pub paced_latency_p50_s: f64,
+    pub paced_latency_p99_s: f64,
+    pub paced_overhead_p50_s: f64,
+    pub paced_overhead_p99_s: f64,
+    pub train_seconds_mean: f64,
+    pub validate_seconds_mean: f64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineBenchReport {
+    pub bus: String,
+    pub users: usize,
+    pub paced: usize,
+    pub seed: u64,
+    pub partitions: u32,
+    pub cores: usize,
+    pub runs: Vec<PipelineBenchRun>,
+}
+
+const DEPLOYMENT: &str = "bench";
+const OBSERVED: usize = 300;
+const MAX_CORRECTIONS: usize = 200;
+/// A swimmer is used only if the base model gets at least this many of its observed
+/// windows wrong, so that its batch has enough held-out evidence to publish.
+const MIN_CORRECTIONS: usize = 90;
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// Run the benchmark: one run per entry of `opts.trainers`.
+pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
+    anyhow::ensure!(opts.users >= 1, "--users must be at least 1");
+    anyhow::ensure!(
+        !opts.trainers.is_empty() && opts.trainers.iter().all(|t| (1..=16).contains(t)),
+        "--trainers: between 1 and 16 processes per run"
+    );
+    let probe = Config {
+        bus: opts.bus.clone(),
+        ..Config::default()
+    };
+    probe.validate()?;
+    eprintln!("training the base model (seed {})...", opts.seed);
+    let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
+    let uploads = make_uploads(&base, opts.users + opts.paced, opts.seed)?;
+    let mut runs = Vec::new();
+    for &n in &opts.trainers {
+        eprintln!(
+            "run: {n} trainer process(es), {} batches at once, then {} one at a time",
+            opts.users, opts.paced
+        );
+        let r = run_once(opts, &base, &uploads, n)?;
+        eprintln!(
+            "  {:.1} batches published/min; overhead p50 {:.3} s p99 {:.3} s; paced overhead p50 {:.3} s p99 {:.3} s",
+            r.batches_published_per_min,
+            r.overhead_p50_s,
+            r.overhead_p99_s,
+            r.paced_overhead_p50_s,
+            r.paced_overhead_p99_s
+        );
+        runs.push(r);
+    }
+    Ok(PipelineBenchReport {
+        bus: opts.bus.clone(),
+        users: opts.users,
+        paced: opts.paced,
+        seed: opts.seed,
+        partitions: opts.partitions,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        runs,
+    })
+}
+
+/// One upload per user: (user, upload JSON).
+fn make_uploads(
+    base: &MicroModel,
+    users: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let mut s = seed.wrapping_mul(1000) + 1;
+    while out.len() < users {
+        let sw = Swimmer::new(s);
+        s += 1;
+        let c = corrections(base, &sw, OBSERVED, MAX_CORRECTIONS, &mut rng)?;
+        if c.len() < MIN_CORRECTIONS {
+            continue;
+        }
+        let user = format!("bench-{:03}", out.len());
+        out.push((user, upload_body("night-0", &c)));
+    }
+    Ok(out)
+}
+
+fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
+    let samples: Vec<_> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let frames: Vec<&[f32]> = s.frames.chunks(WINDOW_FEATURES).collect();
+            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"batch_id": batch_id, "samples": samples}))
+        .expect("serializes")
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Worker processes, killed when dropped.
+struct Procs(Vec<(String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    fn check_alive(&mut self, logs: &Path) -> anyhow::Result<()> {
+        for (name, c) in &mut self.0 {
+            if let Some(st) = c.try_wait()? {
+                let log =
+                    std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                anyhow::bail!(
+                    "worker {name} exited ({st}); its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run_once(
+    opts: &PipelineBenchOptions,
+    base: &MicroModel,
+    uploads: &[(String, Vec<u8>)],
+    trainers: usize,
+) -> anyhow::Result<PipelineBenchRun> {
+    let tmp = match &opts.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+    let store = tmp.path().join("store");
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let prefix = format!("bench-{}-{nanos}.", std::process::id());
+    let config = Config {
+        deployment: DEPLOYMENT.into(),
+        store: store.display().to_string(),
+        bus: opts.bus.clone(),
+        partitions: opts.partitions,
+        topic_prefix: prefix.clone(),
+        ..Config::default()
+    };
+    config.validate()?;
+    swimlane_runtime::wiring::create_topics(&config, 1)?;
+    let db = swimlane_runtime::open_store(&config)?;
+    crate::init::install(&db, DEPLOYMENT, opts.seed, Some(base.clone()))?;
+    let repo = Repo::new(Keys::new(DEPLOYMENT));
+    let mut tokens = Vec::new();
+    for (u, _) in uploads {
+        let token = swimlane_state::tokens::new_token();
+        let user = UserId::new(u.clone())?;
+        db.transact(|tx| repo.put_token(tx, &user, &token, now_ms()))?;
+        tokens.push(token);
+    }
+
+    let ingest_api = free_port()?;
+    let publisher_api = free_port()?;
+    let mut env: Vec<(String, String)> = vec![
+        ("SWIMLANE_STORE".into(), config.store.clone()),
+        ("SWIMLANE_DEPLOYMENT".into(), DEPLOYMENT.into()),
+        ("SWIMLANE_BUS".into(), opts.bus.clone()),
+        ("SWIMLANE_PARTITIONS".into(), opts.partitions.to_string()),
+        ("SWIMLANE_TOPIC_PREFIX".into(), prefix),
+        ("SWIMLANE_LOG".into(), "warn".into()),
+        ("SWIMLANE_INGEST_LISTEN".into(), ingest_api.to_string()),
+        (
+            "SWIMLANE_PUBLISHER_LISTEN".into(),
+            publisher_api.to_string(),
+        ),
+    ];
+    env.push((
+        "SWIMLANE_INGEST_MAX_SAMPLES_PER_BATCH".into(),
+        "1000".into(),
+    ));
+    let mut members: Vec<(String, &str)> = vec![("ingest".into(), "ingest")];
+    for i in 0..trainers {
+        members.push((format!("trainer-{i}"), "trainer"));
+    }
+    members.push(("validator".into(), "validator"));
+    members.push(("publisher".into(), "publisher"));
+    let mut procs = Procs(Vec::new());
+    let mut ops = Vec::new();
+    for (name, kind) in &members {
+        let metrics = free_port()?;
+        ops.push(metrics);
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let mut c = Command::new(&opts.exe);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SWIMLANE_") {
+                c.env_remove(k);
+            }
+        }
+        c.envs(env.iter().map(|(k, v)| (k, v)))
+            .env(
+                format!("SWIMLANE_{}_METRICS_LISTEN", kind.to_ascii_uppercase()),
+                metrics.to_string(),
+            )
+            .args(["worker", kind])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = c
+            .spawn()
+            .with_context(|| format!("starting {} worker {kind}", opts.exe.display()))?;
+        procs.0.push((name.clone(), child));
+    }
+    let http = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .build();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for addr in &ops {
+        loop {
+            procs.check_alive(&logs)?;
+            if http
+                .get(&format!("http://{addr}/readyz"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+            {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{addr} not ready in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The trainers split the partitions before the clock starts (Kafka: the group
+    // has settled its assignment).
+    let keys = Keys::new(DEPLOYMENT);
+    loop {
+        procs.check_alive(&logs)?;
+        let owners = db.transact(|tx| {
+            let mut o = std::collections::BTreeSet::new();
+            let mut all = true;
+            for p in 0..opts.partitions {
+                match positions::owner(tx, &keys, "trainers", topics::BATCHES, p)? {
+                    Some((m, _)) => {
+                        o.insert(m);
+                    }
+                    None => all = false,
+                }
+            }
+            Ok((all, o.len()))
+        })?;
+        if owners.0 && owners.1 >= trainers.min(opts.partitions as usize) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the trainers did not take every partition in time ({owners:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let upload = |i: usize| -> Result<(), String> {
+        let (user, body) = &uploads[i];
+        let url = format!("http://{ingest_api}/v1/users/{user}/batches");
+        let r = http
+            .post(&url)
+            .set("Authorization", &format!("Bearer {}", tokens[i]))
+            .set("Content-Type", "application/json")
+            .send_bytes(body);
+        match r {
+            Ok(r) if r.status() == 202 => Ok(()),
+            Ok(r) => Err(format!("{user}: {}", r.status())),
+            Err(ureq::Error::Status(code, r)) => {
+                let mut b = String::new();
+                let _ = r.into_reader().take(500).read_to_string(&mut b);
+                Err(format!("{user}: {code} {b}"))
+            }
+            Err(e) => Err(format!("{user}: {e}")),
+        }
+    };
+    let settled = |users: &[&str]| -> anyhow::Result<usize> {
+        Ok(db.transact(|tx| {
+            let mut open = 0;
+            for u in users {
+                match repo.batch(tx, u, "night-0")? {
+                    Some(b)
+                        if b.status.is_terminal()
+                            || matches!(b.status, BatchStatus::Deferred { .. }) => {}
+                    _ => open += 1,
+                }
+            }
+            Ok(open)
+        })?)
+    };
+    let wait_settled = |users: &[&str], procs: &mut Procs| -> anyhow::Result<()> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            procs.check_alive(&logs)?;
+            let open = settled(users)?;
+            if open == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{open} batches not settled after {SETTLE_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let burst: Vec<&str> = uploads[..opts.users]
+        .iter()
+        .map(|(u, _)| u.as_str())
+        .collect();
+
+    // The burst: all uploads at once, from a few device threads.
+    let t0_ms = now_ms();
+    let t0 = Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: std::sync::Mutex<Vec<String>> = Default::default();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= opts.users {
+                    return;
+                }
+                if let Err(e) = upload(i) {
+                    failures.lock().unwrap().push(e);
+                }
+            });
+        }
+    });
+    let f = failures.into_inner().unwrap();
+    anyhow::ensure!(f.is_empty(), "uploads failed: {f:?}");
+    wait_settled(&burst, &mut procs)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let b = figures(&db, &repo, &burst)?;
+
+    // Paced: one upload at a time, each after the previous one settled.
+    let paced: Vec<&str> = uploads[opts.users..]
+        .iter()
+        .map(|(u, _)| u.as_str())
+        .collect();
+    for (k, u) in paced.iter().enumerate() {
+        upload(opts.users + k).map_err(|e| anyhow::anyhow!("upload failed: {e}"))?;
+        wait_settled(&[u], &mut procs)?;
+    }
+    drop(procs);
+    let p = figures(&db, &repo, &paced)?;
+
+    let seconds = if b.published > 0 {
+        (b.last_publish_ms.max(t0_ms) - t0_ms) as f64 / 1000.0
+    } else {
+        wall
+    };
+    let (mut train, mut validate) = (b.train.clone(), b.validate.clone());
+    train.extend(&p.train);
+    validate.extend(&p.validate);
+    Ok(PipelineBenchRun {
+        trainers,
+        batches: burst.len(),
+        published: b.published,
+        rejected: b.rejected,
+        deferred: b.deferred,
+        seconds: round3(seconds),
+        batches_published_per_min: round3(b.published as f64 / seconds * 60.0),
+        latency_p50_s: round3(quantile(&b.latency, 0.5)),
+        latency_p99_s: round3(quantile(&b.latency, 0.99)),
+        overhead_p50_s: round3(quantile(&b.overhead, 0.5)),
+        overhead_p99_s: round3(quantile(&b.overhead, 0.99)),
+        paced_batches: paced.len(),
+        paced_published: p.published,
+        paced_latency_p50_s: round3(quantile(&p.latency, 0.5)),
+        paced_latency_p99_s: round3(quantile(&p.latency, 0.99)),
+        paced_overhead_p50_s: round3(quantile(&p.overhead, 0.5)),
+        paced_overhead_p99_s: round3(quantile(&p.overhead, 0.99)),
+        train_seconds_mean: round3(mean(&train)),
+        validate_seconds_mean: round3(mean(&validate)),
+    })
+}
+
+/// What the store says of a set of users' `night-0` batches.
+#[derive(Default)]
+struct Figures {
+    published: usize,
+    rejected: usize,
+    deferred: usize,
+    latency: Vec<f64>,
+    overhead: Vec<f64>,
+    train: Vec<f64>,
+    validate: Vec<f64>,
+    last_publish_ms: u64,
+}
+
+fn figures(db: &swimlane_store::Db, repo: &Repo, users: &[&str]) -> anyhow::Result<Figures> {
+    let mut f = Figures::default();
+    for u in users {
+        let b = db
+            .transact(|tx| repo.batch(tx, u, "night-0"))?
+            .context("batch record missing")?;
+        match &b.status {
+            BatchStatus::Published { run_id, version } => {
+                f.published += 1;
+                let (run, versions) =
+                    db.transact(|tx| Ok((repo.run(tx, u, run_id)?, repo.model_versions(tx, u)?)))?;
+                let run = run.context("run record missing")?;
+                let v = versions
+                    .iter()
+                    .find(|v| v.version == *version)
+                    .context("version record missing")?;
+                let lat = v.published_at_ms.saturating_sub(b.staged_at_ms) as f64 / 1000.0;
+                let t = run.train_seconds as f64;
+                let val = run
+                    .verdict
+                    .as_ref()
+                    .map(|v| v.validate_seconds as f64)
+                    .unwrap_or(0.0);
+                f.latency.push(lat);
+                f.overhead.push(lat - t - val);
+                f.train.push(t);
+                f.validate.push(val);
+                f.last_publish_ms = f.last_publish_ms.max(v.published_at_ms);
+            }
+            BatchStatus::Rejected { .. } => f.rejected += 1,
+            _ => f.deferred += 1,
+        }
+    }
+    Ok(f)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The `q` quantile by the nearest-rank method (NaN for no values).
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// The report as a table.
+pub fn print_table(r: &PipelineBenchReport) {
+    println!(
+        "swimlane bench pipeline: bus {}, {} batches at once + {} one at a time, {} partitions, {} cores, seed {}",
+        r.bus, r.users, r.paced, r.partitions, r.cores, r.seed
+    );
+    println!(
+        "{:>8} {:>9} {:>8} {:>8} {:>11} {:>15} {:>16} {:>16} {:>9} {:>9}",
+        "trainers",
+        "published",
+        "not pub.",
+        "seconds",
+        "batches/min",
+        "latency p50/99",
+        "overhead p50/99",
+        "paced ovh p50/99",
+        "train avg",
+        "valid avg"
+    );
+    for x in &r.runs {
+        println!(
+            "{:>8} {:>9} {:>8} {:>8.1} {:>11.1} {:>15} {:>16} {:>16} {:>9.3} {:>9.3}",
+            x.trainers,
+            x.published,
+            x.rejected + x.deferred,
+            x.seconds,
+            x.batches_published_per_min,
+            format!("{:.2}/{:.2}", x.latency_p50_s, x.latency_p99_s),
+            format!("{:.3}/{:.3}", x.overhead_p50_s, x.overhead_p99_s),
+            format!(
+                "{:.3}/{:.3}",
+                x.paced_overhead_p50_s, x.paced_overhead_p99_s
+            ),
+            x.train_seconds_mean,
+            x.validate_seconds_mean
+        );
+    }
+    println!("seconds: first upload of the burst to its last publish; latency: upload accepted to published; overhead: latency minus the run's training and validation seconds (in the burst most of it is waiting behind other users' training); paced: batches uploaded one at a time.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(|x| x as f64).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}
