@@ -655,7 +655,97 @@ pub struct FencingContext {
     db: Db,
     keys: Keys,
     opts: KafkaConsumerOptions,
-    state: Mutex<OwnedState>,
+    state: Arc<Mutex<OwnedState>>,
+}
+
+/// Renews the store leases of the partitions a consumer owns, every third of their
+/// time to live, on its own thread, for as long as the consumer lives, whatever its
+/// stage is busy with (Kafka's own heartbeat runs on librdkafka's thread the same
+/// way). So a lease runs out only when its owner process is gone (or cannot reach the
+/// store), which is what the orphan watchdog ([`KafkaConsumer::poll`]) looks for.
+struct LeaseKeeper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    fn start(
+        db: Db,
+        keys: Keys,
+        opts: KafkaConsumerOptions,
+        state: Arc<Mutex<OwnedState>>,
+    ) -> Result<LeaseKeeper, BusError> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let every = (opts.lease_ttl / 3).max(Duration::from_millis(10));
+        let thread = std::thread::Builder::new()
+            .name("lease-keeper".into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                while !flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10).min(every));
+                    if last.elapsed() < every {
+                        continue;
+                    }
+                    last = Instant::now();
+                    let fences: Vec<Fence> = state
+                        .lock()
+                        .unwrap()
+                        .owned
+                        .values()
+                        .map(|o| o.fence.clone())
+                        .collect();
+                    if fences.is_empty() {
+                        continue;
+                    }
+                    let now = (opts.now_ms)();
+                    let ttl = opts.lease_ttl.as_millis() as u64;
+                    let renewed = db.transact(|tx| {
+                        let mut lost = Vec::new();
+                        for f in &fences {
+                            if !positions::renew(tx, &keys, f, &opts.member, now, ttl)? {
+                                lost.push(f.clone());
+                            }
+                        }
+                        Ok(lost)
+                    });
+                    match renewed {
+                        Ok(lost) => {
+                            let mut st = state.lock().unwrap();
+                            for f in lost {
+                                if st
+                                    .owned
+                                    .get(&f.partition)
+                                    .is_some_and(|o| o.fence.epoch == f.epoch)
+                                {
+                                    tracing::warn!(
+                                        partition = f.partition,
+                                        epoch = f.epoch,
+                                        "lease taken by a newer owner; partition dropped"
+                                    );
+                                    st.owned.remove(&f.partition);
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
+                    }
+                }
+            })
+            .map_err(|e| BusError::Config(format!("cannot start the lease keeper thread: {e}")))?;
+        Ok(LeaseKeeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl ClientContext for FencingContext {}
@@ -743,10 +833,26 @@ impl ConsumerContext for FencingContext {
 }
 
 /// A member of a Kafka consumer group on one topic, positions kept in the store.
+///
+/// Orphan watchdog: while it owns partitions, a member also checks, every third of
+/// the lease time to live, the leases of the topic's other partitions. A partition
+/// whose lease has run out (its owner process is gone: live owners' leases are
+/// renewed by the [`LeaseKeeper`]) and stays out for a whole time to live, although
+/// the coordinator should long since have given it to a live member, makes the
+/// member leave and rejoin the group, so that the coordinator assigns every partition
+/// anew. (tansu 0.6.0 drops a member that stops heartbeating but keeps the group's
+/// generation and old assignment, so without this its partitions would wait for the
+/// next member to join; with a Kafka broker the watchdog does not fire.)
 pub struct KafkaConsumer {
     consumer: BaseConsumer<FencingContext>,
     next_partition: u32,
     commit_kafka_offsets: bool,
+    _keeper: LeaseKeeper,
+    watched: Option<Instant>,
+    /// Partitions of the topic (from Kafka's metadata, once known).
+    partitions: Option<u32>,
+    /// Partitions seen with a run-out lease, since when.
+    orphaned_since: BTreeMap<u32, Instant>,
 }
 
 impl KafkaConsumer {
@@ -775,11 +881,13 @@ impl KafkaConsumer {
             c.set(k, v);
         }
         let topic = opts.kafka_topic();
+        let state = Arc::new(Mutex::new(OwnedState::default()));
+        let keeper = LeaseKeeper::start(db.clone(), keys.clone(), opts.clone(), state.clone())?;
         let ctx = FencingContext {
             db,
             keys,
             opts,
-            state: Mutex::new(OwnedState::default()),
+            state,
         };
         let consumer: BaseConsumer<FencingContext> = c
             .create_with_context(ctx)
@@ -791,7 +899,98 @@ impl KafkaConsumer {
             consumer,
             next_partition: 0,
             commit_kafka_offsets: true,
+            _keeper: keeper,
+            watched: None,
+            partitions: None,
+            orphaned_since: BTreeMap::new(),
         })
+    }
+
+    /// The orphan watchdog (see the type's doc); returns whether it made the member
+    /// rejoin the group.
+    fn watch_orphans(&mut self) -> Result<bool, BusError> {
+        let ctx = self.consumer.context();
+        let ttl = ctx.opts.lease_ttl;
+        if self.watched.is_some_and(|t| t.elapsed() < ttl / 3) {
+            return Ok(false);
+        }
+        self.watched = Some(Instant::now());
+        let mine: Vec<u32> = ctx.state.lock().unwrap().owned.keys().copied().collect();
+        if mine.is_empty() {
+            // Not (yet) a member with work: the group may be forming.
+            self.orphaned_since.clear();
+            return Ok(false);
+        }
+        let topic = ctx.opts.kafka_topic();
+        let n = match self.partitions {
+            Some(n) => n,
+            None => {
+                let md = self
+                    .consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                    .map_err(|e| kafka_err(&format!("metadata of {topic}"), e))?;
+                let n = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.partitions().len() as u32)
+                    .unwrap_or(0);
+                if n == 0 {
+                    return Ok(false);
+                }
+                self.partitions = Some(n);
+                n
+            }
+        };
+        let now = (ctx.opts.now_ms)();
+        let (keys, o) = (&ctx.keys, &ctx.opts);
+        let expired: Vec<u32> = ctx.db.transact(|tx| {
+            let mut out = Vec::new();
+            for p in (0..n).filter(|p| !mine.contains(p)) {
+                if positions::owner(tx, keys, &o.group, &o.topic, p)?
+                    .is_some_and(|w| w.expires_ms <= now)
+                {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        })?;
+        self.orphaned_since.retain(|p, _| expired.contains(p));
+        for p in &expired {
+            self.orphaned_since.entry(*p).or_insert_with(Instant::now);
+        }
+        let orphans: Vec<u32> = self
+            .orphaned_since
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= ttl)
+            .map(|(p, _)| *p)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(false);
+        }
+        tracing::warn!(?orphans, "partitions without a live owner for a whole lease time to live; rejoining the group so the coordinator assigns them anew");
+        self.orphaned_since.clear();
+        self.consumer.unsubscribe();
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let _ = self.consumer.poll(Duration::from_millis(50));
+            if self
+                .consumer
+                .context()
+                .state
+                .lock()
+                .unwrap()
+                .owned
+                .is_empty()
+            {
+                break;
+            }
+        }
+        self.consumer.context().state.lock().unwrap().owned.clear();
+        self.consumer
+            .subscribe(&[&topic])
+            .map_err(|e| kafka_err(&format!("subscribing to {topic}"), e))?;
+        Ok(true)
     }
 
     /// Partitions this member owns (holds a fence for).
@@ -894,6 +1093,7 @@ impl Consumer for KafkaConsumer {
                     "fencing assigned partitions failed: {e}"
                 )));
             }
+            self.watch_orphans()?;
             // Serve rebalances and take what has arrived without waiting.
             let buffered: usize = {
                 let st = self.consumer.context().state.lock().unwrap();

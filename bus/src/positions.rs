@@ -83,16 +83,32 @@ pub fn position(
     }
 }
 
-/// The member holding a partition's lease and its epoch, if anyone ever took it (for
-/// operators and tests; the lease may have expired).
+/// Who holds a partition's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub member: String,
+    pub epoch: u64,
+    /// The lease runs out at this time (ms since the Unix epoch) unless renewed; 0
+    /// once released.
+    pub expires_ms: u64,
+}
+
+/// The holder of a partition's lease, if anyone ever took it (the lease may have
+/// expired: see [`Owner::expires_ms`]).
 pub fn owner(
     tx: &mut Transaction<'_>,
     keys: &Keys,
     group: &str,
     topic: &str,
     partition: u32,
-) -> Result<Option<(String, u64)>, KvError> {
-    Ok(read_lease(tx, &keys.lease(group, topic, partition))?.map(|l| (l.member, l.epoch)))
+) -> Result<Option<Owner>, KvError> {
+    Ok(
+        read_lease(tx, &keys.lease(group, topic, partition))?.map(|l| Owner {
+            member: l.member,
+            epoch: l.epoch,
+            expires_ms: l.expires_ms,
+        }),
+    )
 }
 
 /// Take the partition for `member` if it is free, expired, or already `member`'s;

@@ -334,8 +334,8 @@ fn run_once(
             let mut all = true;
             for p in 0..opts.partitions {
                 match positions::owner(tx, &keys, "trainers", topics::BATCHES, p)? {
-                    Some((m, _)) => {
-                        o.insert(m);
+                    Some(owner) => {
+                        o.insert(owner.member);
                     }
                     None => all = false,
                 }
