@@ -29,17 +29,54 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> KvError {
     }
 }
 
-fn get_json<T: DeserializeOwned>(
-    tx: &mut Transaction<'_>,
-    key: &[u8],
-    what: &str,
-) -> Result<Option<T>, KvError> {
-    match tx.get(key)? {
-        None => Ok(None),
-        Some(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| corrupt(what, e)),
+/// A JSON record stored by this crate: it names itself for errors and carries its
+/// schema version (`v`), which [`decode_record`] checks.
+pub trait StoredRecord: DeserializeOwned {
+    /// What the record is, for [`KvError::Corrupt`] (`"run record"`, ...).
+    const WHAT: &'static str;
+    /// The schema version this build writes and the only one it reads.
+    const VERSION: u32 = 1;
+    /// The record's `v` field.
+    fn schema_version(&self) -> u32;
+}
+
+impl StoredRecord for RunRecord {
+    const WHAT: &'static str = "run record";
+    fn schema_version(&self) -> u32 {
+        self.v
     }
+}
+
+impl StoredRecord for ModelVersionRecord {
+    const WHAT: &'static str = "model version";
+    fn schema_version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl StoredRecord for UserState {
+    const WHAT: &'static str = "user state";
+    fn schema_version(&self) -> u32 {
+        self.v
+    }
+}
+
+/// Decode a stored JSON record: bytes that are not its JSON, or of another schema
+/// version, are [`KvError::Corrupt`]. Never panics on any bytes (fuzzed:
+/// `fuzz/fuzz_targets/stored_records.rs`).
+pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, KvError> {
+    let r: T = serde_json::from_slice(bytes).map_err(|e| corrupt(T::WHAT, e))?;
+    if r.schema_version() != T::VERSION {
+        return Err(corrupt(
+            T::WHAT,
+            format!("unsupported schema version {}", r.schema_version()),
+        ));
+    }
+    Ok(r)
+}
+
+fn get_json<T: StoredRecord>(tx: &mut Transaction<'_>, key: &[u8]) -> Result<Option<T>, KvError> {
+    tx.get(key)?.map(|b| decode_record(&b)).transpose()
 }
 
 fn put_json<T: Serialize>(tx: &mut Transaction<'_>, key: &[u8], v: &T) -> Result<(), KvError> {
@@ -161,7 +198,7 @@ impl Repo {
 
     pub fn user_state(&self, tx: &mut Transaction<'_>, user: &str) -> Result<UserState, KvError> {
         Ok(
-            get_json(tx, &self.keys.user_state(user), "user state")?.unwrap_or(UserState {
+            get_json(tx, &self.keys.user_state(user))?.unwrap_or(UserState {
                 v: 1,
                 ..Default::default()
             }),
@@ -206,7 +243,7 @@ impl Repo {
         user: &str,
         run_id: &str,
     ) -> Result<Option<RunRecord>, KvError> {
-        get_json(tx, &self.keys.run(user, run_id), "run record")
+        get_json(tx, &self.keys.run(user, run_id))
     }
 
     pub fn put_run(
@@ -224,7 +261,7 @@ impl Repo {
         user: &str,
         version: u64,
     ) -> Result<Option<ModelVersionRecord>, KvError> {
-        get_json(tx, &self.keys.model_version(user, version), "model version")
+        get_json(tx, &self.keys.model_version(user, version))
     }
 
     pub fn put_model_version(
@@ -243,9 +280,7 @@ impl Repo {
         user: &str,
     ) -> Result<Vec<ModelVersionRecord>, KvError> {
         let rows = tx.get_range(&RangeOption::prefix(&self.keys.model_versions(user)))?;
-        rows.into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("model version", e)))
-            .collect()
+        rows.into_iter().map(|(_, v)| decode_record(&v)).collect()
     }
 
     /// Store a blob (weights, sample sets) inside `tx`; it must fit one transaction.
@@ -366,6 +401,31 @@ mod tests {
             staged_at_ms,
             status,
         }
+    }
+
+    #[test]
+    fn stored_records_of_another_version_or_shape_are_corrupt() {
+        let run = br#"{"v":1,"run_id":"r","parent_version":null,"batches":["b"],"train_samples":3,"model_blob":"m","model_sha256":"s","model_bytes":9,"created_at_ms":1,"train_seconds":0.5,"verdict":null,"published_version":null}"#;
+        let r: RunRecord = decode_record(run).unwrap();
+        assert_eq!((r.run_id.as_str(), r.train_samples), ("r", 3));
+        let v2 = String::from_utf8_lossy(run).replacen("\"v\":1", "\"v\":2", 1);
+        let e = decode_record::<RunRecord>(v2.as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().contains("run record") && e.to_string().contains("version 2"),
+            "{e}"
+        );
+        for bad in [&b""[..], b"\xff", b"[]", b"{\"v\":1}", br#"{"v":-1}"#] {
+            assert!(matches!(
+                decode_record::<UserState>(bad),
+                Err(KvError::Corrupt { .. })
+            ));
+            assert!(decode_record::<ModelVersionRecord>(bad).is_err());
+        }
+        let (db, repo) = setup();
+        db.transact(|tx| tx.set(&repo.keys.user_state("al"), br#"{"v":7}"#))
+            .unwrap();
+        let e = db.transact(|tx| repo.user_state(tx, "al")).unwrap_err();
+        assert!(e.to_string().contains("user state"), "{e}");
     }
 
     #[test]

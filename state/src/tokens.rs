@@ -34,6 +34,13 @@ pub struct TokenRecord {
     pub revoked: bool,
 }
 
+impl crate::StoredRecord for TokenRecord {
+    const WHAT: &'static str = "token record";
+    fn schema_version(&self) -> u32 {
+        self.v
+    }
+}
+
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -113,13 +120,6 @@ fn presented(authorization: Option<&str>, admin_sha256: &str) -> Presented {
     }
 }
 
-fn corrupt(reason: impl std::fmt::Display) -> KvError {
-    KvError::Corrupt {
-        what: "token record".into(),
-        reason: reason.to_string(),
-    }
-}
-
 impl Repo {
     /// Store the hash of `token` as a live token of `user`.
     pub fn put_token(
@@ -160,11 +160,7 @@ impl Repo {
         let Some(b) = tx.get(&self.keys.token(token_sha256))? else {
             return Ok(None);
         };
-        let r: TokenRecord = serde_json::from_slice(&b).map_err(corrupt)?;
-        if r.v != 1 {
-            return Err(corrupt(format!("unsupported schema version {}", r.v)));
-        }
-        Ok(Some(r))
+        crate::decode_record(&b).map(Some)
     }
 
     /// Revoke `token`; returns whether it existed.
