@@ -1,5 +1,6 @@
-//! `swimlane model ...`: train the base model, run the personalisation protocol, and the
-//! candle side of the candle-versus-PyTorch benchmark (bench/model_vs_pytorch.sh).
+//! `swimlane model ...`: train the base model, run the personalisation protocol, export
+//! a model as ONNX, predict with either format, and the candle side of the benchmarks
+//! (bench/model_vs_pytorch.sh, bench/onnx_check.sh).
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -7,6 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use swimlane_core::StrokeClass;
 use swimlane_model::experiment::{self, Protocol};
+use swimlane_model::onnx::{self, Lineage, ModelRef, OnnxModel};
 use swimlane_model::synth::Population;
 use swimlane_model::{dataset, train_base, MicroModel, TrainConfig};
 
@@ -44,6 +46,51 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Convert a model file (safetensors) to another format. The app team bundles the
+    /// base model this way: `--model base.safetensors --format onnx --out base.onnx`.
+    Export {
+        /// The model's weights (safetensors, as `train-base` writes or the publisher serves).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[arg(long)]
+        out: PathBuf,
+        /// The version written into the file's metadata: `base` or a published version.
+        #[arg(long, default_value = "base", value_parser = parse_model_ref)]
+        model_version: ModelRef,
+        /// The version it was fine-tuned from (`base` or a number); none for a base model.
+        #[arg(long, value_parser = parse_model_ref)]
+        parent_version: Option<ModelRef>,
+        /// The training run that made it.
+        #[arg(long)]
+        training_run: Option<String>,
+    },
+    /// Class probabilities of a model (safetensors or ONNX, told apart by content) for
+    /// the windows of a JSON file `{"samples": [{"frames": [[16 numbers] x 32]}, ...]}`
+    /// (the upload format; ids and labels optional and ignored). Prints
+    /// `{"labels": [...], "probabilities": [[one row per sample]]}`.
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Write the ONNX parity set (bench/onnx_check.sh): the base model and fine-tuned
+    /// personal models as safetensors, `models.json` (names and lineage) and
+    /// `windows.json` (unseen swimmers' windows in the upload format).
+    #[command(hide = true)]
+    OnnxParitySet {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Swimmers with personal models (two versions each); as many others add windows.
+        #[arg(long, default_value_t = 3)]
+        swimmers: usize,
+        #[arg(long, default_value_t = 200)]
+        windows_per_swimmer: usize,
+    },
     /// Benchmark: train on a sample set for a fixed number of epochs (no early stopping)
     /// and time it; then time inference. Prints JSON.
     BenchTrain {
@@ -61,6 +108,22 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// Formats `swimlane model export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// ONNX, opset 17 (swimlane_model::onnx).
+    Onnx,
+}
+
+fn parse_model_ref(s: &str) -> Result<ModelRef, String> {
+    if s == "base" {
+        return Ok(ModelRef::Base);
+    }
+    s.parse::<u64>()
+        .map(ModelRef::Version)
+        .map_err(|_| format!("{s:?} is neither `base` nor a version number"))
 }
 
 pub fn run(command: ModelCommand) -> anyhow::Result<()> {
@@ -100,6 +163,39 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             println!("wrote {} samples to {}", samples.len(), out.display());
             Ok(())
         }
+        ModelCommand::Export {
+            model,
+            format: ExportFormat::Onnx,
+            out,
+            model_version,
+            parent_version,
+            training_run,
+        } => {
+            let m = load_safetensors(&model)?;
+            let lineage = Lineage {
+                model_version,
+                parent_version,
+                training_run,
+            };
+            let bytes = onnx::export_checked(&m, &lineage)
+                .with_context(|| format!("exporting {}", model.display()))?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "wrote {} ({} bytes, ONNX opset {}, sha256 {})",
+                out.display(),
+                bytes.len(),
+                onnx::OPSET,
+                swimlane_state::sha256_hex(&bytes)
+            );
+            Ok(())
+        }
+        ModelCommand::Predict { model, input } => predict(&model, &input),
+        ModelCommand::OnnxParitySet {
+            out,
+            seed,
+            swimmers,
+            windows_per_swimmer,
+        } => parity_set(&out, seed, swimmers, windows_per_swimmer),
         ModelCommand::BenchTrain {
             data,
             epochs,
@@ -109,6 +205,126 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             seed,
         } => bench_train(data, epochs, batch, lr, threads, seed),
     }
+}
+
+fn load_safetensors(path: &std::path::Path) -> anyhow::Result<MicroModel> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    MicroModel::from_bytes(&bytes).with_context(|| format!("loading {}", path.display()))
+}
+
+/// One window of a predict input: the upload format's sample (`id`, `label` and any
+/// other field ignored).
+#[derive(serde::Deserialize)]
+struct PredictSample {
+    frames: Vec<Vec<f64>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PredictInput {
+    samples: Vec<PredictSample>,
+}
+
+/// The windows of a predict input, flattened frame by frame; errors name the sample.
+fn read_windows(path: &std::path::Path) -> anyhow::Result<Vec<Vec<f32>>> {
+    use swimlane_core::{WINDOW_FEATURES, WINDOW_FRAMES};
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let input: PredictInput = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{}: expected {{\"samples\": [{{\"frames\": [[16 numbers] x 32]}}, ...]}}",
+            path.display()
+        )
+    })?;
+    input
+        .samples
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            anyhow::ensure!(
+                s.frames.len() == WINDOW_FRAMES
+                    && s.frames.iter().all(|f| f.len() == WINDOW_FEATURES),
+                "sample {i}: expected {WINDOW_FRAMES} frames of {WINDOW_FEATURES} values"
+            );
+            let w: Vec<f32> = s.frames.iter().flatten().map(|v| *v as f32).collect();
+            anyhow::ensure!(
+                w.iter().all(|v| v.is_finite()),
+                "sample {i}: a value is not a finite f32"
+            );
+            Ok(w)
+        })
+        .collect()
+}
+
+fn predict(model: &std::path::Path, input: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let windows = read_windows(input)?;
+    let refs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+    let probabilities = if onnx::looks_like_onnx(&bytes) {
+        OnnxModel::from_bytes(&bytes)
+            .with_context(|| format!("loading {} as ONNX", model.display()))?
+            .predict_proba(&refs)?
+    } else {
+        MicroModel::from_bytes(&bytes)
+            .with_context(|| format!("loading {} as safetensors", model.display()))?
+            .predict_proba(&refs)?
+    };
+    let out = serde_json::json!({
+        "labels": StrokeClass::ALL.map(|c| c.name()),
+        "probabilities": probabilities,
+    });
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// A window in the upload format: 32 frames of 16 values.
+fn upload_frames(frames: &[f32]) -> Vec<&[f32]> {
+    frames.chunks(swimlane_core::WINDOW_FEATURES).collect()
+}
+
+fn parity_set(
+    out: &std::path::Path,
+    seed: u64,
+    swimmers: usize,
+    windows_per_swimmer: usize,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let set = onnx::parity_set(seed, swimmers, windows_per_swimmer)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut models = Vec::new();
+    for (name, model, lineage) in &set.models {
+        let file = format!("{name}.safetensors");
+        std::fs::write(out.join(&file), model.to_bytes())?;
+        models.push(serde_json::json!({
+            "name": name,
+            "safetensors": file,
+            "model_version": lineage.model_version.to_string(),
+            "parent_version": lineage.parent_version.map(|p| p.to_string()),
+            "training_run": lineage.training_run,
+        }));
+    }
+    let samples: Vec<serde_json::Value> = set
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": format!("w{i}"), "frames": upload_frames(&s.frames), "label": s.label.name()})
+        })
+        .collect();
+    std::fs::write(
+        out.join("windows.json"),
+        serde_json::to_vec(&serde_json::json!({ "samples": samples }))?,
+    )?;
+    std::fs::write(
+        out.join("models.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({ "models": models }))?,
+    )?;
+    eprintln!(
+        "wrote {} models and {} windows to {} in {:.1} s",
+        set.models.len(),
+        set.windows.len(),
+        out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn evaluate(n: usize, seed: u64, base: Option<PathBuf>, json: bool) -> anyhow::Result<()> {

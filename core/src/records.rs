@@ -327,6 +327,18 @@ pub struct ModelVersionRecord {
     pub parent_heldout_accuracy: f32,
     pub guard_accuracy: f32,
     pub published_at_ms: u64,
+    /// The same model as ONNX, made by the publisher when it published this version
+    /// (`None` only for versions published before ONNX export existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<StoredFile>,
+}
+
+/// A file stored as a blob: its blob id, SHA-256 (hex) and size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub blob: String,
+    pub sha256: String,
+    pub size_bytes: u64,
 }
 
 /// A user's pipeline state.

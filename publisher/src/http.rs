@@ -1,10 +1,19 @@
 //! The device-facing model API.
 //!
-//! - `GET /v1/users/{user}/model`: the user's current model (safetensors), with
-//!   `X-Model-Version`, `X-Model-Sha256` and a strong `ETag` (the quoted SHA-256);
-//!   `If-None-Match` matching the current ETag (a list, `W/` and `*` are understood)
-//!   answers 304 with no body; 404 `no_model` while the user has none (the device keeps
-//!   the base model).
+//! - `GET /v1/users/{user}/model`: the user's current model, as safetensors
+//!   (`Content-Type: application/vnd.swimlane.safetensors`) or, with `?format=onnx` or
+//!   `Accept: application/onnx`, as ONNX (`Content-Type: application/onnx`; the file the
+//!   publisher made when it published the version, see `swimlane_model::onnx`). Both
+//!   carry `X-Model-Version` (the same version in both formats), `X-Model-Sha256` (hex
+//!   SHA-256 of the body, for the device to verify its download) and a strong `ETag`
+//!   (the quoted SHA-256 of that format's file), `Content-Disposition` with a file name
+//!   and `Vary: Accept`; `If-None-Match` matching the current ETag of the requested
+//!   format (a list, `W/` and `*` are understood) answers 304 with no body; 404
+//!   `no_model` while the user has none (the device keeps the base model); 400
+//!   `bad_format` for a `format` other than `safetensors` or `onnx`; 404
+//!   `onnx_unavailable` for a version published before ONNX export existed. `format`
+//!   wins over `Accept`; `Accept` picks ONNX when it ranks `application/onnx` above
+//!   `application/vnd.swimlane.safetensors` (q-values; unlisted counts as 0).
 //! - `GET /v1/users/{user}/model/versions`: every version with held-out metrics and
 //!   lineage, and the current head.
 //! - `POST /v1/admin/users/{user}/rollback` `{"version": N}` (admin token): point the
@@ -21,8 +30,8 @@
 //! `store_unavailable` carries `Retry-After`.
 use std::sync::Arc;
 
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -185,20 +194,114 @@ fn authorised<T>(
     r.map_err(ApiError::from)
 }
 
+/// The formats `GET /model` serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    Safetensors,
+    Onnx,
+}
+
+impl ModelFormat {
+    pub const SAFETENSORS_TYPE: &'static str = "application/vnd.swimlane.safetensors";
+    pub const ONNX_TYPE: &'static str = "application/onnx";
+
+    fn content_type(self) -> &'static str {
+        match self {
+            ModelFormat::Safetensors => Self::SAFETENSORS_TYPE,
+            ModelFormat::Onnx => Self::ONNX_TYPE,
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            ModelFormat::Safetensors => "safetensors",
+            ModelFormat::Onnx => "onnx",
+        }
+    }
+
+    /// The format asked for: `format` from the query, else the `Accept` header's
+    /// ranking of the two media types, else safetensors.
+    fn requested(format: Option<&str>, accept: Option<&str>) -> Result<ModelFormat, ApiError> {
+        match format {
+            Some("safetensors") => return Ok(ModelFormat::Safetensors),
+            Some("onnx") => return Ok(ModelFormat::Onnx),
+            Some(other) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "bad_format",
+                    format!("format {other:?} is not one of safetensors, onnx"),
+                ))
+            }
+            None => {}
+        }
+        let q = |media: &str| accept.map_or(0.0, |a| accept_q(a, media));
+        if q(Self::ONNX_TYPE) > q(Self::SAFETENSORS_TYPE) {
+            Ok(ModelFormat::Onnx)
+        } else {
+            Ok(ModelFormat::Safetensors)
+        }
+    }
+}
+
+/// The q-value an `Accept` header gives exactly `media` (0 when it is not listed;
+/// a malformed q counts as 0).
+fn accept_q(accept: &str, media: &str) -> f32 {
+    accept
+        .split(',')
+        .filter_map(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let ty = parts.next()?;
+            if !ty.eq_ignore_ascii_case(media) {
+                return None;
+            }
+            let mut q = 1.0;
+            for p in parts {
+                if let Some((k, v)) = p.split_once('=') {
+                    if k.trim().eq_ignore_ascii_case("q") {
+                        q = v.trim().parse::<f32>().unwrap_or(0.0).clamp(0.0, 1.0);
+                    }
+                }
+            }
+            Some(q)
+        })
+        .fold(0.0, f32::max)
+}
+
+#[derive(Deserialize)]
+struct ModelQuery {
+    format: Option<String>,
+}
+
 /// What `GET /model` found.
 enum Head {
+    /// The caller may read the user's model but the query was bad.
+    BadRequest,
     None,
-    NotModified(ModelVersionRecord),
-    Model(ModelVersionRecord, Vec<u8>),
+    /// The version exists but has no file in the requested format.
+    Unavailable(ModelVersionRecord),
+    NotModified(ModelVersionRecord, String),
+    Model(ModelVersionRecord, String, Vec<u8>),
 }
 
 async fn get_model(
     State(st): State<ApiState>,
     user: Result<Path<String>, PathRejection>,
+    query: Result<Query<ModelQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = parse_user(user)?;
     let auth = bearer(&headers);
+    // A bad query is answered only once the caller is known to be allowed (401/403
+    // first, as everywhere).
+    let requested = query
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+        .and_then(|Query(q)| {
+            ModelFormat::requested(
+                q.format.as_deref(),
+                headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+            )
+        });
+    let asked = requested.as_ref().ok().copied();
     let inm = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -208,6 +311,9 @@ async fn get_model(
     let found = blocking(move || {
         let repo = st2.repo.clone();
         authorised(&st2, auth.as_deref(), &u, false, |tx| {
+            let Some(format) = asked else {
+                return Ok(Head::BadRequest);
+            };
             let state = repo.user_state(tx, u.as_str())?;
             let Some(v) = state.head else {
                 return Ok(Head::None);
@@ -215,22 +321,32 @@ async fn get_model(
             let Some(rec) = repo.model_version(tx, u.as_str(), v)? else {
                 return Ok(Head::None);
             };
-            let etag = format!("\"{}\"", rec.sha256);
+            let (blob, sha) = match format {
+                ModelFormat::Safetensors => (rec.model_blob.clone(), rec.sha256.clone()),
+                ModelFormat::Onnx => match &rec.onnx {
+                    Some(f) => (f.blob.clone(), f.sha256.clone()),
+                    None => return Ok(Head::Unavailable(rec)),
+                },
+            };
+            let etag = format!("\"{sha}\"");
             if inm.as_deref().is_some_and(|h| etag_matches(h, &etag)) {
-                return Ok(Head::NotModified(rec));
+                return Ok(Head::NotModified(rec, sha));
             }
-            // A head whose weights are gone is a broken store, not "not modified".
-            let bytes = repo
-                .blob(tx, &rec.model_blob)?
-                .ok_or_else(|| KvError::Corrupt {
-                    what: format!("model blob {}", rec.model_blob),
-                    reason: format!("missing for published version {}", rec.version),
-                })?;
-            Ok(Head::Model(rec, bytes))
+            // A head whose file is gone is a broken store, not "not modified".
+            let bytes = repo.blob(tx, &blob)?.ok_or_else(|| KvError::Corrupt {
+                what: format!("model blob {blob}"),
+                reason: format!("missing for published version {}", rec.version),
+            })?;
+            Ok(Head::Model(rec, sha, bytes))
         })
     })
     .await?;
-    let (rec, bytes) = match found {
+    let format = match requested {
+        Ok(format) => format,
+        Err(e) => return Err(e), // the caller is allowed: now say what was wrong
+    };
+    let (rec, sha, bytes) = match found {
+        Head::BadRequest => return Err(internal()), // only when `requested` is an error
         Head::None => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -238,12 +354,28 @@ async fn get_model(
                 "no personal model published yet; use the base model".into(),
             ))
         }
-        Head::NotModified(rec) => (rec, None),
-        Head::Model(rec, b) => (rec, Some(b)),
+        Head::Unavailable(rec) => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "onnx_unavailable",
+                format!(
+                    "version {} was published before ONNX export existed; use the safetensors file",
+                    rec.version
+                ),
+            ))
+        }
+        Head::NotModified(rec, sha) => (rec, sha, None),
+        Head::Model(rec, sha, b) => (rec, sha, Some(b)),
     };
-    let (Ok(etag), Ok(sha)) = (
-        HeaderValue::from_str(&format!("\"{}\"", rec.sha256)),
-        HeaderValue::from_str(&rec.sha256),
+    let disposition = format!(
+        "attachment; filename=\"model-v{}.{}\"",
+        rec.version,
+        format.extension()
+    );
+    let (Ok(etag), Ok(sha), Ok(disposition)) = (
+        HeaderValue::from_str(&format!("\"{sha}\"")),
+        HeaderValue::from_str(&sha),
+        HeaderValue::from_str(&disposition),
     ) else {
         tracing::error!(user_id = %user, version = rec.version, "model version record has an unusable sha256");
         return Err(internal());
@@ -252,14 +384,16 @@ async fn get_model(
     h.insert(header::ETAG, etag);
     h.insert("x-model-version", HeaderValue::from(rec.version));
     h.insert("x-model-sha256", sha);
+    h.insert(header::VARY, HeaderValue::from_static("Accept"));
     match bytes {
         None => Ok((StatusCode::NOT_MODIFIED, h).into_response()),
         Some(b) => {
             st.metrics.model_downloads.inc();
             h.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/vnd.swimlane.safetensors"),
+                HeaderValue::from_static(format.content_type()),
             );
+            h.insert(header::CONTENT_DISPOSITION, disposition);
             Ok((StatusCode::OK, h, b).into_response())
         }
     }

@@ -6,15 +6,25 @@
 //!   moves the head, marks the run published and commits the position; a duplicate
 //!   event finds `published_version` set and does nothing.
 //! - The version record keeps the lineage: parent version, batches, held-out metrics.
+//! - Every version is published with its ONNX file (`swimlane_model::onnx`, version and
+//!   lineage in its metadata), exported from the very weights the validator accepted
+//!   and checked against them, stored as a blob beside the weights. The export is done
+//!   before the publishing transaction for the version that transaction is expected to
+//!   assign (its blob id names the run and the version, so a re-run writes the same
+//!   bytes); if the transaction assigns another version, it exports again inside (a
+//!   few milliseconds, one ~300 kB blob), so the file always names its own version.
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use swimlane_bus::stage::StageHandler;
 use swimlane_bus::{positions, Delivery, Emitter};
-use swimlane_core::records::{BatchStatus, ModelVersionRecord};
+use swimlane_core::records::{BatchStatus, ModelVersionRecord, RunRecord, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
-use swimlane_state::{end_run_and_retrigger, Repo};
-use swimlane_store::{Db, KvError};
+use swimlane_model::onnx::{self, Lineage, ModelRef};
+use swimlane_model::MicroModel;
+use swimlane_state::{end_run_and_retrigger, sha256_hex, Repo};
+use swimlane_store::{Db, KvError, Transaction};
 
 use crate::metrics::PublisherMetrics;
 
@@ -39,6 +49,43 @@ enum Item {
     Dead(String),
 }
 
+/// Blob id of the ONNX file of `user`'s run `run_id` published as `version`.
+fn onnx_blob_id(user: &str, run_id: &str, version: u64) -> String {
+    format!("onnx-{user}-{run_id}-v{version}")
+}
+
+/// The ONNX file of `run`'s candidate published as `version`, checked against the
+/// candidate (`swimlane_model::onnx::export_checked`).
+fn export_onnx(run: &RunRecord, weights: &[u8], version: u64) -> Result<Vec<u8>, KvError> {
+    let model = MicroModel::from_bytes(weights).map_err(|e| KvError::Corrupt {
+        what: format!("candidate weights {}", run.model_blob),
+        reason: e.to_string(),
+    })?;
+    let lineage = Lineage {
+        model_version: ModelRef::Version(version),
+        parent_version: Some(run.parent_version.map_or(ModelRef::Base, ModelRef::Version)),
+        training_run: Some(run.run_id.clone()),
+    };
+    onnx::export_checked(&model, &lineage).map_err(KvError::abort)
+}
+
+fn stored(blob: String, bytes: &[u8]) -> StoredFile {
+    StoredFile {
+        blob,
+        sha256: sha256_hex(bytes),
+        size_bytes: bytes.len() as u64,
+    }
+}
+
+/// Read `run`'s candidate weights inside `tx`.
+fn weights(repo: &Repo, tx: &mut Transaction<'_>, run: &RunRecord) -> Result<Vec<u8>, KvError> {
+    repo.blob(tx, &run.model_blob)?
+        .ok_or_else(|| KvError::Corrupt {
+            what: format!("candidate weights {}", run.model_blob),
+            reason: format!("missing for accepted run {}", run.run_id),
+        })
+}
+
 impl StageHandler for Publisher {
     fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
         let items: Vec<_> = d
@@ -59,6 +106,41 @@ impl StageHandler for Publisher {
             })
             .collect();
         let (repo, emitter, target) = (&self.repo, &self.emitter, self.target_accuracy);
+        // The ONNX files, made outside the publishing transaction for the version it is
+        // expected to assign: (user, run) → (version, file).
+        let mut prepared: HashMap<(String, String), (u64, StoredFile)> = HashMap::new();
+        for (_, item) in &items {
+            let Item::Publish { user, run_id } = item else {
+                continue;
+            };
+            let u = user.as_str();
+            if prepared.contains_key(&(u.to_string(), run_id.clone())) {
+                continue; // the same event twice in one delivery
+            }
+            let found = self.db.transact(|tx| {
+                let Some(run) = repo.run(tx, u, run_id)? else {
+                    return Ok(None);
+                };
+                if run.published_version.is_some()
+                    || !run.verdict.as_ref().is_some_and(|v| v.accepted)
+                {
+                    return Ok(None);
+                }
+                let version = repo.user_state(tx, u)?.last_version + 1;
+                let w = weights(repo, tx, &run)?;
+                Ok(Some((run, version, w)))
+            })?;
+            let Some((run, version, w)) = found else {
+                continue;
+            };
+            let bytes = export_onnx(&run, &w, version)?;
+            let blob = onnx_blob_id(u, run_id, version);
+            repo.put_blob_db(&self.db, &blob, &bytes)?;
+            prepared.insert(
+                (u.to_string(), run_id.clone()),
+                (version, stored(blob, &bytes)),
+            );
+        }
         let next = d.next_offset();
         let now = now_ms();
         let (published, dead, staged_at) = self.db.transact(|tx| {
@@ -109,6 +191,16 @@ impl StageHandler for Publisher {
                         }
                         let mut state = repo.user_state(tx, u)?;
                         let version = state.last_version + 1;
+                        let onnx_file = match prepared.get(&(u.to_string(), run_id.clone())) {
+                            Some((v, file)) if *v == version => file.clone(),
+                            _ => {
+                                // Not made beforehand for this version: make it here.
+                                let bytes = export_onnx(&run, &weights(repo, tx, &run)?, version)?;
+                                let blob = onnx_blob_id(u, run_id, version);
+                                repo.put_blob(tx, &blob, &bytes)?;
+                                stored(blob, &bytes)
+                            }
+                        };
                         repo.put_model_version(
                             tx,
                             u,
@@ -125,6 +217,7 @@ impl StageHandler for Publisher {
                                 parent_heldout_accuracy: verdict.current_heldout_accuracy,
                                 guard_accuracy: verdict.candidate_guard_accuracy,
                                 published_at_ms: now,
+                                onnx: Some(onnx_file),
                             },
                         )?;
                         run.published_version = Some(version);

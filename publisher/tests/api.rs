@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
 use swimlane_core::keys::Keys;
-use swimlane_core::records::{ModelVersionRecord, UserState};
+use swimlane_core::records::{ModelVersionRecord, StoredFile, UserState};
 use swimlane_core::UserId;
 use swimlane_publisher::{router, ApiState, PublisherMetrics};
 use swimlane_state::tokens::{hash_token, new_token};
@@ -103,7 +103,14 @@ impl Harness {
         w
     }
 
-    /// Publish `version` of `user` as the stage does: record, blob, head.
+    /// The ONNX file of `user`'s version `version` (distinct from the weights).
+    fn onnx(user: &str, version: u64) -> Vec<u8> {
+        let mut w = format!("onnx file of {user} v{version} ").into_bytes();
+        w.extend((0..3000u32).map(|i| (i * 17 + version as u32) as u8));
+        w
+    }
+
+    /// Publish `version` of `user` as the stage does: record, blobs, head.
     fn publish(&self, user: &str, version: u64) -> ModelVersionRecord {
         let rec = self.put_version(user, version, true);
         self.db
@@ -119,9 +126,34 @@ impl Harness {
         rec
     }
 
-    /// A version record of `user` (and its blob when `with_blob`), not moving the head.
+    /// A version record of `user` (and its blobs when `with_blob`), not moving the head.
     fn put_version(&self, user: &str, version: u64, with_blob: bool) -> ModelVersionRecord {
+        self.put_version_with(user, version, with_blob, true)
+    }
+
+    /// Move `user`'s head to `version` (as the stage or a rollback does).
+    fn set_head(&self, user: &str, version: u64) {
+        self.db
+            .transact(|tx| {
+                let mut s = self.repo.user_state(tx, user)?;
+                s.head = Some(version);
+                s.last_version = s.last_version.max(version);
+                self.repo.put_user_state(tx, user, &s)
+            })
+            .unwrap();
+    }
+
+    /// [`Harness::put_version`]; without `onnx`, as a version published before ONNX
+    /// export existed.
+    fn put_version_with(
+        &self,
+        user: &str,
+        version: u64,
+        with_blob: bool,
+        onnx: bool,
+    ) -> ModelVersionRecord {
         let w = Self::weights(user, version);
+        let o = Self::onnx(user, version);
         let rec = ModelVersionRecord {
             v: 1,
             version,
@@ -135,12 +167,20 @@ impl Harness {
             parent_heldout_accuracy: 0.8,
             guard_accuracy: 0.9,
             published_at_ms: 1_000 + version,
+            onnx: onnx.then(|| StoredFile {
+                blob: format!("onnx-{user}-{version}"),
+                sha256: sha256_hex(&o),
+                size_bytes: o.len() as u64,
+            }),
         };
         self.db
             .transact(|tx| {
                 self.repo.put_model_version(tx, user, &rec)?;
                 if with_blob {
                     self.repo.put_blob(tx, &rec.model_blob, &w)?;
+                    if let Some(f) = &rec.onnx {
+                        self.repo.put_blob(tx, &f.blob, &o)?;
+                    }
                 }
                 Ok(())
             })
@@ -178,6 +218,20 @@ impl Harness {
         }
         self.send(b.body(Body::from(body.to_string())).unwrap())
             .await
+    }
+
+    /// GET with extra headers.
+    async fn get_with(
+        &self,
+        uri: &str,
+        token: &str,
+        headers: &[(header::HeaderName, &str)],
+    ) -> Answer {
+        let mut b = Request::get(uri).header(header::AUTHORIZATION, format!("Bearer {token}"));
+        for (k, v) in headers {
+            b = b.header(k, *v);
+        }
+        self.send(b.body(Body::empty()).unwrap()).await
     }
 
     async fn get(&self, uri: &str, token: &str) -> Answer {
@@ -562,4 +616,186 @@ async fn a_head_whose_weights_are_missing_is_500_not_304() {
         "missing blob",
     );
     assert!(h.downloads().ends_with(" 0"));
+}
+
+/// Checks that `a` is `user`'s version `version` as ONNX: body, type, hash, ETag.
+fn assert_onnx(a: &Answer, user: &str, version: u64, case: &str) {
+    let o = Harness::onnx(user, version);
+    assert_eq!(a.status, StatusCode::OK, "{case}: {:?}", a.body);
+    assert_eq!(a.body.as_ref(), o.as_slice(), "{case}");
+    assert_eq!(a.header("content-type"), Some("application/onnx"), "{case}");
+    assert_eq!(
+        a.header("x-model-version"),
+        Some(version.to_string().as_str()),
+        "{case}"
+    );
+    assert_eq!(
+        a.header("x-model-sha256"),
+        Some(sha256_hex(&o).as_str()),
+        "{case}"
+    );
+    assert_eq!(
+        a.header("etag"),
+        Some(format!("\"{}\"", sha256_hex(&o)).as_str()),
+        "{case}"
+    );
+    assert_eq!(a.header("vary"), Some("Accept"), "{case}");
+    assert_eq!(
+        a.header("content-disposition"),
+        Some(format!("attachment; filename=\"model-v{version}.onnx\"").as_str()),
+        "{case}"
+    );
+}
+
+fn assert_safetensors(a: &Answer, user: &str, version: u64, case: &str) {
+    let w = Harness::weights(user, version);
+    assert_eq!(a.status, StatusCode::OK, "{case}: {:?}", a.body);
+    assert_eq!(a.body.as_ref(), w.as_slice(), "{case}");
+    assert_eq!(
+        a.header("content-type"),
+        Some("application/vnd.swimlane.safetensors"),
+        "{case}"
+    );
+    assert_eq!(
+        a.header("x-model-version"),
+        Some(version.to_string().as_str()),
+        "{case}"
+    );
+    assert_eq!(
+        a.header("x-model-sha256"),
+        Some(sha256_hex(&w).as_str()),
+        "{case}"
+    );
+    assert_eq!(a.header("vary"), Some("Accept"), "{case}");
+}
+
+#[tokio::test]
+async fn onnx_is_served_by_format_or_accept_with_the_same_version_and_its_own_hash() {
+    let h = Harness::new();
+    h.publish("alice", 1);
+    let onnx = &format!("{MODEL}?format=onnx");
+    assert_onnx(&h.get(onnx, &h.alice).await, "alice", 1, "?format=onnx");
+    let accept = |v: &'static str| [(header::ACCEPT, v)];
+    for v in [
+        "application/onnx",
+        "application/vnd.swimlane.safetensors;q=0.5, application/onnx",
+        "text/html, application/onnx; q=0.9",
+    ] {
+        assert_onnx(
+            &h.get_with(MODEL, &h.alice, &accept(v)).await,
+            "alice",
+            1,
+            v,
+        );
+    }
+    for v in [
+        "*/*",
+        "application/octet-stream",
+        "application/onnx;q=0",
+        "application/onnx;q=0.5, application/vnd.swimlane.safetensors",
+        "application/onnx, application/vnd.swimlane.safetensors",
+    ] {
+        assert_safetensors(
+            &h.get_with(MODEL, &h.alice, &accept(v)).await,
+            "alice",
+            1,
+            v,
+        );
+    }
+    // `format` wins over Accept.
+    let a = h
+        .get_with(
+            &format!("{MODEL}?format=safetensors"),
+            &h.alice,
+            &accept("application/onnx"),
+        )
+        .await;
+    assert_safetensors(&a, "alice", 1, "format=safetensors, Accept onnx");
+    let a = h.get(&format!("{MODEL}?format=onnx&x=1"), &h.alice).await;
+    assert_onnx(&a, "alice", 1, "other query parameters are ignored");
+    // A new version: both formats move together.
+    h.publish("alice", 2);
+    assert_onnx(&h.get(onnx, &h.alice).await, "alice", 2, "v2 onnx");
+    assert_safetensors(&h.get(MODEL, &h.alice).await, "alice", 2, "v2 safetensors");
+    assert!(h.downloads().ends_with(" 13"), "{}", h.downloads());
+}
+
+#[tokio::test]
+async fn each_format_has_its_own_etag_and_304() {
+    let h = Harness::new();
+    h.publish("alice", 1);
+    let onnx_uri = format!("{MODEL}?format=onnx");
+    let onnx_etag = format!("\"{}\"", sha256_hex(&Harness::onnx("alice", 1)));
+    let st_etag = format!("\"{}\"", sha256_hex(&Harness::weights("alice", 1)));
+    let get = |uri: &str, etag: &str| {
+        let (uri, etag) = (uri.to_string(), etag.to_string());
+        let h = &h;
+        async move {
+            h.get_with(&uri, &h.alice, &[(header::IF_NONE_MATCH, etag.as_str())])
+                .await
+        }
+    };
+    for inm in [onnx_etag.clone(), format!("W/{onnx_etag}"), "*".into()] {
+        let a = get(&onnx_uri, &inm).await;
+        assert_eq!(a.status, StatusCode::NOT_MODIFIED, "{inm}");
+        assert!(a.body.is_empty(), "{inm}");
+        assert_eq!(a.header("etag"), Some(onnx_etag.as_str()), "{inm}");
+        assert_eq!(a.header("x-model-version"), Some("1"), "{inm}");
+    }
+    // One format's ETag does not match the other's file.
+    let a = get(&onnx_uri, &st_etag).await;
+    assert_onnx(&a, "alice", 1, "safetensors etag, onnx asked");
+    let a = get(MODEL, &onnx_etag).await;
+    assert_safetensors(&a, "alice", 1, "onnx etag, safetensors asked");
+    let a = get(MODEL, &st_etag).await;
+    assert_eq!(a.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(a.header("etag"), Some(st_etag.as_str()));
+    // The device holds v1's ONNX; v2 is out.
+    h.publish("alice", 2);
+    assert_onnx(
+        &get(&onnx_uri, &onnx_etag).await,
+        "alice",
+        2,
+        "stale onnx etag",
+    );
+    assert!(h.downloads().ends_with(" 3"), "{}", h.downloads());
+}
+
+#[tokio::test]
+async fn bad_formats_and_versions_without_onnx() {
+    let h = Harness::new();
+    h.publish("alice", 1);
+    for q in ["format=tflite", "format=", "format=ONNX"] {
+        let uri = format!("{MODEL}?{q}");
+        let a = h.get(&uri, &h.alice).await;
+        h.assert_error(&a, StatusCode::BAD_REQUEST, "bad_format", q);
+        // Who may not read Alice's model learns nothing from a bad query: auth first.
+        let a = h.call(Method::GET, &uri, None, "").await;
+        h.assert_error(&a, StatusCode::UNAUTHORIZED, "unauthenticated", q);
+        let a = h.get(&uri, &h.bob).await;
+        h.assert_error(&a, StatusCode::FORBIDDEN, "forbidden", q);
+    }
+    // A version published before ONNX export: safetensors only.
+    h.put_version_with("alice", 2, true, false);
+    h.set_head("alice", 2);
+    let a = h.get(&format!("{MODEL}?format=onnx"), &h.alice).await;
+    h.assert_error(
+        &a,
+        StatusCode::NOT_FOUND,
+        "onnx_unavailable",
+        "legacy version",
+    );
+    assert_safetensors(
+        &h.get(MODEL, &h.alice).await,
+        "alice",
+        2,
+        "legacy safetensors",
+    );
+    // Its record reads back without an `onnx` field.
+    let v = h.get(VERSIONS, &h.alice).await.json();
+    assert!(v["versions"][1].get("onnx").is_none(), "{v}");
+    assert_eq!(v["versions"][0]["onnx"]["blob"], "onnx-alice-1");
+    // No user's ONNX is another's.
+    let a = h.get("/v1/users/bob/model?format=onnx", &h.alice).await;
+    h.assert_error(&a, StatusCode::FORBIDDEN, "forbidden", "bob's onnx");
 }
