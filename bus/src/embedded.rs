@@ -21,29 +21,7 @@ use swimlane_store::{Db, KvError, RangeOption, Transaction};
 use crate::positions::{self, Fence};
 use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Record};
 
-const RECORD_VERSION: u8 = 1;
-
-fn encode_record(key: &str, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(3 + key.len() + payload.len());
-    v.push(RECORD_VERSION);
-    v.extend_from_slice(&(key.len() as u16).to_le_bytes());
-    v.extend_from_slice(key.as_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-fn decode_record(bytes: &[u8]) -> Result<(String, Vec<u8>), String> {
-    if bytes.len() < 3 {
-        return Err("record truncated".into());
-    }
-    if bytes[0] != RECORD_VERSION {
-        return Err(format!("record version {}", bytes[0]));
-    }
-    let n = u16::from_le_bytes([bytes[1], bytes[2]]) as usize;
-    let key = bytes.get(3..3 + n).ok_or("record key truncated")?;
-    let key = std::str::from_utf8(key).map_err(|_| "record key not UTF-8")?;
-    Ok((key.to_string(), bytes[3 + n..].to_vec()))
-}
+use crate::wire::{decode_log_record as decode_record, encode_log_record as encode_record};
 
 /// Milliseconds since the Unix epoch; the embedded bus's lease clock.
 pub type NowMs = Arc<dyn Fn() -> u64 + Send + Sync>;

@@ -64,7 +64,6 @@ use crate::embedded::NowMs;
 use crate::positions::{self, Fence};
 use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Record};
 
-const OUTBOX_VERSION: u8 = 1;
 /// The Kafka header every relayed record carries: the hex of its outbox entry's key.
 /// A record produced twice (delivery into Kafka is at least once) carries the same
 /// value twice; two effects never share one.
@@ -83,51 +82,8 @@ fn kafka_err(what: &str, e: impl std::fmt::Display) -> BusError {
 
 // ---------------------------------------------------------------- outbox entries
 
-fn encode_entry(topic: &str, key: &str, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + topic.len() + key.len() + payload.len());
-    v.push(OUTBOX_VERSION);
-    v.extend_from_slice(&(topic.len() as u16).to_le_bytes());
-    v.extend_from_slice(topic.as_bytes());
-    v.extend_from_slice(&(key.len() as u16).to_le_bytes());
-    v.extend_from_slice(key.as_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// An event waiting in the outbox.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OutboxEntry {
-    pub topic: String,
-    pub key: String,
-    pub payload: Vec<u8>,
-}
-
-fn decode_entry(b: &[u8]) -> Result<OutboxEntry, String> {
-    fn take<'a>(b: &'a [u8], at: &mut usize) -> Result<&'a str, String> {
-        let n = b
-            .get(*at..*at + 2)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-            .ok_or("outbox entry truncated")?;
-        let s = b
-            .get(*at + 2..*at + 2 + n)
-            .ok_or("outbox entry truncated")?;
-        *at += 2 + n;
-        std::str::from_utf8(s).map_err(|_| "outbox entry not UTF-8".to_string())
-    }
-    match b.first() {
-        Some(&OUTBOX_VERSION) => {}
-        Some(v) => return Err(format!("outbox entry version {v}")),
-        None => return Err("outbox entry empty".into()),
-    }
-    let mut at = 1;
-    let topic = take(b, &mut at)?.to_string();
-    let key = take(b, &mut at)?.to_string();
-    Ok(OutboxEntry {
-        topic,
-        key,
-        payload: b[at..].to_vec(),
-    })
-}
+pub use crate::wire::OutboxEntry;
+use crate::wire::{decode_outbox_entry as decode_entry, encode_outbox_entry as encode_entry};
 
 /// Read up to `limit` outbox entries in seq order.
 pub fn read_outbox(

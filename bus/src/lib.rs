@@ -22,6 +22,7 @@ pub mod embedded;
 pub mod kafka;
 pub mod positions;
 pub mod stage;
+pub mod wire;
 
 pub use positions::Fence;
 
