@@ -34,6 +34,9 @@ pub struct PipelineArgs {
     /// Partitions per topic.
     #[arg(long, default_value_t = 8)]
     partitions: u32,
+    /// Threads per trainer process (`trainer.threads`; 0: one per core).
+    #[arg(long, default_value_t = 1)]
+    trainer_threads: usize,
     /// Directory for the scratch stores (default: the system temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -76,6 +79,7 @@ fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         dir: args.dir,
         exe: std::env::current_exe()?,
         partitions: args.partitions,
+        trainer_threads: args.trainer_threads,
     };
     let r = swimlane_cli::bench_pipeline::run(&opts)?;
     if args.json {

@@ -52,6 +52,9 @@ pub struct PipelineBenchOptions {
     pub exe: PathBuf,
     /// Partitions per topic.
     pub partitions: u32,
+    /// Threads each trainer process trains with (`SWIMLANE_TRAINER_THREADS`); 0:
+    /// candle's default, one per core.
+    pub trainer_threads: usize,
 }
 
 /// One run's figures.
@@ -92,6 +95,8 @@ pub struct PipelineBenchReport {
     pub seed: u64,
     pub partitions: u32,
     pub cores: usize,
+    /// Threads per trainer process; 0: candle's default (one per core).
+    pub trainer_threads: usize,
     pub runs: Vec<PipelineBenchRun>,
 }
 
@@ -144,6 +149,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        trainer_threads: opts.trainer_threads,
         runs,
     })
 }
@@ -296,10 +302,13 @@ fn run_once(
                 format!("SWIMLANE_{}_METRICS_LISTEN", kind.to_ascii_uppercase()),
                 metrics.to_string(),
             )
-            .args(["worker", kind])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .args(["worker", kind]);
+        if *kind == "trainer" {
+            c.env_remove("RAYON_NUM_THREADS")
+                .env_remove("CANDLE_NUM_THREADS")
+                .env("SWIMLANE_TRAINER_THREADS", opts.trainer_threads.to_string());
+        }
+        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = c
             .spawn()
             .with_context(|| format!("starting {} worker {kind}", opts.exe.display()))?;
@@ -553,8 +562,18 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 /// The report as a table.
 pub fn print_table(r: &PipelineBenchReport) {
     println!(
-        "swimlane bench pipeline: bus {}, {} batches at once + {} one at a time, {} partitions, {} cores, seed {}",
-        r.bus, r.users, r.paced, r.partitions, r.cores, r.seed
+        "swimlane bench pipeline: bus {}, {} batches at once + {} one at a time, {} partitions, {} cores, trainer threads {}, seed {}",
+        r.bus,
+        r.users,
+        r.paced,
+        r.partitions,
+        r.cores,
+        if r.trainer_threads == 0 {
+            "one per core".to_string()
+        } else {
+            r.trainer_threads.to_string()
+        },
+        r.seed
     );
     println!(
         "{:>8} {:>9} {:>8} {:>8} {:>11} {:>15} {:>16} {:>16} {:>9} {:>9}",

@@ -136,6 +136,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dev { args } => {
             let config = Config::load(&args, None)?;
+            swimlane_runtime::apply_training_threads(&config);
             swimlane_runtime::init_tracing(config.log_json);
             let db = swimlane_runtime::open_store(&config)?;
             let installed = swimlane_cli::init::install(&db, &config.deployment, 7, None)?;
@@ -165,6 +166,10 @@ fn main() -> anyhow::Result<()> {
                 WorkerName::Publisher => Worker::Publisher,
             };
             let config = Config::load(&args, Some(w))?;
+            if w == Worker::Trainer {
+                // Before the runtime starts its threads.
+                swimlane_runtime::apply_training_threads(&config);
+            }
             swimlane_runtime::init_tracing(config.log_json);
             runtime()?.block_on(run_worker(worker, config))
         }

@@ -131,6 +131,13 @@ pub struct ConsumerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainerConfig {
     pub metrics_listen: SocketAddr,
+    /// Threads a trainer process trains with (candle's CPU kernels); 0: one per core.
+    /// 1 is fastest for the micro model: threads cost more than they save on
+    /// matrices this small, and far more when the cores are busy (`swimlane bench
+    /// pipeline --trainer-threads`). Scale with more trainer processes instead.
+    /// Applied by [`crate::apply_training_threads`] unless `RAYON_NUM_THREADS` or
+    /// `CANDLE_NUM_THREADS` is set.
+    pub threads: u32,
     pub consumer: ConsumerConfig,
 }
 
@@ -217,6 +224,7 @@ impl Default for TrainerConfig {
     fn default() -> Self {
         TrainerConfig {
             metrics_listen: addr("127.0.0.1:9102"),
+            threads: 1,
             consumer: ConsumerConfig::default(),
         }
     }
@@ -610,6 +618,12 @@ impl Config {
         self.bus_location()?;
         if !(1..=4096).contains(&self.partitions) {
             return Err(invalid("partitions", "must be between 1 and 4096"));
+        }
+        if self.trainer.threads > 1024 {
+            return Err(invalid(
+                "trainer.threads",
+                "must be at most 1024 (0: one per core)",
+            ));
         }
         if self.topic_prefix.len() > 100
             || !self

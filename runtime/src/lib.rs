@@ -31,6 +31,22 @@ pub use tokio_util::sync::CancellationToken;
 
 use std::net::SocketAddr;
 
+/// Give this process's training `config.trainer.threads` threads (0: candle's default,
+/// one per core), unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set already
+/// (an operator's explicit choice wins). candle reads these variables when it trains,
+/// so call this first thing in `main`, before any other thread (a tokio runtime)
+/// starts: changing the environment while other threads may read it is unsound.
+pub fn apply_training_threads(config: &Config) {
+    let n = config.trainer.threads;
+    if n == 0
+        || std::env::var_os("RAYON_NUM_THREADS").is_some()
+        || std::env::var_os("CANDLE_NUM_THREADS").is_some()
+    {
+        return;
+    }
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+}
+
 /// Errors of the runtime layer.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

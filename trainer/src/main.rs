@@ -14,11 +14,15 @@ struct Cli {
     args: Args,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli.args, Some(Worker::Trainer))?;
+    // Before the runtime starts its threads.
+    swimlane_runtime::apply_training_threads(&config);
     swimlane_runtime::init_tracing(config.log_json);
-    swimlane_trainer::run_process(config).await?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(swimlane_trainer::run_process(config))?;
     Ok(())
 }
