@@ -515,8 +515,9 @@ pub struct ParitySet {
 /// ([`crate::experiment::train_default_base`]), and for each of `swimmers` unseen
 /// swimmers a chain of two personal versions (v1 fine-tuned from the base on the
 /// user's corrections, v2 from v1 on the next round's), the way the trainer makes
-/// them; windows: `windows_per_swimmer` fresh windows of each of those swimmers and of
-/// as many other unseen swimmers. Deterministic.
+/// them (a swimmer the model already gets right has no correction, so no version);
+/// windows: `windows_per_swimmer` fresh windows of each of those swimmers and of as many
+/// other unseen swimmers. Deterministic.
 pub fn parity_set(
     seed: u64,
     swimmers: usize,
