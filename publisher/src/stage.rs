@@ -278,3 +278,146 @@ impl StageHandler for Publisher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swimlane_bus::embedded::EmbeddedBus;
+    use swimlane_bus::Record;
+    use swimlane_core::keys::Keys;
+    use swimlane_core::records::Verdict;
+    use swimlane_core::StrokeClass;
+    use swimlane_model::onnx::OnnxModel;
+    use swimlane_model::Sample;
+    use swimlane_store::embedded::EmbeddedBackend;
+
+    fn candidate(seed: u64) -> MicroModel {
+        let samples: Vec<Sample> = onnx::probe_windows()
+            .into_iter()
+            .map(|frames| Sample {
+                frames,
+                label: StrokeClass::Turn,
+            })
+            .collect();
+        MicroModel::init(&samples, seed).unwrap()
+    }
+
+    /// Two accepted runs of one user in one delivery. The stage never sees this in
+    /// operation (one run in flight per user), but it is what makes the publishing
+    /// transaction assign a version other than the one the ONNX file was made for: the
+    /// second run's file must be made again, inside, for version 2.
+    #[test]
+    fn every_version_gets_an_onnx_file_naming_its_own_version() {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let keys = Keys::new("t");
+        let repo = Repo::new(keys.clone());
+        let user = UserId::new("ana").unwrap();
+        let runs = [("r-a", candidate(1)), ("r-b", candidate(2))];
+        for (run_id, m) in &runs {
+            let bytes = m.to_bytes();
+            let blob = format!("cand-{run_id}");
+            db.transact(|tx| {
+                repo.put_blob(tx, &blob, &bytes)?;
+                repo.put_run(
+                    tx,
+                    "ana",
+                    &RunRecord {
+                        v: 1,
+                        run_id: run_id.to_string(),
+                        parent_version: None,
+                        batches: vec![],
+                        train_samples: 1,
+                        model_blob: blob.clone(),
+                        model_sha256: sha256_hex(&bytes),
+                        model_bytes: bytes.len() as u64,
+                        created_at_ms: 0,
+                        train_seconds: 0.0,
+                        verdict: Some(Verdict {
+                            accepted: true,
+                            reason: "test".into(),
+                            candidate_heldout_accuracy: 0.9,
+                            current_heldout_accuracy: 0.8,
+                            heldout_samples: 10,
+                            candidate_guard_accuracy: 0.9,
+                            current_guard_accuracy: 0.9,
+                            validate_seconds: 0.0,
+                        }),
+                        published_version: None,
+                    },
+                )
+            })
+            .unwrap();
+        }
+        let fence = db
+            .transact(|tx| {
+                positions::acquire(
+                    tx,
+                    &keys,
+                    crate::GROUP,
+                    topics::VERDICTS,
+                    0,
+                    "me",
+                    0,
+                    u64::MAX / 2,
+                    false,
+                )
+            })
+            .unwrap()
+            .unwrap();
+        let records = runs
+            .iter()
+            .enumerate()
+            .map(|(i, (run_id, _))| Record {
+                offset: i as u64,
+                key: "ana".into(),
+                payload: Event::CandidateAccepted {
+                    user: user.clone(),
+                    run_id: run_id.to_string(),
+                }
+                .encode(),
+            })
+            .collect();
+        let delivery = Delivery { fence, records };
+        let mut p = Publisher {
+            db: db.clone(),
+            repo: repo.clone(),
+            emitter: Arc::new(EmbeddedBus::new(keys.clone(), 1)),
+            metrics: PublisherMetrics::register(&prometheus::Registry::new()).unwrap(),
+            target_accuracy: 0.97,
+        };
+        p.handle(&delivery).unwrap();
+        let versions = db.transact(|tx| repo.model_versions(tx, "ana")).unwrap();
+        assert_eq!(versions.len(), 2);
+        let probes = onnx::probe_windows();
+        let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
+        for (rec, (run_id, m)) in versions.iter().zip(&runs) {
+            assert_eq!(rec.run_id, *run_id);
+            let file = rec.onnx.clone().expect("an ONNX file");
+            let bytes = db
+                .transact(|tx| repo.blob(tx, &file.blob))
+                .unwrap()
+                .unwrap();
+            assert_eq!(file.sha256, sha256_hex(&bytes));
+            assert_eq!(file.size_bytes, bytes.len() as u64);
+            assert_eq!(file.blob, onnx_blob_id("ana", run_id, rec.version));
+            let o = OnnxModel::from_bytes(&bytes).unwrap();
+            assert_eq!(o.metadata()["model_version"], rec.version.to_string());
+            assert_eq!(o.metadata()["parent_version"], "base");
+            assert_eq!(o.metadata()["training_run"], *run_id);
+            assert_eq!(o.metadata()["weights_sha256"], rec.sha256);
+            assert!(onnx::parity(m, &o, &refs).unwrap().holds());
+        }
+        // Delivered again (a crash before the consumer moved on): nothing changes.
+        p.handle(&delivery).unwrap();
+        assert_eq!(
+            db.transact(|tx| repo.model_versions(tx, "ana")).unwrap(),
+            versions
+        );
+        assert_eq!(
+            db.transact(|tx| repo.user_state(tx, "ana"))
+                .unwrap()
+                .last_version,
+            2
+        );
+    }
+}
