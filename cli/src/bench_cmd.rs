@@ -23,7 +23,7 @@ pub struct PipelineArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     trainers: Vec<usize>,
     /// Simulated swimmers, one batch of corrections each, uploaded at once.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 48)]
     users: usize,
     /// More swimmers, one batch each, uploaded one at a time (the overhead without
     /// queueing).
@@ -34,6 +34,10 @@ pub struct PipelineArgs {
     /// Partitions per topic.
     #[arg(long, default_value_t = 8)]
     partitions: u32,
+    /// Most corrections per batch (90-1000; the default upload limit, 8 MB of JSON,
+    /// holds about 700): more makes each training longer.
+    #[arg(long, default_value_t = 500)]
+    corrections: usize,
     /// Threads per trainer process (`trainer.threads`; 0: one per core).
     #[arg(long, default_value_t = 1)]
     trainer_threads: usize,
@@ -80,6 +84,7 @@ fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         exe: std::env::current_exe()?,
         partitions: args.partitions,
         trainer_threads: args.trainer_threads,
+        corrections: args.corrections,
     };
     let r = swimlane_cli::bench_pipeline::run(&opts)?;
     if args.json {

@@ -52,6 +52,8 @@ pub struct PipelineBenchOptions {
     pub exe: PathBuf,
     /// Partitions per topic.
     pub partitions: u32,
+    /// Most corrections per batch (the phone's mistakes on the windows it observed).
+    pub corrections: usize,
     /// Threads each trainer process trains with (`SWIMLANE_TRAINER_THREADS`); 0:
     /// candle's default, one per core.
     pub trainer_threads: usize,
@@ -94,6 +96,7 @@ pub struct PipelineBenchReport {
     pub paced: usize,
     pub seed: u64,
     pub partitions: u32,
+    pub corrections: usize,
     pub cores: usize,
     /// Threads per trainer process; 0: candle's default (one per core).
     pub trainer_threads: usize,
@@ -101,8 +104,6 @@ pub struct PipelineBenchReport {
 }
 
 const DEPLOYMENT: &str = "bench";
-const OBSERVED: usize = 300;
-const MAX_CORRECTIONS: usize = 200;
 /// A swimmer is used only if the base model gets at least this many of its observed
 /// windows wrong, so that its batch has enough held-out evidence to publish.
 const MIN_CORRECTIONS: usize = 90;
@@ -122,7 +123,11 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
     probe.validate()?;
     eprintln!("training the base model (seed {})...", opts.seed);
     let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
-    let uploads = make_uploads(&base, opts.users + opts.paced, opts.seed)?;
+    anyhow::ensure!(
+        (MIN_CORRECTIONS..=1000).contains(&opts.corrections),
+        "--corrections must be between {MIN_CORRECTIONS} and 1000"
+    );
+    let uploads = make_uploads(&base, opts.users + opts.paced, opts.corrections, opts.seed)?;
     let mut runs = Vec::new();
     for &n in &opts.trainers {
         eprintln!(
@@ -146,6 +151,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         paced: opts.paced,
         seed: opts.seed,
         partitions: opts.partitions,
+        corrections: opts.corrections,
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -158,6 +164,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
 fn make_uploads(
     base: &MicroModel,
     users: usize,
+    max_corrections: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -166,7 +173,9 @@ fn make_uploads(
     while out.len() < users {
         let sw = Swimmer::new(s);
         s += 1;
-        let c = corrections(base, &sw, OBSERVED, MAX_CORRECTIONS, &mut rng)?;
+        // The base model gets about one window in six wrong.
+        let observed = (max_corrections * 10).max(300);
+        let c = corrections(base, &sw, observed, max_corrections, &mut rng)?;
         if c.len() < MIN_CORRECTIONS {
             continue;
         }
@@ -562,9 +571,10 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 /// The report as a table.
 pub fn print_table(r: &PipelineBenchReport) {
     println!(
-        "swimlane bench pipeline: bus {}, {} batches at once + {} one at a time, {} partitions, {} cores, trainer threads {}, seed {}",
+        "swimlane bench pipeline: bus {}, {} batches (up to {} corrections each) at once + {} one at a time, {} partitions, {} cores, trainer threads {}, seed {}",
         r.bus,
         r.users,
+        r.corrections,
         r.paced,
         r.partitions,
         r.cores,
