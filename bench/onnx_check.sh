@@ -16,19 +16,28 @@ VENV=${ONNX_VENV:-$HOME/.cache/swimlane-tools/onnx-venv}
 PROFILE=${PROFILE:-dev}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/swimlane-target}
 
+apt_install() {
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
 # candle-onnx's build script compiles ONNX's .proto with protoc.
 if ! command -v protoc >/dev/null 2>&1; then
   echo "==> installing protobuf-compiler (protoc, for candle-onnx's build script)" >&2
-  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null
+  apt_install protobuf-compiler
 fi
 
 # The Python side lives in a virtual environment outside the repository.
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating $VENV" >&2
   mkdir -p "$(dirname "$VENV")"
-  python3 -m venv "$VENV"
+  if ! python3 -m venv "$VENV"; then
+    rm -rf "$VENV"
+    echo "==> installing python3-venv" >&2
+    apt_install python3-venv
+    python3 -m venv "$VENV"
+  fi
 fi
 if ! "$VENV/bin/python" -c 'import onnx, onnxruntime, numpy' 2>/dev/null; then
   echo "==> installing onnx and onnxruntime into $VENV" >&2
