@@ -16,9 +16,7 @@
 //!   upload one at a time, each after the previous one settled (the bus, store
 //!   transactions, polling and process scheduling alone).
 use std::io::Read as _;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -33,6 +31,8 @@ use swimlane_model::synth::{corrections, Swimmer};
 use swimlane_model::{MicroModel, Sample};
 use swimlane_runtime::Config;
 use swimlane_state::Repo;
+
+use crate::procfleet::{FleetSpec, ProcFleet};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -198,39 +198,6 @@ fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
         .expect("serializes")
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// Worker processes, killed when dropped.
-struct Procs(Vec<(String, Child)>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Procs {
-    fn check_alive(&mut self, logs: &Path) -> anyhow::Result<()> {
-        for (name, c) in &mut self.0 {
-            if let Some(st) = c.try_wait()? {
-                let log =
-                    std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                anyhow::bail!(
-                    "worker {name} exited ({st}); its log ends:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
 fn run_once(
     opts: &PipelineBenchOptions,
     base: &MicroModel,
@@ -269,84 +236,42 @@ fn run_once(
         tokens.push(token);
     }
 
-    let ingest_api = free_port()?;
-    let publisher_api = free_port()?;
-    let mut env: Vec<(String, String)> = vec![
+    let env: Vec<(String, String)> = vec![
         ("SWIMLANE_STORE".into(), config.store.clone()),
         ("SWIMLANE_DEPLOYMENT".into(), DEPLOYMENT.into()),
         ("SWIMLANE_BUS".into(), opts.bus.clone()),
         ("SWIMLANE_PARTITIONS".into(), opts.partitions.to_string()),
         ("SWIMLANE_TOPIC_PREFIX".into(), prefix),
         ("SWIMLANE_LOG".into(), "warn".into()),
-        ("SWIMLANE_INGEST_LISTEN".into(), ingest_api.to_string()),
         (
-            "SWIMLANE_PUBLISHER_LISTEN".into(),
-            publisher_api.to_string(),
+            "SWIMLANE_INGEST_MAX_SAMPLES_PER_BATCH".into(),
+            "1000".into(),
+        ),
+        (
+            "SWIMLANE_TRAINER_THREADS".into(),
+            opts.trainer_threads.to_string(),
         ),
     ];
-    env.push((
-        "SWIMLANE_INGEST_MAX_SAMPLES_PER_BATCH".into(),
-        "1000".into(),
-    ));
-    let mut members: Vec<(String, &str)> = vec![("ingest".into(), "ingest")];
-    for i in 0..trainers {
-        members.push((format!("trainer-{i}"), "trainer"));
-    }
-    members.push(("validator".into(), "validator"));
-    members.push(("publisher".into(), "publisher"));
-    let mut procs = Procs(Vec::new());
-    let mut ops = Vec::new();
-    for (name, kind) in &members {
-        let metrics = free_port()?;
-        ops.push(metrics);
-        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        let mut c = Command::new(&opts.exe);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SWIMLANE_") {
-                c.env_remove(k);
-            }
-        }
-        c.envs(env.iter().map(|(k, v)| (k, v)))
-            .env(
-                format!("SWIMLANE_{}_METRICS_LISTEN", kind.to_ascii_uppercase()),
-                metrics.to_string(),
-            )
-            .args(["worker", kind]);
-        if *kind == "trainer" {
-            c.env_remove("RAYON_NUM_THREADS")
-                .env_remove("CANDLE_NUM_THREADS")
-                .env("SWIMLANE_TRAINER_THREADS", opts.trainer_threads.to_string());
-        }
-        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        let child = c
-            .spawn()
-            .with_context(|| format!("starting {} worker {kind}", opts.exe.display()))?;
-        procs.0.push((name.clone(), child));
-    }
+    let mut procs = ProcFleet::new(
+        FleetSpec {
+            exe: opts.exe.clone(),
+            env,
+            log_dir: logs.clone(),
+        },
+        trainers,
+    )?;
+    procs.start_all(Duration::from_secs(120))?;
+    let ingest_api = procs.ingest_api;
     let http = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(2))
         .timeout(Duration::from_secs(60))
         .build();
     let deadline = Instant::now() + Duration::from_secs(120);
-    for addr in &ops {
-        loop {
-            procs.check_alive(&logs)?;
-            if http
-                .get(&format!("http://{addr}/readyz"))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-            {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "{addr} not ready in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
     // The trainers split the partitions before the clock starts (Kafka: the group
     // has settled its assignment).
     let keys = Keys::new(DEPLOYMENT);
     loop {
-        procs.check_alive(&logs)?;
+        procs.check_alive()?;
         let owners = db.transact(|tx| {
             let mut o = std::collections::BTreeSet::new();
             let mut all = true;
@@ -403,10 +328,10 @@ fn run_once(
             Ok(open)
         })?)
     };
-    let wait_settled = |users: &[&str], procs: &mut Procs| -> anyhow::Result<()> {
+    let wait_settled = |users: &[&str], procs: &mut ProcFleet| -> anyhow::Result<()> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
-            procs.check_alive(&logs)?;
+            procs.check_alive()?;
             let open = settled(users)?;
             if open == 0 {
                 return Ok(());

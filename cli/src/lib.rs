@@ -4,3 +4,4 @@ pub mod bench_pipeline;
 pub mod demo;
 pub mod fleet;
 pub mod init;
+pub mod procfleet;

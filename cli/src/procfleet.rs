@@ -1,0 +1,217 @@
+//! A fleet of worker processes (`swimlane worker …` children of this binary) on one
+//! store, for the benchmarks and the chaos soak: start, wait for readiness, SIGKILL,
+//! restart. Every child is killed when the fleet is dropped.
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// What every worker process of the fleet gets.
+#[derive(Clone, Debug)]
+pub struct FleetSpec {
+    /// The `swimlane` binary.
+    pub exe: PathBuf,
+    /// `SWIMLANE_*` settings (store, deployment, bus, ...) for every worker.
+    pub env: Vec<(String, String)>,
+    /// Worker logs go here, one file per process start.
+    pub log_dir: PathBuf,
+}
+
+/// One worker slot.
+#[derive(Debug)]
+pub struct Member {
+    /// `ingest`, `trainer`, `validator` or `publisher`.
+    pub kind: &'static str,
+    /// Unique in the fleet: `trainer-1`, ...
+    pub name: String,
+    pub ops: SocketAddr,
+    child: Option<Child>,
+    /// Processes started in this slot so far.
+    pub starts: usize,
+}
+
+/// Worker processes; see the module doc.
+pub struct ProcFleet {
+    spec: FleetSpec,
+    pub ingest_api: SocketAddr,
+    pub publisher_api: SocketAddr,
+    pub members: Vec<Member>,
+    http: ureq::Agent,
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+impl ProcFleet {
+    /// Slots for one ingest, `trainers` trainers, one validator and one publisher; none
+    /// started yet.
+    pub fn new(spec: FleetSpec, trainers: usize) -> anyhow::Result<ProcFleet> {
+        std::fs::create_dir_all(&spec.log_dir)?;
+        let mut members = Vec::new();
+        let mut add = |kind: &'static str, name: String| -> anyhow::Result<()> {
+            members.push(Member {
+                kind,
+                name,
+                ops: free_port()?,
+                child: None,
+                starts: 0,
+            });
+            Ok(())
+        };
+        add("ingest", "ingest".into())?;
+        for i in 0..trainers {
+            add("trainer", format!("trainer-{i}"))?;
+        }
+        add("validator", "validator".into())?;
+        add("publisher", "publisher".into())?;
+        Ok(ProcFleet {
+            spec,
+            ingest_api: free_port()?,
+            publisher_api: free_port()?,
+            members,
+            http: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .build(),
+        })
+    }
+
+    pub fn ingest_url(&self) -> String {
+        format!("http://{}", self.ingest_api)
+    }
+
+    pub fn publisher_url(&self) -> String {
+        format!("http://{}", self.publisher_api)
+    }
+
+    /// Start the process of slot `i` (it must not run).
+    pub fn spawn(&mut self, i: usize) -> anyhow::Result<u32> {
+        let (ingest_api, publisher_api) = (self.ingest_api, self.publisher_api);
+        let m = &mut self.members[i];
+        anyhow::ensure!(m.child.is_none(), "{} already runs", m.name);
+        m.starts += 1;
+        let log = std::fs::File::create(
+            self.spec
+                .log_dir
+                .join(format!("{}-{}.log", m.name, m.starts)),
+        )?;
+        let mut c = Command::new(&self.spec.exe);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SWIMLANE_") {
+                c.env_remove(k);
+            }
+        }
+        c.envs(self.spec.env.iter().map(|(k, v)| (k, v)))
+            .env("SWIMLANE_INGEST_LISTEN", ingest_api.to_string())
+            .env("SWIMLANE_PUBLISHER_LISTEN", publisher_api.to_string())
+            .env(
+                format!("SWIMLANE_{}_METRICS_LISTEN", m.kind.to_ascii_uppercase()),
+                m.ops.to_string(),
+            )
+            .args(["worker", m.kind])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = c
+            .spawn()
+            .with_context(|| format!("starting {} worker {}", self.spec.exe.display(), m.kind))?;
+        let pid = child.id();
+        m.child = Some(child);
+        Ok(pid)
+    }
+
+    /// Start every slot and wait until each is ready.
+    pub fn start_all(&mut self, within: Duration) -> anyhow::Result<()> {
+        for i in 0..self.members.len() {
+            self.spawn(i)?;
+        }
+        for i in 0..self.members.len() {
+            self.wait_ready(i, within)?;
+        }
+        Ok(())
+    }
+
+    /// Wait until slot `i` answers 200 on `/readyz`; an error if it exits or is not
+    /// ready in time.
+    pub fn wait_ready(&mut self, i: usize, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        let url = format!("http://{}/readyz", self.members[i].ops);
+        loop {
+            self.check_alive()?;
+            if self.http.get(&url).call().is_ok_and(|r| r.status() == 200) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} not ready within {within:?}{}",
+                self.members[i].name,
+                self.log_tail(i)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL slot `i`'s process and reap it; returns its pid.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<u32> {
+        self.check_alive()?;
+        let m = &mut self.members[i];
+        let mut child = m
+            .child
+            .take()
+            .with_context(|| format!("{} is not running", m.name))?;
+        let pid = child.id();
+        child.kill()?;
+        child.wait()?;
+        Ok(pid)
+    }
+
+    /// An error naming the first worker that exited on its own (workers never should).
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.members.len() {
+            let exited = match self.members[i].child.as_mut() {
+                Some(c) => c.try_wait()?,
+                None => None,
+            };
+            if let Some(st) = exited {
+                self.members[i].child = None;
+                anyhow::bail!(
+                    "worker {} exited on its own ({st}){}",
+                    self.members[i].name,
+                    self.log_tail(i)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of slot `i`'s current log, for error messages.
+    pub fn log_tail(&self, i: usize) -> String {
+        let m = &self.members[i];
+        let log = std::fs::read_to_string(
+            self.spec
+                .log_dir
+                .join(format!("{}-{}.log", m.name, m.starts)),
+        )
+        .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "; its log ends:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+}
+
+impl Drop for ProcFleet {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
