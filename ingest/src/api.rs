@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use prometheus::IntGauge;
 use serde_json::json;
 use swimlane_bus::Emitter;
 use swimlane_core::batch::BatchLimits;
@@ -21,6 +22,7 @@ use swimlane_runtime::{Config, WallClock};
 use swimlane_state::tokens::AuthError;
 use swimlane_state::Repo;
 use swimlane_store::Db;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -40,6 +42,42 @@ pub struct IngestState {
     pub(crate) limits: BatchLimits,
     /// SHA-256 hex of the admin token, or empty.
     pub(crate) admin_token_sha256: Arc<str>,
+    /// One permit per upload in flight (`ingest.max_inflight`), see [`InflightSlot`].
+    pub(crate) inflight: Arc<Semaphore>,
+    pub(crate) max_inflight: u32,
+}
+
+/// One upload's place among the `ingest.max_inflight` allowed at once. The handler and
+/// every blocking task it starts hold a clone, so the place is given back only when
+/// all of them are done: a client that disconnects while its batch is being staged
+/// does not free its place while the staging transaction still runs.
+#[derive(Clone)]
+struct InflightSlot(#[allow(dead_code)] Arc<SlotInner>);
+
+struct SlotInner {
+    _permit: OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl Drop for SlotInner {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Take a place for an upload, or refuse it (503 `overloaded`, `Retry-After`) when
+/// every place is taken. Never waits: a queue would only hide the overload.
+fn admit(state: &IngestState) -> Result<InflightSlot, ApiError> {
+    let permit = state
+        .inflight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::overloaded(state.max_inflight))?;
+    state.metrics.inflight.inc();
+    Ok(InflightSlot(Arc::new(SlotInner {
+        _permit: permit,
+        gauge: state.metrics.inflight.clone(),
+    })))
 }
 
 impl IngestState {
@@ -65,6 +103,8 @@ impl IngestState {
                 max_samples: config.ingest.max_samples_per_batch as usize,
             },
             admin_token_sha256: config.admin_token_sha256.as_str().into(),
+            inflight: Arc::new(Semaphore::new(config.ingest.max_inflight as usize)),
+            max_inflight: config.ingest.max_inflight,
         })
     }
 
@@ -106,6 +146,7 @@ async fn authorize(
     state: &IngestState,
     headers: &HeaderMap,
     user: &UserId,
+    slot: Option<&InflightSlot>,
 ) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
@@ -119,9 +160,13 @@ async fn authorize(
         Repo::new(state.keys.clone()),
         state.admin_token_sha256.clone(),
     );
-    let caller = blocking(move || repo.authenticate_db(&db, Some(&value), &admin))
-        .await?
-        .map_err(|e| ApiError::store(&e))?;
+    let slot = slot.cloned();
+    let caller = blocking(move || {
+        let _slot = slot;
+        repo.authenticate_db(&db, Some(&value), &admin)
+    })
+    .await?
+    .map_err(|e| ApiError::store(&e))?;
     caller
         .and_then(|c| c.may_access(user))
         .map_err(|e| match e {
@@ -218,8 +263,9 @@ async fn post_batch_inner(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let slot = admit(state)?;
     let user = parse_user(user)?;
-    authorize(state, headers, &user).await?;
+    authorize(state, headers, &user, Some(&slot)).await?;
     let enc = encoding(headers)?;
     let raw = tokio::time::timeout(
         state.body_timeout,
@@ -233,8 +279,17 @@ async fn post_batch_inner(
             "the request body did not arrive in time",
         )
     })??;
-    let (max, limits, u) = (state.max_body_bytes, state.limits, user.clone());
-    let batch = blocking(move || stage::decode_and_validate(&u, &raw, enc, max, limits)).await??;
+    let (max, limits, u, held) = (
+        state.max_body_bytes,
+        state.limits,
+        user.clone(),
+        slot.clone(),
+    );
+    let batch = blocking(move || {
+        let _slot = held;
+        stage::decode_and_validate(&u, &raw, enc, max, limits)
+    })
+    .await??;
     tracing::Span::current().record("batch_id", tracing::field::display(&batch.batch_id));
 
     let (db, keys, emitter, u) = (
@@ -246,9 +301,12 @@ async fn post_batch_inner(
     let now = state.clock.now_ms();
     let batch = Arc::new(batch);
     let b = batch.clone();
-    let outcome = blocking(move || stage::stage_batch(&db, &keys, &emitter, &u, &b, now))
-        .await?
-        .map_err(|e| ApiError::store(&e))?;
+    let outcome = blocking(move || {
+        let _slot = slot;
+        stage::stage_batch(&db, &keys, &emitter, &u, &b, now)
+    })
+    .await?
+    .map_err(|e| ApiError::store(&e))?;
     let id = batch.batch_id.as_str();
     match outcome {
         StageOutcome::Staged(r) => {
@@ -299,7 +357,7 @@ async fn get_batch_inner(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = parse_user(user)?;
-    authorize(state, headers, &user).await?;
+    authorize(state, headers, &user, None).await?;
     let batch_id = BatchId::new(batch_id)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_batch_id", e.to_string()))?;
     let (db, keys, u, b) = (

@@ -58,6 +58,18 @@ impl ApiError {
             "internal error; it has been logged",
         )
     }
+    /// 503 `overloaded` with `Retry-After`: `max` uploads are already in flight, so this
+    /// one was refused before anything was read or stored.
+    pub fn overloaded(max: u32) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "overloaded",
+            message: format!(
+                "ingest is handling its limit of {max} uploads; nothing was stored, retry later"
+            ),
+            retry_after: Some(1),
+        }
+    }
     /// Map a store error: retryable conditions are 503 with `Retry-After`, the rest 500.
     /// The details go to the log, not to the client.
     pub fn store(e: &KvError) -> Self {

@@ -11,8 +11,11 @@
 //!     409 `conflict` (the batch id was staged with other content); 413
 //!     `payload_too_large` (raw or decompressed body over `ingest.max_body_bytes`); 415
 //!     `unsupported_encoding`; 408 `request_timeout` (body slower than
-//!     `ingest.body_timeout_ms`); 503 `store_unavailable` with `Retry-After`; 500
-//!     `internal`.
+//!     `ingest.body_timeout_ms`); 503 `store_unavailable` with `Retry-After` (the
+//!     staging transaction ran out of retries on conflicts or a busy store, or took too
+//!     long: nothing was stored); 503 `overloaded` with `Retry-After` (already
+//!     `ingest.max_inflight` uploads in flight: refused before anything was read or
+//!     stored); 500 `internal`.
 //! - `GET /v1/users/{user}/batches/{batch_id}` (same auth): 200 with `status` one of
 //!   `staged`, `validating` (+`run_id`), `published` (+`run_id`, `version`),
 //!   `rejected` (+`run_id`, `reason`); 404 `not_found`.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use swimlane_core::batch::BatchError;
 use swimlane_core::stats::ACCURACY_BUCKETS;
@@ -24,6 +24,7 @@ pub const BATCHES_REJECTED_TOTAL: &str = "swimlane_ingest_batches_rejected_total
 pub const SAMPLES_STAGED_TOTAL: &str = "swimlane_ingest_samples_staged_total";
 pub const REQUEST_SECONDS: &str = "swimlane_ingest_request_seconds";
 pub const RESPONSES_TOTAL: &str = "swimlane_ingest_responses_total";
+pub const UPLOADS_INFLIGHT: &str = "swimlane_ingest_uploads_inflight";
 pub const OLDEST_PENDING_AGE: &str = "swimlane_pipeline_oldest_pending_batch_age_seconds";
 pub const USERS_HELDOUT_ACCURACY: &str = "swimlane_users_heldout_accuracy";
 
@@ -46,7 +47,8 @@ pub fn status_class(status: axum::http::StatusCode) -> &'static str {
 pub const ROUTES: [&str; 2] = ["post_batch", "get_batch"];
 
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
-pub const EDGE_CODES: [&str; 11] = [
+pub const EDGE_CODES: [&str; 12] = [
+    "overloaded",
     "unauthorized",
     "forbidden",
     "bad_user_id",
@@ -74,6 +76,8 @@ pub struct IngestMetrics {
     pub samples_staged: IntCounter,
     request_seconds: HistogramVec,
     responses: IntCounterVec,
+    /// Uploads being handled now (at most `ingest.max_inflight`).
+    pub inflight: IntGauge,
 }
 
 impl IngestMetrics {
@@ -112,6 +116,11 @@ impl IngestMetrics {
         )?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(responses.clone()))?;
+        let inflight = IntGauge::with_opts(Opts::new(
+            UPLOADS_INFLIGHT,
+            "Uploads being handled now; at ingest.max_inflight further ones are refused with 503",
+        ))?;
+        registry.register(Box::new(inflight.clone()))?;
         // Export every reason at 0 so dashboards and alerts see the whole set.
         for r in reject_reasons() {
             rejected.with_label_values(&[r]);
@@ -129,6 +138,7 @@ impl IngestMetrics {
             samples_staged,
             request_seconds,
             responses,
+            inflight,
         })
     }
 

@@ -39,6 +39,10 @@ pub const NON_CONFIG_ENV: &[&str] = &[
 /// staged sample takes at most ~2.2 kB).
 pub const MAX_SAMPLES_PER_BATCH_LIMIT: u32 = 4000;
 
+/// Largest `ingest.max_inflight`: each upload in flight may hold a blocking thread and
+/// up to `max_body_bytes` of memory.
+pub const MAX_INFLIGHT_LIMIT: u32 = 10_000;
+
 /// The worker processes (each has a config section and a metrics prefix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Worker {
@@ -109,6 +113,9 @@ pub struct IngestConfig {
     /// On shutdown, in-flight requests get this long to finish; then the server stops
     /// (an unfinished staging transaction commits whole or not at all).
     pub drain_timeout_ms: u64,
+    /// Most uploads handled at once (authenticating, reading, validating, staging);
+    /// one more is answered 503 `overloaded` with `Retry-After`, having stored nothing.
+    pub max_inflight: u32,
 }
 
 /// A stage's bus consumer settings (`[trainer.consumer]`, ...).
@@ -208,6 +215,7 @@ impl Default for IngestConfig {
             max_samples_per_batch: 1000,
             body_timeout_ms: 30_000,
             drain_timeout_ms: 10_000,
+            max_inflight: 64,
         }
     }
 }
@@ -665,6 +673,12 @@ impl Config {
         if self.ingest.body_timeout_ms == 0 {
             return Err(invalid("ingest.body_timeout_ms", "must be at least 1"));
         }
+        if !(1..=MAX_INFLIGHT_LIMIT).contains(&self.ingest.max_inflight) {
+            return Err(invalid(
+                "ingest.max_inflight",
+                format!("must be between 1 and {MAX_INFLIGHT_LIMIT}"),
+            ));
+        }
         for (section, c) in [
             ("trainer", &self.trainer.consumer),
             ("validator", &self.validator.consumer),
@@ -850,6 +864,7 @@ mod tests {
                 ("SWIMLANE_PARTITIONS", "16"),
                 ("SWIMLANE_INGEST__MAX_BODY_BYTES", "65536"),
                 ("SWIMLANE_INGEST_LISTEN", "127.0.0.1:7001"),
+                ("SWIMLANE_INGEST_MAX_INFLIGHT", "5"),
                 ("SWIMLANE_VALIDATOR_MARGIN", "0.05"),
                 ("SWIMLANE_LOG_JSON", "true"),
                 ("SWIMLANE_LOG", "debug"),
@@ -863,6 +878,7 @@ mod tests {
         assert_eq!(c.trainer.consumer.poll_interval_ms, 50); // untouched default
         assert_eq!(c.partitions, 16); // env over file
         assert_eq!(c.ingest.max_body_bytes, 65536);
+        assert_eq!(c.ingest.max_inflight, 5); // env
         assert_eq!(c.validator.margin, 0.05);
         assert!(c.log_json);
         assert_eq!(c.store, "/data/flag"); // flag over env
@@ -1002,6 +1018,10 @@ mod tests {
             (
                 "ingest.metrics_listen",
                 Box::new(|c| c.ingest.metrics_listen = c.ingest.listen),
+            ),
+            (
+                "ingest.max_inflight",
+                Box::new(|c| c.ingest.max_inflight = 0),
             ),
         ];
         for (key, f) in cases {
