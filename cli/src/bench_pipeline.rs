@@ -185,7 +185,8 @@ fn make_uploads(
     Ok(out)
 }
 
-fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
+/// The upload JSON of a batch of samples (as devices send it).
+pub(crate) fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
     let samples: Vec<_> = samples
         .iter()
         .enumerate()

@@ -33,6 +33,11 @@ enum Command {
         #[command(subcommand)]
         command: bench_cmd::BenchCommand,
     },
+    /// A seeded chaos soak: worker processes on a fresh store, devices uploading
+    /// through the API, workers SIGKILLed (and, with --tansu, the Kafka broker
+    /// restarted) at random moments; then an audit of the store and the APIs. Prints
+    /// one JSON report; exits non-zero on any violation.
+    Chaos(ChaosArgs),
     /// Run the whole fleet in this process on a fresh embedded store and drive it with
     /// simulated swimmers through the HTTP APIs; print a table per swimmer.
     Demo {
@@ -82,6 +87,76 @@ enum WorkerName {
     Publisher,
 }
 
+#[derive(clap::Args, Debug)]
+struct ChaosArgs {
+    /// `embedded`, or `kafka://host:port` (a broker the soak does not restart).
+    #[arg(long, default_value = "embedded")]
+    bus: String,
+    /// Run over Kafka on a tansu broker started (and restarted) by the soak, from
+    /// this binary (e.g. ~/.cache/swimlane-tools/bin/tansu).
+    #[arg(long, value_name = "TANSU_BINARY")]
+    tansu: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    users: usize,
+    /// Batches uploaded in all (users take turns, night by night).
+    #[arg(long, default_value_t = 1000)]
+    batches: usize,
+    /// SIGKILLs, spread evenly over the worker kinds in a shuffled order.
+    #[arg(long, default_value_t = 50)]
+    kills: usize,
+    /// Broker restarts (needs --tansu).
+    #[arg(long, default_value_t = 0)]
+    broker_restarts: usize,
+    #[arg(long, default_value_t = 0.15)]
+    poison_rate: f64,
+    /// Seed of the data and of the fault schedule (default: drawn from the clock and
+    /// printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 2)]
+    trainers: usize,
+    /// Directory for the scratch store (default: the system temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Keep the scratch directory (store and worker logs); kept anyway on violations.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn chaos(a: ChaosArgs) -> anyhow::Result<()> {
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000)
+            .unwrap_or(1)
+    });
+    let opts = swimlane_cli::chaos::ChaosOptions {
+        exe: std::env::current_exe()?,
+        bus: a.bus,
+        tansu: a.tansu,
+        users: a.users,
+        batches: a.batches,
+        kills: a.kills,
+        broker_restarts: a.broker_restarts,
+        poison_rate: a.poison_rate,
+        seed,
+        trainers: a.trainers,
+        dir: a.dir,
+        keep: a.keep,
+    };
+    let r = swimlane_cli::chaos::run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    anyhow::ensure!(
+        r.violations == 0 && r.lost == 0 && r.duplicated == 0,
+        "chaos seed {seed}: {} violations ({} lost, {} duplicated); store and logs kept in {}",
+        r.violations,
+        r.lost,
+        r.duplicated,
+        r.kept_dir.as_deref().unwrap_or("?")
+    );
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -103,6 +178,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model_cmd::run(command),
         Command::Bench { command } => bench_cmd::run(command),
+        Command::Chaos(a) => chaos(a),
         Command::Demo {
             users,
             seed,

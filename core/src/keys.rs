@@ -138,6 +138,10 @@ impl Keys {
     pub fn run(&self, user: &str, run_id: &str) -> Vec<u8> {
         self.root.pack(&("run", user, run_id))
     }
+    /// Prefix of every run record of `user`.
+    pub fn runs(&self, user: &str) -> Vec<u8> {
+        self.root.subspace(&("run", user)).into_bytes()
+    }
     /// The index entry of a batch staged at `staged_at_ms` and not yet settled
     /// (published, rejected or deferred); the first key under [`Keys::pending_batches`]
     /// is the oldest such batch.

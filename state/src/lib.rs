@@ -246,6 +246,12 @@ impl Repo {
         get_json(tx, &self.keys.run(user, run_id))
     }
 
+    /// Every run record of `user`, in run-id order (operators and audits).
+    pub fn runs(&self, tx: &mut Transaction<'_>, user: &str) -> Result<Vec<RunRecord>, KvError> {
+        let rows = tx.get_range(&RangeOption::prefix(&self.keys.runs(user)))?;
+        rows.into_iter().map(|(_, v)| decode_record(&v)).collect()
+    }
+
     pub fn put_run(
         &self,
         tx: &mut Transaction<'_>,
