@@ -862,6 +862,28 @@ impl KafkaConsumer {
         })
     }
 
+    /// Leave the group: unsubscribe, serve the revocation (for up to half a second),
+    /// and drop every fence.
+    fn leave_group(&mut self) {
+        self.consumer.unsubscribe();
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let _ = self.consumer.poll(Duration::from_millis(50));
+            if self
+                .consumer
+                .context()
+                .state
+                .lock()
+                .unwrap()
+                .owned
+                .is_empty()
+            {
+                break;
+            }
+        }
+        self.consumer.context().state.lock().unwrap().owned.clear();
+    }
+
     /// The orphan watchdog (see the type's doc); returns whether it made the member
     /// rejoin the group.
     fn watch_orphans(&mut self) -> Result<bool, BusError> {
@@ -926,23 +948,7 @@ impl KafkaConsumer {
         }
         tracing::warn!(?orphans, "partitions without a live owner for a whole lease time to live; rejoining the group so the coordinator assigns them anew");
         self.orphaned_since.clear();
-        self.consumer.unsubscribe();
-        let until = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < until {
-            let _ = self.consumer.poll(Duration::from_millis(50));
-            if self
-                .consumer
-                .context()
-                .state
-                .lock()
-                .unwrap()
-                .owned
-                .is_empty()
-            {
-                break;
-            }
-        }
-        self.consumer.context().state.lock().unwrap().owned.clear();
+        self.leave_group();
         self.consumer
             .subscribe(&[&topic])
             .map_err(|e| kafka_err(&format!("subscribing to {topic}"), e))?;
@@ -1117,24 +1123,7 @@ impl Consumer for KafkaConsumer {
     }
 
     fn close(&mut self) -> Result<(), BusError> {
-        self.consumer.unsubscribe();
-        // Serve the revocation.
-        let until = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < until {
-            let _ = self.consumer.poll(Duration::from_millis(50));
-            if self
-                .consumer
-                .context()
-                .state
-                .lock()
-                .unwrap()
-                .owned
-                .is_empty()
-            {
-                break;
-            }
-        }
-        self.consumer.context().state.lock().unwrap().owned.clear();
+        self.leave_group();
         Ok(())
     }
 

@@ -61,14 +61,13 @@ fn word(s: &BatchStatus) -> &'static str {
     }
 }
 
-/// Audit `users` on `db` (deployment keys in `repo`) and through the APIs at
-/// `ingest_url` and `publisher_url`.
+/// Audit `users` on `db` (deployment keys in `repo`) and, given `api` (the ingest and
+/// publisher base URLs), through the APIs.
 pub fn audit(
     db: &Db,
     repo: &Repo,
     users: &[AuditUser],
-    ingest_url: &str,
-    publisher_url: &str,
+    api: Option<(&str, &str)>,
 ) -> anyhow::Result<AuditReport> {
     let http = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(30))
@@ -278,6 +277,7 @@ pub fn audit(
                 }
             }
             // The device sees the same.
+            let Some((ingest_url, _)) = api else { continue };
             let url = format!("{ingest_url}/v1/users/{u}/batches/{b}");
             match http
                 .get(&url)
@@ -302,6 +302,9 @@ pub fn audit(
         }
 
         // The device downloads the head.
+        let Some((_, publisher_url)) = api else {
+            continue;
+        };
         let url = format!("{publisher_url}/v1/users/{u}/model");
         match http
             .get(&url)
@@ -329,4 +332,139 @@ pub fn audit(
         }
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use swimlane_core::keys::Keys;
+    use swimlane_store::embedded::EmbeddedBackend;
+
+    fn rec<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn batch(status: serde_json::Value, samples: u32, heldout: u32) -> serde_json::Value {
+        json!({"v": 1, "digest": "d", "samples": samples, "heldout": heldout, "chunks": 1,
+               "staged_at_ms": 1, "status": status})
+    }
+
+    fn run(
+        id: &str,
+        parent: Option<u64>,
+        batches: &[&str],
+        train: u32,
+        accepted: bool,
+        published: Option<u64>,
+    ) -> serde_json::Value {
+        json!({"v": 1, "run_id": id, "parent_version": parent, "batches": batches,
+               "train_samples": train, "model_blob": "m", "model_sha256": "s",
+               "model_bytes": 1, "created_at_ms": 1, "train_seconds": 0.1,
+               "verdict": {"accepted": accepted, "reason": "r",
+                           "candidate_heldout_accuracy": 0.9, "current_heldout_accuracy": 0.8,
+                           "heldout_samples": 10, "candidate_guard_accuracy": 0.8,
+                           "current_guard_accuracy": 0.8},
+               "published_version": published})
+    }
+
+    fn version(v: u64, run: &str, batches: &[&str]) -> serde_json::Value {
+        json!({"v": 1, "version": v, "run_id": run, "parent_version": null, "batches": batches,
+               "model_blob": "m", "sha256": "s", "size_bytes": 1, "heldout_accuracy": 0.9,
+               "parent_heldout_accuracy": 0.8, "guard_accuracy": 0.8, "published_at_ms": 2})
+    }
+
+    /// One user: b1 published as v1 by r1; b2 rejected by r2 (trained from v1, so on
+    /// b1's and b2's training samples); b3 deferred.
+    fn settled_store() -> (Db, Repo) {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let repo = Repo::new(Keys::new("t"));
+        db.transact(|tx| {
+            repo.put_batch(
+                tx,
+                "u",
+                "b1",
+                &rec(batch(
+                    json!({"state": "published", "run_id": "r1", "version": 1}),
+                    100,
+                    20,
+                )),
+            )?;
+            repo.put_batch(
+                tx,
+                "u",
+                "b2",
+                &rec(batch(
+                    json!({"state": "rejected", "run_id": "r2", "reason": "no gain"}),
+                    50,
+                    10,
+                )),
+            )?;
+            repo.put_batch(
+                tx,
+                "u",
+                "b3",
+                &rec(batch(
+                    json!({"state": "deferred", "reason": "too little"}),
+                    10,
+                    2,
+                )),
+            )?;
+            repo.put_run(tx, "u", &rec(run("r1", None, &["b1"], 80, true, Some(1))))?;
+            repo.put_run(tx, "u", &rec(run("r2", Some(1), &["b2"], 120, false, None)))?;
+            repo.put_model_version(tx, "u", &rec(version(1, "r1", &["b1"])))?;
+            let mut st = repo.user_state(tx, "u")?;
+            st.head = Some(1);
+            st.last_version = 1;
+            repo.put_user_state(tx, "u", &st)
+        })
+        .unwrap();
+        (db, repo)
+    }
+
+    fn user(batches: &[&str]) -> Vec<AuditUser> {
+        vec![AuditUser {
+            user: "u".into(),
+            token: String::new(),
+            accepted: batches.iter().map(|b| b.to_string()).collect(),
+        }]
+    }
+
+    #[test]
+    fn a_consistent_store_passes() {
+        let (db, repo) = settled_store();
+        let r = audit(&db, &repo, &user(&["b1", "b2", "b3"]), None).unwrap();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(
+            (r.published, r.rejected, r.deferred, r.versions, r.runs),
+            (1, 1, 1, 1, 2)
+        );
+    }
+
+    #[test]
+    fn a_lost_batch_a_second_publish_and_foreign_samples_are_each_caught() {
+        let (db, repo) = settled_store();
+        let r = audit(&db, &repo, &user(&["b1", "b2", "b3", "b4"]), None).unwrap();
+        assert_eq!(r.lost, 1, "{:?}", r.violations);
+
+        let (db, repo) = settled_store();
+        db.transact(|tx| repo.put_model_version(tx, "u", &rec(version(2, "r1", &["b1"]))))
+            .unwrap();
+        let r = audit(&db, &repo, &user(&["b1", "b2", "b3"]), None).unwrap();
+        assert!(r.duplicated >= 1, "{:?}", r.violations);
+
+        let (db, repo) = settled_store();
+        db.transact(|tx| {
+            repo.put_run(tx, "u", &rec(run("r2", Some(1), &["b2"], 125, false, None)))
+        })
+        .unwrap();
+        let r = audit(&db, &repo, &user(&["b1", "b2", "b3"]), None).unwrap();
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| v.contains("trained on 125 samples")),
+            "{:?}",
+            r.violations
+        );
+    }
 }

@@ -448,12 +448,12 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
             accepted: accepted.get(&i).cloned().unwrap_or_default(),
         })
         .collect();
+    let (ingest_url, publisher_url) = (fleet.ingest_url(), fleet.publisher_url());
     let a = audit(
         &db,
         &repo,
         &audit_users,
-        &fleet.ingest_url(),
-        &fleet.publisher_url(),
+        Some((&ingest_url, &publisher_url)),
     )?;
     drop(fleet);
     drop(broker);

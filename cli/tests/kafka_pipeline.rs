@@ -384,12 +384,30 @@ fn wait_settled(
     }
 }
 
-#[test]
-fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
-    let Some(bootstrap) = broker() else { return };
-    let t0 = Instant::now();
-    let deadline = t0 + DEADLINE;
-    let fleet = Fleet::kafka(&bootstrap, &[]);
+/// A Kafka fleet with the five workers (two trainers) running, once both trainers own
+/// a share of the partitions (fenced in the store); its store, base model, users,
+/// swimmers and tokens.
+struct Started {
+    fleet: Fleet,
+    db: Db,
+    base: MicroModel,
+    users: Vec<String>,
+    swimmers: Vec<Swimmer>,
+    tokens: Vec<String>,
+}
+
+/// Both trainers (pids) own partitions, and nobody else does.
+fn both_own(o: &[Option<u32>], pids: [u32; 2]) -> bool {
+    o.iter().all(|p| p.is_some_and(|p| pids.contains(&p)))
+        && pids.iter().all(|pid| o.contains(&Some(*pid)))
+}
+
+fn trainer_pids(fleet: &Fleet) -> [u32; 2] {
+    [fleet.pid(TRAINER_0).unwrap(), fleet.pid(TRAINER_1).unwrap()]
+}
+
+fn start(bootstrap: &str, env: &[(&str, &str)]) -> Started {
+    let fleet = Fleet::kafka(bootstrap, env);
     let db = fleet.db();
     let base = common::base_model(&db);
     let (users, swimmers) = pick_users(&base);
@@ -407,18 +425,39 @@ fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
     for m in members {
         fleet.wait_member_ready(m, Duration::from_secs(60));
     }
-    let pids = [fleet.pid(TRAINER_0).unwrap(), fleet.pid(TRAINER_1).unwrap()];
     // The group coordinator splits the partitions between the two trainers, and each
     // fences its share in the store.
+    let pids = trainer_pids(&fleet);
     wait_owners(
         &db,
         "both trainers own partitions",
         Duration::from_secs(60),
-        |o| {
-            o.iter().all(|p| p.is_some_and(|p| pids.contains(&p)))
-                && pids.iter().all(|pid| o.contains(&Some(*pid)))
-        },
+        |o| both_own(o, pids),
     );
+    Started {
+        fleet,
+        db,
+        base,
+        users,
+        swimmers,
+        tokens,
+    }
+}
+
+#[test]
+fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
+    let Some(bootstrap) = broker() else { return };
+    let t0 = Instant::now();
+    let deadline = t0 + DEADLINE;
+    let Started {
+        fleet,
+        db,
+        base,
+        users,
+        swimmers,
+        tokens,
+    } = start(&bootstrap, &[]);
+    let pids = trainer_pids(&fleet);
     eprintln!(
         "[{:5.1}s] trainer partitions: {:?} (pids {pids:?})",
         t0.elapsed().as_secs_f64(),
@@ -549,37 +588,16 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
     eprintln!("kill delay seed {seed} (KAFKA_CRASH_SEED={seed} draws it again)");
     let mut sched = ChaCha8Rng::seed_from_u64(seed);
     // A dead trainer's partitions move after the group's session timeout.
-    let fleet = Fleet::kafka(
+    let Started {
+        fleet,
+        db,
+        base,
+        users,
+        swimmers,
+        tokens,
+    } = start(
         &bootstrap,
         &[("SWIMLANE_TRAINER_CONSUMER_LEASE_TTL_MS", "3000")],
-    );
-    let db = fleet.db();
-    let base = common::base_model(&db);
-    let (users, swimmers) = pick_users(&base);
-    let tokens: Vec<String> = users.iter().map(|u| fleet.token(u)).collect();
-    let members = [
-        (Kind::Ingest, 0),
-        TRAINER_0,
-        TRAINER_1,
-        (Kind::Validator, 0),
-        (Kind::Publisher, 0),
-    ];
-    for m in members {
-        fleet.spawn_member(m);
-    }
-    for m in members {
-        fleet.wait_member_ready(m, Duration::from_secs(60));
-    }
-    let both = |o: &[Option<u32>], pids: [u32; 2]| {
-        o.iter().all(|p| p.is_some_and(|p| pids.contains(&p)))
-            && pids.iter().all(|pid| o.contains(&Some(*pid)))
-    };
-    let pids = [fleet.pid(TRAINER_0).unwrap(), fleet.pid(TRAINER_1).unwrap()];
-    wait_owners(
-        &db,
-        "both trainers own partitions",
-        Duration::from_secs(60),
-        |o| both(o, pids),
     );
 
     let http = agent();
@@ -681,12 +699,12 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
             // Restart the killed trainer; the group splits the partitions again.
             fleet.spawn_member(victim);
             fleet.wait_member_ready(victim, Duration::from_secs(60));
-            let pids = [fleet.pid(TRAINER_0).unwrap(), fleet.pid(TRAINER_1).unwrap()];
+            let pids = trainer_pids(&fleet);
             wait_owners(
                 &db,
                 "both trainers own partitions again",
                 Duration::from_secs(60),
-                |o| both(o, pids),
+                |o| both_own(o, pids),
             );
         }
         wait_settled(&fleet, &db, &users, &accepted, deadline);
