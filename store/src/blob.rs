@@ -292,7 +292,9 @@ pub fn read_in(tx: &mut Transaction<'_>, prefix: &[u8]) -> Result<Option<Vec<u8>
     };
     let (b, e) = generation_range(prefix, h.generation);
     let rows = tx.get_range(&RangeOption::new(b, e).limit(h.chunk_count as usize + 1))?;
-    let mut out = Vec::with_capacity(h.len as usize);
+    // Sized by what is stored, not by what the header claims: a corrupt header may
+    // claim more than any allocator has.
+    let mut out = Vec::with_capacity(rows.iter().map(|(_, v)| v.len()).sum());
     match take_chunks(prefix, &h, 0, &rows, &mut out)? {
         Ok(n) if n == h.chunk_count => {}
         Ok(n) | Err(n) => return Err(missing(prefix, n)),
@@ -313,7 +315,8 @@ pub fn read(db: &Db, prefix: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         if h.len as usize <= MAX_SINGLE_TXN_BYTES {
             return db.transact(|tx| read_in(tx, prefix));
         }
-        let mut out = Vec::with_capacity(h.len as usize);
+        // Grows as chunks arrive: the header's length is checked only at the end.
+        let mut out = Vec::with_capacity(MAX_SINGLE_TXN_BYTES);
         let mut next = 0u32;
         let mut replaced = false;
         while next < h.chunk_count {
@@ -384,6 +387,35 @@ mod tests {
         assert!(BlobHeader::decode("t", &bad).is_err());
         assert!(BlobHeader::decode("t", &b[..10]).is_err());
         assert_eq!(BlobHeader::for_data(&[], 1).chunk_count, 0);
+    }
+
+    /// A corrupt header that is consistent with itself may claim ~430 TB: reading it
+    /// reports the blob corrupt, and never asks the allocator for what the header
+    /// claims (that aborted the process).
+    #[test]
+    fn a_header_claiming_an_impossible_size_reads_as_corrupt() {
+        let db = Db::new(crate::embedded::EmbeddedBackend::open_temp().unwrap());
+        let prefix = b"huge";
+        let h = BlobHeader {
+            len: u32::MAX as u64 * 100_000,
+            sha256: [0; 32],
+            chunk_size: 100_000,
+            chunk_count: u32::MAX,
+            generation: 5,
+        };
+        let header = h.encode();
+        assert_eq!(BlobHeader::decode("t", &header).unwrap(), h);
+        db.transact(|tx| {
+            tx.set(prefix, &header)?;
+            tx.set(&chunk_key(prefix, 5, 0), &[1; 100_000])?;
+            tx.set(&chunk_key(prefix, 5, 1), &[2; 10])
+        })
+        .unwrap();
+        let e = db.transact(|tx| read_in(tx, prefix)).unwrap_err();
+        assert!(matches!(e, KvError::Corrupt { .. }), "{e:?}");
+        assert!(e.to_string().contains("chunk 1"), "{e}");
+        let e = read(&db, prefix).unwrap_err();
+        assert!(matches!(e, KvError::Corrupt { .. }), "{e:?}");
     }
 
     #[test]
