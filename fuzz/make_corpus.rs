@@ -206,6 +206,19 @@ fn main() {
     let mut three = header(&data, 24, 11).encode();
     three.extend_from_slice(&data);
     put("blob_read", "three-chunks", &three);
+    // A corrupt header that agrees with itself but claims ~69 GB, with two chunks of
+    // data: reading it once allocated what the header claimed (FINDINGS.md).
+    let claims = BlobHeader {
+        len: u32::MAX as u64 * 16,
+        sha256: [0; 32],
+        chunk_size: 16,
+        chunk_count: u32::MAX,
+        generation: 13,
+    };
+    put("blob_header", "claims-69gb", &claims.encode());
+    let mut claims_read = claims.encode();
+    claims_read.extend_from_slice(&data[..24]);
+    put("blob_read", "claims-69gb", &claims_read);
 
     // bus_event and bus_records.
     let user = UserId::new("alice").unwrap();

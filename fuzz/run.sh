@@ -48,6 +48,7 @@ done
 
 rows=()
 failed=0
+crashed=0
 for t in "${targets[@]}"; do
   corpus="$work/corpus/$t"
   artifacts="$work/artifacts/$t"
@@ -71,6 +72,7 @@ for t in "${targets[@]}"; do
   if [ "$rc" -ne 0 ] || [ "$crashes" -gt 0 ]; then
     status="FAILED (exit $rc; see $log and $artifacts)"
     failed=1
+    crashed=$((crashed + 1))
   fi
   rows+=("$(printf '%-18s %8s %14s %8s  %s' "$t" "$secs" "${execs:-?}" "$crashes" "$status")")
 done
@@ -78,4 +80,5 @@ done
 echo
 printf '%-18s %8s %14s %8s  %s\n' target seconds executions crashes status
 for r in "${rows[@]}"; do echo "$r"; done
+echo "fuzz: $((${#targets[@]} - crashed)) passed, $crashed failed"
 exit "$failed"
