@@ -597,7 +597,12 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
         tokens,
     } = start(
         &bootstrap,
-        &[("SWIMLANE_TRAINER_CONSUMER_LEASE_TTL_MS", "3000")],
+        &[
+            ("SWIMLANE_TRAINER_CONSUMER_LEASE_TTL_MS", "3000"),
+            // One thread per core: a run takes a few hundred ms instead of tens, so
+            // there is a run in progress to kill.
+            ("SWIMLANE_TRAINER_THREADS", "0"),
+        ],
     );
 
     let http = agent();
@@ -608,7 +613,7 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
     let mut accepted = Vec::new();
     let mut kills: Vec<String> = Vec::new();
     const MIN_KILLS: usize = 2;
-    const MAX_NIGHTS: usize = 5;
+    const MAX_NIGHTS: usize = 7;
     for night in 0..MAX_NIGHTS {
         if night >= 2 && kills.len() >= MIN_KILLS {
             break;
@@ -645,7 +650,7 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             };
-            let delay = sched.random_range(0..150u64);
+            let delay = sched.random_range(0..60u64);
             std::thread::sleep(Duration::from_millis(delay));
             let committed = |db: &Db| {
                 db.transact(|tx| repo.run(tx, &user, &run_id))
