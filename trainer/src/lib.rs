@@ -476,11 +476,7 @@ mod tests {
     #[test]
     fn training_the_same_batches_again_is_a_new_run_and_a_rerun_is_the_same() {
         let b = vec!["night-1".to_string(), "night-2".to_string()];
-        assert_eq!(
-            run_id("u", &b, 3),
-            run_id("u", &b, 3),
-            "a re-run after a crash"
-        );
+        assert_eq!(run_id("u", &b, 3), run_id("u", &b, 3), "a re-run after a crash");
         assert_ne!(
             run_id("u", &b, 3),
             run_id("u", &b, 4),
