@@ -162,13 +162,10 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Deterministic run id of a user's run over `batches` (sorted), as its
-/// `attempt`-th run (`UserState::runs_started` when planned): a re-run after a crash
-/// gets the same id, training the same batches again later a new one.
-pub fn run_id(user: &str, batches: &[String], attempt: u64) -> String {
+/// Deterministic run id of a user's run over `batches` (sorted).
+pub fn run_id(user: &str, batches: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(user.as_bytes());
-    h.update(attempt.to_le_bytes());
     for b in batches {
         h.update([0u8]);
         h.update(b.as_bytes());
@@ -241,7 +238,7 @@ impl Trainer {
             })?;
             Ok(Some(Plan {
                 user: user.clone(),
-                run_id: run_id(u, &staged, state.runs_started),
+                run_id: run_id(u, &staged),
                 batches: staged,
                 parent_version: state.head,
                 parent,
@@ -344,7 +341,6 @@ impl StageHandler for Trainer {
                 if state.inflight_run.is_some()
                     || !still_staged
                     || state.head != t.plan.parent_version
-                    || run_id(u, &t.plan.batches, state.runs_started) != t.plan.run_id
                 {
                     continue; // someone else moved this user on; the trigger is stale
                 }
@@ -376,7 +372,6 @@ impl StageHandler for Trainer {
                 }
                 let mut state = state;
                 state.inflight_run = Some(t.plan.run_id.clone());
-                state.runs_started += 1;
                 repo.put_user_state(tx, u, &state)?;
                 emitter.emit(
                     tx,
@@ -467,22 +462,4 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Trainer
         p.shutdown.clone(),
     )
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::run_id;
-
-    #[test]
-    fn training_the_same_batches_again_is_a_new_run_and_a_rerun_is_the_same() {
-        let b = vec!["night-1".to_string(), "night-2".to_string()];
-        assert_eq!(run_id("u", &b, 3), run_id("u", &b, 3), "a re-run after a crash");
-        assert_ne!(
-            run_id("u", &b, 3),
-            run_id("u", &b, 4),
-            "the same batches trained again (after a deferral or a rejected run-mate)"
-        );
-        assert_ne!(run_id("u", &b, 3), run_id("v", &b, 3));
-        assert_ne!(run_id("u", &b, 3), run_id("u", &b[..1], 3));
-    }
 }
