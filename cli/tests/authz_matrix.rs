@@ -269,6 +269,12 @@ fn every_endpoint_answers_every_caller_as_its_contract_says_and_never_shows_a_to
         let publisher = swimlane_publisher::start(config.clone()).await.unwrap();
         (ingest, publisher)
     });
+    // A failed assertion must fail the test, not hang it: dropping the runtime waits for
+    // the publisher's blocking stage, which runs until its token is cancelled.
+    let _cancel_on_unwind = (
+        shutdown.clone().drop_guard(),
+        publisher.shutdown.clone().drop_guard(),
+    );
     let ingest_api = format!("http://{}", ingest.api_addr);
     let publisher_api = format!("http://{}", publisher.api_addr);
 

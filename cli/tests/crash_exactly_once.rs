@@ -246,11 +246,15 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
         let mut tonight = 0;
         'night: while tonight < STAGE_KILLS_PER_NIGHT {
             let kind = stage_kinds[next_stage % stage_kinds.len()];
-            let delay = match kind {
-                Kind::Trainer => sched.random_range(100..1500u64),
-                Kind::Validator => sched.random_range(0..120u64),
-                _ => sched.random_range(0..20u64),
+            // The longest delay drawn; it halves whenever the worker finished its work
+            // before the delay ran out (work got faster than the range), so that a kill
+            // still lands mid-work instead of the night settling first.
+            let mut max_delay = match kind {
+                Kind::Trainer => 600u64,
+                Kind::Validator => 120,
+                _ => 20,
             };
+            let mut delay = sched.random_range(0..max_delay);
             loop {
                 fleet.assert_alive();
                 if all_settled(&db, &users, &uploads.accepted) {
@@ -264,7 +268,10 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
                 std::thread::sleep(Duration::from_millis(delay));
                 let n = backlog(&db, kind, PARTITIONS);
                 if n == 0 {
-                    continue; // done already: wait for its next work
+                    // Done already: wait for its next work, with a shorter delay.
+                    max_delay = (max_delay / 2).max(2);
+                    delay = sched.random_range(0..max_delay);
+                    continue;
                 }
                 let pid = fleet.kill(kind);
                 log_kill(

@@ -161,6 +161,9 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
         .build()
         .unwrap();
     let shutdown = swimlane_runtime::CancellationToken::new();
+    // A failed assertion must fail the test, not hang it: dropping the runtime waits for
+    // its blocking tasks, which run until their shutdown token is cancelled.
+    let _cancel_on_unwind = shutdown.clone().drop_guard();
     let (ingest, publisher) = rt.block_on(async {
         let ingest = swimlane_ingest::start(
             config.clone(),
@@ -177,6 +180,7 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
         let publisher = swimlane_publisher::start(config.clone()).await.unwrap();
         (ingest, publisher)
     });
+    let _cancel_publisher_on_unwind = publisher.shutdown.clone().drop_guard();
     let stages =
         Stages::start_without_publisher(&config, &db, &prometheus::Registry::new(), 1).unwrap();
     let ingest_url = format!("http://{}", ingest.api_addr);

@@ -362,4 +362,9 @@ pub struct UserState {
     /// `swimlane_state::Repo::put_user_state`; `None`: not counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted_accuracy_bucket: Option<u32>,
+    /// Training runs of this user committed so far. Part of every run id, so that
+    /// training the same batches again (after a deferral, or with a rejected run-mate
+    /// taken out) is a new run, never the old one's id and records.
+    #[serde(default)]
+    pub runs_started: u64,
 }

@@ -11,10 +11,13 @@
 //!   trigger, and every staged batch of the user is then trained as one run.
 //! - Training happens outside any store transaction. The candidate's weights, the run
 //!   record, the batches' new status, the `CandidateTrained` event and this consumer's
-//!   position commit in one transaction. The run id is a function of the user and the
-//!   batch ids, and training is seeded by it, so a re-run after a crash makes the same
-//!   candidate, and a duplicate trigger finds the batches no longer staged and does
-//!   nothing.
+//!   position commit in one transaction. The run id is a function of the user, the
+//!   batch ids and the user's count of committed runs (`UserState::runs_started`), and
+//!   training is seeded by the user and the batch ids, so a re-run after a crash makes
+//!   the same candidate under the same id; training the same batches again later (after
+//!   a deferral, or with a rejected run-mate taken out) is a new run with its own
+//!   records; and a duplicate trigger finds the batches no longer staged, or the count
+//!   moved on, and does nothing.
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -162,10 +165,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Deterministic run id of a user's run over `batches` (sorted).
-pub fn run_id(user: &str, batches: &[String]) -> String {
+/// Deterministic run id of a user's run over `batches` (sorted), as its
+/// `attempt`-th run (`UserState::runs_started` when planned): a re-run after a crash
+/// gets the same id, training the same batches again later a new one.
+pub fn run_id(user: &str, batches: &[String], attempt: u64) -> String {
     let mut h = Sha256::new();
     h.update(user.as_bytes());
+    h.update(attempt.to_le_bytes());
     for b in batches {
         h.update([0u8]);
         h.update(b.as_bytes());
@@ -180,9 +186,21 @@ fn to_sample(s: StagedSample) -> Sample {
     }
 }
 
-fn seed_of(run_id: &str) -> u64 {
-    let d = Sha256::digest(run_id.as_bytes());
-    u64::from_le_bytes(d[..8].try_into().unwrap())
+/// The training seed of a run over `batches` (sorted): a function of what is trained
+/// (the user and the batch ids), not of the attempt, so a run id's counter changes
+/// names, never the arithmetic.
+fn training_seed(user: &str, batches: &[String]) -> u64 {
+    let mut h = Sha256::new();
+    h.update(user.as_bytes());
+    for b in batches {
+        h.update([0u8]);
+        h.update(b.as_bytes());
+    }
+    // The seed earlier releases derived from their run ids (`r-` and 20 hex digits of
+    // this digest): the same batches train the same candidate as before.
+    let id = format!("r-{}", &hex::encode(h.finalize())[..20]);
+    let d = Sha256::digest(id.as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
 }
 
 impl Trainer {
@@ -238,7 +256,7 @@ impl Trainer {
             })?;
             Ok(Some(Plan {
                 user: user.clone(),
-                run_id: run_id(u, &staged),
+                run_id: run_id(u, &staged, state.runs_started),
                 batches: staged,
                 parent_version: state.head,
                 parent,
@@ -251,7 +269,10 @@ impl Trainer {
         let t0 = Instant::now();
         let parent =
             MicroModel::from_bytes(&plan.parent).map_err(|e| format!("parent model: {e}"))?;
-        let cfg = self.train.clone().with_seed(seed_of(&plan.run_id));
+        let cfg = self
+            .train
+            .clone()
+            .with_seed(training_seed(plan.user.as_str(), &plan.batches));
         let (model, _report) =
             fine_tune(&parent, &plan.samples, &cfg).map_err(|e| format!("training: {e}"))?;
         let seconds = t0.elapsed().as_secs_f32();
@@ -341,6 +362,7 @@ impl StageHandler for Trainer {
                 if state.inflight_run.is_some()
                     || !still_staged
                     || state.head != t.plan.parent_version
+                    || run_id(u, &t.plan.batches, state.runs_started) != t.plan.run_id
                 {
                     continue; // someone else moved this user on; the trigger is stale
                 }
@@ -372,6 +394,7 @@ impl StageHandler for Trainer {
                 }
                 let mut state = state;
                 state.inflight_run = Some(t.plan.run_id.clone());
+                state.runs_started += 1;
                 repo.put_user_state(tx, u, &state)?;
                 emitter.emit(
                     tx,
@@ -462,4 +485,26 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Trainer
         p.shutdown.clone(),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_id;
+
+    #[test]
+    fn training_the_same_batches_again_is_a_new_run_and_a_rerun_is_the_same() {
+        let b = vec!["night-1".to_string(), "night-2".to_string()];
+        assert_eq!(
+            run_id("u", &b, 3),
+            run_id("u", &b, 3),
+            "a re-run after a crash"
+        );
+        assert_ne!(
+            run_id("u", &b, 3),
+            run_id("u", &b, 4),
+            "the same batches trained again (after a deferral or a rejected run-mate)"
+        );
+        assert_ne!(run_id("u", &b, 3), run_id("v", &b, 3));
+        assert_ne!(run_id("u", &b, 3), run_id("u", &b[..1], 3));
+    }
 }
