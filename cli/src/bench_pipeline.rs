@@ -26,9 +26,9 @@ use serde::Serialize;
 use swimlane_bus::positions;
 use swimlane_core::keys::Keys;
 use swimlane_core::records::BatchStatus;
-use swimlane_core::{topics, UserId, WINDOW_FEATURES};
+use swimlane_core::{topics, UserId};
 use swimlane_model::synth::{corrections, Swimmer};
-use swimlane_model::{MicroModel, Sample};
+use swimlane_model::MicroModel;
 use swimlane_runtime::Config;
 use swimlane_state::Repo;
 
@@ -180,23 +180,9 @@ fn make_uploads(
             continue;
         }
         let user = format!("bench-{:03}", out.len());
-        out.push((user, upload_body("night-0", &c)));
+        out.push((user, crate::upload::upload_body("night-0", &c)));
     }
     Ok(out)
-}
-
-/// The upload JSON of a batch of samples (as devices send it).
-pub(crate) fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
-    let samples: Vec<_> = samples
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let frames: Vec<&[f32]> = s.frames.chunks(WINDOW_FEATURES).collect();
-            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({"batch_id": batch_id, "samples": samples}))
-        .expect("serializes")
 }
 
 fn run_once(

@@ -507,7 +507,7 @@ fn device_batch(base: &MicroModel, opts: &ChaosOptions, u: usize, n: usize) -> (
         samples
     };
     (
-        crate::bench_pipeline::upload_body(&format!("night-{n}"), &samples),
+        crate::upload::upload_body(&format!("night-{n}"), &samples),
         bad,
     )
 }

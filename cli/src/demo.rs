@@ -98,18 +98,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn upload_body(batch_id: &str, samples: &[Sample]) -> serde_json::Value {
-    let samples: Vec<_> = samples
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let frames: Vec<&[f32]> = s.frames.chunks(swimlane_core::WINDOW_FEATURES).collect();
-            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
-        })
-        .collect();
-    serde_json::json!({"batch_id": batch_id, "samples": samples})
-}
-
 /// A device's HTTP client.
 struct Device {
     user: String,
@@ -141,7 +129,7 @@ impl Device {
 
     fn upload(&self, batch_id: &str, samples: &[Sample]) -> anyhow::Result<()> {
         let url = format!("{}/v1/users/{}/batches", self.ingest, self.user);
-        let body = upload_body(batch_id, samples);
+        let body = crate::upload::upload_json(batch_id, samples);
         match self
             .agent
             .post(&url)

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod fleet;
 pub mod init;
 pub mod procfleet;
+pub mod upload;

@@ -73,19 +73,11 @@ fn get(agent: &ureq::Agent, url: &str, token: &str, headers: &[(&str, &str)]) ->
 }
 
 fn upload(agent: &ureq::Agent, ingest: &str, user: &str, token: &str, batch: &str, s: &[Sample]) {
-    let samples: Vec<_> = s
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let frames: Vec<&[f32]> = s.frames.chunks(swimlane_core::WINDOW_FEATURES).collect();
-            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
-        })
-        .collect();
     let url = format!("{ingest}/v1/users/{user}/batches");
     let r = agent
         .post(&url)
         .set("Authorization", &format!("Bearer {token}"))
-        .send_json(serde_json::json!({"batch_id": batch, "samples": samples}))
+        .send_json(swimlane_cli::upload::upload_json(batch, s))
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     assert_eq!(r.status(), 202);
 }

@@ -17,7 +17,7 @@ use swimlane_bus::embedded::EmbeddedBus;
 use swimlane_bus::positions;
 use swimlane_core::keys::Keys;
 use swimlane_core::Event;
-use swimlane_model::{MicroModel, Sample};
+use swimlane_model::MicroModel;
 use swimlane_runtime::Config;
 use swimlane_state::{Repo, BASE_MODEL_BLOB};
 use swimlane_store::Db;
@@ -561,18 +561,7 @@ pub fn base_model(db: &Db) -> MicroModel {
     MicroModel::from_bytes(&bytes).unwrap()
 }
 
-/// The upload JSON of a batch (as `swimlane demo`'s devices send it).
-pub fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
-    let samples: Vec<_> = samples
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let frames: Vec<&[f32]> = s.frames.chunks(swimlane_core::WINDOW_FEATURES).collect();
-            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({"batch_id": batch_id, "samples": samples})).unwrap()
-}
+pub use swimlane_cli::upload::upload_body;
 
 /// An HTTP answer: status, headers we look at, body.
 #[derive(Debug)]
