@@ -12,7 +12,7 @@
 //! it. A member that dies stops renewing; its partitions are taken once their leases
 //! expire (after `lease_ttl`), and the new owner's bumped epoch fences it out.
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use swimlane_core::keys::Keys;
@@ -137,6 +137,12 @@ pub struct ConsumerOptions {
     /// Sleep between empty polls (the embedded log has no push notification).
     pub poll_interval: Duration,
     pub now_ms: NowMs,
+    /// Renew the member's record and its partitions' leases from a thread of its own
+    /// (a [`positions::LeaseKeeper`], every third of `lease_ttl`), so a delivery that
+    /// takes longer than `lease_ttl` keeps its partitions: what every worker uses.
+    /// `false`: renewed only when the member polls, so a member whose handler stalls
+    /// past `lease_ttl` loses its partitions (how the unit tests make a zombie).
+    pub keep_leases: bool,
 }
 
 struct Owned {
@@ -150,27 +156,50 @@ pub struct EmbeddedConsumer {
     keys: Keys,
     bus: EmbeddedBus,
     opts: ConsumerOptions,
-    owned: BTreeMap<u32, Owned>,
+    /// Shared with the lease keeper, which drops a partition whose lease it finds taken.
+    owned: Arc<Mutex<BTreeMap<u32, Owned>>>,
     last_heartbeat: Option<Instant>,
     next_partition: u32,
+    _keeper: Option<positions::LeaseKeeper>,
 }
 
 impl EmbeddedConsumer {
-    pub fn new(db: Db, keys: Keys, bus: EmbeddedBus, opts: ConsumerOptions) -> Self {
-        EmbeddedConsumer {
+    pub fn new(
+        db: Db,
+        keys: Keys,
+        bus: EmbeddedBus,
+        opts: ConsumerOptions,
+    ) -> Result<Self, BusError> {
+        let owned = Arc::new(Mutex::new(BTreeMap::new()));
+        let keeper = if opts.keep_leases {
+            Some(start_lease_keeper(
+                db.clone(),
+                keys.clone(),
+                &opts,
+                owned.clone(),
+            )?)
+        } else {
+            None
+        };
+        Ok(EmbeddedConsumer {
             db,
             keys,
             bus,
             opts,
-            owned: BTreeMap::new(),
+            owned,
             last_heartbeat: None,
             next_partition: 0,
-        }
+            _keeper: keeper,
+        })
+    }
+
+    fn owned(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Owned>> {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Partitions this member currently owns.
     pub fn owned_partitions(&self) -> Vec<u32> {
-        self.owned.keys().copied().collect()
+        self.owned().keys().copied().collect()
     }
 
     /// Heartbeat, renew owned leases, and move towards the fair share.
@@ -180,7 +209,7 @@ impl EmbeddedConsumer {
         let partitions = self.bus.partitions;
         let (keys, opts) = (&self.keys, &self.opts);
         let owned: Vec<(u32, Fence)> = self
-            .owned
+            .owned()
             .iter()
             .map(|(p, o)| (*p, o.fence.clone()))
             .collect();
@@ -239,13 +268,14 @@ impl EmbeddedConsumer {
             }
             Ok((kept, released, acquired))
         })?;
-        self.owned.retain(|p, _| kept.contains(p));
+        let mut mine = self.owned();
+        mine.retain(|p, _| kept.contains(p));
         for p in &released {
-            self.owned.remove(p);
+            mine.remove(p);
         }
         for f in acquired {
             tracing::info!(group = %f.group, topic = %f.topic, partition = f.partition, epoch = f.epoch, offset = f.offset, "partition assigned");
-            self.owned.insert(
+            mine.insert(
                 f.partition,
                 Owned {
                     cursor: f.offset,
@@ -253,6 +283,7 @@ impl EmbeddedConsumer {
                 },
             );
         }
+        drop(mine);
         self.last_heartbeat = Some(Instant::now());
         Ok(())
     }
@@ -265,7 +296,12 @@ impl EmbeddedConsumer {
     }
 
     fn try_read(&mut self, max_records: usize) -> Result<Option<Delivery>, BusError> {
-        let parts: Vec<u32> = self.owned.keys().copied().collect();
+        let owned: Vec<(u32, Fence, u64)> = self
+            .owned()
+            .iter()
+            .map(|(p, o)| (*p, o.fence.clone(), o.cursor))
+            .collect();
+        let parts: Vec<u32> = owned.iter().map(|(p, _, _)| *p).collect();
         if parts.is_empty() {
             return Ok(None);
         }
@@ -274,9 +310,9 @@ impl EmbeddedConsumer {
             .position(|p| *p >= self.next_partition)
             .unwrap_or(0);
         for i in 0..parts.len() {
-            let p = parts[(start + i) % parts.len()];
-            let o = &self.owned[&p];
-            let (bus, topic, cursor) = (&self.bus, &self.opts.topic, o.cursor);
+            let (p, o_fence, cursor) = &owned[(start + i) % parts.len()];
+            let (p, cursor) = (*p, *cursor);
+            let (bus, topic) = (&self.bus, &self.opts.topic);
             let records =
                 self.db
                     .transact(|tx| match bus.read(tx, topic, p, cursor, max_records) {
@@ -286,13 +322,65 @@ impl EmbeddedConsumer {
                     })??;
             if !records.is_empty() {
                 self.next_partition = p + 1;
-                let mut fence = o.fence.clone();
+                let mut fence = o_fence.clone();
                 fence.offset = cursor;
                 return Ok(Some(Delivery { fence, records }));
             }
         }
         Ok(None)
     }
+}
+
+/// The embedded member's lease keeper: every third of `lease_ttl` it renews the member's
+/// record (so the others count it live) and the leases of the partitions it owns, and
+/// drops a partition whose lease another member has taken.
+fn start_lease_keeper(
+    db: Db,
+    keys: Keys,
+    opts: &ConsumerOptions,
+    owned: Arc<Mutex<BTreeMap<u32, Owned>>>,
+) -> Result<positions::LeaseKeeper, BusError> {
+    let (group, topic, member) = (opts.group.clone(), opts.topic.clone(), opts.member.clone());
+    let (ttl, now_ms) = (opts.lease_ttl, opts.now_ms.clone());
+    positions::LeaseKeeper::start("lease-keeper", ttl / 3, move || {
+        let fences: Vec<Fence> = owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|o| o.fence.clone())
+            .collect();
+        if fences.is_empty() {
+            return; // nothing held: the member's next poll heartbeats and rebalances
+        }
+        let now = now_ms();
+        let ttl = ttl.as_millis() as u64;
+        let renewed = db.transact(|tx| {
+            tx.set(
+                &keys.member(&group, &topic, &member),
+                &(now + ttl).to_le_bytes(),
+            )?;
+            positions::renew_all(tx, &keys, &fences, &member, now, ttl)
+        });
+        match renewed {
+            Ok(lost) => {
+                let mut owned = owned.lock().unwrap_or_else(|e| e.into_inner());
+                for f in lost {
+                    if owned
+                        .get(&f.partition)
+                        .is_some_and(|o| o.fence.epoch == f.epoch)
+                    {
+                        tracing::warn!(
+                            partition = f.partition,
+                            epoch = f.epoch,
+                            "lease taken by a newer owner; partition dropped"
+                        );
+                        owned.remove(&f.partition);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
+        }
+    })
 }
 
 impl Consumer for EmbeddedConsumer {
@@ -318,7 +406,7 @@ impl Consumer for EmbeddedConsumer {
     }
 
     fn committed(&mut self, fence: &Fence, next_offset: u64) {
-        if let Some(o) = self.owned.get_mut(&fence.partition) {
+        if let Some(o) = self.owned().get_mut(&fence.partition) {
             if o.fence.epoch == fence.epoch {
                 o.cursor = next_offset;
             }
@@ -326,8 +414,8 @@ impl Consumer for EmbeddedConsumer {
     }
 
     fn fenced(&mut self, fence: &Fence) {
-        if self
-            .owned
+        let mut owned = self.owned();
+        if owned
             .get(&fence.partition)
             .is_some_and(|o| o.fence.epoch == fence.epoch)
         {
@@ -336,12 +424,12 @@ impl Consumer for EmbeddedConsumer {
                 epoch = fence.epoch,
                 "partition lost to a newer owner"
             );
-            self.owned.remove(&fence.partition);
+            owned.remove(&fence.partition);
         }
     }
 
     fn lag(&mut self) -> Result<u64, BusError> {
-        let owned: Vec<(u32, u64)> = self.owned.iter().map(|(p, o)| (*p, o.cursor)).collect();
+        let owned: Vec<(u32, u64)> = self.owned().iter().map(|(p, o)| (*p, o.cursor)).collect();
         let (bus, topic) = (&self.bus, &self.opts.topic);
         Ok(self.db.transact(|tx| {
             let mut lag = 0;
@@ -353,7 +441,7 @@ impl Consumer for EmbeddedConsumer {
     }
 
     fn close(&mut self) -> Result<(), BusError> {
-        let owned: Vec<Fence> = self.owned.values().map(|o| o.fence.clone()).collect();
+        let owned: Vec<Fence> = self.owned().values().map(|o| o.fence.clone()).collect();
         let (keys, opts) = (&self.keys, &self.opts);
         self.db.transact(|tx| {
             for f in &owned {
@@ -361,7 +449,7 @@ impl Consumer for EmbeddedConsumer {
             }
             tx.clear(&keys.member(&opts.group, &opts.topic, &opts.member))
         })?;
-        self.owned.clear();
+        self.owned().clear();
         Ok(())
     }
 }

@@ -614,94 +614,50 @@ pub struct FencingContext {
     state: Arc<Mutex<OwnedState>>,
 }
 
-/// Renews the store leases of the partitions a consumer owns, every third of their
-/// time to live, on its own thread, for as long as the consumer lives, whatever its
-/// stage is busy with (Kafka's own heartbeat runs on librdkafka's thread the same
-/// way). So a lease runs out only when its owner process is gone (or cannot reach the
+/// Renews the store leases of the partitions this consumer owns, every third of their
+/// time to live, on a [`positions::LeaseKeeper`] thread for as long as the consumer
+/// lives. So a lease runs out only when its owner process is gone (or cannot reach the
 /// store), which is what the orphan watchdog ([`KafkaConsumer::poll`]) looks for.
-struct LeaseKeeper {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl LeaseKeeper {
-    fn start(
-        db: Db,
-        keys: Keys,
-        opts: KafkaConsumerOptions,
-        state: Arc<Mutex<OwnedState>>,
-    ) -> Result<LeaseKeeper, BusError> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let every = (opts.lease_ttl / 3).max(Duration::from_millis(10));
-        let thread = std::thread::Builder::new()
-            .name("lease-keeper".into())
-            .spawn(move || {
-                let mut last = Instant::now();
-                while !flag.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(10).min(every));
-                    if last.elapsed() < every {
-                        continue;
-                    }
-                    last = Instant::now();
-                    let fences: Vec<Fence> = state
-                        .lock()
-                        .unwrap()
+fn start_lease_keeper(
+    db: Db,
+    keys: Keys,
+    opts: KafkaConsumerOptions,
+    state: Arc<Mutex<OwnedState>>,
+) -> Result<positions::LeaseKeeper, BusError> {
+    positions::LeaseKeeper::start("lease-keeper", opts.lease_ttl / 3, move || {
+        let fences: Vec<Fence> = state
+            .lock()
+            .unwrap()
+            .owned
+            .values()
+            .map(|o| o.fence.clone())
+            .collect();
+        if fences.is_empty() {
+            return;
+        }
+        let now = (opts.now_ms)();
+        let ttl = opts.lease_ttl.as_millis() as u64;
+        match db.transact(|tx| positions::renew_all(tx, &keys, &fences, &opts.member, now, ttl)) {
+            Ok(lost) => {
+                let mut st = state.lock().unwrap();
+                for f in lost {
+                    if st
                         .owned
-                        .values()
-                        .map(|o| o.fence.clone())
-                        .collect();
-                    if fences.is_empty() {
-                        continue;
-                    }
-                    let now = (opts.now_ms)();
-                    let ttl = opts.lease_ttl.as_millis() as u64;
-                    let renewed = db.transact(|tx| {
-                        let mut lost = Vec::new();
-                        for f in &fences {
-                            if !positions::renew(tx, &keys, f, &opts.member, now, ttl)? {
-                                lost.push(f.clone());
-                            }
-                        }
-                        Ok(lost)
-                    });
-                    match renewed {
-                        Ok(lost) => {
-                            let mut st = state.lock().unwrap();
-                            for f in lost {
-                                if st
-                                    .owned
-                                    .get(&f.partition)
-                                    .is_some_and(|o| o.fence.epoch == f.epoch)
-                                {
-                                    tracing::warn!(
-                                        partition = f.partition,
-                                        epoch = f.epoch,
-                                        "lease taken by a newer owner; partition dropped"
-                                    );
-                                    st.owned.remove(&f.partition);
-                                }
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
+                        .get(&f.partition)
+                        .is_some_and(|o| o.fence.epoch == f.epoch)
+                    {
+                        tracing::warn!(
+                            partition = f.partition,
+                            epoch = f.epoch,
+                            "lease taken by a newer owner; partition dropped"
+                        );
+                        st.owned.remove(&f.partition);
                     }
                 }
-            })
-            .map_err(|e| BusError::Config(format!("cannot start the lease keeper thread: {e}")))?;
-        Ok(LeaseKeeper {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
         }
-    }
+    })
 }
 
 impl ClientContext for FencingContext {}
@@ -793,7 +749,7 @@ impl ConsumerContext for FencingContext {
 /// Orphan watchdog: while it owns partitions, a member also checks, every third of
 /// the lease time to live, the leases of the topic's other partitions. A partition
 /// whose lease has run out (its owner process is gone: live owners' leases are
-/// renewed by the [`LeaseKeeper`]) and stays out for a whole time to live, although
+/// renewed by its lease keeper thread) and stays out for a whole time to live, although
 /// the coordinator should long since have given it to a live member, makes the
 /// member leave and rejoin the group, so that the coordinator assigns every partition
 /// anew. (tansu 0.6.0 drops a member that stops heartbeating but keeps the group's
@@ -803,7 +759,7 @@ pub struct KafkaConsumer {
     consumer: BaseConsumer<FencingContext>,
     next_partition: u32,
     commit_kafka_offsets: bool,
-    _keeper: LeaseKeeper,
+    _keeper: positions::LeaseKeeper,
     watched: Option<Instant>,
     /// Partitions of the topic (from Kafka's metadata, once known).
     partitions: Option<u32>,
@@ -838,7 +794,7 @@ impl KafkaConsumer {
         }
         let topic = opts.kafka_topic();
         let state = Arc::new(Mutex::new(OwnedState::default()));
-        let keeper = LeaseKeeper::start(db.clone(), keys.clone(), opts.clone(), state.clone())?;
+        let keeper = start_lease_keeper(db.clone(), keys.clone(), opts.clone(), state.clone())?;
         let ctx = FencingContext {
             db,
             keys,

@@ -235,3 +235,78 @@ pub fn commit(
 pub fn is_fenced(e: &KvError) -> bool {
     e.aborted_as::<Fenced>().is_some()
 }
+
+/// Renew the leases of `fences` for `member` in one transaction; the fences whose
+/// lease another owner holds now (their partitions are lost: the caller drops them).
+pub fn renew_all(
+    tx: &mut Transaction<'_>,
+    keys: &Keys,
+    fences: &[Fence],
+    member: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Vec<Fence>, KvError> {
+    let mut lost = Vec::new();
+    for f in fences {
+        if !renew(tx, keys, f, member, now_ms, ttl_ms)? {
+            lost.push(f.clone());
+        }
+    }
+    Ok(lost)
+}
+
+/// Runs `tick` every `every` on a thread of its own, from [`LeaseKeeper::start`] until
+/// the keeper is dropped (drop stops the thread and waits for it).
+///
+/// Consumers renew their partition leases with it, whatever their stage is busy with
+/// (Kafka's own heartbeat runs on librdkafka's thread the same way), so a lease runs out
+/// only when its owner process is gone, frozen, or cannot reach the store: a delivery
+/// that takes longer than the lease's time to live (a slow training run) keeps its
+/// partition, instead of losing it mid-work to another member that then loses it the
+/// same way.
+pub struct LeaseKeeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    /// Start the thread (named `name`); the first tick comes after `every`.
+    pub fn start(
+        name: &str,
+        every: std::time::Duration,
+        mut tick: impl FnMut() + Send + 'static,
+    ) -> Result<LeaseKeeper, crate::BusError> {
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let every = every.max(Duration::from_millis(10));
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                while !flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10).min(every));
+                    if last.elapsed() < every {
+                        continue;
+                    }
+                    last = Instant::now();
+                    tick();
+                }
+            })
+            .map_err(|e| crate::BusError::Config(format!("cannot start the {name} thread: {e}")))?;
+        Ok(LeaseKeeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -37,8 +37,10 @@ fn consumer(db: &Db, keys: &Keys, bus: &EmbeddedBus, member: &str, now: NowMs) -
             lease_ttl: Duration::from_secs(3),
             poll_interval: Duration::from_millis(1),
             now_ms: now,
+            keep_leases: false,
         },
     )
+    .unwrap()
 }
 
 fn emit(db: &Db, bus: &EmbeddedBus, key: &str, payload: &str) {
@@ -163,4 +165,40 @@ fn lag_counts_records_not_yet_committed() {
     let got = drain(&db, &keys, &mut c);
     assert_eq!(got.len(), 5);
     assert_eq!(c.lag().unwrap(), 0);
+}
+
+/// A member busy with one delivery for longer than the lease's time to live (a slow
+/// training run) keeps its partitions while its lease keeper runs: another member
+/// finds nothing to take, and the slow member's commit goes through. Without the
+/// keeper (the zombie test above) the partition would move and the commit be fenced.
+#[test]
+fn a_delivery_longer_than_the_lease_keeps_its_partition_with_the_keeper() {
+    let (_d, db, keys, bus) = setup();
+    emit(&db, &bus, "u", "a");
+    let opts = |member: &str| ConsumerOptions {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        member: member.into(),
+        lease_ttl: Duration::from_millis(600),
+        poll_interval: Duration::from_millis(1),
+        now_ms: swimlane_bus::embedded::system_now_ms(),
+        keep_leases: true,
+    };
+    let mut slow =
+        EmbeddedConsumer::new(db.clone(), keys.clone(), bus.clone(), opts("slow")).unwrap();
+    let d = slow.poll(10, Duration::ZERO).unwrap().unwrap();
+    // The handler works for four times the lease's time to live, polling nothing.
+    std::thread::sleep(Duration::from_millis(2400));
+    let mut other =
+        EmbeddedConsumer::new(db.clone(), keys.clone(), bus.clone(), opts("other")).unwrap();
+    other.rebalance().unwrap();
+    assert!(
+        !other.owned_partitions().contains(&d.fence.partition),
+        "the busy member's partition moved although its keeper renews the lease"
+    );
+    assert!(other.poll(10, Duration::ZERO).unwrap().is_none());
+    db.transact(|tx| positions::commit(tx, &keys, &d.fence, d.next_offset()))
+        .unwrap();
+    slow.committed(&d.fence, d.next_offset());
+    assert!(slow.owned_partitions().contains(&d.fence.partition));
 }

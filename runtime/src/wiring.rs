@@ -144,8 +144,9 @@ pub fn consumer(
                     lease_ttl: c.lease_ttl(),
                     poll_interval: c.poll_interval(),
                     now_ms: system_now_ms(),
+                    keep_leases: true,
                 },
-            )))
+            )?))
         }
         #[cfg(feature = "kafka")]
         BusLocation::Kafka(addr) => {
