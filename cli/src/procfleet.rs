@@ -197,11 +197,38 @@ impl ProcFleet {
                 .join(format!("{}-{}.log", m.name, m.starts)),
         )
         .unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
+        // A panic's or an error's backtrace would fill the tail: leave its frames out,
+        // so the message that says what went wrong is what shows.
+        let lines: Vec<&str> = log.lines().filter(|l| !is_backtrace_frame(l)).collect();
         format!(
-            "; its log ends:\n{}",
+            "; its log ends (backtrace frames left out):\n{}",
             lines[lines.len().saturating_sub(20)..].join("\n")
         )
+    }
+}
+
+/// A line of a Rust backtrace (`  12: symbol` or `      at file:line`), not a message.
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backtrace_frames_are_told_from_messages() {
+        let log = "2026-12-01T09:00:00Z ERROR trainer: handling failed\n\
+                   thread 'main' panicked at trainer/src/lib.rs:10:5:\n\
+                   Error: bus error: 3: no\n   0: __rustc::rust_begin_unwind\n\
+                   \x20            at /rustc/library/std/src/panicking.rs:689:5\n  12: main";
+        let kept: Vec<&str> = log
+            .lines()
+            .filter(|l| !super::is_backtrace_frame(l))
+            .collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert!(kept[2].starts_with("Error: bus error"));
     }
 }
 
