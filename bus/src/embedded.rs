@@ -331,6 +331,22 @@ impl EmbeddedConsumer {
     }
 }
 
+/// Forget the partition of `fence` if it is still held under that fence's epoch: a
+/// newer owner has it (found by the keeper's renewal, or by a fenced commit).
+fn drop_lost(owned: &mut BTreeMap<u32, Owned>, fence: &Fence) {
+    if owned
+        .get(&fence.partition)
+        .is_some_and(|o| o.fence.epoch == fence.epoch)
+    {
+        tracing::warn!(
+            partition = fence.partition,
+            epoch = fence.epoch,
+            "partition lost to a newer owner"
+        );
+        owned.remove(&fence.partition);
+    }
+}
+
 /// The embedded member's lease keeper: every third of `lease_ttl` it renews the member's
 /// record (so the others count it live) and the leases of the partitions it owns, and
 /// drops a partition whose lease another member has taken.
@@ -365,17 +381,7 @@ fn start_lease_keeper(
             Ok(lost) => {
                 let mut owned = owned.lock().unwrap_or_else(|e| e.into_inner());
                 for f in lost {
-                    if owned
-                        .get(&f.partition)
-                        .is_some_and(|o| o.fence.epoch == f.epoch)
-                    {
-                        tracing::warn!(
-                            partition = f.partition,
-                            epoch = f.epoch,
-                            "lease taken by a newer owner; partition dropped"
-                        );
-                        owned.remove(&f.partition);
-                    }
+                    drop_lost(&mut owned, &f);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
@@ -414,18 +420,7 @@ impl Consumer for EmbeddedConsumer {
     }
 
     fn fenced(&mut self, fence: &Fence) {
-        let mut owned = self.owned();
-        if owned
-            .get(&fence.partition)
-            .is_some_and(|o| o.fence.epoch == fence.epoch)
-        {
-            tracing::warn!(
-                partition = fence.partition,
-                epoch = fence.epoch,
-                "partition lost to a newer owner"
-            );
-            owned.remove(&fence.partition);
-        }
+        drop_lost(&mut self.owned(), fence);
     }
 
     fn lag(&mut self) -> Result<u64, BusError> {
