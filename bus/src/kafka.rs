@@ -606,6 +606,25 @@ struct OwnedState {
     error: Option<String>,
 }
 
+impl OwnedState {
+    /// Forget the partition of `fence` if it is still held under that fence's epoch: a
+    /// newer owner has it (found by the lease keeper, or by a fenced commit).
+    fn drop_lost(&mut self, fence: &Fence) {
+        if self
+            .owned
+            .get(&fence.partition)
+            .is_some_and(|o| o.fence.epoch == fence.epoch)
+        {
+            tracing::warn!(
+                partition = fence.partition,
+                epoch = fence.epoch,
+                "partition lost to a newer owner"
+            );
+            self.owned.remove(&fence.partition);
+        }
+    }
+}
+
 /// The consumer's context: takes fences on assignment, drops them on revocation.
 pub struct FencingContext {
     db: Db,
@@ -641,18 +660,7 @@ fn start_lease_keeper(
             Ok(lost) => {
                 let mut st = state.lock().unwrap();
                 for f in lost {
-                    if st
-                        .owned
-                        .get(&f.partition)
-                        .is_some_and(|o| o.fence.epoch == f.epoch)
-                    {
-                        tracing::warn!(
-                            partition = f.partition,
-                            epoch = f.epoch,
-                            "lease taken by a newer owner; partition dropped"
-                        );
-                        st.owned.remove(&f.partition);
-                    }
+                    st.drop_lost(&f);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
@@ -1063,19 +1071,12 @@ impl Consumer for KafkaConsumer {
     }
 
     fn fenced(&mut self, fence: &Fence) {
-        let mut st = self.consumer.context().state.lock().unwrap();
-        if st
-            .owned
-            .get(&fence.partition)
-            .is_some_and(|o| o.fence.epoch == fence.epoch)
-        {
-            tracing::warn!(
-                partition = fence.partition,
-                epoch = fence.epoch,
-                "partition lost to a newer owner"
-            );
-            st.owned.remove(&fence.partition);
-        }
+        self.consumer
+            .context()
+            .state
+            .lock()
+            .unwrap()
+            .drop_lost(fence);
     }
 
     fn close(&mut self) -> Result<(), BusError> {
