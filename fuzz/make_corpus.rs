@@ -51,6 +51,11 @@ fn staged(samples: &[Sample]) -> Vec<StagedSample> {
             frames: s.frames.clone(),
             label: s.label,
             heldout: i % 5 == 0,
+            feedback: (i % 3 == 1).then_some(swimlane_core::records::Feedback {
+                corrected: true,
+                predicted: swimlane_core::ClassId(((s.label.0 as usize + 1) % 6) as u8),
+                model_version: Some(i as u64),
+            }),
         })
         .collect()
 }
@@ -267,7 +272,12 @@ fn main() {
 
     // model_safetensors and model_onnx: an initialised micro model (the trained one
     // has the same layout), and a sample-set file.
-    let model = MicroModel::init(&samples(24, 3), 3).expect("a model");
+    let model = MicroModel::init(
+        &swimlane_core::ModelSpec::synthetic_pose(),
+        &samples(24, 3),
+        3,
+    )
+    .expect("a model");
     put("model_safetensors", "micro-model", &model.to_bytes());
     put(
         "model_safetensors",

@@ -85,7 +85,7 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -99,17 +99,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// A device's HTTP client.
-struct Device {
-    user: String,
-    token: String,
-    ingest: String,
-    publisher: String,
-    agent: ureq::Agent,
+pub(crate) struct Device {
+    pub user: String,
+    pub token: String,
+    pub ingest: String,
+    pub publisher: String,
+    pub agent: ureq::Agent,
 }
 
 impl Device {
     /// The model the phone runs now: its published model, or `None` (use the base).
-    fn current_model(&self) -> anyhow::Result<Option<MicroModel>> {
+    pub(crate) fn current_model(&self) -> anyhow::Result<Option<MicroModel>> {
+        Ok(self.current_versioned()?.map(|(m, _)| m))
+    }
+
+    /// The published model and its version (`X-Model-Version`), or `None`.
+    pub(crate) fn current_versioned(&self) -> anyhow::Result<Option<(MicroModel, u64)>> {
         let url = format!("{}/v1/users/{}/model", self.publisher, self.user);
         match self
             .agent
@@ -118,9 +123,13 @@ impl Device {
             .call()
         {
             Ok(r) => {
+                let version = r
+                    .header("x-model-version")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("GET {url}: no X-Model-Version"))?;
                 let mut bytes = Vec::new();
                 r.into_reader().read_to_end(&mut bytes)?;
-                Ok(Some(MicroModel::from_bytes(&bytes)?))
+                Ok(Some((MicroModel::from_bytes(&bytes)?, version)))
             }
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(anyhow::anyhow!("GET {url}: {e}")),
@@ -128,8 +137,12 @@ impl Device {
     }
 
     fn upload(&self, batch_id: &str, samples: &[Sample]) -> anyhow::Result<()> {
+        self.post_batch(crate::upload::upload_json(batch_id, samples))
+    }
+
+    /// POST an upload body; anything but 202 is an error with the answer's text.
+    pub(crate) fn post_batch(&self, body: serde_json::Value) -> anyhow::Result<()> {
         let url = format!("{}/v1/users/{}/batches", self.ingest, self.user);
-        let body = crate::upload::upload_json(batch_id, samples);
         match self
             .agent
             .post(&url)
@@ -146,7 +159,7 @@ impl Device {
     }
 
     /// The batch's status word and the whole status object.
-    fn status(&self, batch_id: &str) -> anyhow::Result<serde_json::Value> {
+    pub(crate) fn status(&self, batch_id: &str) -> anyhow::Result<serde_json::Value> {
         let url = format!(
             "{}/v1/users/{}/batches/{}",
             self.ingest, self.user, batch_id
@@ -160,7 +173,7 @@ impl Device {
         Ok(r.into_json()?)
     }
 
-    fn versions(&self) -> anyhow::Result<usize> {
+    pub(crate) fn versions(&self) -> anyhow::Result<usize> {
         let url = format!("{}/v1/users/{}/model/versions", self.publisher, self.user);
         let r = self
             .agent
@@ -175,7 +188,7 @@ impl Device {
 
 use std::io::Read;
 
-fn settled(status: &str) -> bool {
+pub(crate) fn settled(status: &str) -> bool {
     matches!(status, "published" | "rejected" | "deferred")
 }
 

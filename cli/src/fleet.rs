@@ -62,7 +62,7 @@ impl Stages {
         let tm = TrainerMetrics::register(registry)?;
         for i in 0..trainers {
             let (cfg, deps) = (
-                TrainerConfig::from_config(config),
+                TrainerConfig::from_config(config)?,
                 TrainerDeps::from_config(config, db, tm.clone())?,
             );
             spawn(
@@ -73,7 +73,7 @@ impl Stages {
             )?;
         }
         let (cfg, deps) = (
-            ValidatorConfig::from_config(config),
+            ValidatorConfig::from_config(config)?,
             ValidatorDeps::from_config(config, db, ValidatorMetrics::register(registry)?)?,
         );
         spawn(
@@ -84,7 +84,7 @@ impl Stages {
         )?;
         if publisher {
             let (cfg, deps) = (
-                PublisherConfig::from_config(config),
+                PublisherConfig::from_config(config)?,
                 PublisherDeps::from_config(config, db, PublisherMetrics::register(registry)?)?,
             );
             spawn(

@@ -49,19 +49,32 @@ pub fn install(
         Some(m) => m,
         None => train_default_base(seed)?.0,
     };
+    let guard = Population::unseen(derive_seed(seed, GUARD_DOMAIN, 0), GUARD_SWIMMERS)
+        .samples(GUARD_WINDOWS_PER_SWIMMER, seed);
+    install_model(db, deployment, &base, guard)
+}
+
+/// Install `base` and the population guard set `guard` (windows of people whose data
+/// no user model trains on) for a deployment of any spec, replacing what is there.
+pub fn install_model(
+    db: &Db,
+    deployment: &str,
+    base: &MicroModel,
+    guard: Vec<swimlane_model::Sample>,
+) -> anyhow::Result<Installed> {
+    let repo = Repo::new(Keys::new(deployment));
     let weights = base.to_bytes();
-    let guard: Vec<StagedSample> =
-        Population::unseen(derive_seed(seed, GUARD_DOMAIN, 0), GUARD_SWIMMERS)
-            .samples(GUARD_WINDOWS_PER_SWIMMER, seed)
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| StagedSample {
-                id: format!("g{i}"),
-                frames: s.frames,
-                label: s.label,
-                heldout: false,
-            })
-            .collect();
+    let guard: Vec<StagedSample> = guard
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| StagedSample {
+            id: format!("g{i}"),
+            frames: s.frames,
+            label: s.label,
+            heldout: false,
+            feedback: None,
+        })
+        .collect();
     let guard_bytes = encode_sample_set(&guard);
     db.transact(|tx| {
         repo.put_blob(tx, BASE_MODEL_BLOB, &weights)?;

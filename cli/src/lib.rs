@@ -6,5 +6,8 @@ pub mod chaos;
 pub mod demo;
 pub mod fleet;
 pub mod init;
+pub mod plot;
 pub mod procfleet;
+pub mod recording;
+pub mod replay;
 pub mod upload;

@@ -59,6 +59,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Real swimmers' recordings through the real pipeline (ingest's HTTP API, the
+    /// trainers, the validator's gate, the publisher), fold by fold, against a no-gate
+    /// baseline; prints a table per swimmer (src/replay.rs says how).
+    Replay {
+        /// The recordings: one sub-folder per swimmer (e.g. ../shared/data/swim-imu).
+        #[arg(long, default_value = "../shared/data/swim-imu")]
+        data: std::path::PathBuf,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Replay only the first N swimmers (the base models still use every swimmer).
+        #[arg(long)]
+        swimmers: Option<usize>,
+        #[arg(long, default_value_t = 14)]
+        seed: u64,
+        /// Most windows in one upload.
+        #[arg(long, default_value_t = 120)]
+        session_windows: usize,
+        #[arg(long, default_value_t = 2)]
+        trainers: usize,
+        /// Write a PNG plot of the device's accuracy over sessions.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recorded sensor data.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// All four workers in this process, on the configured store and bus (default: an
     /// embedded store in ./swimlane-data); installs the base model first if needed.
     Dev {
@@ -76,6 +107,32 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: admin_cmd::AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Cut recordings (CSV or CSV.gz, docs/recordings.md) into labelled windows of a
+    /// spec and write one upload body (docs/batch-format.md) per recording into --out.
+    Import {
+        /// A built-in spec name or a JSON spec file.
+        #[arg(long, default_value = "smartwatch")]
+        spec: String,
+        /// Channel-to-header overrides, `CHANNEL=HEADER,...` (default: the channel's
+        /// own name; for the smartwatch spec the swim-imu headers ACC_0.., GYRO_0..,
+        /// MAG_0..).
+        #[arg(long)]
+        columns: Option<String>,
+        #[arg(long, default_value = "label")]
+        label_column: String,
+        /// Frames between window starts (default: half a window).
+        #[arg(long)]
+        stride: Option<usize>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Recording files, or folders of them.
+        #[arg(required = true)]
+        inputs: Vec<std::path::PathBuf>,
     },
 }
 
@@ -173,6 +230,63 @@ async fn run_worker(w: WorkerName, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn data_cmd(command: DataCommand) -> anyhow::Result<()> {
+    use swimlane_cli::recording::{read_recording, recording_files, ImportOptions};
+    let DataCommand::Import {
+        spec,
+        columns,
+        label_column,
+        stride,
+        out,
+        inputs,
+    } = command;
+    let mut config = Config::default();
+    config.spec = spec;
+    let spec = config.model_spec()?;
+    let mut opts = ImportOptions::for_spec(&spec);
+    if let Some(c) = columns {
+        opts.columns = ImportOptions::parse_columns(&c)?;
+    }
+    opts.label_column = label_column;
+    if let Some(s) = stride {
+        opts.stride = s;
+    }
+    let mut files = Vec::new();
+    for i in inputs {
+        if i.is_dir() {
+            files.extend(recording_files(&i)?);
+        } else {
+            files.push(i);
+        }
+    }
+    std::fs::create_dir_all(&out)?;
+    let (mut windows, mut straddling) = (0, 0);
+    for f in &files {
+        let r = read_recording(f, &spec, &opts)?;
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("recording")
+            .split('.')
+            .next()
+            .unwrap_or("recording")
+            .to_string();
+        let samples: Vec<_> = r.windows.iter().map(|w| w.sample.clone()).collect();
+        windows += samples.len();
+        straddling += r.straddling;
+        if samples.is_empty() {
+            continue;
+        }
+        let body = swimlane_cli::upload::upload_json_with(&spec, &name, &samples, None);
+        std::fs::write(out.join(format!("{name}.json")), serde_json::to_vec(&body)?)?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"recordings": files.len(), "windows": windows, "straddling_dropped": straddling, "spec": spec.name, "out": out})
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -210,6 +324,46 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay {
+            data,
+            folds,
+            swimmers,
+            seed,
+            session_windows,
+            trainers,
+            plot,
+            json,
+        } => {
+            if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none()
+            {
+                std::env::set_var("SWIMLANE_LOG", "warn");
+            }
+            swimlane_runtime::init_tracing(false);
+            anyhow::ensure!(
+                swimlane_cli::replay::data_present(&data),
+                "{}: no swim-imu data folder (a README.md and one folder per swimmer); the recordings are not shipped with swimlane",
+                data.display()
+            );
+            let opts = swimlane_cli::replay::ReplayOptions {
+                data,
+                folds,
+                swimmers,
+                seed,
+                session_windows,
+                trainers,
+                plot,
+                progress: true,
+                ..Default::default()
+            };
+            let report = runtime()?.block_on(swimlane_cli::replay::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                swimlane_cli::replay::print_table(&report);
+            }
+            Ok(())
+        }
+        Command::Data { command } => data_cmd(command),
         Command::Dev { args } => {
             let config = Config::load(&args, None)?;
             swimlane_runtime::apply_training_threads(&config);

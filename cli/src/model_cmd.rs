@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Subcommand;
-use swimlane_core::StrokeClass;
+use swimlane_core::{ModelSpec, StrokeClass};
 use swimlane_model::experiment::{self, Protocol};
 use swimlane_model::onnx::{self, Lineage, ModelRef, OnnxModel};
 use swimlane_model::synth::Population;
@@ -306,7 +306,7 @@ fn parity_set(
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            serde_json::json!({"id": format!("w{i}"), "frames": upload_frames(&s.frames), "label": s.label.name()})
+            serde_json::json!({"id": format!("w{i}"), "frames": upload_frames(&s.frames), "label": swimlane_core::ModelSpec::synthetic_pose().class_name(s.label)})
         })
         .collect();
     std::fs::write(
@@ -407,9 +407,9 @@ fn bench_train(
         max_steps: Some(5),
         ..cfg.clone()
     };
-    train_base(&samples, &warm)?;
+    train_base(&ModelSpec::synthetic_pose(), &samples, &warm)?;
     let t = Instant::now();
-    let (model, report) = train_base(&samples, &cfg)?;
+    let (model, report) = train_base(&ModelSpec::synthetic_pose(), &samples, &cfg)?;
     let train_secs = t.elapsed().as_secs_f64();
     let final_loss = report.train_loss.last().copied().unwrap_or(f32::NAN);
     let acc = swimlane_model::evaluate(&model, &samples)?.accuracy;

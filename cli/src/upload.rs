@@ -3,21 +3,48 @@
 //! order), its 32 frames of 16 features, and its corrected label's name. Used by the
 //! demo, the benchmarks, the chaos soak and the tests, so they all upload what a phone
 //! would.
-use swimlane_core::WINDOW_FEATURES;
+use swimlane_core::records::Feedback;
+use swimlane_core::ModelSpec;
 use swimlane_model::Sample;
 
-/// The upload as a JSON value; it passes ingest's validation whenever `batch_id` is a
-/// valid batch id and `samples` are 1 to the configured maximum.
+/// The upload as a JSON value for the synthetic pose spec (format 1); it passes
+/// ingest's validation whenever `batch_id` is a valid batch id and `samples` are 1 to
+/// the configured maximum.
 pub fn upload_json(batch_id: &str, samples: &[Sample]) -> serde_json::Value {
+    upload_json_with(&ModelSpec::synthetic_pose(), batch_id, samples, None)
+}
+
+/// The upload for any spec; with `feedback` (one per sample), format 2: each window
+/// says what the device predicted, with which version, and whether the user corrected
+/// it (docs/batch-format.md).
+pub fn upload_json_with(
+    spec: &ModelSpec,
+    batch_id: &str,
+    samples: &[Sample],
+    feedback: Option<&[Feedback]>,
+) -> serde_json::Value {
+    let channels = spec.channels.len();
     let samples: Vec<_> = samples
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let frames: Vec<&[f32]> = s.frames.chunks(WINDOW_FEATURES).collect();
-            serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": s.label.name()})
+            let frames: Vec<&[f32]> = s.frames.chunks(channels).collect();
+            let mut v = serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": spec.class_name(s.label)});
+            if let Some(f) = feedback.and_then(|f| f.get(i)) {
+                v["feedback"] = serde_json::json!({
+                    "kind": if f.corrected { "corrected" } else { "confirmed" },
+                    "predicted": spec.class_name(f.predicted),
+                    "model_version": f.model_version,
+                });
+            }
+            v
         })
         .collect();
-    serde_json::json!({"batch_id": batch_id, "samples": samples})
+    if feedback.is_some() {
+        serde_json::json!({"format": 2, "batch_id": batch_id, "samples": samples})
+    } else {
+        serde_json::json!({"batch_id": batch_id, "samples": samples})
+    }
 }
 
 /// The same upload serialized, ready to send.
@@ -39,12 +66,13 @@ mod tests {
                 frames: (0..WINDOW_VALUES)
                     .map(|v| (i * 1000 + v) as f32 * 0.5)
                     .collect(),
-                label: StrokeClass::ALL[i],
+                label: StrokeClass::ALL[i].into(),
             })
             .collect();
         let body = upload_body("night-1", &samples);
         let user = UserId::new("alice").unwrap();
-        let batch = validate_upload(&user, &body, BatchLimits { max_samples: 10 }).unwrap();
+        let limits = BatchLimits { max_samples: 10 };
+        let batch = validate_upload(&user, &body, limits, &ModelSpec::synthetic_pose()).unwrap();
         assert_eq!(batch.batch_id.as_str(), "night-1");
         assert_eq!(batch.samples.len(), 3);
         for (i, (got, want)) in batch.samples.iter().zip(&samples).enumerate() {
@@ -52,5 +80,35 @@ mod tests {
             assert_eq!(got.frames, want.frames);
             assert_eq!(got.label, want.label);
         }
+    }
+
+    #[test]
+    fn a_smartwatch_upload_with_feedback_is_format_2_and_validates() {
+        let spec = ModelSpec::smartwatch();
+        let samples: Vec<Sample> = (0..2)
+            .map(|i| Sample {
+                frames: vec![i as f32; spec.window_values()],
+                label: swimlane_core::ClassId(i as u8),
+            })
+            .collect();
+        let fb = [
+            Feedback {
+                corrected: true,
+                predicted: swimlane_core::ClassId(5),
+                model_version: None,
+            },
+            Feedback {
+                corrected: false,
+                predicted: swimlane_core::ClassId(1),
+                model_version: Some(2),
+            },
+        ];
+        let body =
+            serde_json::to_vec(&upload_json_with(&spec, "s-1", &samples, Some(&fb))).unwrap();
+        let user = UserId::new("alice").unwrap();
+        let batch = validate_upload(&user, &body, BatchLimits { max_samples: 10 }, &spec).unwrap();
+        assert_eq!(batch.samples[0].feedback, Some(fb[0]));
+        assert_eq!(batch.samples[1].feedback, Some(fb[1]));
+        assert_eq!(batch.samples[1].label, swimlane_core::ClassId(1));
     }
 }

@@ -34,6 +34,7 @@ fn stage(db: &Db, keys: &Keys, bus: &EmbeddedBus, user: &str, batch: &str, sampl
             frames: s.frames.clone(),
             label: s.label,
             heldout: is_heldout(user, batch, &format!("s{i}")),
+            feedback: None,
         })
         .collect();
     db.transact(|tx| {

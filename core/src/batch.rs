@@ -9,13 +9,20 @@
 //!  "samples": [{"id": "s1", "frames": [[16 numbers], ... 32 frames], "label": "freestyle"}]}
 //! ```
 //!
+//! Format 2 (`"format": 2`) adds, per sample, what the device showed:
+//! `"feedback": {"kind": "corrected" | "confirmed", "predicted": "backstroke",
+//! "model_version": 3 | null}` (null: the base model). A document without `format` is
+//! format 1 and may carry no feedback. The window shape and the class names are the
+//! deployment's [`ModelSpec`].
+//!
 //! Invariants of a [`ValidatedBatch`]:
 //! - the batch id is a valid [`BatchId`];
 //! - there are 1 to `limits.max_samples` samples, with distinct, non-empty sample ids
 //!   of at most [`MAX_SAMPLE_ID_LEN`] bytes;
-//! - every sample has exactly [`WINDOW_FRAMES`] frames of [`WINDOW_FEATURES`] finite
+//! - every sample has exactly `spec.frames` frames of `spec.channels.len()` finite
 //!   `f32` values (numbers that overflow `f32` are rejected, not saturated);
-//! - every label is a [`StrokeClass`] wire name;
+//! - every label (and predicted class) is one of the spec's class names;
+//! - a confirmed window's prediction is its label, a corrected one's is not;
 //! - each sample's `heldout` flag is [`is_heldout`]`(user, batch, sample id)`;
 //! - `digest` is the SHA-256 of a canonical encoding of (batch id, samples in order:
 //!   id, label, values as `f32` bits), so the same batch re-sent with different JSON
@@ -24,8 +31,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::ids::{BatchId, UserId};
-use crate::records::{is_heldout, StagedSample, WINDOW_VALUES};
-use crate::stroke::{StrokeClass, WINDOW_FEATURES, WINDOW_FRAMES};
+use crate::records::{is_heldout, Feedback, StagedSample};
+use crate::spec::ModelSpec;
 
 /// Longest sample id, in bytes (the chunk layout sizes chunks for it).
 pub const MAX_SAMPLE_ID_LEN: usize = 128;
@@ -53,6 +60,11 @@ pub struct ValidatedBatch {
 }
 
 impl ValidatedBatch {
+    /// Values per window (every sample of a validated batch has the same).
+    pub fn window_values(&self) -> usize {
+        self.samples.first().map_or(1, |s| s.frames.len())
+    }
+
     /// Samples assigned to the held-out split.
     pub fn heldout(&self) -> usize {
         self.samples.iter().filter(|s| s.heldout).count()
@@ -108,17 +120,26 @@ pub enum BatchError {
         frame: usize,
         feature: usize,
     },
-    #[error("sample {index} ({id:?}) has unknown label {label:?}; expected one of freestyle, backstroke, breaststroke, butterfly, turn, glide")]
+    #[error("sample {index} ({id:?}) has unknown label {label:?}; expected one of {expected}")]
     UnknownLabel {
         index: usize,
         id: String,
         label: String,
+        expected: String,
+    },
+    #[error("upload format {0} is not supported (formats 1 and 2 are)")]
+    UnsupportedFormat(u32),
+    #[error("sample {index} ({id:?}) feedback: {why}")]
+    BadFeedback {
+        index: usize,
+        id: String,
+        why: String,
     },
 }
 
 impl BatchError {
     /// Every code [`BatchError::code`] can return (a closed set, used as metric labels).
-    pub const CODES: [&'static str; 11] = [
+    pub const CODES: [&'static str; 13] = [
         "malformed_json",
         "bad_batch_id",
         "no_samples",
@@ -130,6 +151,8 @@ impl BatchError {
         "bad_feature_count",
         "non_finite_value",
         "unknown_label",
+        "unsupported_format",
+        "bad_feedback",
     ];
 
     /// A stable machine-readable code for the error.
@@ -146,6 +169,8 @@ impl BatchError {
             BatchError::BadFeatureCount { .. } => "bad_feature_count",
             BatchError::NonFinite { .. } => "non_finite_value",
             BatchError::UnknownLabel { .. } => "unknown_label",
+            BatchError::UnsupportedFormat(_) => "unsupported_format",
+            BatchError::BadFeedback { .. } => "bad_feedback",
         }
     }
 }
@@ -153,6 +178,8 @@ impl BatchError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBatch {
+    #[serde(default)]
+    format: Option<u32>,
     batch_id: String,
     samples: Vec<RawSample>,
 }
@@ -163,6 +190,16 @@ struct RawSample {
     id: String,
     frames: Vec<Vec<f64>>,
     label: String,
+    #[serde(default)]
+    feedback: Option<RawFeedback>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeedback {
+    kind: String,
+    predicted: String,
+    model_version: Option<u64>,
 }
 
 /// Shorten a client-supplied id for an error message.
@@ -177,15 +214,28 @@ fn shown(id: &str) -> String {
     format!("{}…", &id[..end])
 }
 
-/// Parse and check an upload for `user`. Checks run in document order, so the error
-/// names the first offending sample (and frame, and feature).
+/// Parse and check an upload for `user` against the deployment's `spec`. Checks run in
+/// document order, so the error names the first offending sample (and frame, and
+/// feature).
 pub fn validate_upload(
     user: &UserId,
     body: &[u8],
     limits: BatchLimits,
+    spec: &ModelSpec,
 ) -> Result<ValidatedBatch, BatchError> {
     let raw: RawBatch =
         serde_json::from_slice(body).map_err(|e| BatchError::MalformedJson(e.to_string()))?;
+    let format = raw.format.unwrap_or(1);
+    if format != 1 && format != 2 {
+        return Err(BatchError::UnsupportedFormat(format));
+    }
+    let (frames_expected, features_expected) = (spec.frames, spec.channels.len());
+    let unknown_label = |index: usize, id: &str, label: &str| BatchError::UnknownLabel {
+        index,
+        id: shown(id),
+        label: shown(label),
+        expected: spec.classes.join(", "),
+    };
     let batch_id = BatchId::new(raw.batch_id).map_err(|e| BatchError::BadBatchId(e.to_string()))?;
     if raw.samples.is_empty() {
         return Err(BatchError::NoSamples);
@@ -216,23 +266,23 @@ pub fn validate_upload(
                 first,
             });
         }
-        if s.frames.len() != WINDOW_FRAMES {
+        if s.frames.len() != frames_expected {
             return Err(BatchError::BadFrameCount {
                 index,
                 id: shown(&s.id),
                 found: s.frames.len(),
-                expected: WINDOW_FRAMES,
+                expected: frames_expected,
             });
         }
-        let mut values = Vec::with_capacity(WINDOW_VALUES);
+        let mut values = Vec::with_capacity(spec.window_values());
         for (frame, f) in s.frames.iter().enumerate() {
-            if f.len() != WINDOW_FEATURES {
+            if f.len() != features_expected {
                 return Err(BatchError::BadFeatureCount {
                     index,
                     id: shown(&s.id),
                     frame,
                     found: f.len(),
-                    expected: WINDOW_FEATURES,
+                    expected: features_expected,
                 });
             }
             for (feature, &v) in f.iter().enumerate() {
@@ -248,11 +298,47 @@ pub fn validate_upload(
                 values.push(x);
             }
         }
-        let label = StrokeClass::from_name(&s.label).ok_or_else(|| BatchError::UnknownLabel {
-            index,
-            id: shown(&s.id),
-            label: shown(&s.label),
-        })?;
+        let label = spec
+            .class_id(&s.label)
+            .ok_or_else(|| unknown_label(index, &s.id, &s.label))?;
+        let feedback = match s.feedback {
+            None => None,
+            Some(f) => {
+                let fb = |why: String| BatchError::BadFeedback {
+                    index,
+                    id: shown(&s.id),
+                    why,
+                };
+                if format < 2 {
+                    return Err(fb("feedback needs \"format\": 2".into()));
+                }
+                let predicted = spec
+                    .class_id(&f.predicted)
+                    .ok_or_else(|| unknown_label(index, &s.id, &f.predicted))?;
+                let corrected = match f.kind.as_str() {
+                    "corrected" => true,
+                    "confirmed" => false,
+                    other => {
+                        return Err(fb(format!(
+                            "kind {:?} is neither \"corrected\" nor \"confirmed\"",
+                            shown(other)
+                        )))
+                    }
+                };
+                if corrected == (predicted == label) {
+                    return Err(fb(if corrected {
+                        "a corrected window's label must differ from the prediction".into()
+                    } else {
+                        "a confirmed window's label must be the prediction".into()
+                    }));
+                }
+                Some(Feedback {
+                    corrected,
+                    predicted,
+                    model_version: f.model_version,
+                })
+            }
+        };
         let heldout = is_heldout(user.as_str(), batch_id.as_str(), &s.id);
         // Keep the id only once the sample is known good.
         samples.push(StagedSample {
@@ -260,6 +346,7 @@ pub fn validate_upload(
             frames: values,
             label,
             heldout,
+            feedback,
         });
         seen.insert(samples[index].id.clone(), index);
     }
@@ -283,7 +370,12 @@ pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
     for s in samples {
         h.update((s.id.len() as u32).to_le_bytes());
         h.update(s.id.as_bytes());
-        h.update([s.label.index() as u8]);
+        h.update([s.label.0]);
+        // Feedback (format 2) is part of the content; format 1 samples hash as before.
+        if let Some(f) = &s.feedback {
+            h.update([0xfb, f.corrected as u8, f.predicted.0]);
+            h.update(f.model_version.map_or(u64::MAX, |v| v).to_le_bytes());
+        }
         for v in &s.frames {
             h.update(v.to_bits().to_le_bytes());
         }
@@ -294,6 +386,9 @@ pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::WINDOW_VALUES;
+    use crate::spec::ClassId;
+    use crate::stroke::{StrokeClass, WINDOW_FEATURES, WINDOW_FRAMES};
     use serde_json::{json, Value};
 
     fn user() -> UserId {
@@ -323,6 +418,7 @@ mod tests {
             &user(),
             v.to_string().as_bytes(),
             BatchLimits { max_samples: 50 },
+            &ModelSpec::synthetic_pose(),
         )
     }
 
@@ -331,7 +427,7 @@ mod tests {
         let b = check(&body(30)).unwrap();
         assert_eq!(b.batch_id.as_str(), "b1");
         assert_eq!(b.samples.len(), 30);
-        assert_eq!(b.samples[7].label, StrokeClass::ALL[1]);
+        assert_eq!(b.samples[7].label, ClassId::from(StrokeClass::ALL[1]));
         assert_eq!(b.samples[0].frames.len(), WINDOW_VALUES);
         for s in &b.samples {
             assert_eq!(s.heldout, is_heldout("swimmer-1", "b1", &s.id));
@@ -339,8 +435,13 @@ mod tests {
         assert_eq!(b.digest.len(), 64);
         // Same content, different formatting: same digest.
         let pretty = serde_json::to_string_pretty(&body(30)).unwrap();
-        let b2 =
-            validate_upload(&user(), pretty.as_bytes(), BatchLimits { max_samples: 50 }).unwrap();
+        let b2 = validate_upload(
+            &user(),
+            pretty.as_bytes(),
+            BatchLimits { max_samples: 50 },
+            &ModelSpec::synthetic_pose(),
+        )
+        .unwrap();
         assert_eq!(b.digest, b2.digest);
         // `1` and `1.0` are the same number.
         let mut ints = body(1);
@@ -369,7 +470,8 @@ mod tests {
             b"{\"batch_id\": 5, \"samples\": []}",
             b"\xff\xfe",
         ] {
-            let e = validate_upload(&user(), bad, BatchLimits::default()).unwrap_err();
+            let e = validate_upload(&user(), bad, BatchLimits::default(), &ModelSpec::default())
+                .unwrap_err();
             assert_eq!(
                 e.code(),
                 "malformed_json",
@@ -475,13 +577,31 @@ mod tests {
     fn non_finite_values_are_rejected() {
         // JSON has no NaN or Infinity literal: those are malformed JSON.
         let text = body(1).to_string().replacen("0.0", "NaN", 1);
-        let e = validate_upload(&user(), text.as_bytes(), BatchLimits::default()).unwrap_err();
+        let e = validate_upload(
+            &user(),
+            text.as_bytes(),
+            BatchLimits::default(),
+            &ModelSpec::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.code(), "malformed_json");
         let text = body(1).to_string().replacen("0.0", "Infinity", 1);
-        assert!(validate_upload(&user(), text.as_bytes(), BatchLimits::default()).is_err());
+        assert!(validate_upload(
+            &user(),
+            text.as_bytes(),
+            BatchLimits::default(),
+            &ModelSpec::default()
+        )
+        .is_err());
         // A number that overflows f64 is refused by the JSON parser.
         let text = body(1).to_string().replacen("0.0", "1e400", 1);
-        assert!(validate_upload(&user(), text.as_bytes(), BatchLimits::default()).is_err());
+        assert!(validate_upload(
+            &user(),
+            text.as_bytes(),
+            BatchLimits::default(),
+            &ModelSpec::default()
+        )
+        .is_err());
         // A number that fits f64 but overflows f32.
         let mut b = body(2);
         b["samples"][1]["frames"][3][5] = json!(1e39);
@@ -556,10 +676,113 @@ mod tests {
                 index: 0,
                 id: String::new(),
                 label: String::new(),
+                expected: String::new(),
+            },
+            BatchError::UnsupportedFormat(3),
+            BatchError::BadFeedback {
+                index: 0,
+                id: String::new(),
+                why: String::new(),
             },
         ];
         let codes: Vec<_> = errors.iter().map(|e| e.code()).collect();
         assert_eq!(codes, BatchError::CODES);
+    }
+
+    #[test]
+    fn another_spec_sets_the_shape_and_the_classes_and_errors_name_them() {
+        let watch = ModelSpec::smartwatch();
+        let window = |n: usize| json!(vec![vec![0.25; 9]; n]);
+        let doc = json!({"batch_id": "w1", "samples": [
+            {"id": "a", "frames": window(32), "label": "null"},
+            {"id": "b", "frames": window(32), "label": "turn"}]});
+        let b = validate_upload(
+            &user(),
+            doc.to_string().as_bytes(),
+            BatchLimits::default(),
+            &watch,
+        )
+        .unwrap();
+        assert_eq!(b.samples[1].label, ClassId(5));
+        assert_eq!(b.samples[0].frames.len(), 288);
+        // The pose spec refuses the smartwatch window and names the problem.
+        let e = check(&doc).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sample 0 (\"a\") frame 0 has 9 features, expected 16"
+        );
+        // A pose window and a pose class are refused by the smartwatch spec.
+        let e = validate_upload(
+            &user(),
+            body(1).to_string().as_bytes(),
+            BatchLimits::default(),
+            &watch,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sample 0 (\"s0\") frame 0 has 16 features, expected 9"
+        );
+        let mut d = doc.clone();
+        d["samples"][0]["label"] = json!("glide");
+        let e = validate_upload(
+            &user(),
+            d.to_string().as_bytes(),
+            BatchLimits::default(),
+            &watch,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "unknown_label");
+        assert!(
+            e.to_string().ends_with(
+                "expected one of null, freestyle, breaststroke, backstroke, butterfly, turn"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn format_2_carries_feedback_and_checks_it() {
+        let mut d = body(3);
+        d["format"] = json!(2);
+        d["samples"][0]["feedback"] =
+            json!({"kind": "corrected", "predicted": "turn", "model_version": 4});
+        d["samples"][1]["feedback"] =
+            json!({"kind": "confirmed", "predicted": "backstroke", "model_version": null});
+        let b = check(&d).unwrap();
+        assert_eq!(
+            b.samples[0].feedback,
+            Some(Feedback {
+                corrected: true,
+                predicted: ClassId(4),
+                model_version: Some(4)
+            })
+        );
+        assert_eq!(b.samples[1].feedback.unwrap().model_version, None);
+        assert_eq!(b.samples[2].feedback, None);
+        assert_ne!(b.digest, check(&body(3)).unwrap().digest);
+        // Format 1 carries no feedback; unknown formats, kinds and contradictions fail.
+        let mut f1 = d.clone();
+        f1.as_object_mut().unwrap().remove("format");
+        assert_eq!(code(&f1), "bad_feedback");
+        let mut f3 = d.clone();
+        f3["format"] = json!(3);
+        assert_eq!(code(&f3), "unsupported_format");
+        let mut k = d.clone();
+        k["samples"][0]["feedback"]["kind"] = json!("maybe");
+        assert_eq!(code(&k), "bad_feedback");
+        let mut c = d.clone();
+        c["samples"][0]["feedback"]["predicted"] = json!("freestyle");
+        assert!(check(&c).unwrap_err().to_string().contains("must differ"));
+        let mut c = d.clone();
+        c["samples"][1]["feedback"]["predicted"] = json!("glide");
+        assert!(check(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("must be the prediction"));
+        let mut u = d.clone();
+        u["samples"][0]["feedback"]["predicted"] = json!("crawl");
+        assert_eq!(code(&u), "unknown_label");
     }
 
     #[test]

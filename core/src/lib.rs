@@ -7,9 +7,11 @@ pub mod ids;
 pub mod keys;
 pub mod policy;
 pub mod records;
+pub mod spec;
 pub mod stats;
 pub mod stroke;
 
 pub use events::{topics, Event, EventDecodeError};
 pub use ids::{BatchId, IdError, UserId};
+pub use spec::{ClassId, ModelSpec, SpecError};
 pub use stroke::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};

@@ -6,13 +6,25 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::stroke::{StrokeClass, WINDOW_FEATURES, WINDOW_FRAMES};
+use crate::spec::ClassId;
+use crate::stroke::{WINDOW_FEATURES, WINDOW_FRAMES};
 
-/// Values in one window (frames × features).
+/// Values in one window of the synthetic pose spec (frames × features); other specs
+/// have their own (`ModelSpec::window_values`).
 pub const WINDOW_VALUES: usize = WINDOW_FRAMES * WINDOW_FEATURES;
-/// Samples per stored chunk: 40 × (512 × 4 bytes + id) stays well under the store's
-/// 100 kB value limit (ids are at most 128 bytes).
+/// Most samples in one stored chunk (see [`samples_per_chunk`]).
 pub const SAMPLES_PER_CHUNK: usize = 40;
+/// Bytes of sample data a chunk is sized for: with the header and ids it stays under
+/// the store's 100 kB value limit.
+const CHUNK_BUDGET: usize = 88_000;
+
+/// Samples per stored chunk for windows of `window_values` values: as many as fit
+/// [`CHUNK_BUDGET`] with the longest ids, at most [`SAMPLES_PER_CHUNK`] (40 for the
+/// pose spec's 512 values, as before specs existed).
+pub fn samples_per_chunk(window_values: usize) -> usize {
+    let per_sample = window_values * 4 + crate::batch::MAX_SAMPLE_ID_LEN + 2 + 1 + 1 + 1 + 8;
+    (CHUNK_BUDGET / per_sample).clamp(1, SAMPLES_PER_CHUNK)
+}
 /// Share of samples assigned to a user's held-out split, in percent.
 pub const HELDOUT_PERCENT: u64 = 20;
 
@@ -104,11 +116,27 @@ impl BatchRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StagedSample {
     pub id: String,
-    /// `WINDOW_VALUES` finite values, frame by frame.
+    /// `ModelSpec::window_values` finite values, frame by frame.
     pub frames: Vec<f32>,
-    pub label: StrokeClass,
+    /// The true class (as the user gave or confirmed it).
+    pub label: ClassId,
     /// In the user's held-out split: used for validation, never for training.
     pub heldout: bool,
+    /// What the device showed for this window (upload format 2), if it said.
+    pub feedback: Option<Feedback>,
+}
+
+/// What the device's model predicted for a window, and whether the user corrected it
+/// (upload format 2, docs/batch-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Feedback {
+    /// `true`: the user changed the prediction to `label`; `false`: the user saw the
+    /// prediction and left it (so `predicted == label`).
+    pub corrected: bool,
+    /// The class the device predicted.
+    pub predicted: ClassId,
+    /// The published version that predicted it (`None`: the base model).
+    pub model_version: Option<u64>,
 }
 
 /// Whether a sample belongs to the held-out split. Deterministic in (user, batch,
@@ -124,29 +152,51 @@ pub fn is_heldout(user: &str, batch: &str, sample_id: &str) -> bool {
     n % 100 < HELDOUT_PERCENT
 }
 
-const CHUNK_VERSION: u8 = 1;
+const CHUNK_VERSION_1: u8 = 1;
+const CHUNK_VERSION: u8 = 2;
+const FLAG_HELDOUT: u8 = 1;
+const FLAG_FEEDBACK: u8 = 2;
+const FLAG_CORRECTED: u8 = 4;
+const FLAG_BASE_MODEL: u8 = 8;
 
-/// Encode up to [`SAMPLES_PER_CHUNK`] samples as one stored value:
-/// `[version u8][count u16 LE]` then per sample
-/// `[id_len u16 LE][id][label u8][heldout u8][WINDOW_VALUES × f32 LE]`.
+/// Encode up to [`samples_per_chunk`] samples, all with windows of one length, as one
+/// stored value (version 2):
+/// `[version u8 = 2][count u16 LE][window values u16 LE]` then per sample
+/// `[id_len u16 LE][id][label u8][flags u8]` (bit 0 held out, bit 1 feedback present,
+/// bit 2 corrected, bit 3 predicted by the base model), with feedback
+/// `[predicted u8][model_version u64 LE]`, then `[values × f32 LE]`.
+/// Version 1 chunks (512 values, `[label][heldout]`, no feedback) still decode.
 pub fn encode_chunk(samples: &[StagedSample]) -> Vec<u8> {
+    let values = samples.first().map(|s| s.frames.len()).unwrap_or(0);
     assert!(
-        samples.len() <= SAMPLES_PER_CHUNK,
-        "chunk holds at most {SAMPLES_PER_CHUNK}"
+        samples.len() <= samples_per_chunk(values.max(1)),
+        "chunk holds at most {} samples",
+        samples_per_chunk(values.max(1))
     );
-    let mut out = Vec::with_capacity(3 + samples.len() * (4 + WINDOW_VALUES * 4 + 32));
+    let mut out = Vec::with_capacity(5 + samples.len() * (14 + values * 4 + 32));
     out.push(CHUNK_VERSION);
     out.extend_from_slice(&(samples.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(values as u16).to_le_bytes());
     for s in samples {
-        assert_eq!(
-            s.frames.len(),
-            WINDOW_VALUES,
-            "staged samples are validated"
-        );
+        assert_eq!(s.frames.len(), values, "staged samples are validated");
         out.extend_from_slice(&(s.id.len() as u16).to_le_bytes());
         out.extend_from_slice(s.id.as_bytes());
-        out.push(s.label.index() as u8);
-        out.push(s.heldout as u8);
+        out.push(s.label.0);
+        let mut flags = if s.heldout { FLAG_HELDOUT } else { 0 };
+        if let Some(f) = &s.feedback {
+            flags |= FLAG_FEEDBACK;
+            if f.corrected {
+                flags |= FLAG_CORRECTED;
+            }
+            if f.model_version.is_none() {
+                flags |= FLAG_BASE_MODEL;
+            }
+        }
+        out.push(flags);
+        if let Some(f) = &s.feedback {
+            out.push(f.predicted.0);
+            out.extend_from_slice(&f.model_version.unwrap_or(0).to_le_bytes());
+        }
         for v in &s.frames {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -154,7 +204,8 @@ pub fn encode_chunk(samples: &[StagedSample]) -> Vec<u8> {
     out
 }
 
-/// Decode a chunk made by [`encode_chunk`]; any other bytes give an error.
+/// Decode a chunk made by [`encode_chunk`] (or a version 1 chunk); any other bytes give
+/// an error, never a panic.
 pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
     let bad = |m: &str| RecordError::Malformed(m.to_string());
     let mut r = bytes;
@@ -167,11 +218,19 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
         Ok(a)
     };
     let v = take(1)?[0];
-    if v != CHUNK_VERSION {
+    if v != CHUNK_VERSION && v != CHUNK_VERSION_1 {
         return Err(RecordError::Version(v as u32));
     }
     let count = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
-    if count > SAMPLES_PER_CHUNK {
+    let values = if v == CHUNK_VERSION_1 {
+        WINDOW_VALUES
+    } else {
+        u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize
+    };
+    if values > crate::spec::MAX_WINDOW_VALUES || (values == 0 && count > 0) {
+        return Err(bad("window length out of range"));
+    }
+    if count > samples_per_chunk(values.max(1)) {
         return Err(bad("chunk sample count over the limit"));
     }
     let mut out = Vec::with_capacity(count);
@@ -180,14 +239,41 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
         let id = std::str::from_utf8(take(id_len)?)
             .map_err(|_| bad("sample id not UTF-8"))?
             .to_string();
-        let label =
-            StrokeClass::from_index(take(1)?[0] as usize).ok_or_else(|| bad("label index"))?;
-        let heldout = match take(1)?[0] {
-            0 => false,
-            1 => true,
-            _ => return Err(bad("heldout flag")),
+        let label = ClassId(take(1)?[0]);
+        if label.index() >= crate::spec::MAX_CLASSES {
+            return Err(bad("label index"));
+        }
+        let flags = take(1)?[0];
+        let (heldout, feedback) = if v == CHUNK_VERSION_1 {
+            match flags {
+                0 => (false, None),
+                1 => (true, None),
+                _ => return Err(bad("heldout flag")),
+            }
+        } else {
+            if flags & !(FLAG_HELDOUT | FLAG_FEEDBACK | FLAG_CORRECTED | FLAG_BASE_MODEL) != 0
+                || (flags & FLAG_FEEDBACK == 0 && flags & (FLAG_CORRECTED | FLAG_BASE_MODEL) != 0)
+            {
+                return Err(bad("sample flags"));
+            }
+            let feedback = if flags & FLAG_FEEDBACK != 0 {
+                let predicted = ClassId(take(1)?[0]);
+                let version = u64::from_le_bytes(take(8)?.try_into().unwrap());
+                let base = flags & FLAG_BASE_MODEL != 0;
+                if predicted.index() >= crate::spec::MAX_CLASSES || (base && version != 0) {
+                    return Err(bad("feedback"));
+                }
+                Some(Feedback {
+                    corrected: flags & FLAG_CORRECTED != 0,
+                    predicted,
+                    model_version: (!base).then_some(version),
+                })
+            } else {
+                None
+            };
+            (flags & FLAG_HELDOUT != 0, feedback)
         };
-        let raw = take(WINDOW_VALUES * 4)?;
+        let raw = take(values * 4)?;
         let frames: Vec<f32> = raw
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -200,6 +286,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
             frames,
             label,
             heldout,
+            feedback,
         });
     }
     if !r.is_empty() {
@@ -216,8 +303,13 @@ mod tests {
         StagedSample {
             id: format!("s{i}"),
             frames: (0..WINDOW_VALUES).map(|j| (i * j) as f32 * 0.01).collect(),
-            label: StrokeClass::from_index(i % 6).unwrap(),
+            label: ClassId((i % 6) as u8),
             heldout: i % 3 == 0,
+            feedback: (i % 4 != 0).then_some(Feedback {
+                corrected: i % 2 == 0,
+                predicted: ClassId((i % 5) as u8),
+                model_version: (i % 3 != 0).then_some(i as u64),
+            }),
         }
     }
 
@@ -238,6 +330,39 @@ mod tests {
         let mut extra = bytes.clone();
         extra.push(0);
         assert!(decode_chunk(&extra).is_err());
+    }
+
+    #[test]
+    fn chunks_of_other_window_lengths_fit_and_version_1_still_decodes() {
+        for values in [288, 512, 1024, 4096] {
+            let n = samples_per_chunk(values);
+            let big: Vec<_> = (0..n)
+                .map(|i| StagedSample {
+                    id: "x".repeat(128),
+                    frames: vec![i as f32; values],
+                    ..sample(i)
+                })
+                .collect();
+            let bytes = encode_chunk(&big);
+            assert!(bytes.len() < 100_000, "{values}: {}", bytes.len());
+            assert_eq!(decode_chunk(&bytes).unwrap(), big);
+        }
+        assert_eq!(samples_per_chunk(WINDOW_VALUES), SAMPLES_PER_CHUNK);
+        // A version 1 chunk as written before specs existed.
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&2u16.to_le_bytes());
+        v1.extend_from_slice(b"s0");
+        v1.extend_from_slice(&[3, 1]);
+        for _ in 0..WINDOW_VALUES {
+            v1.extend_from_slice(&0.5f32.to_le_bytes());
+        }
+        let got = decode_chunk(&v1).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].label, got[0].heldout, got[0].feedback),
+            (ClassId(3), true, None)
+        );
     }
 
     #[test]

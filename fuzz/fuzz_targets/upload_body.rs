@@ -10,10 +10,8 @@ use std::collections::HashSet;
 
 use libfuzzer_sys::fuzz_target;
 use swimlane_core::batch::{BatchLimits, MAX_SAMPLE_ID_LEN};
-use swimlane_core::records::{
-    decode_chunk, encode_chunk, is_heldout, SAMPLES_PER_CHUNK, WINDOW_VALUES,
-};
-use swimlane_core::UserId;
+use swimlane_core::records::{decode_chunk, encode_chunk, is_heldout, samples_per_chunk};
+use swimlane_core::{ModelSpec, UserId};
 use swimlane_ingest::stage::{decode_and_validate, Encoding};
 
 const MAX_BODY: u64 = 1 << 20;
@@ -29,7 +27,8 @@ fuzz_target!(|data: &[u8]| {
         Encoding::Identity
     };
     let user = UserId::new("fuzz-user").expect("a valid user id");
-    match decode_and_validate(&user, body, encoding, MAX_BODY, LIMITS) {
+    let spec = ModelSpec::synthetic_pose();
+    match decode_and_validate(&user, body, encoding, MAX_BODY, LIMITS, &spec) {
         Err(e) => {
             assert!(e.status.is_client_error(), "{} {}", e.status, e.code);
             assert!(!e.code.is_empty() && !e.message.is_empty());
@@ -41,14 +40,14 @@ fuzz_target!(|data: &[u8]| {
             for s in &b.samples {
                 assert!(!s.id.is_empty() && s.id.len() <= MAX_SAMPLE_ID_LEN);
                 assert!(ids.insert(s.id.as_str()), "duplicate id {:?}", s.id);
-                assert_eq!(s.frames.len(), WINDOW_VALUES);
+                assert_eq!(s.frames.len(), spec.window_values());
                 assert!(s.frames.iter().all(|v| v.is_finite()));
                 assert_eq!(
                     s.heldout,
                     is_heldout(user.as_str(), b.batch_id.as_str(), &s.id)
                 );
             }
-            for chunk in b.samples.chunks(SAMPLES_PER_CHUNK) {
+            for chunk in b.samples.chunks(samples_per_chunk(spec.window_values())) {
                 let bytes = encode_chunk(chunk);
                 assert!(bytes.len() < 100_000);
                 assert_eq!(

@@ -40,6 +40,8 @@ pub struct IngestState {
     pub(crate) max_body_bytes: u64,
     pub(crate) body_timeout: std::time::Duration,
     pub(crate) limits: BatchLimits,
+    /// The deployment's model spec: every upload is validated against it.
+    pub(crate) spec: Arc<swimlane_core::ModelSpec>,
     /// SHA-256 hex of the admin token, or empty.
     pub(crate) admin_token_sha256: Arc<str>,
     /// One permit per upload in flight (`ingest.max_inflight`), see [`InflightSlot`].
@@ -84,7 +86,7 @@ impl IngestState {
     /// Build from the config (deployment, limits, admin token hash) and the deps;
     /// registers ingest's metrics (and the store-wide pipeline statistics,
     /// [`crate::metrics::PipelineCollector`]) in `deps.registry`.
-    pub fn new(config: &Config, deps: crate::IngestDeps) -> Result<Self, prometheus::Error> {
+    pub fn new(config: &Config, deps: crate::IngestDeps) -> Result<Self, crate::IngestError> {
         crate::metrics::PipelineCollector::register(
             &deps.registry,
             deps.db.clone(),
@@ -102,6 +104,7 @@ impl IngestState {
             limits: BatchLimits {
                 max_samples: config.ingest.max_samples_per_batch as usize,
             },
+            spec: Arc::new(config.model_spec()?),
             admin_token_sha256: config.admin_token_sha256.as_str().into(),
             inflight: Arc::new(Semaphore::new(config.ingest.max_inflight as usize)),
             max_inflight: config.ingest.max_inflight,
@@ -279,15 +282,16 @@ async fn post_batch_inner(
             "the request body did not arrive in time",
         )
     })??;
-    let (max, limits, u, held) = (
+    let (max, limits, u, held, spec) = (
         state.max_body_bytes,
         state.limits,
         user.clone(),
         slot.clone(),
+        state.spec.clone(),
     );
     let batch = blocking(move || {
         let _slot = held;
-        stage::decode_and_validate(&u, &raw, enc, max, limits)
+        stage::decode_and_validate(&u, &raw, enc, max, limits, &spec)
     })
     .await??;
     tracing::Span::current().record("batch_id", tracing::field::display(&batch.batch_id));

@@ -18,6 +18,8 @@ pub enum IngestError {
     Serve(#[source] std::io::Error),
     #[error("ops server task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Config(#[from] swimlane_runtime::config::ConfigError),
 }
 
 /// An HTTP error answer: `{"error": {"code": "...", "message": "..."}}`. Messages never

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use swimlane_bus::Emitter;
 use swimlane_core::batch::{validate_upload, BatchLimits, ValidatedBatch};
 use swimlane_core::keys::Keys;
-use swimlane_core::records::{encode_chunk, BatchRecord, BatchStatus, SAMPLES_PER_CHUNK};
+use swimlane_core::records::{encode_chunk, samples_per_chunk, BatchRecord, BatchStatus};
 use swimlane_core::{Event, UserId};
 use swimlane_store::{Db, KvError};
 
@@ -43,6 +43,7 @@ pub fn decode_and_validate(
     encoding: Encoding,
     max: u64,
     limits: BatchLimits,
+    spec: &swimlane_core::ModelSpec,
 ) -> Result<ValidatedBatch, ApiError> {
     let plain;
     let body = match encoding {
@@ -66,7 +67,7 @@ pub fn decode_and_validate(
             &plain
         }
     };
-    Ok(validate_upload(user, body, limits)?)
+    Ok(validate_upload(user, body, limits, spec)?)
 }
 
 /// What staging a validated batch came to.
@@ -95,7 +96,7 @@ pub fn stage_batch(
     // Encode outside the closure: it may run more than once.
     let chunks: Vec<(Vec<u8>, Vec<u8>)> = batch
         .samples
-        .chunks(SAMPLES_PER_CHUNK)
+        .chunks(samples_per_chunk(batch.window_values()))
         .enumerate()
         .map(|(i, c)| (keys.sample_chunk(u, b, i as u32), encode_chunk(c)))
         .collect();

@@ -252,7 +252,7 @@ async fn happy_path_stages_chunks_record_and_event() {
     assert_eq!(samples.len(), 90);
     for (i, s) in samples.iter().enumerate() {
         assert_eq!(s.id, format!("s{i}"));
-        assert_eq!(s.label, StrokeClass::ALL[i % 6]);
+        assert_eq!(s.label, StrokeClass::ALL[i % 6].into());
         assert_eq!(s.heldout, is_heldout("alice", "b-1", &s.id));
         assert_eq!(
             s.frames[17] as f64,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::st::{write, Entry};
-use swimlane_core::{StrokeClass, WINDOW_FEATURES, WINDOW_FRAMES};
+use swimlane_core::{ClassId, WINDOW_FEATURES, WINDOW_FRAMES};
 
 use crate::{ModelError, Sample};
 
@@ -21,6 +21,7 @@ pub fn to_bytes(samples: &[Sample]) -> Result<Vec<u8>, ModelError> {
             return Err(ModelError::BadWindow {
                 index: i,
                 len: s.frames.len(),
+                expected: WINDOW_FRAMES * WINDOW_FEATURES,
             });
         }
         x.extend(s.frames.iter().flat_map(|v| v.to_le_bytes()));
@@ -81,8 +82,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<Sample>, ModelError> {
         .chunks_exact(w)
         .zip(y.data())
         .map(|(c, &l)| {
-            let label = StrokeClass::from_index(l as usize)
-                .ok_or_else(|| bad(format!("label {l} out of range")))?;
+            if l as usize >= swimlane_core::NUM_CLASSES {
+                return Err(bad(format!("label {l} out of range")));
+            }
+            let label = ClassId(l);
             let frames = c
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

@@ -1,6 +1,5 @@
 //! Evaluation of a model on labelled samples.
 use serde::{Deserialize, Serialize};
-use swimlane_core::NUM_CLASSES;
 
 use crate::{MicroModel, ModelError, Sample};
 
@@ -11,15 +10,42 @@ pub struct Evaluation {
     /// Fraction of samples predicted correctly (0 for an empty set).
     pub accuracy: f64,
     /// Recall per class in class-index order; `None` for a class with no samples.
-    pub per_class_recall: [Option<f64>; NUM_CLASSES],
-    /// `confusion[truth][predicted]` counts.
-    pub confusion: [[u32; NUM_CLASSES]; NUM_CLASSES],
+    pub per_class_recall: Vec<Option<f64>>,
+    /// `confusion[truth][predicted]` counts (one row and column per spec class).
+    pub confusion: Vec<Vec<u32>>,
+}
+
+impl Evaluation {
+    /// Macro-averaged F1 over the classes that occur (in truth or prediction); 0 for an
+    /// empty set.
+    pub fn macro_f1(&self) -> f64 {
+        let k = self.confusion.len();
+        let mut sum = 0.0;
+        let mut n = 0;
+        for c in 0..k {
+            let tp = self.confusion[c][c] as f64;
+            let truth: u32 = self.confusion[c].iter().sum();
+            let predicted: u32 = self.confusion.iter().map(|r| r[c]).sum();
+            if truth == 0 && predicted == 0 {
+                continue;
+            }
+            n += 1;
+            let denom = truth as f64 + predicted as f64;
+            sum += if denom == 0.0 { 0.0 } else { 2.0 * tp / denom };
+        }
+        if n == 0 {
+            0.0
+        } else {
+            sum / n as f64
+        }
+    }
 }
 
 /// Score `model` on `samples`.
 pub fn evaluate(model: &MicroModel, samples: &[Sample]) -> Result<Evaluation, ModelError> {
     let predicted = model.predict(samples)?;
-    let mut confusion = [[0u32; NUM_CLASSES]; NUM_CLASSES];
+    let k = model.spec().num_classes();
+    let mut confusion = vec![vec![0u32; k]; k];
     for (s, p) in samples.iter().zip(&predicted) {
         confusion[s.label.index()][p.index()] += 1;
     }
@@ -27,10 +53,10 @@ pub fn evaluate(model: &MicroModel, samples: &[Sample]) -> Result<Evaluation, Mo
 }
 
 /// The evaluation that a confusion matrix implies.
-pub fn from_confusion(confusion: [[u32; NUM_CLASSES]; NUM_CLASSES]) -> Evaluation {
+pub fn from_confusion(confusion: Vec<Vec<u32>>) -> Evaluation {
     let total: u32 = confusion.iter().flatten().sum();
-    let correct: u32 = (0..NUM_CLASSES).map(|i| confusion[i][i]).sum();
-    let mut per_class_recall = [None; NUM_CLASSES];
+    let correct: u32 = (0..confusion.len()).map(|i| confusion[i][i]).sum();
+    let mut per_class_recall = vec![None; confusion.len()];
     for (i, row) in confusion.iter().enumerate() {
         let n: u32 = row.iter().sum();
         if n > 0 {
@@ -55,19 +81,19 @@ mod tests {
 
     #[test]
     fn confusion_arithmetic() {
-        let mut c = [[0u32; NUM_CLASSES]; NUM_CLASSES];
+        let mut c = vec![vec![0u32; 6]; 6];
         c[0][0] = 3;
         c[0][1] = 1;
         c[2][2] = 4;
         let e = from_confusion(c);
+        // F1: class 0 = 2*3/(4+3), class 1 = 0 (predicted once, never true), class 2 = 1.
+        let f1 = (6.0 / 7.0 + 0.0 + 1.0) / 3.0;
+        assert!((e.macro_f1() - f1).abs() < 1e-12, "{}", e.macro_f1());
         assert_eq!(e.samples, 8);
         assert!((e.accuracy - 7.0 / 8.0).abs() < 1e-12);
         assert_eq!(e.per_class_recall[0], Some(0.75));
         assert_eq!(e.per_class_recall[1], None);
         assert_eq!(e.per_class_recall[2], Some(1.0));
-        assert_eq!(
-            from_confusion([[0; NUM_CLASSES]; NUM_CLASSES]).accuracy,
-            0.0
-        );
+        assert_eq!(from_confusion(vec![vec![0; 6]; 6]).accuracy, 0.0);
     }
 }

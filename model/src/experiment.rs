@@ -29,7 +29,11 @@ pub const BASE_WINDOWS_PER_SWIMMER: usize = 48;
 /// population, [`BASE_WINDOWS_PER_SWIMMER`] windows each, with [`TrainConfig::base`].
 pub fn train_default_base(seed: u64) -> Result<(MicroModel, TrainReport), ModelError> {
     let samples = Population::training(seed, BASE_SWIMMERS).samples(BASE_WINDOWS_PER_SWIMMER, seed);
-    train_base(&samples, &TrainConfig::base().with_seed(seed))
+    train_base(
+        &swimlane_core::ModelSpec::synthetic_pose(),
+        &samples,
+        &TrainConfig::base().with_seed(seed),
+    )
 }
 
 /// Knobs of the protocol; `Default` is what the acceptance criteria use.

@@ -14,7 +14,7 @@
 //! - [`experiment`]: the personalisation protocol behind `swimlane model evaluate` and
 //!   the acceptance tests.
 use serde::{Deserialize, Serialize};
-use swimlane_core::StrokeClass;
+use swimlane_core::ClassId;
 
 pub mod dataset;
 pub mod eval;
@@ -29,13 +29,13 @@ pub use eval::{evaluate, Evaluation};
 pub use net::{MicroModel, FORMAT_VERSION, MAX_MODEL_BYTES};
 pub use train::{fine_tune, fine_tune_many, train_base, FineTuneJob, TrainConfig, TrainReport};
 
-/// One labelled window: `frames` holds `WINDOW_FRAMES * WINDOW_FEATURES` values, frame
-/// by frame (row-major: frame 0's 16 features, then frame 1's, ...), features in the
-/// order of [`synth::FEATURE_NAMES`] (see `docs/batch-format.md`).
+/// One labelled window: `frames` holds the spec's frames × channels values, frame by
+/// frame (row-major: frame 0's channels, then frame 1's, ...), channels in the spec's
+/// order (see `docs/batch-format.md`); `label` indexes the spec's classes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     pub frames: Vec<f32>,
-    pub label: StrokeClass,
+    pub label: ClassId,
 }
 
 /// Everything that can go wrong in this crate.
@@ -47,8 +47,20 @@ pub enum ModelError {
         "model format version {0:?} is not supported (this build reads version {FORMAT_VERSION})"
     )]
     UnsupportedVersion(String),
-    #[error("window {index} has {len} values, expected {}", swimlane_core::WINDOW_FRAMES * swimlane_core::WINDOW_FEATURES)]
-    BadWindow { index: usize, len: usize },
+    #[error("window {index} has {len} values, expected {expected}")]
+    BadWindow {
+        index: usize,
+        len: usize,
+        expected: usize,
+    },
+    #[error("sample {index} has class {label}, the spec has {classes} classes")]
+    BadLabel {
+        index: usize,
+        label: usize,
+        classes: usize,
+    },
+    #[error(transparent)]
+    Spec(#[from] swimlane_core::SpecError),
     #[error("no samples to train on")]
     NoSamples,
     #[error("bad training configuration: {0}")]

@@ -2,64 +2,87 @@
 //! safetensors format.
 //!
 //! # Architecture
-//! `x` (32 frames × 16 features, flattened to 512) → `(x - mean) / std` (per feature,
-//! the same for every frame; stored in the weights as `norm.mean`, `norm.std`, shape
-//! [16]) → Linear 512→128 → ReLU → Linear 128→64 → ReLU → Linear 64→6 → logits.
-//! 74,310 parameters, about 300 kB serialised.
+//! The shapes come from the model's [`ModelSpec`] (F frames × C channels, K classes):
+//! `x` (F × C, flattened to F·C) → `(x - mean) / std` (per channel, the same for every
+//! frame; stored in the weights as `norm.mean`, `norm.std`, shape [C]) → Linear F·C→128
+//! → ReLU → Linear 128→64 → ReLU → Linear 64→K → logits. For the synthetic pose spec
+//! (32 × 16, 6 classes): 74,310 parameters, about 300 kB serialised.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //! A safetensors file, all tensors F32 little-endian, weights `[out, in]` as in PyTorch:
-//! `norm.mean` [16], `norm.std` [16], `fc1.weight` [128,512], `fc1.bias` [128],
-//! `fc2.weight` [64,128], `fc2.bias` [64], `fc3.weight` [6,64], `fc3.bias` [6].
-//! `__metadata__`: `format` = `swimlane-micro-model`, `format_version` = `1`,
-//! `architecture` = `mlp-512-128-64-6`, `classes` = the wire names in index order,
-//! `window` = `32x16`. Loading rejects any other format, version, architecture, class
-//! list, missing or misshapen tensor, or non-finite value, with an error, never a panic.
+//! `norm.mean` [C], `norm.std` [C], `fc1.weight` [128,F·C], `fc1.bias` [128],
+//! `fc2.weight` [64,128], `fc2.bias` [64], `fc3.weight` [K,64], `fc3.bias` [K].
+//! `__metadata__`: `format` = `swimlane-micro-model`, `format_version` = `2`,
+//! `architecture` = `mlp-{F·C}-128-64-{K}`, `spec` = the [`ModelSpec`] as JSON,
+//! `classes` = the class names in index order, `window` = `FxC`. Version 1 files (no
+//! `spec`) are read as the synthetic pose spec. Loading rejects any other format,
+//! version, architecture, spec, class list, missing or misshapen tensor, or non-finite
+//! value, with an error, never a panic. Whether the spec is the deployment's is the
+//! caller's check ([`MicroModel::spec`], `ModelSpec::ensure_same`).
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, SafeTensors};
-use swimlane_core::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};
+use swimlane_core::{ClassId, ModelSpec};
 
 use crate::{ModelError, Sample};
 
-/// Input width: one flattened window.
-pub const INPUT: usize = WINDOW_FRAMES * WINDOW_FEATURES;
 /// Hidden layer widths.
 pub const HIDDEN: [usize; 2] = [128, 64];
-/// The format version written by [`MicroModel::to_bytes`]; the only one accepted.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version written by [`MicroModel::to_bytes`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The format version before specs existed (read as the synthetic pose spec).
+const FORMAT_VERSION_1: u32 = 1;
 /// The `format` metadata value.
 pub const FORMAT_NAME: &str = "swimlane-micro-model";
-/// The `architecture` metadata value.
-pub const ARCHITECTURE: &str = "mlp-512-128-64-6";
 /// Upper bound on a serialised model (the phone budget); [`MicroModel::from_bytes`]
 /// refuses anything larger before parsing.
 pub const MAX_MODEL_BYTES: usize = 1 << 20;
 
-/// Names and shapes of the stored tensors, in the order of [`MicroModel::params`]
-/// (after the two normalisation tensors).
-pub(crate) const TENSORS: [(&str, &[usize]); 8] = [
-    ("norm.mean", &[WINDOW_FEATURES]),
-    ("norm.std", &[WINDOW_FEATURES]),
-    ("fc1.weight", &[HIDDEN[0], INPUT]),
-    ("fc1.bias", &[HIDDEN[0]]),
-    ("fc2.weight", &[HIDDEN[1], HIDDEN[0]]),
-    ("fc2.bias", &[HIDDEN[1]]),
-    ("fc3.weight", &[NUM_CLASSES, HIDDEN[1]]),
-    ("fc3.bias", &[NUM_CLASSES]),
-];
+/// The `architecture` metadata value for a spec.
+pub fn architecture(spec: &ModelSpec) -> String {
+    format!(
+        "mlp-{}-{}-{}-{}",
+        spec.window_values(),
+        HIDDEN[0],
+        HIDDEN[1],
+        spec.num_classes()
+    )
+}
+
+/// Names and shapes of the stored tensors for a spec, in the order of
+/// [`MicroModel::params`] (after the two normalisation tensors).
+pub(crate) fn tensors(spec: &ModelSpec) -> [(&'static str, Vec<usize>); 8] {
+    let (c, input, k) = (
+        spec.channels.len(),
+        spec.window_values(),
+        spec.num_classes(),
+    );
+    [
+        ("norm.mean", vec![c]),
+        ("norm.std", vec![c]),
+        ("fc1.weight", vec![HIDDEN[0], input]),
+        ("fc1.bias", vec![HIDDEN[0]]),
+        ("fc2.weight", vec![HIDDEN[1], HIDDEN[0]]),
+        ("fc2.bias", vec![HIDDEN[1]]),
+        ("fc3.weight", vec![k, HIDDEN[1]]),
+        ("fc3.bias", vec![k]),
+    ]
+}
 
 /// A micro model. Cheap to clone? No: `clone` deep-copies the weights (a fine-tune
 /// never changes its parent).
 #[derive(Debug)]
 pub struct MicroModel {
-    /// Per-feature normalisation, shape [16] each (kept for serialisation).
+    /// What a window is and the classes, in output order.
+    spec: Arc<ModelSpec>,
+    /// Per-channel normalisation, shape [C] each (kept for serialisation).
     mean: Vec<f32>,
     std: Vec<f32>,
-    /// Tiled to the flattened window: shape [1, 512].
+    /// Tiled to the flattened window: shape [1, F·C].
     mean_row: Tensor,
     inv_std_row: Tensor,
     /// fc1.w, fc1.b, fc2.w, fc2.b, fc3.w, fc3.b.
@@ -74,6 +97,7 @@ impl Clone for MicroModel {
             .map(|v| Var::from_tensor(&v.as_tensor().copy().expect("cpu copy")).expect("var"))
             .collect();
         MicroModel {
+            spec: self.spec.clone(),
             mean: self.mean.clone(),
             std: self.std.clone(),
             mean_row: self.mean_row.clone(),
@@ -83,47 +107,67 @@ impl Clone for MicroModel {
     }
 }
 
-fn tile(v: &[f32]) -> Vec<f32> {
-    (0..WINDOW_FRAMES).flat_map(|_| v.iter().copied()).collect()
+fn tile(v: &[f32], frames: usize) -> Vec<f32> {
+    (0..frames).flat_map(|_| v.iter().copied()).collect()
 }
 
 impl MicroModel {
-    /// A freshly initialised model (PyTorch's default `Linear` init, from `seed`), with
-    /// the normalisation computed from `samples` (per-feature mean and std over every
-    /// frame of every window; std floored at 1e-3).
-    pub fn init(samples: &[Sample], seed: u64) -> Result<MicroModel, ModelError> {
-        let (mean, std) = feature_stats(samples);
+    /// A freshly initialised model for `spec` (PyTorch's default `Linear` init, from
+    /// `seed`), with the normalisation computed from `samples` (per-channel mean and std
+    /// over every frame of every window; std floored at 1e-3).
+    pub fn init(spec: &ModelSpec, samples: &[Sample], seed: u64) -> Result<MicroModel, ModelError> {
+        check_windows(spec, samples)?;
+        let (mean, std) = feature_stats(spec.channels.len(), samples);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut params = Vec::new();
-        for (_, shape) in &TENSORS[2..] {
+        let shapes = tensors(spec);
+        for (i, (_, shape)) in shapes[2..].iter().enumerate() {
+            // A bias takes the fan-in of the weight before it.
             let fan_in = if shape.len() == 2 {
                 shape[1]
             } else {
-                params_fan_in(params.len())
+                shapes[2 + i - 1].1[1]
             };
             let bound = 1.0 / (fan_in as f32).sqrt();
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
             params.push(Var::from_tensor(&Tensor::from_vec(
                 data,
-                *shape,
+                shape.as_slice(),
                 &Device::Cpu,
             )?)?);
         }
-        Self::assemble(mean, std, params)
+        Self::assemble(Arc::new(spec.clone()), mean, std, params)
     }
 
-    fn assemble(mean: Vec<f32>, std: Vec<f32>, params: Vec<Var>) -> Result<MicroModel, ModelError> {
-        let mean_row = Tensor::from_vec(tile(&mean), (1, INPUT), &Device::Cpu)?;
+    fn assemble(
+        spec: Arc<ModelSpec>,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        params: Vec<Var>,
+    ) -> Result<MicroModel, ModelError> {
+        let input = spec.window_values();
+        let mean_row = Tensor::from_vec(tile(&mean, spec.frames), (1, input), &Device::Cpu)?;
         let inv: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
-        let inv_std_row = Tensor::from_vec(tile(&inv), (1, INPUT), &Device::Cpu)?;
+        let inv_std_row = Tensor::from_vec(tile(&inv, spec.frames), (1, input), &Device::Cpu)?;
         Ok(MicroModel {
+            spec,
             mean,
             std,
             mean_row,
             inv_std_row,
             params,
         })
+    }
+
+    /// The spec this model was made for.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Values in one input window (frames × channels).
+    pub fn input_len(&self) -> usize {
+        self.spec.window_values()
     }
 
     /// The trainable parameters (fc1.w, fc1.b, fc2.w, fc2.b, fc3.w, fc3.b).
@@ -142,45 +186,37 @@ impl MicroModel {
         h.matmul(&p[4].t()?)?.broadcast_add(&p[5])
     }
 
-    /// Class probabilities for each window (each a flattened 32×16 window).
-    pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
+    /// Class probabilities for each window (each a flattened frames × channels window),
+    /// one row of `spec.classes.len()` per window.
+    pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut flat = Vec::with_capacity(windows.len() * INPUT);
+        let input = self.input_len();
+        let mut flat = Vec::with_capacity(windows.len() * input);
         for (i, w) in windows.iter().enumerate() {
-            if w.len() != INPUT {
+            if w.len() != input {
                 return Err(ModelError::BadWindow {
                     index: i,
                     len: w.len(),
+                    expected: input,
                 });
             }
             flat.extend_from_slice(w);
         }
-        let x = Tensor::from_vec(flat, (windows.len(), INPUT), &Device::Cpu)?;
+        let x = Tensor::from_vec(flat, (windows.len(), input), &Device::Cpu)?;
         let p = candle_nn::ops::softmax(&self.forward(&x)?, D::Minus1)?;
-        let rows: Vec<Vec<f32>> = p.to_vec2()?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let mut a = [0f32; NUM_CLASSES];
-                a.copy_from_slice(&r);
-                a
-            })
-            .collect())
+        Ok(p.to_vec2()?)
     }
 
     /// Class probabilities for samples (their labels are ignored).
-    pub fn predict_proba_samples(
-        &self,
-        samples: &[Sample],
-    ) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
+    pub fn predict_proba_samples(&self, samples: &[Sample]) -> Result<Vec<Vec<f32>>, ModelError> {
         let refs: Vec<&[f32]> = samples.iter().map(|s| s.frames.as_slice()).collect();
         self.predict_proba(&refs)
     }
 
     /// The most likely class of each sample.
-    pub fn predict(&self, samples: &[Sample]) -> Result<Vec<StrokeClass>, ModelError> {
+    pub fn predict(&self, samples: &[Sample]) -> Result<Vec<ClassId>, ModelError> {
         Ok(self
             .predict_proba_samples(samples)?
             .iter()
@@ -200,17 +236,17 @@ impl MicroModel {
                 .expect("f32 cpu tensor");
             data.push(le(&v));
         }
-        let entries: Vec<crate::st::Entry<'_>> = TENSORS
-            .iter()
+        let entries: Vec<crate::st::Entry<'_>> = tensors(&self.spec)
+            .into_iter()
             .zip(&data)
             .map(|((name, shape), d)| crate::st::Entry {
                 name,
                 dtype: "F32",
-                shape: shape.to_vec(),
+                shape,
                 data: d,
             })
             .collect();
-        crate::st::write(&entries, &metadata())
+        crate::st::write(&entries, &metadata(&self.spec))
     }
 
     /// Load a model written by [`MicroModel::to_bytes`]. Never panics: garbage, a
@@ -236,35 +272,42 @@ impl MicroModel {
             )));
         }
         let version = get("format_version");
-        if version != FORMAT_VERSION.to_string() {
+        let spec = if version == FORMAT_VERSION.to_string() {
+            ModelSpec::from_json(get("spec").as_bytes())
+                .map_err(|e| ModelError::Format(format!("spec: {e}")))?
+        } else if version == FORMAT_VERSION_1.to_string() {
+            ModelSpec::synthetic_pose()
+        } else {
             return Err(ModelError::UnsupportedVersion(version.to_string()));
-        }
-        if get("architecture") != ARCHITECTURE {
+        };
+        if get("architecture") != architecture(&spec) {
             return Err(ModelError::Format(format!(
-                "architecture {:?} is not {ARCHITECTURE:?}",
-                get("architecture")
+                "architecture {:?} is not {:?}",
+                get("architecture"),
+                architecture(&spec)
             )));
         }
-        if get("classes") != class_list() {
+        if get("classes") != spec.classes.join(",") {
             return Err(ModelError::Format(format!(
                 "class list {:?} is not {:?}",
                 get("classes"),
-                class_list()
+                spec.classes.join(",")
             )));
         }
-        if st.len() != TENSORS.len() {
+        let shapes = tensors(&spec);
+        if st.len() != shapes.len() {
             return Err(ModelError::Format(format!(
                 "{} tensors, expected {}",
                 st.len(),
-                TENSORS.len()
+                shapes.len()
             )));
         }
         let mut values: Vec<Vec<f32>> = Vec::new();
-        for (name, shape) in TENSORS {
+        for (name, shape) in &shapes {
             let view = st
                 .tensor(name)
                 .map_err(|_| ModelError::Format(format!("missing tensor {name}")))?;
-            if view.dtype() != Dtype::F32 || view.shape() != shape {
+            if view.dtype() != Dtype::F32 || view.shape() != shape.as_slice() {
                 return Err(ModelError::Format(format!(
                     "tensor {name}: {:?} {:?}, expected F32 {:?}",
                     view.dtype(),
@@ -291,14 +334,23 @@ impl MicroModel {
         let mean = it.next().unwrap_or_default();
         let std = it.next().unwrap_or_default();
         let mut params = Vec::new();
-        for ((_, shape), v) in TENSORS[2..].iter().zip(it) {
+        for ((_, shape), v) in shapes[2..].iter().zip(it) {
             params.push(Var::from_tensor(&Tensor::from_vec(
                 v,
-                *shape,
+                shape.as_slice(),
                 &Device::Cpu,
             )?)?);
         }
-        Self::assemble(mean, std, params)
+        Self::assemble(Arc::new(spec), mean, std, params)
+    }
+
+    /// Load a model and check that it was made for `spec` (the deployment's): what the
+    /// trainer, the validator and the publisher call, so that a model of another spec is
+    /// never trained on, scored or served.
+    pub fn load_for(bytes: &[u8], spec: &ModelSpec) -> Result<MicroModel, ModelError> {
+        let m = MicroModel::from_bytes(bytes)?;
+        spec.ensure_same(m.spec())?;
+        Ok(m)
     }
 
     /// Overwrite this model's parameters with `other`'s (used to restore the best epoch).
@@ -328,43 +380,48 @@ impl MicroModel {
     }
 }
 
-fn params_fan_in(index: usize) -> usize {
-    // Biases take the fan-in of the weight before them: fc1.b, fc2.b, fc3.b.
-    match index {
-        1 => INPUT,
-        3 => HIDDEN[0],
-        _ => HIDDEN[1],
+/// Every sample's window has the spec's length and every label is one of its classes.
+pub(crate) fn check_windows(spec: &ModelSpec, samples: &[Sample]) -> Result<(), ModelError> {
+    for (index, s) in samples.iter().enumerate() {
+        if s.frames.len() != spec.window_values() {
+            return Err(ModelError::BadWindow {
+                index,
+                len: s.frames.len(),
+                expected: spec.window_values(),
+            });
+        }
+        if s.label.index() >= spec.num_classes() {
+            return Err(ModelError::BadLabel {
+                index,
+                label: s.label.index(),
+                classes: spec.num_classes(),
+            });
+        }
     }
+    Ok(())
 }
 
-fn class_list() -> String {
-    StrokeClass::ALL
-        .iter()
-        .map(|c| c.name())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn metadata() -> BTreeMap<String, String> {
+fn metadata(spec: &ModelSpec) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("format".to_string(), FORMAT_NAME.to_string()),
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
-        ("architecture".to_string(), ARCHITECTURE.to_string()),
-        ("classes".to_string(), class_list()),
+        ("architecture".to_string(), architecture(spec)),
+        ("spec".to_string(), spec.to_json()),
+        ("classes".to_string(), spec.classes.join(",")),
         (
             "window".to_string(),
-            format!("{WINDOW_FRAMES}x{WINDOW_FEATURES}"),
+            format!("{}x{}", spec.frames, spec.channels.len()),
         ),
     ])
 }
 
-/// Per-feature mean and std over every frame of every sample.
-pub fn feature_stats(samples: &[Sample]) -> (Vec<f32>, Vec<f32>) {
-    let mut sum = [0f64; WINDOW_FEATURES];
-    let mut sq = [0f64; WINDOW_FEATURES];
+/// Per-channel mean and std over every frame of every sample.
+pub fn feature_stats(channels: usize, samples: &[Sample]) -> (Vec<f32>, Vec<f32>) {
+    let mut sum = vec![0f64; channels];
+    let mut sq = vec![0f64; channels];
     let mut n = 0f64;
     for s in samples {
-        for row in s.frames.chunks_exact(WINDOW_FEATURES) {
+        for row in s.frames.chunks_exact(channels) {
             for (j, v) in row.iter().enumerate() {
                 sum[j] += *v as f64;
                 sq[j] += (*v as f64) * (*v as f64);
@@ -373,7 +430,7 @@ pub fn feature_stats(samples: &[Sample]) -> (Vec<f32>, Vec<f32>) {
         }
     }
     if n == 0.0 {
-        return (vec![0.0; WINDOW_FEATURES], vec![1.0; WINDOW_FEATURES]);
+        return (vec![0.0; channels], vec![1.0; channels]);
     }
     let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
     let std: Vec<f32> = sq
@@ -385,30 +442,30 @@ pub fn feature_stats(samples: &[Sample]) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The class with the highest probability (the first on ties).
-pub fn argmax_class(p: &[f32; NUM_CLASSES]) -> StrokeClass {
+pub fn argmax_class(p: &[f32]) -> ClassId {
     let mut best = 0;
-    for i in 1..NUM_CLASSES {
+    for i in 1..p.len() {
         if p[i] > p[best] {
             best = i;
         }
     }
-    StrokeClass::ALL[best]
+    ClassId(best as u8)
 }
 
-/// Flatten samples into a [n, 512] tensor and a [n] u32 label tensor.
-pub(crate) fn to_tensors(samples: &[Sample]) -> Result<(Tensor, Tensor), ModelError> {
-    let mut flat = Vec::with_capacity(samples.len() * INPUT);
-    for (i, s) in samples.iter().enumerate() {
-        if s.frames.len() != INPUT {
-            return Err(ModelError::BadWindow {
-                index: i,
-                len: s.frames.len(),
-            });
-        }
+/// Flatten samples into a [n, F·C] tensor and a [n] u32 label tensor (checked
+/// against the spec).
+pub(crate) fn to_tensors(
+    spec: &ModelSpec,
+    samples: &[Sample],
+) -> Result<(Tensor, Tensor), ModelError> {
+    check_windows(spec, samples)?;
+    let input = spec.window_values();
+    let mut flat = Vec::with_capacity(samples.len() * input);
+    for s in samples {
         flat.extend_from_slice(&s.frames);
     }
     let labels: Vec<u32> = samples.iter().map(|s| s.label.index() as u32).collect();
-    let x = Tensor::from_vec(flat, (samples.len(), INPUT), &Device::Cpu)?;
+    let x = Tensor::from_vec(flat, (samples.len(), input), &Device::Cpu)?;
     let y = Tensor::from_vec(labels, samples.len(), &Device::Cpu)?;
     debug_assert_eq!(y.dtype(), DType::U32);
     Ok((x, y))
@@ -421,7 +478,10 @@ mod tests {
 
     fn model() -> (MicroModel, Vec<Sample>) {
         let s = Swimmer::new(1).windows(24, &mut ChaCha8Rng::seed_from_u64(1));
-        (MicroModel::init(&s, 1).unwrap(), s)
+        (
+            MicroModel::init(&ModelSpec::synthetic_pose(), &s, 1).unwrap(),
+            s,
+        )
     }
 
     #[test]
@@ -455,16 +515,42 @@ mod tests {
             b[i] = rng.random();
             let _ = MicroModel::from_bytes(&b); // may succeed (a weight changed) but never panics
         }
-        let needle = b"\"format_version\":\"1\"";
+        let needle = b"\"format_version\":\"2\"";
         let at = bytes
             .windows(needle.len())
             .position(|w| w == needle)
             .expect("version in header");
         let mut b = bytes.clone();
-        b[at + needle.len() - 2] = b'2';
+        b[at + needle.len() - 2] = b'3';
         assert!(
-            matches!(MicroModel::from_bytes(&b), Err(ModelError::UnsupportedVersion(v)) if v == "2")
+            matches!(MicroModel::from_bytes(&b), Err(ModelError::UnsupportedVersion(v)) if v == "3")
         );
+    }
+
+    #[test]
+    fn a_model_records_its_spec_and_another_spec_is_another_shape() {
+        let watch = ModelSpec::smartwatch();
+        let s: Vec<Sample> = (0..20)
+            .map(|i| Sample {
+                frames: vec![i as f32 * 0.1; 288],
+                label: ClassId((i % 6) as u8),
+            })
+            .collect();
+        let m = MicroModel::init(&watch, &s, 2).unwrap();
+        let back = MicroModel::from_bytes(&m.to_bytes()).unwrap();
+        assert_eq!(back.spec(), &watch);
+        assert_eq!(back.predict_proba_samples(&s).unwrap()[0].len(), 6);
+        assert!(ModelSpec::synthetic_pose()
+            .ensure_same(back.spec())
+            .is_err());
+        // Pose windows do not fit a smartwatch model.
+        let (pose, pose_samples) = model();
+        assert!(matches!(
+            back.predict(&pose_samples),
+            Err(ModelError::BadWindow { expected: 288, .. })
+        ));
+        assert!(MicroModel::init(&watch, &pose_samples, 1).is_err());
+        assert_eq!(pose.spec(), &ModelSpec::synthetic_pose());
     }
 
     #[test]
@@ -472,9 +558,13 @@ mod tests {
         let (m, _) = model();
         assert!(matches!(
             m.predict_proba(&[&[0.0; 10]]),
-            Err(ModelError::BadWindow { index: 0, len: 10 })
+            Err(ModelError::BadWindow {
+                index: 0,
+                len: 10,
+                expected: 512
+            })
         ));
-        let p = m.predict_proba(&[&[0.5; INPUT]]).unwrap();
+        let p = m.predict_proba(&[&[0.5; 512]]).unwrap();
         assert!((p[0].iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
 }

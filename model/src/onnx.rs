@@ -2,6 +2,8 @@
 //! check against candle.
 //!
 //! # The graph (opset 17, IR version 8)
+//! Shown for the synthetic pose spec (32 frames × 16 channels, 6 classes); every shape
+//! comes from the model's spec.
 //! ```text
 //! window  float32 [batch, 32, 16]            (frames × features, as uploaded)
 //!   Sub   norm.mean     [16]                 per-feature mean
@@ -28,10 +30,11 @@
 //! |---|---|
 //! | `format` | `swimlane-micro-model` |
 //! | `format_version` | `1` |
-//! | `architecture` | `mlp-512-128-64-6` |
+//! | `architecture` | `mlp-512-128-64-6` (`mlp-{F·C}-128-64-{K}`) |
+//! | `spec` | the model's spec as JSON (`swimlane_core::ModelSpec`) |
 //! | `labels` | the class names in output order, comma-separated (`freestyle,backstroke,...`) |
-//! | `window` | `32x16` (frames x features) |
-//! | `features` | the 16 feature names of a frame, comma-separated |
+//! | `window` | `32x16` (frames x channels) |
+//! | `features` | the channel names of a frame, comma-separated |
 //! | `input` / `output` | the input and output names (`window`, `probabilities`) |
 //! | `model_version` | the published version (`1`, `2`, ...) or `base` |
 //! | `parent_version` | the version it was fine-tuned from, `base`, or empty for a base model |
@@ -51,9 +54,9 @@ use candle_onnx::onnx::{
 use prost::Message;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
-use swimlane_core::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};
+use swimlane_core::ModelSpec;
 
-use crate::net::{argmax_class, ARCHITECTURE, FORMAT_NAME, INPUT, TENSORS};
+use crate::net::{architecture, argmax_class, tensors, FORMAT_NAME};
 use crate::{MicroModel, ModelError, FORMAT_VERSION, MAX_MODEL_BYTES};
 
 /// The ONNX operator set the graph is written for (ONNX's default domain).
@@ -106,10 +109,6 @@ impl Lineage {
             training_run: None,
         }
     }
-}
-
-fn class_names() -> String {
-    StrokeClass::ALL.map(|c| c.name()).join(",")
 }
 
 fn entry(key: &str, value: impl Into<String>) -> StringStringEntryProto {
@@ -183,11 +182,13 @@ fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> 
 pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, ModelError> {
     let (mean, std) = model.normalisation();
     let inv_std: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
+    let spec = model.spec();
+    let channels = spec.channels.len();
     let mut initializers = vec![
-        initializer("norm.mean", &[WINDOW_FEATURES], mean),
-        initializer("norm.inv_std", &[WINDOW_FEATURES], &inv_std),
+        initializer("norm.mean", &[channels], mean),
+        initializer("norm.inv_std", &[channels], &inv_std),
     ];
-    for ((name, shape), var) in TENSORS[2..].iter().zip(model.params()) {
+    for ((name, shape), var) in tensors(spec)[2..].iter().zip(model.params()) {
         let v: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
         initializers.push(initializer(name, shape, &v));
     }
@@ -223,12 +224,12 @@ pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, Mod
         doc_string: "Stroke class probabilities for windows of pose keypoints".to_string(),
         input: vec![float_value(
             INPUT_NAME,
-            &[None, Some(WINDOW_FRAMES), Some(WINDOW_FEATURES)],
+            &[None, Some(spec.frames), Some(channels)],
             "raw keypoints, frame-major: [batch, frame, feature]; normalised inside the graph",
         )],
         output: vec![float_value(
             OUTPUT_NAME,
-            &[None, Some(NUM_CLASSES)],
+            &[None, Some(spec.num_classes())],
             "class probabilities in the order of metadata `labels`",
         )],
         ..Default::default()
@@ -238,10 +239,11 @@ pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, Mod
     let metadata = vec![
         entry("format", FORMAT_NAME),
         entry("format_version", FORMAT_VERSION.to_string()),
-        entry("architecture", ARCHITECTURE),
-        entry("labels", class_names()),
-        entry("window", format!("{WINDOW_FRAMES}x{WINDOW_FEATURES}")),
-        entry("features", crate::synth::FEATURE_NAMES.join(",")),
+        entry("architecture", architecture(spec)),
+        entry("spec", spec.to_json()),
+        entry("labels", spec.classes.join(",")),
+        entry("window", format!("{}x{channels}", spec.frames)),
+        entry("features", spec.channel_list()),
         entry("input", INPUT_NAME),
         entry("output", OUTPUT_NAME),
         entry("model_version", lineage.model_version.to_string()),
@@ -291,7 +293,7 @@ pub fn export(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelErr
 pub fn export_checked(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
     let bytes = export(model, lineage)?;
     let onnx = OnnxModel::from_bytes(&bytes)?;
-    let probes = probe_windows();
+    let probes = probe_windows(model);
     let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
     let p = parity(model, &onnx, &refs)?;
     if !p.holds() {
@@ -302,17 +304,35 @@ pub fn export_checked(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, 
     Ok(bytes)
 }
 
-/// 64 fixed windows for [`export_checked`]: synthetic swimmers of every class, plus a
-/// window of zeros and one of ones.
-pub fn probe_windows() -> Vec<Vec<f32>> {
+/// 64 fixed windows for [`export_checked`]: for the synthetic pose spec, synthetic
+/// swimmers of every class; for any other spec, seeded windows around the model's own
+/// normalisation (mean ± 3 std per channel); plus a window of zeros and one of ones.
+pub fn probe_windows(model: &MicroModel) -> Vec<Vec<f32>> {
+    use rand::Rng;
+    let spec = model.spec();
+    let input = spec.window_values();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x0_4e4e_0001);
-    let mut out: Vec<Vec<f32>> = crate::synth::Swimmer::new(0x0_4e4e_0002)
-        .windows(62, &mut rng)
-        .into_iter()
-        .map(|s| s.frames)
-        .collect();
-    out.push(vec![0.0; INPUT]);
-    out.push(vec![1.0; INPUT]);
+    let mut out: Vec<Vec<f32>> = if *spec == ModelSpec::synthetic_pose() {
+        crate::synth::Swimmer::new(0x0_4e4e_0002)
+            .windows(62, &mut rng)
+            .into_iter()
+            .map(|s| s.frames)
+            .collect()
+    } else {
+        let (mean, std) = model.normalisation();
+        (0..62)
+            .map(|_| {
+                (0..input)
+                    .map(|i| {
+                        let c = i % mean.len();
+                        mean[c] + std[c] * rng.random_range(-3.0f32..3.0)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    out.push(vec![0.0; input]);
+    out.push(vec![1.0; input]);
     out
 }
 
@@ -344,7 +364,7 @@ impl fmt::Display for Parity {
 }
 
 /// Compare two sets of probabilities, window by window.
-pub fn compare(a: &[[f32; NUM_CLASSES]], b: &[[f32; NUM_CLASSES]]) -> Parity {
+pub fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> Parity {
     assert_eq!(
         a.len(),
         b.len(),
@@ -390,6 +410,7 @@ pub fn parity(
 pub struct OnnxModel {
     proto: ModelProto,
     metadata: BTreeMap<String, String>,
+    spec: ModelSpec,
 }
 
 impl OnnxModel {
@@ -411,23 +432,30 @@ impl OnnxModel {
             .map(|e| (e.key.clone(), e.value.clone()))
             .collect();
         let get = |k: &str| metadata.get(k).map(String::as_str).unwrap_or("");
-        if get("format") != FORMAT_NAME || get("architecture") != ARCHITECTURE {
+        if get("format") != FORMAT_NAME {
             return Err(ModelError::Format(format!(
-                "ONNX model is not a swimlane micro model (format {:?}, architecture {:?})",
+                "ONNX model is not a swimlane micro model (format {:?})",
                 get("format"),
-                get("architecture")
             )));
         }
-        if get("format_version") != FORMAT_VERSION.to_string() {
-            return Err(ModelError::UnsupportedVersion(
-                get("format_version").to_string(),
-            ));
+        let spec = match get("format_version") {
+            "2" => ModelSpec::from_json(get("spec").as_bytes())
+                .map_err(|e| ModelError::Format(format!("spec: {e}")))?,
+            "1" => ModelSpec::synthetic_pose(),
+            other => return Err(ModelError::UnsupportedVersion(other.to_string())),
+        };
+        if get("architecture") != architecture(&spec) {
+            return Err(ModelError::Format(format!(
+                "architecture {:?} is not {:?}",
+                get("architecture"),
+                architecture(&spec)
+            )));
         }
-        if get("labels") != class_names() {
+        if get("labels") != spec.classes.join(",") {
             return Err(ModelError::Format(format!(
                 "class list {:?} is not {:?}",
                 get("labels"),
-                class_names()
+                spec.classes.join(",")
             )));
         }
         let graph = proto
@@ -442,7 +470,16 @@ impl OnnxModel {
                 names(&graph.output)
             )));
         }
-        Ok(OnnxModel { proto, metadata })
+        Ok(OnnxModel {
+            proto,
+            metadata,
+            spec,
+        })
+    }
+
+    /// The spec the file was exported for.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 
     /// The file's `metadata_props`.
@@ -457,23 +494,25 @@ impl OnnxModel {
 
     /// Class probabilities for each window (each a flattened 32×16 window), evaluated
     /// by candle-onnx in one batch.
-    pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
+    pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut flat = Vec::with_capacity(windows.len() * INPUT);
+        let input = self.spec.window_values();
+        let mut flat = Vec::with_capacity(windows.len() * input);
         for (i, w) in windows.iter().enumerate() {
-            if w.len() != INPUT {
+            if w.len() != input {
                 return Err(ModelError::BadWindow {
                     index: i,
                     len: w.len(),
+                    expected: input,
                 });
             }
             flat.extend_from_slice(w);
         }
         let x = Tensor::from_vec(
             flat,
-            (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
+            (windows.len(), self.spec.frames, self.spec.channels.len()),
             &Device::Cpu,
         )?;
         let mut out =
@@ -482,16 +521,14 @@ impl OnnxModel {
             ModelError::Format(format!("the ONNX graph did not produce {OUTPUT_NAME}"))
         })?;
         let rows: Vec<Vec<f32>> = p.to_vec2()?;
-        rows.into_iter()
-            .map(|r| {
-                <[f32; NUM_CLASSES]>::try_from(r.as_slice()).map_err(|_| {
-                    ModelError::Format(format!(
-                        "{OUTPUT_NAME} has {} columns, expected {NUM_CLASSES}",
-                        r.len()
-                    ))
-                })
-            })
-            .collect()
+        let k = self.spec.num_classes();
+        if let Some(r) = rows.iter().find(|r| r.len() != k) {
+            return Err(ModelError::Format(format!(
+                "{OUTPUT_NAME} has {} columns, expected {k}",
+                r.len()
+            )));
+        }
+        Ok(rows)
     }
 }
 
@@ -565,7 +602,10 @@ mod tests {
 
     fn model() -> (MicroModel, Vec<Sample>) {
         let s = Swimmer::new(3).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
-        (MicroModel::init(&s, 3).unwrap(), s)
+        (
+            MicroModel::init(&ModelSpec::synthetic_pose(), &s, 3).unwrap(),
+            s,
+        )
     }
 
     #[test]
@@ -613,7 +653,11 @@ mod tests {
         assert!(o.predict_proba(&[]).unwrap().is_empty());
         assert!(matches!(
             o.predict_proba(&[&[0.0; 5]]),
-            Err(ModelError::BadWindow { index: 0, len: 5 })
+            Err(ModelError::BadWindow {
+                index: 0,
+                len: 5,
+                ..
+            })
         ));
     }
 
@@ -635,12 +679,15 @@ mod tests {
         let (m, s) = model();
         let (other, _) = {
             let s2 = Swimmer::new(9).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
-            (MicroModel::init(&s2, 9).unwrap(), s2)
+            (
+                MicroModel::init(&ModelSpec::synthetic_pose(), &s2, 9).unwrap(),
+                s2,
+            )
         };
         let o = OnnxModel::from_bytes(&export(&other, &Lineage::base()).unwrap()).unwrap();
         let refs: Vec<&[f32]> = s.iter().map(|x| x.frames.as_slice()).collect();
         assert!(!parity(&m, &o, &refs).unwrap().holds());
-        let nan = [[f32::NAN; NUM_CLASSES]];
+        let nan = [vec![f32::NAN; 6]];
         assert!(!compare(&nan, &nan).holds());
     }
 }

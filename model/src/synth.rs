@@ -239,7 +239,7 @@ impl Swimmer {
         }
         Sample {
             frames,
-            label: class,
+            label: class.into(),
         }
     }
 
@@ -466,7 +466,7 @@ pub fn corrections<R: Rng>(
 /// A poisoned round: the same windows with their labels shuffled at random (a random
 /// permutation of the labels across the windows).
 pub fn poison<R: Rng>(samples: &[Sample], rng: &mut R) -> Vec<Sample> {
-    let mut labels: Vec<StrokeClass> = samples.iter().map(|s| s.label).collect();
+    let mut labels: Vec<swimlane_core::ClassId> = samples.iter().map(|s| s.label).collect();
     labels.shuffle(rng);
     samples
         .iter()
@@ -493,7 +493,7 @@ mod tests {
         assert_eq!(a.len(), 12);
         for (i, w) in a.iter().enumerate() {
             assert_eq!(w.frames.len(), WINDOW_FRAMES * WINDOW_FEATURES);
-            assert_eq!(w.label, StrokeClass::ALL[i % NUM_CLASSES]);
+            assert_eq!(w.label, StrokeClass::ALL[i % NUM_CLASSES].into());
             assert!(w
                 .frames
                 .iter()

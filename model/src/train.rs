@@ -150,9 +150,10 @@ pub struct FineTuneJob<'a> {
     pub config: TrainConfig,
 }
 
-/// Train a base model from scratch on a population's samples (normalisation computed
-/// from them, initialisation from `cfg.seed`).
+/// Train a base model for `spec` from scratch on a population's samples (normalisation
+/// computed from them, initialisation from `cfg.seed`).
 pub fn train_base(
+    spec: &swimlane_core::ModelSpec,
     samples: &[Sample],
     cfg: &TrainConfig,
 ) -> Result<(MicroModel, TrainReport), ModelError> {
@@ -160,7 +161,7 @@ pub fn train_base(
     if samples.is_empty() {
         return Err(ModelError::NoSamples);
     }
-    let model = MicroModel::init(samples, cfg.seed ^ 0x5eed_0f_ba5e)?;
+    let model = MicroModel::init(spec, samples, cfg.seed ^ 0x5eed_0f_ba5e)?;
     let report = train_in_place(&model, samples, cfg)?;
     Ok((model, report))
 }
@@ -207,9 +208,9 @@ fn train_in_place(
         (&order[..0], &order[..])
     };
     let pick = |idx: &[usize]| idx.iter().map(|&i| samples[i].clone()).collect::<Vec<_>>();
-    let (xt, yt) = to_tensors(&pick(train_idx))?;
+    let (xt, yt) = to_tensors(model.spec(), &pick(train_idx))?;
     let val = if early {
-        Some(to_tensors(&pick(val_idx))?)
+        Some(to_tensors(model.spec(), &pick(val_idx))?)
     } else {
         None
     };
@@ -322,8 +323,8 @@ mod tests {
             epochs: 4,
             ..TrainConfig::base()
         };
-        let (a, ra) = train_base(&s, &cfg).unwrap();
-        let (b, rb) = train_base(&s, &cfg).unwrap();
+        let (a, ra) = train_base(&swimlane_core::ModelSpec::synthetic_pose(), &s, &cfg).unwrap();
+        let (b, rb) = train_base(&swimlane_core::ModelSpec::synthetic_pose(), &s, &cfg).unwrap();
         assert!(a.to_bytes() == b.to_bytes());
         assert_eq!(ra, rb);
         assert!(ra.train_loss.last().unwrap() < &ra.train_loss[0]);
@@ -334,6 +335,7 @@ mod tests {
     fn fine_tune_leaves_the_parent_alone_and_respects_the_budget() {
         let s = Population::training(2, 4).samples(30, 2);
         let (parent, _) = train_base(
+            &swimlane_core::ModelSpec::synthetic_pose(),
             &s,
             &TrainConfig {
                 epochs: 1,

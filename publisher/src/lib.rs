@@ -34,11 +34,14 @@ pub struct PublisherConfig {
     /// Held-out accuracy at which a user counts as converged.
     pub target_accuracy: f32,
     pub loop_options: LoopOptions,
+    /// The deployment's model spec: a model of another spec is never published.
+    pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
 impl Default for PublisherConfig {
     fn default() -> Self {
         PublisherConfig {
+            spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
             target_accuracy: 0.97,
             loop_options: LoopOptions::default(),
         }
@@ -86,6 +89,7 @@ pub fn run_stage_blocking(
         emitter,
         metrics,
         target_accuracy: config.target_accuracy,
+        spec: config.spec,
     };
     let mut opts = config.loop_options.clone();
     if opts.lag.is_none() {
@@ -126,11 +130,14 @@ impl PublisherDeps {
 
 impl PublisherConfig {
     /// The publishing stage's settings from the process config.
-    pub fn from_config(config: &swimlane_runtime::Config) -> Self {
-        PublisherConfig {
+    pub fn from_config(
+        config: &swimlane_runtime::Config,
+    ) -> Result<Self, swimlane_runtime::config::ConfigError> {
+        Ok(PublisherConfig {
             target_accuracy: config.policy.target_accuracy,
             loop_options: swimlane_runtime::wiring::loop_options(&config.publisher.consumer),
-        }
+            spec: Arc::new(config.model_spec()?),
+        })
     }
 }
 
@@ -155,7 +162,8 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
     let metrics = PublisherMetrics::register(&p.registry)?;
     let deps = PublisherDeps::from_config(&config, &p.db, metrics.clone())?;
     let repo = deps.repo.clone();
-    let cfg = PublisherConfig::from_config(&config);
+    let cfg =
+        PublisherConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?;
     let api = router(ApiState {
         db: p.db.clone(),
         repo,

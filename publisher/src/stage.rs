@@ -34,6 +34,8 @@ pub(crate) struct Publisher {
     pub emitter: Arc<dyn Emitter>,
     pub metrics: PublisherMetrics,
     pub target_accuracy: f32,
+    /// The deployment's model spec: weights of another spec are never published.
+    pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
 fn now_ms() -> u64 {
@@ -56,8 +58,13 @@ fn onnx_blob_id(user: &str, run_id: &str, version: u64) -> String {
 
 /// The ONNX file of `run`'s candidate published as `version`, checked against the
 /// candidate (`swimlane_model::onnx::export_checked`).
-fn export_onnx(run: &RunRecord, weights: &[u8], version: u64) -> Result<Vec<u8>, KvError> {
-    let model = MicroModel::from_bytes(weights).map_err(|e| KvError::Corrupt {
+fn export_onnx(
+    spec: &swimlane_core::ModelSpec,
+    run: &RunRecord,
+    weights: &[u8],
+    version: u64,
+) -> Result<Vec<u8>, KvError> {
+    let model = MicroModel::load_for(weights, spec).map_err(|e| KvError::Corrupt {
         what: format!("candidate weights {}", run.model_blob),
         reason: e.to_string(),
     })?;
@@ -133,7 +140,7 @@ impl StageHandler for Publisher {
             let Some((run, version, w)) = found else {
                 continue;
             };
-            let bytes = export_onnx(&run, &w, version)?;
+            let bytes = export_onnx(&self.spec, &run, &w, version)?;
             let blob = onnx_blob_id(u, run_id, version);
             repo.put_blob_db(&self.db, &blob, &bytes)?;
             prepared.insert(
@@ -195,7 +202,12 @@ impl StageHandler for Publisher {
                             Some((v, file)) if *v == version => file.clone(),
                             _ => {
                                 // Not made beforehand for this version: make it here.
-                                let bytes = export_onnx(&run, &weights(repo, tx, &run)?, version)?;
+                                let bytes = export_onnx(
+                                    &self.spec,
+                                    &run,
+                                    &weights(repo, tx, &run)?,
+                                    version,
+                                )?;
                                 let blob = onnx_blob_id(u, run_id, version);
                                 repo.put_blob(tx, &blob, &bytes)?;
                                 stored(blob, &bytes)
@@ -292,14 +304,18 @@ mod tests {
     use swimlane_store::embedded::EmbeddedBackend;
 
     fn candidate(seed: u64) -> MicroModel {
-        let samples: Vec<Sample> = onnx::probe_windows()
+        let spec = swimlane_core::ModelSpec::synthetic_pose();
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let samples: Vec<Sample> = swimlane_model::synth::Swimmer::new(seed)
+            .windows(64, &mut rng)
             .into_iter()
-            .map(|frames| Sample {
-                frames,
-                label: StrokeClass::Turn,
+            .map(|s| Sample {
+                frames: s.frames,
+                label: StrokeClass::Turn.into(),
             })
             .collect();
-        MicroModel::init(&samples, seed).unwrap()
+        MicroModel::init(&spec, &samples, seed).unwrap()
     }
 
     /// Two accepted runs of one user in one delivery. The stage never sees this in
@@ -384,11 +400,12 @@ mod tests {
             emitter: Arc::new(EmbeddedBus::new(keys.clone(), 1)),
             metrics: PublisherMetrics::register(&prometheus::Registry::new()).unwrap(),
             target_accuracy: 0.97,
+            spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
         };
         p.handle(&delivery).unwrap();
         let versions = db.transact(|tx| repo.model_versions(tx, "ana")).unwrap();
         assert_eq!(versions.len(), 2);
-        let probes = onnx::probe_windows();
+        let probes = onnx::probe_windows(&runs[0].1);
         let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
         for (rec, (run_id, m)) in versions.iter().zip(&runs) {
             assert_eq!(rec.run_id, *run_id);

@@ -92,6 +92,12 @@ pub struct Config {
     pub admin_token_sha256: String,
     /// Log as JSON lines instead of human-readable text.
     pub log_json: bool,
+    /// The model spec (window shape, channels, classes): a built-in name
+    /// (`synthetic-pose`, `smartwatch`) or the path of a JSON spec file
+    /// (`swimlane_core::ModelSpec`). Every process of a deployment must agree: ingest
+    /// validates uploads against it and no model of another spec is trained on, scored
+    /// or served.
+    pub spec: String,
     pub ingest: IngestConfig,
     pub trainer: TrainerConfig,
     pub validator: ValidatorConfig,
@@ -198,6 +204,7 @@ impl Default for Config {
             topic_prefix: String::new(),
             admin_token_sha256: String::new(),
             log_json: false,
+            spec: swimlane_core::spec::SYNTHETIC_POSE.into(),
             ingest: IngestConfig::default(),
             trainer: TrainerConfig::default(),
             validator: ValidatorConfig::default(),
@@ -617,11 +624,25 @@ impl Config {
         Ok(base)
     }
 
+    /// The deployment's model spec: the built-in named by `spec`, or the JSON file it
+    /// names (a value with a `/` or ending in `.json`).
+    pub fn model_spec(&self) -> Result<swimlane_core::ModelSpec, ConfigError> {
+        use swimlane_core::ModelSpec;
+        if self.spec.contains('/') || self.spec.ends_with(".json") {
+            let bytes = std::fs::read(&self.spec)
+                .map_err(|e| invalid("spec", format!("cannot read spec file: {e}")))?;
+            ModelSpec::from_json(&bytes).map_err(|e| invalid("spec", e.to_string()))
+        } else {
+            ModelSpec::builtin(&self.spec).map_err(|e| invalid("spec", e.to_string()))
+        }
+    }
+
     /// Check values the types cannot; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.deployment.is_empty() {
             return Err(invalid("deployment", "must not be empty"));
         }
+        self.model_spec()?;
         self.store_location()?;
         self.bus_location()?;
         if !(1..=4096).contains(&self.partitions) {
@@ -989,6 +1010,8 @@ mod tests {
             ("store", Box::new(|c| c.store = "s3://bucket".into())),
             ("bus", Box::new(|c| c.bus = "kafka://nohost".into())),
             ("bus", Box::new(|c| c.bus = "rabbit".into())),
+            ("spec", Box::new(|c| c.spec = "no-such-builtin".into())),
+            ("spec", Box::new(|c| c.spec = "/no/such/spec.json".into())),
             ("topic_prefix", Box::new(|c| c.topic_prefix = "a/b".into())),
             (
                 "admin_token_sha256",

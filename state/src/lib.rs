@@ -328,7 +328,9 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// `[len u32 LE][records::encode_chunk bytes]` frames.
 pub fn encode_sample_set(samples: &[StagedSample]) -> Vec<u8> {
     let mut out = Vec::new();
-    for c in samples.chunks(swimlane_core::records::SAMPLES_PER_CHUNK) {
+    let per_chunk =
+        swimlane_core::records::samples_per_chunk(samples.first().map_or(1, |s| s.frames.len()));
+    for c in samples.chunks(per_chunk) {
         let b = swimlane_core::records::encode_chunk(c);
         out.extend_from_slice(&(b.len() as u32).to_le_bytes());
         out.extend_from_slice(&b);

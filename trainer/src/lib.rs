@@ -59,11 +59,14 @@ pub enum TrainerError {
 pub struct TrainerConfig {
     pub train: TrainConfig,
     pub loop_options: LoopOptions,
+    /// The deployment's model spec: a parent of another spec is never trained on.
+    pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
         TrainerConfig {
+            spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
             train: TrainConfig::fine_tune(),
             loop_options: LoopOptions {
                 max_records: 8,
@@ -124,6 +127,7 @@ pub fn run_blocking(
         emitter,
         metrics,
         train: config.train,
+        spec: config.spec,
     };
     let mut opts = config.loop_options.clone();
     if opts.lag.is_none() {
@@ -140,6 +144,7 @@ struct Trainer {
     emitter: Arc<dyn Emitter>,
     metrics: TrainerMetrics,
     train: TrainConfig,
+    spec: Arc<swimlane_core::ModelSpec>,
 }
 
 /// Everything one run needs, read in one short transaction.
@@ -267,8 +272,8 @@ impl Trainer {
 
     fn train(&self, plan: Plan) -> Result<Trained, String> {
         let t0 = Instant::now();
-        let parent =
-            MicroModel::from_bytes(&plan.parent).map_err(|e| format!("parent model: {e}"))?;
+        let parent = MicroModel::load_for(&plan.parent, &self.spec)
+            .map_err(|e| format!("parent model: {e}"))?;
         let cfg = self
             .train
             .clone()
@@ -463,11 +468,14 @@ impl TrainerDeps {
 
 impl TrainerConfig {
     /// The trainer's settings from the process config.
-    pub fn from_config(config: &swimlane_runtime::Config) -> Self {
-        TrainerConfig {
+    pub fn from_config(
+        config: &swimlane_runtime::Config,
+    ) -> Result<Self, swimlane_runtime::config::ConfigError> {
+        Ok(TrainerConfig {
             loop_options: swimlane_runtime::wiring::loop_options(&config.trainer.consumer),
+            spec: Arc::new(config.model_spec()?),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -480,7 +488,7 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Trainer
     let deps = TrainerDeps::from_config(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
     p.ready.set(true);
     run(
-        TrainerConfig::from_config(&config),
+        TrainerConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,
         p.shutdown.clone(),
     )

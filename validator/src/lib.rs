@@ -48,6 +48,8 @@ pub enum ValidatorError {
 pub struct ValidatorConfig {
     pub policy: ValidationPolicy,
     pub loop_options: LoopOptions,
+    /// The deployment's model spec: a model of another spec is never scored.
+    pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
 pub struct ValidatorDeps {
@@ -89,6 +91,7 @@ pub fn run_blocking(
         emitter,
         metrics,
         policy: config.policy,
+        spec: config.spec,
         guard: None,
     };
     let mut opts = config.loop_options.clone();
@@ -106,6 +109,7 @@ struct Validator {
     emitter: Arc<dyn Emitter>,
     metrics: ValidatorMetrics,
     policy: ValidationPolicy,
+    spec: Arc<swimlane_core::ModelSpec>,
     /// The guard set, read once (it only changes with a redeploy).
     guard: Option<Vec<Sample>>,
 }
@@ -229,11 +233,11 @@ impl Validator {
         };
         let guard = self.guard()?;
         let t0 = Instant::now();
-        let cand = match MicroModel::from_bytes(&inp.candidate) {
+        let cand = match MicroModel::load_for(&inp.candidate, &self.spec) {
             Ok(m) => m,
             Err(e) => return Ok(Outcome::Dead(format!("candidate does not load: {e}"))),
         };
-        let cur = match MicroModel::from_bytes(&inp.current) {
+        let cur = match MicroModel::load_for(&inp.current, &self.spec) {
             Ok(m) => m,
             Err(e) => return Ok(Outcome::Dead(format!("current model does not load: {e}"))),
         };
@@ -501,11 +505,14 @@ impl ValidatorDeps {
 
 impl ValidatorConfig {
     /// The validator's settings from the process config.
-    pub fn from_config(config: &swimlane_runtime::Config) -> Self {
-        ValidatorConfig {
+    pub fn from_config(
+        config: &swimlane_runtime::Config,
+    ) -> Result<Self, swimlane_runtime::config::ConfigError> {
+        Ok(ValidatorConfig {
             policy: config.validator.policy(),
             loop_options: swimlane_runtime::wiring::loop_options(&config.validator.consumer),
-        }
+            spec: Arc::new(config.model_spec()?),
+        })
     }
 }
 
@@ -519,7 +526,7 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Validat
         ValidatorDeps::from_config(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
     p.ready.set(true);
     run(
-        ValidatorConfig::from_config(&config),
+        ValidatorConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,
         p.shutdown.clone(),
     )

@@ -1,0 +1,595 @@
+//! `swimlane replay`: real swimmers' recordings through the real pipeline.
+//!
+//! 1. Every swimmer folder under `--data` (e.g. `../shared/data/swim-imu`) is read with
+//!    the importer ([`crate::recording`]) into windows of the smartwatch spec, in time
+//!    order (recordings by start time).
+//! 2. The swimmers are split into `folds` seeded folds. Each fold gets a fresh fleet
+//!    (embedded store, ingest and publisher over HTTP, trainers, validator) whose base
+//!    model is trained only on the other folds' swimmers, and whose guard set is other
+//!    folds' windows the base never trained on: no swimmer's data ever reaches the
+//!    model that serves them before they upload it.
+//! 3. Each swimmer's timeline is cut: the last `test_fraction` of their windows (by
+//!    time) is never uploaded (the final test); the rest is cut into sessions (a
+//!    recording, or at most `session_windows` windows of one). Session by session, the
+//!    device labels the windows with the model the publisher serves it at that moment,
+//!    the swimmer corrects the wrong ones and confirms the others, and the phone uploads
+//!    them all (format 2: corrected or confirmed, the predicted class and the version
+//!    that predicted it) through ingest's HTTP API; the replay waits until every upload
+//!    settles before the next session.
+//! 4. The baseline, in the same run: plain per-swimmer fine-tuning with no gate on the
+//!    same uploads (every session's windows, the model replaced after every session).
+//!
+//! Seeded and deterministic apart from thread timing inside the fleet (uploads of one
+//! round settle before the next round starts, so every model is a function of the
+//! data and the seed).
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use swimlane_core::keys::Keys;
+use swimlane_core::records::Feedback;
+use swimlane_core::{ModelSpec, UserId};
+use swimlane_model::synth::derive_seed;
+use swimlane_model::{evaluate, fine_tune, train_base, MicroModel, Sample, TrainConfig};
+use swimlane_runtime::Config;
+use swimlane_state::tokens::new_token;
+use swimlane_state::Repo;
+
+use crate::demo::{median, settled, Device};
+use crate::fleet::Stages;
+use crate::recording::{read_recording, recording_files, ImportOptions, Window};
+
+/// Knobs of the replay.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    pub data: PathBuf,
+    pub folds: usize,
+    /// Replay only the first N swimmers (by folder name) of the data; the folds and the
+    /// base models still use every swimmer.
+    pub swimmers: Option<usize>,
+    pub seed: u64,
+    /// Share of each swimmer's windows (the latest) kept as the final test.
+    pub test_fraction: f64,
+    /// Most windows in one upload.
+    pub session_windows: usize,
+    pub trainers: usize,
+    pub progress: bool,
+    /// Write a PNG plot of the device's accuracy over sessions here.
+    pub plot: Option<PathBuf>,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            data: PathBuf::from("../shared/data/swim-imu"),
+            folds: 5,
+            swimmers: None,
+            seed: 14,
+            test_fraction: 0.3,
+            session_windows: 120,
+            trainers: 2,
+            progress: true,
+            plot: None,
+        }
+    }
+}
+
+/// One swimmer's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwimmerReport {
+    pub swimmer: String,
+    pub fold: usize,
+    pub windows: usize,
+    pub test_windows: usize,
+    pub uploads: usize,
+    pub base_accuracy: f64,
+    pub base_macro_f1: f64,
+    pub final_accuracy: f64,
+    pub final_macro_f1: f64,
+    /// No gate: fine-tuned on every session, replaced every time.
+    pub baseline_accuracy: f64,
+    pub baseline_macro_f1: f64,
+    /// The device's accuracy on each session before its upload (what the swimmer saw).
+    pub session_accuracy: Vec<f64>,
+    pub versions_published: usize,
+    pub uploads_rejected: usize,
+    pub uploads_deferred: usize,
+}
+
+/// Figures over every swimmer of one method.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub median_accuracy: f64,
+    pub median_macro_f1: f64,
+    pub worst_accuracy: f64,
+    /// The lowest (final − base) accuracy of any swimmer.
+    pub worst_change: f64,
+    /// Swimmers more than 0.02 below their base accuracy.
+    pub below_base: usize,
+}
+
+/// What `--json` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayReport {
+    pub swimmers: Vec<SwimmerReport>,
+    pub base: Summary,
+    pub swimlane: Summary,
+    pub no_gate_baseline: Summary,
+    pub folds: usize,
+    pub seed: u64,
+    pub spec: String,
+    pub seconds: f64,
+}
+
+struct Swimmer {
+    name: String,
+    /// Sessions to upload, in time order.
+    sessions: Vec<Vec<Window>>,
+    test: Vec<Sample>,
+    all: Vec<Sample>,
+}
+
+fn say(opts: &ReplayOptions, msg: &str) {
+    if opts.progress {
+        eprintln!("{msg}");
+    }
+}
+
+/// Read every swimmer folder of `data` (sub-folders holding recordings), in name order.
+fn load(opts: &ReplayOptions, spec: &ModelSpec) -> anyhow::Result<Vec<Swimmer>> {
+    let import = ImportOptions::for_spec(spec);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&opts.data)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.data.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for dir in dirs {
+        let mut recordings = Vec::new();
+        for f in recording_files(&dir)? {
+            let r = read_recording(&f, spec, &import)?;
+            if !r.windows.is_empty() {
+                recordings.push(r);
+            }
+        }
+        let total: usize = recordings.iter().map(|r| r.windows.len()).sum();
+        if total < 10 {
+            continue;
+        }
+        let n_test = ((total as f64) * opts.test_fraction).ceil() as usize;
+        let n_upload = total - n_test;
+        let mut sessions = Vec::new();
+        let mut test = Vec::new();
+        let mut all = Vec::new();
+        let mut seen = 0;
+        for r in recordings {
+            let mut current: Vec<Window> = Vec::new();
+            for w in r.windows {
+                all.push(w.sample.clone());
+                if seen >= n_upload {
+                    test.push(w.sample);
+                } else {
+                    current.push(w);
+                    if current.len() == opts.session_windows {
+                        sessions.push(std::mem::take(&mut current));
+                    }
+                }
+                seen += 1;
+            }
+            if !current.is_empty() {
+                sessions.push(current);
+            }
+        }
+        out.push(Swimmer {
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sessions,
+            test,
+            all,
+        });
+    }
+    anyhow::ensure!(
+        out.len() > opts.folds,
+        "{}: {} swimmer folders with recordings, need more than {} (the folds)",
+        opts.data.display(),
+        out.len(),
+        opts.folds
+    );
+    Ok(out)
+}
+
+/// Training configuration of the base models.
+fn base_config(seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: 12,
+        ..TrainConfig::base().with_seed(seed)
+    }
+}
+
+/// Run the replay; every fleet is stopped before this returns.
+pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
+    let t0 = Instant::now();
+    let spec = ModelSpec::smartwatch();
+    anyhow::ensure!(opts.folds >= 2, "--folds must be at least 2");
+    say(&opts, &format!("reading {} …", opts.data.display()));
+    let swimmers = load(&opts, &spec)?;
+    // Seeded folds over every swimmer.
+    let mut order: Vec<usize> = (0..swimmers.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(opts.seed, 1, 0)));
+    let mut fold_of = vec![0; swimmers.len()];
+    for (k, &i) in order.iter().enumerate() {
+        fold_of[i] = k % opts.folds;
+    }
+    let replayed: Vec<usize> = (0..swimmers.len())
+        .take(opts.swimmers.unwrap_or(usize::MAX))
+        .collect();
+    let mut reports: Vec<SwimmerReport> = Vec::new();
+    for fold in 0..opts.folds {
+        let members: Vec<usize> = replayed
+            .iter()
+            .copied()
+            .filter(|&i| fold_of[i] == fold)
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        // Base and guard from the other folds only: every 10th window to the guard set
+        // (at most 600), the rest to training.
+        let (mut train, mut guard) = (Vec::new(), Vec::new());
+        for (i, s) in swimmers.iter().enumerate() {
+            if fold_of[i] == fold {
+                continue;
+            }
+            for (k, w) in s.all.iter().enumerate() {
+                if k % 10 == 5 {
+                    guard.push(w.clone());
+                } else {
+                    train.push(w.clone());
+                }
+            }
+        }
+        guard.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(
+            opts.seed,
+            2,
+            fold as u64,
+        )));
+        guard.truncate(600);
+        say(
+            &opts,
+            &format!(
+                "fold {}/{}: base model on {} windows of {} other swimmers; replaying {} swimmers",
+                fold + 1,
+                opts.folds,
+                train.len(),
+                swimmers.len() - fold_of.iter().filter(|f| **f == fold).count(),
+                members.len()
+            ),
+        );
+        let (base, _) = train_base(
+            &spec,
+            &train,
+            &base_config(derive_seed(opts.seed, 3, fold as u64)),
+        )?;
+        let fold_swimmers: Vec<&Swimmer> = members.iter().map(|&i| &swimmers[i]).collect();
+        let mut fold_reports = run_fold(&opts, &spec, fold, &base, guard, &fold_swimmers).await?;
+        reports.append(&mut fold_reports);
+    }
+    reports.sort_by(|a, b| a.swimmer.cmp(&b.swimmer));
+    let summary = |acc: &dyn Fn(&SwimmerReport) -> (f64, f64)| {
+        let accs: Vec<f64> = reports.iter().map(|r| acc(r).0).collect();
+        Summary {
+            median_accuracy: median(accs.clone()),
+            median_macro_f1: median(reports.iter().map(|r| acc(r).1).collect()),
+            worst_accuracy: accs.iter().copied().fold(f64::INFINITY, f64::min),
+            worst_change: reports
+                .iter()
+                .map(|r| acc(r).0 - r.base_accuracy)
+                .fold(f64::INFINITY, f64::min),
+            below_base: reports
+                .iter()
+                .filter(|r| acc(r).0 < r.base_accuracy - 0.02)
+                .count(),
+        }
+    };
+    let report = ReplayReport {
+        base: summary(&|r| (r.base_accuracy, r.base_macro_f1)),
+        swimlane: summary(&|r| (r.final_accuracy, r.final_macro_f1)),
+        no_gate_baseline: summary(&|r| (r.baseline_accuracy, r.baseline_macro_f1)),
+        swimmers: reports,
+        folds: opts.folds,
+        seed: opts.seed,
+        spec: spec.name.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    if let Some(path) = &opts.plot {
+        crate::plot::session_accuracy_png(&report, path)?;
+    }
+    Ok(report)
+}
+
+async fn run_fold(
+    opts: &ReplayOptions,
+    spec: &ModelSpec,
+    fold: usize,
+    base: &MicroModel,
+    guard: Vec<Sample>,
+    swimmers: &[&Swimmer],
+) -> anyhow::Result<Vec<SwimmerReport>> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::default();
+    config.deployment = format!("replay-{fold}");
+    config.spec = spec.name.clone();
+    config.store = dir.path().join("store").display().to_string();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    config.ingest.listen = any;
+    config.ingest.metrics_listen = any;
+    config.trainer.metrics_listen = any;
+    config.validator.metrics_listen = any;
+    config.publisher.listen = any;
+    config.publisher.metrics_listen = any;
+    config.validate()?;
+    let db = swimlane_runtime::open_store(&config)?;
+    crate::init::install_model(&db, &config.deployment, base, guard)?;
+
+    let shutdown = swimlane_runtime::CancellationToken::new();
+    let ingest = swimlane_ingest::start(
+        config.clone(),
+        swimlane_ingest::IngestDeps {
+            db: db.clone(),
+            emitter: swimlane_runtime::wiring::emitter(&config)?,
+            registry: swimlane_runtime::new_registry(),
+            clock: std::sync::Arc::new(swimlane_runtime::SystemWallClock),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let publisher = swimlane_publisher::start(config.clone()).await?;
+    let stages =
+        Stages::start_without_publisher(&config, &db, &prometheus::Registry::new(), opts.trainers)?;
+    let urls = (
+        format!("http://{}", ingest.api_addr),
+        format!("http://{}", publisher.api_addr),
+    );
+    let (o, s, b) = (opts.clone(), spec.clone(), base.clone());
+    let owned: Vec<(String, Vec<Vec<Window>>, Vec<Sample>)> = swimmers
+        .iter()
+        .map(|w| (w.name.clone(), w.sessions.clone(), w.test.clone()))
+        .collect();
+    let repo = Repo::new(Keys::new(&config.deployment));
+    let db2 = db.clone();
+    let driven = tokio::task::spawn_blocking(move || {
+        drive(&o, &s, fold, &db2, &repo, &b, &owned, &urls.0, &urls.1)
+    })
+    .await;
+    shutdown.cancel();
+    publisher.shutdown.cancel();
+    let stopped = stages.stop();
+    let _ = ingest.handle.await;
+    let _ = publisher.handle.await;
+    let reports = driven??;
+    stopped?;
+    Ok(reports)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    opts: &ReplayOptions,
+    spec: &ModelSpec,
+    fold: usize,
+    db: &swimlane_store::Db,
+    repo: &Repo,
+    base: &MicroModel,
+    swimmers: &[(String, Vec<Vec<Window>>, Vec<Sample>)],
+    ingest: &str,
+    publisher: &str,
+) -> anyhow::Result<Vec<SwimmerReport>> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
+    let mut devices = Vec::new();
+    for (name, _, _) in swimmers {
+        let token = new_token();
+        let uid = UserId::new(name.clone())?;
+        db.transact(|tx| repo.put_token(tx, &uid, &token, 0))?;
+        devices.push(Device {
+            user: name.clone(),
+            token,
+            ingest: ingest.into(),
+            publisher: publisher.into(),
+            agent: agent.clone(),
+        });
+    }
+    let rounds = swimmers.iter().map(|s| s.1.len()).max().unwrap_or(0);
+    let mut session_accuracy: Vec<Vec<f64>> = vec![Vec::new(); swimmers.len()];
+    let mut statuses: Vec<BTreeMap<String, String>> = vec![BTreeMap::new(); swimmers.len()];
+    let t0 = Instant::now();
+    for round in 0..rounds {
+        let mut pending = Vec::new();
+        for (i, (_, sessions, _)) in swimmers.iter().enumerate() {
+            let Some(session) = sessions.get(round) else {
+                continue;
+            };
+            let d = &devices[i];
+            let (model, version) = match d.current_versioned()? {
+                Some((m, v)) => {
+                    spec.ensure_same(m.spec())?;
+                    (m, Some(v))
+                }
+                None => (base.clone(), None),
+            };
+            let samples: Vec<Sample> = session.iter().map(|w| w.sample.clone()).collect();
+            let predicted = model.predict(&samples)?;
+            let feedback: Vec<Feedback> = samples
+                .iter()
+                .zip(&predicted)
+                .map(|(s, p)| Feedback {
+                    corrected: s.label != *p,
+                    predicted: *p,
+                    model_version: version,
+                })
+                .collect();
+            let right = feedback.iter().filter(|f| !f.corrected).count();
+            session_accuracy[i].push(right as f64 / samples.len() as f64);
+            let id = format!("session-{round:03}");
+            d.post_batch(crate::upload::upload_json_with(
+                spec,
+                &id,
+                &samples,
+                Some(&feedback),
+            ))?;
+            pending.push((i, id));
+        }
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for (i, id) in pending {
+                let st = devices[i].status(&id)?;
+                let word = st["status"].as_str().unwrap_or("").to_string();
+                if settled(&word) {
+                    statuses[i].insert(id, word);
+                } else {
+                    still.push((i, id));
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "uploads did not settle within 15 minutes: {pending:?}"
+                );
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        }
+        if opts.progress {
+            eprint!(
+                "\r  fold {} session {}/{} settled  {:>6.1}s",
+                fold + 1,
+                round + 1,
+                rounds,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    let mut out = Vec::new();
+    for (i, (name, sessions, test)) in swimmers.iter().enumerate() {
+        let d = &devices[i];
+        let final_model = d.current_model()?.unwrap_or_else(|| base.clone());
+        let b = evaluate(base, test)?;
+        let f = evaluate(&final_model, test)?;
+        let baseline = no_gate_baseline(opts, base, name, sessions)?;
+        let g = evaluate(&baseline, test)?;
+        let st = &statuses[i];
+        out.push(SwimmerReport {
+            swimmer: name.clone(),
+            fold,
+            windows: sessions.iter().map(Vec::len).sum::<usize>() + test.len(),
+            test_windows: test.len(),
+            uploads: sessions.len(),
+            base_accuracy: b.accuracy,
+            base_macro_f1: b.macro_f1(),
+            final_accuracy: f.accuracy,
+            final_macro_f1: f.macro_f1(),
+            baseline_accuracy: g.accuracy,
+            baseline_macro_f1: g.macro_f1(),
+            session_accuracy: session_accuracy[i].clone(),
+            versions_published: d.versions()?,
+            uploads_rejected: st.values().filter(|s| *s == "rejected").count(),
+            uploads_deferred: st.values().filter(|s| *s == "deferred").count(),
+        });
+    }
+    Ok(out)
+}
+
+/// Plain per-swimmer fine-tuning with no gate: after every session, fine-tune the
+/// current model on every window uploaded so far and replace it.
+fn no_gate_baseline(
+    opts: &ReplayOptions,
+    base: &MicroModel,
+    name: &str,
+    sessions: &[Vec<Window>],
+) -> anyhow::Result<MicroModel> {
+    let mut current = base.clone();
+    let mut seen: Vec<Sample> = Vec::new();
+    for (k, s) in sessions.iter().enumerate() {
+        seen.extend(s.iter().map(|w| w.sample.clone()));
+        let seed = derive_seed(opts.seed, 4, hash(name) ^ k as u64);
+        current = fine_tune(&current, &seen, &TrainConfig::fine_tune().with_seed(seed))?.0;
+    }
+    Ok(current)
+}
+
+fn hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Print the report as a table.
+pub fn print_table(r: &ReplayReport) {
+    println!(
+        "{:<12} {:>4} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "swimmer",
+        "fold",
+        "uploads",
+        "test",
+        "base",
+        "baseF1",
+        "final",
+        "finalF1",
+        "no-gate",
+        "ngF1",
+        "versions",
+        "rejected",
+        "deferred"
+    );
+    for u in &r.swimmers {
+        println!(
+            "{:<12} {:>4} {:>7} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3} {:>8.3} {:>8} {:>8} {:>8}",
+            u.swimmer,
+            u.fold,
+            u.uploads,
+            u.test_windows,
+            u.base_accuracy,
+            u.base_macro_f1,
+            u.final_accuracy,
+            u.final_macro_f1,
+            u.baseline_accuracy,
+            u.baseline_macro_f1,
+            u.versions_published,
+            u.uploads_rejected,
+            u.uploads_deferred
+        );
+    }
+    for (name, s) in [
+        ("base", &r.base),
+        ("swimlane", &r.swimlane),
+        ("no-gate baseline", &r.no_gate_baseline),
+    ] {
+        println!(
+            "{name:<17} median accuracy {:.3}, median macro-F1 {:.3}, worst {:.3}, worst change vs base {:+.3}, {} swimmers more than 0.02 below base",
+            s.median_accuracy, s.median_macro_f1, s.worst_accuracy, s.worst_change, s.below_base
+        );
+    }
+    println!(
+        "{} swimmers, {} folds, seed {}, {:.1}s",
+        r.swimmers.len(),
+        r.folds,
+        r.seed,
+        r.seconds
+    );
+}
+
+/// Whether the real-swimmer data folder is there (tests skip without it).
+pub fn data_present(path: &Path) -> bool {
+    path.join("README.md").is_file()
+}
