@@ -66,6 +66,9 @@ enum Command {
         /// The recordings: one sub-folder per swimmer (e.g. ../shared/data/swim-imu).
         #[arg(long, default_value = "../shared/data/swim-imu")]
         data: std::path::PathBuf,
+        /// The model spec: a built-in name or a JSON spec file.
+        #[arg(long, default_value = "smartwatch")]
+        spec: String,
         #[arg(long, default_value_t = 5)]
         folds: usize,
         /// Replay only the first N swimmers (the base models still use every swimmer).
@@ -81,6 +84,9 @@ enum Command {
         /// Write a PNG plot of the device's accuracy over sessions.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// The final test: the last 30% of every recording, or of the whole timeline.
+        #[arg(long, value_enum, default_value = "recording")]
+        split: swimlane_cli::replay::Split,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -326,12 +332,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Replay {
             data,
+            spec,
             folds,
             swimmers,
             seed,
             session_windows,
             trainers,
             plot,
+            split,
             json,
         } => {
             if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none()
@@ -344,14 +352,18 @@ fn main() -> anyhow::Result<()> {
                 "{}: no swim-imu data folder (a README.md and one folder per swimmer); the recordings are not shipped with swimlane",
                 data.display()
             );
+            let mut c = Config::default();
+            c.spec = spec;
             let opts = swimlane_cli::replay::ReplayOptions {
                 data,
+                spec: c.model_spec()?,
                 folds,
                 swimmers,
                 seed,
                 session_windows,
                 trainers,
                 plot,
+                split,
                 progress: true,
                 ..Default::default()
             };

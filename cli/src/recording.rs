@@ -59,19 +59,30 @@ pub struct ImportOptions {
 
 impl ImportOptions {
     /// The defaults for a spec: every window half-overlapping (`stride = frames / 2`),
-    /// label column `label`, and for the smartwatch spec the column names of the
-    /// swim-imu recordings (`ACC_0..2`, `GYRO_0..2`, `MAG_0..2`).
+    /// label column `label`, and the IMU channel names of the smartwatch spec
+    /// (`acc_x`, …, `mag_z`) read from the swim-imu recordings' headers (`ACC_0`, …,
+    /// `MAG_2`).
     pub fn for_spec(spec: &ModelSpec) -> ImportOptions {
-        let columns = if spec.name == swimlane_core::spec::SMARTWATCH {
-            let names = ["ACC", "GYRO", "MAG"];
-            spec.channels
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (c.name.clone(), format!("{}_{}", names[i / 3], i % 3)))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let columns = spec
+            .channels
+            .iter()
+            .filter_map(|c| {
+                let (sensor, axis) = c.name.split_once('_')?;
+                let sensor = match sensor {
+                    "acc" => "ACC",
+                    "gyro" => "GYRO",
+                    "mag" => "MAG",
+                    _ => return None,
+                };
+                let axis = match axis {
+                    "x" => 0,
+                    "y" => 1,
+                    "z" => 2,
+                    _ => return None,
+                };
+                Some((c.name.clone(), format!("{sensor}_{axis}")))
+            })
+            .collect();
         ImportOptions {
             columns,
             label_column: "label".into(),

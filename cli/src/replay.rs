@@ -8,8 +8,9 @@
 //!    model is trained only on the other folds' swimmers, and whose guard set is other
 //!    folds' windows the base never trained on: no swimmer's data ever reaches the
 //!    model that serves them before they upload it.
-//! 3. Each swimmer's timeline is cut: the last `test_fraction` of their windows (by
-//!    time) is never uploaded (the final test); the rest is cut into sessions (a
+//! 3. Each swimmer's timeline is cut: the last `test_fraction` (30%) of every recording
+//!    is never uploaded (the final test; `--split timeline` takes the last 30% of the
+//!    whole timeline instead); the rest is cut into sessions in time order (a
 //!    recording, or at most `session_windows` windows of one). Session by session, the
 //!    device labels the windows with the model the publisher serves it at that moment,
 //!    the swimmer corrects the wrong ones and confirms the others, and the phone uploads
@@ -47,6 +48,8 @@ use crate::recording::{read_recording, recording_files, ImportOptions, Window};
 #[derive(Clone, Debug)]
 pub struct ReplayOptions {
     pub data: PathBuf,
+    /// The deployment's spec (default: the built-in `smartwatch`).
+    pub spec: ModelSpec,
     pub folds: usize,
     /// Replay only the first N swimmers (by folder name) of the data; the folds and the
     /// base models still use every swimmer.
@@ -60,12 +63,26 @@ pub struct ReplayOptions {
     pub progress: bool,
     /// Write a PNG plot of the device's accuracy over sessions here.
     pub plot: Option<PathBuf>,
+    pub split: Split,
+}
+
+/// Which windows of a swimmer are the final test (never uploaded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// The latest `test_fraction` of every recording: every style the swimmer swam is
+    /// both uploaded (earlier in the recording) and tested (later in it). The default.
+    Recording,
+    /// The latest `test_fraction` of the whole timeline: later recordings are often a
+    /// style the swimmer never uploaded, so the test then measures the base model.
+    Timeline,
 }
 
 impl Default for ReplayOptions {
     fn default() -> Self {
         ReplayOptions {
             data: PathBuf::from("../shared/data/swim-imu"),
+            spec: ModelSpec::smartwatch(),
             folds: 5,
             swimmers: None,
             seed: 14,
@@ -74,6 +91,7 @@ impl Default for ReplayOptions {
             trainers: 2,
             progress: true,
             plot: None,
+            split: Split::Recording,
         }
     }
 }
@@ -98,6 +116,8 @@ pub struct SwimmerReport {
     pub versions_published: usize,
     pub uploads_rejected: usize,
     pub uploads_deferred: usize,
+    /// Why each upload that was not published was rejected or deferred, in order.
+    pub reasons: Vec<String>,
 }
 
 /// Figures over every swimmer of one method.
@@ -121,6 +141,7 @@ pub struct ReplayReport {
     pub no_gate_baseline: Summary,
     pub folds: usize,
     pub seed: u64,
+    pub split: Split,
     pub spec: String,
     pub seconds: f64,
 }
@@ -161,17 +182,24 @@ fn load(opts: &ReplayOptions, spec: &ModelSpec) -> anyhow::Result<Vec<Swimmer>> 
         if total < 10 {
             continue;
         }
-        let n_test = ((total as f64) * opts.test_fraction).ceil() as usize;
-        let n_upload = total - n_test;
+        // Which windows are the final test: the latest `test_fraction` of the whole
+        // timeline, or of every recording.
+        let n_upload_total = total - ((total as f64) * opts.test_fraction).ceil() as usize;
         let mut sessions = Vec::new();
         let mut test = Vec::new();
         let mut all = Vec::new();
         let mut seen = 0;
         for r in recordings {
+            let n = r.windows.len();
+            let n_upload_here = n - ((n as f64) * opts.test_fraction).ceil() as usize;
             let mut current: Vec<Window> = Vec::new();
-            for w in r.windows {
+            for (k, w) in r.windows.into_iter().enumerate() {
                 all.push(w.sample.clone());
-                if seen >= n_upload {
+                let upload = match opts.split {
+                    Split::Timeline => seen < n_upload_total,
+                    Split::Recording => k < n_upload_here,
+                };
+                if !upload {
                     test.push(w.sample);
                 } else {
                     current.push(w);
@@ -184,6 +212,9 @@ fn load(opts: &ReplayOptions, spec: &ModelSpec) -> anyhow::Result<Vec<Swimmer>> 
             if !current.is_empty() {
                 sessions.push(current);
             }
+        }
+        if sessions.is_empty() || test.is_empty() {
+            continue;
         }
         out.push(Swimmer {
             name: dir
@@ -216,7 +247,8 @@ fn base_config(seed: u64) -> TrainConfig {
 /// Run the replay; every fleet is stopped before this returns.
 pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
     let t0 = Instant::now();
-    let spec = ModelSpec::smartwatch();
+    let spec = opts.spec.clone();
+    spec.validate()?;
     anyhow::ensure!(opts.folds >= 2, "--folds must be at least 2");
     say(&opts, &format!("reading {} …", opts.data.display()));
     let swimmers = load(&opts, &spec)?;
@@ -305,6 +337,7 @@ pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
         swimmers: reports,
         folds: opts.folds,
         seed: opts.seed,
+        split: opts.split,
         spec: spec.name.clone(),
         seconds: t0.elapsed().as_secs_f64(),
     };
@@ -323,9 +356,16 @@ async fn run_fold(
     swimmers: &[&Swimmer],
 ) -> anyhow::Result<Vec<SwimmerReport>> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config::default();
+    // The deployment's settings (the validation policy above all) come from the
+    // environment and a config file as for any process (SWIMLANE_VALIDATOR_MARGIN, ...);
+    // the store, the spec and the addresses are the replay's own.
+    let mut config = Config::load(&swimlane_runtime::config::Args::default(), None)?;
     config.deployment = format!("replay-{fold}");
-    config.spec = spec.name.clone();
+    // The spec as a file in the fleet's directory, so a spec that is not built in
+    // reaches every worker through the config like any deployment's.
+    let spec_file = dir.path().join("spec.json");
+    std::fs::write(&spec_file, spec.to_json())?;
+    config.spec = spec_file.display().to_string();
     config.store = dir.path().join("store").display().to_string();
     let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     config.ingest.listen = any;
@@ -409,6 +449,7 @@ fn drive(
     let rounds = swimmers.iter().map(|s| s.1.len()).max().unwrap_or(0);
     let mut session_accuracy: Vec<Vec<f64>> = vec![Vec::new(); swimmers.len()];
     let mut statuses: Vec<BTreeMap<String, String>> = vec![BTreeMap::new(); swimmers.len()];
+    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); swimmers.len()];
     let t0 = Instant::now();
     for round in 0..rounds {
         let mut pending = Vec::new();
@@ -453,6 +494,9 @@ fn drive(
                 let st = devices[i].status(&id)?;
                 let word = st["status"].as_str().unwrap_or("").to_string();
                 if settled(&word) {
+                    if let Some(r) = st["reason"].as_str() {
+                        reasons[i].push(format!("{id} {word}: {r}"));
+                    }
                     statuses[i].insert(id, word);
                 } else {
                     still.push((i, id));
@@ -505,6 +549,7 @@ fn drive(
             versions_published: d.versions()?,
             uploads_rejected: st.values().filter(|s| *s == "rejected").count(),
             uploads_deferred: st.values().filter(|s| *s == "deferred").count(),
+            reasons: reasons[i].clone(),
         });
     }
     Ok(out)

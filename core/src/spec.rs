@@ -127,7 +127,8 @@ impl ModelSpec {
         ModelSpec {
             name: SYNTHETIC_POSE.into(),
             frames: WINDOW_FRAMES,
-            frame_rate_hz: 30.0,
+            // About 15 pose frames a second (docs/batch-format.md).
+            frame_rate_hz: 15.0,
             channels: ch,
             classes: StrokeClass::ALL.iter().map(|c| c.name().into()).collect(),
         }

@@ -543,6 +543,13 @@ mod tests {
         assert!(ModelSpec::synthetic_pose()
             .ensure_same(back.spec())
             .is_err());
+        // What the trainer, validator and publisher call: the other spec is refused.
+        let e = MicroModel::load_for(&m.to_bytes(), &ModelSpec::synthetic_pose()).unwrap_err();
+        assert!(
+            e.to_string().contains("made for spec \"smartwatch\""),
+            "{e}"
+        );
+        assert!(MicroModel::load_for(&m.to_bytes(), &watch).is_ok());
         // Pose windows do not fit a smartwatch model.
         let (pose, pose_samples) = model();
         assert!(matches!(
