@@ -39,15 +39,19 @@
 //! | `weights_sha256` | SHA-256 of the safetensors weights it was exported from |
 //!
 //! `ModelProto.model_version` is the published version (0 for a base model).
-use std::collections::{BTreeMap, HashMap};
+//!
+//! # No protoc
+//! The ONNX messages are [`proto`]: the subset of onnx.proto this project writes and
+//! reads, hand-written prost structs with onnx.proto's field numbers, so building needs
+//! no `protoc`. [`OnnxModel::predict_proba`] runs the decoded file's graph with a small
+//! evaluator of its own (the private `eval` module): exactly the operators above, the
+//! file's initializers, the nodes in the file's order; any other operator, attribute or
+//! shape is a [`ModelError`]. The tests check both against candle-onnx (a
+//! dev-dependency only): its generated types decode the exported bytes and re-encode
+//! them byte for byte, and its evaluator computes what this one does.
+use std::collections::BTreeMap;
 use std::fmt;
 
-use candle_core::{Device, Tensor};
-use candle_onnx::onnx::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
 use prost::Message;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
@@ -55,6 +59,14 @@ use swimlane_core::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};
 
 use crate::net::{argmax_class, ARCHITECTURE, FORMAT_NAME, INPUT, TENSORS};
 use crate::{MicroModel, ModelError, FORMAT_VERSION, MAX_MODEL_BYTES};
+use proto::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+mod eval;
+pub mod proto;
 
 /// The ONNX operator set the graph is written for (ONNX's default domain).
 pub const OPSET: i64 = 17;
@@ -385,7 +397,7 @@ pub fn parity(
     ))
 }
 
-/// An exported ONNX micro model, evaluated with candle-onnx.
+/// An exported ONNX micro model, evaluated by this module's own evaluator.
 #[derive(Clone, Debug)]
 pub struct OnnxModel {
     proto: ModelProto,
@@ -455,8 +467,10 @@ impl OnnxModel {
         &self.proto
     }
 
-    /// Class probabilities for each window (each a flattened 32×16 window), evaluated
-    /// by candle-onnx in one batch.
+    /// Class probabilities for each window (each a flattened 32×16 window): the file's
+    /// graph run on the windows in one batch by this module's own evaluator (the
+    /// operators the exporter writes, with the file's initializers; anything else in
+    /// the graph is an error).
     pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<[f32; NUM_CLASSES]>, ModelError> {
         if windows.is_empty() {
             return Ok(Vec::new());
@@ -471,27 +485,26 @@ impl OnnxModel {
             }
             flat.extend_from_slice(w);
         }
-        let x = Tensor::from_vec(
-            flat,
-            (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
-            &Device::Cpu,
-        )?;
-        let mut out =
-            candle_onnx::simple_eval(&self.proto, HashMap::from([(INPUT_NAME.to_string(), x)]))?;
-        let p = out.remove(OUTPUT_NAME).ok_or_else(|| {
-            ModelError::Format(format!("the ONNX graph did not produce {OUTPUT_NAME}"))
-        })?;
-        let rows: Vec<Vec<f32>> = p.to_vec2()?;
-        rows.into_iter()
+        let x = eval::Value {
+            shape: vec![windows.len(), WINDOW_FRAMES, WINDOW_FEATURES],
+            data: flat,
+        };
+        let p = eval::run(&self.proto, x)?;
+        if p.shape != [windows.len(), NUM_CLASSES] {
+            return Err(ModelError::Format(format!(
+                "{OUTPUT_NAME} has shape {:?}, expected [{}, {NUM_CLASSES}]",
+                p.shape,
+                windows.len()
+            )));
+        }
+        Ok(p.data
+            .chunks_exact(NUM_CLASSES)
             .map(|r| {
-                <[f32; NUM_CLASSES]>::try_from(r.as_slice()).map_err(|_| {
-                    ModelError::Format(format!(
-                        "{OUTPUT_NAME} has {} columns, expected {NUM_CLASSES}",
-                        r.len()
-                    ))
-                })
+                let mut a = [0f32; NUM_CLASSES];
+                a.copy_from_slice(r);
+                a
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -503,7 +516,7 @@ pub fn looks_like_onnx(bytes: &[u8]) -> bool {
 }
 
 /// The models and windows of the parity check: what the Rust parity test evaluates with
-/// candle-onnx and `bench/onnx_check.sh` with ONNX Runtime.
+/// [`OnnxModel`] (and candle-onnx) and `bench/onnx_check.sh` with ONNX Runtime.
 pub struct ParitySet {
     /// Name (`base`, `swimmer0-v1`, ...), model and its lineage.
     pub models: Vec<(String, MicroModel, Lineage)>,
@@ -604,7 +617,8 @@ mod tests {
     #[test]
     fn computes_what_candle_computes_at_any_batch_size() {
         let (m, s) = model();
-        let o = OnnxModel::from_bytes(&export_checked(&m, &Lineage::base()).unwrap()).unwrap();
+        let bytes = export_checked(&m, &Lineage::base()).unwrap();
+        let o = OnnxModel::from_bytes(&bytes).unwrap();
         let refs: Vec<&[f32]> = s.iter().map(|x| x.frames.as_slice()).collect();
         for n in [1, 2, 64] {
             let p = parity(&m, &o, &refs[..n]).unwrap();
@@ -642,5 +656,104 @@ mod tests {
         assert!(!parity(&m, &o, &refs).unwrap().holds());
         let nan = [[f32::NAN; NUM_CLASSES]];
         assert!(!compare(&nan, &nan).holds());
+    }
+
+    #[test]
+    fn the_evaluator_refuses_what_it_does_not_know() {
+        let (m, s) = model();
+        let window = [s[0].frames.as_slice()];
+        let good = to_proto(&m, &Lineage::base()).unwrap();
+        let run = |p: &ModelProto| {
+            let o = OnnxModel::from_bytes(&p.encode_to_vec()).expect("loads");
+            o.predict_proba(&window)
+        };
+        assert!(run(&good).is_ok());
+        type Edit = fn(&mut ModelProto);
+        // Nodes: 0 Sub, 1 Mul, 2 Flatten, 3 Gemm, 4 Relu, 5 Gemm, 6 Relu, 7 Gemm, 8 Softmax.
+        // Initializers: 0 norm.mean, 1 norm.inv_std, 2 fc1.weight, 3 fc1.bias, ...
+        let edits: Vec<(&str, Edit)> = vec![
+            ("another operator", |p| {
+                p.graph.as_mut().unwrap().node[4].op_type = "Sigmoid".into()
+            }),
+            ("another domain", |p| {
+                p.graph.as_mut().unwrap().node[0].domain = "com.example".into()
+            }),
+            ("an unknown attribute", |p| {
+                p.graph.as_mut().unwrap().node[3]
+                    .attribute
+                    .push(int_attr("alpha", 2))
+            }),
+            ("transA", |p| {
+                p.graph.as_mut().unwrap().node[3]
+                    .attribute
+                    .push(int_attr("transA", 1))
+            }),
+            ("a float attribute", |p| {
+                p.graph.as_mut().unwrap().node[3].attribute[0].r#type = AttributeType::Float as i32
+            }),
+            ("softmax over another axis", |p| {
+                p.graph.as_mut().unwrap().node[8].attribute[0].i = 0
+            }),
+            ("flatten at another axis", |p| {
+                p.graph.as_mut().unwrap().node[2].attribute[0].i = 2
+            }),
+            ("shapes that do not multiply", |p| {
+                p.graph.as_mut().unwrap().node[3].input[1] = "fc2.weight".into()
+            }),
+            ("a broadcast it does not do", |p| {
+                p.graph.as_mut().unwrap().node[0].input[1] = "fc3.bias".into()
+            }),
+            ("an undefined input", |p| {
+                p.graph.as_mut().unwrap().node[5].input[0] = "nowhere".into()
+            }),
+            ("a value defined twice", |p| {
+                p.graph.as_mut().unwrap().node[4].output[0] = "centred".into()
+            }),
+            ("a missing node", |p| {
+                p.graph.as_mut().unwrap().node.remove(8);
+            }),
+            ("a double initializer", |p| {
+                p.graph.as_mut().unwrap().initializer[2].data_type = DataType::Double as i32
+            }),
+            ("short raw_data", |p| {
+                p.graph.as_mut().unwrap().initializer[2].raw_data.pop();
+            }),
+            ("a negative dimension", |p| {
+                p.graph.as_mut().unwrap().initializer[0].dims[0] = -16
+            }),
+            ("an old opset", |p| p.opset_import[0].version = 11),
+            ("no opset", |p| p.opset_import.clear()),
+            ("another input shape", |p| {
+                let g = p.graph.as_mut().unwrap();
+                let Some(type_proto::Value::TensorType(t)) =
+                    g.input[0].r#type.as_mut().unwrap().value.as_mut()
+                else {
+                    unreachable!()
+                };
+                t.shape.as_mut().unwrap().dim[1].value =
+                    Some(tensor_shape_proto::dimension::Value::DimValue(31));
+            }),
+            ("no graph", |p| p.graph = None),
+        ];
+        for (what, edit) in edits {
+            let mut p = good.clone();
+            edit(&mut p);
+            let r = if p.graph.is_none() {
+                eval::run(
+                    &p,
+                    eval::Value {
+                        shape: vec![1, WINDOW_FRAMES, WINDOW_FEATURES],
+                        data: window[0].to_vec(),
+                    },
+                )
+                .map(|_| ())
+            } else {
+                run(&p).map(|_| ())
+            };
+            match r {
+                Err(ModelError::Format(e)) => eprintln!("{what}: {e}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 }
