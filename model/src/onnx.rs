@@ -581,6 +581,29 @@ mod tests {
         (MicroModel::init(&s, 3).unwrap(), s)
     }
 
+    /// The independent check: candle-onnx's generated types decode `bytes` (and encode
+    /// them back byte for byte) and its evaluator computes the probabilities of `windows`.
+    fn candle_onnx_proba(bytes: &[u8], windows: &[&[f32]]) -> Vec<[f32; NUM_CLASSES]> {
+        let proto = candle_onnx::onnx::ModelProto::decode(bytes).unwrap();
+        assert!(
+            proto.encode_to_vec() == bytes,
+            "candle-onnx re-encodes other bytes"
+        );
+        let x = candle_core::Tensor::from_vec(
+            windows.concat(),
+            (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut out = candle_onnx::simple_eval(
+            &proto,
+            std::collections::HashMap::from([(INPUT_NAME.to_string(), x)]),
+        )
+        .unwrap();
+        let rows: Vec<Vec<f32>> = out.remove(OUTPUT_NAME).unwrap().to_vec2().unwrap();
+        rows.into_iter().map(|r| r.try_into().unwrap()).collect()
+    }
+
     #[test]
     fn exports_deterministically_with_metadata_and_loads_back() {
         let (m, _) = model();
@@ -623,6 +646,14 @@ mod tests {
         for n in [1, 2, 64] {
             let p = parity(&m, &o, &refs[..n]).unwrap();
             assert!(p.holds(), "batch {n}: {p}");
+            let reference = candle_onnx_proba(&bytes, &refs[..n]);
+            let ours = compare(&o.predict_proba(&refs[..n]).unwrap(), &reference);
+            assert!(
+                ours.holds(),
+                "batch {n}, this evaluator vs candle-onnx: {ours}"
+            );
+            let theirs = compare(&m.predict_proba(&refs[..n]).unwrap(), &reference);
+            assert!(theirs.holds(), "batch {n}, candle vs candle-onnx: {theirs}");
         }
         assert!(o.predict_proba(&[]).unwrap().is_empty());
         assert!(matches!(
@@ -656,6 +687,126 @@ mod tests {
         assert!(!parity(&m, &o, &refs).unwrap().holds());
         let nan = [[f32::NAN; NUM_CLASSES]];
         assert!(!compare(&nan, &nan).holds());
+    }
+
+    #[test]
+    fn candle_onnx_decodes_the_same_model() {
+        let (m, _) = model();
+        let lineage = Lineage {
+            model_version: ModelRef::Version(2),
+            parent_version: Some(ModelRef::Base),
+            training_run: Some("run-x".into()),
+        };
+        let ours = to_proto(&m, &lineage).unwrap();
+        let bytes = ours.encode_to_vec();
+        let theirs = candle_onnx::onnx::ModelProto::decode(bytes.as_slice()).unwrap();
+        assert!(theirs.encode_to_vec() == bytes);
+        // Field by field: a field number of ours that fell on another field of onnx.proto
+        // with the same wire type would still re-encode the same bytes.
+        assert_eq!(theirs.ir_version, IR_VERSION);
+        assert_eq!(theirs.model_version, 2);
+        assert_eq!(
+            (theirs.producer_name.as_str(), theirs.domain.as_str()),
+            ("swimlane", "swimlane")
+        );
+        assert_eq!(theirs.producer_version, ours.producer_version);
+        assert_eq!(theirs.doc_string, ours.doc_string);
+        let opsets: Vec<_> = theirs
+            .opset_import
+            .iter()
+            .map(|o| (o.domain.as_str(), o.version))
+            .collect();
+        assert_eq!(opsets, [("", OPSET)]);
+        let md = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let theirs_md: Vec<_> = theirs
+            .metadata_props
+            .iter()
+            .map(|e| md(&e.key, &e.value))
+            .collect();
+        let ours_md: Vec<_> = ours
+            .metadata_props
+            .iter()
+            .map(|e| md(&e.key, &e.value))
+            .collect();
+        assert_eq!(theirs_md, ours_md);
+        assert!(theirs_md.contains(&md("training_run", "run-x")));
+        let (g, h) = (theirs.graph.unwrap(), ours.graph.unwrap());
+        assert_eq!((&g.name, &g.doc_string), (&h.name, &h.doc_string));
+        assert_eq!(g.node.len(), h.node.len());
+        for (a, b) in g.node.iter().zip(&h.node) {
+            assert_eq!(
+                (&a.op_type, &a.name, &a.domain),
+                (&b.op_type, &b.name, &b.domain)
+            );
+            assert_eq!((&a.input, &a.output), (&b.input, &b.output));
+            let attrs_a: Vec<_> = a
+                .attribute
+                .iter()
+                .map(|x| (&x.name, x.r#type, x.i))
+                .collect();
+            let attrs_b: Vec<_> = b
+                .attribute
+                .iter()
+                .map(|x| (&x.name, x.r#type, x.i))
+                .collect();
+            assert_eq!(attrs_a, attrs_b);
+            for x in &a.attribute {
+                assert_eq!(
+                    x.r#type,
+                    candle_onnx::onnx::attribute_proto::AttributeType::Int as i32
+                );
+            }
+        }
+        assert_eq!(g.initializer.len(), h.initializer.len());
+        for (a, b) in g.initializer.iter().zip(&h.initializer) {
+            assert_eq!(
+                (&a.name, &a.dims, a.data_type),
+                (&b.name, &b.dims, b.data_type)
+            );
+            assert_eq!(
+                a.data_type,
+                candle_onnx::onnx::tensor_proto::DataType::Float as i32
+            );
+            assert!(a.raw_data == b.raw_data && a.float_data.is_empty());
+        }
+        let io = |v: &[candle_onnx::onnx::ValueInfoProto]| {
+            v.iter()
+                .map(|i| {
+                    use candle_onnx::onnx::{
+                        tensor_shape_proto::dimension::Value as D, type_proto::Value as T,
+                    };
+                    let Some(T::TensorType(t)) = i.r#type.as_ref().unwrap().value.as_ref() else {
+                        panic!("{} is not a tensor", i.name)
+                    };
+                    let dims: Vec<String> = t
+                        .shape
+                        .as_ref()
+                        .unwrap()
+                        .dim
+                        .iter()
+                        .map(|d| match d.value.as_ref().unwrap() {
+                            D::DimValue(n) => n.to_string(),
+                            D::DimParam(p) => p.clone(),
+                        })
+                        .collect();
+                    (i.name.clone(), t.elem_type, dims, i.doc_string.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        let f = DataType::Float as i32;
+        let (input, output) = (io(&g.input), io(&g.output));
+        assert_eq!(input.len(), 1);
+        assert_eq!(output.len(), 1);
+        assert_eq!(
+            (&*input[0].0, input[0].1, input[0].2.join("x")),
+            (INPUT_NAME, f, "batchx32x16".to_string())
+        );
+        assert_eq!(
+            (&*output[0].0, output[0].1, output[0].2.join("x")),
+            (OUTPUT_NAME, f, "batchx6".to_string())
+        );
+        assert_eq!(input[0].3, h.input[0].doc_string);
+        assert_eq!(output[0].3, h.output[0].doc_string);
     }
 
     #[test]
