@@ -12,14 +12,14 @@ ARG FDB_VERSION=7.3.63
 FROM foundationdb/foundationdb:${FDB_VERSION} AS fdb
 
 FROM rust:${RUST_VERSION}-bookworm AS build
-# libclang-dev: bindgen, run by the foundationdb crate's build script;
-# protobuf-compiler: protoc, run by candle-onnx's build script (ONNX export). librdkafka
-# is built from source by rdkafka's build script with the image's C toolchain.
+# libclang-dev: bindgen, run by the foundationdb crate's build script. No protoc: the
+# binaries do not depend on candle-onnx (a test-only dependency of swimlane-model).
+# librdkafka is built from source by rdkafka's build script with the image's C toolchain.
 # Not version-pinned (DL3008): Debian stable only ships security fixes within a
 # release, and an exact pin breaks the build as soon as the archive moves on.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libclang-dev protobuf-compiler \
+ && apt-get install -y --no-install-recommends libclang-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=fdb /usr/lib/libfdb_c.so /usr/lib/libfdb_c.so
 WORKDIR /src

@@ -2,16 +2,16 @@
 
 For every model named in DIR/models.json (written by `swimlane model onnx-parity-set`),
 with DIR/NAME.onnx (`swimlane model export`), DIR/NAME.candle.json (`swimlane model
-predict` on the safetensors file: candle) and DIR/NAME.candle-onnx.json (the same on the
-ONNX file: candle-onnx), all on DIR/windows.json:
+predict` on the safetensors file: candle) and DIR/NAME.swimlane-onnx.json (the same on
+the ONNX file: swimlane's own ONNX evaluator), all on DIR/windows.json:
 
 - the file is at most 1 MiB and `onnx.checker.check_model(model, full_check=True)`
   passes; opset >= 17; input `window` float32 [batch, 32, 16] and output
   `probabilities` float32 [batch, 6] with a symbolic batch dimension; the metadata
   names the model's version and lineage and the labels in output order;
-- ONNX Runtime (CPU) on the same windows, in one batch and one window at a time,
-  differs from candle's probabilities by at most the tolerance and predicts the same
-  class for every window;
+- ONNX Runtime (CPU) on the same windows, in one batch and one window at a time, and
+  swimlane's evaluator differ from candle's probabilities by at most the tolerance and
+  predict the same class for every window;
 - ONNX Runtime's CPU latency per window (batch 1, one thread, median of many runs) is
   under the target.
 
@@ -85,7 +85,7 @@ def main():
         check(shape(g.output[0]) == (onnx.TensorProto.FLOAT, ["batch", 6]), f"{name}: output {shape(g.output[0])}")
 
         candle = json.load(open(os.path.join(a.dir, name + ".candle.json")))
-        candle_onnx = json.load(open(os.path.join(a.dir, name + ".candle-onnx.json")))
+        swimlane_onnx = json.load(open(os.path.join(a.dir, name + ".swimlane-onnx.json")))
         labels = candle["labels"]
         check(md.get("labels", "").split(",") == labels, f"{name}: metadata labels {md.get('labels')} != {labels}")
         check(md.get("window") == "32x16", f"{name}: window {md.get('window')}")
@@ -99,7 +99,7 @@ def main():
         # Batch 1 (the phone's case) must give what the batch gives.
         single = np.concatenate([sess.run(None, {"window": x[i : i + 1]})[0] for i in range(100)])
         p_c = np.asarray(candle["probabilities"], dtype=np.float64)
-        p_co = np.asarray(candle_onnx["probabilities"], dtype=np.float64)
+        p_so = np.asarray(swimlane_onnx["probabilities"], dtype=np.float64)
         p_o = p_ort.astype(np.float64)
         row = {
             "model": name,
@@ -108,14 +108,14 @@ def main():
             "windows": int(len(x)),
             "max_abs_diff_onnxruntime_vs_candle": float(np.max(np.abs(p_o - p_c))),
             "class_mismatches_onnxruntime_vs_candle": int(np.sum(p_o.argmax(1) != p_c.argmax(1))),
-            "max_abs_diff_candle_onnx_vs_candle": float(np.max(np.abs(p_co - p_c))),
-            "class_mismatches_candle_onnx_vs_candle": int(np.sum(p_co.argmax(1) != p_c.argmax(1))),
+            "max_abs_diff_swimlane_onnx_vs_candle": float(np.max(np.abs(p_so - p_c))),
+            "class_mismatches_swimlane_onnx_vs_candle": int(np.sum(p_so.argmax(1) != p_c.argmax(1))),
             "max_abs_diff_batch1_vs_batched": float(np.max(np.abs(single.astype(np.float64) - p_o[:100]))),
             "accuracy_on_all_windows": float(np.mean(p_o.argmax(1) == np.asarray([labels.index(s["label"]) for s in samples]))) if all("label" in s for s in samples) else None,
         }
-        for k in ("max_abs_diff_onnxruntime_vs_candle", "max_abs_diff_candle_onnx_vs_candle", "max_abs_diff_batch1_vs_batched"):
+        for k in ("max_abs_diff_onnxruntime_vs_candle", "max_abs_diff_swimlane_onnx_vs_candle", "max_abs_diff_batch1_vs_batched"):
             check(row[k] <= a.tolerance, f"{name}: {k} = {row[k]:.3e} > {a.tolerance}")
-        for k in ("class_mismatches_onnxruntime_vs_candle", "class_mismatches_candle_onnx_vs_candle"):
+        for k in ("class_mismatches_onnxruntime_vs_candle", "class_mismatches_swimlane_onnx_vs_candle"):
             check(row[k] == 0, f"{name}: {k} = {row[k]}")
         results.append(row)
         print(f"{name}: {size} bytes, onnxruntime vs candle max abs diff {row['max_abs_diff_onnxruntime_vs_candle']:.3e}, "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ONNX exports checked by the ONNX reference tools (issue 9): swimlane exports the
 # base model and fine-tuned personal models (`swimlane model export`), predicts 1,200
-# windows of unseen swimmers with candle and candle-onnx (`swimlane model predict`), then
+# windows of unseen swimmers with candle and with swimlane's own ONNX evaluator
+# (`swimlane model predict` on the safetensors and on the ONNX file), then
 # bench/onnx_check.py runs onnx.checker.check_model(full_check=True) and onnxruntime on
 # the same windows (max abs diff <= 1e-5, identical predicted classes) and measures
 # onnxruntime's CPU latency per window (batch 1, one thread, median; target < 1 ms).
@@ -22,11 +23,8 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
-# candle-onnx's build script compiles ONNX's .proto with protoc.
-if ! command -v protoc >/dev/null 2>&1; then
-  echo "==> installing protobuf-compiler (protoc, for candle-onnx's build script)" >&2
-  apt_install protobuf-compiler
-fi
+# Building swimlane needs no protoc (swimlane-model writes its own ONNX types; only its
+# tests use candle-onnx, whose build script runs protoc).
 
 # The Python side lives in a virtual environment outside the repository.
 if [ ! -x "$VENV/bin/python" ]; then
@@ -71,7 +69,7 @@ while read -r name version parent run; do
   if [ "$run" != - ]; then args+=(--training-run "$run"); fi
   "$BIN" model export --model "$WORK/$name.safetensors" --format onnx --out "$WORK/$name.onnx" "${args[@]}"
   "$BIN" model predict --model "$WORK/$name.safetensors" --input "$WORK/windows.json" > "$WORK/$name.candle.json"
-  "$BIN" model predict --model "$WORK/$name.onnx" --input "$WORK/windows.json" > "$WORK/$name.candle-onnx.json"
+  "$BIN" model predict --model "$WORK/$name.onnx" --input "$WORK/windows.json" > "$WORK/$name.swimlane-onnx.json"
 done < "$WORK/models.txt"
 
 echo "==> onnx.checker and onnxruntime" >&2

@@ -1,9 +1,9 @@
 //! Issue 9, end to end: users upload corrections through the ingest API, the workers
 //! train, validate and publish, and each user's published model is downloaded through
 //! the publisher's HTTP API in both formats (safetensors and ONNX). On that user's
-//! held-out windows, candle on the safetensors file and candle-onnx on the ONNX file
-//! predict the same (probabilities within 1e-5, the same class for every window), and
-//! score exactly the held-out accuracy the validator accepted.
+//! held-out windows, candle on the safetensors file and swimlane's own ONNX evaluator on
+//! the ONNX file predict the same (probabilities within 1e-5, the same class for every
+//! window), and score exactly the held-out accuracy the validator accepted.
 use std::io::Read;
 use std::time::{Duration, Instant};
 

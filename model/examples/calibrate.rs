@@ -17,8 +17,12 @@ fn main() {
         .samples(experiment::BASE_WINDOWS_PER_SWIMMER, 0);
     let gen = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (base, rep) =
-        swimlane_model::train_base(&samples, &swimlane_model::TrainConfig::base()).unwrap();
+    let (base, rep) = swimlane_model::train_base(
+        &swimlane_core::ModelSpec::synthetic_pose(),
+        &samples,
+        &swimlane_model::TrainConfig::base(),
+    )
+    .unwrap();
     println!(
         "population {} windows in {gen:.2}s; base training {:.2}s, {} epochs (best {}), val loss {:?}",
         samples.len(),

@@ -9,7 +9,8 @@
 //! - [`synth`]: seeded swimmers with personal styles, corrections, poisoning.
 //! - [`net`]: [`MicroModel`] (normalisation + MLP), `to_bytes` / `from_bytes`.
 //! - [`train`]: [`TrainConfig`], [`train_base`], [`fine_tune`], [`fine_tune_many`].
-//! - [`onnx`]: the model as ONNX (export, candle-onnx evaluation, parity with candle).
+//! - [`onnx`]: the model as ONNX (export with its own ONNX types, no protoc; its own
+//!   evaluator of the exported graph; parity with candle).
 //! - [`eval`]: [`evaluate`] → accuracy, per-class recall, confusion matrix.
 //! - [`experiment`]: the personalisation protocol behind `swimlane model evaluate` and
 //!   the acceptance tests.

@@ -42,15 +42,19 @@
 //! | `weights_sha256` | SHA-256 of the safetensors weights it was exported from |
 //!
 //! `ModelProto.model_version` is the published version (0 for a base model).
-use std::collections::{BTreeMap, HashMap};
+//!
+//! # No protoc
+//! The ONNX messages are [`proto`]: the subset of onnx.proto this project writes and
+//! reads, hand-written prost structs with onnx.proto's field numbers, so building needs
+//! no `protoc`. [`OnnxModel::predict_proba`] runs the decoded file's graph with a small
+//! evaluator of its own (the private `eval` module): exactly the operators above, the
+//! file's initializers, the nodes in the file's order; any other operator, attribute or
+//! shape is a [`ModelError`]. The tests check both against candle-onnx (a
+//! dev-dependency only): its generated types decode the exported bytes and re-encode
+//! them byte for byte, and its evaluator computes what this one does.
+use std::collections::BTreeMap;
 use std::fmt;
 
-use candle_core::{Device, Tensor};
-use candle_onnx::onnx::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
 use prost::Message;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
@@ -58,6 +62,14 @@ use swimlane_core::ModelSpec;
 
 use crate::net::{architecture, argmax_class, tensors, FORMAT_NAME};
 use crate::{MicroModel, ModelError, FORMAT_VERSION, MAX_MODEL_BYTES};
+use proto::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+mod eval;
+pub mod proto;
 
 /// The ONNX operator set the graph is written for (ONNX's default domain).
 pub const OPSET: i64 = 17;
@@ -405,7 +417,7 @@ pub fn parity(
     ))
 }
 
-/// An exported ONNX micro model, evaluated with candle-onnx.
+/// An exported ONNX micro model, evaluated by this module's own evaluator.
 #[derive(Clone, Debug)]
 pub struct OnnxModel {
     proto: ModelProto,
@@ -492,8 +504,10 @@ impl OnnxModel {
         &self.proto
     }
 
-    /// Class probabilities for each window (each a flattened 32×16 window), evaluated
-    /// by candle-onnx in one batch.
+    /// Class probabilities for each window (each a flattened frames × channels window):
+    /// the file's graph run on the windows in one batch by this module's own evaluator
+    /// (the operators the exporter writes, with the file's initializers; anything else
+    /// in the graph is an error).
     pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         if windows.is_empty() {
             return Ok(Vec::new());
@@ -510,25 +524,20 @@ impl OnnxModel {
             }
             flat.extend_from_slice(w);
         }
-        let x = Tensor::from_vec(
-            flat,
-            (windows.len(), self.spec.frames, self.spec.channels.len()),
-            &Device::Cpu,
-        )?;
-        let mut out =
-            candle_onnx::simple_eval(&self.proto, HashMap::from([(INPUT_NAME.to_string(), x)]))?;
-        let p = out.remove(OUTPUT_NAME).ok_or_else(|| {
-            ModelError::Format(format!("the ONNX graph did not produce {OUTPUT_NAME}"))
-        })?;
-        let rows: Vec<Vec<f32>> = p.to_vec2()?;
+        let x = eval::Value {
+            shape: vec![windows.len(), self.spec.frames, self.spec.channels.len()],
+            data: flat,
+        };
+        let p = eval::run(&self.proto, x)?;
         let k = self.spec.num_classes();
-        if let Some(r) = rows.iter().find(|r| r.len() != k) {
+        if p.shape != [windows.len(), k] {
             return Err(ModelError::Format(format!(
-                "{OUTPUT_NAME} has {} columns, expected {k}",
-                r.len()
+                "{OUTPUT_NAME} has shape {:?}, expected [{}, {k}]",
+                p.shape,
+                windows.len()
             )));
         }
-        Ok(rows)
+        Ok(p.data.chunks_exact(k).map(<[f32]>::to_vec).collect())
     }
 }
 
@@ -540,7 +549,7 @@ pub fn looks_like_onnx(bytes: &[u8]) -> bool {
 }
 
 /// The models and windows of the parity check: what the Rust parity test evaluates with
-/// candle-onnx and `bench/onnx_check.sh` with ONNX Runtime.
+/// [`OnnxModel`] (and candle-onnx) and `bench/onnx_check.sh` with ONNX Runtime.
 pub struct ParitySet {
     /// Name (`base`, `swimmer0-v1`, ...), model and its lineage.
     pub models: Vec<(String, MicroModel, Lineage)>,
@@ -599,6 +608,7 @@ mod tests {
     use super::*;
     use crate::synth::Swimmer;
     use crate::Sample;
+    use swimlane_core::{WINDOW_FEATURES, WINDOW_FRAMES};
 
     fn model() -> (MicroModel, Vec<Sample>) {
         let s = Swimmer::new(3).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
@@ -606,6 +616,29 @@ mod tests {
             MicroModel::init(&ModelSpec::synthetic_pose(), &s, 3).unwrap(),
             s,
         )
+    }
+
+    /// The independent check: candle-onnx's generated types decode `bytes` (and encode
+    /// them back byte for byte) and its evaluator computes the probabilities of `windows`.
+    fn candle_onnx_proba(bytes: &[u8], windows: &[&[f32]]) -> Vec<Vec<f32>> {
+        let proto = candle_onnx::onnx::ModelProto::decode(bytes).unwrap();
+        assert!(
+            proto.encode_to_vec() == bytes,
+            "candle-onnx re-encodes other bytes"
+        );
+        let x = candle_core::Tensor::from_vec(
+            windows.concat(),
+            (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut out = candle_onnx::simple_eval(
+            &proto,
+            std::collections::HashMap::from([(INPUT_NAME.to_string(), x)]),
+        )
+        .unwrap();
+        let rows: Vec<Vec<f32>> = out.remove(OUTPUT_NAME).unwrap().to_vec2().unwrap();
+        rows
     }
 
     #[test]
@@ -644,11 +677,20 @@ mod tests {
     #[test]
     fn computes_what_candle_computes_at_any_batch_size() {
         let (m, s) = model();
-        let o = OnnxModel::from_bytes(&export_checked(&m, &Lineage::base()).unwrap()).unwrap();
+        let bytes = export_checked(&m, &Lineage::base()).unwrap();
+        let o = OnnxModel::from_bytes(&bytes).unwrap();
         let refs: Vec<&[f32]> = s.iter().map(|x| x.frames.as_slice()).collect();
         for n in [1, 2, 64] {
             let p = parity(&m, &o, &refs[..n]).unwrap();
             assert!(p.holds(), "batch {n}: {p}");
+            let reference = candle_onnx_proba(&bytes, &refs[..n]);
+            let ours = compare(&o.predict_proba(&refs[..n]).unwrap(), &reference);
+            assert!(
+                ours.holds(),
+                "batch {n}, this evaluator vs candle-onnx: {ours}"
+            );
+            let theirs = compare(&m.predict_proba(&refs[..n]).unwrap(), &reference);
+            assert!(theirs.holds(), "batch {n}, candle vs candle-onnx: {theirs}");
         }
         assert!(o.predict_proba(&[]).unwrap().is_empty());
         assert!(matches!(
@@ -689,5 +731,224 @@ mod tests {
         assert!(!parity(&m, &o, &refs).unwrap().holds());
         let nan = [vec![f32::NAN; 6]];
         assert!(!compare(&nan, &nan).holds());
+    }
+
+    #[test]
+    fn candle_onnx_decodes_the_same_model() {
+        let (m, _) = model();
+        let lineage = Lineage {
+            model_version: ModelRef::Version(2),
+            parent_version: Some(ModelRef::Base),
+            training_run: Some("run-x".into()),
+        };
+        let ours = to_proto(&m, &lineage).unwrap();
+        let bytes = ours.encode_to_vec();
+        let theirs = candle_onnx::onnx::ModelProto::decode(bytes.as_slice()).unwrap();
+        assert!(theirs.encode_to_vec() == bytes);
+        // Field by field: a field number of ours that fell on another field of onnx.proto
+        // with the same wire type would still re-encode the same bytes.
+        assert_eq!(theirs.ir_version, IR_VERSION);
+        assert_eq!(theirs.model_version, 2);
+        assert_eq!(
+            (theirs.producer_name.as_str(), theirs.domain.as_str()),
+            ("swimlane", "swimlane")
+        );
+        assert_eq!(theirs.producer_version, ours.producer_version);
+        assert_eq!(theirs.doc_string, ours.doc_string);
+        let opsets: Vec<_> = theirs
+            .opset_import
+            .iter()
+            .map(|o| (o.domain.as_str(), o.version))
+            .collect();
+        assert_eq!(opsets, [("", OPSET)]);
+        let md = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let theirs_md: Vec<_> = theirs
+            .metadata_props
+            .iter()
+            .map(|e| md(&e.key, &e.value))
+            .collect();
+        let ours_md: Vec<_> = ours
+            .metadata_props
+            .iter()
+            .map(|e| md(&e.key, &e.value))
+            .collect();
+        assert_eq!(theirs_md, ours_md);
+        assert!(theirs_md.contains(&md("training_run", "run-x")));
+        let (g, h) = (theirs.graph.unwrap(), ours.graph.unwrap());
+        assert_eq!((&g.name, &g.doc_string), (&h.name, &h.doc_string));
+        assert_eq!(g.node.len(), h.node.len());
+        for (a, b) in g.node.iter().zip(&h.node) {
+            assert_eq!(
+                (&a.op_type, &a.name, &a.domain),
+                (&b.op_type, &b.name, &b.domain)
+            );
+            assert_eq!((&a.input, &a.output), (&b.input, &b.output));
+            let attrs_a: Vec<_> = a
+                .attribute
+                .iter()
+                .map(|x| (&x.name, x.r#type, x.i))
+                .collect();
+            let attrs_b: Vec<_> = b
+                .attribute
+                .iter()
+                .map(|x| (&x.name, x.r#type, x.i))
+                .collect();
+            assert_eq!(attrs_a, attrs_b);
+            for x in &a.attribute {
+                assert_eq!(
+                    x.r#type,
+                    candle_onnx::onnx::attribute_proto::AttributeType::Int as i32
+                );
+            }
+        }
+        assert_eq!(g.initializer.len(), h.initializer.len());
+        for (a, b) in g.initializer.iter().zip(&h.initializer) {
+            assert_eq!(
+                (&a.name, &a.dims, a.data_type),
+                (&b.name, &b.dims, b.data_type)
+            );
+            assert_eq!(
+                a.data_type,
+                candle_onnx::onnx::tensor_proto::DataType::Float as i32
+            );
+            assert!(a.raw_data == b.raw_data && a.float_data.is_empty());
+        }
+        let io = |v: &[candle_onnx::onnx::ValueInfoProto]| {
+            v.iter()
+                .map(|i| {
+                    use candle_onnx::onnx::{
+                        tensor_shape_proto::dimension::Value as D, type_proto::Value as T,
+                    };
+                    let Some(T::TensorType(t)) = i.r#type.as_ref().unwrap().value.as_ref() else {
+                        panic!("{} is not a tensor", i.name)
+                    };
+                    let dims: Vec<String> = t
+                        .shape
+                        .as_ref()
+                        .unwrap()
+                        .dim
+                        .iter()
+                        .map(|d| match d.value.as_ref().unwrap() {
+                            D::DimValue(n) => n.to_string(),
+                            D::DimParam(p) => p.clone(),
+                        })
+                        .collect();
+                    (i.name.clone(), t.elem_type, dims, i.doc_string.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        let f = DataType::Float as i32;
+        let (input, output) = (io(&g.input), io(&g.output));
+        assert_eq!(input.len(), 1);
+        assert_eq!(output.len(), 1);
+        assert_eq!(
+            (&*input[0].0, input[0].1, input[0].2.join("x")),
+            (INPUT_NAME, f, "batchx32x16".to_string())
+        );
+        assert_eq!(
+            (&*output[0].0, output[0].1, output[0].2.join("x")),
+            (OUTPUT_NAME, f, "batchx6".to_string())
+        );
+        assert_eq!(input[0].3, h.input[0].doc_string);
+        assert_eq!(output[0].3, h.output[0].doc_string);
+    }
+
+    #[test]
+    fn the_evaluator_refuses_what_it_does_not_know() {
+        let (m, s) = model();
+        let window = [s[0].frames.as_slice()];
+        let good = to_proto(&m, &Lineage::base()).unwrap();
+        let run = |p: &ModelProto| {
+            let o = OnnxModel::from_bytes(&p.encode_to_vec()).expect("loads");
+            o.predict_proba(&window)
+        };
+        assert!(run(&good).is_ok());
+        type Edit = fn(&mut ModelProto);
+        // Nodes: 0 Sub, 1 Mul, 2 Flatten, 3 Gemm, 4 Relu, 5 Gemm, 6 Relu, 7 Gemm, 8 Softmax.
+        // Initializers: 0 norm.mean, 1 norm.inv_std, 2 fc1.weight, 3 fc1.bias, ...
+        let edits: Vec<(&str, Edit)> = vec![
+            ("another operator", |p| {
+                p.graph.as_mut().unwrap().node[4].op_type = "Sigmoid".into()
+            }),
+            ("another domain", |p| {
+                p.graph.as_mut().unwrap().node[0].domain = "com.example".into()
+            }),
+            ("an unknown attribute", |p| {
+                p.graph.as_mut().unwrap().node[3]
+                    .attribute
+                    .push(int_attr("alpha", 2))
+            }),
+            ("transA", |p| {
+                p.graph.as_mut().unwrap().node[3]
+                    .attribute
+                    .push(int_attr("transA", 1))
+            }),
+            ("a float attribute", |p| {
+                p.graph.as_mut().unwrap().node[3].attribute[0].r#type = AttributeType::Float as i32
+            }),
+            ("softmax over another axis", |p| {
+                p.graph.as_mut().unwrap().node[8].attribute[0].i = 0
+            }),
+            ("flatten at another axis", |p| {
+                p.graph.as_mut().unwrap().node[2].attribute[0].i = 2
+            }),
+            ("shapes that do not multiply", |p| {
+                p.graph.as_mut().unwrap().node[3].input[1] = "fc2.weight".into()
+            }),
+            ("a broadcast it does not do", |p| {
+                p.graph.as_mut().unwrap().node[0].input[1] = "fc3.bias".into()
+            }),
+            ("an undefined input", |p| {
+                p.graph.as_mut().unwrap().node[5].input[0] = "nowhere".into()
+            }),
+            ("a value defined twice", |p| {
+                p.graph.as_mut().unwrap().node[4].output[0] = "centred".into()
+            }),
+            ("a missing node", |p| {
+                p.graph.as_mut().unwrap().node.remove(8);
+            }),
+            ("a double initializer", |p| {
+                p.graph.as_mut().unwrap().initializer[2].data_type = DataType::Double as i32
+            }),
+            ("short raw_data", |p| {
+                p.graph.as_mut().unwrap().initializer[2].raw_data.pop();
+            }),
+            ("a negative dimension", |p| {
+                p.graph.as_mut().unwrap().initializer[0].dims[0] = -16
+            }),
+            ("an old opset", |p| p.opset_import[0].version = 11),
+            ("no opset", |p| p.opset_import.clear()),
+            ("another input shape", |p| {
+                let g = p.graph.as_mut().unwrap();
+                let Some(type_proto::Value::TensorType(t)) =
+                    g.input[0].r#type.as_mut().unwrap().value.as_mut()
+                else {
+                    unreachable!()
+                };
+                t.shape.as_mut().unwrap().dim[1].value =
+                    Some(tensor_shape_proto::dimension::Value::DimValue(31));
+            }),
+            ("no graph", |p| p.graph = None),
+        ];
+        for (what, edit) in edits {
+            let mut p = good.clone();
+            edit(&mut p);
+            let r = if p.graph.is_none() {
+                eval::run(
+                    &p,
+                    eval::Value {
+                        shape: vec![1, WINDOW_FRAMES, WINDOW_FEATURES],
+                        data: window[0].to_vec(),
+                    },
+                )
+                .map(|_| ())
+            } else {
+                run(&p).map(|_| ())
+            };
+            match r {
+                Err(ModelError::Format(e)) => eprintln!("{what}: {e}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 }

@@ -1,12 +1,37 @@
 //! Issue 9's parity criterion: the ONNX export of the base model and of fine-tuned
-//! personal models, evaluated with candle-onnx on 1,200 windows of unseen swimmers,
-//! differs from the candle model's probabilities by at most 1e-5 and predicts the same
-//! class for every window; every file is at most 1 MiB.
-use swimlane_model::onnx::{self, OnnxModel, PARITY_TOLERANCE};
+//! personal models, evaluated on 1,200 windows of unseen swimmers, differs from the
+//! candle model's probabilities by at most 1e-5 and predicts the same class for every
+//! window; every file is at most 1 MiB. Evaluated twice: by `OnnxModel` (swimlane's own
+//! evaluator) and, independently, by candle-onnx (its generated types decode the bytes,
+//! `simple_eval` runs them); the two agree within the same tolerance.
+use std::collections::HashMap;
+
+use prost::Message;
+use swimlane_core::{WINDOW_FEATURES, WINDOW_FRAMES};
+use swimlane_model::onnx::{self, OnnxModel, INPUT_NAME, OUTPUT_NAME, PARITY_TOLERANCE};
 use swimlane_model::MAX_MODEL_BYTES;
 
 #[global_allocator]
 static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// candle-onnx's probabilities for `windows` from the file's bytes.
+fn candle_onnx_proba(bytes: &[u8], windows: &[&[f32]]) -> Vec<Vec<f32>> {
+    let proto = candle_onnx::onnx::ModelProto::decode(bytes).unwrap();
+    assert!(
+        proto.encode_to_vec() == bytes,
+        "candle-onnx re-encodes other bytes"
+    );
+    let x = candle_core::Tensor::from_vec(
+        windows.concat(),
+        (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut out =
+        candle_onnx::simple_eval(&proto, HashMap::from([(INPUT_NAME.to_string(), x)])).unwrap();
+    let rows: Vec<Vec<f32>> = out.remove(OUTPUT_NAME).unwrap().to_vec2().unwrap();
+    rows.into_iter().map(|r| r.try_into().unwrap()).collect()
+}
 
 #[test]
 fn onnx_exports_compute_what_the_candle_models_compute() {
@@ -38,6 +63,16 @@ fn onnx_exports_compute_what_the_candle_models_compute() {
         );
         assert_eq!(p.class_mismatches, 0, "{name}: {p}");
         worst = worst.max(p.max_abs_diff);
+        // The independent check: candle-onnx on the same bytes.
+        let reference = candle_onnx_proba(&bytes, &refs);
+        let ours = onnx::compare(&o.predict_proba(&refs).unwrap(), &reference);
+        let candle = onnx::compare(&model.predict_proba(&refs).unwrap(), &reference);
+        eprintln!("{name}: vs candle-onnx: this evaluator {ours}; candle {candle}");
+        assert!(
+            ours.holds(),
+            "{name}: this evaluator vs candle-onnx: {ours}"
+        );
+        assert!(candle.holds(), "{name}: candle vs candle-onnx: {candle}");
         // The fine-tunes really are different models from the base.
         if name != "base" {
             let base = &set.models[0].1;

@@ -1,0 +1,463 @@
+//! The evaluator of [`super::OnnxModel::predict_proba`]: runs the graph of a decoded ONNX
+//! file on one input, with the file's initializers, node by node in the file's order.
+//!
+//! It knows exactly the operators the exporter writes (ONNX's default domain, opset 13
+//! to [`super::OPSET`], where they mean the same):
+//! - `Sub`, `Mul`: float32, the second operand's shape a suffix of the first's (or the
+//!   other way round): `[batch, 32, 16] - [16]`; no other broadcasting;
+//! - `Flatten` (`axis`);
+//! - `Gemm`: `A [M, K]`, `B [N, K]` with `transB=1` (or `[K, N]`), optional `C` of
+//!   shape `[N]`, `[1, N]` or `[M, N]`; `alpha` and `beta` absent (1), `transA` 0;
+//! - `Relu`;
+//! - `Softmax` over the last axis (`axis` -1 or rank - 1).
+//!
+//! Anything else (another operator or domain, an attribute it does not know or of
+//! another type, a shape that does not fit, an initializer that is not float32 in
+//! `raw_data`, a name no earlier node defines) is a [`ModelError::Format`], never a
+//! panic. Float32 throughout, computed here (not with candle), so the parity tests
+//! compare the file's arithmetic with the candle model's.
+use std::collections::HashMap;
+
+use super::proto::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension,
+    type_proto, ModelProto, NodeProto, TensorProto,
+};
+use crate::ModelError;
+
+/// The oldest default-domain opset whose operators mean what this evaluator computes
+/// (Softmax's `axis` took its current meaning in opset 13).
+pub const MIN_OPSET: i64 = 13;
+
+/// A dense float32 tensor, row-major; `data.len()` is the product of `shape`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Value {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn refuse(msg: impl std::fmt::Display) -> ModelError {
+    ModelError::Format(format!("the ONNX graph cannot be evaluated: {msg}"))
+}
+
+fn is_default_domain(d: &str) -> bool {
+    d.is_empty() || d == "ai.onnx"
+}
+
+/// Run `model`'s graph with `input` as its (only) input; the value of its (only) output.
+pub fn run(model: &ModelProto, input: Value) -> Result<Value, ModelError> {
+    let opsets: Vec<i64> = model
+        .opset_import
+        .iter()
+        .filter(|o| is_default_domain(&o.domain))
+        .map(|o| o.version)
+        .collect();
+    match opsets.as_slice() {
+        [v] if (MIN_OPSET..=super::OPSET).contains(v) => {}
+        _ => {
+            return Err(refuse(format!(
+                "default-domain opset {opsets:?}, supported {MIN_OPSET} to {}",
+                super::OPSET
+            )))
+        }
+    }
+    let graph = model.graph.as_ref().ok_or_else(|| refuse("no graph"))?;
+    let (input_info, output_info) = match (graph.input.as_slice(), graph.output.as_slice()) {
+        ([i], [o]) => (i, o),
+        _ => {
+            return Err(refuse(format!(
+                "{} inputs and {} outputs, expected one of each",
+                graph.input.len(),
+                graph.output.len()
+            )))
+        }
+    };
+    check_input_type(input_info, &input.shape)?;
+
+    let mut env: HashMap<&str, Value> = HashMap::new();
+    for t in &graph.initializer {
+        let v = initializer(t)?;
+        if t.name.is_empty() || env.insert(t.name.as_str(), v).is_some() {
+            return Err(refuse(format!(
+                "initializer name {:?} empty or repeated",
+                t.name
+            )));
+        }
+    }
+    // An input named like an initializer overrides it (the initializer is its default).
+    env.insert(input_info.name.as_str(), input);
+
+    for node in &graph.node {
+        let out = eval_node(node, &env)
+            .map_err(|e| refuse(format!("node {:?} ({}): {e}", node.name, node.op_type)))?;
+        let name = match node.output.as_slice() {
+            [name] if !name.is_empty() => name.as_str(),
+            _ => {
+                return Err(refuse(format!(
+                    "node {:?} has outputs {:?}, expected one",
+                    node.name, node.output
+                )))
+            }
+        };
+        if env.insert(name, out).is_some() {
+            return Err(refuse(format!("value {name:?} is defined twice")));
+        }
+    }
+    env.remove(output_info.name.as_str()).ok_or_else(|| {
+        refuse(format!(
+            "no node computes the output {:?}",
+            output_info.name
+        ))
+    })
+}
+
+/// The graph input must be a float32 tensor of `shape`'s rank whose fixed dimensions
+/// are `shape`'s (symbolic or unknown dimensions take any size).
+fn check_input_type(
+    info: &super::proto::ValueInfoProto,
+    shape: &[usize],
+) -> Result<(), ModelError> {
+    let tensor = match info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(t)) => t,
+        None => return Err(refuse(format!("input {:?} is not a tensor", info.name))),
+    };
+    if tensor.elem_type != DataType::Float as i32 {
+        return Err(refuse(format!(
+            "input {:?} has element type {}, expected float32",
+            info.name, tensor.elem_type
+        )));
+    }
+    let dims = tensor
+        .shape
+        .as_ref()
+        .map(|s| s.dim.as_slice())
+        .unwrap_or(&[]);
+    let fits = dims.len() == shape.len()
+        && dims.iter().zip(shape).all(|(d, n)| match d.value {
+            Some(dimension::Value::DimValue(v)) => v == *n as i64,
+            Some(dimension::Value::DimParam(_)) | None => true,
+        });
+    if !fits {
+        return Err(refuse(format!(
+            "input {:?} does not take a tensor of shape {shape:?}",
+            info.name
+        )));
+    }
+    Ok(())
+}
+
+/// A float32 initializer from its little-endian `raw_data`.
+fn initializer(t: &TensorProto) -> Result<Value, ModelError> {
+    let bad = |what: &str| refuse(format!("initializer {:?}: {what}", t.name));
+    if t.data_type != DataType::Float as i32 {
+        return Err(bad(&format!(
+            "element type {}, expected float32",
+            t.data_type
+        )));
+    }
+    let shape = t
+        .dims
+        .iter()
+        .map(|d| usize::try_from(*d).map_err(|_| bad("negative dimension")))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(*d))
+        .ok_or_else(|| bad("too large"))?;
+    if n.checked_mul(4) != Some(t.raw_data.len()) {
+        return Err(bad(&format!(
+            "{} bytes of raw_data for {n} float32 values (only raw_data is read)",
+            t.raw_data.len()
+        )));
+    }
+    let data = t
+        .raw_data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Value { shape, data })
+}
+
+/// `node`'s integer attributes, each of them one of `allowed`.
+fn int_attrs<'a>(node: &'a NodeProto, allowed: &[&str]) -> Result<HashMap<&'a str, i64>, String> {
+    let mut out = HashMap::new();
+    for a in &node.attribute {
+        if !allowed.contains(&a.name.as_str()) {
+            return Err(format!("attribute {:?} is not supported", a.name));
+        }
+        if a.r#type != AttributeType::Int as i32 {
+            return Err(format!("attribute {:?} is not an INT", a.name));
+        }
+        if out.insert(a.name.as_str(), a.i).is_some() {
+            return Err(format!("attribute {:?} is repeated", a.name));
+        }
+    }
+    Ok(out)
+}
+
+/// The values of `node`'s inputs; `arity` says how many it may have.
+fn inputs<'e>(
+    node: &NodeProto,
+    env: &'e HashMap<&str, Value>,
+    arity: std::ops::RangeInclusive<usize>,
+) -> Result<Vec<&'e Value>, String> {
+    if !arity.contains(&node.input.len()) {
+        return Err(format!("{} inputs, expected {arity:?}", node.input.len()));
+    }
+    node.input
+        .iter()
+        .map(|name| {
+            env.get(name.as_str())
+                .ok_or_else(|| format!("input {name:?} is not defined before the node"))
+        })
+        .collect()
+}
+
+fn eval_node(node: &NodeProto, env: &HashMap<&str, Value>) -> Result<Value, String> {
+    if !is_default_domain(&node.domain) {
+        return Err(format!("domain {:?} is not supported", node.domain));
+    }
+    match node.op_type.as_str() {
+        "Sub" | "Mul" => {
+            int_attrs(node, &[])?;
+            let x = inputs(node, env, 2..=2)?;
+            if node.op_type == "Sub" {
+                elementwise(x[0], x[1], |a, b| a - b)
+            } else {
+                elementwise(x[0], x[1], |a, b| a * b)
+            }
+        }
+        "Flatten" => {
+            let axis = int_attrs(node, &["axis"])?
+                .get("axis")
+                .copied()
+                .unwrap_or(1);
+            flatten(inputs(node, env, 1..=1)?[0], axis)
+        }
+        "Gemm" => {
+            let attrs = int_attrs(node, &["transA", "transB"])?;
+            if attrs.get("transA").copied().unwrap_or(0) != 0 {
+                return Err("transA other than 0 is not supported".into());
+            }
+            let trans_b = match attrs.get("transB").copied().unwrap_or(0) {
+                0 => false,
+                1 => true,
+                t => return Err(format!("transB {t} is not 0 or 1")),
+            };
+            let x = inputs(node, env, 2..=3)?;
+            gemm(x[0], x[1], x.get(2).copied(), trans_b)
+        }
+        "Relu" => {
+            int_attrs(node, &[])?;
+            let x = inputs(node, env, 1..=1)?[0];
+            Ok(Value {
+                shape: x.shape.clone(),
+                // NaN stays NaN, as in ONNX.
+                data: x
+                    .data
+                    .iter()
+                    .map(|v| if *v < 0.0 { 0.0 } else { *v })
+                    .collect(),
+            })
+        }
+        "Softmax" => {
+            let axis = int_attrs(node, &["axis"])?
+                .get("axis")
+                .copied()
+                .unwrap_or(-1);
+            softmax(inputs(node, env, 1..=1)?[0], axis)
+        }
+        op => Err(format!("operator {op:?} is not supported")),
+    }
+}
+
+/// `f(a, b)` element by element, where one shape is a suffix of the other (so the
+/// shorter operand repeats along the leading dimensions of the longer).
+fn elementwise(a: &Value, b: &Value, f: fn(f32, f32) -> f32) -> Result<Value, String> {
+    if a.shape.ends_with(&b.shape) {
+        Ok(Value {
+            shape: a.shape.clone(),
+            data: a
+                .data
+                .iter()
+                .zip(b.data.iter().cycle())
+                .map(|(x, y)| f(*x, *y))
+                .collect(),
+        })
+    } else if b.shape.ends_with(&a.shape) {
+        Ok(Value {
+            shape: b.shape.clone(),
+            data: a
+                .data
+                .iter()
+                .cycle()
+                .zip(&b.data)
+                .map(|(x, y)| f(*x, *y))
+                .collect(),
+        })
+    } else {
+        Err(format!(
+            "shapes {:?} and {:?}: only a shape that is a suffix of the other broadcasts",
+            a.shape, b.shape
+        ))
+    }
+}
+
+fn flatten(x: &Value, axis: i64) -> Result<Value, String> {
+    let rank = x.shape.len() as i64;
+    if !(-rank..=rank).contains(&axis) {
+        return Err(format!("axis {axis} out of range for rank {rank}"));
+    }
+    let axis = if axis < 0 { axis + rank } else { axis } as usize;
+    let outer: usize = x.shape[..axis].iter().product();
+    let inner: usize = x.shape[axis..].iter().product();
+    Ok(Value {
+        shape: vec![outer, inner],
+        data: x.data.clone(),
+    })
+}
+
+/// `A B + C` (`A B^T + C` with `trans_b`).
+fn gemm(a: &Value, b: &Value, c: Option<&Value>, trans_b: bool) -> Result<Value, String> {
+    let (m, k) = match a.shape.as_slice() {
+        [m, k] => (*m, *k),
+        s => return Err(format!("A has shape {s:?}, expected [M, K]")),
+    };
+    let (n, kb) = match (b.shape.as_slice(), trans_b) {
+        ([n, k], true) => (*n, *k),
+        ([k, n], false) => (*n, *k),
+        (s, _) => return Err(format!("B has shape {s:?}, expected rank 2")),
+    };
+    if kb != k {
+        return Err(format!(
+            "A {:?} and B {:?} (transB={}) do not multiply",
+            a.shape, b.shape, trans_b as u8
+        ));
+    }
+    // B as [N, K]: each output is the dot product of two contiguous rows.
+    let bt: Vec<f32>;
+    let b_rows: &[f32] = if trans_b {
+        &b.data
+    } else {
+        bt = (0..n * k).map(|i| b.data[(i % k) * n + i / k]).collect();
+        &bt
+    };
+    // The bias as one row of N repeated, or the whole [M, N].
+    let (bias, bias_rows) = match c.map(|c| c.shape.as_slice()) {
+        None => (None, false),
+        Some([nc]) | Some([1, nc]) if *nc == n => (c, false),
+        Some([mc, nc]) if *mc == m && *nc == n => (c, true),
+        Some(s) => {
+            return Err(format!(
+                "C has shape {s:?}, expected [{n}], [1, {n}] or [{m}, {n}]"
+            ))
+        }
+    };
+    let mut data = Vec::with_capacity(m * n);
+    for i in 0..m {
+        let row = &a.data[i * k..(i + 1) * k];
+        for j in 0..n {
+            let bias = bias.map_or(0.0, |c| c.data[if bias_rows { i * n + j } else { j }]);
+            data.push(dot(row, &b_rows[j * k..(j + 1) * k]) + bias);
+        }
+    }
+    Ok(Value {
+        shape: vec![m, n],
+        data,
+    })
+}
+
+/// Dot product of two slices of the same length, in eight running sums.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let tail: f32 = xr.iter().zip(yr).map(|(a, b)| a * b).sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Softmax over the last axis (`exp(x - max) / sum`), as candle computes it.
+fn softmax(x: &Value, axis: i64) -> Result<Value, String> {
+    let rank = x.shape.len() as i64;
+    if rank == 0 || (axis != -1 && axis != rank - 1) {
+        return Err(format!(
+            "axis {axis} for rank {rank}: only the last axis is supported"
+        ));
+    }
+    let n = x.shape[x.shape.len() - 1];
+    if n == 0 {
+        return Err("the last axis is empty".into());
+    }
+    let mut data = Vec::with_capacity(x.data.len());
+    for row in x.data.chunks_exact(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let start = data.len();
+        data.extend(row.iter().map(|v| (v - max).exp()));
+        let sum: f32 = data[start..].iter().sum();
+        for v in &mut data[start..] {
+            *v /= sum;
+        }
+    }
+    Ok(Value {
+        shape: x.shape.clone(),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(shape: &[usize], data: &[f32]) -> Value {
+        Value {
+            shape: shape.to_vec(),
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn ops_compute_what_onnx_says() {
+        let a = v(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let r = elementwise(&a, &v(&[3], &[1.0, 0.0, -1.0]), |x, y| x - y).unwrap();
+        assert_eq!(r, v(&[2, 3], &[0.0, 2.0, 4.0, 3.0, 5.0, 7.0]));
+        let r = elementwise(&v(&[3], &[1.0, 2.0, 3.0]), &a, |x, y| x * y).unwrap();
+        assert_eq!(r.data, [1.0, 4.0, 9.0, 4.0, 10.0, 18.0]);
+        assert!(elementwise(&a, &v(&[2], &[1.0, 2.0]), |x, y| x - y).is_err());
+        assert!(elementwise(&a, &v(&[1, 3], &[1.0, 2.0, 3.0]), |x, y| x - y).is_err());
+
+        let f = flatten(&v(&[2, 3, 1], &a.data), 1).unwrap();
+        assert_eq!(f.shape, [2, 3]);
+        assert_eq!(flatten(&a, 0).unwrap().shape, [1, 6]);
+        assert_eq!(flatten(&a, -1).unwrap().shape, [2, 3]);
+        assert!(flatten(&a, 3).is_err());
+
+        // [2, 3] x [2, 3]^T + [2]
+        let w = v(&[2, 3], &[1.0, 0.0, 0.0, 0.0, 1.0, 1.0]);
+        let bias = v(&[2], &[0.5, -0.5]);
+        let g = gemm(&a, &w, Some(&bias), true).unwrap();
+        assert_eq!(g, v(&[2, 2], &[1.5, 4.5, 4.5, 10.5]));
+        // The same B untransposed.
+        let wt = v(&[3, 2], &[1.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
+        assert_eq!(gemm(&a, &wt, Some(&bias), false).unwrap(), g);
+        assert_eq!(
+            gemm(&a, &wt, None, false).unwrap().data,
+            [1.0, 5.0, 4.0, 11.0]
+        );
+        assert!(gemm(&a, &wt, Some(&bias), true).is_err());
+        assert!(gemm(&a, &w, Some(&v(&[3], &[0.0; 3])), true).is_err());
+        assert!(gemm(&v(&[6], &a.data), &w, None, true).is_err());
+
+        let long: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        let d = dot(&long, &long);
+        assert_eq!(d, (0..19).map(|i| (i * i) as f32).sum::<f32>());
+
+        let s = softmax(&v(&[2, 2], &[0.0, 0.0, 1000.0, 0.0]), -1).unwrap();
+        assert_eq!(s.data, [0.5, 0.5, 1.0, 0.0]);
+        assert!(softmax(&a, 0).is_err());
+        assert!(softmax(&v(&[2, 0], &[]), -1).is_err());
+    }
+}
