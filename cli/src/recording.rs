@@ -303,7 +303,7 @@ mod tests {
         assert_eq!(got, vec![(0, 1), (2, 1), (12, 0)]);
         assert_eq!(r.straddling, 4); // starts 4, 6, 8, 10
         assert_eq!(r.windows[1].sample.frames[..3], [20.0, 21.0, 22.0]);
-        assert_eq!(r.windows[1].sample.frames.len(), 36);
+        assert_eq!(r.windows[1].sample.frames.len(), 24);
         assert_eq!(r.windows[2].time_ms, 1000 + 400); // 12 frames at 30 Hz
         assert_eq!(
             start_ms_from_name(Path::new("a/Freestyle_1527873200322.csv.gz")),

@@ -692,10 +692,10 @@ mod tests {
     #[test]
     fn another_spec_sets_the_shape_and_the_classes_and_errors_name_them() {
         let watch = ModelSpec::smartwatch();
-        let window = |n: usize| json!(vec![vec![0.25; 9]; n]);
+        let window = |n: usize| json!(vec![vec![0.25; 6]; n]);
         let doc = json!({"batch_id": "w1", "samples": [
-            {"id": "a", "frames": window(32), "label": "null"},
-            {"id": "b", "frames": window(32), "label": "turn"}]});
+            {"id": "a", "frames": window(64), "label": "null"},
+            {"id": "b", "frames": window(64), "label": "turn"}]});
         let b = validate_upload(
             &user(),
             doc.to_string().as_bytes(),
@@ -704,13 +704,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b.samples[1].label, ClassId(5));
-        assert_eq!(b.samples[0].frames.len(), 288);
+        assert_eq!(b.samples[0].frames.len(), 384);
         // The pose spec refuses the smartwatch window and names the problem.
         let e = check(&doc).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "sample 0 (\"a\") frame 0 has 9 features, expected 16"
-        );
+        assert_eq!(e.to_string(), "sample 0 (\"a\") has 64 frames, expected 32");
         // A pose window and a pose class are refused by the smartwatch spec.
         let e = validate_upload(
             &user(),
@@ -721,7 +718,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "sample 0 (\"s0\") frame 0 has 16 features, expected 9"
+            "sample 0 (\"s0\") has 32 frames, expected 64"
         );
         let mut d = doc.clone();
         d["samples"][0]["label"] = json!("glide");

@@ -150,20 +150,40 @@ impl ValidationPolicy {
 }
 
 impl ValidationPolicy {
-    /// One batch of a run, on its own held-out windows. A batch with at
-    /// least `min_heldout` held-out windows must show a significant gain there by itself
+    /// One batch of a run, on its own held-out windows, of which the current model gets
+    /// `current_wrong` wrong. A batch with at least `min_heldout` held-out windows, on
+    /// which the current model is wrong often enough that a gain could be shown (at
+    /// least z² windows), must show a significant gain there by itself
     /// (`improved − regressed ≥ z·√(improved + regressed)` and at least z² net windows),
     /// else `Err(reason)`: honest corrections are windows the current model got wrong,
     /// so a candidate that learned them gets many of their held-out siblings right,
     /// while wrong (e.g. shuffled) labels cannot be learned and show no such gain, even
-    /// when other batches of the run carry the run's overall gain. Smaller batches ride
-    /// along, judged only as part of the run.
-    pub fn judge_batch(&self, improved: u32, regressed: u32, heldout: u32) -> Result<(), String> {
+    /// when other batches of the run carry the run's overall gain (and shuffled labels
+    /// make the current model wrong on most windows, so such a batch is always judged).
+    /// A batch the current model already gets (nearly) right (windows the swimmer
+    /// confirmed, upload format 2) cannot show a gain and need not: it rides along,
+    /// judged as part of the run, unless the candidate is significantly worse on it.
+    /// Smaller batches ride along too.
+    pub fn judge_batch(
+        &self,
+        improved: u32,
+        regressed: u32,
+        heldout: u32,
+        current_wrong: u32,
+    ) -> Result<(), String> {
         if heldout < self.min_heldout {
             return Ok(());
         }
         let net = improved as f32 - regressed as f32;
         let z = self.significance_z;
+        if (current_wrong as f32) < z * z {
+            if -net >= z * ((improved + regressed) as f32).sqrt() && net < 0.0 {
+                return Err(format!(
+                    "significantly worse on its own held-out windows ({improved} improved, {regressed} regressed of {heldout})"
+                ));
+            }
+            return Ok(());
+        }
         if net < z * ((improved + regressed) as f32).sqrt() || net < z * z {
             return Err(format!(
                 "no significant gain on its own held-out windows ({improved} improved, {regressed} regressed of {heldout})"
@@ -267,17 +287,39 @@ mod tests {
     #[test]
     fn a_batch_must_prove_itself_once_it_can_be_judged() {
         let p = ValidationPolicy::default();
-        assert!(p.judge_batch(12, 0, 15).is_ok());
-        assert!(p.judge_batch(2, 0, 8).is_ok(), "too small to judge alone");
+        assert!(p.judge_batch(12, 0, 15, 15).is_ok());
         assert!(
-            p.judge_batch(2, 0, 40).is_err(),
+            p.judge_batch(2, 0, 8, 8).is_ok(),
+            "too small to judge alone"
+        );
+        assert!(
+            p.judge_batch(2, 0, 40, 40).is_err(),
             "a large batch that taught nothing"
         );
         assert!(
-            p.judge_batch(9, 8, 40).is_err(),
+            p.judge_batch(9, 8, 40, 33).is_err(),
             "shuffled labels: a coin flip"
         );
-        assert!(p.judge_batch(0, 1, 40).is_err(), "a loss");
+        assert!(p.judge_batch(0, 1, 40, 39).is_err(), "a loss");
+    }
+
+    #[test]
+    fn a_batch_the_current_model_already_gets_right_rides_along_unless_it_is_hurt() {
+        let p = ValidationPolicy::default();
+        // Confirmed windows: the current model is wrong on 2 of 40; no gain is possible.
+        assert!(p.judge_batch(1, 0, 40, 2).is_ok());
+        assert!(p.judge_batch(0, 0, 40, 0).is_ok());
+        assert!(
+            p.judge_batch(1, 2, 40, 2).is_ok(),
+            "a small loss is the run's to judge"
+        );
+        assert!(
+            p.judge_batch(0, 7, 40, 1).is_err(),
+            "significantly worse on windows the current model got right"
+        );
+        // Six wrong windows are still too few to show a gain (z² = 6.25); seven are not.
+        assert!(p.judge_batch(0, 0, 40, 6).is_ok());
+        assert!(p.judge_batch(0, 0, 40, 7).is_err());
     }
 
     #[test]

@@ -532,7 +532,7 @@ mod tests {
         let watch = ModelSpec::smartwatch();
         let s: Vec<Sample> = (0..20)
             .map(|i| Sample {
-                frames: vec![i as f32 * 0.1; 288],
+                frames: vec![i as f32 * 0.1; 384],
                 label: ClassId((i % 6) as u8),
             })
             .collect();
@@ -554,7 +554,7 @@ mod tests {
         let (pose, pose_samples) = model();
         assert!(matches!(
             back.predict(&pose_samples),
-            Err(ModelError::BadWindow { expected: 288, .. })
+            Err(ModelError::BadWindow { expected: 384, .. })
         ));
         assert!(MicroModel::init(&watch, &pose_samples, 1).is_err());
         assert_eq!(pose.spec(), &ModelSpec::synthetic_pose());

@@ -155,6 +155,22 @@ struct Plan {
     parent_version: Option<u64>,
     parent: Vec<u8>,
     samples: Vec<Sample>,
+    /// [`anchor_scale`] of these samples.
+    anchor_scale: f64,
+}
+
+/// How much of the pull towards the parent (`TrainConfig::anchor`) a run keeps: the
+/// share of its training windows that are not confirmed ones. The pull stands in for
+/// what a set of corrections does not show (what the parent already gets right, which
+/// a fine-tune on corrections alone forgets); windows the user confirmed (upload
+/// format 2) show exactly that, so they replace the pull. Corrections only, or uploads
+/// without feedback: the whole pull, as before.
+pub fn anchor_scale(confirmed: usize, total: usize) -> f64 {
+    if total == 0 {
+        1.0
+    } else {
+        1.0 - confirmed as f64 / total as f64
+    }
 }
 
 struct Trained {
@@ -230,16 +246,15 @@ impl Trainer {
                 .map(|(id, _)| id.clone())
                 .collect();
             let mut samples = Vec::new();
+            let mut confirmed = 0usize;
             for (id, r) in &batches {
                 let include =
                     r.status.is_pending() || matches!(r.status, BatchStatus::Published { .. });
                 if include {
-                    samples.extend(
-                        repo.samples(tx, u, id)?
-                            .into_iter()
-                            .filter(|s| !s.heldout)
-                            .map(to_sample),
-                    );
+                    for s in repo.samples(tx, u, id)?.into_iter().filter(|s| !s.heldout) {
+                        confirmed += s.feedback.is_some_and(|f| !f.corrected) as usize;
+                        samples.push(to_sample(s));
+                    }
                 }
             }
             let parent = match state.head {
@@ -265,6 +280,7 @@ impl Trainer {
                 batches: staged,
                 parent_version: state.head,
                 parent,
+                anchor_scale: anchor_scale(confirmed, samples.len()),
                 samples,
             }))
         })
@@ -274,10 +290,11 @@ impl Trainer {
         let t0 = Instant::now();
         let parent = MicroModel::load_for(&plan.parent, &self.spec)
             .map_err(|e| format!("parent model: {e}"))?;
-        let cfg = self
+        let mut cfg = self
             .train
             .clone()
             .with_seed(training_seed(plan.user.as_str(), &plan.batches));
+        cfg.anchor *= plan.anchor_scale;
         let (model, _report) =
             fine_tune(&parent, &plan.samples, &cfg).map_err(|e| format!("training: {e}"))?;
         let seconds = t0.elapsed().as_secs_f32();

@@ -241,8 +241,10 @@ impl Validator {
             Ok(m) => m,
             Err(e) => return Ok(Outcome::Dead(format!("current model does not load: {e}"))),
         };
-        // (improved, regressed, windows) per batch of the run, on its own held-out.
-        let mut per_batch: std::collections::BTreeMap<String, (u32, u32, u32)> = Default::default();
+        // (improved, regressed, windows, current wrong) per batch of the run, on its own
+        // held-out windows.
+        let mut per_batch: std::collections::BTreeMap<String, (u32, u32, u32, u32)> =
+            Default::default();
         let scored = (|| -> Result<Scores, swimlane_model::ModelError> {
             let truth: Vec<_> = inp.heldout.iter().map(|s| s.label).collect();
             let pc = cand.predict(&inp.heldout)?;
@@ -254,6 +256,7 @@ impl Validator {
                 e.0 += (c && !u) as u32;
                 e.1 += (u && !c) as u32;
                 e.2 += 1;
+                e.3 += !u as u32;
             }
             let (mut improved, mut regressed) = (0u32, 0u32);
             let (mut c_all, mut u_all, mut c_hist, mut u_hist) = (0u32, 0u32, 0u32, 0u32);
@@ -294,8 +297,8 @@ impl Validator {
         // significant gain there, or it is rejected alone (and its run-mates, if any,
         // go back to staged and are retrained without it).
         let mut failed = Vec::new();
-        for (b, (i, r, n)) in &per_batch {
-            if let Err(why) = self.policy.judge_batch(*i, *r, *n) {
+        for (b, (i, r, n, wrong)) in &per_batch {
+            if let Err(why) = self.policy.judge_batch(*i, *r, *n, *wrong) {
                 failed.push((b.clone(), why));
             }
         }
