@@ -1,6 +1,7 @@
 //! A small PNG line plot of the replay: the device's accuracy on each session before
-//! its upload, one thin grey line per swimmer, the median over swimmers in blue, the
-//! median base accuracy on the final test as a dashed red line. x: session 1 … N;
+//! its upload, one thin grey line per swimmer, the median over swimmers in blue (drawn
+//! while at least [`MIN_FOR_MEDIAN`] swimmers have that many sessions), the median
+//! base accuracy on the final test as a dashed red line. x: session 1 … N;
 //! y: accuracy from 0 (bottom) to 1 (top), grid lines every 0.1. No plotting library:
 //! RGB pixels, encoded as PNG (zlib from flate2, CRC-32 from crc32fast).
 use std::io::Write;
@@ -11,6 +12,8 @@ use crate::replay::ReplayReport;
 const W: usize = 900;
 const H: usize = 500;
 const MARGIN: usize = 40;
+/// Fewest swimmers a session's median is drawn for.
+pub const MIN_FOR_MEDIAN: usize = 5;
 
 struct Canvas {
     px: Vec<[u8; 3]>,
@@ -129,12 +132,16 @@ pub fn session_accuracy_png_bytes(r: &ReplayReport) -> Vec<u8> {
     );
     let med: Vec<f64> = (0..sessions)
         .map(|i| {
-            crate::demo::median(
-                r.swimmers
-                    .iter()
-                    .filter_map(|s| s.session_accuracy.get(i).copied())
-                    .collect(),
-            )
+            let v: Vec<f64> = r
+                .swimmers
+                .iter()
+                .filter_map(|s| s.session_accuracy.get(i).copied())
+                .collect();
+            if v.len() < MIN_FOR_MEDIAN {
+                f64::NAN
+            } else {
+                crate::demo::median(v)
+            }
         })
         .collect();
     for i in 1..sessions {
