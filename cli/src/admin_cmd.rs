@@ -82,7 +82,13 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 None => None,
             };
             let t0 = std::time::Instant::now();
-            let done = swimlane_cli::init::install(&db, &config.deployment, seed, base)?;
+            let done = swimlane_cli::init::install_for_spec(
+                &db,
+                &config.deployment,
+                &config.model_spec()?,
+                seed,
+                base,
+            )?;
             if done.already_present {
                 println!(
                     "already initialised (base model {} bytes); nothing changed",

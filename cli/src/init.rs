@@ -23,6 +23,36 @@ pub struct Installed {
     pub already_present: bool,
 }
 
+/// [`install`] for a deployment of `spec` (what `swimlane admin init` and `swimlane
+/// dev` call): a base model given or already in the store must be of `spec`; without
+/// one, only the synthetic pose spec has a base model and guard set to make (from
+/// synthetic swimmers), any other spec needs a base model and a guard set of its own
+/// (`install_model`, as `swimlane replay` installs them).
+pub fn install_for_spec(
+    db: &Db,
+    deployment: &str,
+    spec: &swimlane_core::ModelSpec,
+    seed: u64,
+    base: Option<MicroModel>,
+) -> anyhow::Result<Installed> {
+    let repo = Repo::new(Keys::new(deployment));
+    if let Some(m) = &base {
+        spec.ensure_same(m.spec())?;
+    }
+    if let Some(stored) = db.transact(|tx| repo.blob(tx, BASE_MODEL_BLOB))? {
+        let m = MicroModel::from_bytes(&stored)?;
+        spec.ensure_same(m.spec()).map_err(|e| {
+            anyhow::anyhow!("the store's base model does not fit the configured spec: {e}")
+        })?;
+    } else if base.is_none() && *spec != swimlane_core::ModelSpec::synthetic_pose() {
+        anyhow::bail!(
+            "spec {:?}: no base model in the store, and only the synthetic-pose spec has one to make; install a base model and guard set of this spec (`swimlane_cli::init::install_model`, as `swimlane replay` does)",
+            spec.name
+        );
+    }
+    install(db, deployment, seed, base)
+}
+
 /// Install `base` (or, if `None`, a base model trained from `seed`) and a guard set
 /// from `seed`, unless both are present already (then nothing changes).
 pub fn install(

@@ -381,7 +381,13 @@ fn main() -> anyhow::Result<()> {
             swimlane_runtime::apply_training_threads(&config);
             swimlane_runtime::init_tracing(config.log_json);
             let db = swimlane_runtime::open_store(&config)?;
-            let installed = swimlane_cli::init::install(&db, &config.deployment, 7, None)?;
+            let installed = swimlane_cli::init::install_for_spec(
+                &db,
+                &config.deployment,
+                &config.model_spec()?,
+                7,
+                None,
+            )?;
             if !installed.already_present {
                 eprintln!("installed the base model and guard set");
             }
