@@ -12,7 +12,12 @@
 //!   reverse. The net gain must reach `margin` (as a share of the windows) and be
 //!   significant: `improved - regressed >= z * sqrt(improved + regressed)` (a one-sided
 //!   sign test). Labels shuffled at random give `improved ≈ regressed`, so a poisoned
-//!   candidate passes this only by chance (about 0.6% at z = 2.5).
+//!   candidate passes this only by chance (about 0.6% at z = 2.5). Or, with no net
+//!   accuracy loss, a significant gain in likelihood: the per-window difference of the
+//!   log-probability the two models give the true class, in a one-sided paired z-test
+//!   at the same z, so that every held-out window is evidence, not only the few whose
+//!   class flips (on real swimmers most windows of a session are ones the current
+//!   model already gets right, and the sign test alone deferred 143 of 168 uploads).
 //! - **no forgetting** on the established held-out windows (those of batches already in
 //!   a published model): a candidate that loses more than `history_max_drop` there
 //!   unlearned what was validated before, as training on wrong labels does.
@@ -77,6 +82,10 @@ pub struct Scores {
     /// The population guard set.
     pub candidate_guard: f32,
     pub current_guard: f32,
+    /// Per held-out window, `ln p_candidate(true class) − ln p_current(true class)`
+    /// (probabilities floored at 1e-6): its mean and standard deviation.
+    pub loglik_gain_mean: f32,
+    pub loglik_gain_sd: f32,
 }
 
 impl ValidationPolicy {
@@ -93,7 +102,20 @@ impl ValidationPolicy {
         }
         let net = s.improved as f32 - s.regressed as f32;
         let changed = (s.improved + s.regressed) as f32;
-        if net >= 0.0 && changed < self.significance_z * self.significance_z {
+        // The likelihood route: every held-out window counts, not only the ones whose
+        // class flipped. A candidate that is no worse on held-out accuracy and whose
+        // paired log-likelihood gain is significant (a one-sided paired z-test at
+        // `significance_z`) passes this step too.
+        let n = s.heldout_samples as f32;
+        let lik_z = if s.loglik_gain_sd > 0.0 {
+            s.loglik_gain_mean / (s.loglik_gain_sd / n.sqrt())
+        } else if s.loglik_gain_mean > 0.0 {
+            f32::INFINITY
+        } else {
+            0.0
+        };
+        let lik_pass = net >= 0.0 && s.loglik_gain_mean > 0.0 && lik_z >= self.significance_z;
+        if !lik_pass && net >= 0.0 && changed < self.significance_z * self.significance_z {
             // Even if every changed window improved, the sign test could not pass:
             // too little evidence either way, so wait for more corrections.
             return (
@@ -109,7 +131,7 @@ impl ValidationPolicy {
         }
         let share = net / s.heldout_samples as f32;
         let needed = self.significance_z * ((s.improved + s.regressed) as f32).sqrt();
-        if share < self.margin || net < needed || net <= 0.0 {
+        if !lik_pass && (share < self.margin || net < needed || net <= 0.0) {
             return (
                 Decision::Reject,
                 format!(
@@ -215,7 +237,36 @@ mod tests {
             history_samples: 50,
             candidate_guard: 0.9,
             current_guard: 0.9,
+            loglik_gain_mean: 0.0,
+            loglik_gain_sd: 1.0,
         }
+    }
+
+    #[test]
+    fn a_significant_likelihood_gain_without_an_accuracy_loss_is_evidence_too() {
+        use Decision::*;
+        let p = ValidationPolicy::default();
+        let lik = |improved, regressed, n, mean: f32, sd: f32| Scores {
+            loglik_gain_mean: mean,
+            loglik_gain_sd: sd,
+            ..s(improved, regressed, n)
+        };
+        // 5 improved, 1 regressed of 40: too few flips for the sign test alone...
+        assert_eq!(p.decide(&s(5, 1, 40)).0, Defer);
+        // ...but every window more likely under the candidate: mean/(sd/sqrt(40)) = 3.2.
+        assert_eq!(p.decide(&lik(5, 1, 40, 0.2, 0.4)).0, Accept);
+        // Not significant (z = 1.6), or an accuracy loss, or forgetting: as before.
+        assert_eq!(p.decide(&lik(5, 1, 40, 0.1, 0.4)).0, Defer);
+        assert_eq!(p.decide(&lik(7, 1, 40, 0.1, 0.4)).0, Reject);
+        assert_eq!(p.decide(&lik(1, 3, 40, 0.2, 0.4)).0, Reject);
+        let forgets = Scores {
+            candidate_history: 0.80,
+            ..lik(5, 1, 40, 0.2, 0.4)
+        };
+        assert_eq!(p.decide(&forgets).0, Reject);
+        // No window changed and nothing gained: wait.
+        assert_eq!(p.decide(&lik(0, 0, 40, 0.0, 0.0)).0, Defer);
+        assert_eq!(p.decide(&lik(0, 0, 40, -0.1, 0.2)).0, Defer);
     }
 
     #[test]

@@ -68,7 +68,13 @@ impl Harness {
     }
 
     fn with_db(dir: tempfile::TempDir, db: Db) -> Self {
+        Self::with_config(dir, db, |_| {})
+    }
+
+    /// A harness whose config `edit` changes first (e.g. another model spec).
+    fn with_config(dir: tempfile::TempDir, db: Db, edit: impl FnOnce(&mut Config)) -> Self {
         let mut c = config();
+        edit(&mut c);
         let admin = new_token();
         c.admin_token_sha256 = hash_token(&admin);
         c.validate().unwrap();
@@ -494,6 +500,43 @@ async fn bad_inputs_are_refused_with_their_code_and_stage_nothing() {
             "{name}: {m}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_deployment_of_another_spec_refuses_other_shapes_and_classes_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let h = Harness::with_config(dir, db, |c| c.spec = "smartwatch".into());
+    // A pose window (32 frames of 16) on a smartwatch deployment (64 frames of 6).
+    let (s, v) = h.post("alice", &h.alice, batch("b-1", 2).to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(code(&v), "bad_frame_count");
+    assert_eq!(
+        v["error"]["message"],
+        "sample 0 (\"s0\") has 32 frames, expected 64"
+    );
+    h.assert_nothing_staged("alice", "a pose window");
+    // The spec's shape, a class of another spec.
+    let window = json!(vec![vec![0.5; 6]; 64]);
+    let body = |label: &str| {
+        json!({"batch_id": "b-2", "samples": [
+            {"id": "a", "frames": window, "label": "null"},
+            {"id": "b", "frames": window, "label": label}]})
+        .to_string()
+    };
+    let (s, v) = h.post("alice", &h.alice, body("glide")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(code(&v), "unknown_label");
+    assert!(
+        v["error"]["message"].as_str().unwrap().ends_with(
+            "expected one of null, freestyle, breaststroke, backstroke, butterfly, turn"
+        ),
+        "{v}"
+    );
+    h.assert_nothing_staged("alice", "a pose class");
+    // The spec's shape and classes: staged.
+    let (s, v) = h.post("alice", &h.alice, body("turn")).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
 }
 
 #[tokio::test]

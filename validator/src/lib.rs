@@ -19,6 +19,7 @@ use swimlane_bus::{positions, Consumer, Delivery, Emitter};
 use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
 use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
+use swimlane_model::net::argmax_class;
 use swimlane_model::{evaluate, MicroModel, Sample};
 use swimlane_state::{
     decode_sample_set, end_run_and_retrigger, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB,
@@ -247,8 +248,19 @@ impl Validator {
             Default::default();
         let scored = (|| -> Result<Scores, swimlane_model::ModelError> {
             let truth: Vec<_> = inp.heldout.iter().map(|s| s.label).collect();
-            let pc = cand.predict(&inp.heldout)?;
-            let pu = cur.predict(&inp.heldout)?;
+            let probs_c = cand.predict_proba_samples(&inp.heldout)?;
+            let probs_u = cur.predict_proba_samples(&inp.heldout)?;
+            let pc: Vec<_> = probs_c.iter().map(|p| argmax_class(p)).collect();
+            let pu: Vec<_> = probs_u.iter().map(|p| argmax_class(p)).collect();
+            let gains: Vec<f64> = truth
+                .iter()
+                .zip(probs_c.iter().zip(&probs_u))
+                .map(|(t, (c, u))| {
+                    let p = |v: &Vec<f32>| (v[t.index()] as f64).max(1e-6).ln();
+                    p(c) - p(u)
+                })
+                .collect();
+            let (gain_mean, gain_sd) = mean_sd(&gains);
             for (k, b) in inp.fresh_batches.iter().enumerate() {
                 let i = inp.history + k;
                 let (c, u) = (pc[i] == truth[i], pu[i] == truth[i]);
@@ -274,6 +286,8 @@ impl Validator {
             let frac = |k: u32, n: usize| if n == 0 { 0.0 } else { k as f32 / n as f32 };
             let n = truth.len();
             Ok(Scores {
+                loglik_gain_mean: gain_mean as f32,
+                loglik_gain_sd: gain_sd as f32,
                 candidate_heldout: frac(c_all, n),
                 current_heldout: frac(u_all, n),
                 heldout_samples: n as u32,
@@ -534,4 +548,15 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Validat
         p.shutdown.clone(),
     )
     .await
+}
+
+/// Mean and (sample) standard deviation; (0, 0) for fewer than two values.
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    if v.len() < 2 {
+        return (v.first().copied().unwrap_or(0.0), 0.0);
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
 }
