@@ -23,7 +23,7 @@ use swimlane_runtime::Config;
 use swimlane_state::tokens::new_token;
 use swimlane_state::{Repo, BASE_MODEL_BLOB};
 
-use crate::fleet::Stages;
+use crate::fleet::LocalFleet;
 
 /// Knobs of the demo.
 #[derive(Clone, Debug)]
@@ -196,16 +196,9 @@ pub(crate) fn settled(status: &str) -> bool {
 pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let t_start = Instant::now();
     let dir = tempfile::tempdir()?;
-    let mut config = Config::default();
+    let mut config = LocalFleet::loopback(Config::default());
     config.deployment = "demo".into();
     config.store = dir.path().join("store").display().to_string();
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    config.ingest.listen = any;
-    config.ingest.metrics_listen = any;
-    config.trainer.metrics_listen = any;
-    config.validator.metrics_listen = any;
-    config.publisher.listen = any;
-    config.publisher.metrics_listen = any;
     config.validate()?;
     let db = swimlane_runtime::open_store(&config)?;
 
@@ -220,25 +213,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     )?;
 
     // The fleet: ingest and publisher APIs, trainers and a validator.
-    let shutdown = swimlane_runtime::CancellationToken::new();
-    let ingest = swimlane_ingest::start(
-        config.clone(),
-        swimlane_ingest::IngestDeps {
-            db: db.clone(),
-            emitter: swimlane_runtime::wiring::emitter(&config)?,
-            registry: swimlane_runtime::new_registry(),
-            clock: std::sync::Arc::new(swimlane_runtime::SystemWallClock),
-        },
-        shutdown.clone(),
-    )
-    .await?;
-    let publisher = swimlane_publisher::start(config.clone()).await?;
-    let stages =
-        Stages::start_without_publisher(&config, &db, &prometheus::Registry::new(), opts.trainers)?;
-    let (ingest_url, publisher_url) = (
-        format!("http://{}", ingest.api_addr),
-        format!("http://{}", publisher.api_addr),
-    );
+    let fleet = LocalFleet::start(&config, &db, opts.trainers).await?;
+    let (ingest_url, publisher_url) = (fleet.ingest_url.clone(), fleet.publisher_url.clone());
 
     let o = opts.clone();
     let (db2, repo2) = (db.clone(), repo.clone());
@@ -248,11 +224,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     })
     .await;
 
-    shutdown.cancel();
-    publisher.shutdown.cancel();
-    let stopped = stages.stop();
-    let _ = ingest.handle.await;
-    let _ = publisher.handle.await;
+    let stopped = fleet.stop().await;
     let (users, poisoned_batches, poisoned_batches_published, batches) = drive??;
     stopped?;
     let pipeline_seconds = t_pipe.elapsed().as_secs_f64();

@@ -117,3 +117,65 @@ impl Stages {
         }
     }
 }
+
+/// The whole fleet in this process on loopback: ingest's and the publisher's HTTP APIs
+/// on ports the OS picks, `trainers` trainer threads and a validator. What `swimlane
+/// demo` and `swimlane replay` drive through HTTP, as phones would.
+pub struct LocalFleet {
+    pub ingest_url: String,
+    pub publisher_url: String,
+    shutdown: swimlane_runtime::CancellationToken,
+    ingest: swimlane_ingest::Running,
+    publisher: swimlane_publisher::Running,
+    stages: Stages,
+}
+
+impl LocalFleet {
+    /// `config` with every listen address set to an OS-picked loopback port.
+    pub fn loopback(mut config: Config) -> Config {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        config.ingest.listen = any;
+        config.ingest.metrics_listen = any;
+        config.trainer.metrics_listen = any;
+        config.validator.metrics_listen = any;
+        config.publisher.listen = any;
+        config.publisher.metrics_listen = any;
+        config
+    }
+
+    /// Start the APIs and the stages on `db` (the store `config` names, already open).
+    pub async fn start(config: &Config, db: &Db, trainers: usize) -> anyhow::Result<LocalFleet> {
+        let shutdown = swimlane_runtime::CancellationToken::new();
+        let ingest = swimlane_ingest::start(
+            config.clone(),
+            swimlane_ingest::IngestDeps {
+                db: db.clone(),
+                emitter: swimlane_runtime::wiring::emitter(config)?,
+                registry: swimlane_runtime::new_registry(),
+                clock: Arc::new(swimlane_runtime::SystemWallClock),
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        let publisher = swimlane_publisher::start(config.clone()).await?;
+        let stages = Stages::start_without_publisher(config, db, &Registry::new(), trainers)?;
+        Ok(LocalFleet {
+            ingest_url: format!("http://{}", ingest.api_addr),
+            publisher_url: format!("http://{}", publisher.api_addr),
+            shutdown,
+            ingest,
+            publisher,
+            stages,
+        })
+    }
+
+    /// Stop everything; the stages' first error, if any.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.publisher.shutdown.cancel();
+        let stopped = self.stages.stop();
+        let _ = self.ingest.handle.await;
+        let _ = self.publisher.handle.await;
+        stopped
+    }
+}

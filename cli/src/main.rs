@@ -236,6 +236,15 @@ async fn run_worker(w: WorkerName, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For the commands that drive an in-process fleet and print their own progress (demo,
+/// replay): the workers log warnings only, unless SWIMLANE_LOG or RUST_LOG asks for more.
+fn quiet_workers() {
+    if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("SWIMLANE_LOG", "warn");
+    }
+    swimlane_runtime::init_tracing(false);
+}
+
 fn data_cmd(command: DataCommand) -> anyhow::Result<()> {
     use swimlane_cli::recording::{read_recording, recording_files, ImportOptions};
     let DataCommand::Import {
@@ -307,12 +316,7 @@ fn main() -> anyhow::Result<()> {
             trainers,
             json,
         } => {
-            // The demo prints its own progress; workers' logs only when asked for.
-            if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none()
-            {
-                std::env::set_var("SWIMLANE_LOG", "warn");
-            }
-            swimlane_runtime::init_tracing(false);
+            quiet_workers();
             let opts = swimlane_cli::demo::DemoOptions {
                 users,
                 seed,
@@ -342,11 +346,7 @@ fn main() -> anyhow::Result<()> {
             split,
             json,
         } => {
-            if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none()
-            {
-                std::env::set_var("SWIMLANE_LOG", "warn");
-            }
-            swimlane_runtime::init_tracing(false);
+            quiet_workers();
             anyhow::ensure!(
                 swimlane_cli::replay::data_present(&data),
                 "{}: no swim-imu data folder (a README.md and one folder per swimmer); the recordings are not shipped with swimlane",

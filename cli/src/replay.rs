@@ -41,7 +41,7 @@ use swimlane_state::tokens::new_token;
 use swimlane_state::Repo;
 
 use crate::demo::{median, settled, Device};
-use crate::fleet::Stages;
+use crate::fleet::LocalFleet;
 use crate::recording::{read_recording, recording_files, ImportOptions, Window};
 
 /// Knobs of the replay.
@@ -359,7 +359,10 @@ async fn run_fold(
     // The deployment's settings (the validation policy above all) come from the
     // environment and a config file as for any process (SWIMLANE_VALIDATOR_MARGIN, ...);
     // the store, the spec and the addresses are the replay's own.
-    let mut config = Config::load(&swimlane_runtime::config::Args::default(), None)?;
+    let mut config = LocalFleet::loopback(Config::load(
+        &swimlane_runtime::config::Args::default(),
+        None,
+    )?);
     config.deployment = format!("replay-{fold}");
     // The spec as a file in the fleet's directory, so a spec that is not built in
     // reaches every worker through the config like any deployment's.
@@ -367,36 +370,12 @@ async fn run_fold(
     std::fs::write(&spec_file, spec.to_json())?;
     config.spec = spec_file.display().to_string();
     config.store = dir.path().join("store").display().to_string();
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    config.ingest.listen = any;
-    config.ingest.metrics_listen = any;
-    config.trainer.metrics_listen = any;
-    config.validator.metrics_listen = any;
-    config.publisher.listen = any;
-    config.publisher.metrics_listen = any;
     config.validate()?;
     let db = swimlane_runtime::open_store(&config)?;
     crate::init::install_model(&db, &config.deployment, base, guard)?;
 
-    let shutdown = swimlane_runtime::CancellationToken::new();
-    let ingest = swimlane_ingest::start(
-        config.clone(),
-        swimlane_ingest::IngestDeps {
-            db: db.clone(),
-            emitter: swimlane_runtime::wiring::emitter(&config)?,
-            registry: swimlane_runtime::new_registry(),
-            clock: std::sync::Arc::new(swimlane_runtime::SystemWallClock),
-        },
-        shutdown.clone(),
-    )
-    .await?;
-    let publisher = swimlane_publisher::start(config.clone()).await?;
-    let stages =
-        Stages::start_without_publisher(&config, &db, &prometheus::Registry::new(), opts.trainers)?;
-    let urls = (
-        format!("http://{}", ingest.api_addr),
-        format!("http://{}", publisher.api_addr),
-    );
+    let fleet = LocalFleet::start(&config, &db, opts.trainers).await?;
+    let urls = (fleet.ingest_url.clone(), fleet.publisher_url.clone());
     let (o, s, b) = (opts.clone(), spec.clone(), base.clone());
     let owned: Vec<(String, Vec<Vec<Window>>, Vec<Sample>)> = swimmers
         .iter()
@@ -408,11 +387,7 @@ async fn run_fold(
         drive(&o, &s, fold, &db2, &repo, &b, &owned, &urls.0, &urls.1)
     })
     .await;
-    shutdown.cancel();
-    publisher.shutdown.cancel();
-    let stopped = stages.stop();
-    let _ = ingest.handle.await;
-    let _ = publisher.handle.await;
+    let stopped = fleet.stop().await;
     let reports = driven??;
     stopped?;
     Ok(reports)
