@@ -87,6 +87,9 @@ enum Command {
         /// The final test: the last 30% of every recording, or of the whole timeline.
         #[arg(long, value_enum, default_value = "recording")]
         split: swimlane_cli::replay::Split,
+        /// Upload only the windows the device got wrong (no confirmed windows).
+        #[arg(long)]
+        corrections_only: bool,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -344,6 +347,7 @@ fn main() -> anyhow::Result<()> {
             trainers,
             plot,
             split,
+            corrections_only,
             json,
         } => {
             quiet_workers();
@@ -364,6 +368,7 @@ fn main() -> anyhow::Result<()> {
                 trainers,
                 plot,
                 split,
+                corrections_only,
                 progress: true,
                 ..Default::default()
             };

@@ -64,6 +64,10 @@ pub struct ReplayOptions {
     /// Write a PNG plot of the device's accuracy over sessions here.
     pub plot: Option<PathBuf>,
     pub split: Split,
+    /// Upload only the windows the device got wrong (what a format 1 client sends),
+    /// instead of every window with its feedback; the baseline then trains on its own
+    /// model's mistakes. Measures whether confirmed windows pay.
+    pub corrections_only: bool,
 }
 
 /// Which windows of a swimmer are the final test (never uploaded).
@@ -92,6 +96,7 @@ impl Default for ReplayOptions {
             progress: true,
             plot: None,
             split: Split::Recording,
+            corrections_only: false,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct SwimmerReport {
     pub fold: usize,
     pub windows: usize,
     pub test_windows: usize,
+    /// Sessions replayed; each is uploaded (with `corrections_only`, unless the device
+    /// made no mistake in it).
     pub uploads: usize,
     pub base_accuracy: f64,
     pub base_macro_f1: f64,
@@ -142,6 +149,7 @@ pub struct ReplayReport {
     pub folds: usize,
     pub seed: u64,
     pub split: Split,
+    pub corrections_only: bool,
     pub spec: String,
     pub seconds: f64,
 }
@@ -338,6 +346,7 @@ pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
         folds: opts.folds,
         seed: opts.seed,
         split: opts.split,
+        corrections_only: opts.corrections_only,
         spec: spec.name.clone(),
         seconds: t0.elapsed().as_secs_f64(),
     };
@@ -453,6 +462,14 @@ fn drive(
                 .collect();
             let right = feedback.iter().filter(|f| !f.corrected).count();
             session_accuracy[i].push(right as f64 / samples.len() as f64);
+            let (samples, feedback): (Vec<Sample>, Vec<Feedback>) = samples
+                .into_iter()
+                .zip(feedback)
+                .filter(|(_, f)| f.corrected || !opts.corrections_only)
+                .unzip();
+            if samples.is_empty() {
+                continue;
+            }
             let id = format!("session-{round:03}");
             d.post_batch(crate::upload::upload_json_with(
                 spec,
@@ -541,7 +558,22 @@ fn no_gate_baseline(
     let mut current = base.clone();
     let mut seen: Vec<Sample> = Vec::new();
     for (k, s) in sessions.iter().enumerate() {
-        seen.extend(s.iter().map(|w| w.sample.clone()));
+        let session: Vec<Sample> = s.iter().map(|w| w.sample.clone()).collect();
+        if opts.corrections_only {
+            let predicted = current.predict(&session)?;
+            seen.extend(
+                session
+                    .into_iter()
+                    .zip(predicted)
+                    .filter(|(w, p)| w.label != *p)
+                    .map(|(w, _)| w),
+            );
+        } else {
+            seen.extend(session);
+        }
+        if seen.is_empty() {
+            continue;
+        }
         let seed = derive_seed(opts.seed, 4, hash(name) ^ k as u64);
         current = fine_tune(&current, &seen, &TrainConfig::fine_tune().with_seed(seed))?.0;
     }
