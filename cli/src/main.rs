@@ -248,6 +248,16 @@ fn quiet_workers() {
     swimlane_runtime::init_tracing(false);
 }
 
+/// A report as one pretty JSON object (`--json`) or as its table.
+fn print_report<R: serde::Serialize>(report: &R, json: bool, table: fn(&R)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        table(report);
+    }
+    Ok(())
+}
+
 fn data_cmd(command: DataCommand) -> anyhow::Result<()> {
     use swimlane_cli::recording::{read_recording, recording_files, ImportOptions};
     let DataCommand::Import {
@@ -258,9 +268,7 @@ fn data_cmd(command: DataCommand) -> anyhow::Result<()> {
         out,
         inputs,
     } = command;
-    let mut config = Config::default();
-    config.spec = spec;
-    let spec = config.model_spec()?;
+    let spec = swimlane_runtime::config::resolve_spec(&spec)?;
     let mut opts = ImportOptions::for_spec(&spec);
     if let Some(c) = columns {
         opts.columns = ImportOptions::parse_columns(&c)?;
@@ -330,12 +338,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let report = runtime()?.block_on(swimlane_cli::demo::run(opts))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                swimlane_cli::demo::print_table(&report);
-            }
-            Ok(())
+            print_report(&report, json, swimlane_cli::demo::print_table)
         }
         Command::Replay {
             data,
@@ -356,11 +359,9 @@ fn main() -> anyhow::Result<()> {
                 "{}: no swim-imu data folder (a README.md and one folder per swimmer); the recordings are not shipped with swimlane",
                 data.display()
             );
-            let mut c = Config::default();
-            c.spec = spec;
             let opts = swimlane_cli::replay::ReplayOptions {
                 data,
-                spec: c.model_spec()?,
+                spec: swimlane_runtime::config::resolve_spec(&spec)?,
                 folds,
                 swimmers,
                 seed,
@@ -373,12 +374,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let report = runtime()?.block_on(swimlane_cli::replay::run(opts))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                swimlane_cli::replay::print_table(&report);
-            }
-            Ok(())
+            print_report(&report, json, swimlane_cli::replay::print_table)
         }
         Command::Data { command } => data_cmd(command),
         Command::Dev { args } => {

@@ -177,7 +177,8 @@ pub fn parse_recording(
     let channels = spec.channels.len();
     let mut values: Vec<f32> = Vec::new();
     let mut labels: Vec<Option<ClassId>> = Vec::new();
-    let mut bad_values: Vec<(usize, usize)> = Vec::new(); // (frame, column) not finite
+    // (frame, column, line) of each missing or non-finite value.
+    let mut bad_values: Vec<(usize, usize, usize)> = Vec::new();
     for (n, line) in lines.enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -197,10 +198,9 @@ pub fn parse_recording(
             match field(c).parse::<f32>() {
                 Ok(v) if v.is_finite() => values.push(v),
                 _ => {
+                    // Reported only if a kept window contains it.
                     values.push(0.0);
-                    bad_values.push((frame, c));
-                    // Reported only if a kept window contains it (line n + 2).
-                    let _ = n;
+                    bad_values.push((frame, c, n + 2));
                 }
             }
         }
@@ -215,14 +215,13 @@ pub fn parse_recording(
         let span = &labels[start..start + spec.frames];
         match span[0] {
             Some(l) if span.iter().all(|x| *x == Some(l)) => {
-                if let Some((f, c)) = bad_values
+                if let Some((_, c, line)) = bad_values
                     .iter()
-                    .find(|(f, _)| (start..start + spec.frames).contains(f))
+                    .find(|(f, _, _)| (start..start + spec.frames).contains(f))
                 {
                     anyhow::bail!(
-                        "{}: line {}: column {:?} is not a finite number",
+                        "{}: line {line}: column {:?} is not a finite number",
                         path.display(),
-                        f + 2,
                         header[*c]
                     );
                 }

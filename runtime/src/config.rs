@@ -341,6 +341,19 @@ fn origin_suffix(o: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// A `spec` value (a built-in name, or a JSON spec file: a value with a `/` or ending in
+/// `.json`) as the spec it names; errors name the key `spec`.
+pub fn resolve_spec(value: &str) -> Result<swimlane_core::ModelSpec, ConfigError> {
+    use swimlane_core::ModelSpec;
+    if value.contains('/') || value.ends_with(".json") {
+        let bytes = std::fs::read(value)
+            .map_err(|e| invalid("spec", format!("cannot read spec file: {e}")))?;
+        ModelSpec::from_json(&bytes).map_err(|e| invalid("spec", e.to_string()))
+    } else {
+        ModelSpec::builtin(value).map_err(|e| invalid("spec", e.to_string()))
+    }
+}
+
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -627,14 +640,7 @@ impl Config {
     /// The deployment's model spec: the built-in named by `spec`, or the JSON file it
     /// names (a value with a `/` or ending in `.json`).
     pub fn model_spec(&self) -> Result<swimlane_core::ModelSpec, ConfigError> {
-        use swimlane_core::ModelSpec;
-        if self.spec.contains('/') || self.spec.ends_with(".json") {
-            let bytes = std::fs::read(&self.spec)
-                .map_err(|e| invalid("spec", format!("cannot read spec file: {e}")))?;
-            ModelSpec::from_json(&bytes).map_err(|e| invalid("spec", e.to_string()))
-        } else {
-            ModelSpec::builtin(&self.spec).map_err(|e| invalid("spec", e.to_string()))
-        }
+        resolve_spec(&self.spec)
     }
 
     /// Check values the types cannot; the error names the key.
