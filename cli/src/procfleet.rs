@@ -41,9 +41,37 @@ pub struct ProcFleet {
     http: ureq::Agent,
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a child process to listen on, distinct from every other
+/// port this process handed out.
+///
+/// The port is checked free (bound, then released) and then the child binds it, so
+/// something else may take it in between. Port 0 would hand out a port of the kernel's
+/// ephemeral range, the range every outgoing connection (a Kafka client's, an HTTP
+/// client's) draws its local port from, and a busy fleet makes such connections all the
+/// time; so the port comes from below that range, where only listeners live.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let below = ephemeral_low().clamp(2048, 65535);
+    let (lo, span) = (1024u32, below - 1024);
+    // Spread processes (test binaries, benchmarks) over the range by their pid.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = lo + (start + n) % span;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return Ok(l.local_addr()?);
+        }
+    }
+    anyhow::bail!("no free loopback port below {below}")
+}
+
+/// The lowest port of the kernel's ephemeral range (Linux's default when unknown).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 impl ProcFleet {

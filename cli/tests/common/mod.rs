@@ -7,7 +7,7 @@ pub mod checks;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -70,13 +70,12 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// Free ports on 127.0.0.1: bind port 0 for all of them at once (so they differ),
-    /// then release them.
+    /// Free ports on 127.0.0.1, all different and outside the range outgoing
+    /// connections take their ports from ([`swimlane_cli::procfleet::free_port`]).
     pub fn pick() -> Ports {
-        let ls: Vec<TcpListener> = (0..6)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        let a: Vec<SocketAddr> = (0..6)
+            .map(|_| swimlane_cli::procfleet::free_port().expect("a free port"))
             .collect();
-        let a: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
         Ports {
             ingest_api: a[0],
             ingest_ops: a[1],
@@ -222,6 +221,9 @@ impl Fleet {
             }
         }
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        // An error's message, not a backtrace, in the worker's log: the log's tail is
+        // what a failing test shows (panics keep their backtraces).
+        c.env("RUST_LIB_BACKTRACE", "0");
         c
     }
 
@@ -260,10 +262,12 @@ impl Fleet {
         if m.1 == 0 {
             return self.ports.ops(m.0);
         }
-        *self.extra_ops.lock().unwrap().entry(m).or_insert_with(|| {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-            l.local_addr().unwrap()
-        })
+        *self
+            .extra_ops
+            .lock()
+            .unwrap()
+            .entry(m)
+            .or_insert_with(|| swimlane_cli::procfleet::free_port().expect("a free port"))
     }
 
     /// Start a `k` worker, instance 0 (there must be none running); does not wait for
