@@ -163,8 +163,11 @@ pub struct ValidatorConfig {
     pub margin: f32,
     /// Fewer held-out windows than this and no candidate is accepted.
     pub min_heldout: u32,
-    /// One-sided significance (sign test, in standard deviations) the gain needs.
+    /// One-sided significance (sign test, in standard deviations) each batch the
+    /// current model often gets wrong must show on its own held-out windows.
     pub significance_z: f32,
+    /// One-sided significance the run's gain needs over all its held-out windows.
+    pub gain_z: f32,
     /// Most accuracy a candidate may lose on the user's established held-out windows.
     pub history_max_drop: f32,
     /// Most accuracy a candidate may lose on the population guard set.
@@ -252,6 +255,7 @@ impl Default for ValidatorConfig {
             margin: p.margin,
             min_heldout: p.min_heldout,
             significance_z: p.significance_z,
+            gain_z: p.gain_z,
             history_max_drop: p.history_max_drop,
             guard_max_drop: p.guard_max_drop,
             consumer: ConsumerConfig::default(),
@@ -282,6 +286,7 @@ impl ValidatorConfig {
             margin: self.margin,
             min_heldout: self.min_heldout,
             significance_z: self.significance_z,
+            gain_z: self.gain_z,
             history_max_drop: self.history_max_drop,
             guard_max_drop: self.guard_max_drop,
         }
@@ -735,6 +740,9 @@ impl Config {
         }
         if !(0.0..=10.0).contains(&self.validator.significance_z) {
             return Err(invalid("validator.significance_z", "must be in [0, 10]"));
+        }
+        if !(0.0..=10.0).contains(&self.validator.gain_z) {
+            return Err(invalid("validator.gain_z", "must be in [0, 10]"));
         }
         if !(0.0..=1.0).contains(&self.validator.history_max_drop) {
             return Err(invalid("validator.history_max_drop", "must be in [0, 1]"));

@@ -111,8 +111,15 @@ struct Validator {
     metrics: ValidatorMetrics,
     policy: ValidationPolicy,
     spec: Arc<swimlane_core::ModelSpec>,
-    /// The guard set, read once (it only changes with a redeploy).
-    guard: Option<Vec<Sample>>,
+    /// The guard set and the base model's accuracy on it, read once (they only change
+    /// with a redeploy).
+    guard: Option<Arc<Guard>>,
+}
+
+/// The population guard set and how the deployment's base model does on it.
+struct Guard {
+    samples: Vec<Sample>,
+    base_accuracy: f32,
 }
 
 struct Inputs {
@@ -155,25 +162,30 @@ enum Outcome {
 }
 
 impl Validator {
-    fn guard(&mut self) -> Result<Vec<Sample>, KvError> {
-        if self.guard.is_none() {
-            let bytes = self
-                .repo
-                .blob_db(&self.db, GUARD_SET_BLOB)?
-                .ok_or_else(|| {
-                    missing(
-                        "guard set".into(),
-                        "not installed (run `swimlane admin init`)",
-                    )
-                })?;
-            self.guard = Some(
-                decode_sample_set(&bytes)?
-                    .into_iter()
-                    .map(to_sample)
-                    .collect(),
-            );
+    fn guard(&mut self) -> Result<Arc<Guard>, KvError> {
+        if let Some(g) = &self.guard {
+            return Ok(g.clone());
         }
-        Ok(self.guard.clone().unwrap())
+        let installed = |blob: &str, what: &str| -> Result<Vec<u8>, KvError> {
+            self.repo
+                .blob_db(&self.db, blob)?
+                .ok_or_else(|| missing(what.into(), "not installed (run `swimlane admin init`)"))
+        };
+        let samples: Vec<Sample> = decode_sample_set(&installed(GUARD_SET_BLOB, "guard set")?)?
+            .into_iter()
+            .map(to_sample)
+            .collect();
+        let base_accuracy =
+            MicroModel::load_for(&installed(BASE_MODEL_BLOB, "base model")?, &self.spec)
+                .and_then(|base| evaluate(&base, &samples))
+                .map_err(|e| missing("base model".into(), &format!("cannot be scored: {e}")))?
+                .accuracy as f32;
+        let g = Arc::new(Guard {
+            samples,
+            base_accuracy,
+        });
+        self.guard = Some(g.clone());
+        Ok(g)
     }
 
     fn inputs(&self, user: &str, run_id: &str) -> Result<Option<Inputs>, KvError> {
@@ -296,8 +308,9 @@ impl Validator {
                 candidate_history: frac(c_hist, inp.history),
                 current_history: frac(u_hist, inp.history),
                 history_samples: inp.history as u32,
-                candidate_guard: evaluate(&cand, &guard)?.accuracy as f32,
-                current_guard: evaluate(&cur, &guard)?.accuracy as f32,
+                candidate_guard: evaluate(&cand, &guard.samples)?.accuracy as f32,
+                current_guard: evaluate(&cur, &guard.samples)?.accuracy as f32,
+                base_guard: guard.base_accuracy,
             })
         })();
         let s = match scored {
