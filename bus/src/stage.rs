@@ -6,16 +6,62 @@
 //! it can never process), or commits nothing and returns an error. The loop then
 //! either advances (Ok), drops the partition (fenced), or backs off and re-reads the
 //! same records (any other error), so no record is skipped and none is applied twice.
+//!
+//! A record that can never be handled must not stall its partition: when handling fails
+//! with an error retrying cannot fix ([`is_permanent`]: stored data that does not
+//! decode or is missing, a value or transaction over the store's limits), the loop
+//! re-reads the delivery one record at a time, so the records before the bad one are
+//! handled and committed, and after [`LoopOptions::max_attempts`] failures of the same
+//! record it calls [`StageHandler::give_up`]: the record goes to the dead letters with
+//! the error as its reason, in one transaction with the position past it, and the
+//! partition moves on. Other errors (conflicts, a store that is down) are retried for
+//! as long as they last.
 use std::time::Duration;
 
-use swimlane_store::KvError;
+use swimlane_core::keys::Keys;
+use swimlane_store::{Db, KvError};
 
 use crate::positions::is_fenced;
-use crate::{BusError, Consumer, Delivery};
+use crate::{BusError, Consumer, Delivery, Emitter};
 
 /// A stage's processing of one delivery. See the module doc for the contract.
 pub trait StageHandler {
     fn handle(&mut self, delivery: &Delivery) -> Result<(), KvError>;
+    /// Give up on `delivery` (one record that failed `max_attempts` times): in ONE
+    /// transaction, its records to the dead letters with `reason` and the position past
+    /// it ([`dead_letter_delivery`]), and count them in the stage's dead-letter metric.
+    fn give_up(&mut self, delivery: &Delivery, reason: &str) -> Result<(), KvError>;
+}
+
+/// Whether retrying the same records can never make `e` go away: the loop gives up on
+/// a record after [`LoopOptions::max_attempts`] such failures.
+pub fn is_permanent(e: &KvError) -> bool {
+    matches!(
+        e,
+        KvError::Corrupt { .. }
+            | KvError::ValueTooLarge { .. }
+            | KvError::KeyTooLarge { .. }
+            | KvError::TransactionTooLarge { .. }
+            | KvError::InvalidArgument(_)
+    )
+}
+
+/// Every record of `d` to the dead letters with `reason`, and the position past them,
+/// in one transaction: what [`StageHandler::give_up`] commits.
+pub fn dead_letter_delivery(
+    db: &Db,
+    keys: &Keys,
+    emitter: &dyn Emitter,
+    d: &Delivery,
+    reason: &str,
+) -> Result<(), KvError> {
+    db.transact(|tx| {
+        crate::positions::commit(tx, keys, &d.fence, d.next_offset())?;
+        for r in &d.records {
+            crate::dead_letter(emitter, tx, &d.fence.topic, &r.key, &r.payload, reason)?;
+        }
+        Ok(())
+    })
 }
 
 /// Receives the consumer's lag (records waiting on its partitions), at most once a
@@ -28,6 +74,8 @@ pub struct LoopOptions {
     pub max_records: usize,
     pub poll_timeout: Duration,
     pub max_backoff: Duration,
+    /// Failures of one record with a permanent error before it is given up.
+    pub max_attempts: u32,
     /// Where to report lag (a metrics gauge), if anywhere.
     pub lag: Option<LagSink>,
 }
@@ -38,6 +86,7 @@ impl std::fmt::Debug for LoopOptions {
             .field("max_records", &self.max_records)
             .field("poll_timeout", &self.poll_timeout)
             .field("max_backoff", &self.max_backoff)
+            .field("max_attempts", &self.max_attempts)
             .finish()
     }
 }
@@ -48,6 +97,7 @@ impl Default for LoopOptions {
             max_records: 8,
             poll_timeout: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            max_attempts: 5,
             lag: None,
         }
     }
@@ -63,6 +113,9 @@ pub fn run_stage(
 ) -> Result<(), BusError> {
     let mut backoff = Duration::from_millis(50);
     let mut lag_reported: Option<std::time::Instant> = None;
+    // After a permanent error: read one record at a time up to where the failing
+    // delivery ended, counting the failures of the record at the front.
+    let mut narrowing: Option<Narrowing> = None;
     while !stop() {
         if let Some(sink) = &opts.lag {
             if lag_reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -72,7 +125,12 @@ pub fn run_stage(
                 lag_reported = Some(std::time::Instant::now());
             }
         }
-        let delivery = match consumer.poll(opts.max_records, opts.poll_timeout) {
+        let max_records = if narrowing.is_some() {
+            1
+        } else {
+            opts.max_records
+        };
+        let delivery = match consumer.poll(max_records, opts.poll_timeout) {
             Ok(Some(d)) => d,
             Ok(None) => continue,
             Err(e) => {
@@ -88,10 +146,42 @@ pub fn run_stage(
             Ok(()) => {
                 consumer.committed(&delivery.fence, delivery.next_offset());
                 backoff = Duration::from_millis(50);
+                if narrowing.as_ref().is_some_and(|n| n.passed_by(&delivery)) {
+                    narrowing = None;
+                }
             }
             Err(e) if is_fenced(&e) => {
                 tracing::warn!(error = %e, "delivery fenced; partition dropped");
                 consumer.fenced(&delivery.fence);
+            }
+            Err(e) if is_permanent(&e) => {
+                let n = Narrowing::after_failure(narrowing.take(), &delivery);
+                if delivery.records.len() == 1 && n.attempts >= opts.max_attempts {
+                    let reason = format!("gave up after {} attempts: {e}", n.attempts);
+                    tracing::error!(error = %e, attempts = n.attempts, "a record that cannot be handled goes to the dead letters");
+                    match handler.give_up(&delivery, &reason) {
+                        Ok(()) => {
+                            consumer.committed(&delivery.fence, delivery.next_offset());
+                            backoff = Duration::from_millis(50);
+                            narrowing =
+                                (!n.passed_by(&delivery)).then_some(Narrowing { attempts: 0, ..n });
+                            continue;
+                        }
+                        Err(e2) if is_fenced(&e2) => {
+                            tracing::warn!(error = %e2, "delivery fenced; partition dropped");
+                            consumer.fenced(&delivery.fence);
+                            continue;
+                        }
+                        Err(e2) => {
+                            tracing::error!(error = %e2, "giving up failed; will retry");
+                        }
+                    }
+                } else {
+                    tracing::error!(error = %e, attempts = n.attempts, "handling failed with an error retrying cannot fix; nothing committed, will retry record by record");
+                }
+                narrowing = Some(n);
+                sleep_unless_stopped(backoff, stop);
+                backoff = (backoff * 2).min(opts.max_backoff);
             }
             Err(e) => {
                 tracing::error!(error = %e, "handling failed; nothing committed, will retry");
@@ -102,6 +192,50 @@ pub fn run_stage(
         }
     }
     consumer.close()
+}
+
+/// Where the loop reads one record at a time after a permanent error.
+#[derive(Clone, Debug)]
+struct Narrowing {
+    topic: String,
+    partition: u32,
+    /// Read singly until here (the failing delivery's end).
+    until: u64,
+    /// The record at the front and its failures so far.
+    front: u64,
+    attempts: u32,
+}
+
+impl Narrowing {
+    fn after_failure(prev: Option<Narrowing>, d: &Delivery) -> Narrowing {
+        let front = d
+            .records
+            .first()
+            .map(|r| r.offset)
+            .unwrap_or(d.fence.offset);
+        match prev {
+            Some(p) if p.topic == d.fence.topic && p.partition == d.fence.partition => Narrowing {
+                attempts: if p.front == front { p.attempts + 1 } else { 1 },
+                until: p.until.max(d.next_offset()),
+                front,
+                ..p
+            },
+            _ => Narrowing {
+                topic: d.fence.topic.clone(),
+                partition: d.fence.partition,
+                until: d.next_offset(),
+                front,
+                attempts: 1,
+            },
+        }
+    }
+
+    /// Whether `d` (committed) reached the end of the narrowed range.
+    fn passed_by(&self, d: &Delivery) -> bool {
+        d.fence.topic == self.topic
+            && d.fence.partition == self.partition
+            && d.next_offset() >= self.until
+    }
 }
 
 fn sleep_unless_stopped(d: Duration, stop: &dyn Fn() -> bool) {

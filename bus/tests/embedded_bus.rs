@@ -202,3 +202,131 @@ fn a_delivery_longer_than_the_lease_keeps_its_partition_with_the_keeper() {
     slow.committed(&d.fence, d.next_offset());
     assert!(slow.owned_partitions().contains(&d.fence.partition));
 }
+
+/// A stage that handles records by committing their position, fails with an error
+/// retrying cannot fix on `bad` and with a transient one on the first 7 tries of
+/// `flaky`.
+struct Picky {
+    db: Db,
+    keys: Keys,
+    bus: EmbeddedBus,
+    flaky_failures: u32,
+    handled: Arc<std::sync::Mutex<Vec<String>>>,
+    given_up: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl swimlane_bus::stage::StageHandler for Picky {
+    fn handle(&mut self, d: &swimlane_bus::Delivery) -> Result<(), swimlane_store::KvError> {
+        for r in &d.records {
+            if r.payload == b"bad" {
+                return Err(swimlane_store::KvError::Corrupt {
+                    what: format!("record {}", r.offset),
+                    reason: "does not decode".into(),
+                });
+            }
+            if r.payload == b"flaky" && self.flaky_failures < 7 {
+                self.flaky_failures += 1;
+                return Err(swimlane_store::KvError::Backend("disk busy".into()));
+            }
+        }
+        self.db
+            .transact(|tx| positions::commit(tx, &self.keys, &d.fence, d.next_offset()))?;
+        let mut h = self.handled.lock().unwrap();
+        h.extend(
+            d.records
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.payload).into_owned()),
+        );
+        Ok(())
+    }
+
+    fn give_up(
+        &mut self,
+        d: &swimlane_bus::Delivery,
+        reason: &str,
+    ) -> Result<(), swimlane_store::KvError> {
+        swimlane_bus::stage::dead_letter_delivery(&self.db, &self.keys, &self.bus, d, reason)?;
+        let mut g = self.given_up.lock().unwrap();
+        g.extend(
+            d.records
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.payload).into_owned()),
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn a_record_that_can_never_be_handled_goes_to_the_dead_letters_and_the_partition_moves_on() {
+    let (_dir, db, keys, bus) = setup();
+    // One key, so one partition, in this order; one delivery holds them all at first.
+    for p in ["a", "b", "bad", "flaky", "c"] {
+        emit(&db, &bus, "user-1", p);
+    }
+    let (_c, now) = clock(1_000);
+    let mut c = consumer(&db, &keys, &bus, "m1", now.clone());
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let given_up = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut h = Picky {
+        db: db.clone(),
+        keys: keys.clone(),
+        bus: bus.clone(),
+        flaky_failures: 0,
+        handled: handled.clone(),
+        given_up: given_up.clone(),
+    };
+    let opts = swimlane_bus::stage::LoopOptions {
+        max_records: 8,
+        poll_timeout: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(5),
+        max_attempts: 3,
+        lag: None,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stop = || {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partition stalled: {:?}",
+            handled.lock().unwrap()
+        );
+        handled.lock().unwrap().len() == 4
+    };
+    swimlane_bus::stage::run_stage(&mut c, &mut h, &opts, &stop).unwrap();
+    assert_eq!(
+        *handled.lock().unwrap(),
+        ["a", "b", "flaky", "c"],
+        "each good record once, in order"
+    );
+    assert_eq!(*given_up.lock().unwrap(), ["bad"]);
+    assert_eq!(
+        h.flaky_failures, 7,
+        "a transient error is retried past the bound"
+    );
+
+    // The dead letter says which topic, why, and carries the record.
+    let mut dl = EmbeddedConsumer::new(
+        db.clone(),
+        keys.clone(),
+        bus.clone(),
+        ConsumerOptions {
+            group: "dl".into(),
+            topic: swimlane_core::topics::DEAD_LETTER.into(),
+            member: "dl".into(),
+            lease_ttl: Duration::from_secs(3),
+            poll_interval: Duration::from_millis(1),
+            now_ms: now,
+            keep_leases: false,
+        },
+    )
+    .unwrap();
+    let letters = drain(&db, &keys, &mut dl);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let body: serde_json::Value = serde_json::from_str(&letters[0].1).unwrap();
+    assert_eq!(body["source_topic"], TOPIC);
+    assert_eq!(body["payload_hex"], "626164");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("gave up after 3 attempts") && reason.contains("does not decode"),
+        "{reason}"
+    );
+}

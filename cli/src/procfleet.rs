@@ -133,7 +133,10 @@ impl ProcFleet {
                 c.env_remove(k);
             }
         }
+        // An error's message, not its backtrace, at the end of the worker's log (what
+        // the soak prints when a worker dies); panics keep their backtraces.
         c.envs(self.spec.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("SWIMLANE_INGEST_LISTEN", ingest_api.to_string())
             .env("SWIMLANE_PUBLISHER_LISTEN", publisher_api.to_string())
             .env(

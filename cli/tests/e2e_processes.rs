@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{agent, request, upload_body, Fleet};
+use common::{agent, request, upload_body, Fleet, Kind};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
@@ -16,6 +16,46 @@ use swimlane_model::MicroModel;
 static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USERS: [&str; 4] = ["ana", "ben", "cleo", "dmitri"];
+
+#[test]
+fn a_trainer_and_a_validator_started_before_admin_init_are_not_ready_and_say_why() {
+    let fleet = Fleet::uninitialised(&[]);
+    fleet.spawn(Kind::Trainer);
+    fleet.spawn(Kind::Validator);
+    let http = agent();
+    for (k, missing) in [
+        (Kind::Trainer, "the base model (run `swimlane admin init`)"),
+        (
+            Kind::Validator,
+            "the base model and the guard set (run `swimlane admin init`)",
+        ),
+    ] {
+        let url = format!("http://{}/readyz", fleet.ops((k, 0)));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // 503 from the start; the reason once the worker has looked at the store.
+            if let Ok(r) = request(&http, "GET", &url, None, &[], None) {
+                let body = String::from_utf8_lossy(&r.body).to_string();
+                assert_eq!(r.status, 503, "{k:?} ready before admin init: {body}");
+                if body.contains("waiting for") {
+                    assert_eq!(body, format!("not ready: waiting for {missing}\n"));
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{k:?} never said what it waits for; its log:\n{}",
+                fleet.log_tail((k, 0), 1)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let out = fleet.admin(&["init"]);
+    assert!(out.contains("installed"), "admin init: {out}");
+    // Both see the base model (and the guard set) within their next check.
+    fleet.wait_ready(Kind::Trainer, Duration::from_secs(30));
+    fleet.wait_ready(Kind::Validator, Duration::from_secs(30));
+}
 
 #[test]
 fn four_worker_processes_publish_every_users_model() {

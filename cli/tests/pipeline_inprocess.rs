@@ -166,3 +166,109 @@ fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
     assert_eq!(bob.head, Some(1));
     assert_eq!(bob.inflight_run, None);
 }
+
+/// A run whose candidate weights are missing can never be validated: after the stage
+/// loop's bounded retry it goes to the dead letters with its reason, the validator's
+/// dead-letter metric counts it, and the next record of the same partition is handled.
+#[test]
+fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open(dir.path().join("store")).unwrap());
+    let mut config = Config::default();
+    config.deployment = "t".into();
+    config.partitions = 4;
+    let keys = Keys::new("t");
+    let repo = Repo::new(keys.clone());
+    let bus = EmbeddedBus::new(keys.clone(), 4);
+    init::install(&db, "t", 7, None).unwrap();
+    // Two users on one partition of the candidates topic: dora's run first.
+    let (dora, erin) = ("dora", "erin");
+    let erin = (0..)
+        .map(|i| format!("{erin}{i}"))
+        .find(|u| swimlane_bus::partition_for(u, 4) == swimlane_bus::partition_for(dora, 4))
+        .unwrap();
+    for (user, blob) in [(dora, "no-such-blob"), (erin.as_str(), BASE_MODEL_BLOB)] {
+        let run = swimlane_core::records::RunRecord {
+            v: 1,
+            run_id: format!("run-{user}"),
+            parent_version: None,
+            batches: vec![],
+            train_samples: 0,
+            model_blob: blob.into(),
+            model_sha256: String::new(),
+            model_bytes: 0,
+            created_at_ms: 0,
+            train_seconds: 0.0,
+            verdict: None,
+            published_version: None,
+        };
+        db.transact(|tx| {
+            repo.put_run(tx, user, &run)?;
+            let mut state = repo.user_state(tx, user)?;
+            state.inflight_run = Some(run.run_id.clone());
+            repo.put_user_state(tx, user, &state)?;
+            bus.emit(
+                tx,
+                &Event::CandidateTrained {
+                    user: UserId::new(user).unwrap(),
+                    run_id: run.run_id.clone(),
+                    batches: vec![],
+                },
+            )
+        })
+        .unwrap();
+    }
+    let registry = prometheus::Registry::new();
+    let stages = Stages::start(&config, &db, &registry, 1).unwrap();
+    // erin's run, behind dora's on the partition, gets its verdict.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db
+        .transact(|tx| repo.run(tx, &erin, &format!("run-{erin}")))
+        .unwrap()
+        .unwrap()
+        .verdict
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the partition stalled behind dora's run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stages.stop().unwrap();
+    let dead: f64 = registry
+        .gather()
+        .iter()
+        .filter(|f| f.get_name() == "swimlane_validator_dead_letters_total")
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+        .sum();
+    assert_eq!(dead, 1.0);
+    let dora_run = db
+        .transact(|tx| repo.run(tx, dora, "run-dora"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        dora_run.verdict.is_none(),
+        "no verdict from weights nobody read"
+    );
+    // The dead letter names the topic and the reason.
+    let mut dl = swimlane_runtime::wiring::consumer(
+        &config,
+        &db,
+        "dead-letter-reader",
+        swimlane_core::topics::DEAD_LETTER,
+        &config.validator.consumer,
+    )
+    .unwrap();
+    let d = dl
+        .poll(10, Duration::from_secs(5))
+        .unwrap()
+        .expect("a dead letter");
+    let body: serde_json::Value = serde_json::from_slice(&d.records[0].payload).unwrap();
+    assert_eq!(body["source_topic"], swimlane_core::topics::CANDIDATES);
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("gave up after 5 attempts") && reason.contains("candidate weights missing"),
+        "{reason}"
+    );
+}

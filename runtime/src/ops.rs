@@ -1,9 +1,10 @@
 //! The operations server every process runs: `/metrics` (Prometheus text exposition),
 //! `/healthz` (200 while the process serves), `/readyz` (200 once the worker says it
-//! is ready, 503 before that and while draining).
+//! is ready, 503 before that and while draining; while it waits for something it needs,
+//! the 503's body says what).
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -17,19 +18,42 @@ use tokio_util::sync::CancellationToken;
 use crate::telemetry::encode_metrics;
 use crate::RuntimeError;
 
-/// Whether the worker is ready for traffic. Cheap to clone; starts not ready.
+/// Whether the worker is ready for traffic, and if not, what it waits for. Cheap to
+/// clone; starts not ready.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadyState>);
+
+#[derive(Debug, Default)]
+struct ReadyState {
+    ready: AtomicBool,
+    waiting_for: Mutex<Option<String>>,
+}
 
 impl Readiness {
     pub fn new() -> Self {
         Self::default()
     }
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst)
+        if ready {
+            *self.0.waiting_for.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        self.0.ready.store(ready, Ordering::SeqCst)
     }
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.ready.load(Ordering::SeqCst)
+    }
+    /// Not ready until `what` (said in `/readyz`'s body) is there.
+    pub fn wait_for(&self, what: impl Into<String>) {
+        self.0.ready.store(false, Ordering::SeqCst);
+        *self.0.waiting_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(what.into());
+    }
+    /// What the worker waits for, if it said.
+    pub fn waiting_for(&self) -> Option<String> {
+        self.0
+            .waiting_for
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -60,9 +84,14 @@ async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     if s.ready.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        return (StatusCode::OK, "ready\n".to_string());
+    }
+    match s.ready.waiting_for() {
+        Some(what) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: waiting for {what}\n"),
+        ),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
     }
 }
 
@@ -139,9 +168,15 @@ mod tests {
         .unwrap();
         let addr = srv.local_addr;
         assert_eq!(get(addr, "/healthz").await.0, 200);
-        assert_eq!(get(addr, "/readyz").await.0, 503);
+        assert_eq!(get(addr, "/readyz").await, (503, "not ready\n".into()));
+        ready.wait_for("the base model");
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (503, "not ready: waiting for the base model\n".into())
+        );
         ready.set(true);
-        assert_eq!(get(addr, "/readyz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await, (200, "ready\n".into()));
+        assert_eq!(ready.waiting_for(), None);
         let (status, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
         assert!(body.contains("swimlane_test_things_total 3"), "{body}");

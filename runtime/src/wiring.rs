@@ -193,6 +193,39 @@ pub struct Process {
 }
 
 impl Process {
+    /// Stay not ready until `missing()` says nothing is missing, saying in `/readyz`
+    /// (and once in the log) what is: the worker starts, but takes no work until, say,
+    /// `swimlane admin init` has installed the base model. Checks once a second; false
+    /// if shutdown comes first.
+    pub async fn wait_for_prerequisites<E: std::fmt::Display>(
+        &self,
+        missing: impl Fn() -> Result<Option<String>, E>,
+    ) -> bool {
+        let mut said: Option<String> = None;
+        loop {
+            let what = match missing() {
+                Ok(None) => {
+                    if said.is_some() {
+                        tracing::info!("everything needed is there; ready");
+                    }
+                    self.ready.set(true);
+                    return true;
+                }
+                Ok(Some(what)) => what,
+                Err(e) => format!("the store ({e})"),
+            };
+            if said.as_deref() != Some(what.as_str()) {
+                tracing::warn!(waiting_for = %what, "not ready");
+                said = Some(what.clone());
+            }
+            self.ready.wait_for(what);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
     /// Open the store, register store metrics, install signal handling and start the
     /// ops server on the worker's `metrics_listen`; on the Kafka bus, start the outbox
     /// relay ([`spawn_relay`]).

@@ -313,6 +313,23 @@ impl Repo {
         blob::read(db, &self.keys.blob(blob_id))
     }
 
+    /// What of `blobs` (installed by `swimlane admin init`: [`BASE_MODEL_BLOB`],
+    /// [`GUARD_SET_BLOB`]) is missing, said for `/readyz`; `None` when all are there.
+    pub fn not_installed(&self, db: &Db, blobs: &[&str]) -> Result<Option<String>, KvError> {
+        let mut missing = Vec::new();
+        for &b in blobs {
+            if self.blob_db(db, b)?.is_none() {
+                missing.push(match b {
+                    BASE_MODEL_BLOB => "the base model",
+                    GUARD_SET_BLOB => "the guard set",
+                    other => other,
+                });
+            }
+        }
+        Ok((!missing.is_empty())
+            .then(|| format!("{} (run `swimlane admin init`)", missing.join(" and "))))
+    }
+
     /// Store a blob of any size (several transactions when it does not fit one).
     pub fn put_blob_db(&self, db: &Db, blob_id: &str, data: &[u8]) -> Result<(), KvError> {
         blob::write(db, &self.keys.blob(blob_id), data).map(|_| ())

@@ -307,6 +307,13 @@ impl Trainer {
 }
 
 impl StageHandler for Trainer {
+    fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
+        let (db, keys, emitter) = (&self.db, &self.repo.keys, self.emitter.as_ref());
+        swimlane_bus::stage::dead_letter_delivery(db, keys, emitter, d, reason)?;
+        self.metrics.dead_letters.inc_by(d.records.len() as u64);
+        Ok(())
+    }
+
     fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
         // Decode; remember what cannot be processed, for the dead-letter topic.
         let mut users: Vec<UserId> = Vec::new();
@@ -503,7 +510,13 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Trainer
     let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Trainer)
         .await?;
     let deps = TrainerDeps::from_config(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
-    p.ready.set(true);
+    let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
+    if !p
+        .wait_for_prerequisites(|| repo.not_installed(&p.db, &[BASE_MODEL_BLOB]))
+        .await
+    {
+        return Ok(());
+    }
     run(
         TrainerConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,

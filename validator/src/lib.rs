@@ -377,6 +377,13 @@ pub fn current_model(
 }
 
 impl StageHandler for Validator {
+    fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
+        let (db, keys, emitter) = (&self.db, &self.repo.keys, self.emitter.as_ref());
+        swimlane_bus::stage::dead_letter_delivery(db, keys, emitter, d, reason)?;
+        self.metrics.dead_letters.inc_by(d.records.len() as u64);
+        Ok(())
+    }
+
     fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
         let mut outcomes = Vec::new();
         for r in &d.records {
@@ -554,7 +561,14 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Validat
         .await?;
     let deps =
         ValidatorDeps::from_config(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
-    p.ready.set(true);
+    let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
+    let needs = [BASE_MODEL_BLOB, GUARD_SET_BLOB];
+    if !p
+        .wait_for_prerequisites(|| repo.not_installed(&p.db, &needs))
+        .await
+    {
+        return Ok(());
+    }
     run(
         ValidatorConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,

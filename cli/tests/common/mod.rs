@@ -128,6 +128,14 @@ impl Fleet {
     /// A fresh store set up with `swimlane admin init`; no worker running yet.
     /// `extra_env`: more `SWIMLANE_*` settings for every worker.
     pub fn new(extra_env: &[(&str, &str)]) -> Fleet {
+        let fleet = Fleet::uninitialised(extra_env);
+        let out = fleet.admin(&["init"]);
+        assert!(out.contains("installed"), "admin init: {out}");
+        fleet
+    }
+
+    /// Like [`Fleet::new`] without `swimlane admin init`: no base model, no guard set.
+    pub fn uninitialised(extra_env: &[(&str, &str)]) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let ports = Ports::pick();
@@ -165,16 +173,13 @@ impl Fleet {
             env.retain(|(k2, _)| k2 != k);
             env.push((k.to_string(), v.to_string()));
         }
-        let fleet = Fleet {
+        Fleet {
             dir: Some(dir),
             ports,
             env,
             slots: Mutex::new(BTreeMap::new()),
             extra_ops: Mutex::new(BTreeMap::new()),
-        };
-        let out = fleet.admin(&["init"]);
-        assert!(out.contains("installed"), "admin init: {out}");
-        fleet
+        }
     }
 
     /// Like [`Fleet::new`], on the Kafka bus at `bootstrap` (`host:port`), with topics
