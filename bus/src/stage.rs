@@ -55,12 +55,25 @@ pub fn dead_letter_delivery(
     d: &Delivery,
     reason: &str,
 ) -> Result<(), KvError> {
+    dead_letter_delivery_and(db, keys, emitter, d, reason, &mut |_| Ok(()))
+}
+
+/// [`dead_letter_delivery`], with `also` (what the stage undoes or ends because of the
+/// records it gives up on) in the same transaction.
+pub fn dead_letter_delivery_and(
+    db: &Db,
+    keys: &Keys,
+    emitter: &dyn Emitter,
+    d: &Delivery,
+    reason: &str,
+    also: &mut dyn FnMut(&mut swimlane_store::Transaction<'_>) -> Result<(), KvError>,
+) -> Result<(), KvError> {
     db.transact(|tx| {
         crate::positions::commit(tx, keys, &d.fence, d.next_offset())?;
         for r in &d.records {
             crate::dead_letter(emitter, tx, &d.fence.topic, &r.key, &r.payload, reason)?;
         }
-        Ok(())
+        also(tx)
     })
 }
 

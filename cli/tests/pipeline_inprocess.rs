@@ -44,7 +44,8 @@ fn stage(db: &Db, keys: &Keys, bus: &EmbeddedBus, user: &str, batch: &str, sampl
                 &encode_chunk(chunk),
             )?;
         }
-        repo.put_batch(
+        swimlane_state::lifecycle::stage_batch(
+            &repo,
             tx,
             user,
             batch,
@@ -239,7 +240,7 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
     let dead: f64 = registry
         .gather()
         .iter()
-        .filter(|f| f.get_name() == "swimlane_validator_dead_letters_total")
+        .filter(|f| f.name() == "swimlane_validator_dead_letters_total")
         .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
         .sum();
     assert_eq!(dead, 1.0);
@@ -250,6 +251,11 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
     assert!(
         dora_run.verdict.is_none(),
         "no verdict from weights nobody read"
+    );
+    let dora_state = db.transact(|tx| repo.user_state(tx, dora)).unwrap();
+    assert_eq!(
+        dora_state.inflight_run, None,
+        "the run ended: dora trains again"
     );
     // The dead letter names the topic and the reason.
     let mut dl = swimlane_runtime::wiring::consumer(

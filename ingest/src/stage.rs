@@ -92,7 +92,7 @@ pub fn stage_batch(
 ) -> Result<StageOutcome, KvError> {
     let (u, b) = (user.as_str(), batch.batch_id.as_str());
     let record_key = keys.batch(u, b);
-    let pending_key = keys.pending_batch(now_ms, u, b);
+    let repo = swimlane_state::Repo::new(keys.clone());
     // Encode outside the closure: it may run more than once.
     let chunks: Vec<(Vec<u8>, Vec<u8>)> = batch
         .samples
@@ -109,7 +109,6 @@ pub fn stage_batch(
         staged_at_ms: now_ms,
         status: BatchStatus::Staged,
     };
-    let record_bytes = record.encode();
     let event = Event::BatchStaged {
         user: user.clone(),
         batch_id: batch.batch_id.clone(),
@@ -130,9 +129,7 @@ pub fn stage_batch(
         for (k, v) in &chunks {
             tx.set(k, v)?;
         }
-        tx.set(&record_key, &record_bytes)?;
-        // Pending until published, rejected or deferred (`Repo::put_batch` removes it).
-        tx.set(&pending_key, b"")?;
+        swimlane_state::lifecycle::stage_batch(&repo, tx, u, b, &record)?;
         emitter.emit(tx, &event)?;
         Ok(StageOutcome::Staged(record.clone()))
     })

@@ -19,11 +19,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use swimlane_bus::stage::StageHandler;
 use swimlane_bus::{positions, Delivery, Emitter};
-use swimlane_core::records::{BatchStatus, ModelVersionRecord, RunRecord, StoredFile};
+use swimlane_core::records::{ModelVersionRecord, RunRecord, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
-use swimlane_state::{end_run_and_retrigger, sha256_hex, Repo};
+use swimlane_state::{lifecycle, sha256_hex, Repo};
 use swimlane_store::{Db, KvError, Transaction};
 
 use crate::metrics::PublisherMetrics;
@@ -176,7 +176,7 @@ impl StageHandler for Publisher {
                     }
                     Item::Publish { user, run_id } => {
                         let u = user.as_str();
-                        let Some(mut run) = repo.run(tx, u, run_id)? else {
+                        let Some(run) = repo.run(tx, u, run_id)? else {
                             swimlane_bus::dead_letter(
                                 emitter.as_ref(),
                                 tx,
@@ -203,7 +203,7 @@ impl StageHandler for Publisher {
                         if run.published_version.is_some() {
                             continue; // duplicate delivery
                         }
-                        let mut state = repo.user_state(tx, u)?;
+                        let state = repo.user_state(tx, u)?;
                         let version = state.last_version + 1;
                         let onnx_file = match prepared.get(&(u.to_string(), run_id.clone())) {
                             Some((v, file)) if *v == version => file.clone(),
@@ -220,59 +220,33 @@ impl StageHandler for Publisher {
                                 stored(blob, &bytes)
                             }
                         };
-                        repo.put_model_version(
-                            tx,
-                            u,
-                            &ModelVersionRecord {
-                                v: 1,
-                                version,
-                                run_id: run_id.clone(),
-                                parent_version: run.parent_version,
-                                batches: run.batches.clone(),
-                                model_blob: run.model_blob.clone(),
-                                sha256: run.model_sha256.clone(),
-                                size_bytes: run.model_bytes,
-                                heldout_accuracy: verdict.candidate_heldout_accuracy,
-                                parent_heldout_accuracy: verdict.current_heldout_accuracy,
-                                guard_accuracy: verdict.candidate_guard_accuracy,
-                                published_at_ms: now,
-                                onnx: Some(onnx_file),
-                            },
-                        )?;
-                        run.published_version = Some(version);
-                        repo.put_run(tx, u, &run)?;
-                        for b in &run.batches {
-                            if let Some(mut br) = repo.batch(tx, u, b)? {
-                                staged_at.push(br.staged_at_ms);
-                                br.status = BatchStatus::Published {
-                                    run_id: run_id.clone(),
-                                    version,
-                                };
-                                repo.put_batch(tx, u, b, &br)?;
-                            }
-                        }
-                        state.last_version = version;
-                        state.head = Some(version);
-                        state.head_heldout_accuracy = Some(verdict.candidate_heldout_accuracy);
-                        state.converged =
+                        let record = ModelVersionRecord {
+                            v: 1,
+                            version,
+                            run_id: run_id.clone(),
+                            parent_version: run.parent_version,
+                            batches: run.batches.clone(),
+                            model_blob: run.model_blob.clone(),
+                            sha256: run.model_sha256.clone(),
+                            size_bytes: run.model_bytes,
+                            heldout_accuracy: verdict.candidate_heldout_accuracy,
+                            parent_heldout_accuracy: verdict.current_heldout_accuracy,
+                            guard_accuracy: verdict.candidate_guard_accuracy,
+                            published_at_ms: now,
+                            onnx: Some(onnx_file),
+                        };
+                        let converged =
                             policy::converged(verdict.candidate_heldout_accuracy, target);
-                        end_run_and_retrigger(
+                        staged_at.extend(lifecycle::publish(
                             repo,
                             emitter.as_ref(),
                             tx,
                             user,
-                            run_id,
-                            &mut state,
-                        )?;
-                        repo.put_user_state(tx, u, &state)?;
-                        emitter.emit(
-                            tx,
-                            &Event::ModelPublished {
-                                user: user.clone(),
-                                run_id: run_id.clone(),
-                                version,
-                            },
-                        )?;
+                            run,
+                            &record,
+                            state,
+                            converged,
+                        )?);
                         published.push((
                             u.to_string(),
                             version,

@@ -5,6 +5,7 @@
 //!
 //! Guarantee: nothing here opens a transaction of its own except the `*_db` helpers,
 //! so stages compose these calls with their position commit in one transaction.
+pub mod lifecycle;
 pub mod tokens;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -110,7 +111,9 @@ impl Repo {
 
     /// Write a batch record. A batch leaving the pipeline's hands (published, rejected,
     /// or deferred until the user's next upload) leaves the pending index too (see
-    /// [`Repo::oldest_pending_batch`]); only ingest adds to it, when it stages.
+    /// [`Repo::oldest_pending_batch`]); [`lifecycle::stage_batch`] adds to it. Only the
+    /// [`lifecycle`] module moves a batch between statuses; tests that build a store in
+    /// a given state write records here directly.
     pub fn put_batch(
         &self,
         tx: &mut Transaction<'_>,
@@ -370,38 +373,6 @@ pub fn decode_sample_set(mut bytes: &[u8]) -> Result<Vec<StagedSample>, KvError>
         bytes = &bytes[4 + n..];
     }
     Ok(out)
-}
-
-/// End a user's in-flight run `run_id` and, if batches were staged meanwhile, re-emit
-/// a trigger for them. Used by the validator (rejection) and the publisher.
-pub fn end_run_and_retrigger(
-    repo: &Repo,
-    emitter: &dyn swimlane_bus::Emitter,
-    tx: &mut Transaction<'_>,
-    user: &swimlane_core::UserId,
-    run_id: &str,
-    state: &mut UserState,
-) -> Result<(), KvError> {
-    if state.inflight_run.as_deref() == Some(run_id) {
-        state.inflight_run = None;
-    }
-    let staged: Vec<(String, u32)> = repo
-        .batches(tx, user.as_str())?
-        .into_iter()
-        .filter(|(_, r)| r.status == swimlane_core::records::BatchStatus::Staged)
-        .map(|(id, r)| (id, r.samples))
-        .collect();
-    if let Some((id, samples)) = staged.last() {
-        emitter.emit(
-            tx,
-            &swimlane_core::Event::BatchStaged {
-                user: user.clone(),
-                batch_id: swimlane_core::BatchId::new(id.clone()).expect("stored ids are valid"),
-                samples: *samples,
-            },
-        )?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

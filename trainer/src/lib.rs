@@ -27,7 +27,7 @@ use swimlane_bus::{positions, Consumer, Delivery, Emitter};
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
-use swimlane_state::{sha256_hex, Repo, BASE_MODEL_BLOB};
+use swimlane_state::{lifecycle, sha256_hex, Repo, BASE_MODEL_BLOB};
 use swimlane_store::{Db, KvError};
 use tokio_util::sync::CancellationToken;
 
@@ -381,11 +381,9 @@ impl StageHandler for Trainer {
                 let u = t.plan.user.as_str();
                 let state = repo.user_state(tx, u)?;
                 let mut still_staged = true;
-                let mut recs = Vec::new();
                 for b in &t.plan.batches {
-                    match repo.batch(tx, u, b)? {
-                        Some(r) if r.status.is_pending() => recs.push((b, r)),
-                        _ => still_staged = false,
+                    if !repo.batch(tx, u, b)?.is_some_and(|r| r.status.is_pending()) {
+                        still_staged = false;
                     }
                 }
                 if state.inflight_run.is_some()
@@ -397,65 +395,25 @@ impl StageHandler for Trainer {
                 }
                 let blob_id = format!("cand-{}-{}", u, t.plan.run_id);
                 repo.put_blob(tx, &blob_id, &t.weights)?;
-                repo.put_run(
-                    tx,
-                    u,
-                    &RunRecord {
-                        v: 1,
-                        run_id: t.plan.run_id.clone(),
-                        parent_version: t.plan.parent_version,
-                        batches: t.plan.batches.clone(),
-                        train_samples: t.plan.samples.len() as u32,
-                        model_blob: blob_id,
-                        model_sha256: sha256_hex(&t.weights),
-                        model_bytes: t.weights.len() as u64,
-                        created_at_ms: now_ms(),
-                        train_seconds: t.seconds,
-                        verdict: None,
-                        published_version: None,
-                    },
-                )?;
-                for (b, mut r) in recs {
-                    r.status = BatchStatus::Validating {
-                        run_id: t.plan.run_id.clone(),
-                    };
-                    repo.put_batch(tx, u, b, &r)?;
-                }
-                let mut state = state;
-                state.inflight_run = Some(t.plan.run_id.clone());
-                state.runs_started += 1;
-                repo.put_user_state(tx, u, &state)?;
-                emitter.emit(
-                    tx,
-                    &Event::CandidateTrained {
-                        user: t.plan.user.clone(),
-                        run_id: t.plan.run_id.clone(),
-                        batches: t
-                            .plan
-                            .batches
-                            .iter()
-                            .map(|b| {
-                                swimlane_core::BatchId::new(b.clone())
-                                    .expect("stored ids are valid")
-                            })
-                            .collect(),
-                    },
-                )?;
+                let run = RunRecord {
+                    v: 1,
+                    run_id: t.plan.run_id.clone(),
+                    parent_version: t.plan.parent_version,
+                    batches: t.plan.batches.clone(),
+                    train_samples: t.plan.samples.len() as u32,
+                    model_blob: blob_id,
+                    model_sha256: sha256_hex(&t.weights),
+                    model_bytes: t.weights.len() as u64,
+                    created_at_ms: now_ms(),
+                    train_seconds: t.seconds,
+                    verdict: None,
+                    published_version: None,
+                };
+                lifecycle::begin_run(repo, emitter.as_ref(), tx, &t.plan.user, &run, state)?;
                 runs += 1;
             }
             for (user, batches, reason) in &failed {
-                let u = user.as_str();
-                for b in batches {
-                    if let Some(mut r) = repo.batch(tx, u, b)? {
-                        if r.status.is_pending() {
-                            r.status = BatchStatus::Rejected {
-                                run_id: None,
-                                reason: format!("cannot be trained: {reason}"),
-                            };
-                            repo.put_batch(tx, u, b, &r)?;
-                        }
-                    }
-                }
+                lifecycle::fail_training(repo, tx, user.as_str(), batches, reason)?;
             }
             Ok(runs)
         })?;

@@ -21,9 +21,7 @@ use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::net::argmax_class;
 use swimlane_model::{evaluate, MicroModel, Sample};
-use swimlane_state::{
-    decode_sample_set, end_run_and_retrigger, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB,
-};
+use swimlane_state::{decode_sample_set, lifecycle, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB};
 use swimlane_store::{Db, KvError, Transaction};
 use tokio_util::sync::CancellationToken;
 
@@ -378,8 +376,30 @@ pub fn current_model(
 
 impl StageHandler for Validator {
     fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
-        let (db, keys, emitter) = (&self.db, &self.repo.keys, self.emitter.as_ref());
-        swimlane_bus::stage::dead_letter_delivery(db, keys, emitter, d, reason)?;
+        let (db, repo, emitter) = (&self.db, &self.repo, self.emitter.as_ref());
+        // The runs whose candidates cannot be judged end, so their users train again.
+        let runs: Vec<(UserId, String)> = d
+            .records
+            .iter()
+            .filter_map(|r| match Event::decode(&r.payload) {
+                Ok(Event::CandidateTrained { user, run_id, .. }) => Some((user, run_id)),
+                _ => None,
+            })
+            .collect();
+        let mut abandon = |tx: &mut swimlane_store::Transaction<'_>| {
+            for (user, run_id) in &runs {
+                lifecycle::abandon_run(repo, emitter, tx, user, run_id)?;
+            }
+            Ok(())
+        };
+        swimlane_bus::stage::dead_letter_delivery_and(
+            db,
+            &repo.keys,
+            emitter,
+            d,
+            reason,
+            &mut abandon,
+        )?;
         self.metrics.dead_letters.inc_by(d.records.len() as u64);
         Ok(())
     }
@@ -428,70 +448,21 @@ impl StageHandler for Validator {
                         failed,
                         verdict,
                     } => {
-                        let u = user.as_str();
-                        let Some(mut run) = repo.run(tx, u, run_id)? else {
-                            continue;
-                        };
-                        if run.verdict.is_some() {
-                            continue;
-                        }
-                        run.verdict = Some(verdict.clone());
-                        repo.put_run(tx, u, &run)?;
-                        if *decision == Decision::Accept {
-                            emitter.emit(
-                                tx,
-                                &Event::CandidateAccepted {
-                                    user: user.clone(),
-                                    run_id: run_id.clone(),
-                                },
-                            )?;
-                            acc += 1;
-                        } else {
-                            for b in &run.batches {
-                                if let Some(mut br) = repo.batch(tx, u, b)? {
-                                    let own = failed.iter().find(|(f, _)| f == b);
-                                    br.status = match (decision, own) {
-                                        (Decision::Defer, _) => BatchStatus::Deferred {
-                                            reason: verdict.reason.clone(),
-                                        },
-                                        // Rejected alone: its run-mates go back to staged
-                                        // and are retrained at once without it.
-                                        (_, Some((_, why))) => BatchStatus::Rejected {
-                                            run_id: Some(run_id.clone()),
-                                            reason: why.clone(),
-                                        },
-                                        _ if !failed.is_empty() => BatchStatus::Staged,
-                                        _ => BatchStatus::Rejected {
-                                            run_id: Some(run_id.clone()),
-                                            reason: verdict.reason.clone(),
-                                        },
-                                    };
-                                    repo.put_batch(tx, u, b, &br)?;
-                                }
-                            }
-                            let mut state = repo.user_state(tx, u)?;
-                            end_run_and_retrigger(
-                                repo,
-                                emitter.as_ref(),
-                                tx,
-                                user,
-                                run_id,
-                                &mut state,
-                            )?;
-                            repo.put_user_state(tx, u, &state)?;
-                            emitter.emit(
-                                tx,
-                                &Event::CandidateRejected {
-                                    user: user.clone(),
-                                    run_id: run_id.clone(),
-                                    reason: verdict.reason.clone(),
-                                },
-                            )?;
-                            if *decision == Decision::Defer {
-                                deferred += 1;
-                            } else {
-                                rej += 1;
-                            }
+                        let done = lifecycle::record_verdict(
+                            repo,
+                            emitter.as_ref(),
+                            tx,
+                            user,
+                            run_id,
+                            *decision,
+                            failed,
+                            verdict,
+                        )?;
+                        match done {
+                            Some(Decision::Accept) => acc += 1,
+                            Some(Decision::Defer) => deferred += 1,
+                            Some(Decision::Reject) => rej += 1,
+                            None => {}
                         }
                     }
                 }

@@ -1,0 +1,696 @@
+//! The batch and run lifecycle: the one module that moves a batch between statuses,
+//! starts and ends a user's run, and keeps the indexes that follow them (the pending
+//! index, the user state). Every operation runs inside the caller's transaction, so a
+//! stage commits it together with its queue position, and refuses a move the table
+//! below does not allow (`KvError::Corrupt`, naming the batch and both statuses):
+//! workers call these operations and write no status themselves.
+//!
+//! | operation | who | batch from | batch to | the user's run |
+//! |---|---|---|---|---|
+//! | [`stage_batch`] | ingest | (none) | `staged` (enters the pending index) | — |
+//! | [`begin_run`] | trainer | `staged`, `deferred` | `validating{run}` | in flight: `run`; runs started + 1 |
+//! | [`fail_training`] | trainer | `staged`, `deferred` | `rejected{no run}` | — |
+//! | [`record_verdict`] accept | validator | `validating{run}` | (unchanged) | in flight until published |
+//! | [`record_verdict`] defer | validator | `validating{run}` | `deferred` | ended |
+//! | [`record_verdict`] reject | validator | `validating{run}` | `rejected{run}` | ended |
+//! | [`record_verdict`] reject, a run-mate failed alone | validator | `validating{run}` | `staged` | ended |
+//! | [`publish`] | publisher | `validating{run}` | `published{run, version}` | ended; head = version |
+//! | [`abandon_run`] | validator, giving up on the run's record | `validating{run}` | `staged` | ended, no verdict |
+//!
+//! A batch leaves the pending index when it leaves the pipeline's hands (published,
+//! rejected or deferred; `Repo::put_batch`). Ending a run re-triggers training when
+//! batches were staged meanwhile (a `BatchStaged` event for the newest).
+use swimlane_bus::Emitter;
+use swimlane_core::policy::Decision;
+use swimlane_core::records::{
+    BatchRecord, BatchStatus, ModelVersionRecord, RunRecord, UserState, Verdict,
+};
+use swimlane_core::{BatchId, Event, UserId};
+use swimlane_store::{KvError, Transaction};
+
+use crate::Repo;
+
+/// Whether a batch may move from `from` (`None`: not staged yet) to `to`: the table in
+/// the module doc.
+pub fn allowed(from: Option<&BatchStatus>, to: &BatchStatus) -> bool {
+    use BatchStatus::*;
+    match (from, to) {
+        (None, Staged) => true,
+        (Some(Staged | Deferred { .. }), Validating { .. }) => true,
+        (Some(Staged | Deferred { .. }), Rejected { run_id: None, .. }) => true,
+        (Some(Validating { .. }), Deferred { .. } | Staged) => true,
+        (
+            Some(Validating { run_id }),
+            Rejected {
+                run_id: Some(r), ..
+            },
+        ) => run_id == r,
+        (Some(Validating { run_id }), Published { run_id: r, .. }) => run_id == r,
+        _ => false,
+    }
+}
+
+/// Move `batch` of `user` (its record `r`) to `to`, or refuse a move the table does not
+/// allow.
+fn move_batch(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    batch: &str,
+    mut r: BatchRecord,
+    to: BatchStatus,
+) -> Result<BatchRecord, KvError> {
+    if !allowed(Some(&r.status), &to) {
+        return Err(KvError::Corrupt {
+            what: format!("batch {user}/{batch}"),
+            reason: format!("{:?} -> {:?} is not a lifecycle transition", r.status, to),
+        });
+    }
+    r.status = to;
+    repo.put_batch(tx, user, batch, &r)?;
+    Ok(r)
+}
+
+/// The record of `batch`, which must exist.
+fn existing(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    batch: &str,
+) -> Result<BatchRecord, KvError> {
+    repo.batch(tx, user, batch)?
+        .ok_or_else(|| KvError::Corrupt {
+            what: format!("batch {user}/{batch}"),
+            reason: "a run names it but it has no record".into(),
+        })
+}
+
+/// Ingest: a new batch, `staged` (its sample chunks are the caller's), in the pending
+/// index from `record.staged_at_ms`.
+pub fn stage_batch(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    batch: &str,
+    record: &BatchRecord,
+) -> Result<(), KvError> {
+    if !allowed(None, &record.status) {
+        return Err(KvError::InvalidArgument(format!(
+            "a new batch is staged, not {:?}",
+            record.status
+        )));
+    }
+    tx.set(
+        &repo.keys.pending_batch(record.staged_at_ms, user, batch),
+        b"",
+    )?;
+    repo.put_batch(tx, user, batch, record)
+}
+
+/// Trainer: `run` (its candidate's weights already stored) starts for `user`, whose
+/// state is `state`: the run record, its batches `validating`, the user's in-flight
+/// run, and the `CandidateTrained` event. The caller has checked that the run is not
+/// stale (no run in flight, the batches still pending, the same parent).
+pub fn begin_run(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    run: &RunRecord,
+    mut state: UserState,
+) -> Result<(), KvError> {
+    let u = user.as_str();
+    for b in &run.batches {
+        let r = existing(repo, tx, u, b)?;
+        move_batch(
+            repo,
+            tx,
+            u,
+            b,
+            r,
+            BatchStatus::Validating {
+                run_id: run.run_id.clone(),
+            },
+        )?;
+    }
+    repo.put_run(tx, u, run)?;
+    state.inflight_run = Some(run.run_id.clone());
+    state.runs_started += 1;
+    repo.put_user_state(tx, u, &state)?;
+    emitter.emit(
+        tx,
+        &Event::CandidateTrained {
+            user: user.clone(),
+            run_id: run.run_id.clone(),
+            batches: run
+                .batches
+                .iter()
+                .map(|b| BatchId::new(b.clone()).expect("stored ids are valid"))
+                .collect(),
+        },
+    )
+}
+
+/// Trainer: `batches` of `user` can never be trained (`reason`): those still pending
+/// are rejected, with no run.
+pub fn fail_training(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    batches: &[String],
+    reason: &str,
+) -> Result<(), KvError> {
+    for b in batches {
+        if let Some(r) = repo.batch(tx, user, b)? {
+            if r.status.is_pending() {
+                let to = BatchStatus::Rejected {
+                    run_id: None,
+                    reason: format!("cannot be trained: {reason}"),
+                };
+                move_batch(repo, tx, user, b, r, to)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Validator: the verdict on `run_id` of `user`. Accepted: the verdict is recorded
+/// and `CandidateAccepted` emitted (the publisher ends the run). Deferred or rejected:
+/// the run's batches move (a batch in `failed` was rejected alone, with its reason, and
+/// its run-mates go back to `staged`), the run ends, and `CandidateRejected` is emitted.
+/// `Ok(None)` when the run is gone or already has a verdict (a duplicate delivery).
+pub fn record_verdict(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    run_id: &str,
+    decision: Decision,
+    failed: &[(String, String)],
+    verdict: &Verdict,
+) -> Result<Option<Decision>, KvError> {
+    let u = user.as_str();
+    let Some(mut run) = repo.run(tx, u, run_id)? else {
+        return Ok(None);
+    };
+    if run.verdict.is_some() {
+        return Ok(None);
+    }
+    run.verdict = Some(verdict.clone());
+    repo.put_run(tx, u, &run)?;
+    if decision == Decision::Accept {
+        emitter.emit(
+            tx,
+            &Event::CandidateAccepted {
+                user: user.clone(),
+                run_id: run_id.to_string(),
+            },
+        )?;
+        return Ok(Some(decision));
+    }
+    for b in &run.batches {
+        let r = existing(repo, tx, u, b)?;
+        let own = failed.iter().find(|(f, _)| f == b);
+        let to = match (decision, own) {
+            (Decision::Defer, _) => BatchStatus::Deferred {
+                reason: verdict.reason.clone(),
+            },
+            // Rejected alone: its run-mates go back to staged and are retrained at once
+            // without it.
+            (_, Some((_, why))) => BatchStatus::Rejected {
+                run_id: Some(run_id.to_string()),
+                reason: why.clone(),
+            },
+            _ if !failed.is_empty() => BatchStatus::Staged,
+            _ => BatchStatus::Rejected {
+                run_id: Some(run_id.to_string()),
+                reason: verdict.reason.clone(),
+            },
+        };
+        move_batch(repo, tx, u, b, r, to)?;
+    }
+    let mut state = repo.user_state(tx, u)?;
+    end_run(repo, emitter, tx, user, run_id, &mut state)?;
+    repo.put_user_state(tx, u, &state)?;
+    emitter.emit(
+        tx,
+        &Event::CandidateRejected {
+            user: user.clone(),
+            run_id: run_id.to_string(),
+            reason: verdict.reason.clone(),
+        },
+    )?;
+    Ok(Some(decision))
+}
+
+/// Publisher: `run` of `user` (whose state is `state`) becomes `version` (its record,
+/// built by the caller): the version record, the run's published version, its batches
+/// `published`, the user's head, and `ModelPublished`; the run ends. `converged`: the
+/// version reached the target accuracy. Returns the batches' `staged_at_ms`.
+pub fn publish(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    mut run: RunRecord,
+    version: &ModelVersionRecord,
+    mut state: UserState,
+    converged: bool,
+) -> Result<Vec<u64>, KvError> {
+    let u = user.as_str();
+    repo.put_model_version(tx, u, version)?;
+    run.published_version = Some(version.version);
+    repo.put_run(tx, u, &run)?;
+    let mut staged_at = Vec::new();
+    for b in &run.batches {
+        let r = existing(repo, tx, u, b)?;
+        staged_at.push(r.staged_at_ms);
+        let to = BatchStatus::Published {
+            run_id: run.run_id.clone(),
+            version: version.version,
+        };
+        move_batch(repo, tx, u, b, r, to)?;
+    }
+    state.last_version = version.version;
+    state.head = Some(version.version);
+    state.head_heldout_accuracy = Some(version.heldout_accuracy);
+    state.converged = converged;
+    end_run(repo, emitter, tx, user, &run.run_id, &mut state)?;
+    repo.put_user_state(tx, u, &state)?;
+    emitter.emit(
+        tx,
+        &Event::ModelPublished {
+            user: user.clone(),
+            run_id: run.run_id.clone(),
+            version: version.version,
+        },
+    )?;
+    Ok(staged_at)
+}
+
+/// Validator: `run_id` of `user` can never be judged (the stage gave up on its record,
+/// e.g. its candidate's weights are missing): its batches go back to `staged` and the
+/// run ends without a verdict, so training starts again. Nothing happens when the run
+/// is not the user's run in flight or already has a verdict.
+pub fn abandon_run(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    run_id: &str,
+) -> Result<(), KvError> {
+    let u = user.as_str();
+    let mut state = repo.user_state(tx, u)?;
+    if state.inflight_run.as_deref() != Some(run_id) {
+        return Ok(());
+    }
+    if let Some(run) = repo.run(tx, u, run_id)? {
+        if run.verdict.is_some() {
+            return Ok(());
+        }
+        for b in &run.batches {
+            let r = existing(repo, tx, u, b)?;
+            move_batch(repo, tx, u, b, r, BatchStatus::Staged)?;
+        }
+    }
+    end_run(repo, emitter, tx, user, run_id, &mut state)?;
+    repo.put_user_state(tx, u, &state)
+}
+
+/// End a user's in-flight run `run_id` (in `state`, which the caller writes) and, if
+/// batches were staged meanwhile, re-emit a trigger for the newest.
+fn end_run(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    run_id: &str,
+    state: &mut UserState,
+) -> Result<(), KvError> {
+    if state.inflight_run.as_deref() == Some(run_id) {
+        state.inflight_run = None;
+    }
+    let staged: Vec<(String, u32)> = repo
+        .batches(tx, user.as_str())?
+        .into_iter()
+        .filter(|(_, r)| r.status == BatchStatus::Staged)
+        .map(|(id, r)| (id, r.samples))
+        .collect();
+    if let Some((id, samples)) = staged.last() {
+        emitter.emit(
+            tx,
+            &Event::BatchStaged {
+                user: user.clone(),
+                batch_id: BatchId::new(id.clone()).expect("stored ids are valid"),
+                samples: *samples,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+    use swimlane_bus::embedded::EmbeddedBus;
+    use swimlane_core::keys::Keys;
+    use swimlane_store::embedded::EmbeddedBackend;
+    use swimlane_store::{Db, RangeOption};
+
+    fn statuses() -> Vec<BatchStatus> {
+        use BatchStatus::*;
+        let (r1, r2) = (|| "r1".to_string(), || "r2".to_string());
+        vec![
+            Staged,
+            Deferred { reason: "d".into() },
+            Validating { run_id: r1() },
+            Validating { run_id: r2() },
+            Published {
+                run_id: r1(),
+                version: 1,
+            },
+            Published {
+                run_id: r2(),
+                version: 1,
+            },
+            Rejected {
+                run_id: Some(r1()),
+                reason: "x".into(),
+            },
+            Rejected {
+                run_id: Some(r2()),
+                reason: "x".into(),
+            },
+            Rejected {
+                run_id: None,
+                reason: "x".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_transition_table() {
+        let all = statuses();
+        let name = |s: Option<&BatchStatus>| match s {
+            None => "new".to_string(),
+            Some(s) => serde_json::to_string(s).unwrap(),
+        };
+        let mut got = Vec::new();
+        let froms: Vec<Option<&BatchStatus>> =
+            std::iter::once(None).chain(all.iter().map(Some)).collect();
+        for from in froms {
+            for to in &all {
+                if allowed(from, to) {
+                    got.push(format!("{} -> {}", name(from), name(Some(to))));
+                }
+            }
+        }
+        let s = |st: &str| format!(r#"{{"state":"{st}"}}"#);
+        let v = |r: &str| format!(r#"{{"state":"validating","run_id":"{r}"}}"#);
+        let d = r#"{"state":"deferred","reason":"d"}"#.to_string();
+        let p = |r: &str| format!(r#"{{"state":"published","run_id":"{r}","version":1}}"#);
+        let rj = |r: &str| format!(r#"{{"state":"rejected","run_id":"{r}","reason":"x"}}"#);
+        let rn = r#"{"state":"rejected","run_id":null,"reason":"x"}"#.to_string();
+        let mut want = vec![format!("new -> {}", s("staged"))];
+        for from in [s("staged"), d.clone()] {
+            for to in [v("r1"), v("r2"), rn.clone()] {
+                want.push(format!("{from} -> {to}"));
+            }
+        }
+        for r in ["r1", "r2"] {
+            for to in [s("staged"), d.clone(), p(r), rj(r)] {
+                want.push(format!("{} -> {to}", v(r)));
+            }
+        }
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        // Terminal states never move.
+        for from in all.iter().filter(|s| s.is_terminal()) {
+            assert!(all.iter().all(|to| !allowed(Some(from), to)), "{from:?}");
+        }
+    }
+
+    /// What the lifecycle should do, kept in memory.
+    #[derive(Default)]
+    struct Model {
+        batches: BTreeMap<(String, String), BatchStatus>,
+        /// Batches in the pending index.
+        indexed: std::collections::BTreeSet<(String, String)>,
+        /// Per user: the run in flight, its batches, and its verdict once accepted.
+        inflight: BTreeMap<String, (String, Vec<String>, bool)>,
+        head: BTreeMap<String, u64>,
+        /// Run-mates of a batch rejected alone, back to staged.
+        restaged: usize,
+        abandoned: usize,
+    }
+
+    impl Model {
+        fn set(&mut self, user: &str, batch: &str, to: BatchStatus) {
+            let k = (user.to_string(), batch.to_string());
+            if !matches!(to, BatchStatus::Staged | BatchStatus::Validating { .. }) {
+                self.indexed.remove(&k);
+            }
+            self.batches.insert(k, to);
+        }
+    }
+
+    fn verdict(accepted: bool) -> Verdict {
+        Verdict {
+            accepted,
+            reason: "because".into(),
+            candidate_heldout_accuracy: 0.9,
+            current_heldout_accuracy: 0.8,
+            heldout_samples: 10,
+            candidate_guard_accuracy: 0.9,
+            current_guard_accuracy: 0.9,
+            validate_seconds: 0.0,
+        }
+    }
+
+    /// One operation, chosen from what the model allows now.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Stage(String),
+        Begin(String, Vec<String>),
+        Fail(Vec<String>),
+        Verdict(String, Vec<String>, Decision, bool),
+        Publish(String, Vec<String>),
+        Abandon(String, Vec<String>),
+    }
+
+    #[test]
+    fn random_operations_agree_with_a_model_and_keep_the_pending_index() {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let keys = Keys::new("t");
+        let repo = Repo::new(keys.clone());
+        let bus = EmbeddedBus::new(keys.clone(), 2);
+        let mut m = Model::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let users = ["al", "bo", "cy"];
+        for step in 0..1000u64 {
+            let user = users[rng.random_range(0..users.len())];
+            let uid = UserId::new(user).unwrap();
+            let pending: Vec<String> = m
+                .batches
+                .iter()
+                .filter(|((u, _), s)| u == user && s.is_pending())
+                .map(|((_, b), _)| b.clone())
+                .collect();
+            let op = match (rng.random_range(0..13), m.inflight.get(user).cloned()) {
+                (0..=3, _) => Op::Stage(format!("b{step}")),
+                (4, None) if !pending.is_empty() => Op::Begin(format!("run{step}"), pending),
+                (5, None) if pending.len() == 1 => Op::Fail(pending),
+                (6..=9, Some((run, batches, false))) => {
+                    let d = [Decision::Accept, Decision::Defer, Decision::Reject]
+                        [rng.random_range(0..3)];
+                    let alone = d == Decision::Reject && rng.random_bool(0.5);
+                    Op::Verdict(run, batches, d, alone)
+                }
+                (10 | 11, Some((run, batches, true))) => Op::Publish(run, batches),
+                (12, Some((run, batches, false))) => Op::Abandon(run, batches),
+                _ => continue,
+            };
+            db.transact(|tx| {
+                match &op {
+                    Op::Stage(b) => {
+                        let r = BatchRecord {
+                            v: 1,
+                            digest: "d".into(),
+                            samples: 1,
+                            heldout: 0,
+                            chunks: 0,
+                            staged_at_ms: step,
+                            status: BatchStatus::Staged,
+                        };
+                        stage_batch(&repo, tx, user, b, &r)?;
+                    }
+                    Op::Begin(run_id, batches) => {
+                        let state = repo.user_state(tx, user)?;
+                        let run = RunRecord {
+                            v: 1,
+                            run_id: run_id.clone(),
+                            parent_version: state.head,
+                            batches: batches.clone(),
+                            train_samples: 1,
+                            model_blob: "m".into(),
+                            model_sha256: "s".into(),
+                            model_bytes: 1,
+                            created_at_ms: 0,
+                            train_seconds: 0.0,
+                            verdict: None,
+                            published_version: None,
+                        };
+                        begin_run(&repo, &bus, tx, &uid, &run, state)?;
+                    }
+                    Op::Fail(batches) => fail_training(&repo, tx, user, batches, "broken")?,
+                    Op::Verdict(run_id, batches, d, alone) => {
+                        let failed: Vec<(String, String)> = if *alone {
+                            vec![(batches[0].clone(), "alone".into())]
+                        } else {
+                            vec![]
+                        };
+                        let v = verdict(*d == Decision::Accept);
+                        let done = record_verdict(&repo, &bus, tx, &uid, run_id, *d, &failed, &v)?;
+                        assert_eq!(done, Some(*d));
+                        // A duplicate delivery changes nothing.
+                        let again = record_verdict(&repo, &bus, tx, &uid, run_id, *d, &failed, &v)?;
+                        assert_eq!(again, None);
+                    }
+                    Op::Publish(run_id, _) => {
+                        let state = repo.user_state(tx, user)?;
+                        let run = repo.run(tx, user, run_id)?.expect("a run");
+                        let version = ModelVersionRecord {
+                            v: 1,
+                            version: state.last_version + 1,
+                            run_id: run_id.clone(),
+                            parent_version: run.parent_version,
+                            batches: run.batches.clone(),
+                            model_blob: "m".into(),
+                            sha256: "s".into(),
+                            size_bytes: 1,
+                            heldout_accuracy: 0.9,
+                            parent_heldout_accuracy: 0.8,
+                            guard_accuracy: 0.9,
+                            published_at_ms: 0,
+                            onnx: None,
+                        };
+                        publish(&repo, &bus, tx, &uid, run, &version, state, false)?;
+                    }
+                    Op::Abandon(run_id, _) => abandon_run(&repo, &bus, tx, &uid, run_id)?,
+                }
+                Ok(())
+            })
+            .unwrap();
+            // The same operation on the model.
+            match op {
+                Op::Stage(b) => {
+                    m.indexed.insert((user.into(), b.clone()));
+                    m.set(user, &b, BatchStatus::Staged);
+                }
+                Op::Begin(run_id, batches) => {
+                    for b in &batches {
+                        let to = BatchStatus::Validating {
+                            run_id: run_id.clone(),
+                        };
+                        m.set(user, b, to);
+                    }
+                    m.inflight.insert(user.into(), (run_id, batches, false));
+                }
+                Op::Fail(batches) => {
+                    for b in &batches {
+                        let to = BatchStatus::Rejected {
+                            run_id: None,
+                            reason: "cannot be trained: broken".into(),
+                        };
+                        m.set(user, b, to);
+                    }
+                }
+                Op::Verdict(run_id, batches, Decision::Accept, _) => {
+                    m.inflight.insert(user.into(), (run_id, batches, true));
+                }
+                Op::Verdict(run_id, batches, d, alone) => {
+                    for (i, b) in batches.iter().enumerate() {
+                        let to = match (d, alone, i) {
+                            (Decision::Defer, _, _) => BatchStatus::Deferred {
+                                reason: "because".into(),
+                            },
+                            (_, true, 0) => BatchStatus::Rejected {
+                                run_id: Some(run_id.clone()),
+                                reason: "alone".into(),
+                            },
+                            (_, true, _) => {
+                                m.restaged += 1;
+                                BatchStatus::Staged
+                            }
+                            _ => BatchStatus::Rejected {
+                                run_id: Some(run_id.clone()),
+                                reason: "because".into(),
+                            },
+                        };
+                        m.set(user, b, to);
+                    }
+                    m.inflight.remove(user);
+                }
+                Op::Abandon(_, batches) => {
+                    for b in &batches {
+                        m.set(user, b, BatchStatus::Staged);
+                    }
+                    m.inflight.remove(user);
+                    m.abandoned += 1;
+                }
+                Op::Publish(run_id, batches) => {
+                    let v = m.head.get(user).copied().unwrap_or(0) + 1;
+                    for b in &batches {
+                        let to = BatchStatus::Published {
+                            run_id: run_id.clone(),
+                            version: v,
+                        };
+                        m.set(user, b, to);
+                    }
+                    m.head.insert(user.into(), v);
+                    m.inflight.remove(user);
+                }
+            }
+            // The store agrees with the model, the pending index included.
+            for ((u, b), want) in &m.batches {
+                let got = db.transact(|tx| repo.batch(tx, u, b)).unwrap().unwrap();
+                assert_eq!(&got.status, want, "step {step}: {u}/{b}");
+            }
+            for u in users {
+                let s = db.transact(|tx| repo.user_state(tx, u)).unwrap();
+                let want = m.inflight.get(u).map(|r| r.0.clone());
+                assert_eq!(s.inflight_run, want, "step {step}: {u}");
+                assert_eq!(s.head, m.head.get(u).copied(), "step {step}: {u}");
+                assert_eq!(s.last_version, s.head.unwrap_or(0), "step {step}: {u}");
+            }
+            let indexed: Vec<(String, String)> = db
+                .transact(|tx| tx.get_range(&RangeOption::prefix(&keys.pending_batches())))
+                .unwrap()
+                .iter()
+                .map(|(k, _)| keys.pending_batch_of(k).map(|(_, u, b)| (u, b)).unwrap())
+                .collect();
+            let want: Vec<(String, String)> = m.indexed.iter().cloned().collect();
+            let mut got = indexed;
+            got.sort();
+            assert_eq!(got, want, "step {step}");
+        }
+        // Every kind of move happened.
+        let count = |f: fn(&BatchStatus) -> bool| m.batches.values().filter(|s| f(s)).count();
+        let published = count(|s| matches!(s, BatchStatus::Published { .. }));
+        let rejected = count(|s| matches!(s, BatchStatus::Rejected { .. }));
+        assert!(
+            published > 10 && rejected > 10,
+            "{published} published, {rejected} rejected"
+        );
+        assert!(m.restaged > 5, "{} run-mates restaged", m.restaged);
+        assert!(m.abandoned > 5, "{} runs abandoned", m.abandoned);
+        assert!(
+            m.head.values().all(|v| *v >= 3),
+            "every user published several versions: {:?}",
+            m.head
+        );
+    }
+}
