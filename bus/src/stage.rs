@@ -47,14 +47,15 @@ pub fn is_permanent(e: &KvError) -> bool {
 }
 
 /// Every record of `d` to the dead letters with `reason`, and the position past them,
-/// in one transaction: what [`StageHandler::give_up`] commits.
+/// in one transaction: what [`StageHandler::give_up`] commits. Returns how many records
+/// went (for the stage's dead-letter metric).
 pub fn dead_letter_delivery(
     db: &Db,
     keys: &Keys,
     emitter: &dyn Emitter,
     d: &Delivery,
     reason: &str,
-) -> Result<(), KvError> {
+) -> Result<u64, KvError> {
     dead_letter_delivery_and(db, keys, emitter, d, reason, &mut |_| Ok(()))
 }
 
@@ -67,14 +68,15 @@ pub fn dead_letter_delivery_and(
     d: &Delivery,
     reason: &str,
     also: &mut dyn FnMut(&mut swimlane_store::Transaction<'_>) -> Result<(), KvError>,
-) -> Result<(), KvError> {
+) -> Result<u64, KvError> {
     db.transact(|tx| {
         crate::positions::commit(tx, keys, &d.fence, d.next_offset())?;
         for r in &d.records {
             crate::dead_letter(emitter, tx, &d.fence.topic, &r.key, &r.payload, reason)?;
         }
         also(tx)
-    })
+    })?;
+    Ok(d.records.len() as u64)
 }
 
 /// Receives the consumer's lag (records waiting on its partitions), at most once a

@@ -245,7 +245,9 @@ impl swimlane_bus::stage::StageHandler for Picky {
         d: &swimlane_bus::Delivery,
         reason: &str,
     ) -> Result<(), swimlane_store::KvError> {
-        swimlane_bus::stage::dead_letter_delivery(&self.db, &self.keys, &self.bus, d, reason)?;
+        let n =
+            swimlane_bus::stage::dead_letter_delivery(&self.db, &self.keys, &self.bus, d, reason)?;
+        assert_eq!(n, 1);
         let mut g = self.given_up.lock().unwrap();
         g.extend(
             d.records

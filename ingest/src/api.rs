@@ -152,7 +152,7 @@ async fn authorize(
     slot: Option<&InflightSlot>,
 ) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized(
+        return Err(ApiError::unauthenticated(
             "missing bearer token (Authorization: Bearer <token>)",
         ));
     };
@@ -173,7 +173,7 @@ async fn authorize(
     caller
         .and_then(|c| c.may_access(user))
         .map_err(|e| match e {
-            AuthError::Unauthenticated => ApiError::unauthorized(
+            AuthError::Unauthenticated => ApiError::unauthenticated(
                 "invalid or revoked bearer token (Authorization: Bearer <token>)",
             ),
             AuthError::Forbidden => ApiError::forbidden(),

@@ -43,8 +43,8 @@ impl ApiError {
             retry_after: None,
         }
     }
-    pub fn unauthorized(message: &str) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    pub fn unauthenticated(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
     }
     pub fn forbidden() -> Self {
         Self::new(

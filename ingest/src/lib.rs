@@ -7,7 +7,7 @@
 //!     already staged with the same content (a retry: nothing is stored twice);
 //!   - 400 with a validation code (`malformed_json`, `bad_frame_count`,
 //!     `non_finite_value`, ...; see `BatchError::CODES`), `bad_user_id`, `bad_gzip`,
-//!     `bad_body`; 401 `unauthorized`; 403 `forbidden` (another user's token);
+//!     `bad_body`; 401 `unauthenticated`; 403 `forbidden` (another user's token);
 //!     409 `conflict` (the batch id was staged with other content); 413
 //!     `payload_too_large` (raw or decompressed body over `ingest.max_body_bytes`); 415
 //!     `unsupported_encoding`; 408 `request_timeout` (body slower than

@@ -49,7 +49,7 @@ pub const ROUTES: [&str; 2] = ["post_batch", "get_batch"];
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
 pub const EDGE_CODES: [&str; 12] = [
     "overloaded",
-    "unauthorized",
+    "unauthenticated",
     "forbidden",
     "bad_user_id",
     "payload_too_large",

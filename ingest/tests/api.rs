@@ -640,7 +640,7 @@ async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
         .body(Body::from(body.clone()))
         .unwrap();
     let (s, v, headers) = h.send(no_token).await;
-    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthenticated"));
     assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
     let basic = Request::post("/v1/users/alice/batches")
         .header(header::AUTHORIZATION, format!("Basic {}", h.alice))
@@ -649,7 +649,7 @@ async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
     assert_eq!(h.send(basic).await.0, StatusCode::UNAUTHORIZED);
     let guessed = new_token();
     let (s, v) = h.post("alice", &guessed, body.clone()).await;
-    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthenticated"));
     // Bob's valid token on Alice's path.
     let (s, v) = h.post("alice", &h.bob, body.clone()).await;
     assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"));
@@ -664,7 +664,7 @@ async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
     let repo = Repo::new(h.keys.clone());
     assert!(h.db.transact(|tx| repo.revoke_token(tx, &h.alice)).unwrap());
     let (s, v) = h.post("alice", &h.alice, body.clone()).await;
-    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthenticated"));
     h.assert_nothing_staged("alice", "revoked");
     // Error messages never echo a token.
     for t in [&h.alice, &h.bob, &guessed] {
@@ -673,7 +673,7 @@ async fn missing_wrong_revoked_and_other_users_tokens_are_refused() {
     }
     let m = h.metrics();
     assert!(
-        m.contains("swimlane_ingest_batches_rejected_total{reason=\"unauthorized\"} 4"),
+        m.contains("swimlane_ingest_batches_rejected_total{reason=\"unauthenticated\"} 4"),
         "{m}"
     );
     assert!(

@@ -42,7 +42,8 @@ impl Default for PublisherConfig {
     fn default() -> Self {
         PublisherConfig {
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
-            target_accuracy: 0.97,
+            // One default, the config's (`policy.target_accuracy`).
+            target_accuracy: swimlane_runtime::config::PolicyConfig::default().target_accuracy,
             loop_options: LoopOptions::default(),
         }
     }

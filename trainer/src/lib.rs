@@ -308,9 +308,9 @@ impl Trainer {
 
 impl StageHandler for Trainer {
     fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
-        let (db, keys, emitter) = (&self.db, &self.repo.keys, self.emitter.as_ref());
-        swimlane_bus::stage::dead_letter_delivery(db, keys, emitter, d, reason)?;
-        self.metrics.dead_letters.inc_by(d.records.len() as u64);
+        let e = self.emitter.as_ref();
+        let n = swimlane_bus::stage::dead_letter_delivery(&self.db, &self.repo.keys, e, d, reason)?;
+        self.metrics.dead_letters.inc_by(n);
         Ok(())
     }
 

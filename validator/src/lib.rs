@@ -392,7 +392,7 @@ impl StageHandler for Validator {
             }
             Ok(())
         };
-        swimlane_bus::stage::dead_letter_delivery_and(
+        let n = swimlane_bus::stage::dead_letter_delivery_and(
             db,
             &repo.keys,
             emitter,
@@ -400,7 +400,7 @@ impl StageHandler for Validator {
             reason,
             &mut abandon,
         )?;
-        self.metrics.dead_letters.inc_by(d.records.len() as u64);
+        self.metrics.dead_letters.inc_by(n);
         Ok(())
     }
 
