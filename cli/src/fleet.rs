@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use prometheus::Registry;
-use swimlane_publisher::{PublisherConfig, PublisherDeps, PublisherMetrics};
+use swimlane_publisher::{PublisherConfig, PublisherMetrics};
 use swimlane_runtime::Config;
 use swimlane_store::Db;
-use swimlane_trainer::{TrainerConfig, TrainerDeps, TrainerMetrics};
-use swimlane_validator::{ValidatorConfig, ValidatorDeps, ValidatorMetrics};
+use swimlane_trainer::{TrainerConfig, TrainerMetrics};
+use swimlane_validator::{ValidatorConfig, ValidatorMetrics};
 
 /// The consuming stages running in this process.
 pub struct Stages {
@@ -63,7 +63,7 @@ impl Stages {
         for i in 0..trainers {
             let (cfg, deps) = (
                 TrainerConfig::from_config(config)?,
-                TrainerDeps::from_config(config, db, tm.clone())?,
+                swimlane_trainer::deps(config, db, tm.clone())?,
             );
             spawn(
                 format!("trainer-{i}"),
@@ -74,7 +74,7 @@ impl Stages {
         }
         let (cfg, deps) = (
             ValidatorConfig::from_config(config)?,
-            ValidatorDeps::from_config(config, db, ValidatorMetrics::register(registry)?)?,
+            swimlane_validator::deps(config, db, ValidatorMetrics::register(registry)?)?,
         );
         spawn(
             "validator".into(),
@@ -85,7 +85,7 @@ impl Stages {
         if publisher {
             let (cfg, deps) = (
                 PublisherConfig::from_config(config)?,
-                PublisherDeps::from_config(config, db, PublisherMetrics::register(registry)?)?,
+                swimlane_publisher::deps(config, db, PublisherMetrics::register(registry)?)?,
             );
             spawn(
                 "publisher".into(),

@@ -53,6 +53,28 @@ pub fn architecture(spec: &ModelSpec) -> String {
     )
 }
 
+/// A stored model (safetensors or ONNX) must say the architecture and the class list of
+/// the spec it records: a file whose metadata disagree is refused, naming both.
+pub(crate) fn check_stored_spec(
+    spec: &ModelSpec,
+    stored_architecture: &str,
+    stored_classes: &str,
+) -> Result<(), ModelError> {
+    let want = architecture(spec);
+    if stored_architecture != want {
+        return Err(ModelError::Format(format!(
+            "architecture {stored_architecture:?} is not {want:?}"
+        )));
+    }
+    let classes = spec.classes.join(",");
+    if stored_classes != classes {
+        return Err(ModelError::Format(format!(
+            "class list {stored_classes:?} is not {classes:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Names and shapes of the stored tensors for a spec, in the order of
 /// [`MicroModel::params`] (after the two normalisation tensors).
 pub(crate) fn tensors(spec: &ModelSpec) -> [(&'static str, Vec<usize>); 8] {
@@ -280,20 +302,7 @@ impl MicroModel {
         } else {
             return Err(ModelError::UnsupportedVersion(version.to_string()));
         };
-        if get("architecture") != architecture(&spec) {
-            return Err(ModelError::Format(format!(
-                "architecture {:?} is not {:?}",
-                get("architecture"),
-                architecture(&spec)
-            )));
-        }
-        if get("classes") != spec.classes.join(",") {
-            return Err(ModelError::Format(format!(
-                "class list {:?} is not {:?}",
-                get("classes"),
-                spec.classes.join(",")
-            )));
-        }
+        check_stored_spec(&spec, get("architecture"), get("classes"))?;
         let shapes = tensors(&spec);
         if st.len() != shapes.len() {
             return Err(ModelError::Format(format!(

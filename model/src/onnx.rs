@@ -456,20 +456,7 @@ impl OnnxModel {
             "1" => ModelSpec::synthetic_pose(),
             other => return Err(ModelError::UnsupportedVersion(other.to_string())),
         };
-        if get("architecture") != architecture(&spec) {
-            return Err(ModelError::Format(format!(
-                "architecture {:?} is not {:?}",
-                get("architecture"),
-                architecture(&spec)
-            )));
-        }
-        if get("labels") != spec.classes.join(",") {
-            return Err(ModelError::Format(format!(
-                "class list {:?} is not {:?}",
-                get("labels"),
-                spec.classes.join(",")
-            )));
-        }
+        crate::net::check_stored_spec(&spec, get("architecture"), get("labels"))?;
         let graph = proto
             .graph
             .as_ref()
@@ -618,28 +605,10 @@ mod tests {
         )
     }
 
-    /// The independent check: candle-onnx's generated types decode `bytes` (and encode
-    /// them back byte for byte) and its evaluator computes the probabilities of `windows`.
-    fn candle_onnx_proba(bytes: &[u8], windows: &[&[f32]]) -> Vec<Vec<f32>> {
-        let proto = candle_onnx::onnx::ModelProto::decode(bytes).unwrap();
-        assert!(
-            proto.encode_to_vec() == bytes,
-            "candle-onnx re-encodes other bytes"
-        );
-        let x = candle_core::Tensor::from_vec(
-            windows.concat(),
-            (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let mut out = candle_onnx::simple_eval(
-            &proto,
-            std::collections::HashMap::from([(INPUT_NAME.to_string(), x)]),
-        )
-        .unwrap();
-        let rows: Vec<Vec<f32>> = out.remove(OUTPUT_NAME).unwrap().to_vec2().unwrap();
-        rows
+    mod candle_onnx_support {
+        include!("../tests/support/candle_onnx.rs");
     }
+    use candle_onnx_support::candle_onnx_proba;
 
     #[test]
     fn exports_deterministically_with_metadata_and_loads_back() {

@@ -4,34 +4,15 @@
 //! window; every file is at most 1 MiB. Evaluated twice: by `OnnxModel` (swimlane's own
 //! evaluator) and, independently, by candle-onnx (its generated types decode the bytes,
 //! `simple_eval` runs them); the two agree within the same tolerance.
-use std::collections::HashMap;
-
-use prost::Message;
-use swimlane_core::{WINDOW_FEATURES, WINDOW_FRAMES};
-use swimlane_model::onnx::{self, OnnxModel, INPUT_NAME, OUTPUT_NAME, PARITY_TOLERANCE};
+use swimlane_model::onnx::{self, OnnxModel, PARITY_TOLERANCE};
 use swimlane_model::MAX_MODEL_BYTES;
 
 #[global_allocator]
 static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// candle-onnx's probabilities for `windows` from the file's bytes.
-fn candle_onnx_proba(bytes: &[u8], windows: &[&[f32]]) -> Vec<Vec<f32>> {
-    let proto = candle_onnx::onnx::ModelProto::decode(bytes).unwrap();
-    assert!(
-        proto.encode_to_vec() == bytes,
-        "candle-onnx re-encodes other bytes"
-    );
-    let x = candle_core::Tensor::from_vec(
-        windows.concat(),
-        (windows.len(), WINDOW_FRAMES, WINDOW_FEATURES),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let mut out =
-        candle_onnx::simple_eval(&proto, HashMap::from([(INPUT_NAME.to_string(), x)])).unwrap();
-    let rows: Vec<Vec<f32>> = out.remove(OUTPUT_NAME).unwrap().to_vec2().unwrap();
-    rows.into_iter().map(|r| r.try_into().unwrap()).collect()
-}
+#[path = "support/candle_onnx.rs"]
+mod candle_onnx_support;
+use candle_onnx_support::candle_onnx_proba;
 
 #[test]
 fn onnx_exports_compute_what_the_candle_models_compute() {

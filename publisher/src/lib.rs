@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use swimlane_bus::stage::{run_stage, LoopOptions};
-use swimlane_bus::{Consumer, Emitter};
-use swimlane_state::Repo;
+
 use swimlane_store::Db;
 use tokio_util::sync::CancellationToken;
 
@@ -49,12 +48,25 @@ impl Default for PublisherConfig {
     }
 }
 
-pub struct PublisherDeps {
-    pub db: Db,
-    pub repo: Repo,
-    pub emitter: Arc<dyn Emitter>,
-    pub consumer: Box<dyn Consumer>,
-    pub metrics: PublisherMetrics,
+/// What the publisher works with.
+pub type PublisherDeps = swimlane_runtime::wiring::StageDeps<PublisherMetrics>;
+
+/// The publisher's dependencies for `config` over an open store: the configured bus's
+/// emitter and a consumer in group [`GROUP`] on the verdicts topic.
+pub fn deps(
+    config: &swimlane_runtime::Config,
+    db: &Db,
+    metrics: PublisherMetrics,
+) -> Result<PublisherDeps, PublisherError> {
+    let c = &config.publisher.consumer;
+    Ok(PublisherDeps::from_config(
+        config,
+        db,
+        GROUP,
+        swimlane_core::topics::VERDICTS,
+        c,
+        metrics,
+    )?)
 }
 
 /// Run the publishing stage until `shutdown` is cancelled.
@@ -83,7 +95,7 @@ pub fn run_stage_blocking(
         mut consumer,
         metrics,
     } = deps;
-    let lag_gauge = metrics.bus_lag.clone();
+    let opts = swimlane_runtime::wiring::with_lag_gauge(config.loop_options, &metrics.bus_lag);
     let mut h = stage::Publisher {
         db,
         repo,
@@ -92,42 +104,12 @@ pub fn run_stage_blocking(
         target_accuracy: config.target_accuracy,
         spec: config.spec,
     };
-    let mut opts = config.loop_options.clone();
-    if opts.lag.is_none() {
-        let gauge = lag_gauge;
-        opts.lag = Some(std::sync::Arc::new(move |l| gauge.set(l as i64)));
-    }
     run_stage(consumer.as_mut(), &mut h, &opts, stop)?;
     Ok(())
 }
 
 pub mod http;
 pub use http::{router, ApiState};
-
-impl PublisherDeps {
-    /// The publishing stage's dependencies for `config` over an open store: the
-    /// configured bus's emitter and a consumer in group [`GROUP`] on the verdicts topic.
-    pub fn from_config(
-        config: &swimlane_runtime::Config,
-        db: &Db,
-        metrics: PublisherMetrics,
-    ) -> Result<Self, PublisherError> {
-        use swimlane_runtime::wiring;
-        Ok(PublisherDeps {
-            db: db.clone(),
-            repo: Repo::new(swimlane_core::keys::Keys::new(&config.deployment)),
-            emitter: wiring::emitter(config)?,
-            consumer: wiring::consumer(
-                config,
-                db,
-                GROUP,
-                swimlane_core::topics::VERDICTS,
-                &config.publisher.consumer,
-            )?,
-            metrics,
-        })
-    }
-}
 
 impl PublisherConfig {
     /// The publishing stage's settings from the process config.
@@ -161,7 +143,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
     use swimlane_runtime::Worker;
     let p = Process::start(&config, Worker::Publisher).await?;
     let metrics = PublisherMetrics::register(&p.registry)?;
-    let deps = PublisherDeps::from_config(&config, &p.db, metrics.clone())?;
+    let deps = deps(&config, &p.db, metrics.clone())?;
     let repo = deps.repo.clone();
     let cfg =
         PublisherConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?;

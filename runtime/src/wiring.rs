@@ -171,6 +171,47 @@ pub fn consumer(
     }
 }
 
+/// What a consuming stage (trainer, validator, publisher) works with: the store and its
+/// records, the configured bus's emitter, a consumer of the stage's topic in its group,
+/// and the stage's metrics.
+pub struct StageDeps<M> {
+    pub db: Db,
+    pub repo: swimlane_state::Repo,
+    pub emitter: Arc<dyn Emitter>,
+    pub consumer: Box<dyn Consumer>,
+    pub metrics: M,
+}
+
+impl<M> StageDeps<M> {
+    /// A stage's dependencies for `config` over an open store: a consumer in `group` on
+    /// `topic` with the stage's consumer `settings`.
+    pub fn from_config(
+        config: &Config,
+        db: &Db,
+        group: &str,
+        topic: &str,
+        settings: &ConsumerConfig,
+        metrics: M,
+    ) -> Result<Self, RuntimeError> {
+        Ok(StageDeps {
+            db: db.clone(),
+            repo: swimlane_state::Repo::new(Keys::new(&config.deployment)),
+            emitter: emitter(config)?,
+            consumer: consumer(config, db, group, topic, settings)?,
+            metrics,
+        })
+    }
+}
+
+/// `opts` reporting the consumer's lag to `gauge`, unless they report it elsewhere.
+pub fn with_lag_gauge(mut opts: LoopOptions, gauge: &prometheus::IntGauge) -> LoopOptions {
+    if opts.lag.is_none() {
+        let gauge = gauge.clone();
+        opts.lag = Some(Arc::new(move |l| gauge.set(l as i64)));
+    }
+    opts
+}
+
 /// The stage loop's options from a consumer config.
 pub fn loop_options(c: &ConsumerConfig) -> LoopOptions {
     LoopOptions {

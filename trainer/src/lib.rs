@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
-use swimlane_bus::{positions, Consumer, Delivery, Emitter};
+use swimlane_bus::{positions, Delivery, Emitter};
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
@@ -77,12 +77,24 @@ impl Default for TrainerConfig {
 }
 
 /// What the trainer works with.
-pub struct TrainerDeps {
-    pub db: Db,
-    pub repo: Repo,
-    pub emitter: Arc<dyn Emitter>,
-    pub consumer: Box<dyn Consumer>,
-    pub metrics: TrainerMetrics,
+pub type TrainerDeps = swimlane_runtime::wiring::StageDeps<TrainerMetrics>;
+
+/// The trainer's dependencies for `config` over an open store: the configured bus's
+/// emitter and a consumer in group [`GROUP`] on the batches topic.
+pub fn deps(
+    config: &swimlane_runtime::Config,
+    db: &Db,
+    metrics: TrainerMetrics,
+) -> Result<TrainerDeps, TrainerError> {
+    let c = &config.trainer.consumer;
+    Ok(TrainerDeps::from_config(
+        config,
+        db,
+        GROUP,
+        topics::BATCHES,
+        c,
+        metrics,
+    )?)
 }
 
 /// Run until `shutdown` is cancelled; in-flight work is either committed whole or
@@ -120,7 +132,7 @@ pub fn run_blocking(
         mut consumer,
         metrics,
     } = deps;
-    let lag_gauge = metrics.bus_lag.clone();
+    let opts = swimlane_runtime::wiring::with_lag_gauge(config.loop_options, &metrics.bus_lag);
     let mut handler = Trainer {
         db,
         repo,
@@ -129,11 +141,6 @@ pub fn run_blocking(
         train: config.train,
         spec: config.spec,
     };
-    let mut opts = config.loop_options.clone();
-    if opts.lag.is_none() {
-        let gauge = lag_gauge;
-        opts.lag = Some(std::sync::Arc::new(move |l| gauge.set(l as i64)));
-    }
     run_stage(consumer.as_mut(), &mut handler, &opts, stop)?;
     Ok(())
 }
@@ -423,31 +430,6 @@ impl StageHandler for Trainer {
     }
 }
 
-impl TrainerDeps {
-    /// The trainer's dependencies for `config` over an open store: the configured bus's
-    /// emitter and a consumer in group [`GROUP`] on the batches topic.
-    pub fn from_config(
-        config: &swimlane_runtime::Config,
-        db: &Db,
-        metrics: TrainerMetrics,
-    ) -> Result<Self, TrainerError> {
-        use swimlane_runtime::wiring;
-        Ok(TrainerDeps {
-            db: db.clone(),
-            repo: Repo::new(swimlane_core::keys::Keys::new(&config.deployment)),
-            emitter: wiring::emitter(config)?,
-            consumer: wiring::consumer(
-                config,
-                db,
-                GROUP,
-                topics::BATCHES,
-                &config.trainer.consumer,
-            )?,
-            metrics,
-        })
-    }
-}
-
 impl TrainerConfig {
     /// The trainer's settings from the process config.
     pub fn from_config(
@@ -467,7 +449,7 @@ impl TrainerConfig {
 pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), TrainerError> {
     let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Trainer)
         .await?;
-    let deps = TrainerDeps::from_config(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
+    let deps = deps(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
     let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
     if !p
         .wait_for_prerequisites(|| repo.not_installed(&p.db, &[BASE_MODEL_BLOB]))

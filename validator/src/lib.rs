@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
-use swimlane_bus::{positions, Consumer, Delivery, Emitter};
+use swimlane_bus::{positions, Delivery, Emitter};
 use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
 use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
@@ -51,12 +51,25 @@ pub struct ValidatorConfig {
     pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
-pub struct ValidatorDeps {
-    pub db: Db,
-    pub repo: Repo,
-    pub emitter: Arc<dyn Emitter>,
-    pub consumer: Box<dyn Consumer>,
-    pub metrics: ValidatorMetrics,
+/// What the validator works with.
+pub type ValidatorDeps = swimlane_runtime::wiring::StageDeps<ValidatorMetrics>;
+
+/// The validator's dependencies for `config` over an open store: the configured bus's
+/// emitter and a consumer in group [`GROUP`] on the candidates topic.
+pub fn deps(
+    config: &swimlane_runtime::Config,
+    db: &Db,
+    metrics: ValidatorMetrics,
+) -> Result<ValidatorDeps, ValidatorError> {
+    let c = &config.validator.consumer;
+    Ok(ValidatorDeps::from_config(
+        config,
+        db,
+        GROUP,
+        topics::CANDIDATES,
+        c,
+        metrics,
+    )?)
 }
 
 /// Run until `shutdown` is cancelled.
@@ -83,7 +96,7 @@ pub fn run_blocking(
         mut consumer,
         metrics,
     } = deps;
-    let lag_gauge = metrics.bus_lag.clone();
+    let opts = swimlane_runtime::wiring::with_lag_gauge(config.loop_options, &metrics.bus_lag);
     let mut h = Validator {
         db,
         repo,
@@ -93,11 +106,6 @@ pub fn run_blocking(
         spec: config.spec,
         guard: None,
     };
-    let mut opts = config.loop_options.clone();
-    if opts.lag.is_none() {
-        let gauge = lag_gauge;
-        opts.lag = Some(std::sync::Arc::new(move |l| gauge.set(l as i64)));
-    }
     run_stage(consumer.as_mut(), &mut h, &opts, stop)?;
     Ok(())
 }
@@ -486,31 +494,6 @@ impl StageHandler for Validator {
     }
 }
 
-impl ValidatorDeps {
-    /// The validator's dependencies for `config` over an open store: the configured
-    /// bus's emitter and a consumer in group [`GROUP`] on the candidates topic.
-    pub fn from_config(
-        config: &swimlane_runtime::Config,
-        db: &Db,
-        metrics: ValidatorMetrics,
-    ) -> Result<Self, ValidatorError> {
-        use swimlane_runtime::wiring;
-        Ok(ValidatorDeps {
-            db: db.clone(),
-            repo: Repo::new(swimlane_core::keys::Keys::new(&config.deployment)),
-            emitter: wiring::emitter(config)?,
-            consumer: wiring::consumer(
-                config,
-                db,
-                GROUP,
-                topics::CANDIDATES,
-                &config.validator.consumer,
-            )?,
-            metrics,
-        })
-    }
-}
-
 impl ValidatorConfig {
     /// The validator's settings from the process config.
     pub fn from_config(
@@ -530,8 +513,7 @@ impl ValidatorConfig {
 pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), ValidatorError> {
     let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Validator)
         .await?;
-    let deps =
-        ValidatorDeps::from_config(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
+    let deps = deps(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
     let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
     let needs = [BASE_MODEL_BLOB, GUARD_SET_BLOB];
     if !p
