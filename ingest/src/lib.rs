@@ -89,29 +89,12 @@ pub async fn start(
     tracing::info!(%api_addr, deployment = %config.deployment, "ingest API listening");
     ready.set(true);
     let app = router(state);
-    let drain_timeout = std::time::Duration::from_millis(config.ingest.drain_timeout_ms);
+    let drain = std::time::Duration::from_millis(config.ingest.drain_timeout_ms);
     let handle = tokio::spawn(async move {
-        let drain = {
-            let ready = ready.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                shutdown.cancelled().await;
-                ready.set(false);
-                tracing::info!("ingest draining: finishing in-flight requests");
-            }
-        };
-        let serve = axum::serve(listener, app).with_graceful_shutdown(drain);
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(drain_timeout).await;
-        };
-        let served = tokio::select! {
-            r = serve => r.map_err(IngestError::Serve),
-            _ = deadline => {
-                tracing::warn!(?drain_timeout, "drain deadline passed; closing remaining requests");
-                Ok(())
-            }
-        };
+        let served =
+            swimlane_runtime::serve_draining(listener, app, ready, shutdown, drain, "ingest")
+                .await
+                .map_err(IngestError::Serve);
         let ops_done = ops
             .handle
             .await

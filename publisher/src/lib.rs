@@ -159,8 +159,15 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
     p.ready.set(true);
     let shutdown = p.shutdown.clone();
     let stage = tokio::spawn(run_stage_worker(cfg, deps, shutdown.clone()));
-    let serve =
-        axum::serve(listener, api).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let drain = std::time::Duration::from_millis(config.publisher.drain_timeout_ms);
+    let serve = swimlane_runtime::serve_draining(
+        listener,
+        api,
+        p.ready.clone(),
+        shutdown.clone(),
+        drain,
+        "publisher",
+    );
     let ops = p.ops.handle;
     let handle = tokio::spawn(async move {
         let served = serve.await.map_err(PublisherError::Serve);

@@ -181,6 +181,9 @@ pub struct ValidatorConfig {
 pub struct PublisherConfig {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    /// On shutdown, in-flight model requests get this long to finish; then the server
+    /// stops.
+    pub drain_timeout_ms: u64,
     pub consumer: ConsumerConfig,
 }
 
@@ -267,6 +270,7 @@ impl Default for PublisherConfig {
         PublisherConfig {
             listen: addr("127.0.0.1:8081"),
             metrics_listen: addr("127.0.0.1:9104"),
+            drain_timeout_ms: 10_000,
             consumer: ConsumerConfig::default(),
         }
     }

@@ -73,6 +73,40 @@ pub enum RuntimeError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// Serve `app` on `listener` until `shutdown` is cancelled; then stop being `ready`,
+/// let in-flight requests finish for at most `drain`, and close whatever is left (a
+/// request's store transaction commits whole or not at all). `what` names the API in
+/// the log. Both APIs (ingest's and the publisher's) are served this way.
+pub async fn serve_draining(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    ready: Readiness,
+    shutdown: CancellationToken,
+    drain: std::time::Duration,
+    what: &'static str,
+) -> std::io::Result<()> {
+    let graceful = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            ready.set(false);
+            tracing::info!(api = what, "draining: finishing in-flight requests");
+        }
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        r = serve => r,
+        _ = deadline => {
+            tracing::warn!(api = what, ?drain, "drain deadline passed; closing remaining requests");
+            Ok(())
+        }
+    }
+}
+
 /// Bind a TCP listener, with an error that says what it was for.
 pub async fn bind(
     addr: SocketAddr,
