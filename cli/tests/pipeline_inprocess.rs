@@ -90,17 +90,45 @@ fn wait_terminal(db: &Db, repo: &Repo, user: &str, batch: &str) -> BatchStatus {
     }
 }
 
-#[test]
-fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
+/// A fresh embedded store with a base model and guard set installed (deployment `t`,
+/// 4 partitions), and what the tests reach it with.
+struct Setup {
+    _dir: tempfile::TempDir,
+    db: Db,
+    config: Config,
+    keys: Keys,
+    repo: Repo,
+    bus: EmbeddedBus,
+}
+
+fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::new(EmbeddedBackend::open(dir.path().join("store")).unwrap());
     let mut config = Config::default();
     config.deployment = "t".into();
     config.partitions = 4;
     let keys = Keys::new("t");
-    let repo = Repo::new(keys.clone());
-    let bus = EmbeddedBus::new(keys.clone(), 4);
     init::install(&db, "t", 7, None).unwrap();
+    Setup {
+        _dir: dir,
+        db,
+        config,
+        repo: Repo::new(keys.clone()),
+        bus: EmbeddedBus::new(keys.clone(), 4),
+        keys,
+    }
+}
+
+#[test]
+fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
+    let Setup {
+        _dir,
+        db,
+        config,
+        keys,
+        repo,
+        bus,
+    } = setup();
     let base = MicroModel::from_bytes(
         &db.transact(|tx| repo.blob(tx, BASE_MODEL_BLOB))
             .unwrap()
@@ -173,15 +201,14 @@ fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
 /// dead-letter metric counts it, and the next record of the same partition is handled.
 #[test]
 fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_moves_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::new(EmbeddedBackend::open(dir.path().join("store")).unwrap());
-    let mut config = Config::default();
-    config.deployment = "t".into();
-    config.partitions = 4;
-    let keys = Keys::new("t");
-    let repo = Repo::new(keys.clone());
-    let bus = EmbeddedBus::new(keys.clone(), 4);
-    init::install(&db, "t", 7, None).unwrap();
+    let Setup {
+        _dir,
+        db,
+        config,
+        repo,
+        bus,
+        ..
+    } = setup();
     // Two users on one partition of the candidates topic: dora's run first.
     let (dora, erin) = ("dora", "erin");
     let erin = (0..)
