@@ -178,8 +178,7 @@ pub fn run_stage(
                         Ok(()) => {
                             consumer.committed(&delivery.fence, delivery.next_offset());
                             backoff = Duration::from_millis(50);
-                            narrowing =
-                                (!n.passed_by(&delivery)).then_some(Narrowing { attempts: 0, ..n });
+                            narrowing = (!n.passed_by(&delivery)).then_some(n);
                             continue;
                         }
                         Err(e2) if is_fenced(&e2) => {

@@ -319,9 +319,16 @@ impl Repo {
     /// What of `blobs` (installed by `swimlane admin init`: [`BASE_MODEL_BLOB`],
     /// [`GUARD_SET_BLOB`]) is missing, said for `/readyz`; `None` when all are there.
     pub fn not_installed(&self, db: &Db, blobs: &[&str]) -> Result<Option<String>, KvError> {
+        // The headers only: a blob's header is written once the blob is whole.
+        let present = db.transact(|tx| {
+            blobs
+                .iter()
+                .map(|b| Ok(blob::header_in(tx, &self.keys.blob(b))?.is_some()))
+                .collect::<Result<Vec<bool>, KvError>>()
+        })?;
         let mut missing = Vec::new();
-        for &b in blobs {
-            if self.blob_db(db, b)?.is_none() {
+        for (&b, present) in blobs.iter().zip(present) {
+            if !present {
                 missing.push(match b {
                     BASE_MODEL_BLOB => "the base model",
                     GUARD_SET_BLOB => "the guard set",

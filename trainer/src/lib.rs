@@ -449,7 +449,6 @@ impl TrainerConfig {
 pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), TrainerError> {
     let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Trainer)
         .await?;
-    let deps = deps(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
     let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
     if !p
         .wait_for_prerequisites(|| repo.not_installed(&p.db, &[BASE_MODEL_BLOB]))
@@ -457,6 +456,8 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Trainer
     {
         return Ok(());
     }
+    // The consumer joins its group only once the worker can take work.
+    let deps = deps(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
     run(
         TrainerConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,

@@ -513,7 +513,6 @@ impl ValidatorConfig {
 pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), ValidatorError> {
     let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Validator)
         .await?;
-    let deps = deps(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
     let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
     let needs = [BASE_MODEL_BLOB, GUARD_SET_BLOB];
     if !p
@@ -522,6 +521,8 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Validat
     {
         return Ok(());
     }
+    // The consumer joins its group only once the worker can take work.
+    let deps = deps(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
     run(
         ValidatorConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,
