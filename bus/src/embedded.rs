@@ -197,11 +197,6 @@ impl EmbeddedConsumer {
         self.owned.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Partitions this member currently owns.
-    pub fn owned_partitions(&self) -> Vec<u32> {
-        self.owned().keys().copied().collect()
-    }
-
     /// Heartbeat, renew owned leases, and move towards the fair share.
     pub fn rebalance(&mut self) -> Result<(), BusError> {
         let now = (self.opts.now_ms)();
@@ -433,6 +428,10 @@ impl Consumer for EmbeddedConsumer {
             }
             Ok(lag)
         })?)
+    }
+
+    fn owned_partitions(&self) -> Vec<u32> {
+        self.owned().keys().copied().collect()
     }
 
     fn close(&mut self) -> Result<(), BusError> {

@@ -919,12 +919,6 @@ impl KafkaConsumer {
         Ok(true)
     }
 
-    /// Partitions this member owns (holds a fence for).
-    pub fn owned_partitions(&self) -> Vec<u32> {
-        let st = self.consumer.context().state.lock().unwrap();
-        st.owned.keys().copied().collect()
-    }
-
     /// Whether to also commit Kafka offsets after store commits (lag monitoring only).
     pub fn set_commit_kafka_offsets(&mut self, on: bool) {
         self.commit_kafka_offsets = on;
@@ -1082,6 +1076,11 @@ impl Consumer for KafkaConsumer {
     fn close(&mut self) -> Result<(), BusError> {
         self.leave_group();
         Ok(())
+    }
+
+    fn owned_partitions(&self) -> Vec<u32> {
+        let st = self.consumer.context().state.lock().unwrap();
+        st.owned.keys().copied().collect()
     }
 
     fn lag(&mut self) -> Result<u64, BusError> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use swimlane_core::Event;
 use swimlane_store::{KvError, Transaction};
 
+pub mod conformance;
 pub mod embedded;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -104,6 +105,8 @@ pub trait Consumer: Send {
     /// Records waiting on the partitions this member owns (high watermark minus the
     /// committed cursor, summed).
     fn lag(&mut self) -> Result<u64, BusError>;
+    /// The partitions this member owns now.
+    fn owned_partitions(&self) -> Vec<u32>;
 }
 
 /// Stable partition of `key` among `partitions` (FNV-1a).
