@@ -145,11 +145,6 @@ pub struct ConsumerOptions {
     pub keep_leases: bool,
 }
 
-struct Owned {
-    fence: Fence,
-    cursor: u64,
-}
-
 /// A member of a consumer group on the embedded log.
 pub struct EmbeddedConsumer {
     db: Db,
@@ -157,7 +152,7 @@ pub struct EmbeddedConsumer {
     bus: EmbeddedBus,
     opts: ConsumerOptions,
     /// Shared with the lease keeper, which drops a partition whose lease it finds taken.
-    owned: Arc<Mutex<BTreeMap<u32, Owned>>>,
+    owned: Arc<Mutex<positions::Holdings>>,
     last_heartbeat: Option<Instant>,
     next_partition: u32,
     _keeper: Option<positions::LeaseKeeper>,
@@ -193,7 +188,7 @@ impl EmbeddedConsumer {
         })
     }
 
-    fn owned(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Owned>> {
+    fn owned(&self) -> std::sync::MutexGuard<'_, positions::Holdings> {
         self.owned.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -272,9 +267,10 @@ impl EmbeddedConsumer {
             tracing::info!(group = %f.group, topic = %f.topic, partition = f.partition, epoch = f.epoch, offset = f.offset, "partition assigned");
             mine.insert(
                 f.partition,
-                Owned {
+                positions::Held {
                     cursor: f.offset,
                     fence: f,
+                    buffered: (),
                 },
             );
         }
@@ -326,60 +322,29 @@ impl EmbeddedConsumer {
     }
 }
 
-/// Forget the partition of `fence` if it is still held under that fence's epoch: a
-/// newer owner has it (found by the keeper's renewal, or by a fenced commit).
-fn drop_lost(owned: &mut BTreeMap<u32, Owned>, fence: &Fence) {
-    if owned
-        .get(&fence.partition)
-        .is_some_and(|o| o.fence.epoch == fence.epoch)
-    {
-        tracing::warn!(
-            partition = fence.partition,
-            epoch = fence.epoch,
-            "partition lost to a newer owner"
-        );
-        owned.remove(&fence.partition);
-    }
-}
-
-/// The embedded member's lease keeper: every third of `lease_ttl` it renews the member's
-/// record (so the others count it live) and the leases of the partitions it owns, and
-/// drops a partition whose lease another member has taken.
+/// The embedded member's lease keeper: besides the leases, it renews the member's
+/// record, so the others count it live while its stage is busy.
 fn start_lease_keeper(
     db: Db,
     keys: Keys,
     opts: &ConsumerOptions,
-    owned: Arc<Mutex<BTreeMap<u32, Owned>>>,
+    owned: Arc<Mutex<positions::Holdings>>,
 ) -> Result<positions::LeaseKeeper, BusError> {
-    let (group, topic, member) = (opts.group.clone(), opts.topic.clone(), opts.member.clone());
-    let (ttl, now_ms) = (opts.lease_ttl, opts.now_ms.clone());
-    positions::LeaseKeeper::start("lease-keeper", ttl / 3, move || {
-        let fences: Vec<Fence> = owned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|o| o.fence.clone())
-            .collect();
-        if fences.is_empty() {
-            return; // nothing held: the member's next poll heartbeats and rebalances
-        }
-        let now = now_ms();
-        let ttl = ttl.as_millis() as u64;
-        let renewed = db.transact(|tx| {
-            tx.set(
-                &keys.member(&group, &topic, &member),
-                &(now + ttl).to_le_bytes(),
-            )?;
-            positions::renew_all(tx, &keys, &fences, &member, now, ttl)
-        });
-        match renewed {
-            Ok(lost) => {
-                let mut owned = owned.lock().unwrap_or_else(|e| e.into_inner());
-                for f in lost {
-                    drop_lost(&mut owned, &f);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
+    let mine = owned.clone();
+    let held = move || {
+        let mine = mine.lock().unwrap_or_else(|e| e.into_inner());
+        mine.values().map(|h| h.fence.clone()).collect()
+    };
+    let keeper = positions::KeeperOptions {
+        member: opts.member.clone(),
+        lease_ttl: opts.lease_ttl,
+        now_ms: opts.now_ms.clone(),
+        member_key: Some(keys.member(&opts.group, &opts.topic, &opts.member)),
+    };
+    positions::keep_leases(db, keys, keeper, held, move |lost| {
+        let mut owned = owned.lock().unwrap_or_else(|e| e.into_inner());
+        for f in lost {
+            positions::drop_lost(&mut owned, &f);
         }
     })
 }
@@ -407,15 +372,11 @@ impl Consumer for EmbeddedConsumer {
     }
 
     fn committed(&mut self, fence: &Fence, next_offset: u64) {
-        if let Some(o) = self.owned().get_mut(&fence.partition) {
-            if o.fence.epoch == fence.epoch {
-                o.cursor = next_offset;
-            }
-        }
+        positions::advance(&mut self.owned(), fence, next_offset);
     }
 
     fn fenced(&mut self, fence: &Fence) {
-        drop_lost(&mut self.owned(), fence);
+        positions::drop_lost(&mut self.owned(), fence);
     }
 
     fn lag(&mut self) -> Result<u64, BusError> {

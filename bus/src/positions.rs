@@ -11,9 +11,14 @@
 //!   that transaction conflict and, on retry, fail with [`Fenced`]. A zombie's effect
 //!   therefore never commits.
 //! - Positions never move backwards.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use swimlane_core::keys::Keys;
-use swimlane_store::{KvError, Transaction};
+use swimlane_store::{Db, KvError, Transaction};
+
+use crate::embedded::NowMs;
 
 /// The right to commit positions of one partition, as granted at acquisition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -309,4 +314,93 @@ impl Drop for LeaseKeeper {
             let _ = t.join();
         }
     }
+}
+
+/// A partition a member owns: the fence it was granted, its cursor (the next offset to
+/// deliver: the stored position, moved on by the member's commits) and what the bus
+/// keeps beside them (`B`: the records a Kafka member fetched and has not yet handed
+/// out; nothing for the embedded log, which reads from the store).
+pub struct Held<B = ()> {
+    pub fence: Fence,
+    pub cursor: u64,
+    pub buffered: B,
+}
+
+/// The partitions a member owns, by partition.
+pub type Holdings<B = ()> = BTreeMap<u32, Held<B>>;
+
+/// Forget the partition of `fence` if it is still held under that fence's epoch: a
+/// newer owner has it (found by the lease keeper's renewal, or by a fenced commit).
+/// A fence of an older epoch changes nothing.
+pub fn drop_lost<B>(held: &mut Holdings<B>, fence: &Fence) {
+    if held
+        .get(&fence.partition)
+        .is_some_and(|h| h.fence.epoch == fence.epoch)
+    {
+        tracing::warn!(
+            partition = fence.partition,
+            epoch = fence.epoch,
+            "partition lost to a newer owner"
+        );
+        held.remove(&fence.partition);
+    }
+}
+
+/// Move the cursor of `fence`'s partition to `next_offset` after a commit, if the
+/// partition is still held under that fence (never backwards). Returns the partition
+/// when it moved.
+pub fn advance<'a, B>(
+    held: &'a mut Holdings<B>,
+    fence: &Fence,
+    next_offset: u64,
+) -> Option<&'a mut Held<B>> {
+    let h = held.get_mut(&fence.partition)?;
+    if h.fence.epoch != fence.epoch {
+        return None;
+    }
+    h.cursor = h.cursor.max(next_offset);
+    Some(h)
+}
+
+/// What a member's lease keeper renews.
+pub struct KeeperOptions {
+    pub member: String,
+    pub lease_ttl: Duration,
+    pub now_ms: NowMs,
+    /// The member's own liveness record, renewed with the leases (the embedded log's
+    /// group membership); `None` where the broker keeps membership (Kafka).
+    pub member_key: Option<Vec<u8>>,
+}
+
+/// Start the lease keeper every consumer runs for as long as it lives: every third of
+/// the lease's time to live, one transaction renews the member's record (when it has
+/// one) and the leases of the fences `held` returns; the fences another owner has
+/// taken since go to `lost` (the member drops those partitions). With nothing held it
+/// does nothing: the member's next poll heartbeats.
+pub fn keep_leases(
+    db: Db,
+    keys: Keys,
+    opts: KeeperOptions,
+    held: impl Fn() -> Vec<Fence> + Send + 'static,
+    lost: impl Fn(Vec<Fence>) + Send + 'static,
+) -> Result<LeaseKeeper, crate::BusError> {
+    LeaseKeeper::start("lease-keeper", opts.lease_ttl / 3, move || {
+        let fences = held();
+        if fences.is_empty() {
+            return;
+        }
+        let now = (opts.now_ms)();
+        let ttl = opts.lease_ttl.as_millis() as u64;
+        let renewed = db.transact(|tx| {
+            if let Some(k) = &opts.member_key {
+                tx.set(k, &(now + ttl).to_le_bytes())?;
+            }
+            renew_all(tx, &keys, &fences, &opts.member, now, ttl)
+        });
+        match renewed {
+            Ok(gone) if !gone.is_empty() => lost(gone),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "renewing partition leases failed"),
+        }
+    })
 }

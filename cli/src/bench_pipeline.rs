@@ -263,7 +263,13 @@ fn run_once(
             let mut o = std::collections::BTreeSet::new();
             let mut all = true;
             for p in 0..opts.partitions {
-                match positions::owner(tx, &keys, "trainers", topics::BATCHES, p)? {
+                match positions::owner(
+                    tx,
+                    &keys,
+                    swimlane_core::groups::TRAINERS,
+                    topics::BATCHES,
+                    p,
+                )? {
                     Some(owner) => {
                         o.insert(owner.member);
                     }

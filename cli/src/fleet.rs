@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use prometheus::Registry;
 use swimlane_publisher::{PublisherConfig, PublisherMetrics};
-use swimlane_runtime::Config;
+use swimlane_runtime::{Config, Worker};
 use swimlane_store::Db;
 use swimlane_trainer::{TrainerConfig, TrainerMetrics};
 use swimlane_validator::{ValidatorConfig, ValidatorMetrics};
@@ -63,7 +63,7 @@ impl Stages {
         for i in 0..trainers {
             let (cfg, deps) = (
                 TrainerConfig::from_config(config)?,
-                swimlane_trainer::deps(config, db, tm.clone())?,
+                swimlane_trainer::TrainerDeps::for_worker(config, db, Worker::Trainer, tm.clone())?,
             );
             spawn(
                 format!("trainer-{i}"),
@@ -74,7 +74,12 @@ impl Stages {
         }
         let (cfg, deps) = (
             ValidatorConfig::from_config(config)?,
-            swimlane_validator::deps(config, db, ValidatorMetrics::register(registry)?)?,
+            swimlane_validator::ValidatorDeps::for_worker(
+                config,
+                db,
+                Worker::Validator,
+                ValidatorMetrics::register(registry)?,
+            )?,
         );
         spawn(
             "validator".into(),
@@ -85,7 +90,12 @@ impl Stages {
         if publisher {
             let (cfg, deps) = (
                 PublisherConfig::from_config(config)?,
-                swimlane_publisher::deps(config, db, PublisherMetrics::register(registry)?)?,
+                swimlane_publisher::PublisherDeps::for_worker(
+                    config,
+                    db,
+                    Worker::Publisher,
+                    PublisherMetrics::register(registry)?,
+                )?,
             );
             spawn(
                 "publisher".into(),

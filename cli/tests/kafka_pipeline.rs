@@ -176,7 +176,13 @@ fn trainer_owners(db: &Db) -> Vec<Option<u32>> {
     db.transact(|tx| {
         let mut out = Vec::new();
         for p in 0..PARTITIONS {
-            let o = positions::owner(tx, &keys, "trainers", topics::BATCHES, p)?;
+            let o = positions::owner(
+                tx,
+                &keys,
+                swimlane_core::groups::TRAINERS,
+                topics::BATCHES,
+                p,
+            )?;
             out.push(o.and_then(|o| member_pid(&o.member)));
         }
         Ok(out)

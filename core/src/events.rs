@@ -26,6 +26,16 @@ pub mod topics {
     pub const ALL: [&str; 5] = [BATCHES, CANDIDATES, VERDICTS, PUBLISHED, DEAD_LETTER];
 }
 
+/// The consumer groups: every worker of one kind joins its kind's group.
+pub mod groups {
+    /// Trainers, on [`super::topics::BATCHES`].
+    pub const TRAINERS: &str = "trainers";
+    /// Validators, on [`super::topics::CANDIDATES`].
+    pub const VALIDATORS: &str = "validators";
+    /// Publishers, on [`super::topics::VERDICTS`].
+    pub const PUBLISHERS: &str = "publishers";
+}
+
 /// A pipeline event. The user id is also the bus key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

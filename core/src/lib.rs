@@ -11,7 +11,7 @@ pub mod spec;
 pub mod stats;
 pub mod stroke;
 
-pub use events::{topics, Event, EventDecodeError};
+pub use events::{groups, topics, Event, EventDecodeError};
 pub use ids::{BatchId, IdError, UserId};
 pub use spec::{ClassId, ModelSpec, SpecError};
 pub use stroke::{StrokeClass, NUM_CLASSES, WINDOW_FEATURES, WINDOW_FRAMES};

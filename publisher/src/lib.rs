@@ -4,15 +4,11 @@ use std::sync::Arc;
 
 use swimlane_bus::stage::{run_stage, LoopOptions};
 
-use swimlane_store::Db;
 use tokio_util::sync::CancellationToken;
 
 mod metrics;
 mod stage;
 pub use metrics::PublisherMetrics;
-
-/// The consumer group every publisher joins.
-pub const GROUP: &str = "publishers";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
@@ -51,35 +47,17 @@ impl Default for PublisherConfig {
 /// What the publisher works with.
 pub type PublisherDeps = swimlane_runtime::wiring::StageDeps<PublisherMetrics>;
 
-/// The publisher's dependencies for `config` over an open store: the configured bus's
-/// emitter and a consumer in group [`GROUP`] on the verdicts topic.
-pub fn deps(
-    config: &swimlane_runtime::Config,
-    db: &Db,
-    metrics: PublisherMetrics,
-) -> Result<PublisherDeps, PublisherError> {
-    let c = &config.publisher.consumer;
-    Ok(PublisherDeps::from_config(
-        config,
-        db,
-        GROUP,
-        swimlane_core::topics::VERDICTS,
-        c,
-        metrics,
-    )?)
-}
-
 /// Run the publishing stage until `shutdown` is cancelled.
 pub async fn run_stage_worker(
     config: PublisherConfig,
     deps: PublisherDeps,
     shutdown: CancellationToken,
 ) -> Result<(), PublisherError> {
-    tokio::task::spawn_blocking(move || {
-        run_stage_blocking(config, deps, &|| shutdown.is_cancelled())
-    })
+    swimlane_runtime::wiring::run_until(
+        move |stop| run_stage_blocking(config, deps, stop),
+        shutdown,
+    )
     .await
-    .map_err(|e| PublisherError::Join(e.to_string()))?
 }
 
 /// The publishing stage on the calling thread.
@@ -143,7 +121,12 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
     use swimlane_runtime::Worker;
     let p = Process::start(&config, Worker::Publisher).await?;
     let metrics = PublisherMetrics::register(&p.registry)?;
-    let deps = deps(&config, &p.db, metrics.clone())?;
+    let deps = PublisherDeps::for_worker(
+        &config,
+        &p.db,
+        swimlane_runtime::Worker::Publisher,
+        metrics.clone(),
+    )?;
     let repo = deps.repo.clone();
     let cfg =
         PublisherConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?;

@@ -1,24 +1,12 @@
-//! The publisher worker: parse flags, load config, serve and publish until signalled.
-use clap::Parser;
-use swimlane_runtime::{Args, Config, Worker};
-
+//! The publisher worker: its flags and config, then serve and publish until signalled.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Versions accepted candidates and serves models to devices (consumer group
-/// `publishers`).
-#[derive(Parser)]
-#[command(name = "swimlane-publisher", version)]
-struct Cli {
-    #[command(flatten)]
-    args: Args,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let config = Config::load(&cli.args, Some(Worker::Publisher))?;
-    swimlane_runtime::init_tracing(config.log_json);
-    swimlane_publisher::run(config).await?;
+fn main() -> anyhow::Result<()> {
+    swimlane_runtime::worker_main(
+        swimlane_runtime::Worker::Publisher,
+        "Versions accepted candidates and serves models to devices (consumer group `publishers`).",
+        swimlane_publisher::run,
+    )?;
     Ok(())
 }

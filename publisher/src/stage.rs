@@ -350,7 +350,7 @@ mod tests {
                 positions::acquire(
                     tx,
                     &keys,
-                    crate::GROUP,
+                    swimlane_core::groups::PUBLISHERS,
                     topics::VERDICTS,
                     0,
                     "me",

@@ -43,8 +43,9 @@ pub const MAX_SAMPLES_PER_BATCH_LIMIT: u32 = 4000;
 /// up to `max_body_bytes` of memory.
 pub const MAX_INFLIGHT_LIMIT: u32 = 10_000;
 
-/// The worker processes (each has a config section and a metrics prefix).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The worker processes (each has a config section and a metrics prefix), in pipeline
+/// order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Worker {
     Ingest,
     Trainer,
@@ -66,6 +67,28 @@ impl Worker {
             Worker::Trainer => "trainer",
             Worker::Validator => "validator",
             Worker::Publisher => "publisher",
+        }
+    }
+
+    /// The worker's binary (and container, and Kubernetes deployment) name.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Worker::Ingest => "swimlane-ingest",
+            Worker::Trainer => "swimlane-trainer",
+            Worker::Validator => "swimlane-validator",
+            Worker::Publisher => "swimlane-publisher",
+        }
+    }
+
+    /// What a consuming worker reads: its consumer group and its topic (ingest reads
+    /// no topic).
+    pub fn input(self) -> Option<(&'static str, &'static str)> {
+        use swimlane_core::{groups, topics};
+        match self {
+            Worker::Ingest => None,
+            Worker::Trainer => Some((groups::TRAINERS, topics::BATCHES)),
+            Worker::Validator => Some((groups::VALIDATORS, topics::CANDIDATES)),
+            Worker::Publisher => Some((groups::PUBLISHERS, topics::VERDICTS)),
         }
     }
 }

@@ -47,6 +47,49 @@ pub fn apply_training_threads(config: &Config) {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
 
+/// Every worker binary's `main`: its flags ([`Args`], each with its environment twin;
+/// `--help` shows `about`), its config for `worker`, tracing, then `process` on a
+/// multi-threaded tokio runtime until it returns. The trainer's training threads are
+/// set first, before any other thread starts ([`apply_training_threads`]).
+pub fn worker_main<Fut, E>(
+    worker: Worker,
+    about: &'static str,
+    process: impl FnOnce(Config) -> Fut,
+) -> Result<(), WorkerError>
+where
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use clap::{Args as _, FromArgMatches as _};
+    // The flags' own doc would be the about text: set the worker's after them.
+    let command = Args::augment_args(clap::Command::new(worker.binary()))
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(about);
+    let args = Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    let config = Config::load(&args, Some(worker))?;
+    if worker == Worker::Trainer {
+        apply_training_threads(&config);
+    }
+    init_tracing(config.log_json);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(WorkerError::Runtime)?
+        .block_on(process(config))
+        .map_err(|e| WorkerError::Process(Box::new(e)))
+}
+
+/// Why a worker process ([`worker_main`]) stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Process(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Errors of the runtime layer.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -71,6 +114,10 @@ pub enum RuntimeError {
     Bus(#[from] swimlane_bus::BusError),
     #[error("metrics registration failed: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{worker} is not a consuming stage")]
+    NotAStage { worker: &'static str },
+    #[error("the stage thread failed: {0}")]
+    Join(String),
 }
 
 /// Serve `app` on `listener` until `shutdown` is cancelled; then stop being `ready`,

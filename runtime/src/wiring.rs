@@ -183,16 +183,25 @@ pub struct StageDeps<M> {
 }
 
 impl<M> StageDeps<M> {
-    /// A stage's dependencies for `config` over an open store: a consumer in `group` on
-    /// `topic` with the stage's consumer `settings`.
-    pub fn from_config(
+    /// The dependencies of `worker`'s stage for `config` over an open store: the
+    /// configured bus's emitter, and a consumer in the worker's group on its topic
+    /// ([`Worker::input`]) with the worker's `[<worker>.consumer]` settings.
+    pub fn for_worker(
         config: &Config,
         db: &Db,
-        group: &str,
-        topic: &str,
-        settings: &ConsumerConfig,
+        worker: Worker,
         metrics: M,
     ) -> Result<Self, RuntimeError> {
+        let not_a_stage = RuntimeError::NotAStage {
+            worker: worker.name(),
+        };
+        let settings = match worker {
+            Worker::Trainer => &config.trainer.consumer,
+            Worker::Validator => &config.validator.consumer,
+            Worker::Publisher => &config.publisher.consumer,
+            Worker::Ingest => return Err(not_a_stage),
+        };
+        let (group, topic) = worker.input().ok_or(not_a_stage)?;
         Ok(StageDeps {
             db: db.clone(),
             repo: swimlane_state::Repo::new(Keys::new(&config.deployment)),
@@ -201,6 +210,17 @@ impl<M> StageDeps<M> {
             metrics,
         })
     }
+}
+
+/// Run a stage's blocking loop (`work`, given the stop flag) on tokio's blocking pool
+/// until `shutdown` is cancelled: every stage worker's `run`.
+pub async fn run_until<E: From<RuntimeError> + Send + 'static>(
+    work: impl FnOnce(&dyn Fn() -> bool) -> Result<(), E> + Send + 'static,
+    shutdown: CancellationToken,
+) -> Result<(), E> {
+    tokio::task::spawn_blocking(move || work(&|| shutdown.is_cancelled()))
+        .await
+        .map_err(|e| E::from(RuntimeError::Join(e.to_string())))?
 }
 
 /// `opts` reporting the consumer's lag to `gauge`, unless they report it elsewhere.

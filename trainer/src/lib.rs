@@ -34,9 +34,6 @@ use tokio_util::sync::CancellationToken;
 mod metrics;
 pub use metrics::TrainerMetrics;
 
-/// The consumer group every trainer joins.
-pub const GROUP: &str = "trainers";
-
 /// Most records (and so candidates) one delivery, and one commit, may carry: 8
 /// models of at most 1 MiB stay well inside the store's 10 MB transaction limit.
 pub const MAX_RUNS_PER_COMMIT: usize = 8;
@@ -46,8 +43,6 @@ pub const MAX_RUNS_PER_COMMIT: usize = 8;
 pub enum TrainerError {
     #[error("bus error: {0}")]
     Bus(#[from] swimlane_bus::BusError),
-    #[error("trainer thread failed: {0}")]
-    Join(String),
     #[error(transparent)]
     Runtime(#[from] swimlane_runtime::RuntimeError),
     #[error("metrics registration failed: {0}")]
@@ -79,24 +74,6 @@ impl Default for TrainerConfig {
 /// What the trainer works with.
 pub type TrainerDeps = swimlane_runtime::wiring::StageDeps<TrainerMetrics>;
 
-/// The trainer's dependencies for `config` over an open store: the configured bus's
-/// emitter and a consumer in group [`GROUP`] on the batches topic.
-pub fn deps(
-    config: &swimlane_runtime::Config,
-    db: &Db,
-    metrics: TrainerMetrics,
-) -> Result<TrainerDeps, TrainerError> {
-    let c = &config.trainer.consumer;
-    Ok(TrainerDeps::from_config(
-        config,
-        db,
-        GROUP,
-        topics::BATCHES,
-        c,
-        metrics,
-    )?)
-}
-
 /// Run until `shutdown` is cancelled; in-flight work is either committed whole or
 /// abandoned (and redone by whoever owns the partition next).
 pub async fn run(
@@ -104,12 +81,8 @@ pub async fn run(
     deps: TrainerDeps,
     shutdown: CancellationToken,
 ) -> Result<(), TrainerError> {
-    let handle = tokio::task::spawn_blocking(move || {
-        run_blocking(config, deps, &|| shutdown.is_cancelled())
-    });
-    handle
+    swimlane_runtime::wiring::run_until(move |stop| run_blocking(config, deps, stop), shutdown)
         .await
-        .map_err(|e| TrainerError::Join(e.to_string()))?
 }
 
 /// The same loop on the calling thread, for callers without a runtime.
@@ -457,7 +430,8 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Trainer
         return Ok(());
     }
     // The consumer joins its group only once the worker can take work.
-    let deps = deps(&config, &p.db, TrainerMetrics::register(&p.registry)?)?;
+    let metrics = TrainerMetrics::register(&p.registry)?;
+    let deps = TrainerDeps::for_worker(&config, &p.db, swimlane_runtime::Worker::Trainer, metrics)?;
     run(
         TrainerConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,

@@ -1,28 +1,13 @@
-//! The trainer worker: parse flags, load config, run until signalled.
-use clap::Parser;
-use swimlane_runtime::{Args, Config, Worker};
-
+//! The trainer worker: its flags and config, then train until signalled.
 // Training allocates a tensor per op; mimalloc avoids glibc's page-fault storm (5x).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Fine-tunes candidates from staged corrections (consumer group `trainers`).
-#[derive(Parser)]
-#[command(name = "swimlane-trainer", version)]
-struct Cli {
-    #[command(flatten)]
-    args: Args,
-}
-
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let config = Config::load(&cli.args, Some(Worker::Trainer))?;
-    // Before the runtime starts its threads.
-    swimlane_runtime::apply_training_threads(&config);
-    swimlane_runtime::init_tracing(config.log_json);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(swimlane_trainer::run_process(config))?;
+    swimlane_runtime::worker_main(
+        swimlane_runtime::Worker::Trainer,
+        "Fine-tunes candidates from staged corrections (consumer group `trainers`).",
+        swimlane_trainer::run_process,
+    )?;
     Ok(())
 }

@@ -28,15 +28,10 @@ use tokio_util::sync::CancellationToken;
 mod metrics;
 pub use metrics::ValidatorMetrics;
 
-/// The consumer group every validator joins.
-pub const GROUP: &str = "validators";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ValidatorError {
     #[error("bus error: {0}")]
     Bus(#[from] swimlane_bus::BusError),
-    #[error("validator thread failed: {0}")]
-    Join(String),
     #[error(transparent)]
     Runtime(#[from] swimlane_runtime::RuntimeError),
     #[error("metrics registration failed: {0}")]
@@ -54,33 +49,14 @@ pub struct ValidatorConfig {
 /// What the validator works with.
 pub type ValidatorDeps = swimlane_runtime::wiring::StageDeps<ValidatorMetrics>;
 
-/// The validator's dependencies for `config` over an open store: the configured bus's
-/// emitter and a consumer in group [`GROUP`] on the candidates topic.
-pub fn deps(
-    config: &swimlane_runtime::Config,
-    db: &Db,
-    metrics: ValidatorMetrics,
-) -> Result<ValidatorDeps, ValidatorError> {
-    let c = &config.validator.consumer;
-    Ok(ValidatorDeps::from_config(
-        config,
-        db,
-        GROUP,
-        topics::CANDIDATES,
-        c,
-        metrics,
-    )?)
-}
-
 /// Run until `shutdown` is cancelled.
 pub async fn run(
     config: ValidatorConfig,
     deps: ValidatorDeps,
     shutdown: CancellationToken,
 ) -> Result<(), ValidatorError> {
-    tokio::task::spawn_blocking(move || run_blocking(config, deps, &|| shutdown.is_cancelled()))
+    swimlane_runtime::wiring::run_until(move |stop| run_blocking(config, deps, stop), shutdown)
         .await
-        .map_err(|e| ValidatorError::Join(e.to_string()))?
 }
 
 /// The same loop on the calling thread.
@@ -522,7 +498,9 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Validat
         return Ok(());
     }
     // The consumer joins its group only once the worker can take work.
-    let deps = deps(&config, &p.db, ValidatorMetrics::register(&p.registry)?)?;
+    let metrics = ValidatorMetrics::register(&p.registry)?;
+    let deps =
+        ValidatorDeps::for_worker(&config, &p.db, swimlane_runtime::Worker::Validator, metrics)?;
     run(
         ValidatorConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
         deps,

@@ -23,40 +23,7 @@ use swimlane_state::{Repo, BASE_MODEL_BLOB};
 use swimlane_store::Db;
 
 /// The four worker kinds, in pipeline order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Ingest,
-    Trainer,
-    Validator,
-    Publisher,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 4] = [
-        Kind::Ingest,
-        Kind::Trainer,
-        Kind::Validator,
-        Kind::Publisher,
-    ];
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Ingest => "ingest",
-            Kind::Trainer => "trainer",
-            Kind::Validator => "validator",
-            Kind::Publisher => "publisher",
-        }
-    }
-    /// The consumer group and the topic it consumes (none for ingest).
-    pub fn consumes(self) -> Option<(&'static str, &'static str)> {
-        use swimlane_core::topics;
-        match self {
-            Kind::Ingest => None,
-            Kind::Trainer => Some(("trainers", topics::BATCHES)),
-            Kind::Validator => Some(("validators", topics::CANDIDATES)),
-            Kind::Publisher => Some(("publishers", topics::VERDICTS)),
-        }
-    }
-}
+pub use swimlane_runtime::Worker as Kind;
 
 /// Addresses of every listener of the fleet.
 #[derive(Clone, Debug)]
@@ -674,7 +641,7 @@ pub fn log_events(db: &Db, topic: &str, partitions: u32) -> Vec<(u32, u64, Event
 
 /// Records a consumer group has not committed yet, over every partition of its topic.
 pub fn backlog(db: &Db, k: Kind, partitions: u32) -> u64 {
-    let Some((group, topic)) = k.consumes() else {
+    let Some((group, topic)) = k.input() else {
         return 0;
     };
     let bus = EmbeddedBus::new(keys(), partitions);
