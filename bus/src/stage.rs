@@ -1,4 +1,7 @@
-//! The consume → handle → commit loop every consuming stage runs.
+//! The consume → handle → commit loop every consuming stage runs, and [`Runner`], the
+//! handler every worker's stage runs in: a stage says how to decode a record, what to
+//! prepare outside any transaction and what to apply inside one ([`Stage`]); the runner
+//! owns the transaction, the position, the dead letters and their count.
 //!
 //! Contract with a [`StageHandler`]: `handle` either commits, in ONE store
 //! transaction, the effects of every record of the delivery together with
@@ -18,11 +21,14 @@
 //! as long as they last.
 use std::time::Duration;
 
-use swimlane_core::keys::Keys;
-use swimlane_store::{Db, KvError};
+use std::sync::Arc;
 
+use swimlane_core::keys::Keys;
+use swimlane_store::{Db, KvError, Transaction};
+
+use crate::embedded::NowMs;
 use crate::positions::is_fenced;
-use crate::{BusError, Consumer, Delivery, Emitter};
+use crate::{BusError, Consumer, Delivery, Emitter, Record};
 
 /// A stage's processing of one delivery. See the module doc for the contract.
 pub trait StageHandler {
@@ -31,6 +37,206 @@ pub trait StageHandler {
     /// transaction, its records to the dead letters with `reason` and the position past
     /// it ([`dead_letter_delivery`]), and count them in the stage's dead-letter metric.
     fn give_up(&mut self, delivery: &Delivery, reason: &str) -> Result<(), KvError>;
+}
+
+/// What a record asks a stage to do.
+#[derive(Debug)]
+pub enum Decoded<W> {
+    /// Work to prepare and apply.
+    Work(W),
+    /// Nothing to do (an event the stage reads past, such as a rejection at the
+    /// publisher).
+    Ignore,
+    /// The record can never be processed: it goes to the dead letters with this reason.
+    Dead(String),
+}
+
+/// What applying one piece of prepared work did, inside the delivery's transaction.
+#[derive(Debug)]
+pub enum Applied<O> {
+    /// The effect is written; `O` is what the stage counts once the transaction commits.
+    Done(O),
+    /// Someone else moved on since the work was prepared (a duplicate record, a stale
+    /// trigger): nothing to write.
+    Stale,
+    /// The record turned out to be one that can never be processed: it goes to the dead
+    /// letters with this reason.
+    Dead(String),
+}
+
+/// A consuming stage, as [`Runner`] runs it: decode each record, prepare each piece of
+/// work outside any transaction (reads in short transactions of their own, training,
+/// scoring, export), then apply it inside the one transaction that also commits the
+/// delivery's position and its dead letters, re-checking there that the work is not
+/// stale (FoundationDB's rule: never hold a transaction across slow work).
+pub trait Stage {
+    /// What one record asks for. Records asking for equal work in one delivery are
+    /// prepared and applied once.
+    type Work: PartialEq;
+    /// What preparing one piece of work made.
+    type Prepared;
+    /// What applying it did, for the stage's metrics.
+    type Outcome;
+    /// What `record` asks for (decoding only: no store access).
+    fn decode(&self, record: &Record) -> Decoded<Self::Work>;
+    /// Prepare `work` outside any transaction; `None` when there is nothing to do. An
+    /// error commits nothing: the runner's loop retries the delivery (or, for an error
+    /// retrying cannot fix, gives up on the record after a bound).
+    fn prepare(&mut self, work: &Self::Work) -> Result<Option<Self::Prepared>, KvError>;
+    /// Write the effect of `prepared` in `tx`, the delivery's transaction, at `now_ms`
+    /// (the runner's clock). May run again on a conflict: no side effects outside `tx`.
+    fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        prepared: &Self::Prepared,
+        now_ms: u64,
+    ) -> Result<Applied<Self::Outcome>, KvError>;
+    /// The delivery committed with these outcomes (metrics).
+    fn committed(&mut self, outcomes: Vec<Self::Outcome>);
+    /// The runner gives up on a record asking for `work`: end in `tx` (the transaction
+    /// that dead-letters it) whatever the work left open. Nothing, by default.
+    fn abandon(&self, tx: &mut Transaction<'_>, work: &Self::Work) -> Result<(), KvError> {
+        let _ = (tx, work);
+        Ok(())
+    }
+}
+
+/// Receives a count (records dead-lettered) for a metric.
+pub type CountSink = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Runs a [`Stage`] as the loop's [`StageHandler`]: decodes, prepares and applies a
+/// delivery's records, and commits their effects, their dead letters and the position
+/// past them in one transaction; gives up on a record by dead-lettering it with the
+/// position past it and the stage's [`Stage::abandon`].
+pub struct Runner<S> {
+    pub stage: S,
+    db: Db,
+    keys: Keys,
+    emitter: Arc<dyn Emitter>,
+    now_ms: NowMs,
+    dead_letters: Option<CountSink>,
+}
+
+impl<S: Stage> Runner<S> {
+    /// `stage` over `db`, emitting dead letters through `emitter`, on the wall clock.
+    pub fn new(stage: S, db: Db, keys: Keys, emitter: Arc<dyn Emitter>) -> Self {
+        Runner {
+            stage,
+            db,
+            keys,
+            emitter,
+            now_ms: crate::embedded::system_now_ms(),
+            dead_letters: None,
+        }
+    }
+    /// Count the records dead-lettered in `sink` (the stage's metric).
+    pub fn counting_dead_letters(mut self, sink: CountSink) -> Self {
+        self.dead_letters = Some(sink);
+        self
+    }
+    /// Apply at the times `now_ms` gives (tests).
+    pub fn with_clock(mut self, now_ms: NowMs) -> Self {
+        self.now_ms = now_ms;
+        self
+    }
+    fn count_dead(&self, n: u64) {
+        if let (Some(sink), true) = (&self.dead_letters, n > 0) {
+            sink(n);
+        }
+    }
+}
+
+/// One record of a delivery, as the runner goes through it.
+enum Step {
+    Dead(String),
+    Skip,
+    /// The index of its (first) piece of work.
+    Work(usize),
+}
+
+impl<S: Stage> StageHandler for Runner<S> {
+    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
+        let mut works: Vec<S::Work> = Vec::new();
+        let mut prepared: Vec<Option<S::Prepared>> = Vec::new();
+        let mut steps = Vec::with_capacity(d.records.len());
+        for r in &d.records {
+            let step = match self.stage.decode(r) {
+                Decoded::Dead(reason) => Step::Dead(reason),
+                Decoded::Ignore => Step::Skip,
+                Decoded::Work(w) => match works.iter().position(|x| *x == w) {
+                    Some(_) => Step::Skip, // the same work twice in one delivery
+                    None => {
+                        prepared.push(self.stage.prepare(&w)?);
+                        works.push(w);
+                        Step::Work(works.len() - 1)
+                    }
+                },
+            };
+            steps.push(step);
+        }
+        let (stage, emitter, keys) = (&self.stage, self.emitter.as_ref(), &self.keys);
+        let now = (self.now_ms)();
+        let (outcomes, dead) = self.db.transact(|tx| {
+            crate::positions::commit(tx, keys, &d.fence, d.next_offset())?;
+            let (mut outcomes, mut dead) = (Vec::new(), 0u64);
+            for (r, step) in d.records.iter().zip(&steps) {
+                let reason = match step {
+                    Step::Skip => continue,
+                    Step::Dead(reason) => reason.as_str(),
+                    Step::Work(i) => {
+                        let Some(p) = &prepared[*i] else { continue };
+                        match stage.apply(tx, p, now)? {
+                            Applied::Done(o) => {
+                                outcomes.push(o);
+                                continue;
+                            }
+                            Applied::Stale => continue,
+                            Applied::Dead(reason) => {
+                                crate::dead_letter(
+                                    emitter,
+                                    tx,
+                                    &d.fence.topic,
+                                    &r.key,
+                                    &r.payload,
+                                    &reason,
+                                )?;
+                                dead += 1;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                crate::dead_letter(emitter, tx, &d.fence.topic, &r.key, &r.payload, reason)?;
+                dead += 1;
+            }
+            Ok((outcomes, dead))
+        })?;
+        self.count_dead(dead);
+        self.stage.committed(outcomes);
+        Ok(())
+    }
+
+    fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
+        let works: Vec<S::Work> = d
+            .records
+            .iter()
+            .filter_map(|r| match self.stage.decode(r) {
+                Decoded::Work(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let stage = &self.stage;
+        let mut abandon = |tx: &mut Transaction<'_>| {
+            for w in &works {
+                stage.abandon(tx, w)?;
+            }
+            Ok(())
+        };
+        let emitter = self.emitter.as_ref();
+        let n = dead_letter_delivery_and(&self.db, &self.keys, emitter, d, reason, &mut abandon)?;
+        self.count_dead(n);
+        Ok(())
+    }
 }
 
 /// Whether retrying the same records can never make `e` go away: the loop gives up on

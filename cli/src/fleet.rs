@@ -100,8 +100,7 @@ impl Stages {
             spawn(
                 "publisher".into(),
                 Box::new(move |stop| {
-                    swimlane_publisher::run_stage_blocking(cfg, deps, stop)
-                        .map_err(|e| e.to_string())
+                    swimlane_publisher::run_blocking(cfg, deps, stop).map_err(|e| e.to_string())
                 }),
             )?;
         }

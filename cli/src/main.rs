@@ -234,7 +234,7 @@ async fn run_worker(w: WorkerName, config: Config) -> anyhow::Result<()> {
         WorkerName::Ingest => swimlane_ingest::run_process(config).await?,
         WorkerName::Trainer => swimlane_trainer::run_process(config).await?,
         WorkerName::Validator => swimlane_validator::run_process(config).await?,
-        WorkerName::Publisher => swimlane_publisher::run(config).await?,
+        WorkerName::Publisher => swimlane_publisher::run_process(config).await?,
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! [`stage`]) and serves them to devices.
 use std::sync::Arc;
 
-use swimlane_bus::stage::{run_stage, LoopOptions};
+use swimlane_bus::stage::LoopOptions;
 
 use tokio_util::sync::CancellationToken;
 
@@ -48,41 +48,32 @@ impl Default for PublisherConfig {
 pub type PublisherDeps = swimlane_runtime::wiring::StageDeps<PublisherMetrics>;
 
 /// Run the publishing stage until `shutdown` is cancelled.
-pub async fn run_stage_worker(
+pub async fn run(
     config: PublisherConfig,
     deps: PublisherDeps,
     shutdown: CancellationToken,
 ) -> Result<(), PublisherError> {
-    swimlane_runtime::wiring::run_until(
-        move |stop| run_stage_blocking(config, deps, stop),
-        shutdown,
-    )
-    .await
+    swimlane_runtime::wiring::run_until(move |stop| run_blocking(config, deps, stop), shutdown)
+        .await
 }
 
 /// The publishing stage on the calling thread.
-pub fn run_stage_blocking(
+pub fn run_blocking(
     config: PublisherConfig,
     deps: PublisherDeps,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), PublisherError> {
-    let PublisherDeps {
-        db,
-        repo,
-        emitter,
-        mut consumer,
-        metrics,
-    } = deps;
-    let opts = swimlane_runtime::wiring::with_lag_gauge(config.loop_options, &metrics.bus_lag);
-    let mut h = stage::Publisher {
-        db,
-        repo,
-        emitter,
-        metrics,
-        target_accuracy: config.target_accuracy,
-        spec: config.spec,
-    };
-    run_stage(consumer.as_mut(), &mut h, &opts, stop)?;
+    let (target_accuracy, spec) = (config.target_accuracy, config.spec);
+    deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
+        stage::Publisher {
+            db,
+            repo,
+            emitter,
+            metrics,
+            target_accuracy,
+            spec,
+        }
+    })?;
     Ok(())
 }
 
@@ -141,7 +132,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
     tracing::info!(%api_addr, "publisher API listening");
     p.ready.set(true);
     let shutdown = p.shutdown.clone();
-    let stage = tokio::spawn(run_stage_worker(cfg, deps, shutdown.clone()));
+    let stage = tokio::spawn(run(cfg, deps, shutdown.clone()));
     let drain = std::time::Duration::from_millis(config.publisher.drain_timeout_ms);
     let serve = swimlane_runtime::serve_draining(
         listener,
@@ -169,7 +160,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
 }
 
 /// [`start`], then wait until everything stopped.
-pub async fn run(config: swimlane_runtime::Config) -> Result<(), PublisherError> {
+pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), PublisherError> {
     let r = start(config).await?;
     r.handle
         .await

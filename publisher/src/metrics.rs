@@ -1,13 +1,14 @@
 //! The publisher's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
+use swimlane_runtime::Worker;
 
 /// Metrics the publisher exports as `swimlane_publisher_*`.
 #[derive(Clone)]
 pub struct PublisherMetrics {
-    /// Records waiting on this member's partitions.
-    pub bus_lag: IntGauge,
+    /// The lag and dead letters every stage has.
+    pub stage: StageMetrics,
     pub publishes: IntCounter,
-    pub dead_letters: IntCounter,
     /// Time from a batch's upload being accepted to the model containing it published.
     pub upload_to_publish_seconds: Histogram,
     /// Held-out accuracy of each newly published model (a distribution, no per-user
@@ -16,20 +17,19 @@ pub struct PublisherMetrics {
     pub model_downloads: IntCounter,
 }
 
+impl HasStageMetrics for PublisherMetrics {
+    fn stage(&self) -> &StageMetrics {
+        &self.stage
+    }
+}
+
 impl PublisherMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = PublisherMetrics {
-            bus_lag: IntGauge::new(
-                "swimlane_publisher_bus_lag_records",
-                "Records waiting on the partitions this member owns",
-            )?,
+            stage: StageMetrics::register(registry, Worker::Publisher)?,
             publishes: IntCounter::new(
                 "swimlane_publisher_publishes_total",
                 "Model versions published",
-            )?,
-            dead_letters: IntCounter::new(
-                "swimlane_publisher_dead_letters_total",
-                "Records sent to the dead-letter topic",
             )?,
             upload_to_publish_seconds: Histogram::with_opts(
                 HistogramOpts::new(
@@ -54,9 +54,7 @@ impl PublisherMetrics {
                 "Model downloads served (200 responses)",
             )?,
         };
-        registry.register(Box::new(m.bus_lag.clone()))?;
         registry.register(Box::new(m.publishes.clone()))?;
-        registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.upload_to_publish_seconds.clone()))?;
         registry.register(Box::new(m.heldout_accuracy.clone()))?;
         registry.register(Box::new(m.model_downloads.clone()))?;

@@ -13,12 +13,10 @@
 //!   assign (its blob id names the run and the version, so a re-run writes the same
 //!   bytes); if the transaction assigns another version, it exports again inside (a
 //!   few milliseconds, one ~300 kB blob), so the file always names its own version.
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use swimlane_bus::stage::StageHandler;
-use swimlane_bus::{positions, Delivery, Emitter};
+use swimlane_bus::stage::{Applied, Decoded, Stage};
+use swimlane_bus::{Emitter, Record};
 use swimlane_core::records::{ModelVersionRecord, RunRecord, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
@@ -36,19 +34,6 @@ pub(crate) struct Publisher {
     pub target_accuracy: f32,
     /// The deployment's model spec: weights of another spec are never published.
     pub spec: Arc<swimlane_core::ModelSpec>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-enum Item {
-    Publish { user: UserId, run_id: String },
-    Ignore,
-    Dead(String),
 }
 
 /// Blob id of the ONNX file of `user`'s run `run_id` published as `version`.
@@ -93,182 +78,151 @@ fn weights(repo: &Repo, tx: &mut Transaction<'_>, run: &RunRecord) -> Result<Vec
         })
 }
 
-impl StageHandler for Publisher {
-    fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
-        let e = self.emitter.as_ref();
-        let n = swimlane_bus::stage::dead_letter_delivery(&self.db, &self.repo.keys, e, d, reason)?;
-        self.metrics.dead_letters.inc_by(n);
-        Ok(())
+/// An accepted run, and its ONNX file if one was made beforehand: (the version the
+/// publishing transaction was expected to assign, the file).
+pub(crate) struct Accepted {
+    user: UserId,
+    run_id: String,
+    onnx: Option<(u64, StoredFile)>,
+}
+
+/// A version published.
+pub(crate) struct Published {
+    user: String,
+    version: u64,
+    heldout_accuracy: f32,
+    /// When the version's batches were staged (for upload-to-publish latency).
+    staged_at_ms: Vec<u64>,
+    published_at_ms: u64,
+}
+
+impl Stage for Publisher {
+    /// A user's run with an accepting verdict.
+    type Work = (UserId, String);
+    type Prepared = Accepted;
+    type Outcome = Published;
+
+    fn decode(&self, r: &Record) -> Decoded<(UserId, String)> {
+        match Event::decode(&r.payload) {
+            Ok(Event::CandidateAccepted { user, run_id }) => Decoded::Work((user, run_id)),
+            Ok(Event::CandidateRejected { .. }) => Decoded::Ignore,
+            Ok(other) => Decoded::Dead(format!(
+                "unexpected event on {}: {}",
+                topics::VERDICTS,
+                other.topic()
+            )),
+            Err(e) => Decoded::Dead(e.to_string()),
+        }
     }
 
-    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
-        let items: Vec<_> = d
-            .records
-            .iter()
-            .map(|r| {
-                let item = match Event::decode(&r.payload) {
-                    Ok(Event::CandidateAccepted { user, run_id }) => Item::Publish { user, run_id },
-                    Ok(Event::CandidateRejected { .. }) => Item::Ignore,
-                    Ok(other) => Item::Dead(format!(
-                        "unexpected event on {}: {}",
-                        topics::VERDICTS,
-                        other.topic()
-                    )),
-                    Err(e) => Item::Dead(e.to_string()),
-                };
-                (r, item)
-            })
-            .collect();
-        let (repo, emitter, target) = (&self.repo, &self.emitter, self.target_accuracy);
-        // The ONNX files, made outside the publishing transaction for the version it is
-        // expected to assign: (user, run) → (version, file).
-        let mut prepared: HashMap<(String, String), (u64, StoredFile)> = HashMap::new();
-        for (_, item) in &items {
-            let Item::Publish { user, run_id } = item else {
-                continue;
+    /// The ONNX file, made outside the publishing transaction for the version it is
+    /// expected to assign.
+    fn prepare(&mut self, (user, run_id): &(UserId, String)) -> Result<Option<Accepted>, KvError> {
+        let (repo, u) = (&self.repo, user.as_str());
+        let found = self.db.transact(|tx| {
+            let Some(run) = repo.run(tx, u, run_id)? else {
+                return Ok(None);
             };
-            let u = user.as_str();
-            if prepared.contains_key(&(u.to_string(), run_id.clone())) {
-                continue; // the same event twice in one delivery
+            if run.published_version.is_some() || !run.verdict.as_ref().is_some_and(|v| v.accepted)
+            {
+                return Ok(None);
             }
-            let found = self.db.transact(|tx| {
-                let Some(run) = repo.run(tx, u, run_id)? else {
-                    return Ok(None);
-                };
-                if run.published_version.is_some()
-                    || !run.verdict.as_ref().is_some_and(|v| v.accepted)
-                {
-                    return Ok(None);
-                }
-                let version = repo.user_state(tx, u)?.last_version + 1;
-                let w = weights(repo, tx, &run)?;
-                Ok(Some((run, version, w)))
-            })?;
-            let Some((run, version, w)) = found else {
-                continue;
-            };
-            let bytes = export_onnx(&self.spec, &run, &w, version)?;
-            let blob = onnx_blob_id(u, run_id, version);
-            repo.put_blob_db(&self.db, &blob, &bytes)?;
-            prepared.insert(
-                (u.to_string(), run_id.clone()),
-                (version, stored(blob, &bytes)),
-            );
-        }
-        let next = d.next_offset();
-        let now = now_ms();
-        let (published, dead, staged_at) = self.db.transact(|tx| {
-            positions::commit(tx, &repo.keys, &d.fence, next)?;
-            let (mut published, mut dead, mut staged_at) = (Vec::new(), 0u64, Vec::new());
-            for (rec, item) in &items {
-                match item {
-                    Item::Ignore => {}
-                    Item::Dead(reason) => {
-                        swimlane_bus::dead_letter(
-                            emitter.as_ref(),
-                            tx,
-                            topics::VERDICTS,
-                            &rec.key,
-                            &rec.payload,
-                            reason,
-                        )?;
-                        dead += 1;
-                    }
-                    Item::Publish { user, run_id } => {
-                        let u = user.as_str();
-                        let Some(run) = repo.run(tx, u, run_id)? else {
-                            swimlane_bus::dead_letter(
-                                emitter.as_ref(),
-                                tx,
-                                topics::VERDICTS,
-                                &rec.key,
-                                &rec.payload,
-                                "run record missing",
-                            )?;
-                            dead += 1;
-                            continue;
-                        };
-                        let Some(verdict) = run.verdict.clone().filter(|v| v.accepted) else {
-                            swimlane_bus::dead_letter(
-                                emitter.as_ref(),
-                                tx,
-                                topics::VERDICTS,
-                                &rec.key,
-                                &rec.payload,
-                                "run has no accepting verdict",
-                            )?;
-                            dead += 1;
-                            continue;
-                        };
-                        if run.published_version.is_some() {
-                            continue; // duplicate delivery
-                        }
-                        let state = repo.user_state(tx, u)?;
-                        let version = state.last_version + 1;
-                        let onnx_file = match prepared.get(&(u.to_string(), run_id.clone())) {
-                            Some((v, file)) if *v == version => file.clone(),
-                            _ => {
-                                // Not made beforehand for this version: make it here.
-                                let bytes = export_onnx(
-                                    &self.spec,
-                                    &run,
-                                    &weights(repo, tx, &run)?,
-                                    version,
-                                )?;
-                                let blob = onnx_blob_id(u, run_id, version);
-                                repo.put_blob(tx, &blob, &bytes)?;
-                                stored(blob, &bytes)
-                            }
-                        };
-                        let record = ModelVersionRecord {
-                            v: 1,
-                            version,
-                            run_id: run_id.clone(),
-                            parent_version: run.parent_version,
-                            batches: run.batches.clone(),
-                            model_blob: run.model_blob.clone(),
-                            sha256: run.model_sha256.clone(),
-                            size_bytes: run.model_bytes,
-                            heldout_accuracy: verdict.candidate_heldout_accuracy,
-                            parent_heldout_accuracy: verdict.current_heldout_accuracy,
-                            guard_accuracy: verdict.candidate_guard_accuracy,
-                            published_at_ms: now,
-                            onnx: Some(onnx_file),
-                        };
-                        let converged =
-                            policy::converged(verdict.candidate_heldout_accuracy, target);
-                        staged_at.extend(lifecycle::publish(
-                            repo,
-                            emitter.as_ref(),
-                            tx,
-                            user,
-                            run,
-                            &record,
-                            state,
-                            converged,
-                        )?);
-                        published.push((
-                            u.to_string(),
-                            version,
-                            verdict.candidate_heldout_accuracy,
-                        ));
-                    }
-                }
-            }
-            Ok((published, dead, staged_at))
+            let version = repo.user_state(tx, u)?.last_version + 1;
+            let w = weights(repo, tx, &run)?;
+            Ok(Some((run, version, w)))
         })?;
-        for (user, version, acc) in &published {
-            tracing::info!(user_id = %user, version, heldout_accuracy = acc, "model published");
-            self.metrics.heldout_accuracy.observe(*acc as f64);
+        let onnx = match found {
+            None => None,
+            Some((run, version, w)) => {
+                let bytes = export_onnx(&self.spec, &run, &w, version)?;
+                let blob = onnx_blob_id(u, run_id, version);
+                repo.put_blob_db(&self.db, &blob, &bytes)?;
+                Some((version, stored(blob, &bytes)))
+            }
+        };
+        Ok(Some(Accepted {
+            user: user.clone(),
+            run_id: run_id.clone(),
+            onnx,
+        }))
+    }
+
+    fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        a: &Accepted,
+        now_ms: u64,
+    ) -> Result<Applied<Published>, KvError> {
+        let (repo, u, run_id) = (&self.repo, a.user.as_str(), &a.run_id);
+        let Some(run) = repo.run(tx, u, run_id)? else {
+            return Ok(Applied::Dead("run record missing".into()));
+        };
+        let Some(verdict) = run.verdict.clone().filter(|v| v.accepted) else {
+            return Ok(Applied::Dead("run has no accepting verdict".into()));
+        };
+        if run.published_version.is_some() {
+            return Ok(Applied::Stale); // duplicate delivery
         }
-        for t in staged_at {
+        let state = repo.user_state(tx, u)?;
+        let version = state.last_version + 1;
+        let onnx_file = match &a.onnx {
+            Some((v, file)) if *v == version => file.clone(),
+            _ => {
+                // Not made beforehand for this version: make it here.
+                let bytes = export_onnx(&self.spec, &run, &weights(repo, tx, &run)?, version)?;
+                let blob = onnx_blob_id(u, run_id, version);
+                repo.put_blob(tx, &blob, &bytes)?;
+                stored(blob, &bytes)
+            }
+        };
+        let record = ModelVersionRecord {
+            v: 1,
+            version,
+            run_id: run_id.clone(),
+            parent_version: run.parent_version,
+            batches: run.batches.clone(),
+            model_blob: run.model_blob.clone(),
+            sha256: run.model_sha256.clone(),
+            size_bytes: run.model_bytes,
+            heldout_accuracy: verdict.candidate_heldout_accuracy,
+            parent_heldout_accuracy: verdict.current_heldout_accuracy,
+            guard_accuracy: verdict.candidate_guard_accuracy,
+            published_at_ms: now_ms,
+            onnx: Some(onnx_file),
+        };
+        let converged = policy::converged(verdict.candidate_heldout_accuracy, self.target_accuracy);
+        let staged_at_ms = lifecycle::publish(
+            repo,
+            self.emitter.as_ref(),
+            tx,
+            &a.user,
+            run,
+            &record,
+            state,
+            converged,
+        )?;
+        Ok(Applied::Done(Published {
+            user: u.to_string(),
+            version,
+            heldout_accuracy: verdict.candidate_heldout_accuracy,
+            staged_at_ms,
+            published_at_ms: now_ms,
+        }))
+    }
+
+    fn committed(&mut self, published: Vec<Published>) {
+        for p in &published {
+            tracing::info!(user_id = %p.user, version = p.version, heldout_accuracy = p.heldout_accuracy, "model published");
             self.metrics
-                .upload_to_publish_seconds
-                .observe(now.saturating_sub(t) as f64 / 1000.0);
+                .heldout_accuracy
+                .observe(p.heldout_accuracy as f64);
+            for t in &p.staged_at_ms {
+                self.metrics
+                    .upload_to_publish_seconds
+                    .observe(p.published_at_ms.saturating_sub(*t) as f64 / 1000.0);
+            }
         }
         self.metrics.publishes.inc_by(published.len() as u64);
-        self.metrics.dead_letters.inc_by(dead);
-        Ok(())
     }
 }
 
@@ -276,7 +230,8 @@ impl StageHandler for Publisher {
 mod tests {
     use super::*;
     use swimlane_bus::embedded::EmbeddedBus;
-    use swimlane_bus::Record;
+    use swimlane_bus::stage::{Runner, StageHandler};
+    use swimlane_bus::{positions, Delivery};
     use swimlane_core::keys::Keys;
     use swimlane_core::records::Verdict;
     use swimlane_core::StrokeClass;
@@ -375,14 +330,16 @@ mod tests {
             })
             .collect();
         let delivery = Delivery { fence, records };
-        let mut p = Publisher {
+        let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), 1));
+        let stage = Publisher {
             db: db.clone(),
             repo: repo.clone(),
-            emitter: Arc::new(EmbeddedBus::new(keys.clone(), 1)),
+            emitter: emitter.clone(),
             metrics: PublisherMetrics::register(&prometheus::Registry::new()).unwrap(),
             target_accuracy: 0.97,
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
         };
+        let mut p = Runner::new(stage, db.clone(), keys.clone(), emitter);
         p.handle(&delivery).unwrap();
         let versions = db.transact(|tx| repo.model_versions(tx, "ana")).unwrap();
         assert_eq!(versions.len(), 2);

@@ -47,15 +47,36 @@ pub fn apply_training_threads(config: &Config) {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
 
-/// Every worker binary's `main`: its flags ([`Args`], each with its environment twin;
-/// `--help` shows `about`), its config for `worker`, tracing, then `process` on a
-/// multi-threaded tokio runtime until it returns. The trainer's training threads are
-/// set first, before any other thread starts ([`apply_training_threads`]).
+#[doc(hidden)]
+pub use mimalloc::MiMalloc;
+
+/// A worker binary: its `main` is [`worker_main`] for `$worker` (a [`Worker`]), with
+/// `$about` for `--help`, running `$process` (the worker's `run_process`), and its
+/// global allocator mimalloc (training and scoring allocate a tensor per operation,
+/// which glibc's allocator turns into page faults: 5x slower, shared/facts.md).
+#[macro_export]
+macro_rules! worker_binary {
+    ($worker:ident, $about:expr, $process:path $(,)?) => {
+        #[global_allocator]
+        static GLOBAL: $crate::MiMalloc = $crate::MiMalloc;
+
+        fn main() -> ::std::process::ExitCode {
+            $crate::worker_main($crate::Worker::$worker, $about, $process)
+        }
+    };
+}
+
+/// Every worker binary's `main` ([`worker_binary!`]): its flags ([`Args`], each with
+/// its environment twin; `--help` shows `about`), its config for `worker`, tracing,
+/// then `process` on a multi-threaded tokio runtime until it returns. The trainer's
+/// training threads are set first, before any other thread starts
+/// ([`apply_training_threads`]). An error is printed with its causes, and the exit
+/// status is 1.
 pub fn worker_main<Fut, E>(
     worker: Worker,
     about: &'static str,
     process: impl FnOnce(Config) -> Fut,
-) -> Result<(), WorkerError>
+) -> std::process::ExitCode
 where
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
@@ -66,17 +87,32 @@ where
         .version(env!("CARGO_PKG_VERSION"))
         .about(about);
     let args = Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
-    let config = Config::load(&args, Some(worker))?;
-    if worker == Worker::Trainer {
-        apply_training_threads(&config);
+    let run = || -> Result<(), WorkerError> {
+        let config = Config::load(&args, Some(worker))?;
+        if worker == Worker::Trainer {
+            apply_training_threads(&config);
+        }
+        init_tracing(config.log_json);
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(WorkerError::Runtime)?
+            .block_on(process(config))
+            .map_err(|e| WorkerError::Process(Box::new(e)))
+    };
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = format!("Error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(&format!("\n  caused by: {s}"));
+                source = s.source();
+            }
+            eprintln!("{message}");
+            std::process::ExitCode::FAILURE
+        }
     }
-    init_tracing(config.log_json);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(WorkerError::Runtime)?
-        .block_on(process(config))
-        .map_err(|e| WorkerError::Process(Box::new(e)))
 }
 
 /// Why a worker process ([`worker_main`]) stopped with an error.

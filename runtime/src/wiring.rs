@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use prometheus::Registry;
 use swimlane_bus::embedded::{system_now_ms, ConsumerOptions, EmbeddedBus, EmbeddedConsumer};
-use swimlane_bus::stage::LoopOptions;
+use swimlane_bus::stage::{run_stage, LoopOptions, Runner, Stage};
 use swimlane_bus::{member_id, Consumer, Emitter};
 use swimlane_core::keys::Keys;
 use swimlane_store::Db;
@@ -221,6 +221,68 @@ pub async fn run_until<E: From<RuntimeError> + Send + 'static>(
     tokio::task::spawn_blocking(move || work(&|| shutdown.is_cancelled()))
         .await
         .map_err(|e| E::from(RuntimeError::Join(e.to_string())))?
+}
+
+/// What every consuming stage exports, kept by its [`Runner`]:
+/// `swimlane_<worker>_bus_lag_records` and `swimlane_<worker>_dead_letters_total`.
+#[derive(Clone)]
+pub struct StageMetrics {
+    /// Records waiting on the partitions this member owns.
+    pub bus_lag: prometheus::IntGauge,
+    /// Records the stage could not process, sent to the dead-letter topic.
+    pub dead_letters: prometheus::IntCounter,
+}
+
+impl StageMetrics {
+    /// Create `worker`'s and register them on `registry` (errors if registered twice).
+    pub fn register(registry: &Registry, worker: Worker) -> prometheus::Result<Self> {
+        let w = worker.name();
+        let m = StageMetrics {
+            bus_lag: prometheus::IntGauge::new(
+                format!("swimlane_{w}_bus_lag_records"),
+                "Records waiting on the partitions this member owns",
+            )?,
+            dead_letters: prometheus::IntCounter::new(
+                format!("swimlane_{w}_dead_letters_total"),
+                format!("Records the {w} could not process, sent to the dead-letter topic"),
+            )?,
+        };
+        registry.register(Box::new(m.bus_lag.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        Ok(m)
+    }
+}
+
+/// A stage's own metrics, beside the [`StageMetrics`] every stage has.
+pub trait HasStageMetrics {
+    fn stage(&self) -> &StageMetrics;
+}
+
+impl<M: HasStageMetrics> StageDeps<M> {
+    /// Run the stage `build` makes from these dependencies in a [`Runner`] over the
+    /// consumer until `stop()`; then leave the group. The runner reports the lag and
+    /// counts the dead letters in the stage's [`StageMetrics`].
+    pub fn run<S: Stage>(
+        self,
+        opts: LoopOptions,
+        stop: &dyn Fn() -> bool,
+        build: impl FnOnce(Db, swimlane_state::Repo, Arc<dyn Emitter>, M) -> S,
+    ) -> Result<(), swimlane_bus::BusError> {
+        let StageDeps {
+            db,
+            repo,
+            emitter,
+            mut consumer,
+            metrics,
+        } = self;
+        let m = metrics.stage().clone();
+        let opts = with_lag_gauge(opts, &m.bus_lag);
+        let keys = repo.keys.clone();
+        let stage = build(db.clone(), repo, emitter.clone(), metrics);
+        let mut runner = Runner::new(stage, db, keys, emitter)
+            .counting_dead_letters(Arc::new(move |n| m.dead_letters.inc_by(n)));
+        run_stage(consumer.as_mut(), &mut runner, &opts, stop)
+    }
 }
 
 /// `opts` reporting the consumer's lag to `gauge`, unless they report it elsewhere.

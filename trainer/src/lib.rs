@@ -19,16 +19,16 @@
 //!   records; and a duplicate trigger finds the batches no longer staged, or the count
 //!   moved on, and does nothing.
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
-use swimlane_bus::{positions, Delivery, Emitter};
+use swimlane_bus::stage::{Applied, Decoded, LoopOptions, Stage};
+use swimlane_bus::{Emitter, Record};
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_state::{lifecycle, sha256_hex, Repo, BASE_MODEL_BLOB};
-use swimlane_store::{Db, KvError};
+use swimlane_store::{Db, KvError, Transaction};
 use tokio_util::sync::CancellationToken;
 
 mod metrics;
@@ -98,23 +98,17 @@ pub fn run_blocking(
         .loop_options
         .max_records
         .clamp(1, MAX_RUNS_PER_COMMIT);
-    let TrainerDeps {
-        db,
-        repo,
-        emitter,
-        mut consumer,
-        metrics,
-    } = deps;
-    let opts = swimlane_runtime::wiring::with_lag_gauge(config.loop_options, &metrics.bus_lag);
-    let mut handler = Trainer {
-        db,
-        repo,
-        emitter,
-        metrics,
-        train: config.train,
-        spec: config.spec,
-    };
-    run_stage(consumer.as_mut(), &mut handler, &opts, stop)?;
+    let (train, spec) = (config.train, config.spec);
+    deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
+        Trainer {
+            db,
+            repo,
+            emitter,
+            metrics,
+            train,
+            spec,
+        }
+    })?;
     Ok(())
 }
 
@@ -157,13 +151,6 @@ struct Trained {
     plan: Plan,
     weights: Vec<u8>,
     seconds: f32,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Deterministic run id of a user's run over `batches` (sorted), as its
@@ -286,120 +273,119 @@ impl Trainer {
     }
 }
 
-impl StageHandler for Trainer {
-    fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
-        let e = self.emitter.as_ref();
-        let n = swimlane_bus::stage::dead_letter_delivery(&self.db, &self.repo.keys, e, d, reason)?;
-        self.metrics.dead_letters.inc_by(n);
-        Ok(())
+/// What preparing a user's run made.
+enum Prepared {
+    Trained(Trained),
+    /// Training failed in a way retrying repeats (bad parent bytes, no samples): the
+    /// batches are rejected with the reason.
+    Failed {
+        user: UserId,
+        batches: Vec<String>,
+        reason: String,
+    },
+}
+
+impl Stage for Trainer {
+    /// A user with staged corrections.
+    type Work = UserId;
+    type Prepared = Prepared;
+    /// Whether a run was committed.
+    type Outcome = bool;
+
+    fn decode(&self, r: &Record) -> Decoded<UserId> {
+        match Event::decode(&r.payload) {
+            Ok(Event::BatchStaged { user, .. }) => Decoded::Work(user),
+            Ok(other) => Decoded::Dead(format!(
+                "unexpected event on {}: {:?}",
+                topics::BATCHES,
+                other.topic()
+            )),
+            Err(e) => Decoded::Dead(e.to_string()),
+        }
     }
 
-    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
-        // Decode; remember what cannot be processed, for the dead-letter topic.
-        let mut users: Vec<UserId> = Vec::new();
-        let mut dead: Vec<(String, Vec<u8>, String)> = Vec::new();
-        for r in &d.records {
-            match Event::decode(&r.payload) {
-                Ok(Event::BatchStaged { user, .. }) => {
-                    if !users.contains(&user) {
-                        users.push(user)
-                    }
-                }
-                Ok(other) => dead.push((
-                    r.key.clone(),
-                    r.payload.clone(),
-                    format!(
-                        "unexpected event on {}: {:?}",
-                        topics::BATCHES,
-                        other.topic()
-                    ),
-                )),
-                Err(e) => dead.push((r.key.clone(), r.payload.clone(), e.to_string())),
+    fn prepare(&mut self, user: &UserId) -> Result<Option<Prepared>, KvError> {
+        let span = tracing::info_span!("train", user_id = %user);
+        let _g = span.enter();
+        let Some(plan) = self.plan(user)? else {
+            tracing::debug!("nothing to train");
+            return Ok(None);
+        };
+        tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
+        let batches = plan.batches.clone();
+        Ok(Some(match self.train(plan) {
+            Ok(t) => {
+                self.metrics.train_seconds.observe(t.seconds as f64);
+                Prepared::Trained(t)
             }
-        }
-        let mut trained = Vec::new();
-        let mut failed: Vec<(UserId, Vec<String>, String)> = Vec::new();
-        for user in &users {
-            let span = tracing::info_span!("train", user_id = %user);
-            let _g = span.enter();
-            let Some(plan) = self.plan(user)? else {
-                tracing::debug!("nothing to train");
-                continue;
-            };
-            tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
-            let batches = plan.batches.clone();
-            match self.train(plan) {
-                Ok(t) => {
-                    self.metrics.train_seconds.observe(t.seconds as f64);
-                    trained.push(t)
-                }
-                Err(reason) => {
-                    // Deterministic failure (bad parent bytes, no samples): retrying
-                    // gives the same; reject the batches with the reason.
-                    tracing::error!(%reason, "training failed");
-                    self.metrics.runs_failed.inc();
-                    failed.push((user.clone(), batches, reason));
-                }
-            }
-        }
-        let (repo, emitter) = (&self.repo, &self.emitter);
-        let next = d.next_offset();
-        let committed = self.db.transact(|tx| {
-            positions::commit(tx, &repo.keys, &d.fence, next)?;
-            for (key, payload, reason) in &dead {
-                swimlane_bus::dead_letter(
-                    emitter.as_ref(),
-                    tx,
-                    topics::BATCHES,
-                    key,
-                    payload,
+            Err(reason) => {
+                tracing::error!(%reason, "training failed");
+                self.metrics.runs_failed.inc();
+                Prepared::Failed {
+                    user: user.clone(),
+                    batches,
                     reason,
-                )?;
-            }
-            let mut runs = 0;
-            for t in &trained {
-                let u = t.plan.user.as_str();
-                let state = repo.user_state(tx, u)?;
-                let mut still_staged = true;
-                for b in &t.plan.batches {
-                    if !repo.batch(tx, u, b)?.is_some_and(|r| r.status.is_pending()) {
-                        still_staged = false;
-                    }
                 }
-                if state.inflight_run.is_some()
-                    || !still_staged
-                    || state.head != t.plan.parent_version
-                    || run_id(u, &t.plan.batches, state.runs_started) != t.plan.run_id
-                {
-                    continue; // someone else moved this user on; the trigger is stale
-                }
-                let blob_id = format!("cand-{}-{}", u, t.plan.run_id);
-                repo.put_blob(tx, &blob_id, &t.weights)?;
-                let run = RunRecord {
-                    v: 1,
-                    run_id: t.plan.run_id.clone(),
-                    parent_version: t.plan.parent_version,
-                    batches: t.plan.batches.clone(),
-                    train_samples: t.plan.samples.len() as u32,
-                    model_blob: blob_id,
-                    model_sha256: sha256_hex(&t.weights),
-                    model_bytes: t.weights.len() as u64,
-                    created_at_ms: now_ms(),
-                    train_seconds: t.seconds,
-                    verdict: None,
-                    published_version: None,
-                };
-                lifecycle::begin_run(repo, emitter.as_ref(), tx, &t.plan.user, &run, state)?;
-                runs += 1;
             }
-            for (user, batches, reason) in &failed {
+        }))
+    }
+
+    fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        p: &Prepared,
+        now_ms: u64,
+    ) -> Result<Applied<bool>, KvError> {
+        let repo = &self.repo;
+        let t = match p {
+            Prepared::Failed {
+                user,
+                batches,
+                reason,
+            } => {
                 lifecycle::fail_training(repo, tx, user.as_str(), batches, reason)?;
+                return Ok(Applied::Done(false));
             }
-            Ok(runs)
-        })?;
-        self.metrics.runs_committed.inc_by(committed as u64);
-        self.metrics.dead_letters.inc_by(dead.len() as u64);
-        Ok(())
+            Prepared::Trained(t) => t,
+        };
+        let u = t.plan.user.as_str();
+        let state = repo.user_state(tx, u)?;
+        let mut still_staged = true;
+        for b in &t.plan.batches {
+            if !repo.batch(tx, u, b)?.is_some_and(|r| r.status.is_pending()) {
+                still_staged = false;
+            }
+        }
+        if state.inflight_run.is_some()
+            || !still_staged
+            || state.head != t.plan.parent_version
+            || run_id(u, &t.plan.batches, state.runs_started) != t.plan.run_id
+        {
+            return Ok(Applied::Stale); // someone else moved this user on
+        }
+        let blob_id = format!("cand-{}-{}", u, t.plan.run_id);
+        repo.put_blob(tx, &blob_id, &t.weights)?;
+        let run = RunRecord {
+            v: 1,
+            run_id: t.plan.run_id.clone(),
+            parent_version: t.plan.parent_version,
+            batches: t.plan.batches.clone(),
+            train_samples: t.plan.samples.len() as u32,
+            model_blob: blob_id,
+            model_sha256: sha256_hex(&t.weights),
+            model_bytes: t.weights.len() as u64,
+            created_at_ms: now_ms,
+            train_seconds: t.seconds,
+            verdict: None,
+            published_version: None,
+        };
+        lifecycle::begin_run(repo, self.emitter.as_ref(), tx, &t.plan.user, &run, state)?;
+        Ok(Applied::Done(true))
+    }
+
+    fn committed(&mut self, runs: Vec<bool>) {
+        let n = runs.into_iter().filter(|r| *r).count();
+        self.metrics.runs_committed.inc_by(n as u64);
     }
 }
 

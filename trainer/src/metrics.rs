@@ -1,25 +1,29 @@
 //! The trainer's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
+use swimlane_runtime::Worker;
 
 /// Counters and histograms the trainer exports as `swimlane_trainer_*`.
 #[derive(Clone)]
 pub struct TrainerMetrics {
-    /// Records waiting on this member's partitions.
-    pub bus_lag: IntGauge,
+    /// The lag and dead letters every stage has.
+    pub stage: StageMetrics,
     pub train_seconds: Histogram,
     pub runs_committed: IntCounter,
     pub runs_failed: IntCounter,
-    pub dead_letters: IntCounter,
+}
+
+impl HasStageMetrics for TrainerMetrics {
+    fn stage(&self) -> &StageMetrics {
+        &self.stage
+    }
 }
 
 impl TrainerMetrics {
     /// Create and register on `registry` (errors if registered twice).
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = TrainerMetrics {
-            bus_lag: IntGauge::new(
-                "swimlane_trainer_bus_lag_records",
-                "Records waiting on the partitions this member owns",
-            )?,
+            stage: StageMetrics::register(registry, Worker::Trainer)?,
             train_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "swimlane_trainer_train_seconds",
@@ -37,16 +41,10 @@ impl TrainerMetrics {
                 "swimlane_trainer_runs_failed_total",
                 "Training runs that failed deterministically; their batches were rejected",
             )?,
-            dead_letters: IntCounter::new(
-                "swimlane_trainer_dead_letters_total",
-                "Records the trainer could not process, sent to the dead-letter topic",
-            )?,
         };
-        registry.register(Box::new(m.bus_lag.clone()))?;
         registry.register(Box::new(m.train_seconds.clone()))?;
         registry.register(Box::new(m.runs_committed.clone()))?;
         registry.register(Box::new(m.runs_failed.clone()))?;
-        registry.register(Box::new(m.dead_letters.clone()))?;
         Ok(m)
     }
 }

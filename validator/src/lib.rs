@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use swimlane_bus::stage::{run_stage, LoopOptions, StageHandler};
-use swimlane_bus::{positions, Delivery, Emitter};
+use swimlane_bus::stage::{Applied, Decoded, LoopOptions, Stage};
+use swimlane_bus::{Emitter, Record};
 use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
 use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
@@ -65,24 +65,18 @@ pub fn run_blocking(
     deps: ValidatorDeps,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), ValidatorError> {
-    let ValidatorDeps {
-        db,
-        repo,
-        emitter,
-        mut consumer,
-        metrics,
-    } = deps;
-    let opts = swimlane_runtime::wiring::with_lag_gauge(config.loop_options, &metrics.bus_lag);
-    let mut h = Validator {
-        db,
-        repo,
-        emitter,
-        metrics,
-        policy: config.policy,
-        spec: config.spec,
-        guard: None,
-    };
-    run_stage(consumer.as_mut(), &mut h, &opts, stop)?;
+    let (policy, spec) = (config.policy, config.spec);
+    deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
+        Validator {
+            db,
+            repo,
+            emitter,
+            metrics,
+            policy,
+            spec,
+            guard: None,
+        }
+    })?;
     Ok(())
 }
 
@@ -358,115 +352,83 @@ pub fn current_model(
     bytes.ok_or_else(|| missing(format!("user {user} current model"), "weights missing"))
 }
 
-impl StageHandler for Validator {
-    fn give_up(&mut self, d: &Delivery, reason: &str) -> Result<(), KvError> {
-        let (db, repo, emitter) = (&self.db, &self.repo, self.emitter.as_ref());
-        // The runs whose candidates cannot be judged end, so their users train again.
-        let runs: Vec<(UserId, String)> = d
-            .records
-            .iter()
-            .filter_map(|r| match Event::decode(&r.payload) {
-                Ok(Event::CandidateTrained { user, run_id, .. }) => Some((user, run_id)),
-                _ => None,
-            })
-            .collect();
-        let mut abandon = |tx: &mut swimlane_store::Transaction<'_>| {
-            for (user, run_id) in &runs {
-                lifecycle::abandon_run(repo, emitter, tx, user, run_id)?;
-            }
-            Ok(())
-        };
-        let n = swimlane_bus::stage::dead_letter_delivery_and(
-            db,
-            &repo.keys,
-            emitter,
-            d,
-            reason,
-            &mut abandon,
-        )?;
-        self.metrics.dead_letters.inc_by(n);
-        Ok(())
+impl Stage for Validator {
+    /// A user's run with a candidate to judge.
+    type Work = (UserId, String);
+    type Prepared = Outcome;
+    type Outcome = Decision;
+
+    fn decode(&self, r: &Record) -> Decoded<(UserId, String)> {
+        match Event::decode(&r.payload) {
+            Ok(Event::CandidateTrained { user, run_id, .. }) => Decoded::Work((user, run_id)),
+            Ok(other) => Decoded::Dead(format!(
+                "unexpected event on {}: {}",
+                topics::CANDIDATES,
+                other.topic()
+            )),
+            Err(e) => Decoded::Dead(e.to_string()),
+        }
     }
 
-    fn handle(&mut self, d: &Delivery) -> Result<(), KvError> {
-        let mut outcomes = Vec::new();
-        for r in &d.records {
-            let out = match Event::decode(&r.payload) {
-                Ok(Event::CandidateTrained { user, run_id, .. }) => {
-                    let span = tracing::info_span!("validate", user_id = %user, run_id = %run_id);
-                    let _g = span.enter();
-                    self.score(&user, &run_id)?
-                }
-                Ok(other) => Outcome::Dead(format!(
-                    "unexpected event on {}: {}",
-                    topics::CANDIDATES,
-                    other.topic()
-                )),
-                Err(e) => Outcome::Dead(e.to_string()),
-            };
-            outcomes.push((r, out));
+    fn prepare(&mut self, (user, run_id): &(UserId, String)) -> Result<Option<Outcome>, KvError> {
+        let span = tracing::info_span!("validate", user_id = %user, run_id = %run_id);
+        let _g = span.enter();
+        match self.score(user, run_id)? {
+            Outcome::Skip => Ok(None),
+            out => Ok(Some(out)),
         }
-        let (repo, emitter) = (&self.repo, &self.emitter);
-        let next = d.next_offset();
-        let counts = self.db.transact(|tx| {
-            positions::commit(tx, &repo.keys, &d.fence, next)?;
-            let (mut acc, mut rej, mut deferred, mut dead) = (0u64, 0u64, 0u64, 0u64);
-            for (rec, out) in &outcomes {
-                match out {
-                    Outcome::Skip => {}
-                    Outcome::Dead(reason) => {
-                        swimlane_bus::dead_letter(
-                            emitter.as_ref(),
-                            tx,
-                            topics::CANDIDATES,
-                            &rec.key,
-                            &rec.payload,
-                            reason,
-                        )?;
-                        dead += 1;
-                    }
-                    Outcome::Verdict {
-                        user,
-                        run_id,
-                        decision,
-                        failed,
-                        verdict,
-                    } => {
-                        let done = lifecycle::record_verdict(
-                            repo,
-                            emitter.as_ref(),
-                            tx,
-                            user,
-                            run_id,
-                            *decision,
-                            failed,
-                            verdict,
-                        )?;
-                        match done {
-                            Some(Decision::Accept) => acc += 1,
-                            Some(Decision::Defer) => deferred += 1,
-                            Some(Decision::Reject) => rej += 1,
-                            None => {}
-                        }
-                    }
-                }
-            }
-            Ok((acc, rej, deferred, dead))
-        })?;
-        self.metrics
-            .verdicts
-            .with_label_values(&["accepted"])
-            .inc_by(counts.0);
-        self.metrics
-            .verdicts
-            .with_label_values(&["rejected"])
-            .inc_by(counts.1);
-        self.metrics
-            .verdicts
-            .with_label_values(&["deferred"])
-            .inc_by(counts.2);
-        self.metrics.dead_letters.inc_by(counts.3);
-        Ok(())
+    }
+
+    fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        out: &Outcome,
+        _now_ms: u64,
+    ) -> Result<Applied<Decision>, KvError> {
+        let Outcome::Verdict {
+            user,
+            run_id,
+            decision,
+            failed,
+            verdict,
+        } = out
+        else {
+            return Ok(match out {
+                Outcome::Dead(reason) => Applied::Dead(reason.clone()),
+                _ => Applied::Stale,
+            });
+        };
+        let done = lifecycle::record_verdict(
+            &self.repo,
+            self.emitter.as_ref(),
+            tx,
+            user,
+            run_id,
+            *decision,
+            failed,
+            verdict,
+        )?;
+        Ok(done.map_or(Applied::Stale, Applied::Done))
+    }
+
+    fn committed(&mut self, decisions: Vec<Decision>) {
+        for d in decisions {
+            let label = match d {
+                Decision::Accept => "accepted",
+                Decision::Reject => "rejected",
+                Decision::Defer => "deferred",
+            };
+            self.metrics.verdicts.with_label_values(&[label]).inc();
+        }
+    }
+
+    /// A run whose candidate cannot be judged ends, so its user trains again.
+    fn abandon(
+        &self,
+        tx: &mut Transaction<'_>,
+        (user, run_id): &(UserId, String),
+    ) -> Result<(), KvError> {
+        lifecycle::abandon_run(&self.repo, self.emitter.as_ref(), tx, user, run_id)
     }
 }
 
