@@ -164,9 +164,14 @@ impl Device {
             "{}/v1/users/{}/batches/{}",
             self.ingest, self.user, batch_id
         );
+        self.get_json(&url)
+    }
+
+    /// GET `url` with the user's token, as JSON.
+    fn get_json(&self, url: &str) -> anyhow::Result<serde_json::Value> {
         let r = self
             .agent
-            .get(&url)
+            .get(url)
             .set("Authorization", &format!("Bearer {}", self.token))
             .call()
             .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
@@ -175,13 +180,7 @@ impl Device {
 
     pub(crate) fn versions(&self) -> anyhow::Result<usize> {
         let url = format!("{}/v1/users/{}/model/versions", self.publisher, self.user);
-        let r = self
-            .agent
-            .get(&url)
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
-        let v: serde_json::Value = r.into_json()?;
+        let v = self.get_json(&url)?;
         Ok(v["versions"].as_array().map(|a| a.len()).unwrap_or(0))
     }
 }

@@ -68,7 +68,7 @@ impl Stages {
             spawn(
                 format!("trainer-{i}"),
                 Box::new(move |stop| {
-                    swimlane_trainer::run_blocking(cfg, deps, stop).map_err(|e| e.to_string())
+                    swimlane_trainer::run(cfg, deps, stop).map_err(|e| e.to_string())
                 }),
             )?;
         }
@@ -84,7 +84,7 @@ impl Stages {
         spawn(
             "validator".into(),
             Box::new(move |stop| {
-                swimlane_validator::run_blocking(cfg, deps, stop).map_err(|e| e.to_string())
+                swimlane_validator::run(cfg, deps, stop).map_err(|e| e.to_string())
             }),
         )?;
         if publisher {
@@ -100,7 +100,7 @@ impl Stages {
             spawn(
                 "publisher".into(),
                 Box::new(move |stop| {
-                    swimlane_publisher::run_blocking(cfg, deps, stop).map_err(|e| e.to_string())
+                    swimlane_publisher::run(cfg, deps, stop).map_err(|e| e.to_string())
                 }),
             )?;
         }

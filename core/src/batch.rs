@@ -413,6 +413,16 @@ mod tests {
         json!({"batch_id": "b1", "samples": samples})
     }
 
+    /// `text` as an upload body, under the default limits and spec.
+    fn validate_text(text: &str) -> Result<ValidatedBatch, BatchError> {
+        validate_upload(
+            &user(),
+            text.as_bytes(),
+            BatchLimits::default(),
+            &ModelSpec::default(),
+        )
+    }
+
     fn check(v: &Value) -> Result<ValidatedBatch, BatchError> {
         validate_upload(
             &user(),
@@ -577,31 +587,13 @@ mod tests {
     fn non_finite_values_are_rejected() {
         // JSON has no NaN or Infinity literal: those are malformed JSON.
         let text = body(1).to_string().replacen("0.0", "NaN", 1);
-        let e = validate_upload(
-            &user(),
-            text.as_bytes(),
-            BatchLimits::default(),
-            &ModelSpec::default(),
-        )
-        .unwrap_err();
+        let e = validate_text(&text).unwrap_err();
         assert_eq!(e.code(), "malformed_json");
         let text = body(1).to_string().replacen("0.0", "Infinity", 1);
-        assert!(validate_upload(
-            &user(),
-            text.as_bytes(),
-            BatchLimits::default(),
-            &ModelSpec::default()
-        )
-        .is_err());
+        assert!(validate_text(&text).is_err());
         // A number that overflows f64 is refused by the JSON parser.
         let text = body(1).to_string().replacen("0.0", "1e400", 1);
-        assert!(validate_upload(
-            &user(),
-            text.as_bytes(),
-            BatchLimits::default(),
-            &ModelSpec::default()
-        )
-        .is_err());
+        assert!(validate_text(&text).is_err());
         // A number that fits f64 but overflows f32.
         let mut b = body(2);
         b["samples"][1]["frames"][3][5] = json!(1e39);

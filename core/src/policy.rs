@@ -307,33 +307,21 @@ mod tests {
     fn accepts_only_a_significant_gain_without_forgetting_or_collapse() {
         use Decision::*;
         let p = strict();
-        assert_eq!(p.decide(&s(30, 2, 60)).0, Accept);
-        assert_eq!(p.decide(&s(9, 0, 5)).0, Defer, "too little evidence");
-        assert_eq!(
-            p.decide(&s(12, 10, 60)).0,
-            Reject,
-            "a coin-flip difference is not a gain"
-        );
-        assert_eq!(
-            p.decide(&s(1, 0, 100)).0,
-            Defer,
-            "too few changed windows to judge"
-        );
-        assert_eq!(
-            p.decide(&s(0, 0, 60)).0,
-            Defer,
-            "no change: nothing to judge yet"
-        );
-        assert_eq!(
-            p.decide(&s(8, 0, 1000)).0,
-            Reject,
-            "significant but under the margin"
-        );
-        assert_eq!(
-            p.decide(&s(1, 5, 60)).0,
-            Reject,
-            "worse is rejected at once"
-        );
+        for (scores, want, why) in [
+            (s(30, 2, 60), Accept, "a significant gain"),
+            (s(9, 0, 5), Defer, "too little evidence"),
+            (
+                s(12, 10, 60),
+                Reject,
+                "a coin-flip difference is not a gain",
+            ),
+            (s(1, 0, 100), Defer, "too few changed windows to judge"),
+            (s(0, 0, 60), Defer, "no change: nothing to judge yet"),
+            (s(8, 0, 1000), Reject, "significant but under the margin"),
+            (s(1, 5, 60), Reject, "worse is rejected at once"),
+        ] {
+            assert_eq!(p.decide(&scores).0, want, "{why}");
+        }
         let mut forget = s(30, 2, 60);
         forget.candidate_history = 0.80;
         assert_eq!(p.decide(&forget).0, Reject);

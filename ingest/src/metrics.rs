@@ -238,11 +238,12 @@ impl Collector for PipelineCollector {
         gauge.set_value(age);
         let mut m = proto::Metric::default();
         m.set_gauge(gauge);
-        let mut age_family = MetricFamily::default();
-        age_family.set_name(OLDEST_PENDING_AGE.into());
-        age_family.set_help(self.descs[0].help.clone());
-        age_family.set_field_type(MetricType::GAUGE);
-        age_family.set_metric(vec![m]);
+        let age_family = family(
+            OLDEST_PENDING_AGE,
+            &self.descs[0].help,
+            MetricType::GAUGE,
+            m,
+        );
 
         let mut h = proto::Histogram::default();
         let mut cumulative = 0;
@@ -259,14 +260,24 @@ impl Collector for PipelineCollector {
         h.set_sample_sum(sum);
         let mut m = proto::Metric::default();
         m.set_histogram(h);
-        let mut acc_family = MetricFamily::default();
-        acc_family.set_name(USERS_HELDOUT_ACCURACY.into());
-        acc_family.set_help(self.descs[1].help.clone());
-        acc_family.set_field_type(MetricType::HISTOGRAM);
-        acc_family.set_metric(vec![m]);
-
+        let acc_family = family(
+            USERS_HELDOUT_ACCURACY,
+            &self.descs[1].help,
+            MetricType::HISTOGRAM,
+            m,
+        );
         vec![age_family, acc_family]
     }
+}
+
+/// A metric family of one metric.
+fn family(name: &str, help: &str, kind: MetricType, metric: proto::Metric) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(vec![metric]);
+    f
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! The ingest API against the real embedded store, the real embedded bus and the real
 //! router (in-process via `tower::ServiceExt::oneshot`, and over TCP for `start`).
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,8 @@ use swimlane_runtime::{Config, ManualWallClock};
 use swimlane_state::tokens::{hash_token, new_token};
 use swimlane_state::Repo;
 use swimlane_store::embedded::EmbeddedBackend;
-use swimlane_store::{Backend, BackendTx, Db, KeyValue, KvError, RangeOption, RetryOptions};
+use swimlane_store::faults::{Fault, FaultyBackend};
+use swimlane_store::{Db, KeyValue, KvError, ManualClock, RangeOption, RetryOptions};
 use tower::ServiceExt;
 
 const PARTITIONS: u32 = 4;
@@ -744,68 +744,20 @@ async fn status_follows_the_record_and_unknown_batches_are_404() {
     assert_eq!((s, &v["status"]), (StatusCode::ACCEPTED, &json!("staged")));
 }
 
-/// A backend whose commits fail (retryably) while `fail` is set.
-struct FlakyBackend {
-    inner: EmbeddedBackend,
-    fail: Arc<AtomicBool>,
-}
-struct FlakyTx<'a> {
-    inner: Box<dyn BackendTx + 'a>,
-    fail: bool,
-}
-impl Backend for FlakyBackend {
-    fn begin(&self) -> Result<Box<dyn BackendTx + '_>, KvError> {
-        Ok(Box::new(FlakyTx {
-            inner: self.inner.begin()?,
-            fail: self.fail.load(Ordering::SeqCst),
-        }))
-    }
-    fn name(&self) -> &'static str {
-        "flaky"
-    }
-}
-impl BackendTx for FlakyTx<'_> {
-    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(key)
-    }
-    fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError> {
-        self.inner.get_range(range)
-    }
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        self.inner.set(key, value)
-    }
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        self.inner.clear(key)
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        self.inner.clear_range(begin, end)
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
-        self.inner.atomic_add(key, delta)
-    }
-    fn commit(self: Box<Self>) -> Result<(), KvError> {
-        if self.fail {
-            return Err(KvError::Transient("injected commit failure".into()));
-        }
-        self.inner.commit()
-    }
-}
-
 #[tokio::test]
 async fn store_failures_are_503_with_retry_after_and_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let fail = Arc::new(AtomicBool::new(false));
-    let backend = FlakyBackend {
-        inner: EmbeddedBackend::open_in_dir(dir.path()).unwrap(),
-        fail: fail.clone(),
-    };
+    let (backend, fault) = FaultyBackend::new(
+        EmbeddedBackend::open_in_dir(dir.path()).unwrap(),
+        Arc::new(ManualClock::new()),
+    );
     let db = Db::new(backend).with_retry(RetryOptions {
         max_attempts: 3,
         initial_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(2),
     });
     let h = Harness::with_db(dir, db);
-    fail.store(true, Ordering::SeqCst);
+    fault.set(Fault::Unavailable);
     let body = batch("b-1", 50).to_string();
     // The admin token needs no store read, so this reaches the staging transaction.
     let req = Request::post("/v1/users/alice/batches")
@@ -830,7 +782,7 @@ async fn store_failures_are_503_with_retry_after_and_leave_nothing() {
         m.contains("swimlane_ingest_responses_total{class=\"5xx\",route=\"post_batch\"} 2"),
         "{m}"
     );
-    fail.store(false, Ordering::SeqCst);
+    fault.set(Fault::None);
     h.assert_nothing_staged("alice", "failed commits");
     // Once the store recovers, the retry stages the batch.
     let (s, _) = h.post("alice", &h.alice, body).await;

@@ -5,7 +5,6 @@
 //! `swimlane_ingest::start`.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,9 +23,8 @@ use swimlane_runtime::{Config, ManualWallClock};
 use swimlane_state::tokens::new_token;
 use swimlane_state::Repo;
 use swimlane_store::embedded::EmbeddedBackend;
-use swimlane_store::{
-    Backend, BackendTx, Db, KeyValue, KvError, ManualClock, RangeOption, RetryOptions,
-};
+use swimlane_store::faults::{Fault, FaultyBackend};
+use swimlane_store::{Db, KeyValue, KvError, ManualClock, RangeOption, RetryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
@@ -458,80 +456,14 @@ async fn concurrent_uploads_over_tcp_are_staged_whole_or_refused_with_nothing_st
         .unwrap();
 }
 
-/// How [`Failing`] fails every commit.
-const CONFLICT: u8 = 1;
-const TOO_SLOW: u8 = 2;
-
-/// The real embedded store, whose writing transactions fail the way they do on a store
-/// that cannot keep up: every commit conflicts (so `transact` runs out of retries), or
-/// the transaction outlives FDB's 5 s age limit (the injected clock moves 6 s when it
-/// first writes).
-struct Failing {
-    inner: EmbeddedBackend,
-    mode: Arc<AtomicU8>,
-    clock: Arc<ManualClock>,
-}
-struct FailingTx<'a> {
-    inner: Box<dyn BackendTx + 'a>,
-    mode: u8,
-    clock: Arc<ManualClock>,
-    wrote: bool,
-}
-impl Backend for Failing {
-    fn begin(&self) -> Result<Box<dyn BackendTx + '_>, KvError> {
-        Ok(Box::new(FailingTx {
-            inner: self.inner.begin()?,
-            mode: self.mode.load(Ordering::SeqCst),
-            clock: self.clock.clone(),
-            wrote: false,
-        }))
-    }
-    fn name(&self) -> &'static str {
-        "failing"
-    }
-}
-impl BackendTx for FailingTx<'_> {
-    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(key)
-    }
-    fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError> {
-        self.inner.get_range(range)
-    }
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        if self.mode == TOO_SLOW && !self.wrote {
-            self.clock.advance(Duration::from_secs(6));
-        }
-        self.wrote = true;
-        self.inner.set(key, value)
-    }
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        self.inner.clear(key)
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        self.inner.clear_range(begin, end)
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
-        self.inner.atomic_add(key, delta)
-    }
-    fn commit(self: Box<Self>) -> Result<(), KvError> {
-        // Reads (the token lookup) go through: the staging transaction is what fails.
-        if self.mode == CONFLICT && self.wrote {
-            return Err(KvError::Conflict);
-        }
-        self.inner.commit()
-    }
-}
-
 #[tokio::test]
 async fn a_store_that_cannot_keep_up_is_503_with_retry_after_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mode = Arc::new(AtomicU8::new(0));
     let clock = Arc::new(ManualClock::new());
-    let backend = Failing {
-        inner: EmbeddedBackend::open_in_dir(dir.path()).unwrap(),
-        mode: mode.clone(),
-        clock: clock.clone(),
-    };
+    let (backend, fault) = FaultyBackend::new(
+        EmbeddedBackend::open_in_dir(dir.path()).unwrap(),
+        clock.clone(),
+    );
     let db = Db::new(backend).with_clock(clock).with_retry(RetryOptions {
         max_attempts: 4,
         initial_backoff: Duration::from_millis(1),
@@ -540,8 +472,11 @@ async fn a_store_that_cannot_keep_up_is_503_with_retry_after_and_stores_nothing(
     let store = Store::over(dir, db);
     let registry = prometheus::Registry::new();
     let app = router(IngestState::new(&config(8), store.deps(&registry)).unwrap());
-    for (m, id) in [(CONFLICT, "conflicted"), (TOO_SLOW, "too-slow")] {
-        mode.store(m, Ordering::SeqCst);
+    for (f, id) in [
+        (Fault::Conflicts, "conflicted"),
+        (Fault::TooSlow, "too-slow"),
+    ] {
+        fault.set(f);
         let resp = app
             .clone()
             .oneshot(post(&store.token, Body::from(batch(id, 50))))
@@ -551,7 +486,7 @@ async fn a_store_that_cannot_keep_up_is_503_with_retry_after_and_stores_nothing(
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{id}: {v}");
         assert_eq!(v["error"]["code"], "store_unavailable", "{id}: {v}");
         assert_eq!(retry.as_deref(), Some("1"), "{id}");
-        mode.store(0, Ordering::SeqCst);
+        fault.set(Fault::None);
         store.assert_nothing_of(id);
     }
     // The store keeps up again: the retry is staged whole.

@@ -215,17 +215,7 @@ impl MicroModel {
             return Ok(Vec::new());
         }
         let input = self.input_len();
-        let mut flat = Vec::with_capacity(windows.len() * input);
-        for (i, w) in windows.iter().enumerate() {
-            if w.len() != input {
-                return Err(ModelError::BadWindow {
-                    index: i,
-                    len: w.len(),
-                    expected: input,
-                });
-            }
-            flat.extend_from_slice(w);
-        }
+        let flat = flatten_windows(windows, input)?;
         let x = Tensor::from_vec(flat, (windows.len(), input), &Device::Cpu)?;
         let p = candle_nn::ops::softmax(&self.forward(&x)?, D::Minus1)?;
         Ok(p.to_vec2()?)
@@ -478,6 +468,22 @@ pub(crate) fn to_tensors(
     let y = Tensor::from_vec(labels, samples.len(), &Device::Cpu)?;
     debug_assert_eq!(y.dtype(), DType::U32);
     Ok((x, y))
+}
+
+/// `windows` one after the other, each checked to hold `input` values.
+pub(crate) fn flatten_windows(windows: &[&[f32]], input: usize) -> Result<Vec<f32>, ModelError> {
+    let mut flat = Vec::with_capacity(windows.len() * input);
+    for (i, w) in windows.iter().enumerate() {
+        if w.len() != input {
+            return Err(ModelError::BadWindow {
+                index: i,
+                len: w.len(),
+                expected: input,
+            });
+        }
+        flat.extend_from_slice(w);
+    }
+    Ok(flat)
 }
 
 #[cfg(test)]

@@ -499,18 +499,7 @@ impl OnnxModel {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
-        let input = self.spec.window_values();
-        let mut flat = Vec::with_capacity(windows.len() * input);
-        for (i, w) in windows.iter().enumerate() {
-            if w.len() != input {
-                return Err(ModelError::BadWindow {
-                    index: i,
-                    len: w.len(),
-                    expected: input,
-                });
-            }
-            flat.extend_from_slice(w);
-        }
+        let flat = crate::net::flatten_windows(windows, self.spec.window_values())?;
         let x = eval::Value {
             shape: vec![windows.len(), self.spec.frames, self.spec.channels.len()],
             data: flat,

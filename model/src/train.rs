@@ -150,6 +150,15 @@ pub struct FineTuneJob<'a> {
     pub config: TrainConfig,
 }
 
+/// Whether training on `samples` with `cfg` can start.
+fn ready(samples: &[Sample], cfg: &TrainConfig) -> Result<(), ModelError> {
+    cfg.validate()?;
+    if samples.is_empty() {
+        return Err(ModelError::NoSamples);
+    }
+    Ok(())
+}
+
 /// Train a base model for `spec` from scratch on a population's samples (normalisation
 /// computed from them, initialisation from `cfg.seed`).
 pub fn train_base(
@@ -157,10 +166,7 @@ pub fn train_base(
     samples: &[Sample],
     cfg: &TrainConfig,
 ) -> Result<(MicroModel, TrainReport), ModelError> {
-    cfg.validate()?;
-    if samples.is_empty() {
-        return Err(ModelError::NoSamples);
-    }
+    ready(samples, cfg)?;
     let model = MicroModel::init(spec, samples, cfg.seed ^ 0x5eed_0f_ba5e)?;
     let report = train_in_place(&model, samples, cfg)?;
     Ok((model, report))
@@ -172,10 +178,7 @@ pub fn fine_tune(
     samples: &[Sample],
     cfg: &TrainConfig,
 ) -> Result<(MicroModel, TrainReport), ModelError> {
-    cfg.validate()?;
-    if samples.is_empty() {
-        return Err(ModelError::NoSamples);
-    }
+    ready(samples, cfg)?;
     let model = parent.clone();
     let report = train_in_place(&model, samples, cfg)?;
     Ok((model, report))

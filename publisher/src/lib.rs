@@ -4,25 +4,12 @@ use std::sync::Arc;
 
 use swimlane_bus::stage::LoopOptions;
 
+use swimlane_runtime::RuntimeError;
 use tokio_util::sync::CancellationToken;
 
 mod metrics;
 mod stage;
 pub use metrics::PublisherMetrics;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PublisherError {
-    #[error("bus error: {0}")]
-    Bus(#[from] swimlane_bus::BusError),
-    #[error("publisher thread failed: {0}")]
-    Join(String),
-    #[error(transparent)]
-    Runtime(#[from] swimlane_runtime::RuntimeError),
-    #[error("metrics registration failed: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("serving the model API failed: {0}")]
-    Serve(std::io::Error),
-}
 
 #[derive(Clone, Debug)]
 pub struct PublisherConfig {
@@ -47,22 +34,12 @@ impl Default for PublisherConfig {
 /// What the publisher works with.
 pub type PublisherDeps = swimlane_runtime::wiring::StageDeps<PublisherMetrics>;
 
-/// Run the publishing stage until `shutdown` is cancelled.
-pub async fn run(
-    config: PublisherConfig,
-    deps: PublisherDeps,
-    shutdown: CancellationToken,
-) -> Result<(), PublisherError> {
-    swimlane_runtime::wiring::run_until(move |stop| run_blocking(config, deps, stop), shutdown)
-        .await
-}
-
-/// The publishing stage on the calling thread.
-pub fn run_blocking(
+/// Run the publishing stage on the calling thread until `stop()`.
+pub fn run(
     config: PublisherConfig,
     deps: PublisherDeps,
     stop: &dyn Fn() -> bool,
-) -> Result<(), PublisherError> {
+) -> Result<(), RuntimeError> {
     let (target_accuracy, spec) = (config.target_accuracy, config.spec);
     deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
         stage::Publisher {
@@ -101,13 +78,13 @@ pub struct Running {
     pub ops_addr: std::net::SocketAddr,
     pub shutdown: CancellationToken,
     /// Ends when both the API and the stage have stopped.
-    pub handle: tokio::task::JoinHandle<Result<(), PublisherError>>,
+    pub handle: tokio::task::JoinHandle<Result<(), RuntimeError>>,
 }
 
 /// Start the model API on `publisher.listen` and the publishing stage, with ops on
 /// `publisher.metrics_listen`; both stop when `shutdown` (wired to SIGTERM/SIGINT) is
 /// cancelled.
-pub async fn start(config: swimlane_runtime::Config) -> Result<Running, PublisherError> {
+pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeError> {
     use swimlane_runtime::wiring::Process;
     use swimlane_runtime::Worker;
     let p = Process::start(&config, Worker::Publisher).await?;
@@ -119,8 +96,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
         metrics.clone(),
     )?;
     let repo = deps.repo.clone();
-    let cfg =
-        PublisherConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?;
+    let cfg = PublisherConfig::from_config(&config)?;
     let api = router(ApiState {
         db: p.db.clone(),
         repo,
@@ -128,11 +104,19 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
         metrics,
     });
     let listener = swimlane_runtime::bind(config.publisher.listen, "publisher API").await?;
-    let api_addr = listener.local_addr().map_err(PublisherError::Serve)?;
+    let api_addr = listener
+        .local_addr()
+        .map_err(|source| RuntimeError::Serve {
+            what: "publisher API",
+            source,
+        })?;
     tracing::info!(%api_addr, "publisher API listening");
     p.ready.set(true);
     let shutdown = p.shutdown.clone();
-    let stage = tokio::spawn(run(cfg, deps, shutdown.clone()));
+    let stage = tokio::spawn(swimlane_runtime::wiring::run_until(
+        move |stop| run(cfg, deps, stop),
+        shutdown.clone(),
+    ));
     let drain = std::time::Duration::from_millis(config.publisher.drain_timeout_ms);
     let serve = swimlane_runtime::serve_draining(
         listener,
@@ -144,10 +128,11 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
     );
     let ops = p.ops.handle;
     let handle = tokio::spawn(async move {
-        let served = serve.await.map_err(PublisherError::Serve);
-        let staged = stage
-            .await
-            .map_err(|e| PublisherError::Join(e.to_string()))?;
+        let served = serve.await.map_err(|source| RuntimeError::Serve {
+            what: "publisher API",
+            source,
+        });
+        let staged = stage.await.map_err(|e| RuntimeError::Join(e.to_string()))?;
         let _ = ops.await;
         served.and(staged)
     });
@@ -160,9 +145,9 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, Publishe
 }
 
 /// [`start`], then wait until everything stopped.
-pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), PublisherError> {
+pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), RuntimeError> {
     let r = start(config).await?;
     r.handle
         .await
-        .map_err(|e| PublisherError::Join(e.to_string()))?
+        .map_err(|e| RuntimeError::Join(e.to_string()))?
 }

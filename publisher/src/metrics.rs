@@ -1,5 +1,5 @@
 //! The publisher's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, IntCounter, Registry};
 use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
 use swimlane_runtime::Worker;
 
@@ -25,39 +25,29 @@ impl HasStageMetrics for PublisherMetrics {
 
 impl PublisherMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = PublisherMetrics {
+        let r = swimlane_runtime::Registrar(registry);
+        Ok(PublisherMetrics {
             stage: StageMetrics::register(registry, Worker::Publisher)?,
-            publishes: IntCounter::new(
+            publishes: r.counter(
                 "swimlane_publisher_publishes_total",
                 "Model versions published",
             )?,
-            upload_to_publish_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "swimlane_publisher_upload_to_publish_seconds",
-                    "From upload accepted to a model containing it published",
-                )
-                .buckets(vec![
+            upload_to_publish_seconds: r.histogram(
+                "swimlane_publisher_upload_to_publish_seconds",
+                "From upload accepted to a model containing it published",
+                &[
                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
-                ]),
+                ],
             )?,
-            heldout_accuracy: Histogram::with_opts(
-                HistogramOpts::new(
-                    "swimlane_publisher_heldout_accuracy",
-                    "Held-out accuracy of published models",
-                )
-                .buckets(vec![
-                    0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0,
-                ]),
+            heldout_accuracy: r.histogram(
+                "swimlane_publisher_heldout_accuracy",
+                "Held-out accuracy of published models",
+                &[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0],
             )?,
-            model_downloads: IntCounter::new(
+            model_downloads: r.counter(
                 "swimlane_publisher_model_downloads_total",
                 "Model downloads served (200 responses)",
             )?,
-        };
-        registry.register(Box::new(m.publishes.clone()))?;
-        registry.register(Box::new(m.upload_to_publish_seconds.clone()))?;
-        registry.register(Box::new(m.heldout_accuracy.clone()))?;
-        registry.register(Box::new(m.model_downloads.clone()))?;
-        Ok(m)
+        })
     }
 }

@@ -874,6 +874,16 @@ mod tests {
             .collect()
     }
 
+    /// The config of a file holding `text` (no worker, no environment).
+    fn load_file(text: &str) -> Result<Config, ConfigError> {
+        let f = file(text);
+        let args = Args {
+            config: Some(f.path().to_path_buf()),
+            ..Args::default()
+        };
+        Config::load_from(&args, None, env(&[]))
+    }
+
     fn file(text: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
@@ -950,24 +960,14 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
-        let f = file("[ingest]\nlisen = \"127.0.0.1:1\"\n");
-        let args = Args {
-            config: Some(f.path().to_path_buf()),
-            ..Args::default()
-        };
-        let e = Config::load_from(&args, None, env(&[])).unwrap_err();
+        let e = load_file("[ingest]\nlisen = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(
             matches!(&e, ConfigError::UnknownKey { key, .. } if key == "ingest.lisen"),
             "{e}"
         );
         assert!(e.to_string().contains("ingest.lisen"));
 
-        let f = file("nope = 1\n");
-        let args = Args {
-            config: Some(f.path().to_path_buf()),
-            ..Args::default()
-        };
-        let e = Config::load_from(&args, None, env(&[])).unwrap_err();
+        let e = load_file("nope = 1\n").unwrap_err();
         assert!(e.to_string().contains("`nope`"), "{e}");
 
         let e = Config::load_from(
@@ -993,12 +993,7 @@ mod tests {
             "{m}"
         );
 
-        let f = file("[ingest]\nlisten = \"not-an-address\"\n");
-        let args = Args {
-            config: Some(f.path().to_path_buf()),
-            ..Args::default()
-        };
-        let m = Config::load_from(&args, None, env(&[]))
+        let m = load_file("[ingest]\nlisten = \"not-an-address\"\n")
             .unwrap_err()
             .to_string();
         assert!(
@@ -1006,14 +1001,7 @@ mod tests {
             "{m}"
         );
 
-        let f = file("ingest = 5\n");
-        let args = Args {
-            config: Some(f.path().to_path_buf()),
-            ..Args::default()
-        };
-        let m = Config::load_from(&args, None, env(&[]))
-            .unwrap_err()
-            .to_string();
+        let m = load_file("ingest = 5\n").unwrap_err().to_string();
         assert!(m.contains("`ingest`"), "{m}");
 
         let m = Config::load_from(&Args::default(), None, env(&[("SWIMLANE_PARTITIONS", "0")]))

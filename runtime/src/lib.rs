@@ -26,7 +26,7 @@ pub use config::{Args, Config, ConfigError, Worker};
 pub use ops::{serve_ops, OpsServer, Readiness};
 pub use shutdown::shutdown_signal;
 pub use store::open_store;
-pub use telemetry::{init_tracing, new_registry, register_store_metrics};
+pub use telemetry::{init_tracing, new_registry, register_store_metrics, Registrar};
 pub use tokio_util::sync::CancellationToken;
 
 use std::net::SocketAddr;
@@ -154,6 +154,11 @@ pub enum RuntimeError {
     NotAStage { worker: &'static str },
     #[error("the stage thread failed: {0}")]
     Join(String),
+    #[error("the {what} server failed: {source}")]
+    Serve {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Serve `app` on `listener` until `shutdown` is cancelled; then stop being `ready`,

@@ -43,6 +43,44 @@ pub fn new_registry() -> Registry {
     registry
 }
 
+/// Makes metrics and registers each on the registry as it is made, so a metrics struct
+/// is one list of definitions (errors if a name is registered twice).
+pub struct Registrar<'r>(pub &'r Registry);
+
+impl Registrar<'_> {
+    fn add<C: Collector + Clone + 'static>(&self, c: C) -> prometheus::Result<C> {
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+    pub fn counter(&self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.add(IntCounter::new(name, help)?)
+    }
+    pub fn gauge(&self, name: &str, help: &str) -> prometheus::Result<prometheus::IntGauge> {
+        self.add(prometheus::IntGauge::new(name, help)?)
+    }
+    /// A counter with `labels`.
+    pub fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<prometheus::IntCounterVec> {
+        self.add(prometheus::IntCounterVec::new(
+            Opts::new(name, help),
+            labels,
+        )?)
+    }
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+    ) -> prometheus::Result<prometheus::Histogram> {
+        let opts = prometheus::HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(prometheus::Histogram::with_opts(opts)?)
+    }
+}
+
 /// The text exposition of everything in `registry`.
 pub fn encode_metrics(registry: &Registry) -> String {
     let mut out = String::new();

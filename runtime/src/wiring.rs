@@ -236,20 +236,17 @@ pub struct StageMetrics {
 impl StageMetrics {
     /// Create `worker`'s and register them on `registry` (errors if registered twice).
     pub fn register(registry: &Registry, worker: Worker) -> prometheus::Result<Self> {
-        let w = worker.name();
-        let m = StageMetrics {
-            bus_lag: prometheus::IntGauge::new(
-                format!("swimlane_{w}_bus_lag_records"),
+        let (r, w) = (crate::Registrar(registry), worker.name());
+        Ok(StageMetrics {
+            bus_lag: r.gauge(
+                &format!("swimlane_{w}_bus_lag_records"),
                 "Records waiting on the partitions this member owns",
             )?,
-            dead_letters: prometheus::IntCounter::new(
-                format!("swimlane_{w}_dead_letters_total"),
-                format!("Records the {w} could not process, sent to the dead-letter topic"),
+            dead_letters: r.counter(
+                &format!("swimlane_{w}_dead_letters_total"),
+                &format!("Records the {w} could not process, sent to the dead-letter topic"),
             )?,
-        };
-        registry.register(Box::new(m.bus_lag.clone()))?;
-        registry.register(Box::new(m.dead_letters.clone()))?;
-        Ok(m)
+        })
     }
 }
 
@@ -283,6 +280,31 @@ impl<M: HasStageMetrics> StageDeps<M> {
             .counting_dead_letters(Arc::new(move |n| m.dead_letters.inc_by(n)));
         run_stage(consumer.as_mut(), &mut runner, &opts, stop)
     }
+}
+
+/// A consuming worker's whole process (the trainer's, the validator's): store, metrics
+/// and ops server, signal handling; not ready until the blobs `needs` are installed
+/// (`swimlane admin init`), and only then a consumer in the worker's group
+/// ([`StageDeps::for_worker`]; a member that joined and waited without polling would
+/// be dropped from a Kafka group); then `run` on a blocking thread until
+/// SIGTERM/SIGINT.
+pub async fn run_stage_process<M: HasStageMetrics + Send + 'static>(
+    config: &Config,
+    worker: Worker,
+    needs: &[&str],
+    metrics: impl FnOnce(&Registry) -> prometheus::Result<M>,
+    run: impl FnOnce(StageDeps<M>, &dyn Fn() -> bool) -> Result<(), RuntimeError> + Send + 'static,
+) -> Result<(), RuntimeError> {
+    let p = Process::start(config, worker).await?;
+    let repo = swimlane_state::Repo::new(Keys::new(&config.deployment));
+    if !p
+        .wait_for_prerequisites(|| repo.not_installed(&p.db, needs))
+        .await
+    {
+        return Ok(());
+    }
+    let deps = StageDeps::for_worker(config, &p.db, worker, metrics(&p.registry)?)?;
+    run_until(move |stop| run(deps, stop), p.shutdown.clone()).await
 }
 
 /// `opts` reporting the consumer's lag to `gauge`, unless they report it elsewhere.

@@ -23,6 +23,8 @@ pub mod blob;
 pub mod conformance;
 pub mod embedded;
 mod error;
+#[cfg(feature = "test-util")]
+pub mod faults;
 #[cfg(feature = "fdb")]
 pub mod fdb;
 mod kv;

@@ -27,9 +27,9 @@ use swimlane_bus::{Emitter, Record};
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
+use swimlane_runtime::RuntimeError;
 use swimlane_state::{lifecycle, sha256_hex, Repo, BASE_MODEL_BLOB};
 use swimlane_store::{Db, KvError, Transaction};
-use tokio_util::sync::CancellationToken;
 
 mod metrics;
 pub use metrics::TrainerMetrics;
@@ -37,17 +37,6 @@ pub use metrics::TrainerMetrics;
 /// Most records (and so candidates) one delivery, and one commit, may carry: 8
 /// models of at most 1 MiB stay well inside the store's 10 MB transaction limit.
 pub const MAX_RUNS_PER_COMMIT: usize = 8;
-
-/// Errors that stop the trainer.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainerError {
-    #[error("bus error: {0}")]
-    Bus(#[from] swimlane_bus::BusError),
-    #[error(transparent)]
-    Runtime(#[from] swimlane_runtime::RuntimeError),
-    #[error("metrics registration failed: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
 
 /// What the trainer needs to know.
 #[derive(Clone, Debug)]
@@ -74,23 +63,13 @@ impl Default for TrainerConfig {
 /// What the trainer works with.
 pub type TrainerDeps = swimlane_runtime::wiring::StageDeps<TrainerMetrics>;
 
-/// Run until `shutdown` is cancelled; in-flight work is either committed whole or
-/// abandoned (and redone by whoever owns the partition next).
-pub async fn run(
-    config: TrainerConfig,
-    deps: TrainerDeps,
-    shutdown: CancellationToken,
-) -> Result<(), TrainerError> {
-    swimlane_runtime::wiring::run_until(move |stop| run_blocking(config, deps, stop), shutdown)
-        .await
-}
-
-/// The same loop on the calling thread, for callers without a runtime.
-pub fn run_blocking(
+/// Run the stage on the calling thread until `stop()`; in-flight work is either
+/// committed whole or abandoned (and redone by whoever owns the partition next).
+pub fn run(
     config: TrainerConfig,
     deps: TrainerDeps,
     stop: &dyn Fn() -> bool,
-) -> Result<(), TrainerError> {
+) -> Result<(), RuntimeError> {
     let mut config = config;
     // Every candidate of a delivery commits in one transaction (10 MB limit): cap the
     // delivery so that its candidates (at most 1 MiB each) fit with room.
@@ -405,23 +384,14 @@ impl TrainerConfig {
 /// Run a whole trainer process from its config: store, metrics and health server,
 /// signal handling, then the stage until SIGTERM/SIGINT. What `swimlane-trainer` and
 /// `swimlane worker trainer` run.
-pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), TrainerError> {
-    let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Trainer)
-        .await?;
-    let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
-    if !p
-        .wait_for_prerequisites(|| repo.not_installed(&p.db, &[BASE_MODEL_BLOB]))
-        .await
-    {
-        return Ok(());
-    }
-    // The consumer joins its group only once the worker can take work.
-    let metrics = TrainerMetrics::register(&p.registry)?;
-    let deps = TrainerDeps::for_worker(&config, &p.db, swimlane_runtime::Worker::Trainer, metrics)?;
-    run(
-        TrainerConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
-        deps,
-        p.shutdown.clone(),
+pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), RuntimeError> {
+    let cfg = TrainerConfig::from_config(&config)?;
+    swimlane_runtime::wiring::run_stage_process(
+        &config,
+        swimlane_runtime::Worker::Trainer,
+        &[BASE_MODEL_BLOB],
+        TrainerMetrics::register,
+        move |deps, stop| run(cfg, deps, stop),
     )
     .await
 }

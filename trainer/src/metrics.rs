@@ -1,5 +1,5 @@
 //! The trainer's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, IntCounter, Registry};
 use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
 use swimlane_runtime::Worker;
 
@@ -22,29 +22,22 @@ impl HasStageMetrics for TrainerMetrics {
 impl TrainerMetrics {
     /// Create and register on `registry` (errors if registered twice).
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = TrainerMetrics {
+        let r = swimlane_runtime::Registrar(registry);
+        Ok(TrainerMetrics {
             stage: StageMetrics::register(registry, Worker::Trainer)?,
-            train_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "swimlane_trainer_train_seconds",
-                    "Time spent fine-tuning one user's candidate",
-                )
-                .buckets(vec![
-                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ]),
+            train_seconds: r.histogram(
+                "swimlane_trainer_train_seconds",
+                "Time spent fine-tuning one user's candidate",
+                &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
             )?,
-            runs_committed: IntCounter::new(
+            runs_committed: r.counter(
                 "swimlane_trainer_runs_total",
                 "Training runs committed (candidates handed to the validator)",
             )?,
-            runs_failed: IntCounter::new(
+            runs_failed: r.counter(
                 "swimlane_trainer_runs_failed_total",
                 "Training runs that failed deterministically; their batches were rejected",
             )?,
-        };
-        registry.register(Box::new(m.train_seconds.clone()))?;
-        registry.register(Box::new(m.runs_committed.clone()))?;
-        registry.register(Box::new(m.runs_failed.clone()))?;
-        Ok(m)
+        })
     }
 }

@@ -21,22 +21,12 @@ use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::net::argmax_class;
 use swimlane_model::{evaluate, MicroModel, Sample};
+use swimlane_runtime::RuntimeError;
 use swimlane_state::{decode_sample_set, lifecycle, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB};
 use swimlane_store::{Db, KvError, Transaction};
-use tokio_util::sync::CancellationToken;
 
 mod metrics;
 pub use metrics::ValidatorMetrics;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ValidatorError {
-    #[error("bus error: {0}")]
-    Bus(#[from] swimlane_bus::BusError),
-    #[error(transparent)]
-    Runtime(#[from] swimlane_runtime::RuntimeError),
-    #[error("metrics registration failed: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
 
 #[derive(Clone, Debug, Default)]
 pub struct ValidatorConfig {
@@ -49,22 +39,12 @@ pub struct ValidatorConfig {
 /// What the validator works with.
 pub type ValidatorDeps = swimlane_runtime::wiring::StageDeps<ValidatorMetrics>;
 
-/// Run until `shutdown` is cancelled.
-pub async fn run(
-    config: ValidatorConfig,
-    deps: ValidatorDeps,
-    shutdown: CancellationToken,
-) -> Result<(), ValidatorError> {
-    swimlane_runtime::wiring::run_until(move |stop| run_blocking(config, deps, stop), shutdown)
-        .await
-}
-
-/// The same loop on the calling thread.
-pub fn run_blocking(
+/// Run the stage on the calling thread until `stop()`.
+pub fn run(
     config: ValidatorConfig,
     deps: ValidatorDeps,
     stop: &dyn Fn() -> bool,
-) -> Result<(), ValidatorError> {
+) -> Result<(), RuntimeError> {
     let (policy, spec) = (config.policy, config.spec);
     deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
         Validator {
@@ -448,25 +428,14 @@ impl ValidatorConfig {
 /// Run a whole validator process from its config: store, metrics and health server,
 /// signal handling, then the stage until SIGTERM/SIGINT. What `swimlane-validator` and
 /// `swimlane worker validator` run.
-pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), ValidatorError> {
-    let p = swimlane_runtime::wiring::Process::start(&config, swimlane_runtime::Worker::Validator)
-        .await?;
-    let repo = Repo::new(swimlane_core::keys::Keys::new(&config.deployment));
-    let needs = [BASE_MODEL_BLOB, GUARD_SET_BLOB];
-    if !p
-        .wait_for_prerequisites(|| repo.not_installed(&p.db, &needs))
-        .await
-    {
-        return Ok(());
-    }
-    // The consumer joins its group only once the worker can take work.
-    let metrics = ValidatorMetrics::register(&p.registry)?;
-    let deps =
-        ValidatorDeps::for_worker(&config, &p.db, swimlane_runtime::Worker::Validator, metrics)?;
-    run(
-        ValidatorConfig::from_config(&config).map_err(swimlane_runtime::RuntimeError::from)?,
-        deps,
-        p.shutdown.clone(),
+pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), RuntimeError> {
+    let cfg = ValidatorConfig::from_config(&config)?;
+    swimlane_runtime::wiring::run_stage_process(
+        &config,
+        swimlane_runtime::Worker::Validator,
+        &[BASE_MODEL_BLOB, GUARD_SET_BLOB],
+        ValidatorMetrics::register,
+        move |deps, stop| run(cfg, deps, stop),
     )
     .await
 }

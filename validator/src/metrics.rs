@@ -1,5 +1,5 @@
 //! The validator's metrics, defined in one place.
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, IntCounterVec, Registry};
 use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
 use swimlane_runtime::Worker;
 
@@ -21,24 +21,20 @@ impl HasStageMetrics for ValidatorMetrics {
 
 impl ValidatorMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let r = swimlane_runtime::Registrar(registry);
         let m = ValidatorMetrics {
             stage: StageMetrics::register(registry, Worker::Validator)?,
-            validate_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "swimlane_validator_validate_seconds",
-                    "Time spent scoring a candidate and the current model",
-                )
-                .buckets(vec![
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]),
+            validate_seconds: r.histogram(
+                "swimlane_validator_validate_seconds",
+                "Time spent scoring a candidate and the current model",
+                &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
             )?,
-            verdicts: IntCounterVec::new(
-                Opts::new("swimlane_validator_verdicts_total", "Verdicts recorded"),
+            verdicts: r.counters(
+                "swimlane_validator_verdicts_total",
+                "Verdicts recorded",
                 &["verdict"],
             )?,
         };
-        registry.register(Box::new(m.validate_seconds.clone()))?;
-        registry.register(Box::new(m.verdicts.clone()))?;
         for v in ["accepted", "rejected", "deferred"] {
             m.verdicts.with_label_values(&[v]);
         }
