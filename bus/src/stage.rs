@@ -51,6 +51,27 @@ pub enum Decoded<W> {
     Dead(String),
 }
 
+impl<W> Decoded<W> {
+    /// `record` decoded as an event on `topic`: `pick` says what the stage makes of
+    /// the event, `None` for one that has no business on `topic` (a dead letter saying
+    /// so); bytes that are no event are a dead letter with the decoding error.
+    pub fn event(
+        record: &Record,
+        topic: &str,
+        pick: impl FnOnce(swimlane_core::Event) -> Option<Decoded<W>>,
+    ) -> Decoded<W> {
+        match swimlane_core::Event::decode(&record.payload) {
+            Err(e) => Decoded::Dead(e.to_string()),
+            Ok(event) => {
+                let kind = event.topic();
+                pick(event).unwrap_or_else(|| {
+                    Decoded::Dead(format!("unexpected event on {topic}: {kind}"))
+                })
+            }
+        }
+    }
+}
+
 /// What applying one piece of prepared work did, inside the delivery's transaction.
 #[derive(Debug)]
 pub enum Applied<O> {

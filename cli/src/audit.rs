@@ -1,6 +1,20 @@
-//! Auditing a settled deployment from its store and its HTTP APIs alone: did every
-//! accepted batch reach exactly one outcome, was every stage's effect applied once, and
-//! did no model learn from another user's samples? Used by `swimlane chaos`.
+//! The exactly-once checker: auditing a settled deployment from its store, its event
+//! log (or Kafka topics) and its HTTP APIs: did every accepted batch reach exactly one
+//! outcome, was every stage's effect applied once, did no model learn from another
+//! user's samples, and was no poisoned batch published? `swimlane chaos` prints its
+//! report; the crash tests assert on it.
+//!
+//! From the events (the embedded log, or one Kafka record per outbox entry), when given:
+//! every accepted batch has its `BatchStaged`; no run is trained twice (an effect that
+//! overwrote its own key leaves its second event here, and nowhere in the store); a
+//! verdict only for a trained run and at most one per run; every run has a verdict; a
+//! version published once, from a run with an accepting verdict, and every accepted run
+//! published; the stored versions are the published events' and their batches are
+//! their run's.
+//!
+//! From what the caller expects: at least `min_versions` versions published (a soak in
+//! which nothing was published proves nothing), no poisoned batch published, at most
+//! `max_dead_letters` dead letters.
 //!
 //! Per user it checks:
 //! - the stored batches are exactly the accepted ones (none lost, none extra);
@@ -22,8 +36,183 @@ use std::io::Read as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use swimlane_core::records::BatchStatus;
+use swimlane_core::{topics, Event};
 use swimlane_state::Repo;
 use swimlane_store::Db;
+
+/// Every event of the pipeline's topics, each with its partition and offset, and the
+/// dead letters' bodies.
+#[derive(Clone, Debug, Default)]
+pub struct Events {
+    pub batches: Vec<(u32, u64, Event)>,
+    pub candidates: Vec<(u32, u64, Event)>,
+    pub verdicts: Vec<(u32, u64, Event)>,
+    pub published: Vec<(u32, u64, Event)>,
+    pub dead_letters: Vec<serde_json::Value>,
+}
+
+impl Events {
+    /// The embedded log of the deployment `repo.keys` names, with `partitions`
+    /// partitions per topic. Offsets must be dense up to each high watermark.
+    pub fn from_log(db: &Db, repo: &Repo, partitions: u32) -> anyhow::Result<Events> {
+        let bus = swimlane_bus::embedded::EmbeddedBus::new(repo.keys.clone(), partitions);
+        let read = |topic: &str| -> anyhow::Result<Vec<(u32, u64, Vec<u8>)>> {
+            let mut out = Vec::new();
+            for p in 0..partitions {
+                let mut from = 0;
+                loop {
+                    let recs = db.transact(|tx| match bus.read(tx, topic, p, from, 500) {
+                        Ok(r) => Ok(Ok(r)),
+                        Err(swimlane_bus::BusError::Store(e)) => Err(e),
+                        Err(e) => Ok(Err(e)),
+                    })??;
+                    if recs.is_empty() {
+                        break;
+                    }
+                    for r in recs {
+                        anyhow::ensure!(r.offset == from, "{topic}/{p}: offsets not dense");
+                        out.push((p, r.offset, r.payload));
+                        from += 1;
+                    }
+                }
+                let hw = db.transact(|tx| bus.high_watermark(tx, topic, p))?;
+                anyhow::ensure!(hw == from, "{topic}/{p}: high watermark {hw}, read {from}");
+            }
+            Ok(out)
+        };
+        Events::decode(read)
+    }
+
+    /// Every topic's records through `read`, decoded.
+    pub fn decode(
+        mut read: impl FnMut(&str) -> anyhow::Result<Vec<(u32, u64, Vec<u8>)>>,
+    ) -> anyhow::Result<Events> {
+        let mut events = |topic: &str| -> anyhow::Result<Vec<(u32, u64, Event)>> {
+            read(topic)?
+                .into_iter()
+                .map(|(p, o, b)| {
+                    let e =
+                        Event::decode(&b).map_err(|e| anyhow::anyhow!("{topic}/{p}@{o}: {e}"))?;
+                    Ok((p, o, e))
+                })
+                .collect()
+        };
+        let (batches, candidates) = (events(topics::BATCHES)?, events(topics::CANDIDATES)?);
+        let (verdicts, published) = (events(topics::VERDICTS)?, events(topics::PUBLISHED)?);
+        let dead_letters = read(topics::DEAD_LETTER)?
+            .into_iter()
+            .map(|(_, _, b)| serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null))
+            .collect();
+        Ok(Events {
+            batches,
+            candidates,
+            verdicts,
+            published,
+            dead_letters,
+        })
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Events {
+    /// The pipeline's Kafka topics (their names with `prefix`), `partitions` each: one
+    /// event per outbox entry. A relay may produce an entry twice (delivery into Kafka
+    /// is at least once); both copies carry the entry's header and the same bytes.
+    /// Other bytes under one entry, or a record no relay produced, are errors.
+    pub fn from_kafka(bootstrap: &str, prefix: &str, partitions: u32) -> anyhow::Result<Events> {
+        Events::decode(|topic| {
+            let name = swimlane_bus::kafka::kafka_name(prefix, topic);
+            let mut seen: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut out = Vec::new();
+            for (p, o, entry, payload) in read_kafka_topic(bootstrap, &name, partitions)? {
+                let entry = entry
+                    .ok_or_else(|| anyhow::anyhow!("{name}/{p}@{o}: a record no relay produced"))?;
+                match seen.get(&entry) {
+                    Some(first) if *first == payload => continue,
+                    Some(_) => anyhow::bail!("{name}: an outbox entry relayed with other bytes"),
+                    None => {
+                        seen.insert(entry, payload.clone());
+                        out.push((p, o, payload));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Every record of a Kafka topic up to its high watermarks: (partition, offset, outbox
+/// entry header, payload).
+#[cfg(feature = "kafka")]
+#[allow(clippy::type_complexity)]
+fn read_kafka_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<Vec<(u32, u64, Option<Vec<u8>>, Vec<u8>)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::{Headers as _, Message as _};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    use std::time::{Duration, Instant};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", swimlane_bus::member_id("swimlane-audit"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut high = BTreeMap::new();
+    for p in 0..partitions {
+        let (_, h) = c.fetch_watermarks(topic, p as i32, Duration::from_secs(10))?;
+        if h > 0 {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+            high.insert(p, h as u64);
+        }
+    }
+    let mut out = Vec::new();
+    if high.is_empty() {
+        return Ok(out);
+    }
+    c.assign(&tpl)?;
+    let mut next: BTreeMap<u32, u64> = high.keys().map(|p| (*p, 0)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next.iter().any(|(p, n)| *n < high[p]) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading {topic}: {next:?} of {high:?}"
+        );
+        let Some(m) = c.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m?;
+        let p = m.partition() as u32;
+        let entry = m.headers().and_then(|h| {
+            h.iter()
+                .find(|x| x.key == swimlane_bus::kafka::OUTBOX_ENTRY_HEADER)
+                .and_then(|x| x.value)
+                .map(|v| v.to_vec())
+        });
+        next.insert(p, m.offset() as u64 + 1);
+        out.push((
+            p,
+            m.offset() as u64,
+            entry,
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+    }
+    Ok(out)
+}
+
+/// What the caller knows the run must show.
+#[derive(Clone, Debug, Default)]
+pub struct Expect {
+    /// Versions published over all users, at least.
+    pub min_versions: u64,
+    /// `(user, batch)` uploads whose labels were poisoned: none may be published.
+    pub poisoned: BTreeSet<(String, String)>,
+    /// Dead letters the run may leave (records it fed in that no stage can process).
+    pub max_dead_letters: usize,
+}
 
 /// One user as the audit sees it: name, device token, accepted batch ids.
 pub struct AuditUser {
@@ -47,6 +236,11 @@ pub struct AuditReport {
     /// Effects applied twice: a batch in two accepted runs or two versions, a run
     /// published twice, a version number repeated.
     pub duplicated: usize,
+    /// Poisoned batches that were published.
+    pub poisoned_published: usize,
+    /// Whether the events were checked too (the log or the Kafka topics).
+    pub events_checked: bool,
+    pub dead_letters: usize,
     /// Every violated check, in words (empty when all hold).
     pub violations: Vec<String>,
 }
@@ -61,13 +255,16 @@ fn word(s: &BatchStatus) -> &'static str {
     }
 }
 
-/// Audit `users` on `db` (deployment keys in `repo`) and, given `api` (the ingest and
-/// publisher base URLs), through the APIs.
+/// Audit `users` on `db` (deployment keys in `repo`), on `events` when given, and,
+/// given `api` (the ingest and publisher base URLs), through the APIs, against
+/// `expect`.
 pub fn audit(
     db: &Db,
     repo: &Repo,
     users: &[AuditUser],
     api: Option<(&str, &str)>,
+    events: Option<&Events>,
+    expect: &Expect,
 ) -> anyhow::Result<AuditReport> {
     let http = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(30))
@@ -76,6 +273,7 @@ pub fn audit(
         users: users.len(),
         ..Default::default()
     };
+    let ev = events.map(|e| EventIndex::of(e, &mut r));
     for au in users {
         let u = au.user.as_str();
         r.batches_accepted += au.accepted.len();
@@ -99,6 +297,41 @@ pub fn audit(
         for b in batch_of.keys() {
             if !au.accepted.contains(*b) {
                 bad(&mut r, format!("batch {b} stored but never accepted"));
+            }
+        }
+        if let Some(ev) = &ev {
+            for b in &au.accepted {
+                if !ev.staged.contains(&(u.to_string(), b.clone())) {
+                    bad(&mut r, format!("batch {b} has no BatchStaged event"));
+                }
+            }
+            let logged: Vec<u64> = ev
+                .version_run
+                .keys()
+                .filter(|(vu, _)| vu == u)
+                .map(|(_, v)| *v)
+                .collect();
+            let stored: Vec<u64> = versions.iter().map(|v| v.version).collect();
+            if logged != stored {
+                bad(
+                    &mut r,
+                    format!("ModelPublished events {logged:?}, versions {stored:?}"),
+                );
+            }
+            for v in &versions {
+                let key = (u.to_string(), v.run_id.clone());
+                if ev.version_run.get(&(u.to_string(), v.version)) != Some(&v.run_id) {
+                    bad(
+                        &mut r,
+                        format!("v{}: its ModelPublished names another run", v.version),
+                    );
+                }
+                if ev.trained.get(&key) != Some(&v.batches) {
+                    bad(
+                        &mut r,
+                        format!("v{}: batches differ from its CandidateTrained", v.version),
+                    );
+                }
             }
         }
 
@@ -240,6 +473,13 @@ pub fn audit(
             match &rec.status {
                 BatchStatus::Published { run_id, version } => {
                     r.published += 1;
+                    if expect.poisoned.contains(&(u.to_string(), b.clone())) {
+                        r.poisoned_published += 1;
+                        bad(
+                            &mut r,
+                            format!("poisoned batch {b} published in v{version}"),
+                        );
+                    }
                     if version_of_batch.get(b.as_str()) != Some(version) {
                         bad(
                             &mut r,
@@ -256,10 +496,19 @@ pub fn audit(
                         );
                     }
                 }
-                BatchStatus::Rejected { reason, .. } => {
+                BatchStatus::Rejected { reason, run_id } => {
                     r.rejected += 1;
                     if reason.is_empty() {
                         bad(&mut r, format!("batch {b} rejected without a reason"));
+                    }
+                    if let Some(run_id) = run_id {
+                        let rejecting = run_of
+                            .get(run_id.as_str())
+                            .and_then(|run| run.verdict.as_ref())
+                            .is_some_and(|v| !v.accepted);
+                        if !rejecting {
+                            bad(&mut r, format!("batch {b} rejected by run {run_id}, whose verdict does not reject"));
+                        }
                     }
                     if version_of_batch.contains_key(b.as_str()) {
                         bad(&mut r, format!("batch {b} rejected yet in a version"));
@@ -274,6 +523,28 @@ pub fn audit(
                 other => {
                     r.lost += 1;
                     bad(&mut r, format!("batch {b} never settled: {other:?}"));
+                }
+            }
+            if let Some(ev) = &ev {
+                let accepted_runs = ev
+                    .trained
+                    .iter()
+                    .filter(|((ru, run), bs)| {
+                        ru == u
+                            && bs.contains(b)
+                            && ev.verdict_of.get(&(ru.clone(), run.clone())) == Some(&true)
+                    })
+                    .count();
+                let published = matches!(rec.status, BatchStatus::Published { .. });
+                if accepted_runs > 1 || (accepted_runs == 1) != published {
+                    r.duplicated += usize::from(accepted_runs > 1);
+                    bad(
+                        &mut r,
+                        format!(
+                            "batch {b} is {} but in {accepted_runs} accepted runs (events)",
+                            word(&rec.status)
+                        ),
+                    );
                 }
             }
             // The device sees the same.
@@ -316,6 +587,9 @@ pub fn audit(
                 let mut body = Vec::new();
                 resp.into_reader().read_to_end(&mut body)?;
                 let sha = hex::encode(Sha256::digest(&body));
+                if let Err(e) = swimlane_model::MicroModel::from_bytes(&body) {
+                    bad(&mut r, format!("model download does not load: {e}"));
+                }
                 if v != n.to_string() || sha != versions[n as usize - 1].sha256 {
                     bad(
                         &mut r,
@@ -331,7 +605,136 @@ pub fn audit(
             Err(e) => bad(&mut r, format!("GET {url}: {e}")),
         }
     }
+    if r.versions < expect.min_versions {
+        r.violations.push(format!(
+            "{} versions published, fewer than the {} this run must show",
+            r.versions, expect.min_versions
+        ));
+    }
+    if r.dead_letters > expect.max_dead_letters {
+        r.violations.push(format!(
+            "{} dead letters, at most {} expected",
+            r.dead_letters, expect.max_dead_letters
+        ));
+    }
     Ok(r)
+}
+
+/// What the events say happened, by user and run; checked as it is built.
+struct EventIndex {
+    /// (user, batch) with a `BatchStaged`.
+    staged: BTreeSet<(String, String)>,
+    /// (user, run) → its batches, from `CandidateTrained`.
+    trained: BTreeMap<(String, String), Vec<String>>,
+    /// (user, run) → accepted?
+    verdict_of: BTreeMap<(String, String), bool>,
+    /// (user, version) → run, from `ModelPublished`.
+    version_run: BTreeMap<(String, u64), String>,
+}
+
+impl EventIndex {
+    fn of(events: &Events, r: &mut AuditReport) -> EventIndex {
+        r.events_checked = true;
+        r.dead_letters = events.dead_letters.len();
+        let mut bad = |m: String| r.violations.push(m);
+        let mut duplicated = 0;
+        let mut staged = BTreeSet::new();
+        for (p, o, e) in &events.batches {
+            match e {
+                Event::BatchStaged { user, batch_id, .. } => {
+                    staged.insert((user.to_string(), batch_id.as_str().to_string()));
+                }
+                other => bad(format!("{p}@{o}: {} on the batches topic", other.topic())),
+            }
+        }
+        let mut trained = BTreeMap::new();
+        for (p, o, e) in &events.candidates {
+            let Event::CandidateTrained {
+                user,
+                run_id,
+                batches,
+            } = e
+            else {
+                bad(format!("{p}@{o}: {} on the candidates topic", e.topic()));
+                continue;
+            };
+            let key = (user.to_string(), run_id.clone());
+            let bs = batches.iter().map(|b| b.as_str().to_string()).collect();
+            if trained.insert(key, bs).is_some() {
+                duplicated += 1;
+                bad(format!("{user}: run {run_id} trained twice"));
+            }
+        }
+        let mut verdict_of = BTreeMap::new();
+        for (p, o, e) in &events.verdicts {
+            let (user, run_id, accepted) = match e {
+                Event::CandidateAccepted { user, run_id } => (user, run_id, true),
+                Event::CandidateRejected { user, run_id, .. } => (user, run_id, false),
+                other => {
+                    bad(format!("{p}@{o}: {} on the verdicts topic", other.topic()));
+                    continue;
+                }
+            };
+            let key = (user.to_string(), run_id.clone());
+            if !trained.contains_key(&key) {
+                bad(format!("{user}: a verdict for run {run_id}, never trained"));
+            }
+            if verdict_of.insert(key, accepted).is_some() {
+                duplicated += 1;
+                bad(format!("{user}: run {run_id} got two verdicts"));
+            }
+        }
+        let mut version_run = BTreeMap::new();
+        let mut run_version = BTreeMap::new();
+        for (p, o, e) in &events.published {
+            let Event::ModelPublished {
+                user,
+                run_id,
+                version,
+            } = e
+            else {
+                bad(format!("{p}@{o}: {} on the published topic", e.topic()));
+                continue;
+            };
+            let u = user.to_string();
+            if version_run
+                .insert((u.clone(), *version), run_id.clone())
+                .is_some()
+            {
+                duplicated += 1;
+                bad(format!("{u}: version {version} published twice"));
+            }
+            if run_version
+                .insert((u.clone(), run_id.clone()), *version)
+                .is_some()
+            {
+                duplicated += 1;
+                bad(format!("{u}: run {run_id} published twice"));
+            }
+            if verdict_of.get(&(u.clone(), run_id.clone())) != Some(&true) {
+                bad(format!(
+                    "{u}: run {run_id} published without an accepting verdict"
+                ));
+            }
+        }
+        for (key, accepted) in &verdict_of {
+            if *accepted && !run_version.contains_key(key) {
+                bad(format!("{}: accepted run {} never published", key.0, key.1));
+            }
+        }
+        for key in trained.keys() {
+            if !verdict_of.contains_key(key) {
+                bad(format!("{}: run {} has no verdict", key.0, key.1));
+            }
+        }
+        r.duplicated += duplicated;
+        EventIndex {
+            staged,
+            trained,
+            verdict_of,
+            version_run,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -339,6 +742,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use swimlane_core::keys::Keys;
+    use swimlane_core::{BatchId, UserId};
     use swimlane_store::embedded::EmbeddedBackend;
 
     fn rec<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
@@ -433,7 +837,15 @@ mod tests {
     #[test]
     fn a_consistent_store_passes() {
         let (db, repo) = settled_store();
-        let r = audit(&db, &repo, &user(&["b1", "b2", "b3"]), None).unwrap();
+        let r = audit(
+            &db,
+            &repo,
+            &user(&["b1", "b2", "b3"]),
+            None,
+            None,
+            &Expect::default(),
+        )
+        .unwrap();
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(
             (r.published, r.rejected, r.deferred, r.versions, r.runs),
@@ -444,13 +856,29 @@ mod tests {
     #[test]
     fn a_lost_batch_a_second_publish_and_foreign_samples_are_each_caught() {
         let (db, repo) = settled_store();
-        let r = audit(&db, &repo, &user(&["b1", "b2", "b3", "b4"]), None).unwrap();
+        let r = audit(
+            &db,
+            &repo,
+            &user(&["b1", "b2", "b3", "b4"]),
+            None,
+            None,
+            &Expect::default(),
+        )
+        .unwrap();
         assert_eq!(r.lost, 1, "{:?}", r.violations);
 
         let (db, repo) = settled_store();
         db.transact(|tx| repo.put_model_version(tx, "u", &rec(version(2, "r1", &["b1"]))))
             .unwrap();
-        let r = audit(&db, &repo, &user(&["b1", "b2", "b3"]), None).unwrap();
+        let r = audit(
+            &db,
+            &repo,
+            &user(&["b1", "b2", "b3"]),
+            None,
+            None,
+            &Expect::default(),
+        )
+        .unwrap();
         assert!(r.duplicated >= 1, "{:?}", r.violations);
 
         let (db, repo) = settled_store();
@@ -458,7 +886,15 @@ mod tests {
             repo.put_run(tx, "u", &rec(run("r2", Some(1), &["b2"], 125, false, None)))
         })
         .unwrap();
-        let r = audit(&db, &repo, &user(&["b1", "b2", "b3"]), None).unwrap();
+        let r = audit(
+            &db,
+            &repo,
+            &user(&["b1", "b2", "b3"]),
+            None,
+            None,
+            &Expect::default(),
+        )
+        .unwrap();
         assert!(
             r.violations
                 .iter()
@@ -466,5 +902,193 @@ mod tests {
             "{:?}",
             r.violations
         );
+    }
+
+    /// The events of [`settled_store`]'s history.
+    fn settled_events() -> Events {
+        let u = || UserId::new("u").unwrap();
+        let b = |id: &str| BatchId::new(id).unwrap();
+        let at = |es: Vec<Event>| -> Vec<(u32, u64, Event)> {
+            es.into_iter()
+                .enumerate()
+                .map(|(i, e)| (0, i as u64, e))
+                .collect()
+        };
+        Events {
+            batches: at(["b1", "b2", "b3"]
+                .iter()
+                .map(|id| Event::BatchStaged {
+                    user: u(),
+                    batch_id: b(id),
+                    samples: 1,
+                })
+                .collect()),
+            candidates: at(vec![
+                Event::CandidateTrained {
+                    user: u(),
+                    run_id: "r1".into(),
+                    batches: vec![b("b1")],
+                },
+                Event::CandidateTrained {
+                    user: u(),
+                    run_id: "r2".into(),
+                    batches: vec![b("b2")],
+                },
+            ]),
+            verdicts: at(vec![
+                Event::CandidateAccepted {
+                    user: u(),
+                    run_id: "r1".into(),
+                },
+                Event::CandidateRejected {
+                    user: u(),
+                    run_id: "r2".into(),
+                    reason: "no gain".into(),
+                },
+            ]),
+            published: at(vec![Event::ModelPublished {
+                user: u(),
+                run_id: "r1".into(),
+                version: 1,
+            }]),
+            dead_letters: Vec::new(),
+        }
+    }
+
+    fn audit_with(db: &Db, repo: &Repo, events: &Events, expect: &Expect) -> AuditReport {
+        audit(
+            db,
+            repo,
+            &user(&["b1", "b2", "b3"]),
+            None,
+            Some(events),
+            expect,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_store_and_its_events_pass_together() {
+        let (db, repo) = settled_store();
+        let expect = Expect {
+            min_versions: 1,
+            poisoned: [("u".to_string(), "b2".to_string())].into(),
+            max_dead_letters: 0,
+        };
+        let r = audit_with(&db, &repo, &settled_events(), &expect);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert!(r.events_checked);
+    }
+
+    /// Each check, shown to catch what it is for: the same store and events, broken in
+    /// one way, fail with the check's words.
+    #[test]
+    fn every_check_catches_what_it_is_for() {
+        type Break = fn(&Db, &Repo, &mut Events, &mut Expect);
+        let cases: Vec<(&str, Break, &str)> = vec![
+            (
+                "an effect applied twice that overwrote its own key: a run trained again",
+                |_, _, e, _| {
+                    let again = e.candidates[0].2.clone();
+                    e.candidates.push((0, 9, again));
+                },
+                "trained twice",
+            ),
+            (
+                "two verdicts for one run",
+                |_, _, e, _| {
+                    let again = e.verdicts[1].2.clone();
+                    e.verdicts.push((0, 9, again));
+                },
+                "two verdicts",
+            ),
+            (
+                "a version published twice",
+                |_, _, e, _| {
+                    let again = e.published[0].2.clone();
+                    e.published.push((0, 9, again));
+                },
+                "published twice",
+            ),
+            (
+                "a run published without an accepting verdict",
+                |_, _, e, _| {
+                    e.published.push((
+                        0,
+                        9,
+                        Event::ModelPublished {
+                            user: UserId::new("u").unwrap(),
+                            run_id: "r2".into(),
+                            version: 2,
+                        },
+                    ));
+                },
+                "without an accepting verdict",
+            ),
+            (
+                "a run without a verdict",
+                |_, _, e, _| {
+                    e.verdicts.remove(1);
+                },
+                "has no verdict",
+            ),
+            (
+                "an accepted batch with no BatchStaged event",
+                |_, _, e, _| {
+                    e.batches.remove(2);
+                },
+                "no BatchStaged event",
+            ),
+            (
+                "a stored version the events never published",
+                |_, _, e, _| {
+                    e.published.clear();
+                },
+                "ModelPublished events",
+            ),
+            (
+                "a rejected batch whose run's verdict accepted",
+                |db, repo, _, _| {
+                    db.transact(|tx| {
+                        repo.put_run(tx, "u", &rec(run("r2", Some(1), &["b2"], 120, true, None)))
+                    })
+                    .unwrap();
+                },
+                "whose verdict does not reject",
+            ),
+            (
+                "a poisoned batch published",
+                |_, _, _, x| {
+                    x.poisoned.insert(("u".to_string(), "b1".to_string()));
+                },
+                "poisoned batch b1 published",
+            ),
+            (
+                "a run that published too little to prove anything",
+                |_, _, _, x| {
+                    x.min_versions = 2;
+                },
+                "fewer than the 2",
+            ),
+            (
+                "dead letters nobody fed in",
+                |_, _, e, _| {
+                    e.dead_letters.push(json!({"reason": "x"}));
+                },
+                "dead letters",
+            ),
+        ];
+        for (what, breaks, words) in cases {
+            let (db, repo) = settled_store();
+            let mut events = settled_events();
+            let mut expect = Expect::default();
+            breaks(&db, &repo, &mut events, &mut expect);
+            let r = audit_with(&db, &repo, &events, &expect);
+            assert!(
+                r.violations.iter().any(|v| v.contains(words)),
+                "{what}: not caught ({words:?} not in {:?})",
+                r.violations
+            );
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! them poisoned: labels shuffled) while a killer SIGKILLs a worker at a random moment,
 //! restarting it at once, every worker kind in turn in a shuffled order, and, with
 //! tansu, restarts the broker. When every accepted batch has settled, [`crate::audit`]
-//! checks the store and the APIs. The schedule is drawn from the seed and printed, so
+//! checks the store, the events (the embedded log, or the Kafka topics), the APIs, that
+//! no poisoned batch was published and that at least half the swimmers got a version.
+//! The schedule is drawn from the seed and printed, so
 //! a failing seed replays the same kills (process timing still varies).
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpStream;
@@ -28,7 +30,7 @@ use swimlane_runtime::Config;
 use swimlane_state::Repo;
 use swimlane_store::Db;
 
-use crate::audit::{audit, AuditReport, AuditUser};
+use crate::audit::{audit, AuditReport, AuditUser, Events, Expect};
 use crate::procfleet::{free_port, FleetSpec, ProcFleet};
 
 /// What to run.
@@ -303,7 +305,7 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         .collect();
     let next = AtomicUsize::new(0);
     let interrupted = AtomicUsize::new(0);
-    let poisoned = AtomicUsize::new(0);
+    let poisoned: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
     let accepted: Mutex<BTreeMap<usize, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let ingest = fleet.ingest_url();
@@ -322,7 +324,10 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
                     let Some(&(u, n)) = plan.get(i) else { break };
                     let (body, bad) = device_batch(&base, opts, u, n);
                     if bad {
-                        poisoned.fetch_add(1, Ordering::SeqCst);
+                        poisoned
+                            .lock()
+                            .unwrap()
+                            .insert((users[u].clone(), format!("night-{n}")));
                     }
                     let url = format!("{ingest}/v1/users/{}/batches", users[u]);
                     let deadline = Instant::now() + Duration::from_secs(600);
@@ -449,11 +454,24 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         })
         .collect();
     let (ingest_url, publisher_url) = (fleet.ingest_url(), fleet.publisher_url());
+    let events = match bus.strip_prefix("kafka://") {
+        None => Events::from_log(&db, &repo, config.partitions)?,
+        Some(bootstrap) => read_kafka_events(bootstrap, &config)?,
+    };
+    let poisoned = poisoned.into_inner().unwrap();
+    let expect = Expect {
+        // Every other swimmer's model improves at least once in a soak this long.
+        min_versions: (opts.users as u64 / 2).min(uploaded as u64 / 4),
+        poisoned: poisoned.clone(),
+        max_dead_letters: 0,
+    };
     let a = audit(
         &db,
         &repo,
         &audit_users,
         Some((&ingest_url, &publisher_url)),
+        Some(&events),
+        &expect,
     )?;
     drop(fleet);
     drop(broker);
@@ -468,7 +486,7 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         },
         users: opts.users,
         batches_uploaded: uploaded,
-        poisoned_uploaded: poisoned.into_inner(),
+        poisoned_uploaded: poisoned.len(),
         upload_attempts_interrupted: interrupted.into_inner(),
         kills_total: kills.values().sum(),
         kills,
@@ -481,6 +499,17 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         audit: a,
         kept_dir,
     })
+}
+
+/// The Kafka topics' events (feature `kafka`).
+#[cfg(feature = "kafka")]
+fn read_kafka_events(bootstrap: &str, config: &Config) -> anyhow::Result<Events> {
+    Events::from_kafka(bootstrap, &config.topic_prefix, config.partitions)
+}
+
+#[cfg(not(feature = "kafka"))]
+fn read_kafka_events(_: &str, _: &Config) -> anyhow::Result<Events> {
+    anyhow::bail!("auditing a Kafka bus needs the `kafka` feature")
 }
 
 /// Device `u`'s batch of night `n`: corrections of the base model on fresh windows of

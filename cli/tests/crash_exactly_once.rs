@@ -9,12 +9,12 @@
 //! varies from run to run).
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::checks::{
-    all_settled, check_exactly_once, current_model, upload_until_accepted, Events,
+    all_settled, check_exactly_once, current_model, upload_until_accepted, Events, Expect,
 };
 use common::{agent, backlog, upload_body, Fleet, Kind};
 use rand::{Rng, SeedableRng};
@@ -148,6 +148,7 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
     let stage_kinds = [Kind::Trainer, Kind::Validator, Kind::Publisher];
     // The stage kind to kill next (in turn, across nights).
     let mut next_stage = 0;
+    let mut poisoned = BTreeSet::new();
     for night in 0..MAX_NIGHTS {
         let enough = Kind::ALL
             .iter()
@@ -163,7 +164,9 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
             let model = current_model(&http, &publisher, &users[i], &tokens[i], &base, deadline);
             let n = if night == 0 { OBSERVED } else { OBSERVED_LATER };
             let observed = swimmers[i].windows(n, &mut nights_rng[i]);
+            let id = format!("night-{night}");
             let c = if night > 0 && (i + night) % 3 == 0 {
+                poisoned.insert((users[i].clone(), id.clone()));
                 poison(&observed[..MAX_CORRECTIONS], &mut nights_rng[i])
             } else {
                 corrections_from(&model, &observed, MAX_CORRECTIONS).unwrap()
@@ -171,7 +174,6 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
             if c.is_empty() {
                 continue;
             }
-            let id = format!("night-{night}");
             batches.push((i, id.clone(), upload_body(&id, &c), c.len()));
         }
         eprintln!(
@@ -343,17 +345,20 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
         eprintln!("  {l}");
     }
 
-    let events = Events::from_log(&db, PARTITIONS);
-    let min_versions = (USERS / 2) as u64;
+    let events = Events::from_log(&db, &common::repo(), PARTITIONS).unwrap();
+    let expect = Expect {
+        min_versions: (USERS / 2) as u64,
+        poisoned: poisoned.clone(),
+        max_dead_letters: 0,
+    };
     check_exactly_once(
         &fleet,
         &db,
         &users,
         &tokens,
         &uploads.accepted,
-        &http,
         &events,
-        min_versions,
+        &expect,
     );
     eprintln!("done in {:.1}s", now(t0));
 }

@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use common::checks::{
-    all_settled, check_exactly_once, current_model, upload_until_accepted, Events,
+    all_settled, check_exactly_once, current_model, upload_until_accepted, Events, Expect,
 };
 use common::{agent, keys, repo, request, strip_ansi, upload_body, Fleet, Kind, Member};
 use rand::{Rng, SeedableRng};
@@ -129,7 +129,7 @@ fn night_batches(
         );
         let n = if night == 0 { OBSERVED } else { OBSERVED_LATER };
         let observed = swimmers[i].windows(n, &mut rngs[i]);
-        let c = if night > 0 && (i + night) % 3 == 0 {
+        let c = if is_poisoned(i, night) {
             poison(&observed[..MAX_CORRECTIONS], &mut rngs[i])
         } else {
             corrections_from(&model, &observed, MAX_CORRECTIONS).unwrap()
@@ -290,6 +290,31 @@ fn read_topic(bootstrap: &str, topic: &str) -> Vec<KafkaRecord> {
     out
 }
 
+/// Whether device `i` uploads a poisoned batch on `night` (a third of them from the
+/// second night on).
+fn is_poisoned(i: usize, night: usize) -> bool {
+    night > 0 && (i + night) % 3 == 0
+}
+
+/// What the exactly-once check expects of these uploads: no poisoned one published,
+/// at least a version for every other user, `dead_letters` fed in.
+fn expect(users: &[String], accepted: &[(usize, String)], dead_letters: usize) -> Expect {
+    let poisoned = accepted
+        .iter()
+        .filter(|(i, id)| {
+            id.strip_prefix("night-")
+                .and_then(|n| n.parse().ok())
+                .is_some_and(|night| is_poisoned(*i, night))
+        })
+        .map(|(i, id)| (users[*i].clone(), id.clone()))
+        .collect();
+    Expect {
+        min_versions: (USERS / 2) as u64,
+        poisoned,
+        max_dead_letters: dead_letters,
+    }
+}
+
 /// What the pipeline's Kafka topics hold.
 struct KafkaTopics {
     /// The stages' events, one per outbox entry (a relay may produce an entry twice;
@@ -336,16 +361,19 @@ fn kafka_topics(bootstrap: &str, fleet: &Fleet) -> KafkaTopics {
             })
             .collect()
     };
-    let events = Events {
-        batches: decode(topics::BATCHES),
-        candidates: decode(topics::CANDIDATES),
-        verdicts: decode(topics::VERDICTS),
-        published: decode(topics::PUBLISHED),
-    };
-    let dead = read(topics::DEAD_LETTER)
+    let (batches, candidates) = (decode(topics::BATCHES), decode(topics::CANDIDATES));
+    let (verdicts, published) = (decode(topics::VERDICTS), decode(topics::PUBLISHED));
+    let dead: Vec<serde_json::Value> = read(topics::DEAD_LETTER)
         .into_iter()
         .map(|(_, _, b)| serde_json::from_slice(&b).expect("dead letters are JSON"))
         .collect();
+    let events = Events {
+        batches,
+        candidates,
+        verdicts,
+        published,
+        dead_letters: dead.clone(),
+    };
     let foreign_batches = foreign.remove(topics::BATCHES).unwrap_or_default();
     assert!(
         foreign.is_empty(),
@@ -541,9 +569,8 @@ fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
         &users,
         &tokens,
         &accepted,
-        &http,
         &events,
-        (USERS / 2) as u64,
+        &expect(&users, &accepted, 1),
     );
     eprintln!("done in {:.1}s", t0.elapsed().as_secs_f64());
 }
@@ -744,9 +771,8 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
         &users,
         &tokens,
         &accepted,
-        &http,
         &events,
-        (USERS / 2) as u64,
+        &expect(&users, &accepted, 0),
     );
     eprintln!("done in {:.1}s", t0.elapsed().as_secs_f64());
 }

@@ -103,16 +103,11 @@ impl Stage for Publisher {
     type Outcome = Published;
 
     fn decode(&self, r: &Record) -> Decoded<(UserId, String)> {
-        match Event::decode(&r.payload) {
-            Ok(Event::CandidateAccepted { user, run_id }) => Decoded::Work((user, run_id)),
-            Ok(Event::CandidateRejected { .. }) => Decoded::Ignore,
-            Ok(other) => Decoded::Dead(format!(
-                "unexpected event on {}: {}",
-                topics::VERDICTS,
-                other.topic()
-            )),
-            Err(e) => Decoded::Dead(e.to_string()),
-        }
+        Decoded::event(r, topics::VERDICTS, |e| match e {
+            Event::CandidateAccepted { user, run_id } => Some(Decoded::Work((user, run_id))),
+            Event::CandidateRejected { .. } => Some(Decoded::Ignore),
+            _ => None,
+        })
     }
 
     /// The ONNX file, made outside the publishing transaction for the version it is

@@ -272,15 +272,10 @@ impl Stage for Trainer {
     type Outcome = bool;
 
     fn decode(&self, r: &Record) -> Decoded<UserId> {
-        match Event::decode(&r.payload) {
-            Ok(Event::BatchStaged { user, .. }) => Decoded::Work(user),
-            Ok(other) => Decoded::Dead(format!(
-                "unexpected event on {}: {:?}",
-                topics::BATCHES,
-                other.topic()
-            )),
-            Err(e) => Decoded::Dead(e.to_string()),
-        }
+        Decoded::event(r, topics::BATCHES, |e| match e {
+            Event::BatchStaged { user, .. } => Some(Decoded::Work(user)),
+            _ => None,
+        })
     }
 
     fn prepare(&mut self, user: &UserId) -> Result<Option<Prepared>, KvError> {

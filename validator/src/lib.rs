@@ -339,15 +339,10 @@ impl Stage for Validator {
     type Outcome = Decision;
 
     fn decode(&self, r: &Record) -> Decoded<(UserId, String)> {
-        match Event::decode(&r.payload) {
-            Ok(Event::CandidateTrained { user, run_id, .. }) => Decoded::Work((user, run_id)),
-            Ok(other) => Decoded::Dead(format!(
-                "unexpected event on {}: {}",
-                topics::CANDIDATES,
-                other.topic()
-            )),
-            Err(e) => Decoded::Dead(e.to_string()),
-        }
+        Decoded::event(r, topics::CANDIDATES, |e| match e {
+            Event::CandidateTrained { user, run_id, .. } => Some(Decoded::Work((user, run_id))),
+            _ => None,
+        })
     }
 
     fn prepare(&mut self, (user, run_id): &(UserId, String)) -> Result<Option<Outcome>, KvError> {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use swimlane_bus::embedded::EmbeddedBus;
 use swimlane_bus::positions;
 use swimlane_core::keys::Keys;
-use swimlane_core::Event;
 use swimlane_model::MicroModel;
 use swimlane_runtime::Config;
 use swimlane_state::{Repo, BASE_MODEL_BLOB};
@@ -606,37 +605,6 @@ pub fn agent() -> ureq::Agent {
         .timeout_connect(Duration::from_secs(2))
         .timeout(Duration::from_secs(60))
         .build()
-}
-
-/// Records of every partition of `topic`, decoded, with their partition and offset.
-pub fn log_events(db: &Db, topic: &str, partitions: u32) -> Vec<(u32, u64, Event)> {
-    let bus = EmbeddedBus::new(keys(), partitions);
-    let mut out = Vec::new();
-    for p in 0..partitions {
-        let mut from = 0;
-        loop {
-            let recs = db
-                .transact(|tx| match bus.read(tx, topic, p, from, 500) {
-                    Ok(r) => Ok(r),
-                    Err(swimlane_bus::BusError::Store(e)) => Err(e),
-                    Err(e) => panic!("reading {topic}/{p}: {e}"),
-                })
-                .unwrap();
-            if recs.is_empty() {
-                break;
-            }
-            for r in recs {
-                assert_eq!(r.offset, from, "{topic}/{p}: offsets are dense");
-                let ev = Event::decode(&r.payload)
-                    .unwrap_or_else(|e| panic!("{topic}/{p}@{}: {e}", r.offset));
-                out.push((p, r.offset, ev));
-                from += 1;
-            }
-        }
-        let hw = db.transact(|tx| bus.high_watermark(tx, topic, p)).unwrap();
-        assert_eq!(hw, from, "{topic}/{p}: high watermark");
-    }
-    out
 }
 
 /// Records a consumer group has not committed yet, over every partition of its topic.
