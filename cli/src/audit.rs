@@ -31,12 +31,13 @@
 //! - through the APIs: each batch's status word, and the model download (version
 //!   header and SHA-256 of the bytes).
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read as _;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use swimlane_core::records::BatchStatus;
 use swimlane_core::{topics, Event};
+
+use crate::client::{Device, Download};
 use swimlane_state::Repo;
 use swimlane_store::Db;
 
@@ -266,9 +267,6 @@ pub fn audit(
     events: Option<&Events>,
     expect: &Expect,
 ) -> anyhow::Result<AuditReport> {
-    let http = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(30))
-        .build();
     let mut r = AuditReport {
         users: users.len(),
         ..Default::default()
@@ -278,6 +276,7 @@ pub fn audit(
         let u = au.user.as_str();
         r.batches_accepted += au.accepted.len();
         let bad = |r: &mut AuditReport, m: String| r.violations.push(format!("{u}: {m}"));
+        let device = api.map(|(ingest, publisher)| Device::new(ingest, publisher, u, &au.token));
         let (batches, versions, state, runs) = db.transact(|tx| {
             Ok((
                 repo.batches(tx, u)?,
@@ -548,61 +547,42 @@ pub fn audit(
                 }
             }
             // The device sees the same.
-            let Some((ingest_url, _)) = api else { continue };
-            let url = format!("{ingest_url}/v1/users/{u}/batches/{b}");
-            match http
-                .get(&url)
-                .set("Authorization", &format!("Bearer {}", au.token))
-                .call()
-            {
-                Ok(resp) => {
-                    let j: serde_json::Value = resp.into_json()?;
-                    if j["status"] != word(&rec.status) {
-                        bad(
-                            &mut r,
-                            format!(
-                                "batch {b}: API says {}, store {}",
-                                j["status"],
-                                word(&rec.status)
-                            ),
-                        );
-                    }
-                }
-                Err(e) => bad(&mut r, format!("GET {url}: {e}")),
+            let Some(device) = &device else { continue };
+            match device.status(b) {
+                Ok(j) if j["status"] == word(&rec.status) => {}
+                Ok(j) => bad(
+                    &mut r,
+                    format!(
+                        "batch {b}: API says {}, store {}",
+                        j["status"],
+                        word(&rec.status)
+                    ),
+                ),
+                Err(e) => bad(&mut r, format!("{e}")),
             }
         }
 
         // The device downloads the head.
-        let Some((_, publisher_url)) = api else {
-            continue;
-        };
-        let url = format!("{publisher_url}/v1/users/{u}/model");
-        match http
-            .get(&url)
-            .set("Authorization", &format!("Bearer {}", au.token))
-            .call()
-        {
-            Ok(resp) if n > 0 => {
-                let v = resp.header("x-model-version").unwrap_or("").to_string();
-                let mut body = Vec::new();
-                resp.into_reader().read_to_end(&mut body)?;
-                let sha = hex::encode(Sha256::digest(&body));
-                if let Err(e) = swimlane_model::MicroModel::from_bytes(&body) {
+        let Some(device) = &device else { continue };
+        match device.download(None) {
+            Ok(Download::Model { version, bytes, .. }) if n > 0 => {
+                let sha = hex::encode(Sha256::digest(&bytes));
+                if let Err(e) = swimlane_model::MicroModel::from_bytes(&bytes) {
                     bad(&mut r, format!("model download does not load: {e}"));
                 }
-                if v != n.to_string() || sha != versions[n as usize - 1].sha256 {
+                if version != n || sha != versions[n as usize - 1].sha256 {
                     bad(
                         &mut r,
-                        format!("model download: version {v}, sha {sha}; expected v{n}"),
+                        format!("model download: v{version}, sha {sha}; expected v{n}"),
                     );
                 }
             }
-            Ok(resp) => bad(
+            Ok(Download::NoModel) if n == 0 => {}
+            Ok(other) => bad(
                 &mut r,
-                format!("model download {} with no version", resp.status()),
+                format!("model download: {other:?} with {n} versions"),
             ),
-            Err(ureq::Error::Status(404, _)) if n == 0 => {}
-            Err(e) => bad(&mut r, format!("GET {url}: {e}")),
+            Err(e) => bad(&mut r, format!("{e}")),
         }
     }
     if r.versions < expect.min_versions {
@@ -639,23 +619,30 @@ impl EventIndex {
         let mut bad = |m: String| r.violations.push(m);
         let mut duplicated = 0;
         let mut staged = BTreeSet::new();
-        for (p, o, e) in &events.batches {
-            match e {
-                Event::BatchStaged { user, batch_id, .. } => {
-                    staged.insert((user.to_string(), batch_id.as_str().to_string()));
-                }
-                other => bad(format!("{p}@{o}: {} on the batches topic", other.topic())),
+        let by_topic = [
+            (topics::BATCHES, &events.batches),
+            (topics::CANDIDATES, &events.candidates),
+            (topics::VERDICTS, &events.verdicts),
+            (topics::PUBLISHED, &events.published),
+        ];
+        for (topic, list) in by_topic {
+            for (p, o, e) in list.iter().filter(|(_, _, e)| e.topic() != topic) {
+                bad(format!("{topic}/{p}@{o}: a {} event", e.topic()));
+            }
+        }
+        for (_, _, e) in &events.batches {
+            if let Event::BatchStaged { user, batch_id, .. } = e {
+                staged.insert((user.to_string(), batch_id.as_str().to_string()));
             }
         }
         let mut trained = BTreeMap::new();
-        for (p, o, e) in &events.candidates {
+        for (_, _, e) in &events.candidates {
             let Event::CandidateTrained {
                 user,
                 run_id,
                 batches,
             } = e
             else {
-                bad(format!("{p}@{o}: {} on the candidates topic", e.topic()));
                 continue;
             };
             let key = (user.to_string(), run_id.clone());
@@ -666,14 +653,11 @@ impl EventIndex {
             }
         }
         let mut verdict_of = BTreeMap::new();
-        for (p, o, e) in &events.verdicts {
+        for (_, _, e) in &events.verdicts {
             let (user, run_id, accepted) = match e {
                 Event::CandidateAccepted { user, run_id } => (user, run_id, true),
                 Event::CandidateRejected { user, run_id, .. } => (user, run_id, false),
-                other => {
-                    bad(format!("{p}@{o}: {} on the verdicts topic", other.topic()));
-                    continue;
-                }
+                _ => continue,
             };
             let key = (user.to_string(), run_id.clone());
             if !trained.contains_key(&key) {
@@ -686,14 +670,13 @@ impl EventIndex {
         }
         let mut version_run = BTreeMap::new();
         let mut run_version = BTreeMap::new();
-        for (p, o, e) in &events.published {
+        for (_, _, e) in &events.published {
             let Event::ModelPublished {
                 user,
                 run_id,
                 version,
             } = e
             else {
-                bad(format!("{p}@{o}: {} on the published topic", e.topic()));
                 continue;
             };
             let u = user.to_string();

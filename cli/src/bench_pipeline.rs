@@ -15,7 +15,6 @@
 //!   is waiting behind other users' training), and for `paced` more swimmers who
 //!   upload one at a time, each after the previous one settled (the bus, store
 //!   transactions, polling and process scheduling alone).
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,6 +31,7 @@ use swimlane_model::MicroModel;
 use swimlane_runtime::Config;
 use swimlane_state::Repo;
 
+use crate::client::{Device, Upload};
 use crate::procfleet::{FleetSpec, ProcFleet};
 
 /// What to run.
@@ -288,22 +288,16 @@ fn run_once(
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    let ingest_url = format!("http://{ingest_api}");
     let upload = |i: usize| -> Result<(), String> {
         let (user, body) = &uploads[i];
-        let url = format!("http://{ingest_api}/v1/users/{user}/batches");
-        let r = http
-            .post(&url)
-            .set("Authorization", &format!("Bearer {}", tokens[i]))
-            .set("Content-Type", "application/json")
-            .send_bytes(body);
-        match r {
-            Ok(r) if r.status() == 202 => Ok(()),
-            Ok(r) => Err(format!("{user}: {}", r.status())),
-            Err(ureq::Error::Status(code, r)) => {
-                let mut b = String::new();
-                let _ = r.into_reader().take(500).read_to_string(&mut b);
-                Err(format!("{user}: {code} {b}"))
-            }
+        let device = Device {
+            agent: http.clone(),
+            ..Device::new(&ingest_url, "", user, &tokens[i])
+        };
+        match device.upload(body) {
+            Ok(Upload::Accepted(_)) => Ok(()),
+            Ok(Upload::Retry(why)) => Err(format!("{user}: {why}")),
             Err(e) => Err(format!("{user}: {e}")),
         }
     };

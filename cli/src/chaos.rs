@@ -31,6 +31,7 @@ use swimlane_state::Repo;
 use swimlane_store::Db;
 
 use crate::audit::{audit, AuditReport, AuditUser, Events, Expect};
+use crate::client::Device;
 use crate::procfleet::{free_port, FleetSpec, ProcFleet};
 
 /// What to run.
@@ -329,34 +330,19 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
                             .unwrap()
                             .insert((users[u].clone(), format!("night-{n}")));
                     }
-                    let url = format!("{ingest}/v1/users/{}/batches", users[u]);
+                    let device = Device {
+                        agent: http.clone(),
+                        ..Device::new(&ingest, "", &users[u], &tokens[u])
+                    };
                     let deadline = Instant::now() + Duration::from_secs(600);
-                    loop {
-                        let r = http
-                            .post(&url)
-                            .set("Authorization", &format!("Bearer {}", tokens[u]))
-                            .set("Content-Type", "application/json")
-                            .send_bytes(&body);
-                        match r {
-                            Ok(resp) if resp.status() == 202 => break,
-                            Err(ureq::Error::Status(code, _)) if code >= 500 => {}
-                            Err(ureq::Error::Transport(_)) => {}
-                            Ok(resp) => {
-                                *failure.lock().unwrap() =
-                                    Some(format!("POST {url}: {}", resp.status()));
-                                return;
-                            }
-                            Err(e) => {
-                                *failure.lock().unwrap() = Some(format!("POST {url}: {e}"));
-                                return;
-                            }
+                    match device.upload_until_accepted(&body, deadline, None) {
+                        Ok(n) => {
+                            interrupted.fetch_add(n, Ordering::SeqCst);
                         }
-                        interrupted.fetch_add(1, Ordering::SeqCst);
-                        if Instant::now() > deadline {
-                            *failure.lock().unwrap() = Some(format!("POST {url}: never accepted"));
+                        Err(e) => {
+                            *failure.lock().unwrap() = Some(e.to_string());
                             return;
                         }
-                        std::thread::sleep(Duration::from_millis(50));
                     }
                     accepted
                         .lock()

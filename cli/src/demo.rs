@@ -18,7 +18,7 @@ use swimlane_core::keys::Keys;
 use swimlane_core::UserId;
 use swimlane_model::experiment::unseen_swimmer;
 use swimlane_model::synth::{corrections_from, derive_seed, poison};
-use swimlane_model::{evaluate, MicroModel, Sample};
+use swimlane_model::{evaluate, MicroModel};
 use swimlane_runtime::Config;
 use swimlane_state::tokens::new_token;
 use swimlane_state::{Repo, BASE_MODEL_BLOB};
@@ -98,98 +98,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// A device's HTTP client.
-pub(crate) struct Device {
-    pub user: String,
-    pub token: String,
-    pub ingest: String,
-    pub publisher: String,
-    pub agent: ureq::Agent,
-}
-
-impl Device {
-    /// The model the phone runs now: its published model, or `None` (use the base).
-    pub(crate) fn current_model(&self) -> anyhow::Result<Option<MicroModel>> {
-        Ok(self.current_versioned()?.map(|(m, _)| m))
-    }
-
-    /// The published model and its version (`X-Model-Version`), or `None`.
-    pub(crate) fn current_versioned(&self) -> anyhow::Result<Option<(MicroModel, u64)>> {
-        let url = format!("{}/v1/users/{}/model", self.publisher, self.user);
-        match self
-            .agent
-            .get(&url)
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .call()
-        {
-            Ok(r) => {
-                let version = r
-                    .header("x-model-version")
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| anyhow::anyhow!("GET {url}: no X-Model-Version"))?;
-                let mut bytes = Vec::new();
-                r.into_reader().read_to_end(&mut bytes)?;
-                Ok(Some((MicroModel::from_bytes(&bytes)?, version)))
-            }
-            Err(ureq::Error::Status(404, _)) => Ok(None),
-            Err(e) => Err(anyhow::anyhow!("GET {url}: {e}")),
-        }
-    }
-
-    fn upload(&self, batch_id: &str, samples: &[Sample]) -> anyhow::Result<()> {
-        self.post_batch(crate::upload::upload_json(batch_id, samples))
-    }
-
-    /// POST an upload body; anything but 202 is an error with the answer's text.
-    pub(crate) fn post_batch(&self, body: serde_json::Value) -> anyhow::Result<()> {
-        let url = format!("{}/v1/users/{}/batches", self.ingest, self.user);
-        match self
-            .agent
-            .post(&url)
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .send_json(body)
-        {
-            Ok(r) if r.status() == 202 => Ok(()),
-            Ok(r) => anyhow::bail!("POST {url}: unexpected status {}", r.status()),
-            Err(ureq::Error::Status(code, r)) => {
-                anyhow::bail!("POST {url}: {code} {}", r.into_string().unwrap_or_default())
-            }
-            Err(e) => Err(anyhow::anyhow!("POST {url}: {e}")),
-        }
-    }
-
-    /// The batch's status word and the whole status object.
-    pub(crate) fn status(&self, batch_id: &str) -> anyhow::Result<serde_json::Value> {
-        let url = format!(
-            "{}/v1/users/{}/batches/{}",
-            self.ingest, self.user, batch_id
-        );
-        self.get_json(&url)
-    }
-
-    /// GET `url` with the user's token, as JSON.
-    fn get_json(&self, url: &str) -> anyhow::Result<serde_json::Value> {
-        let r = self
-            .agent
-            .get(url)
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
-        Ok(r.into_json()?)
-    }
-
-    pub(crate) fn versions(&self) -> anyhow::Result<usize> {
-        let url = format!("{}/v1/users/{}/model/versions", self.publisher, self.user);
-        let v = self.get_json(&url)?;
-        Ok(v["versions"].as_array().map(|a| a.len()).unwrap_or(0))
-    }
-}
-
-use std::io::Read;
-
-pub(crate) fn settled(status: &str) -> bool {
-    matches!(status, "published" | "rejected" | "deferred")
-}
+pub(crate) use crate::client::{settled, Device};
 
 /// Run the demo end to end; the fleet is stopped before this returns.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
@@ -328,7 +237,7 @@ fn drive(
             if batch.is_empty() {
                 continue;
             }
-            d.upload(&id, &batch)?;
+            d.post_batch(crate::upload::upload_json(&id, &batch))?;
             uploads[i] += 1;
             batches += 1;
             pending.push((i, id));

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod bench_pipeline;
 pub mod chaos;
+pub mod client;
 pub mod demo;
 pub mod fleet;
 pub mod init;

@@ -193,10 +193,11 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
                 .iter()
                 .map(|(i, _, body, _)| {
                     let (http, in_flight, finished) = (&http, &in_flight, &finished);
-                    let url = format!("{ingest}/v1/users/{}/batches", users[*i]);
-                    let token = &tokens[*i];
+                    let (user, token, ingest) = (&users[*i], &tokens[*i], &ingest);
                     scope.spawn(move || {
-                        let n = upload_until_accepted(http, &url, token, body, in_flight, deadline);
+                        let n = upload_until_accepted(
+                            http, ingest, user, token, body, in_flight, deadline,
+                        );
                         finished.fetch_add(1, Ordering::SeqCst);
                         n
                     })

@@ -3,6 +3,8 @@
 //! corrections through the ingest API and get their new model from the publisher API.
 mod common;
 
+use swimlane_cli::client::Device;
+
 use std::time::{Duration, Instant};
 
 use common::{agent, request, upload_body, Fleet, Kind};
@@ -117,17 +119,9 @@ fn four_worker_processes_publish_every_users_model() {
         let mut still = Vec::new();
         for i in pending {
             let u = USERS[i];
-            let r = request(
-                &http,
-                "GET",
-                &format!("{ingest}/v1/users/{u}/batches/night-1"),
-                Some(&tokens[i]),
-                &[],
-                None,
-            )
-            .unwrap();
-            assert_eq!(r.status, 200, "{u}: {:?}", r.json());
-            let st = r.json();
+            let st = Device::new(&ingest, &publisher, u, &tokens[i])
+                .status("night-1")
+                .unwrap();
             if common::settled(st["status"].as_str().unwrap_or("")) {
                 assert_eq!(st["status"], "published", "{u}: {st}");
                 assert_eq!(st["version"], 1, "{u}: {st}");
@@ -175,17 +169,8 @@ fn four_worker_processes_publish_every_users_model() {
         assert_eq!(r.status, 403, "{u} with another user's token");
         let r = request(&http, "GET", &url, None, &[], None).unwrap();
         assert_eq!(r.status, 401, "{u} without a token");
-        let r = request(
-            &http,
-            "GET",
-            &format!("{publisher}/v1/users/{u}/model/versions"),
-            Some(&tokens[i]),
-            &[],
-            None,
-        )
-        .unwrap();
-        assert_eq!(r.status, 200);
-        assert_eq!(r.json()["versions"].as_array().map(|v| v.len()), Some(1));
+        let versions = Device::new(&ingest, &publisher, u, &tokens[i]).versions();
+        assert_eq!(versions.unwrap(), 1, "{u}");
     }
     fleet.assert_alive();
     eprintln!("done in {:.1}s", t0.elapsed().as_secs_f64());

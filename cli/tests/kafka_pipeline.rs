@@ -155,10 +155,10 @@ fn upload_all(
     let in_flight = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for (i, _, body) in batches {
-            let url = format!("{}/v1/users/{}/batches", fleet.ingest_url(), users[*i]);
-            let (token, in_flight) = (&tokens[*i], &in_flight);
+            let (user, token, in_flight) = (&users[*i], &tokens[*i], &in_flight);
+            let ingest = fleet.ingest_url();
             scope.spawn(move || {
-                upload_until_accepted(http, &url, token, body, in_flight, deadline);
+                upload_until_accepted(http, &ingest, user, token, body, in_flight, deadline);
             });
         }
     });

@@ -14,6 +14,8 @@
 //! passes without running.
 mod common;
 
+use swimlane_cli::client::{Device, Download};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -359,18 +361,13 @@ fn dashboards_and_rules_evaluate_against_a_real_prometheus_scraping_the_fleet() 
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut published = 0;
     for (i, u) in USERS.iter().enumerate() {
+        let device = Device::new(&ingest, &publisher, u, &tokens[i]);
         let status = loop {
             fleet.assert_alive();
-            let r = request(
-                &http,
-                "GET",
-                &format!("{ingest}/v1/users/{u}/batches/night-1"),
-                Some(&tokens[i]),
-                &[],
-                None,
-            )
-            .unwrap();
-            let st = r.json()["status"].as_str().unwrap_or("").to_string();
+            let st = device.status("night-1").unwrap()["status"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             if common::settled(&st) {
                 break st;
             }
@@ -379,16 +376,8 @@ fn dashboards_and_rules_evaluate_against_a_real_prometheus_scraping_the_fleet() 
         };
         if status == "published" {
             published += 1;
-            let r = request(
-                &http,
-                "GET",
-                &format!("{publisher}/v1/users/{u}/model"),
-                Some(&tokens[i]),
-                &[],
-                None,
-            )
-            .unwrap();
-            assert_eq!(r.status, 200, "{u}");
+            let model = device.download(None).unwrap();
+            assert!(matches!(model, Download::Model { .. }), "{u}: {model:?}");
         }
     }
     assert!(published >= 1, "no model published");

@@ -18,6 +18,7 @@ use swimlane_core::batch::BatchLimits;
 use swimlane_core::keys::Keys;
 use swimlane_core::records::{BatchRecord, BatchStatus};
 use swimlane_core::{BatchId, UserId};
+use swimlane_runtime::http::blocking;
 use swimlane_runtime::{Config, WallClock};
 use swimlane_state::tokens::AuthError;
 use swimlane_state::Repo;
@@ -123,23 +124,12 @@ pub fn router(state: IngestState) -> Router {
     Router::new()
         .route("/v1/users/{user}/batches", post(post_batch))
         .route("/v1/users/{user}/batches/{batch_id}", get(get_batch))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(ApiError::no_route)
         .with_state(state)
 }
 
-/// Run blocking work off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        tracing::error!(error = %e, "blocking task failed");
-        ApiError::internal()
-    })
-}
-
 fn parse_user(user: String) -> Result<UserId, ApiError> {
-    UserId::new(user)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_user_id", e.to_string()))
+    UserId::new(user).map_err(ApiError::bad_user_id)
 }
 
 /// Check the request may act for `user`: the admin token, or a live token of `user`

@@ -43,6 +43,8 @@ use swimlane_state::tokens::{AuthError, Caller};
 use swimlane_state::Repo;
 use swimlane_store::{Db, KvError};
 
+use swimlane_runtime::http::{blocking, ApiError};
+
 use crate::metrics::PublisherMetrics;
 
 /// What the HTTP handlers share.
@@ -61,82 +63,21 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/users/{user}/model", get(get_model))
         .route("/v1/users/{user}/model/versions", get(list_versions))
         .route("/v1/admin/users/{user}/rollback", post(rollback))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
+        .fallback(ApiError::no_route)
         .method_not_allowed_fallback(|| async {
-            ApiError(
+            ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "this route does not take that method".into(),
+                "this route does not take that method",
             )
         })
         .with_state(state)
 }
 
-/// An API error: status, machine code, message.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.1, "message": self.2}});
-        let mut r = (self.0, Json(body)).into_response();
-        if self.0 == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        r
-    }
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Unauthenticated => {
-                ApiError(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
-            }
-            AuthError::Forbidden => ApiError(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-        }
-    }
-}
-
-fn store_error(e: KvError) -> ApiError {
-    tracing::error!(error = %e, "store error");
-    if e.is_retryable() || matches!(e, KvError::RetriesExhausted { .. }) {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "the store is busy; retry later".into(),
-        )
-    } else {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error".into(),
-        )
-    }
-}
-
-fn internal() -> ApiError {
-    ApiError(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "internal error".into(),
-    )
-}
-
 fn parse_user(raw: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
-    let Path(raw) = raw.map_err(|_| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            "bad_user_id",
-            "the user id in the path does not decode".into(),
-        )
-    })?;
-    UserId::new(raw).map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_user_id", e.to_string()))
+    let Path(raw) =
+        raw.map_err(|_| ApiError::bad_user_id("the user id in the path does not decode"))?;
+    UserId::new(raw).map_err(ApiError::bad_user_id)
 }
 
 /// Does an `If-None-Match` value match `etag`? Weak comparison (RFC 9110 13.1.2): a
@@ -153,16 +94,6 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-}
-
-/// Run a store closure off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        tracing::error!(error = %e, "blocking task failed");
-        internal()
-    })?
 }
 
 /// Authenticate and authorise inside one read transaction, then run `read`.
@@ -190,7 +121,7 @@ fn authorised<T>(
                 Ok(()) => read(tx).map(Ok),
             }
         })
-        .map_err(store_error)?;
+        .map_err(|e| ApiError::store(&e))?;
     r.map_err(ApiError::from)
 }
 
@@ -226,7 +157,7 @@ impl ModelFormat {
             Some("safetensors") => return Ok(ModelFormat::Safetensors),
             Some("onnx") => return Ok(ModelFormat::Onnx),
             Some(other) => {
-                return Err(ApiError(
+                return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_format",
                     format!("format {other:?} is not one of safetensors, onnx"),
@@ -294,7 +225,7 @@ async fn get_model(
     // A bad query is answered only once the caller is known to be allowed (401/403
     // first, as everywhere).
     let requested = query
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
         .and_then(|Query(q)| {
             ModelFormat::requested(
                 q.format.as_deref(),
@@ -340,22 +271,22 @@ async fn get_model(
             Ok(Head::Model(rec, sha, bytes))
         })
     })
-    .await?;
+    .await??;
     let format = match requested {
         Ok(format) => format,
         Err(e) => return Err(e), // the caller is allowed: now say what was wrong
     };
     let (rec, sha, bytes) = match found {
-        Head::BadRequest => return Err(internal()), // only when `requested` is an error
+        Head::BadRequest => return Err(ApiError::internal()), // only when `requested` is an error
         Head::None => {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "no_model",
-                "no personal model published yet; use the base model".into(),
+                "no personal model published yet; use the base model",
             ))
         }
         Head::Unavailable(rec) => {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "onnx_unavailable",
                 format!(
@@ -378,7 +309,7 @@ async fn get_model(
         HeaderValue::from_str(&disposition),
     ) else {
         tracing::error!(user_id = %user, version = rec.version, "model version record has an unusable sha256");
-        return Err(internal());
+        return Err(ApiError::internal());
     };
     let mut h = HeaderMap::new();
     h.insert(header::ETAG, etag);
@@ -415,7 +346,7 @@ async fn list_versions(
             ))
         })
     })
-    .await?;
+    .await??;
     Ok(Json(serde_json::json!({ "head": head, "versions": versions })).into_response())
 }
 
@@ -437,12 +368,12 @@ async fn rollback(
     // nothing from it (401/403, never 400).
     let st2 = st.clone();
     let u = user.clone();
-    blocking(move || authorised(&st2, auth.as_deref(), &u, true, |_| Ok(()))).await?;
+    blocking(move || authorised(&st2, auth.as_deref(), &u, true, |_| Ok(()))).await??;
     let req: RollbackBody = body
-        .map_err(|e| ApiError(e.status(), "bad_body", e.body_text()))
+        .map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))
         .and_then(|b| {
             serde_json::from_slice(&b).map_err(|e| {
-                ApiError(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_json",
                     format!("expected {{\"version\": N}}: {e}"),
@@ -466,9 +397,9 @@ async fn rollback(
             Ok(Some(rec.version))
         })
     })
-    .await?;
+    .await??;
     match outcome {
-        None => Err(ApiError(
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no_such_version",
             format!("version {} was never published", req.version),

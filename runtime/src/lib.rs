@@ -15,6 +15,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod http;
 pub mod ops;
 pub mod shutdown;
 pub mod store;

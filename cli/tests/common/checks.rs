@@ -1,15 +1,16 @@
 //! The exactly-once check shared by the crash tests, and the device-side helpers they
 //! drive uploads with.
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use swimlane_cli::audit::{audit, AuditUser};
+use swimlane_cli::client::Device;
 use swimlane_core::records::BatchStatus;
 use swimlane_model::MicroModel;
 use swimlane_store::Db;
 
-use super::{repo, request, Fleet};
+use super::{repo, Fleet};
 
 /// Whether every accepted batch (`(user index, batch id)`, users named by `users`)
 /// rests in a settled status and no run is in flight.
@@ -35,7 +36,8 @@ pub fn all_settled(db: &Db, users: &[String], accepted: &[(usize, String)]) -> b
     .unwrap()
 }
 
-/// The model a device runs now: its published one, else the base model.
+/// The model a device runs now: its published one, else the base model. Asked again
+/// while the publisher cannot answer (it may have just been killed), until `deadline`.
 pub fn current_model(
     http: &ureq::Agent,
     publisher: &str,
@@ -44,52 +46,38 @@ pub fn current_model(
     base: &MicroModel,
     deadline: Instant,
 ) -> MicroModel {
-    let url = format!("{publisher}/v1/users/{user}/model");
+    let d = Device {
+        agent: http.clone(),
+        ..Device::new("", publisher, user, token)
+    };
     loop {
-        match request(http, "GET", &url, Some(token), &[], None) {
-            Ok(r) if r.status == 200 => return MicroModel::from_bytes(&r.body).unwrap(),
-            Ok(r) if r.status == 404 => return base.clone(),
-            Ok(r) if r.status >= 500 => {}
-            Ok(r) => panic!(
-                "GET {url}: {} {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            ),
-            Err(_) => {}
+        match d.current_model() {
+            Ok(Some(m)) => return m,
+            Ok(None) => return base.clone(),
+            Err(e) => assert!(Instant::now() < deadline, "{user}: no model answer: {e}"),
         }
-        assert!(Instant::now() < deadline, "GET {url}: no answer");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// POST the batch until it gets 202; a transport error or a 5xx is retried with the
-/// same batch id and body. Returns how many attempts were interrupted.
+/// POST the batch until it gets 202 (`Device::upload_until_accepted`: a transport error
+/// or a 5xx is retried with the same batch id and body; a 4xx fails the test). Returns
+/// how many attempts were interrupted.
 pub fn upload_until_accepted(
     http: &ureq::Agent,
-    url: &str,
+    ingest: &str,
+    user: &str,
     token: &str,
     body: &[u8],
     in_flight: &AtomicUsize,
     deadline: Instant,
 ) -> usize {
-    let mut interrupted = 0;
-    loop {
-        in_flight.fetch_add(1, Ordering::SeqCst);
-        let r = request(http, "POST", url, Some(token), &[], Some(body));
-        in_flight.fetch_sub(1, Ordering::SeqCst);
-        match r {
-            Ok(a) if a.status == 202 => return interrupted,
-            Ok(a) if a.status >= 500 => interrupted += 1,
-            Ok(a) => panic!(
-                "POST {url}: {} {}",
-                a.status,
-                String::from_utf8_lossy(&a.body)
-            ),
-            Err(_) => interrupted += 1,
-        }
-        assert!(Instant::now() < deadline, "POST {url}: never accepted");
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let d = Device {
+        agent: http.clone(),
+        ..Device::new(ingest, "", user, token)
+    };
+    d.upload_until_accepted(body, deadline, Some(in_flight))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub use swimlane_cli::audit::{Events, Expect};

@@ -627,6 +627,5 @@ pub fn backlog(db: &Db, k: Kind, partitions: u32) -> u64 {
 }
 
 /// Whether `status` (the API's word) is one a batch rests in.
-pub fn settled(status: &str) -> bool {
-    matches!(status, "published" | "rejected" | "deferred")
-}
+#[allow(unused_imports)] // not every test binary polls statuses
+pub use swimlane_cli::client::settled;
