@@ -120,7 +120,18 @@ impl Events {
     /// event per outbox entry. A relay may produce an entry twice (delivery into Kafka
     /// is at least once); both copies carry the entry's header and the same bytes.
     /// Other bytes under one entry, or a record no relay produced, are errors.
-    pub fn from_kafka(bootstrap: &str, prefix: &str, partitions: u32) -> anyhow::Result<Events> {
+    ///
+    /// Events a stage committed may still wait in the store's outbox (the relay that
+    /// held the lease was killed, and the lease runs out before another relay takes
+    /// over): it first waits until the outbox is empty ([`wait_outbox_drained`]).
+    pub fn from_kafka(
+        db: &Db,
+        repo: &Repo,
+        bootstrap: &str,
+        prefix: &str,
+        partitions: u32,
+    ) -> anyhow::Result<Events> {
+        wait_outbox_drained(db, repo, std::time::Duration::from_secs(120))?;
         Events::decode(|topic| {
             let name = swimlane_bus::kafka::kafka_name(prefix, topic);
             let mut seen: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
@@ -139,6 +150,28 @@ impl Events {
             }
             Ok(out)
         })
+    }
+}
+
+/// Wait until every event committed to the Kafka bus's outbox has been relayed (the
+/// emitting processes' relays must be running), at most `within`.
+#[cfg(feature = "kafka")]
+pub fn wait_outbox_drained(
+    db: &Db,
+    repo: &Repo,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = db.transact(|tx| swimlane_bus::kafka::read_outbox(tx, &repo.keys, 1))?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "events still in the outbox after {within:?}: no relay is moving them"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

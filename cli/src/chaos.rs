@@ -442,7 +442,7 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     let (ingest_url, publisher_url) = (fleet.ingest_url(), fleet.publisher_url());
     let events = match bus.strip_prefix("kafka://") {
         None => Events::from_log(&db, &repo, config.partitions)?,
-        Some(bootstrap) => read_kafka_events(bootstrap, &config)?,
+        Some(bootstrap) => read_kafka_events(&db, &repo, bootstrap, &config)?,
     };
     let poisoned = poisoned.into_inner().unwrap();
     let expect = Expect {
@@ -489,12 +489,17 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
 
 /// The Kafka topics' events (feature `kafka`).
 #[cfg(feature = "kafka")]
-fn read_kafka_events(bootstrap: &str, config: &Config) -> anyhow::Result<Events> {
-    Events::from_kafka(bootstrap, &config.topic_prefix, config.partitions)
+fn read_kafka_events(
+    db: &Db,
+    repo: &Repo,
+    bootstrap: &str,
+    config: &Config,
+) -> anyhow::Result<Events> {
+    Events::from_kafka(db, repo, bootstrap, &config.topic_prefix, config.partitions)
 }
 
 #[cfg(not(feature = "kafka"))]
-fn read_kafka_events(_: &str, _: &Config) -> anyhow::Result<Events> {
+fn read_kafka_events(_: &Db, _: &Repo, _: &str, _: &Config) -> anyhow::Result<Events> {
     anyhow::bail!("auditing a Kafka bus needs the `kafka` feature")
 }
 

@@ -326,7 +326,10 @@ struct KafkaTopics {
     foreign_batches: Vec<Vec<u8>>,
 }
 
-fn kafka_topics(bootstrap: &str, fleet: &Fleet) -> KafkaTopics {
+fn kafka_topics(bootstrap: &str, fleet: &Fleet, db: &Db) -> KafkaTopics {
+    // Every committed event relayed first (a killed relay's lease must run out).
+    swimlane_cli::audit::wait_outbox_drained(db, &common::repo(), Duration::from_secs(120))
+        .unwrap();
     let prefix = fleet.setting("SWIMLANE_TOPIC_PREFIX").unwrap().to_string();
     let mut foreign: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     let mut read = |topic: &str| -> Vec<(u32, u64, Vec<u8>)> {
@@ -537,7 +540,7 @@ fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
 
     // The undecodable record is dead-lettered, once, with its reason, and counted.
     let (events, dead) = loop {
-        let k = kafka_topics(&bootstrap, &fleet);
+        let k = kafka_topics(&bootstrap, &fleet, &db);
         assert_eq!(k.foreign_batches, vec![b"not an event".to_vec()]);
         if !k.dead.is_empty() {
             break (k.events, k.dead);
@@ -761,7 +764,7 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
         kills.len()
     );
     fleet.assert_alive();
-    let k = kafka_topics(&bootstrap, &fleet);
+    let k = kafka_topics(&bootstrap, &fleet, &db);
     assert!(k.dead.is_empty(), "dead letters: {:?}", k.dead);
     assert!(k.foreign_batches.is_empty());
     let events = k.events;
