@@ -67,6 +67,49 @@ impl EmbeddedBus {
             .map(|v| v as u64)
     }
 
+    /// Every record of `topic`, partition by partition, each with its partition (tools,
+    /// audits and tests). Reads 500 records a transaction; a gap in a partition's
+    /// offsets, or records past its high watermark, are [`BusError::Corrupt`].
+    pub fn read_all(&self, db: &Db, topic: &str) -> Result<Vec<(u32, Record)>, BusError> {
+        let mut out = Vec::new();
+        for p in 0..self.partitions {
+            let mut from = 0;
+            loop {
+                let recs = db.transact(|tx| match self.read(tx, topic, p, from, 500) {
+                    Ok(r) => Ok(Ok(r)),
+                    Err(BusError::Store(e)) => Err(e),
+                    Err(e) => Ok(Err(e)),
+                })??;
+                if recs.is_empty() {
+                    break;
+                }
+                for r in recs {
+                    let corrupt = |reason: &str| BusError::Corrupt {
+                        topic: topic.into(),
+                        partition: p,
+                        offset: r.offset,
+                        reason: reason.into(),
+                    };
+                    if r.offset != from {
+                        return Err(corrupt("a gap in the log's offsets"));
+                    }
+                    from += 1;
+                    out.push((p, r));
+                }
+            }
+            let high = db.transact(|tx| self.high_watermark(tx, topic, p))?;
+            if high != from {
+                return Err(BusError::Corrupt {
+                    topic: topic.into(),
+                    partition: p,
+                    offset: from,
+                    reason: format!("high watermark {high}, records up to {from}"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Read up to `limit` records of a partition from `from` on.
     pub fn read(
         &self,

@@ -57,31 +57,13 @@ impl Events {
     /// partitions per topic. Offsets must be dense up to each high watermark.
     pub fn from_log(db: &Db, repo: &Repo, partitions: u32) -> anyhow::Result<Events> {
         let bus = swimlane_bus::embedded::EmbeddedBus::new(repo.keys.clone(), partitions);
-        let read = |topic: &str| -> anyhow::Result<Vec<(u32, u64, Vec<u8>)>> {
-            let mut out = Vec::new();
-            for p in 0..partitions {
-                let mut from = 0;
-                loop {
-                    let recs = db.transact(|tx| match bus.read(tx, topic, p, from, 500) {
-                        Ok(r) => Ok(Ok(r)),
-                        Err(swimlane_bus::BusError::Store(e)) => Err(e),
-                        Err(e) => Ok(Err(e)),
-                    })??;
-                    if recs.is_empty() {
-                        break;
-                    }
-                    for r in recs {
-                        anyhow::ensure!(r.offset == from, "{topic}/{p}: offsets not dense");
-                        out.push((p, r.offset, r.payload));
-                        from += 1;
-                    }
-                }
-                let hw = db.transact(|tx| bus.high_watermark(tx, topic, p))?;
-                anyhow::ensure!(hw == from, "{topic}/{p}: high watermark {hw}, read {from}");
-            }
-            Ok(out)
-        };
-        Events::decode(read)
+        Events::decode(|topic| {
+            let all = bus.read_all(db, topic)?;
+            Ok(all
+                .into_iter()
+                .map(|(p, r)| (p, r.offset, r.payload))
+                .collect())
+        })
     }
 
     /// Every topic's records through `read`, decoded.
@@ -253,6 +235,23 @@ pub struct AuditUser {
     pub user: String,
     pub token: String,
     pub accepted: BTreeSet<String>,
+}
+
+impl AuditUser {
+    /// One for each of `users` (with `tokens[i]`), with the batches `accepted(i)`.
+    pub fn each(
+        users: &[String],
+        tokens: &[String],
+        accepted: impl Fn(usize) -> BTreeSet<String>,
+    ) -> Vec<AuditUser> {
+        let each = users.iter().zip(tokens).enumerate();
+        each.map(|(i, (user, token))| AuditUser {
+            user: user.clone(),
+            token: token.clone(),
+            accepted: accepted(i),
+        })
+        .collect()
+    }
 }
 
 /// What the audit found.

@@ -430,15 +430,9 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("[{:7.1}s] settled; auditing", t0.elapsed().as_secs_f64());
-    let audit_users: Vec<AuditUser> = users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| AuditUser {
-            user: u.clone(),
-            token: tokens[i].clone(),
-            accepted: accepted.get(&i).cloned().unwrap_or_default(),
-        })
-        .collect();
+    let audit_users = AuditUser::each(&users, &tokens, |i| {
+        accepted.get(&i).cloned().unwrap_or_default()
+    });
     let (ingest_url, publisher_url) = (fleet.ingest_url(), fleet.publisher_url());
     let events = match bus.strip_prefix("kafka://") {
         None => Events::from_log(&db, &repo, config.partitions)?,

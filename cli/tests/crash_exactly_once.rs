@@ -57,16 +57,19 @@ struct Kill {
 /// Print the kill as it happens (so a failing run shows its schedule so far) and keep
 /// it for the summary.
 fn log_kill(kills: &mut Vec<Kill>, k: Kill) {
-    eprintln!(
-        "[{:6.1}s] night {}: killed {} (pid {}) after {} ms: {}",
-        k.at,
-        k.night,
-        k.kind.name(),
-        k.pid,
-        k.delay_ms,
-        k.what
-    );
+    eprintln!("killed: {k}");
     kills.push(k);
+}
+
+impl std::fmt::Display for Kill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (at, night, kind) = (self.at, self.night, self.kind.name());
+        let (pid, delay, what) = (self.pid, self.delay_ms, &self.what);
+        write!(
+            f,
+            "{at:6.1}s night {night} {kind:<9} pid {pid:<7} after {delay:>4} ms: {what}"
+        )
+    }
 }
 
 /// Uploads that are accepted (202), and how the devices fared.
@@ -304,15 +307,7 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
 
     eprintln!("kill schedule (seed {seed}):");
     for k in &kills {
-        eprintln!(
-            "  {:6.1}s night {} {:<9} pid {:<7} after {:>4} ms: {}",
-            k.at,
-            k.night,
-            k.kind.name(),
-            k.pid,
-            k.delay_ms,
-            k.what
-        );
+        eprintln!("  {k}");
     }
     let per_kind: BTreeMap<&str, usize> = Kind::ALL
         .iter()

@@ -439,6 +439,12 @@ fn both_own(o: &[Option<u32>], pids: [u32; 2]) -> bool {
         && pids.iter().all(|pid| o.contains(&Some(*pid)))
 }
 
+/// Wait (60 s at most) until the two trainers own every partition between them.
+fn wait_both_trainers_own(fleet: &Fleet, db: &Db, what: &str) {
+    let pids = trainer_pids(fleet);
+    wait_owners(db, what, Duration::from_secs(60), |o| both_own(o, pids));
+}
+
 fn trainer_pids(fleet: &Fleet) -> [u32; 2] {
     [fleet.pid(TRAINER_0).unwrap(), fleet.pid(TRAINER_1).unwrap()]
 }
@@ -464,13 +470,7 @@ fn start(bootstrap: &str, env: &[(&str, &str)]) -> Started {
     }
     // The group coordinator splits the partitions between the two trainers, and each
     // fences its share in the store.
-    let pids = trainer_pids(&fleet);
-    wait_owners(
-        &db,
-        "both trainers own partitions",
-        Duration::from_secs(60),
-        |o| both_own(o, pids),
-    );
+    wait_both_trainers_own(&fleet, &db, "both trainers own partitions");
     Started {
         fleet,
         db,
@@ -740,13 +740,7 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
             // Restart the killed trainer; the group splits the partitions again.
             fleet.spawn_member(victim);
             fleet.wait_member_ready(victim, Duration::from_secs(60));
-            let pids = trainer_pids(&fleet);
-            wait_owners(
-                &db,
-                "both trainers own partitions again",
-                Duration::from_secs(60),
-                |o| both_own(o, pids),
-            );
+            wait_both_trainers_own(&fleet, &db, "both trainers own partitions again");
         }
         wait_settled(&fleet, &db, &users, &accepted, deadline);
         eprintln!(

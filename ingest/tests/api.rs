@@ -118,19 +118,10 @@ impl Harness {
 
     /// Every event in the bus log, all partitions of the batches topic.
     fn events(&self) -> Vec<Event> {
-        let mut out = Vec::new();
-        for p in 0..PARTITIONS {
-            let recs = self
-                .db
-                .transact(|tx| {
-                    self.bus
-                        .read(tx, topics::BATCHES, p, 0, 10_000)
-                        .map_err(|e| KvError::Backend(e.to_string()))
-                })
-                .unwrap();
-            out.extend(recs.into_iter().map(|r| Event::decode(&r.payload).unwrap()));
-        }
-        out
+        let all = self.bus.read_all(&self.db, topics::BATCHES).unwrap();
+        all.iter()
+            .map(|(_, r)| Event::decode(&r.payload).unwrap())
+            .collect()
     }
 
     fn user_keys(&self, user: &str) -> Vec<KeyValue> {

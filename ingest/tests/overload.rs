@@ -24,7 +24,7 @@ use swimlane_state::tokens::new_token;
 use swimlane_state::Repo;
 use swimlane_store::embedded::EmbeddedBackend;
 use swimlane_store::faults::{Fault, FaultyBackend};
-use swimlane_store::{Db, KeyValue, KvError, ManualClock, RangeOption, RetryOptions};
+use swimlane_store::{Db, KeyValue, ManualClock, RangeOption, RetryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
@@ -103,22 +103,12 @@ impl Store {
     /// Batch id → how many `BatchStaged` events name it.
     fn staged_events(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
-        for p in 0..PARTITIONS {
-            let records = self
-                .db
-                .transact(|tx| {
-                    self.bus
-                        .read(tx, topics::BATCHES, p, 0, 100_000)
-                        .map_err(|e| KvError::Backend(e.to_string()))
-                })
-                .unwrap();
-            for r in records {
-                match Event::decode(&r.payload).unwrap() {
-                    Event::BatchStaged { batch_id, .. } => {
-                        *out.entry(batch_id.as_str().to_string()).or_default() += 1
-                    }
-                    other => panic!("unexpected event {other:?}"),
+        for (_, r) in self.bus.read_all(&self.db, topics::BATCHES).unwrap() {
+            match Event::decode(&r.payload).unwrap() {
+                Event::BatchStaged { batch_id, .. } => {
+                    *out.entry(batch_id.as_str().to_string()).or_default() += 1
                 }
+                other => panic!("unexpected event {other:?}"),
             }
         }
         out

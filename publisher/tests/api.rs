@@ -619,27 +619,31 @@ async fn a_head_whose_weights_are_missing_is_500_not_304() {
 }
 
 /// Checks that `a` is `user`'s version `version` as ONNX: body, type, hash, ETag.
-fn assert_onnx(a: &Answer, user: &str, version: u64, case: &str) {
-    let o = Harness::onnx(user, version);
+/// A model answer: 200, exactly `bytes`, of `content_type`, with the version and the
+/// bytes' hash in its headers, varying by `Accept`.
+fn assert_model(a: &Answer, bytes: &[u8], content_type: &str, version: u64, case: &str) {
     assert_eq!(a.status, StatusCode::OK, "{case}: {:?}", a.body);
-    assert_eq!(a.body.as_ref(), o.as_slice(), "{case}");
-    assert_eq!(a.header("content-type"), Some("application/onnx"), "{case}");
+    assert_eq!(a.body.as_ref(), bytes, "{case}");
+    assert_eq!(a.header("content-type"), Some(content_type), "{case}");
+    let version = version.to_string();
     assert_eq!(
         a.header("x-model-version"),
-        Some(version.to_string().as_str()),
+        Some(version.as_str()),
         "{case}"
     );
-    assert_eq!(
-        a.header("x-model-sha256"),
-        Some(sha256_hex(&o).as_str()),
-        "{case}"
-    );
+    let sha = sha256_hex(bytes);
+    assert_eq!(a.header("x-model-sha256"), Some(sha.as_str()), "{case}");
+    assert_eq!(a.header("vary"), Some("Accept"), "{case}");
+}
+
+fn assert_onnx(a: &Answer, user: &str, version: u64, case: &str) {
+    let o = Harness::onnx(user, version);
+    assert_model(a, &o, "application/onnx", version, case);
     assert_eq!(
         a.header("etag"),
         Some(format!("\"{}\"", sha256_hex(&o)).as_str()),
         "{case}"
     );
-    assert_eq!(a.header("vary"), Some("Accept"), "{case}");
     assert_eq!(
         a.header("content-disposition"),
         Some(format!("attachment; filename=\"model-v{version}.onnx\"").as_str()),
@@ -649,24 +653,7 @@ fn assert_onnx(a: &Answer, user: &str, version: u64, case: &str) {
 
 fn assert_safetensors(a: &Answer, user: &str, version: u64, case: &str) {
     let w = Harness::weights(user, version);
-    assert_eq!(a.status, StatusCode::OK, "{case}: {:?}", a.body);
-    assert_eq!(a.body.as_ref(), w.as_slice(), "{case}");
-    assert_eq!(
-        a.header("content-type"),
-        Some("application/vnd.swimlane.safetensors"),
-        "{case}"
-    );
-    assert_eq!(
-        a.header("x-model-version"),
-        Some(version.to_string().as_str()),
-        "{case}"
-    );
-    assert_eq!(
-        a.header("x-model-sha256"),
-        Some(sha256_hex(&w).as_str()),
-        "{case}"
-    );
-    assert_eq!(a.header("vary"), Some("Accept"), "{case}");
+    assert_model(a, &w, "application/vnd.swimlane.safetensors", version, case);
 }
 
 #[tokio::test]

@@ -96,19 +96,11 @@ pub fn check_exactly_once(
     events: &Events,
     expect: &Expect,
 ) {
-    let audit_users: Vec<AuditUser> = users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| AuditUser {
-            user: u.clone(),
-            token: tokens[i].clone(),
-            accepted: accepted
-                .iter()
-                .filter(|(j, _)| *j == i)
-                .map(|(_, b)| b.clone())
-                .collect(),
-        })
-        .collect();
+    let mine = |i: usize| {
+        let of_i = accepted.iter().filter(|(j, _)| *j == i);
+        of_i.map(|(_, b)| b.clone()).collect()
+    };
+    let audit_users = AuditUser::each(users, tokens, mine);
     let (ingest, publisher) = (fleet.ingest_url(), fleet.publisher_url());
     let r = audit(
         db,
