@@ -201,9 +201,9 @@ impl<S: Stage> StageHandler for Runner<S> {
             crate::positions::commit(tx, keys, &d.fence, d.next_offset())?;
             let (mut outcomes, mut dead) = (Vec::new(), 0u64);
             for (r, step) in d.records.iter().zip(&steps) {
-                let reason = match step {
+                let reason: std::borrow::Cow<'_, str> = match step {
                     Step::Skip => continue,
-                    Step::Dead(reason) => reason.as_str(),
+                    Step::Dead(reason) => reason.into(),
                     Step::Work(i) => {
                         let Some(p) = &prepared[*i] else { continue };
                         match stage.apply(tx, p, now)? {
@@ -212,22 +212,11 @@ impl<S: Stage> StageHandler for Runner<S> {
                                 continue;
                             }
                             Applied::Stale => continue,
-                            Applied::Dead(reason) => {
-                                crate::dead_letter(
-                                    emitter,
-                                    tx,
-                                    &d.fence.topic,
-                                    &r.key,
-                                    &r.payload,
-                                    &reason,
-                                )?;
-                                dead += 1;
-                                continue;
-                            }
+                            Applied::Dead(reason) => reason.into(),
                         }
                     }
                 };
-                crate::dead_letter(emitter, tx, &d.fence.topic, &r.key, &r.payload, reason)?;
+                crate::dead_letter(emitter, tx, &d.fence.topic, &r.key, &r.payload, &reason)?;
                 dead += 1;
             }
             Ok((outcomes, dead))

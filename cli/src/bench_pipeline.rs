@@ -288,14 +288,19 @@ fn run_once(
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // One client per device, made before anything is timed.
     let ingest_url = format!("http://{ingest_api}");
+    let devices: Vec<Device> = uploads
+        .iter()
+        .zip(&tokens)
+        .map(|((user, _), token)| Device {
+            agent: http.clone(),
+            ..Device::new(&ingest_url, "", user, token)
+        })
+        .collect();
     let upload = |i: usize| -> Result<(), String> {
         let (user, body) = &uploads[i];
-        let device = Device {
-            agent: http.clone(),
-            ..Device::new(&ingest_url, "", user, &tokens[i])
-        };
-        match device.upload(body) {
+        match devices[i].upload(body) {
             Ok(Upload::Accepted(_)) => Ok(()),
             Ok(Upload::Retry(why)) => Err(format!("{user}: {why}")),
             Err(e) => Err(format!("{user}: {e}")),
