@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use swimlane_core::keys::Keys;
 use swimlane_store::Db;
 
-use crate::{partition_for, positions, Consumer, Delivery};
+use crate::{partition_for, positions, Consumer, Delivery, Raw};
 
 /// One bus to check: the store its positions live in, and its two sides.
 pub trait BusUnderTest {
@@ -478,7 +478,7 @@ impl BusUnderTest for TempEmbeddedBus {
         use crate::Emitter;
         for (k, v) in events {
             self.db
-                .transact(|tx| self.bus.emit_raw(tx, topic, k, v.as_bytes()))
+                .transact(|tx| self.bus.emit_raw(tx, Raw::new(topic, k, v.as_bytes())))
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -586,7 +586,7 @@ impl BusUnderTest for KafkaBusUnderTest {
         let emitter = crate::kafka::KafkaEmitter::new(self.store.keys.clone());
         for (k, v) in events {
             self.db()
-                .transact(|tx| emitter.emit_raw(tx, topic, k, v.as_bytes()))
+                .transact(|tx| emitter.emit_raw(tx, Raw::new(topic, k, v.as_bytes())))
                 .map_err(|e| e.to_string())?;
         }
         let producer = crate::kafka::relay_producer(&self.bootstrap).map_err(|e| e.to_string())?;

@@ -19,7 +19,7 @@ use swimlane_core::keys::Keys;
 use swimlane_store::{Db, KvError, RangeOption, Transaction};
 
 use crate::positions::{self, Fence};
-use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Record};
+use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Raw, Record};
 
 use crate::wire::{decode_log_record as decode_record, encode_log_record as encode_record};
 
@@ -150,19 +150,13 @@ impl EmbeddedBus {
 }
 
 impl Emitter for EmbeddedBus {
-    fn emit_raw(
-        &self,
-        tx: &mut Transaction<'_>,
-        topic: &str,
-        key: &str,
-        payload: &[u8],
-    ) -> Result<(), KvError> {
-        let p = partition_for(key, self.partitions);
-        let head_key = self.keys.log_head(topic, p);
+    fn emit_raw(&self, tx: &mut Transaction<'_>, raw: Raw<'_>) -> Result<(), KvError> {
+        let p = partition_for(raw.key, self.partitions);
+        let head_key = self.keys.log_head(raw.topic, p);
         let head = tx.get_counter(&head_key)? as u64;
         tx.set(
-            &self.keys.log_entry(topic, p, head),
-            &encode_record(key, payload),
+            &self.keys.log_entry(raw.topic, p, head),
+            &encode_record(raw.key, raw.payload),
         )?;
         tx.set(&head_key, &((head + 1) as i64).to_le_bytes())
     }
@@ -393,17 +387,13 @@ fn start_lease_keeper(
 }
 
 impl Consumer for EmbeddedConsumer {
-    fn poll(
-        &mut self,
-        max_records: usize,
-        timeout: Duration,
-    ) -> Result<Option<Delivery>, BusError> {
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Option<Delivery>, BusError> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.heartbeat_due() {
                 self.rebalance()?;
             }
-            if let Some(d) = self.try_read(max_records.max(1))? {
+            if let Some(d) = self.try_read(max.max(1))? {
                 return Ok(Some(d));
             }
             let now = Instant::now();

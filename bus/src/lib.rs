@@ -50,16 +50,30 @@ pub trait Emitter: Send + Sync {
     /// Record `event` in `tx` for delivery on its topic, keyed by its user. Nothing is
     /// delivered unless `tx` commits.
     fn emit(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), KvError> {
-        self.emit_raw(tx, event.topic(), event.user().as_str(), &event.encode())
+        let payload = event.encode();
+        self.emit_raw(tx, Raw::new(event.topic(), event.user().as_str(), &payload))
     }
-    /// Record raw bytes for `topic` under `key` (dead letters use this).
-    fn emit_raw(
-        &self,
-        tx: &mut Transaction<'_>,
-        topic: &str,
-        key: &str,
-        payload: &[u8],
-    ) -> Result<(), KvError>;
+    /// Record raw bytes for a topic under a key (dead letters use this).
+    fn emit_raw(&self, tx: &mut Transaction<'_>, raw: Raw<'_>) -> Result<(), KvError>;
+}
+
+/// Bytes for a topic under a key: what an [`Emitter`] records.
+#[derive(Clone, Copy, Debug)]
+pub struct Raw<'a> {
+    pub topic: &'a str,
+    /// The partitioning key (a user id).
+    pub key: &'a str,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Raw<'a> {
+    pub fn new(topic: &'a str, key: &'a str, payload: &'a [u8]) -> Self {
+        Raw {
+            topic,
+            key,
+            payload,
+        }
+    }
 }
 
 /// One record as delivered to a consumer.
@@ -90,11 +104,10 @@ impl Delivery {
 /// A member of a consumer group on one topic. Blocking; run it on its own thread.
 pub trait Consumer: Send {
     /// Wait up to `timeout` for records on a partition this member owns. Returns at
-    /// most `max_records` consecutive records of one partition, starting at the
+    /// most `max` consecutive records of one partition, starting at the
     /// position last committed in the store (or after the previous delivery when it was
     /// committed through [`Consumer::committed`]).
-    fn poll(&mut self, max_records: usize, timeout: Duration)
-        -> Result<Option<Delivery>, BusError>;
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Option<Delivery>, BusError>;
     /// Tell the consumer that `delivery` was committed up to `next_offset`.
     fn committed(&mut self, fence: &Fence, next_offset: u64);
     /// Tell the consumer its fence was rejected: drop the partition and re-read its
@@ -137,12 +150,9 @@ pub fn dead_letter(
         "reason": reason,
         "payload_hex": payload.iter().map(|b| format!("{b:02x}")).collect::<String>(),
     });
-    emitter.emit_raw(
-        tx,
-        swimlane_core::topics::DEAD_LETTER,
-        key,
-        body.to_string().as_bytes(),
-    )
+    let body = body.to_string();
+    let raw = Raw::new(swimlane_core::topics::DEAD_LETTER, key, body.as_bytes());
+    emitter.emit_raw(tx, raw)
 }
 
 /// A member id unique to this process and call: `<group>-<pid>-<n>`.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use swimlane_bus::embedded::{ConsumerOptions, EmbeddedBus, EmbeddedConsumer, NowMs};
-use swimlane_bus::{positions, Consumer, Emitter};
+use swimlane_bus::{positions, Consumer, Emitter, Raw};
 use swimlane_core::keys::Keys;
 use swimlane_store::embedded::EmbeddedBackend;
 use swimlane_store::Db;
@@ -47,7 +47,7 @@ fn consumer(db: &Db, keys: &Keys, bus: &EmbeddedBus, member: &str, now: NowMs) -
 }
 
 fn emit(db: &Db, bus: &EmbeddedBus, key: &str, payload: &str) {
-    db.transact(|tx| bus.emit_raw(tx, TOPIC, key, payload.as_bytes()))
+    db.transact(|tx| bus.emit_raw(tx, Raw::new(TOPIC, key, payload.as_bytes())))
         .unwrap();
 }
 

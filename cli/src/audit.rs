@@ -849,18 +849,15 @@ mod tests {
         }]
     }
 
+    /// Audits the store alone (no events), with the default expectations.
+    fn audit_store(db: &Db, repo: &Repo, accepted: &[&str]) -> AuditReport {
+        audit(db, repo, &user(accepted), None, None, &Expect::default()).unwrap()
+    }
+
     #[test]
     fn a_consistent_store_passes() {
         let (db, repo) = settled_store();
-        let r = audit(
-            &db,
-            &repo,
-            &user(&["b1", "b2", "b3"]),
-            None,
-            None,
-            &Expect::default(),
-        )
-        .unwrap();
+        let r = audit_store(&db, &repo, &["b1", "b2", "b3"]);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(
             (r.published, r.rejected, r.deferred, r.versions, r.runs),
@@ -871,29 +868,13 @@ mod tests {
     #[test]
     fn a_lost_batch_a_second_publish_and_foreign_samples_are_each_caught() {
         let (db, repo) = settled_store();
-        let r = audit(
-            &db,
-            &repo,
-            &user(&["b1", "b2", "b3", "b4"]),
-            None,
-            None,
-            &Expect::default(),
-        )
-        .unwrap();
+        let r = audit_store(&db, &repo, &["b1", "b2", "b3", "b4"]);
         assert_eq!(r.lost, 1, "{:?}", r.violations);
 
         let (db, repo) = settled_store();
         db.transact(|tx| repo.put_model_version(tx, "u", &rec(version(2, "r1", &["b1"]))))
             .unwrap();
-        let r = audit(
-            &db,
-            &repo,
-            &user(&["b1", "b2", "b3"]),
-            None,
-            None,
-            &Expect::default(),
-        )
-        .unwrap();
+        let r = audit_store(&db, &repo, &["b1", "b2", "b3"]);
         assert!(r.duplicated >= 1, "{:?}", r.violations);
 
         let (db, repo) = settled_store();
@@ -901,15 +882,7 @@ mod tests {
             repo.put_run(tx, "u", &rec(run("r2", Some(1), &["b2"], 125, false, None)))
         })
         .unwrap();
-        let r = audit(
-            &db,
-            &repo,
-            &user(&["b1", "b2", "b3"]),
-            None,
-            None,
-            &Expect::default(),
-        )
-        .unwrap();
+        let r = audit_store(&db, &repo, &["b1", "b2", "b3"]);
         assert!(
             r.violations
                 .iter()
@@ -995,35 +968,23 @@ mod tests {
         assert!(r.events_checked);
     }
 
+    /// The `i`th event of a stream delivered once more.
+    fn twice(stream: &mut Vec<(u32, u64, Event)>, i: usize) {
+        let again = stream[i].2.clone();
+        stream.push((0, 9, again));
+    }
+
     /// Each check, shown to catch what it is for: the same store and events, broken in
     /// one way, fail with the check's words.
     #[test]
     fn every_check_catches_what_it_is_for() {
         type Break = fn(&Db, &Repo, &mut Events, &mut Expect);
         let cases: Vec<(&str, Break, &str)> = vec![
+            // An effect applied twice that overwrote its own key: a run trained again.
             (
-                "an effect applied twice that overwrote its own key: a run trained again",
-                |_, _, e, _| {
-                    let again = e.candidates[0].2.clone();
-                    e.candidates.push((0, 9, again));
-                },
+                "a run trained again",
+                |_, _, e, _| twice(&mut e.candidates, 0),
                 "trained twice",
-            ),
-            (
-                "two verdicts for one run",
-                |_, _, e, _| {
-                    let again = e.verdicts[1].2.clone();
-                    e.verdicts.push((0, 9, again));
-                },
-                "two verdicts",
-            ),
-            (
-                "a version published twice",
-                |_, _, e, _| {
-                    let again = e.published[0].2.clone();
-                    e.published.push((0, 9, again));
-                },
-                "published twice",
             ),
             (
                 "a run published without an accepting verdict",
@@ -1041,6 +1002,11 @@ mod tests {
                 "without an accepting verdict",
             ),
             (
+                "two verdicts for one run",
+                |_, _, e, _| twice(&mut e.verdicts, 1),
+                "two verdicts",
+            ),
+            (
                 "a run without a verdict",
                 |_, _, e, _| {
                     e.verdicts.remove(1);
@@ -1048,11 +1014,9 @@ mod tests {
                 "has no verdict",
             ),
             (
-                "an accepted batch with no BatchStaged event",
-                |_, _, e, _| {
-                    e.batches.remove(2);
-                },
-                "no BatchStaged event",
+                "a version published twice",
+                |_, _, e, _| twice(&mut e.published, 0),
+                "published twice",
             ),
             (
                 "a stored version the events never published",
@@ -1060,6 +1024,13 @@ mod tests {
                     e.published.clear();
                 },
                 "ModelPublished events",
+            ),
+            (
+                "an accepted batch with no BatchStaged event",
+                |_, _, e, _| {
+                    e.batches.remove(2);
+                },
+                "no BatchStaged event",
             ),
             (
                 "a rejected batch whose run's verdict accepted",

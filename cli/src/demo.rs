@@ -25,36 +25,38 @@ use swimlane_state::{Repo, BASE_MODEL_BLOB};
 
 use crate::fleet::LocalFleet;
 
-/// Knobs of the demo.
-#[derive(Clone, Debug)]
+/// Knobs of the demo: `swimlane demo`'s flags, whose defaults are [`Default`]'s too.
+#[derive(Clone, Debug, clap::Args)]
 pub struct DemoOptions {
+    /// Simulated swimmers.
+    #[arg(long, default_value_t = 20)]
     pub users: usize,
+    #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Nights of uploads.
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Share of (swimmer, night) uploads that are poisoned.
+    /// Share of (swimmer, night) uploads that are poisoned (labels shuffled).
+    #[arg(long, default_value_t = 0.15)]
     pub poison_rate: f64,
+    /// Trainer threads.
+    #[arg(long, default_value_t = 2)]
     pub trainers: usize,
     /// Windows the phone classifies per night, and the most the swimmer corrects.
+    #[arg(skip = 300usize)]
     pub observed: usize,
+    #[arg(skip = 200usize)]
     pub max_corrections: usize,
     /// Fresh windows per swimmer the final score is measured on.
+    #[arg(skip = 300usize)]
     pub test_windows: usize,
+    #[arg(skip = true)]
     pub progress: bool,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions {
-            users: 20,
-            seed: 7,
-            rounds: 5,
-            poison_rate: 0.15,
-            trainers: 2,
-            observed: 300,
-            max_corrections: 200,
-            test_windows: 300,
-            progress: true,
-        }
+        crate::defaults_of_args()
     }
 }
 

@@ -41,20 +41,8 @@ enum Command {
     /// Run the whole fleet in this process on a fresh embedded store and drive it with
     /// simulated swimmers through the HTTP APIs; print a table per swimmer.
     Demo {
-        /// Simulated swimmers.
-        #[arg(long, default_value_t = 20)]
-        users: usize,
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-        /// Nights of uploads.
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Share of uploads that are poisoned (labels shuffled).
-        #[arg(long, default_value_t = 0.15)]
-        poison_rate: f64,
-        /// Trainer threads.
-        #[arg(long, default_value_t = 2)]
-        trainers: usize,
+        #[command(flatten)]
+        options: swimlane_cli::demo::DemoOptions,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -63,33 +51,8 @@ enum Command {
     /// trainers, the validator's gate, the publisher), fold by fold, against a no-gate
     /// baseline; prints a table per swimmer (src/replay.rs says how).
     Replay {
-        /// The recordings: one sub-folder per swimmer (e.g. ../shared/data/swim-imu).
-        #[arg(long, default_value = "../shared/data/swim-imu")]
-        data: std::path::PathBuf,
-        /// The model spec: a built-in name or a JSON spec file.
-        #[arg(long, default_value = "smartwatch")]
-        spec: String,
-        #[arg(long, default_value_t = 5)]
-        folds: usize,
-        /// Replay only the first N swimmers (the base models still use every swimmer).
-        #[arg(long)]
-        swimmers: Option<usize>,
-        #[arg(long, default_value_t = 14)]
-        seed: u64,
-        /// Most windows in one upload.
-        #[arg(long, default_value_t = 120)]
-        session_windows: usize,
-        #[arg(long, default_value_t = 2)]
-        trainers: usize,
-        /// Write a PNG plot of the device's accuracy over sessions.
-        #[arg(long)]
-        plot: Option<std::path::PathBuf>,
-        /// The final test: the last 30% of every recording, or of the whole timeline.
-        #[arg(long, value_enum, default_value = "recording")]
-        split: swimlane_cli::replay::Split,
-        /// Upload only the windows the device got wrong (no confirmed windows).
-        #[arg(long)]
-        corrections_only: bool,
+        #[command(flatten)]
+        options: swimlane_cli::replay::ReplayOptions,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -319,61 +282,19 @@ fn main() -> anyhow::Result<()> {
         Command::Model { command } => model_cmd::run(command),
         Command::Bench { command } => bench_cmd::run(command),
         Command::Chaos(a) => chaos(a),
-        Command::Demo {
-            users,
-            seed,
-            rounds,
-            poison_rate,
-            trainers,
-            json,
-        } => {
+        Command::Demo { options, json } => {
             quiet_workers();
-            let opts = swimlane_cli::demo::DemoOptions {
-                users,
-                seed,
-                rounds,
-                poison_rate,
-                trainers,
-                progress: true,
-                ..Default::default()
-            };
-            let report = runtime()?.block_on(swimlane_cli::demo::run(opts))?;
+            let report = runtime()?.block_on(swimlane_cli::demo::run(options))?;
             print_report(&report, json, swimlane_cli::demo::print_table)
         }
-        Command::Replay {
-            data,
-            spec,
-            folds,
-            swimmers,
-            seed,
-            session_windows,
-            trainers,
-            plot,
-            split,
-            corrections_only,
-            json,
-        } => {
+        Command::Replay { options, json } => {
             quiet_workers();
             anyhow::ensure!(
-                swimlane_cli::replay::data_present(&data),
+                swimlane_cli::replay::data_present(&options.data),
                 "{}: no swim-imu data folder (a README.md and one folder per swimmer); the recordings are not shipped with swimlane",
-                data.display()
+                options.data.display()
             );
-            let opts = swimlane_cli::replay::ReplayOptions {
-                data,
-                spec: swimlane_runtime::config::resolve_spec(&spec)?,
-                folds,
-                swimmers,
-                seed,
-                session_windows,
-                trainers,
-                plot,
-                split,
-                corrections_only,
-                progress: true,
-                ..Default::default()
-            };
-            let report = runtime()?.block_on(swimlane_cli::replay::run(opts))?;
+            let report = runtime()?.block_on(swimlane_cli::replay::run(options))?;
             print_report(&report, json, swimlane_cli::replay::print_table)
         }
         Command::Data { command } => data_cmd(command),

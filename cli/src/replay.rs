@@ -44,30 +44,48 @@ use crate::demo::{median, settled, Device};
 use crate::fleet::LocalFleet;
 use crate::recording::{read_recording, recording_files, ImportOptions, Window};
 
-/// Knobs of the replay.
-#[derive(Clone, Debug)]
+/// Knobs of a replay: `swimlane replay`'s flags, whose defaults are [`Default`]'s too.
+#[derive(Clone, Debug, clap::Args)]
 pub struct ReplayOptions {
+    /// The recordings: one sub-folder per swimmer (e.g. ../shared/data/swim-imu).
+    #[arg(long, default_value = "../shared/data/swim-imu")]
     pub data: PathBuf,
-    /// The deployment's spec (default: the built-in `smartwatch`).
+    /// The model spec: a built-in name or a JSON spec file.
+    #[arg(long, default_value = "smartwatch", value_parser = parse_spec)]
     pub spec: ModelSpec,
+    #[arg(long, default_value_t = 5)]
     pub folds: usize,
     /// Replay only the first N swimmers (by folder name) of the data; the folds and the
     /// base models still use every swimmer.
+    #[arg(long)]
     pub swimmers: Option<usize>,
+    #[arg(long, default_value_t = 14)]
     pub seed: u64,
     /// Share of each swimmer's windows (the latest) kept as the final test.
+    #[arg(skip = 0.3)]
     pub test_fraction: f64,
     /// Most windows in one upload.
+    #[arg(long, default_value_t = 120)]
     pub session_windows: usize,
+    #[arg(long, default_value_t = 2)]
     pub trainers: usize,
+    #[arg(skip = true)]
     pub progress: bool,
     /// Write a PNG plot of the device's accuracy over sessions here.
+    #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// The final test: the last 30% of every recording, or of the whole timeline.
+    #[arg(long, value_enum, default_value = "recording")]
     pub split: Split,
     /// Upload only the windows the device got wrong (what a format 1 client sends),
     /// instead of every window with its feedback; the baseline then trains on its own
     /// model's mistakes. Measures whether confirmed windows pay.
+    #[arg(long)]
     pub corrections_only: bool,
+}
+
+fn parse_spec(name_or_file: &str) -> Result<ModelSpec, String> {
+    swimlane_runtime::config::resolve_spec(name_or_file).map_err(|e| e.to_string())
 }
 
 /// Which windows of a swimmer are the final test (never uploaded).
@@ -84,20 +102,7 @@ pub enum Split {
 
 impl Default for ReplayOptions {
     fn default() -> Self {
-        ReplayOptions {
-            data: PathBuf::from("../shared/data/swim-imu"),
-            spec: ModelSpec::smartwatch(),
-            folds: 5,
-            swimmers: None,
-            seed: 14,
-            test_fraction: 0.3,
-            session_windows: 120,
-            trainers: 2,
-            progress: true,
-            plot: None,
-            split: Split::Recording,
-            corrections_only: false,
-        }
+        crate::defaults_of_args()
     }
 }
 

@@ -29,9 +29,11 @@
 //!   below the better of the current and the base model.
 use serde::{Deserialize, Serialize};
 
-/// When a candidate may replace a user's current model.
+/// When a candidate may replace a user's current model. The config's `[validator]`
+/// keys (flattened there, hence no `deny_unknown_fields` here: the config loader
+/// refuses unknown keys).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ValidationPolicy {
     /// Net held-out gain (improved minus regressed windows, as a share of all held-out
     /// windows) the candidate needs.

@@ -396,8 +396,9 @@ mod tests {
     }
 }
 
-/// The validator's decision on a run's candidate.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The validator's decision on a run's candidate. (`Default`: a rejection with no
+/// reason and no scores, a base for tests to fill in.)
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub accepted: bool,
     /// Why it was accepted or rejected, for people.

@@ -866,7 +866,8 @@ mod tests {
                 p.graph.as_mut().unwrap().node.remove(8);
             }),
             ("a double initializer", |p| {
-                p.graph.as_mut().unwrap().initializer[2].data_type = DataType::Double as i32
+                // 11 is DOUBLE in onnx.proto's DataType.
+                p.graph.as_mut().unwrap().initializer[2].data_type = 11
             }),
             ("short raw_data", |p| {
                 p.graph.as_mut().unwrap().initializer[2].raw_data.pop();

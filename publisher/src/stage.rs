@@ -281,13 +281,10 @@ mod tests {
                         train_seconds: 0.0,
                         verdict: Some(Verdict {
                             accepted: true,
-                            reason: "test".into(),
                             candidate_heldout_accuracy: 0.9,
                             current_heldout_accuracy: 0.8,
-                            heldout_samples: 10,
                             candidate_guard_accuracy: 0.9,
-                            current_guard_accuracy: 0.9,
-                            validate_seconds: 0.0,
+                            ..Verdict::default()
                         }),
                         published_version: None,
                     },

@@ -177,24 +177,16 @@ pub struct TrainerConfig {
     pub consumer: ConsumerConfig,
 }
 
-/// `[validator]`: the acceptance rule (see `swimlane_core::policy`).
+/// `[validator]`: the acceptance rule, whose keys are [`ValidationPolicy`]'s fields
+/// (`validator.margin`, ...; the documentation and defaults are there). Not
+/// `deny_unknown_fields` (serde cannot flatten with it): the loader refuses a key the
+/// defaults do not have before anything is deserialized.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ValidatorConfig {
     pub metrics_listen: SocketAddr,
-    /// Held-out accuracy gain a candidate needs over the current model.
-    pub margin: f32,
-    /// Fewer held-out windows than this and no candidate is accepted.
-    pub min_heldout: u32,
-    /// One-sided significance (sign test, in standard deviations) each batch the
-    /// current model often gets wrong must show on its own held-out windows.
-    pub significance_z: f32,
-    /// One-sided significance the run's gain needs over all its held-out windows.
-    pub gain_z: f32,
-    /// Most accuracy a candidate may lose on the user's established held-out windows.
-    pub history_max_drop: f32,
-    /// Most accuracy a candidate may lose on the population guard set.
-    pub guard_max_drop: f32,
+    #[serde(flatten)]
+    pub policy: ValidationPolicy,
     pub consumer: ConsumerConfig,
 }
 
@@ -275,15 +267,9 @@ impl Default for TrainerConfig {
 }
 impl Default for ValidatorConfig {
     fn default() -> Self {
-        let p = ValidationPolicy::default();
         ValidatorConfig {
             metrics_listen: addr("127.0.0.1:9103"),
-            margin: p.margin,
-            min_heldout: p.min_heldout,
-            significance_z: p.significance_z,
-            gain_z: p.gain_z,
-            history_max_drop: p.history_max_drop,
-            guard_max_drop: p.guard_max_drop,
+            policy: ValidationPolicy::default(),
             consumer: ConsumerConfig::default(),
         }
     }
@@ -302,20 +288,6 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             target_accuracy: 0.95,
-        }
-    }
-}
-
-impl ValidatorConfig {
-    /// The validation policy these settings describe.
-    pub fn policy(&self) -> ValidationPolicy {
-        ValidationPolicy {
-            margin: self.margin,
-            min_heldout: self.min_heldout,
-            significance_z: self.significance_z,
-            gain_z: self.gain_z,
-            history_max_drop: self.history_max_drop,
-            guard_max_drop: self.guard_max_drop,
         }
     }
 }
@@ -762,19 +734,19 @@ impl Config {
                 ));
             }
         }
-        if !(0.0..1.0).contains(&self.validator.margin) {
+        if !(0.0..1.0).contains(&self.validator.policy.margin) {
             return Err(invalid("validator.margin", "must be in [0, 1)"));
         }
-        if !(0.0..=10.0).contains(&self.validator.significance_z) {
+        if !(0.0..=10.0).contains(&self.validator.policy.significance_z) {
             return Err(invalid("validator.significance_z", "must be in [0, 10]"));
         }
-        if !(0.0..=10.0).contains(&self.validator.gain_z) {
+        if !(0.0..=10.0).contains(&self.validator.policy.gain_z) {
             return Err(invalid("validator.gain_z", "must be in [0, 10]"));
         }
-        if !(0.0..=1.0).contains(&self.validator.history_max_drop) {
+        if !(0.0..=1.0).contains(&self.validator.policy.history_max_drop) {
             return Err(invalid("validator.history_max_drop", "must be in [0, 1]"));
         }
-        if !(0.0..=1.0).contains(&self.validator.guard_max_drop) {
+        if !(0.0..=1.0).contains(&self.validator.policy.guard_max_drop) {
             return Err(invalid("validator.guard_max_drop", "must be in [0, 1]"));
         }
         if !(self.policy.target_accuracy > 0.0 && self.policy.target_accuracy <= 1.0) {
@@ -904,7 +876,7 @@ mod tests {
         let ports: std::collections::HashSet<_> =
             Worker::ALL.iter().map(|w| c.metrics_listen(*w)).collect();
         assert_eq!(ports.len(), 4);
-        assert_eq!(c.validator.policy(), ValidationPolicy::default());
+        assert_eq!(c.validator.policy, ValidationPolicy::default());
     }
 
     #[test]
@@ -951,7 +923,7 @@ mod tests {
         assert_eq!(c.partitions, 16); // env over file
         assert_eq!(c.ingest.max_body_bytes, 65536);
         assert_eq!(c.ingest.max_inflight, 5); // env
-        assert_eq!(c.validator.margin, 0.05);
+        assert_eq!(c.validator.policy.margin, 0.05);
         assert!(c.log_json);
         assert_eq!(c.store, "/data/flag"); // flag over env
         assert_eq!(c.ingest.listen.to_string(), "127.0.0.1:7002");
@@ -969,6 +941,18 @@ mod tests {
 
         let e = load_file("nope = 1\n").unwrap_err();
         assert!(e.to_string().contains("`nope`"), "{e}");
+
+        // `[validator]` flattens the validation policy: its unknown keys are refused
+        // all the same, and a wrongly typed policy key is named.
+        let e = load_file("[validator]\nmargn = 0.1\n").unwrap_err();
+        assert!(e.to_string().contains("validator.margn"), "{e}");
+        let e = load_file("[validator]\nmin_heldout = \"ten\"\n").unwrap_err();
+        assert!(e.to_string().contains("validator"), "{e}");
+        let c = load_file("[validator]\nmin_heldout = 12\ngain_z = 1.0\n").unwrap();
+        assert_eq!(
+            (c.validator.policy.min_heldout, c.validator.policy.gain_z),
+            (12, 1.0)
+        );
 
         let e = Config::load_from(
             &Args::default(),
@@ -1062,7 +1046,10 @@ mod tests {
                 "trainer.consumer.lease_ttl_ms",
                 Box::new(|c| c.trainer.consumer.lease_ttl_ms = 10),
             ),
-            ("validator.margin", Box::new(|c| c.validator.margin = 1.5)),
+            (
+                "validator.margin",
+                Box::new(|c| c.validator.policy.margin = 1.5),
+            ),
             (
                 "policy.target_accuracy",
                 Box::new(|c| c.policy.target_accuracy = 0.0),

@@ -428,7 +428,8 @@ mod tests {
         let config = kafka_config();
         let e = emitter(&config).unwrap();
         let keys = Keys::new(&config.deployment);
-        db.transact(|tx| e.emit_raw(tx, "t", "u", b"x")).unwrap();
+        db.transact(|tx| e.emit_raw(tx, swimlane_bus::Raw::new("t", "u", b"x")))
+            .unwrap();
         let waiting = db
             .transact(|tx| swimlane_bus::kafka::read_outbox(tx, &keys, 10))
             .unwrap();

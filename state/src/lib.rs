@@ -17,6 +17,9 @@ use swimlane_core::records::{
 use swimlane_core::stats;
 use swimlane_store::{blob, Db, KvError, RangeOption, Transaction};
 
+/// What every store access here returns: the value, or the store's error.
+pub type Res<T> = Result<T, KvError>;
+
 /// Blob id of the deployment's base model (the parent of every user's first run).
 pub const BASE_MODEL_BLOB: &str = "base-model";
 /// Blob id of the population guard set (encoded with `records::encode_chunk` chunks,
@@ -65,7 +68,7 @@ impl StoredRecord for UserState {
 /// Decode a stored JSON record: bytes that are not its JSON, or of another schema
 /// version, are [`KvError::Corrupt`]. Never panics on any bytes (fuzzed:
 /// `fuzz/fuzz_targets/stored_records.rs`).
-pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, KvError> {
+pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Res<T> {
     let r: T = serde_json::from_slice(bytes).map_err(|e| corrupt(T::WHAT, e))?;
     if r.schema_version() != T::VERSION {
         return Err(corrupt(
@@ -76,11 +79,11 @@ pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, KvError> {
     Ok(r)
 }
 
-fn get_json<T: StoredRecord>(tx: &mut Transaction<'_>, key: &[u8]) -> Result<Option<T>, KvError> {
+fn get_json<T: StoredRecord>(tx: &mut Transaction<'_>, key: &[u8]) -> Res<Option<T>> {
     tx.get(key)?.map(|b| decode_record(&b)).transpose()
 }
 
-fn put_json<T: Serialize>(tx: &mut Transaction<'_>, key: &[u8], v: &T) -> Result<(), KvError> {
+fn put_json<T: Serialize>(tx: &mut Transaction<'_>, key: &[u8], v: &T) -> Res<()> {
     tx.set(key, &serde_json::to_vec(v).expect("records serialize"))
 }
 
@@ -100,7 +103,7 @@ impl Repo {
         tx: &mut Transaction<'_>,
         user: &str,
         batch: &str,
-    ) -> Result<Option<BatchRecord>, KvError> {
+    ) -> Res<Option<BatchRecord>> {
         match tx.get(&self.keys.batch(user, batch))? {
             None => Ok(None),
             Some(b) => BatchRecord::decode(&b)
@@ -120,7 +123,7 @@ impl Repo {
         user: &str,
         batch: &str,
         r: &BatchRecord,
-    ) -> Result<(), KvError> {
+    ) -> Res<()> {
         if !matches!(
             r.status,
             BatchStatus::Staged | BatchStatus::Validating { .. }
@@ -136,7 +139,7 @@ impl Repo {
     pub fn oldest_pending_batch(
         &self,
         tx: &mut Transaction<'_>,
-    ) -> Result<Option<(u64, String, String)>, KvError> {
+    ) -> Res<Option<(u64, String, String)>> {
         let rows = tx.get_range(&RangeOption::prefix(&self.keys.pending_batches()).limit(1))?;
         rows.first()
             .map(|(k, _)| {
@@ -150,10 +153,7 @@ impl Repo {
     /// How many users' head model has a held-out accuracy in each bucket of
     /// `stats::ACCURACY_BUCKETS` (not cumulative; the last entry counts accuracies
     /// above the last bound), and the sum of those accuracies.
-    pub fn head_accuracy_histogram(
-        &self,
-        tx: &mut Transaction<'_>,
-    ) -> Result<(Vec<u64>, f64), KvError> {
+    pub fn head_accuracy_histogram(&self, tx: &mut Transaction<'_>) -> Res<(Vec<u64>, f64)> {
         let mut counts = Vec::with_capacity(stats::ACCURACY_BUCKETS.len() + 1);
         for i in 0..=stats::ACCURACY_BUCKETS.len() as u32 {
             let n = tx.get_counter(&self.keys.stat(stats::HEAD_ACCURACY, i))?;
@@ -164,11 +164,7 @@ impl Repo {
     }
 
     /// Every batch record of `user`, in batch-id order.
-    pub fn batches(
-        &self,
-        tx: &mut Transaction<'_>,
-        user: &str,
-    ) -> Result<Vec<(String, BatchRecord)>, KvError> {
+    pub fn batches(&self, tx: &mut Transaction<'_>, user: &str) -> Res<Vec<(String, BatchRecord)>> {
         let rows = tx.get_range(&RangeOption::prefix(&self.keys.batches(user)))?;
         rows.into_iter()
             .map(|(k, v)| {
@@ -188,7 +184,7 @@ impl Repo {
         tx: &mut Transaction<'_>,
         user: &str,
         batch: &str,
-    ) -> Result<Vec<StagedSample>, KvError> {
+    ) -> Res<Vec<StagedSample>> {
         let rows = tx.get_range(&RangeOption::prefix(
             &self.keys.samples_of_batch(user, batch),
         ))?;
@@ -199,7 +195,7 @@ impl Repo {
         Ok(out)
     }
 
-    pub fn user_state(&self, tx: &mut Transaction<'_>, user: &str) -> Result<UserState, KvError> {
+    pub fn user_state(&self, tx: &mut Transaction<'_>, user: &str) -> Res<UserState> {
         Ok(
             get_json(tx, &self.keys.user_state(user))?.unwrap_or(UserState {
                 v: 1,
@@ -212,12 +208,7 @@ impl Repo {
     /// the head's held-out accuracy: the user moves from the bucket it was counted in
     /// (as stored, read here) to the bucket of `s.head_heldout_accuracy`. Atomic adds:
     /// concurrent writers for other users never conflict on the counters.
-    pub fn put_user_state(
-        &self,
-        tx: &mut Transaction<'_>,
-        user: &str,
-        s: &UserState,
-    ) -> Result<(), KvError> {
+    pub fn put_user_state(&self, tx: &mut Transaction<'_>, user: &str, s: &UserState) -> Res<()> {
         let old = self.user_state(tx, user)?;
         let mut s = s.clone();
         let old_count = old
@@ -245,22 +236,17 @@ impl Repo {
         tx: &mut Transaction<'_>,
         user: &str,
         run_id: &str,
-    ) -> Result<Option<RunRecord>, KvError> {
+    ) -> Res<Option<RunRecord>> {
         get_json(tx, &self.keys.run(user, run_id))
     }
 
     /// Every run record of `user`, in run-id order (operators and audits).
-    pub fn runs(&self, tx: &mut Transaction<'_>, user: &str) -> Result<Vec<RunRecord>, KvError> {
+    pub fn runs(&self, tx: &mut Transaction<'_>, user: &str) -> Res<Vec<RunRecord>> {
         let rows = tx.get_range(&RangeOption::prefix(&self.keys.runs(user)))?;
         rows.into_iter().map(|(_, v)| decode_record(&v)).collect()
     }
 
-    pub fn put_run(
-        &self,
-        tx: &mut Transaction<'_>,
-        user: &str,
-        r: &RunRecord,
-    ) -> Result<(), KvError> {
+    pub fn put_run(&self, tx: &mut Transaction<'_>, user: &str, r: &RunRecord) -> Res<()> {
         put_json(tx, &self.keys.run(user, &r.run_id), r)
     }
 
@@ -269,7 +255,7 @@ impl Repo {
         tx: &mut Transaction<'_>,
         user: &str,
         version: u64,
-    ) -> Result<Option<ModelVersionRecord>, KvError> {
+    ) -> Res<Option<ModelVersionRecord>> {
         get_json(tx, &self.keys.model_version(user, version))
     }
 
@@ -278,7 +264,7 @@ impl Repo {
         tx: &mut Transaction<'_>,
         user: &str,
         r: &ModelVersionRecord,
-    ) -> Result<(), KvError> {
+    ) -> Res<()> {
         put_json(tx, &self.keys.model_version(user, r.version), r)
     }
 
@@ -287,44 +273,35 @@ impl Repo {
         &self,
         tx: &mut Transaction<'_>,
         user: &str,
-    ) -> Result<Vec<ModelVersionRecord>, KvError> {
+    ) -> Res<Vec<ModelVersionRecord>> {
         let rows = tx.get_range(&RangeOption::prefix(&self.keys.model_versions(user)))?;
         rows.into_iter().map(|(_, v)| decode_record(&v)).collect()
     }
 
     /// Store a blob (weights, sample sets) inside `tx`; it must fit one transaction.
-    pub fn put_blob(
-        &self,
-        tx: &mut Transaction<'_>,
-        blob_id: &str,
-        data: &[u8],
-    ) -> Result<(), KvError> {
+    pub fn put_blob(&self, tx: &mut Transaction<'_>, blob_id: &str, data: &[u8]) -> Res<()> {
         blob::write_in(tx, &self.keys.blob(blob_id), data).map(|_| ())
     }
 
     /// Read a blob, checking its length and hash; `None` when absent.
-    pub fn blob(
-        &self,
-        tx: &mut Transaction<'_>,
-        blob_id: &str,
-    ) -> Result<Option<Vec<u8>>, KvError> {
+    pub fn blob(&self, tx: &mut Transaction<'_>, blob_id: &str) -> Res<Option<Vec<u8>>> {
         blob::read_in(tx, &self.keys.blob(blob_id))
     }
 
     /// Read a blob of any size (several transactions for large ones).
-    pub fn blob_db(&self, db: &Db, blob_id: &str) -> Result<Option<Vec<u8>>, KvError> {
+    pub fn blob_db(&self, db: &Db, blob_id: &str) -> Res<Option<Vec<u8>>> {
         blob::read(db, &self.keys.blob(blob_id))
     }
 
     /// What of `blobs` (installed by `swimlane admin init`: [`BASE_MODEL_BLOB`],
     /// [`GUARD_SET_BLOB`]) is missing, said for `/readyz`; `None` when all are there.
-    pub fn not_installed(&self, db: &Db, blobs: &[&str]) -> Result<Option<String>, KvError> {
+    pub fn not_installed(&self, db: &Db, blobs: &[&str]) -> Res<Option<String>> {
         // The headers only: a blob's header is written once the blob is whole.
         let present = db.transact(|tx| {
             blobs
                 .iter()
                 .map(|b| Ok(blob::header_in(tx, &self.keys.blob(b))?.is_some()))
-                .collect::<Result<Vec<bool>, KvError>>()
+                .collect::<Res<Vec<bool>>>()
         })?;
         let mut missing = Vec::new();
         for (&b, present) in blobs.iter().zip(present) {
@@ -341,7 +318,7 @@ impl Repo {
     }
 
     /// Store a blob of any size (several transactions when it does not fit one).
-    pub fn put_blob_db(&self, db: &Db, blob_id: &str, data: &[u8]) -> Result<(), KvError> {
+    pub fn put_blob_db(&self, db: &Db, blob_id: &str, data: &[u8]) -> Res<()> {
         blob::write(db, &self.keys.blob(blob_id), data).map(|_| ())
     }
 }
@@ -366,7 +343,7 @@ pub fn encode_sample_set(samples: &[StagedSample]) -> Vec<u8> {
 }
 
 /// Decode [`encode_sample_set`] output; any other bytes give an error.
-pub fn decode_sample_set(mut bytes: &[u8]) -> Result<Vec<StagedSample>, KvError> {
+pub fn decode_sample_set(mut bytes: &[u8]) -> Res<Vec<StagedSample>> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         if bytes.len() < 4 {

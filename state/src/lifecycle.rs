@@ -28,7 +28,7 @@ use swimlane_core::records::{
 use swimlane_core::{BatchId, Event, UserId};
 use swimlane_store::{KvError, Transaction};
 
-use crate::Repo;
+use crate::{Repo, Res};
 
 /// Whether a batch may move from `from` (`None`: not staged yet) to `to`: the table in
 /// the module doc.
@@ -59,7 +59,7 @@ fn move_batch(
     batch: &str,
     mut r: BatchRecord,
     to: BatchStatus,
-) -> Result<BatchRecord, KvError> {
+) -> Res<BatchRecord> {
     if !allowed(Some(&r.status), &to) {
         return Err(KvError::Corrupt {
             what: format!("batch {user}/{batch}"),
@@ -72,12 +72,7 @@ fn move_batch(
 }
 
 /// The record of `batch`, which must exist.
-fn existing(
-    repo: &Repo,
-    tx: &mut Transaction<'_>,
-    user: &str,
-    batch: &str,
-) -> Result<BatchRecord, KvError> {
+fn existing(repo: &Repo, tx: &mut Transaction<'_>, user: &str, batch: &str) -> Res<BatchRecord> {
     repo.batch(tx, user, batch)?
         .ok_or_else(|| KvError::Corrupt {
             what: format!("batch {user}/{batch}"),
@@ -93,7 +88,7 @@ pub fn stage_batch(
     user: &str,
     batch: &str,
     record: &BatchRecord,
-) -> Result<(), KvError> {
+) -> Res<()> {
     if !allowed(None, &record.status) {
         return Err(KvError::InvalidArgument(format!(
             "a new batch is staged, not {:?}",
@@ -118,7 +113,7 @@ pub fn begin_run(
     user: &UserId,
     run: &RunRecord,
     mut state: UserState,
-) -> Result<(), KvError> {
+) -> Res<()> {
     let u = user.as_str();
     for b in &run.batches {
         let r = existing(repo, tx, u, b)?;
@@ -159,7 +154,7 @@ pub fn fail_training(
     user: &str,
     batches: &[String],
     reason: &str,
-) -> Result<(), KvError> {
+) -> Res<()> {
     for b in batches {
         if let Some(r) = repo.batch(tx, user, b)? {
             if r.status.is_pending() {
@@ -188,7 +183,7 @@ pub fn record_verdict(
     decision: Decision,
     failed: &[(String, String)],
     verdict: &Verdict,
-) -> Result<Option<Decision>, KvError> {
+) -> Res<Option<Decision>> {
     let u = user.as_str();
     let Some(mut run) = repo.run(tx, u, run_id)? else {
         return Ok(None);
@@ -256,7 +251,7 @@ pub fn publish(
     version: &ModelVersionRecord,
     mut state: UserState,
     converged: bool,
-) -> Result<Vec<u64>, KvError> {
+) -> Res<Vec<u64>> {
     let u = user.as_str();
     repo.put_model_version(tx, u, version)?;
     run.published_version = Some(version.version);
@@ -298,7 +293,7 @@ pub fn abandon_run(
     tx: &mut Transaction<'_>,
     user: &UserId,
     run_id: &str,
-) -> Result<(), KvError> {
+) -> Res<()> {
     let u = user.as_str();
     let mut state = repo.user_state(tx, u)?;
     if state.inflight_run.as_deref() != Some(run_id) {
@@ -326,7 +321,7 @@ fn end_run(
     user: &UserId,
     run_id: &str,
     state: &mut UserState,
-) -> Result<(), KvError> {
+) -> Res<()> {
     if state.inflight_run.as_deref() == Some(run_id) {
         state.inflight_run = None;
     }

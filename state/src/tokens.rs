@@ -13,9 +13,9 @@
 //! [`MAX_TOKEN_LEN`] bytes is refused before hashing or touching the store.
 use serde::{Deserialize, Serialize};
 use swimlane_core::UserId;
-use swimlane_store::{Db, KvError, Transaction};
+use swimlane_store::{Db, Transaction};
 
-use crate::{sha256_hex, Repo};
+use crate::{sha256_hex, Repo, Res};
 
 /// Prefix of every user token (helps secret scanners recognise leaked tokens).
 pub const TOKEN_PREFIX: &str = "swl_";
@@ -120,6 +120,20 @@ fn presented(authorization: Option<&str>, admin_sha256: &str) -> Presented {
     }
 }
 
+impl Presented {
+    /// The caller: decided by the header alone, or by `lookup` of the token's hash.
+    fn caller(
+        self,
+        lookup: impl FnOnce(&str) -> Res<Result<Caller, AuthError>>,
+    ) -> Res<Result<Caller, AuthError>> {
+        match self {
+            Presented::Refused => Ok(Err(AuthError::Unauthenticated)),
+            Presented::Admin => Ok(Ok(Caller::Admin)),
+            Presented::Lookup(hash) => lookup(&hash),
+        }
+    }
+}
+
 impl Repo {
     /// Store the hash of `token` as a live token of `user`.
     pub fn put_token(
@@ -128,7 +142,7 @@ impl Repo {
         user: &UserId,
         token: &str,
         now_ms: u64,
-    ) -> Result<(), KvError> {
+    ) -> Res<()> {
         let r = TokenRecord {
             v: 1,
             user: user.clone(),
@@ -143,7 +157,7 @@ impl Repo {
         tx: &mut Transaction<'_>,
         token_sha256: &str,
         r: &TokenRecord,
-    ) -> Result<(), KvError> {
+    ) -> Res<()> {
         tx.set(
             &self.keys.token(token_sha256),
             &serde_json::to_vec(r).expect("token records serialize"),
@@ -156,7 +170,7 @@ impl Repo {
         &self,
         tx: &mut Transaction<'_>,
         token_sha256: &str,
-    ) -> Result<Option<TokenRecord>, KvError> {
+    ) -> Res<Option<TokenRecord>> {
         let Some(b) = tx.get(&self.keys.token(token_sha256))? else {
             return Ok(None);
         };
@@ -164,17 +178,13 @@ impl Repo {
     }
 
     /// Revoke `token`; returns whether it existed.
-    pub fn revoke_token(&self, tx: &mut Transaction<'_>, token: &str) -> Result<bool, KvError> {
+    pub fn revoke_token(&self, tx: &mut Transaction<'_>, token: &str) -> Res<bool> {
         self.revoke_token_sha256(tx, &hash_token(token))
     }
 
     /// Revoke the token whose SHA-256 is `token_sha256` (for an operator who only has
     /// the hash); returns whether it existed.
-    pub fn revoke_token_sha256(
-        &self,
-        tx: &mut Transaction<'_>,
-        token_sha256: &str,
-    ) -> Result<bool, KvError> {
+    pub fn revoke_token_sha256(&self, tx: &mut Transaction<'_>, token_sha256: &str) -> Res<bool> {
         let Some(mut r) = self.token_record(tx, token_sha256)? else {
             return Ok(false);
         };
@@ -187,7 +197,7 @@ impl Repo {
         &self,
         tx: &mut Transaction<'_>,
         token_sha256: &str,
-    ) -> Result<Result<Caller, AuthError>, KvError> {
+    ) -> Res<Result<Caller, AuthError>> {
         Ok(match self.token_record(tx, token_sha256)? {
             Some(r) if !r.revoked => Ok(Caller::User(r.user)),
             _ => Err(AuthError::Unauthenticated),
@@ -203,12 +213,9 @@ impl Repo {
         tx: &mut Transaction<'_>,
         authorization: Option<&str>,
         admin_sha256: &str,
-    ) -> Result<Result<Caller, AuthError>, KvError> {
-        match presented(authorization, admin_sha256) {
-            Presented::Refused => Ok(Err(AuthError::Unauthenticated)),
-            Presented::Admin => Ok(Ok(Caller::Admin)),
-            Presented::Lookup(hash) => self.caller_of(tx, &hash),
-        }
+    ) -> Res<Result<Caller, AuthError>> {
+        let lookup = |hash: &str| self.caller_of(tx, hash);
+        presented(authorization, admin_sha256).caller(lookup)
     }
 
     /// [`Repo::authenticate`] in a read transaction of its own, opened only when a
@@ -219,12 +226,9 @@ impl Repo {
         db: &Db,
         authorization: Option<&str>,
         admin_sha256: &str,
-    ) -> Result<Result<Caller, AuthError>, KvError> {
-        match presented(authorization, admin_sha256) {
-            Presented::Refused => Ok(Err(AuthError::Unauthenticated)),
-            Presented::Admin => Ok(Ok(Caller::Admin)),
-            Presented::Lookup(hash) => db.transact(|tx| self.caller_of(tx, &hash)),
-        }
+    ) -> Res<Result<Caller, AuthError>> {
+        let lookup = |hash: &str| db.transact(|tx| self.caller_of(tx, hash));
+        presented(authorization, admin_sha256).caller(lookup)
     }
 }
 
@@ -259,7 +263,7 @@ mod tests {
     use super::*;
     use swimlane_core::keys::Keys;
     use swimlane_store::embedded::EmbeddedBackend;
-    use swimlane_store::RangeOption;
+    use swimlane_store::{KvError, RangeOption};
 
     struct T {
         db: Db,

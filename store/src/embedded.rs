@@ -58,7 +58,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::error::KvError;
-use crate::kv::{Backend, BackendTx, KeyValue, RangeOption};
+use crate::kv::{Backend, BackendTx, KeyValue, Mutation, RangeOption};
 
 /// File format version stored in `meta`; a file with another version is refused.
 const SCHEMA_VERSION: i64 = 1;
@@ -549,20 +549,8 @@ impl BackendTx for EmbeddedTx<'_> {
         Ok(out)
     }
 
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        self.buf.set(key, value);
-        Ok(())
-    }
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        self.buf.clear(key);
-        Ok(())
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        self.buf.clear_range(begin, end);
-        Ok(())
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
-        self.buf.atomic_add(key, delta);
+    fn mutate(&mut self, m: Mutation<'_>) -> Result<(), KvError> {
+        self.buf.apply(m);
         Ok(())
     }
 
@@ -644,6 +632,14 @@ impl WriteBuffer {
             Some(Op::Add(d)) => Lookup::Add(*d),
             None if self.is_cleared(key) => Lookup::Known(None),
             None => Lookup::Unknown,
+        }
+    }
+    fn apply(&mut self, m: Mutation<'_>) {
+        match m {
+            Mutation::Set(key, value) => self.set(key, value),
+            Mutation::Clear(key) => self.clear(key),
+            Mutation::ClearRange(begin, end) => self.clear_range(begin, end),
+            Mutation::Add(key, delta) => self.atomic_add(key, delta),
         }
     }
     fn set(&mut self, key: &[u8], value: &[u8]) {
@@ -852,7 +848,7 @@ mod tests {
         // T2 deletes k (a tombstone), T3 commits and, with retention zero, GCs it.
         db.transact(|tx| tx.clear(b"k")).unwrap();
         db.transact(|tx| tx.set(b"other", b"x")).unwrap();
-        t1.set(b"k2", b"from t1").unwrap();
+        t1.mutate(Mutation::Set(b"k2", b"from t1")).unwrap();
         assert!(matches!(t1.commit(), Err(KvError::Conflict)));
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::kv::{Backend, BackendTx, KeyValue, ManualClock, RangeOption};
+use crate::kv::{Backend, BackendTx, KeyValue, ManualClock, Mutation, RangeOption};
 use crate::KvError;
 
 /// What a [`FaultyBackend`] does to the transactions that begin while it is set.
@@ -104,21 +104,9 @@ impl BackendTx for FaultyTx<'_> {
     fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError> {
         self.inner.get_range(range)
     }
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+    fn mutate(&mut self, m: Mutation<'_>) -> Result<(), KvError> {
         self.writes();
-        self.inner.set(key, value)
-    }
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        self.writes();
-        self.inner.clear(key)
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        self.writes();
-        self.inner.clear_range(begin, end)
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
-        self.writes();
-        self.inner.atomic_add(key, delta)
+        self.inner.mutate(m)
     }
     fn commit(self: Box<Self>) -> Result<(), KvError> {
         match self.fault {

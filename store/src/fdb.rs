@@ -27,7 +27,7 @@ use foundationdb::{Database, FdbError, KeySelector};
 use futures::executor::block_on;
 
 use crate::error::KvError;
-use crate::kv::{Backend, BackendTx, KeyValue, RangeOption};
+use crate::kv::{Backend, BackendTx, KeyValue, Mutation, RangeOption};
 
 enum Network {
     NotStarted,
@@ -173,21 +173,16 @@ impl BackendTx for FdbTx {
         Ok(out)
     }
 
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        self.tx.set(key, value);
-        Ok(())
-    }
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        self.tx.clear(key);
-        Ok(())
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        self.tx.clear_range(begin, end);
-        Ok(())
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
-        self.tx
-            .atomic_op(key, &delta.to_le_bytes(), MutationType::Add);
+    fn mutate(&mut self, m: Mutation<'_>) -> Result<(), KvError> {
+        match m {
+            Mutation::Set(key, value) => self.tx.set(key, value),
+            Mutation::Clear(key) => self.tx.clear(key),
+            Mutation::ClearRange(begin, end) => self.tx.clear_range(begin, end),
+            Mutation::Add(key, delta) => {
+                self.tx
+                    .atomic_op(key, &delta.to_le_bytes(), MutationType::Add)
+            }
+        }
         Ok(())
     }
     fn commit(self: Box<Self>) -> Result<(), KvError> {

@@ -88,13 +88,24 @@ pub trait Backend: Send + Sync + 'static {
 pub trait BackendTx {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
     fn get_range(&mut self, range: &RangeOption) -> Result<Vec<KeyValue>, KvError>;
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError>;
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError>;
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError>;
-    /// Add `delta` to the 8-byte little-endian signed integer at `key` (absent = 0),
-    /// without adding a read conflict on `key` (FDB's `ADD` mutation).
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError>;
+    /// Buffer a write; it takes effect (for this transaction's own reads at once) when
+    /// the transaction commits.
+    fn mutate(&mut self, m: Mutation<'_>) -> Result<(), KvError>;
     fn commit(self: Box<Self>) -> Result<(), KvError>;
+}
+
+/// A write, as [`Transaction`] hands it to a backend once it is within the limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation<'a> {
+    /// Set the key to the value.
+    Set(&'a [u8], &'a [u8]),
+    /// Remove the key (no error when absent).
+    Clear(&'a [u8]),
+    /// Remove every key in `[begin, end)`; never empty (`begin < end`).
+    ClearRange(&'a [u8], &'a [u8]),
+    /// Add the delta to the 8-byte little-endian signed integer at the key (absent =
+    /// 0), without adding a read conflict on the key (FDB's `ADD` mutation).
+    Add(&'a [u8], i64),
 }
 
 /// Time source for the transaction-age limit, injected so tests are deterministic.
@@ -348,14 +359,14 @@ impl Transaction<'_> {
             });
         }
         self.account(key.len() + value.len())?;
-        self.inner.set(key, value)
+        self.inner.mutate(Mutation::Set(key, value))
     }
 
     /// Remove `key` (no error when absent).
     pub fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
         Self::check_key(key)?;
         self.account(key.len())?;
-        self.inner.clear(key)
+        self.inner.mutate(Mutation::Clear(key))
     }
 
     /// Remove every key in `[begin, end)`.
@@ -371,7 +382,7 @@ impl Transaction<'_> {
         if begin == end {
             return Ok(());
         }
-        self.inner.clear_range(begin, end)
+        self.inner.mutate(Mutation::ClearRange(begin, end))
     }
 
     /// Remove every key starting with `prefix`.
@@ -384,7 +395,7 @@ impl Transaction<'_> {
     pub fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
         Self::check_key(key)?;
         self.account(key.len() + 8)?;
-        self.inner.atomic_add(key, delta)
+        self.inner.mutate(Mutation::Add(key, delta))
     }
 
     /// Read a counter written by [`Transaction::atomic_add`] (absent = 0).

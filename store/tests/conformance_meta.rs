@@ -3,7 +3,7 @@
 //! nothing broken passes them.
 use swimlane_store::conformance::{self, StoreFactory, TempEmbedded};
 use swimlane_store::embedded::EmbeddedBackend;
-use swimlane_store::{Backend, BackendTx, Db, KeyValue, KvError, RangeOption};
+use swimlane_store::{Backend, BackendTx, Db, KeyValue, KvError, Mutation, RangeOption};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Breakage {
@@ -29,12 +29,12 @@ enum W {
 }
 
 fn apply(tx: &mut dyn BackendTx, w: &W) -> Result<(), KvError> {
-    match w {
-        W::Set(k, v) => tx.set(k, v),
-        W::Clear(k) => tx.clear(k),
-        W::ClearRange(b, e) => tx.clear_range(b, e),
-        W::Add(k, d) => tx.atomic_add(k, *d),
-    }
+    tx.mutate(match w {
+        W::Set(k, v) => Mutation::Set(k, v),
+        W::Clear(k) => Mutation::Clear(k),
+        W::ClearRange(b, e) => Mutation::ClearRange(b, e),
+        W::Add(k, d) => Mutation::Add(k, *d),
+    })
 }
 
 struct Broken {
@@ -80,7 +80,7 @@ impl BrokenTx<'_> {
                     b[..n].copy_from_slice(&v[..n]);
                 }
                 let sum = i64::from_le_bytes(b).wrapping_add(*d);
-                self.inner.set(k, &sum.to_le_bytes())
+                self.inner.mutate(Mutation::Set(k, &sum.to_le_bytes()))
             }
             _ => apply(&mut *self.inner, &w),
         }
@@ -99,17 +99,13 @@ impl BackendTx for BrokenTx<'_> {
         }
         self.inner.get_range(range)
     }
-    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        self.write(W::Set(key.to_vec(), value.to_vec()))
-    }
-    fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        self.write(W::Clear(key.to_vec()))
-    }
-    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        self.write(W::ClearRange(begin.to_vec(), end.to_vec()))
-    }
-    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), KvError> {
-        self.write(W::Add(key.to_vec(), delta))
+    fn mutate(&mut self, m: Mutation<'_>) -> Result<(), KvError> {
+        self.write(match m {
+            Mutation::Set(k, v) => W::Set(k.to_vec(), v.to_vec()),
+            Mutation::Clear(k) => W::Clear(k.to_vec()),
+            Mutation::ClearRange(b, e) => W::ClearRange(b.to_vec(), e.to_vec()),
+            Mutation::Add(k, d) => W::Add(k.to_vec(), d),
+        })
     }
     fn commit(self: Box<Self>) -> Result<(), KvError> {
         let BrokenTx {

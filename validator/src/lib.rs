@@ -413,7 +413,7 @@ impl ValidatorConfig {
         config: &swimlane_runtime::Config,
     ) -> Result<Self, swimlane_runtime::config::ConfigError> {
         Ok(ValidatorConfig {
-            policy: config.validator.policy(),
+            policy: config.validator.policy.clone(),
             loop_options: swimlane_runtime::wiring::loop_options(&config.validator.consumer),
             spec: Arc::new(config.model_spec()?),
         })

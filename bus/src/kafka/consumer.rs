@@ -427,11 +427,7 @@ impl KafkaConsumer {
 const MAX_BUFFERED: usize = 10_000;
 
 impl Consumer for KafkaConsumer {
-    fn poll(
-        &mut self,
-        max_records: usize,
-        timeout: Duration,
-    ) -> Result<Option<Delivery>, BusError> {
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Option<Delivery>, BusError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self.consumer.context().state.lock().unwrap().error.take() {
@@ -446,13 +442,13 @@ impl Consumer for KafkaConsumer {
                 st.owned.values().map(|o| o.buffered.len()).sum()
             };
             let mut n = 0;
-            while buffered + n < MAX_BUFFERED && n < max_records.max(1) * 4 {
+            while buffered + n < MAX_BUFFERED && n < max.max(1) * 4 {
                 if !self.fetch_one(Duration::ZERO)? {
                     break;
                 }
                 n += 1;
             }
-            if let Some(d) = self.take_delivery(max_records.max(1)) {
+            if let Some(d) = self.take_delivery(max.max(1)) {
                 return Ok(Some(d));
             }
             let now = Instant::now();

@@ -108,25 +108,14 @@ pub struct AttributeProto {
 
 /// Nested in `AttributeProto`.
 pub mod attribute_proto {
-    /// `AttributeProto.AttributeType`.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    /// `AttributeProto.AttributeType`: the values this project reads or writes (the
+    /// others decode as their number and are refused).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
     #[repr(i32)]
     pub enum AttributeType {
         Undefined = 0,
         Float = 1,
         Int = 2,
-        String = 3,
-        Tensor = 4,
-        Graph = 5,
-        SparseTensor = 11,
-        TypeProto = 13,
-        Floats = 6,
-        Ints = 7,
-        Strings = 8,
-        Tensors = 9,
-        Graphs = 10,
-        SparseTensors = 12,
-        TypeProtos = 14,
     }
 }
 
@@ -146,32 +135,13 @@ pub struct TensorProto {
 
 /// Nested in `TensorProto`.
 pub mod tensor_proto {
-    /// `TensorProto.DataType` (the values up to FLOAT8E5M2FNUZ; later versions of
-    /// onnx.proto add more).
+    /// `TensorProto.DataType`: the values this project reads or writes (the others
+    /// decode as their number and are refused).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
     #[repr(i32)]
     pub enum DataType {
         Undefined = 0,
         Float = 1,
-        Uint8 = 2,
-        Int8 = 3,
-        Uint16 = 4,
-        Int16 = 5,
-        Int32 = 6,
-        Int64 = 7,
-        String = 8,
-        Bool = 9,
-        Float16 = 10,
-        Double = 11,
-        Uint32 = 12,
-        Uint64 = 13,
-        Complex64 = 14,
-        Complex128 = 15,
-        Bfloat16 = 16,
-        Float8e4m3fn = 17,
-        Float8e4m3fnuz = 18,
-        Float8e5m2 = 19,
-        Float8e5m2fnuz = 20,
     }
 }
 
