@@ -435,7 +435,7 @@ pub fn lag_counts_what_is_not_committed(bus: &dyn BusUnderTest) -> Res {
 /// The embedded log in a store in a temporary directory (deleted on drop), as the
 /// workers use it: members keep their leases from a thread of their own.
 pub struct TempEmbeddedBus {
-    _dir: tempfile::TempDir,
+    _store: swimlane_store::conformance::TempEmbedded,
     db: Db,
     keys: Keys,
     bus: crate::embedded::EmbeddedBus,
@@ -443,17 +443,13 @@ pub struct TempEmbeddedBus {
 
 impl TempEmbeddedBus {
     pub fn new() -> Result<Self, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("swimlane-bus-conformance-")
-            .tempdir()
-            .map_err(|e| format!("creating a temporary directory: {e}"))?;
-        let db = swimlane_store::embedded::EmbeddedBackend::open_in_dir(dir.path())
-            .map(Db::new)
-            .map_err(|e| e.to_string())?;
+        use swimlane_store::conformance::{StoreFactory, TempEmbedded};
+        let store = TempEmbedded::new()?;
+        let db = store.open()?;
         let keys = Keys::new("bus-conformance");
         let bus = crate::embedded::EmbeddedBus::new(keys.clone(), 4);
         Ok(TempEmbeddedBus {
-            _dir: dir,
+            _store: store,
             db,
             keys,
             bus,

@@ -13,7 +13,7 @@
 //! expire (after `lease_ttl`), and the new owner's bumped epoch fences it out.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use swimlane_core::keys::Keys;
 use swimlane_store::{Db, KvError, RangeOption, Transaction};
@@ -23,18 +23,8 @@ use crate::{partition_for, BusError, Consumer, Delivery, Emitter, Raw, Record};
 
 use crate::wire::{decode_log_record as decode_record, encode_log_record as encode_record};
 
-/// Milliseconds since the Unix epoch; the embedded bus's lease clock.
-pub type NowMs = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The wall clock, for leases shared between processes on one machine.
-pub fn system_now_ms() -> NowMs {
-    Arc::new(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    })
-}
+/// The wall clock the bus's leases and stamps are read from.
+pub use swimlane_core::clock::{system_now_ms, NowMs, WallClock};
 
 /// The embedded log's producer side.
 #[derive(Clone, Debug)]
@@ -231,7 +221,7 @@ impl EmbeddedConsumer {
 
     /// Heartbeat, renew owned leases, and move towards the fair share.
     pub fn rebalance(&mut self) -> Result<(), BusError> {
-        let now = (self.opts.now_ms)();
+        let now = self.opts.now_ms.now_ms();
         let ttl = self.opts.lease_ttl.as_millis() as u64;
         let partitions = self.bus.partitions;
         let (keys, opts) = (&self.keys, &self.opts);

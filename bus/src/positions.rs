@@ -389,7 +389,7 @@ pub fn keep_leases(
         if fences.is_empty() {
             return;
         }
-        let now = (opts.now_ms)();
+        let now = opts.now_ms.now_ms();
         let ttl = opts.lease_ttl.as_millis() as u64;
         let renewed = db.transact(|tx| {
             if let Some(k) = &opts.member_key {

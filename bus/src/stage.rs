@@ -111,7 +111,7 @@ pub trait Stage {
         tx: &mut Transaction<'_>,
         prepared: &Self::Prepared,
         now_ms: u64,
-    ) -> Result<Applied<Self::Outcome>, KvError>;
+    ) -> Effect<Self::Outcome>;
     /// The delivery committed with these outcomes (metrics).
     fn committed(&mut self, outcomes: Vec<Self::Outcome>);
     /// The runner gives up on a record asking for `work`: end in `tx` (the transaction
@@ -122,8 +122,14 @@ pub trait Stage {
     }
 }
 
+/// What [`Stage::apply`] returns: what it did, or the store's error.
+pub type Effect<O> = Result<Applied<O>, KvError>;
+
 /// Receives a count (records dead-lettered) for a metric.
 pub type CountSink = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// The stop flag a blocking loop checks between deliveries: true once it should end.
+pub type Stop<'a> = &'a dyn Fn() -> bool;
 
 /// Runs a [`Stage`] as the loop's [`StageHandler`]: decodes, prepares and applies a
 /// delivery's records, and commits their effects, their dead letters and the position
@@ -196,7 +202,7 @@ impl<S: Stage> StageHandler for Runner<S> {
             steps.push(step);
         }
         let (stage, emitter, keys) = (&self.stage, self.emitter.as_ref(), &self.keys);
-        let now = (self.now_ms)();
+        let now = self.now_ms.now_ms();
         let (outcomes, dead) = self.db.transact(|tx| {
             crate::positions::commit(tx, keys, &d.fence, d.next_offset())?;
             let (mut outcomes, mut dead) = (Vec::new(), 0u64);
@@ -340,7 +346,7 @@ pub fn run_stage(
     consumer: &mut dyn Consumer,
     handler: &mut dyn StageHandler,
     opts: &LoopOptions,
-    stop: &dyn Fn() -> bool,
+    stop: Stop<'_>,
 ) -> Result<(), BusError> {
     let mut backoff = Duration::from_millis(50);
     let mut lag_reported: Option<std::time::Instant> = None;
@@ -468,7 +474,7 @@ impl Narrowing {
     }
 }
 
-fn sleep_unless_stopped(d: Duration, stop: &dyn Fn() -> bool) {
+fn sleep_unless_stopped(d: Duration, stop: Stop<'_>) {
     let step = Duration::from_millis(20);
     let mut left = d;
     while !left.is_zero() && !stop() {

@@ -46,6 +46,13 @@ fn consumer(db: &Db, keys: &Keys, bus: &EmbeddedBus, member: &str, now: NowMs) -
     .unwrap()
 }
 
+/// A delivery's payloads, as text.
+fn payloads(d: &swimlane_bus::Delivery) -> impl Iterator<Item = String> + '_ {
+    d.records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+}
+
 fn emit(db: &Db, bus: &EmbeddedBus, key: &str, payload: &str) {
     db.transact(|tx| bus.emit_raw(tx, Raw::new(TOPIC, key, payload.as_bytes())))
         .unwrap();
@@ -165,12 +172,7 @@ impl swimlane_bus::stage::StageHandler for Picky {
         }
         self.db
             .transact(|tx| positions::commit(tx, &self.keys, &d.fence, d.next_offset()))?;
-        let mut h = self.handled.lock().unwrap();
-        h.extend(
-            d.records
-                .iter()
-                .map(|r| String::from_utf8_lossy(&r.payload).into_owned()),
-        );
+        self.handled.lock().unwrap().extend(payloads(d));
         Ok(())
     }
 
@@ -182,12 +184,7 @@ impl swimlane_bus::stage::StageHandler for Picky {
         let n =
             swimlane_bus::stage::dead_letter_delivery(&self.db, &self.keys, &self.bus, d, reason)?;
         assert_eq!(n, 1);
-        let mut g = self.given_up.lock().unwrap();
-        g.extend(
-            d.records
-                .iter()
-                .map(|r| String::from_utf8_lossy(&r.payload).into_owned()),
-        );
+        self.given_up.lock().unwrap().extend(payloads(d));
         Ok(())
     }
 }

@@ -6,11 +6,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use prometheus::Registry;
+use swimlane_bus::stage::Stop;
 use swimlane_publisher::{PublisherConfig, PublisherMetrics};
+use swimlane_runtime::wiring::{StageDeps, StageMetrics};
 use swimlane_runtime::{Config, Worker};
 use swimlane_store::Db;
 use swimlane_trainer::{TrainerConfig, TrainerMetrics};
 use swimlane_validator::{ValidatorConfig, ValidatorMetrics};
+
+/// One stage's work on its thread, until the stop flag is set.
+type StageWork = dyn FnOnce(Stop<'_>) -> Result<(), swimlane_runtime::RuntimeError> + Send;
 
 /// The consuming stages running in this process.
 pub struct Stages {
@@ -19,28 +24,9 @@ pub struct Stages {
 }
 
 impl Stages {
-    /// Start `trainers` trainer threads, one validator and one publisher stage.
+    /// Start `trainers` trainer threads, one validator and, if `publisher`, one
+    /// publisher stage (without it, the publisher runs elsewhere, e.g. with its API).
     pub fn start(
-        config: &Config,
-        db: &Db,
-        registry: &Registry,
-        trainers: usize,
-    ) -> anyhow::Result<Stages> {
-        Self::start_stages(config, db, registry, trainers, true)
-    }
-
-    /// Start `trainers` trainer threads and one validator (the publisher runs
-    /// elsewhere, e.g. with its API).
-    pub fn start_without_publisher(
-        config: &Config,
-        db: &Db,
-        registry: &Registry,
-        trainers: usize,
-    ) -> anyhow::Result<Stages> {
-        Self::start_stages(config, db, registry, trainers, false)
-    }
-
-    fn start_stages(
         config: &Config,
         db: &Db,
         registry: &Registry,
@@ -49,59 +35,47 @@ impl Stages {
     ) -> anyhow::Result<Stages> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        let mut spawn =
-            |name: String,
-             work: Box<dyn FnOnce(&dyn Fn() -> bool) -> Result<(), String> + Send>| {
-                let s = stop.clone();
-                let t = std::thread::Builder::new()
-                    .name(name.clone())
-                    .spawn(move || work(&|| s.load(Ordering::Relaxed)))?;
-                threads.push((name, t));
-                anyhow::Ok(())
-            };
-        let tm = TrainerMetrics::register(registry)?;
+        let mut spawn = |name: String, work: Box<StageWork>| {
+            let s = stop.clone();
+            let t = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || work(&|| s.load(Ordering::Relaxed)).map_err(|e| e.to_string()))?;
+            threads.push((name, t));
+            anyhow::Ok(())
+        };
+        let runner = |worker| StageMetrics::register(registry, worker);
+        let trainer = (
+            runner(Worker::Trainer)?,
+            TrainerMetrics::register(registry)?,
+        );
         for i in 0..trainers {
-            let (cfg, deps) = (
-                TrainerConfig::from_config(config)?,
-                swimlane_trainer::TrainerDeps::for_worker(config, db, Worker::Trainer, tm.clone())?,
-            );
+            let cfg = TrainerConfig::from_config(config)?;
+            let deps = StageDeps::for_worker(config, db, Worker::Trainer, trainer.clone())?;
             spawn(
                 format!("trainer-{i}"),
-                Box::new(move |stop| {
-                    swimlane_trainer::run(cfg, deps, stop).map_err(|e| e.to_string())
-                }),
+                Box::new(move |stop| swimlane_trainer::run(cfg, deps, stop)),
             )?;
         }
-        let (cfg, deps) = (
-            ValidatorConfig::from_config(config)?,
-            swimlane_validator::ValidatorDeps::for_worker(
-                config,
-                db,
-                Worker::Validator,
-                ValidatorMetrics::register(registry)?,
-            )?,
+        let validator = (
+            runner(Worker::Validator)?,
+            ValidatorMetrics::register(registry)?,
         );
+        let cfg = ValidatorConfig::from_config(config)?;
+        let deps = StageDeps::for_worker(config, db, Worker::Validator, validator)?;
         spawn(
             "validator".into(),
-            Box::new(move |stop| {
-                swimlane_validator::run(cfg, deps, stop).map_err(|e| e.to_string())
-            }),
+            Box::new(move |stop| swimlane_validator::run(cfg, deps, stop)),
         )?;
         if publisher {
-            let (cfg, deps) = (
-                PublisherConfig::from_config(config)?,
-                swimlane_publisher::PublisherDeps::for_worker(
-                    config,
-                    db,
-                    Worker::Publisher,
-                    PublisherMetrics::register(registry)?,
-                )?,
+            let metrics = (
+                runner(Worker::Publisher)?,
+                PublisherMetrics::register(registry)?,
             );
+            let deps = StageDeps::for_worker(config, db, Worker::Publisher, metrics)?;
+            let cfg = PublisherConfig::from_config(config)?;
             spawn(
                 "publisher".into(),
-                Box::new(move |stop| {
-                    swimlane_publisher::run(cfg, deps, stop).map_err(|e| e.to_string())
-                }),
+                Box::new(move |stop| swimlane_publisher::run(cfg, deps, stop)),
             )?;
         }
         Ok(Stages { stop, threads })
@@ -161,13 +135,13 @@ impl LocalFleet {
                 db: db.clone(),
                 emitter: swimlane_runtime::wiring::emitter(config)?,
                 registry: swimlane_runtime::new_registry(),
-                clock: Arc::new(swimlane_runtime::SystemWallClock),
+                clock: swimlane_runtime::system_now_ms(),
             },
             shutdown.clone(),
         )
         .await?;
         let publisher = swimlane_publisher::start(config.clone()).await?;
-        let stages = Stages::start_without_publisher(config, db, &Registry::new(), trainers)?;
+        let stages = Stages::start(config, db, &Registry::new(), trainers, false)?;
         Ok(LocalFleet {
             ingest_url: format!("http://{}", ingest.api_addr),
             publisher_url: format!("http://{}", publisher.api_addr),

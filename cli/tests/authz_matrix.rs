@@ -21,15 +21,15 @@
 //! workers log; its own test binary, as tracing's per-callsite interest is
 //! process-wide).
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use swimlane_core::keys::Keys;
 use swimlane_core::records::{ModelVersionRecord, UserState};
 use swimlane_core::{StrokeClass, UserId, WINDOW_FEATURES, WINDOW_FRAMES};
 use swimlane_ingest::IngestDeps;
+use swimlane_runtime::telemetry::CapturedLogs;
 use swimlane_runtime::{Config, ManualWallClock};
 use swimlane_state::tokens::{hash_token, new_token};
 use swimlane_state::{sha256_hex, Repo};
@@ -37,18 +37,6 @@ use swimlane_store::Db;
 
 const USER: &str = "alice";
 const NOW_MS: u64 = 1_790_000_000_000;
-
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-impl Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Who calls: the `Authorization` header sent (`None`: no header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -205,16 +193,9 @@ fn head(db: &Db, repo: &Repo) -> Option<u64> {
 
 #[test]
 fn every_endpoint_answers_every_caller_as_its_contract_says_and_never_shows_a_token() {
-    let logs = LogBuf::default();
-    let w = logs.clone();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || w.clone())
-            .finish(),
-    )
-    .expect("the only subscriber of this test binary");
+    let logs = CapturedLogs::default();
+    tracing::subscriber::set_global_default(logs.subscriber())
+        .expect("the only subscriber of this test binary");
 
     let dir = tempfile::tempdir().unwrap();
     let tokens = Tokens {
@@ -460,7 +441,7 @@ fn every_endpoint_answers_every_caller_as_its_contract_says_and_never_shows_a_to
         publisher.handle.await.unwrap().unwrap();
     });
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("batch refused") && logs.contains("batch staged"),
         "the log capture saw nothing of ingest: {logs}"

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::checks::{
     all_settled, check_exactly_once, current_model, upload_until_accepted, Events, Expect,
 };
+use common::nights::{MAX_CORRECTIONS, OBSERVED, OBSERVED_LATER, PARTITIONS, USERS};
 use common::{agent, backlog, upload_body, Fleet, Kind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,20 +25,11 @@ use swimlane_model::synth::{corrections, corrections_from, poison, Swimmer};
 #[global_allocator]
 static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USERS: usize = 6;
 /// Nights of uploads: at least `NIGHTS`, more (up to `MAX_NIGHTS`) until every worker
 /// kind has been killed at least `MIN_KILLS` times.
 const NIGHTS: usize = 3;
 const MAX_NIGHTS: usize = 6;
 const MIN_KILLS: usize = 2;
-/// Windows the phone classifies per night, and the most corrections it uploads.
-const OBSERVED: usize = 300;
-/// After the first night the models make fewer mistakes: the phone observes more
-/// windows, so that later nights still bring enough corrections to publish.
-const OBSERVED_LATER: usize = 1500;
-const MAX_CORRECTIONS: usize = 200;
-/// Config default: every process agrees on it.
-const PARTITIONS: u32 = 8;
 const LEASE_TTL_MS: &str = "1500";
 /// Trainer, validator and publisher kills per night, at most.
 const STAGE_KILLS_PER_NIGHT: usize = 3;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use common::checks::{
     all_settled, check_exactly_once, current_model, upload_until_accepted, Events, Expect,
 };
+use common::nights::{MAX_CORRECTIONS, OBSERVED, OBSERVED_LATER, PARTITIONS, USERS};
 use common::{agent, keys, repo, request, strip_ansi, upload_body, Fleet, Kind, Member};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -45,12 +46,6 @@ use swimlane_store::Db;
 #[global_allocator]
 static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Config default: every process agrees on it.
-const PARTITIONS: u32 = 8;
-const USERS: usize = 6;
-const OBSERVED: usize = 300;
-const OBSERVED_LATER: usize = 1500;
-const MAX_CORRECTIONS: usize = 200;
 const DEADLINE: Duration = Duration::from_secs(420);
 const TRAINER_0: Member = (Kind::Trainer, 0);
 const TRAINER_1: Member = (Kind::Trainer, 1);

@@ -163,7 +163,7 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
                 db: db.clone(),
                 emitter: swimlane_runtime::wiring::emitter(&config).unwrap(),
                 registry: swimlane_runtime::new_registry(),
-                clock: std::sync::Arc::new(swimlane_runtime::SystemWallClock),
+                clock: swimlane_runtime::system_now_ms(),
             },
             shutdown.clone(),
         )
@@ -173,8 +173,7 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
         (ingest, publisher)
     });
     let _cancel_publisher_on_unwind = publisher.shutdown.clone().drop_guard();
-    let stages =
-        Stages::start_without_publisher(&config, &db, &prometheus::Registry::new(), 1).unwrap();
+    let stages = Stages::start(&config, &db, &prometheus::Registry::new(), 1, false).unwrap();
     let ingest_url = format!("http://{}", ingest.api_addr);
     let publisher_url = format!("http://{}", publisher.api_addr);
     let agent = ureq::AgentBuilder::new()

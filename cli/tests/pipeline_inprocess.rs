@@ -137,7 +137,7 @@ fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
     .unwrap();
 
     let registry = prometheus::Registry::new();
-    let stages = Stages::start(&config, &db, &registry, 2).unwrap();
+    let stages = Stages::start(&config, &db, &registry, 2, true).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let users = ["alice", "bob", "carol"];
     // Swimmers the base model gets wrong often enough that one night's corrections
@@ -247,7 +247,7 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
         .unwrap();
     }
     let registry = prometheus::Registry::new();
-    let stages = Stages::start(&config, &db, &registry, 1).unwrap();
+    let stages = Stages::start(&config, &db, &registry, 1, true).unwrap();
     // erin's run, behind dora's on the partition, gets its verdict.
     let deadline = Instant::now() + Duration::from_secs(60);
     while db

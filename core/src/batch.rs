@@ -688,39 +688,29 @@ mod tests {
         let doc = json!({"batch_id": "w1", "samples": [
             {"id": "a", "frames": window(64), "label": "null"},
             {"id": "b", "frames": window(64), "label": "turn"}]});
-        let b = validate_upload(
-            &user(),
-            doc.to_string().as_bytes(),
-            BatchLimits::default(),
-            &watch,
-        )
-        .unwrap();
+        let upload = |d: &serde_json::Value| {
+            validate_upload(
+                &user(),
+                d.to_string().as_bytes(),
+                BatchLimits::default(),
+                &watch,
+            )
+        };
+        let b = upload(&doc).unwrap();
         assert_eq!(b.samples[1].label, ClassId(5));
         assert_eq!(b.samples[0].frames.len(), 384);
         // The pose spec refuses the smartwatch window and names the problem.
         let e = check(&doc).unwrap_err();
         assert_eq!(e.to_string(), "sample 0 (\"a\") has 64 frames, expected 32");
         // A pose window and a pose class are refused by the smartwatch spec.
-        let e = validate_upload(
-            &user(),
-            body(1).to_string().as_bytes(),
-            BatchLimits::default(),
-            &watch,
-        )
-        .unwrap_err();
+        let e = upload(&body(1)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "sample 0 (\"s0\") has 32 frames, expected 64"
         );
         let mut d = doc.clone();
         d["samples"][0]["label"] = json!("glide");
-        let e = validate_upload(
-            &user(),
-            d.to_string().as_bytes(),
-            BatchLimits::default(),
-            &watch,
-        )
-        .unwrap_err();
+        let e = upload(&d).unwrap_err();
         assert_eq!(e.code(), "unknown_label");
         assert!(
             e.to_string().ends_with(

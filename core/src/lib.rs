@@ -2,6 +2,7 @@
 //! tokio; every function here is deterministic given its arguments.
 
 pub mod batch;
+pub mod clock;
 pub mod events;
 pub mod ids;
 pub mod keys;

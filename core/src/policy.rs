@@ -402,42 +402,48 @@ mod tests {
         );
     }
 
+    /// `judge_batch(improved, regressed, heldout, current_wrong)` over a table of
+    /// cases: whether each passes, and why.
+    fn judged(cases: &[((u32, u32, u32, u32), bool, &str)]) {
+        let p = ValidationPolicy::default();
+        for &((improved, regressed, heldout, wrong), passes, why) in cases {
+            let got = p.judge_batch(improved, regressed, heldout, wrong);
+            assert_eq!(got.is_ok(), passes, "{why}: {got:?}");
+        }
+    }
+
     #[test]
     fn a_batch_must_prove_itself_once_it_can_be_judged() {
-        let p = ValidationPolicy::default();
-        assert!(p.judge_batch(12, 0, 15, 15).is_ok());
-        assert!(
-            p.judge_batch(2, 0, 8, 8).is_ok(),
-            "too small to judge alone"
-        );
-        assert!(
-            p.judge_batch(2, 0, 40, 40).is_err(),
-            "a large batch that taught nothing"
-        );
-        assert!(
-            p.judge_batch(9, 8, 40, 33).is_err(),
-            "shuffled labels: a coin flip"
-        );
-        assert!(p.judge_batch(0, 1, 40, 39).is_err(), "a loss");
+        let cases = [
+            ((12, 0, 15, 15), true, "a clear gain"),
+            ((2, 0, 8, 8), true, "too small to judge alone"),
+            ((2, 0, 40, 40), false, "a large batch that taught nothing"),
+            ((9, 8, 40, 33), false, "shuffled labels: a coin flip"),
+            ((0, 1, 40, 39), false, "a loss"),
+        ];
+        judged(&cases);
     }
 
     #[test]
     fn a_batch_the_current_model_already_gets_right_rides_along_unless_it_is_hurt() {
-        let p = ValidationPolicy::default();
         // Confirmed windows: the current model is wrong on 2 of 40; no gain is possible.
-        assert!(p.judge_batch(1, 0, 40, 2).is_ok());
-        assert!(p.judge_batch(0, 0, 40, 0).is_ok());
-        assert!(
-            p.judge_batch(1, 2, 40, 2).is_ok(),
-            "a small loss is the run's to judge"
-        );
-        assert!(
-            p.judge_batch(0, 7, 40, 1).is_err(),
-            "significantly worse on windows the current model got right"
-        );
-        // Six wrong windows are still too few to show a gain (z² = 6.25); seven are not.
-        assert!(p.judge_batch(0, 0, 40, 6).is_ok());
-        assert!(p.judge_batch(0, 0, 40, 7).is_err());
+        judged(&[
+            ((1, 0, 40, 2), true, "no gain possible"),
+            ((0, 0, 40, 0), true, "nothing to gain"),
+            ((1, 2, 40, 2), true, "a small loss is the run's to judge"),
+            (
+                (0, 7, 40, 1),
+                false,
+                "significantly worse where the current model was right",
+            ),
+            // Six wrong windows are still too few to show a gain (z² = 6.25); seven are not.
+            (
+                (0, 0, 40, 6),
+                true,
+                "six wrong windows: too few to show a gain",
+            ),
+            ((0, 0, 40, 7), false, "seven wrong windows and no gain"),
+        ]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use swimlane_core::keys::Keys;
 use swimlane_core::records::{BatchRecord, BatchStatus};
 use swimlane_core::{BatchId, UserId};
 use swimlane_runtime::http::blocking;
-use swimlane_runtime::{Config, WallClock};
+use swimlane_runtime::{Config, NowMs};
 use swimlane_state::tokens::AuthError;
 use swimlane_state::Repo;
 use swimlane_store::Db;
@@ -37,7 +37,7 @@ pub struct IngestState {
     pub(crate) keys: Keys,
     pub(crate) emitter: Arc<dyn Emitter>,
     pub(crate) metrics: IngestMetrics,
-    pub(crate) clock: Arc<dyn WallClock>,
+    pub(crate) clock: NowMs,
     pub(crate) max_body_bytes: u64,
     pub(crate) body_timeout: std::time::Duration,
     pub(crate) limits: BatchLimits,

@@ -31,7 +31,7 @@ use prometheus::Registry;
 use swimlane_bus::Emitter;
 use swimlane_runtime::ops::Readiness;
 use swimlane_runtime::CancellationToken;
-use swimlane_runtime::{Config, WallClock};
+use swimlane_runtime::{Config, NowMs};
 use swimlane_store::Db;
 use tokio::task::JoinHandle;
 
@@ -52,7 +52,7 @@ pub struct IngestDeps {
     /// Ingest's metrics are registered here (and served on `ingest.metrics_listen`).
     pub registry: Registry,
     /// `staged_at_ms` comes from here.
-    pub clock: Arc<dyn WallClock>,
+    pub clock: NowMs,
 }
 
 /// A started ingest worker.
@@ -134,7 +134,7 @@ pub async fn run_process(config: Config) -> Result<(), IngestError> {
         db,
         emitter,
         registry: swimlane_runtime::new_registry(),
-        clock: std::sync::Arc::new(swimlane_runtime::SystemWallClock),
+        clock: swimlane_runtime::system_now_ms(),
     };
     run(config, deps, shutdown).await
 }

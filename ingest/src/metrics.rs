@@ -5,7 +5,6 @@
 //! ([`PipelineCollector`]): the age of the oldest batch staged and not yet settled, and
 //! the distribution of users' current held-out accuracy. Every ingest replica exports
 //! the same values (they are store-wide): aggregate them with `max`.
-use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
@@ -14,7 +13,7 @@ use prometheus::{
 };
 use swimlane_core::batch::BatchError;
 use swimlane_core::stats::ACCURACY_BUCKETS;
-use swimlane_runtime::WallClock;
+use swimlane_runtime::NowMs;
 use swimlane_state::Repo;
 use swimlane_store::Db;
 
@@ -172,12 +171,12 @@ impl IngestMetrics {
 pub struct PipelineCollector {
     db: Db,
     repo: Repo,
-    clock: Arc<dyn WallClock>,
+    clock: NowMs,
     descs: Vec<Desc>,
 }
 
 impl PipelineCollector {
-    pub fn new(db: Db, repo: Repo, clock: Arc<dyn WallClock>) -> prometheus::Result<Self> {
+    pub fn new(db: Db, repo: Repo, clock: NowMs) -> prometheus::Result<Self> {
         let descs = vec![
             Desc::new(
                 OLDEST_PENDING_AGE.into(),
@@ -205,7 +204,7 @@ impl PipelineCollector {
         registry: &Registry,
         db: Db,
         repo: Repo,
-        clock: Arc<dyn WallClock>,
+        clock: NowMs,
     ) -> prometheus::Result<()> {
         registry.register(Box::new(Self::new(db, repo, clock)?))
     }
@@ -236,14 +235,7 @@ impl Collector for PipelineCollector {
 
         let mut gauge = proto::Gauge::default();
         gauge.set_value(age);
-        let mut m = proto::Metric::default();
-        m.set_gauge(gauge);
-        let age_family = family(
-            OLDEST_PENDING_AGE,
-            &self.descs[0].help,
-            MetricType::GAUGE,
-            m,
-        );
+        let age_family = family(&self.descs[0], MetricType::GAUGE, |m| m.set_gauge(gauge));
 
         let mut h = proto::Histogram::default();
         let mut cumulative = 0;
@@ -258,23 +250,20 @@ impl Collector for PipelineCollector {
         h.set_bucket(buckets);
         h.set_sample_count(counts.iter().sum());
         h.set_sample_sum(sum);
-        let mut m = proto::Metric::default();
-        m.set_histogram(h);
-        let acc_family = family(
-            USERS_HELDOUT_ACCURACY,
-            &self.descs[1].help,
-            MetricType::HISTOGRAM,
-            m,
-        );
+        let acc_family = family(&self.descs[1], MetricType::HISTOGRAM, |m| {
+            m.set_histogram(h)
+        });
         vec![age_family, acc_family]
     }
 }
 
-/// A metric family of one metric.
-fn family(name: &str, help: &str, kind: MetricType, metric: proto::Metric) -> MetricFamily {
+/// The family `desc` describes, of one metric that `set` fills in.
+fn family(desc: &Desc, kind: MetricType, set: impl FnOnce(&mut proto::Metric)) -> MetricFamily {
+    let mut metric = proto::Metric::default();
+    set(&mut metric);
     let mut f = MetricFamily::default();
-    f.set_name(name.into());
-    f.set_help(help.into());
+    f.set_name(desc.fq_name.clone());
+    f.set_help(desc.help.clone());
     f.set_field_type(kind);
     f.set_metric(vec![metric]);
     f
@@ -296,7 +285,7 @@ mod tests {
     fn pipeline_collector_reads_the_oldest_pending_batch_and_the_accuracy_histogram() {
         let db = Db::new(EmbeddedBackend::open_temp().unwrap());
         let repo = Repo::new(Keys::new("t"));
-        let clock = Arc::new(ManualWallClock::new(10_000));
+        let clock = std::sync::Arc::new(ManualWallClock::new(10_000));
         let r = Registry::new();
         PipelineCollector::register(&r, db.clone(), repo.clone(), clock.clone()).unwrap();
         let m = metrics(&r);

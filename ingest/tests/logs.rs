@@ -1,8 +1,7 @@
 //! What ingest logs. Its own test binary: tracing caches per-callsite interest
 //! process-wide, so a thread-local subscriber only sees everything when no other test
 //! runs in the same process.
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
@@ -11,6 +10,7 @@ use swimlane_bus::embedded::EmbeddedBus;
 use swimlane_core::keys::Keys;
 use swimlane_core::{StrokeClass, UserId, WINDOW_FEATURES, WINDOW_FRAMES};
 use swimlane_ingest::{router, IngestDeps, IngestState};
+use swimlane_runtime::telemetry::CapturedLogs;
 use swimlane_runtime::{Config, ManualWallClock};
 use swimlane_state::tokens::{hash_token, new_token};
 use swimlane_state::Repo;
@@ -18,29 +18,10 @@ use swimlane_store::embedded::EmbeddedBackend;
 use swimlane_store::Db;
 use tower::ServiceExt;
 
-/// Captures log output of the current thread.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-impl Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn logs_carry_user_and_batch_ids_and_never_a_token() {
-    let buf = LogBuf::default();
-    let w = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || w.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let buf = CapturedLogs::default();
+    let _guard = tracing::subscriber::set_default(buf.subscriber());
     let dir = tempfile::tempdir().unwrap();
     let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
     let admin = new_token();
@@ -81,7 +62,7 @@ async fn logs_carry_user_and_batch_ids_and_never_a_token() {
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let r = app.clone().oneshot(post(&admin, "b-y")).await.unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let logs = buf.text();
     assert!(
         logs.contains("batch staged")
             && logs.contains("user_id=alice")

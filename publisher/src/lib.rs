@@ -2,7 +2,7 @@
 //! [`stage`]) and serves them to devices.
 use std::sync::Arc;
 
-use swimlane_bus::stage::LoopOptions;
+use swimlane_bus::stage::{LoopOptions, Stop};
 
 use swimlane_runtime::RuntimeError;
 use tokio_util::sync::CancellationToken;
@@ -13,22 +13,11 @@ pub use metrics::PublisherMetrics;
 
 #[derive(Clone, Debug)]
 pub struct PublisherConfig {
+    /// The deployment's model spec: a model of another spec is never published.
+    pub spec: Arc<swimlane_core::ModelSpec>,
     /// Held-out accuracy at which a user counts as converged.
     pub target_accuracy: f32,
     pub loop_options: LoopOptions,
-    /// The deployment's model spec: a model of another spec is never published.
-    pub spec: Arc<swimlane_core::ModelSpec>,
-}
-
-impl Default for PublisherConfig {
-    fn default() -> Self {
-        PublisherConfig {
-            spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
-            // One default, the config's (`policy.target_accuracy`).
-            target_accuracy: swimlane_runtime::config::PolicyConfig::default().target_accuracy,
-            loop_options: LoopOptions::default(),
-        }
-    }
 }
 
 /// What the publisher works with.
@@ -38,18 +27,13 @@ pub type PublisherDeps = swimlane_runtime::wiring::StageDeps<PublisherMetrics>;
 pub fn run(
     config: PublisherConfig,
     deps: PublisherDeps,
-    stop: &dyn Fn() -> bool,
+    stop: Stop<'_>,
 ) -> Result<(), RuntimeError> {
     let (target_accuracy, spec) = (config.target_accuracy, config.spec);
-    deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
-        stage::Publisher {
-            db,
-            repo,
-            emitter,
-            metrics,
-            target_accuracy,
-            spec,
-        }
+    deps.run(config.loop_options, stop, |env| stage::Publisher {
+        env,
+        target_accuracy,
+        spec,
     })?;
     Ok(())
 }
@@ -89,13 +73,15 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeE
     use swimlane_runtime::Worker;
     let p = Process::start(&config, Worker::Publisher).await?;
     let metrics = PublisherMetrics::register(&p.registry)?;
+    let runner_metrics =
+        swimlane_runtime::wiring::StageMetrics::register(&p.registry, Worker::Publisher)?;
     let deps = PublisherDeps::for_worker(
         &config,
         &p.db,
-        swimlane_runtime::Worker::Publisher,
-        metrics.clone(),
+        Worker::Publisher,
+        (runner_metrics, metrics.clone()),
     )?;
-    let repo = deps.repo.clone();
+    let repo = deps.env.repo.clone();
     let cfg = PublisherConfig::from_config(&config)?;
     let api = router(ApiState {
         db: p.db.clone(),

@@ -1,13 +1,9 @@
 //! The publisher's metrics, defined in one place.
 use prometheus::{Histogram, IntCounter, Registry};
-use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
-use swimlane_runtime::Worker;
 
 /// Metrics the publisher exports as `swimlane_publisher_*`.
 #[derive(Clone)]
 pub struct PublisherMetrics {
-    /// The lag and dead letters every stage has.
-    pub stage: StageMetrics,
     pub publishes: IntCounter,
     /// Time from a batch's upload being accepted to the model containing it published.
     pub upload_to_publish_seconds: Histogram,
@@ -17,17 +13,10 @@ pub struct PublisherMetrics {
     pub model_downloads: IntCounter,
 }
 
-impl HasStageMetrics for PublisherMetrics {
-    fn stage(&self) -> &StageMetrics {
-        &self.stage
-    }
-}
-
 impl PublisherMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let r = swimlane_runtime::Registrar(registry);
         Ok(PublisherMetrics {
-            stage: StageMetrics::register(registry, Worker::Publisher)?,
             publishes: r.counter(
                 "swimlane_publisher_publishes_total",
                 "Model versions published",

@@ -15,22 +15,21 @@
 //!   few milliseconds, one ~300 kB blob), so the file always names its own version.
 use std::sync::Arc;
 
-use swimlane_bus::stage::{Applied, Decoded, Stage};
-use swimlane_bus::{Emitter, Record};
+use swimlane_bus::stage::{Applied, Decoded, Effect, Stage};
+use swimlane_bus::Record;
 use swimlane_core::records::{ModelVersionRecord, RunRecord, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
 use swimlane_state::{lifecycle, sha256_hex, Repo};
-use swimlane_store::{Db, KvError, Transaction};
+use swimlane_store::{KvError, Transaction};
+
+use swimlane_runtime::wiring::StageEnv;
 
 use crate::metrics::PublisherMetrics;
 
 pub(crate) struct Publisher {
-    pub db: Db,
-    pub repo: Repo,
-    pub emitter: Arc<dyn Emitter>,
-    pub metrics: PublisherMetrics,
+    pub env: StageEnv<PublisherMetrics>,
     pub target_accuracy: f32,
     /// The deployment's model spec: weights of another spec are never published.
     pub spec: Arc<swimlane_core::ModelSpec>,
@@ -102,7 +101,7 @@ impl Stage for Publisher {
     type Prepared = Accepted;
     type Outcome = Published;
 
-    fn decode(&self, r: &Record) -> Decoded<(UserId, String)> {
+    fn decode(&self, r: &Record) -> Decoded<Self::Work> {
         Decoded::event(r, topics::VERDICTS, |e| match e {
             Event::CandidateAccepted { user, run_id } => Some(Decoded::Work((user, run_id))),
             Event::CandidateRejected { .. } => Some(Decoded::Ignore),
@@ -113,8 +112,8 @@ impl Stage for Publisher {
     /// The ONNX file, made outside the publishing transaction for the version it is
     /// expected to assign.
     fn prepare(&mut self, (user, run_id): &(UserId, String)) -> Result<Option<Accepted>, KvError> {
-        let (repo, u) = (&self.repo, user.as_str());
-        let found = self.db.transact(|tx| {
+        let (repo, u) = (&self.env.repo, user.as_str());
+        let found = self.env.db.transact(|tx| {
             let Some(run) = repo.run(tx, u, run_id)? else {
                 return Ok(None);
             };
@@ -131,7 +130,7 @@ impl Stage for Publisher {
             Some((run, version, w)) => {
                 let bytes = export_onnx(&self.spec, &run, &w, version)?;
                 let blob = onnx_blob_id(u, run_id, version);
-                repo.put_blob_db(&self.db, &blob, &bytes)?;
+                repo.put_blob_db(&self.env.db, &blob, &bytes)?;
                 Some((version, stored(blob, &bytes)))
             }
         };
@@ -142,13 +141,8 @@ impl Stage for Publisher {
         }))
     }
 
-    fn apply(
-        &self,
-        tx: &mut Transaction<'_>,
-        a: &Accepted,
-        now_ms: u64,
-    ) -> Result<Applied<Published>, KvError> {
-        let (repo, u, run_id) = (&self.repo, a.user.as_str(), &a.run_id);
+    fn apply(&self, tx: &mut Transaction<'_>, a: &Accepted, now_ms: u64) -> Effect<Published> {
+        let (repo, u, run_id) = (&self.env.repo, a.user.as_str(), &a.run_id);
         let Some(run) = repo.run(tx, u, run_id)? else {
             return Ok(Applied::Dead("run record missing".into()));
         };
@@ -188,7 +182,7 @@ impl Stage for Publisher {
         let converged = policy::converged(verdict.candidate_heldout_accuracy, self.target_accuracy);
         let staged_at_ms = lifecycle::publish(
             repo,
-            self.emitter.as_ref(),
+            self.env.emitter.as_ref(),
             tx,
             &a.user,
             run,
@@ -208,16 +202,18 @@ impl Stage for Publisher {
     fn committed(&mut self, published: Vec<Published>) {
         for p in &published {
             tracing::info!(user_id = %p.user, version = p.version, heldout_accuracy = p.heldout_accuracy, "model published");
-            self.metrics
+            self.env
+                .metrics
                 .heldout_accuracy
                 .observe(p.heldout_accuracy as f64);
             for t in &p.staged_at_ms {
-                self.metrics
+                self.env
+                    .metrics
                     .upload_to_publish_seconds
                     .observe(p.published_at_ms.saturating_sub(*t) as f64 / 1000.0);
             }
         }
-        self.metrics.publishes.inc_by(published.len() as u64);
+        self.env.metrics.publishes.inc_by(published.len() as u64);
     }
 }
 
@@ -226,6 +222,7 @@ mod tests {
     use super::*;
     use swimlane_bus::embedded::EmbeddedBus;
     use swimlane_bus::stage::{Runner, StageHandler};
+    use swimlane_bus::Emitter;
     use swimlane_bus::{positions, Delivery};
     use swimlane_core::keys::Keys;
     use swimlane_core::records::Verdict;
@@ -233,6 +230,7 @@ mod tests {
     use swimlane_model::onnx::OnnxModel;
     use swimlane_model::Sample;
     use swimlane_store::embedded::EmbeddedBackend;
+    use swimlane_store::Db;
 
     fn candidate(seed: u64) -> MicroModel {
         let spec = swimlane_core::ModelSpec::synthetic_pose();
@@ -324,10 +322,12 @@ mod tests {
         let delivery = Delivery { fence, records };
         let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), 1));
         let stage = Publisher {
-            db: db.clone(),
-            repo: repo.clone(),
-            emitter: emitter.clone(),
-            metrics: PublisherMetrics::register(&prometheus::Registry::new()).unwrap(),
+            env: StageEnv {
+                db: db.clone(),
+                repo: repo.clone(),
+                emitter: emitter.clone(),
+                metrics: PublisherMetrics::register(&prometheus::Registry::new()).unwrap(),
+            },
             target_accuracy: 0.97,
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
         };

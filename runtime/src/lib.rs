@@ -11,9 +11,8 @@
 //! - [`ops`]: the `/metrics`, `/healthz`, `/readyz` server.
 //! - [`shutdown`]: one root cancellation token; the first SIGTERM/SIGINT drains, the
 //!   second exits at once.
-//! - [`clock`]: the injected wall clock.
+//! - the injected wall clock, re-exported from `swimlane_core::clock`.
 
-pub mod clock;
 pub mod config;
 pub mod http;
 pub mod ops;
@@ -22,11 +21,11 @@ pub mod store;
 pub mod telemetry;
 pub mod wiring;
 
-pub use clock::{ManualWallClock, SystemWallClock, WallClock};
 pub use config::{Args, Config, ConfigError, Worker};
 pub use ops::{serve_ops, OpsServer, Readiness};
 pub use shutdown::shutdown_signal;
 pub use store::open_store;
+pub use swimlane_core::clock::{system_now_ms, ManualWallClock, NowMs, WallClock};
 pub use telemetry::{init_tracing, new_registry, register_store_metrics, Registrar};
 pub use tokio_util::sync::CancellationToken;
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use prometheus::Registry;
 use swimlane_bus::embedded::{system_now_ms, ConsumerOptions, EmbeddedBus, EmbeddedConsumer};
-use swimlane_bus::stage::{run_stage, LoopOptions, Runner, Stage};
+use swimlane_bus::stage::{run_stage, LoopOptions, Runner, Stage, Stop};
 use swimlane_bus::{member_id, Consumer, Emitter};
 use swimlane_core::keys::Keys;
 use swimlane_store::Db;
@@ -171,15 +171,22 @@ pub fn consumer(
     }
 }
 
-/// What a consuming stage (trainer, validator, publisher) works with: the store and its
-/// records, the configured bus's emitter, a consumer of the stage's topic in its group,
-/// and the stage's metrics.
-pub struct StageDeps<M> {
+/// What a stage's own code works with: the store and its records, the configured
+/// bus's emitter, and the stage's metrics.
+pub struct StageEnv<M> {
     pub db: Db,
     pub repo: swimlane_state::Repo,
     pub emitter: Arc<dyn Emitter>,
-    pub consumer: Box<dyn Consumer>,
     pub metrics: M,
+}
+
+/// What a consuming stage (trainer, validator, publisher) runs with: its
+/// [`StageEnv`], a consumer of the stage's topic in its group, and the metrics its
+/// runner keeps.
+pub struct StageDeps<M> {
+    pub env: StageEnv<M>,
+    pub consumer: Box<dyn Consumer>,
+    pub runner_metrics: StageMetrics,
 }
 
 impl<M> StageDeps<M> {
@@ -190,7 +197,7 @@ impl<M> StageDeps<M> {
         config: &Config,
         db: &Db,
         worker: Worker,
-        metrics: M,
+        (runner_metrics, metrics): (StageMetrics, M),
     ) -> Result<Self, RuntimeError> {
         let not_a_stage = RuntimeError::NotAStage {
             worker: worker.name(),
@@ -203,11 +210,14 @@ impl<M> StageDeps<M> {
         };
         let (group, topic) = worker.input().ok_or(not_a_stage)?;
         Ok(StageDeps {
-            db: db.clone(),
-            repo: swimlane_state::Repo::new(Keys::new(&config.deployment)),
-            emitter: emitter(config)?,
+            env: StageEnv {
+                db: db.clone(),
+                repo: swimlane_state::Repo::new(Keys::new(&config.deployment)),
+                emitter: emitter(config)?,
+                metrics,
+            },
             consumer: consumer(config, db, group, topic, settings)?,
-            metrics,
+            runner_metrics,
         })
     }
 }
@@ -215,7 +225,7 @@ impl<M> StageDeps<M> {
 /// Run a stage's blocking loop (`work`, given the stop flag) on tokio's blocking pool
 /// until `shutdown` is cancelled: every stage worker's `run`.
 pub async fn run_until<E: From<RuntimeError> + Send + 'static>(
-    work: impl FnOnce(&dyn Fn() -> bool) -> Result<(), E> + Send + 'static,
+    work: impl FnOnce(Stop<'_>) -> Result<(), E> + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), E> {
     tokio::task::spawn_blocking(move || work(&|| shutdown.is_cancelled()))
@@ -250,33 +260,24 @@ impl StageMetrics {
     }
 }
 
-/// A stage's own metrics, beside the [`StageMetrics`] every stage has.
-pub trait HasStageMetrics {
-    fn stage(&self) -> &StageMetrics;
-}
-
-impl<M: HasStageMetrics> StageDeps<M> {
+impl<M> StageDeps<M> {
     /// Run the stage `build` makes from these dependencies in a [`Runner`] over the
     /// consumer until `stop()`; then leave the group. The runner reports the lag and
     /// counts the dead letters in the stage's [`StageMetrics`].
     pub fn run<S: Stage>(
         self,
         opts: LoopOptions,
-        stop: &dyn Fn() -> bool,
-        build: impl FnOnce(Db, swimlane_state::Repo, Arc<dyn Emitter>, M) -> S,
+        stop: Stop<'_>,
+        build: impl FnOnce(StageEnv<M>) -> S,
     ) -> Result<(), swimlane_bus::BusError> {
         let StageDeps {
-            db,
-            repo,
-            emitter,
+            env,
             mut consumer,
-            metrics,
+            runner_metrics: m,
         } = self;
-        let m = metrics.stage().clone();
         let opts = with_lag_gauge(opts, &m.bus_lag);
-        let keys = repo.keys.clone();
-        let stage = build(db.clone(), repo, emitter.clone(), metrics);
-        let mut runner = Runner::new(stage, db, keys, emitter)
+        let (db, keys, emitter) = (env.db.clone(), env.repo.keys.clone(), env.emitter.clone());
+        let mut runner = Runner::new(build(env), db, keys, emitter)
             .counting_dead_letters(Arc::new(move |n| m.dead_letters.inc_by(n)));
         run_stage(consumer.as_mut(), &mut runner, &opts, stop)
     }
@@ -288,12 +289,12 @@ impl<M: HasStageMetrics> StageDeps<M> {
 /// ([`StageDeps::for_worker`]; a member that joined and waited without polling would
 /// be dropped from a Kafka group); then `run` on a blocking thread until
 /// SIGTERM/SIGINT.
-pub async fn run_stage_process<M: HasStageMetrics + Send + 'static>(
+pub async fn run_stage_process<M: Send + 'static>(
     config: &Config,
     worker: Worker,
     needs: &[&str],
     metrics: impl FnOnce(&Registry) -> prometheus::Result<M>,
-    run: impl FnOnce(StageDeps<M>, &dyn Fn() -> bool) -> Result<(), RuntimeError> + Send + 'static,
+    run: impl FnOnce(StageDeps<M>, Stop<'_>) -> Result<(), RuntimeError> + Send + 'static,
 ) -> Result<(), RuntimeError> {
     let p = Process::start(config, worker).await?;
     let repo = swimlane_state::Repo::new(Keys::new(&config.deployment));
@@ -303,7 +304,11 @@ pub async fn run_stage_process<M: HasStageMetrics + Send + 'static>(
     {
         return Ok(());
     }
-    let deps = StageDeps::for_worker(config, &p.db, worker, metrics(&p.registry)?)?;
+    let metrics = (
+        StageMetrics::register(&p.registry, worker)?,
+        metrics(&p.registry)?,
+    );
+    let deps = StageDeps::for_worker(config, &p.db, worker, metrics)?;
     run_until(move |stop| run(deps, stop), p.shutdown.clone()).await
 }
 

@@ -22,14 +22,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use swimlane_bus::stage::{Applied, Decoded, LoopOptions, Stage};
-use swimlane_bus::{Emitter, Record};
+use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
+use swimlane_bus::Record;
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
+use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
-use swimlane_state::{lifecycle, sha256_hex, Repo, BASE_MODEL_BLOB};
-use swimlane_store::{Db, KvError, Transaction};
+use swimlane_state::{lifecycle, sha256_hex, BASE_MODEL_BLOB};
+use swimlane_store::{KvError, Transaction};
 
 mod metrics;
 pub use metrics::TrainerMetrics;
@@ -47,29 +48,12 @@ pub struct TrainerConfig {
     pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
-impl Default for TrainerConfig {
-    fn default() -> Self {
-        TrainerConfig {
-            spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
-            train: TrainConfig::fine_tune(),
-            loop_options: LoopOptions {
-                max_records: 8,
-                ..Default::default()
-            },
-        }
-    }
-}
-
 /// What the trainer works with.
 pub type TrainerDeps = swimlane_runtime::wiring::StageDeps<TrainerMetrics>;
 
 /// Run the stage on the calling thread until `stop()`; in-flight work is either
 /// committed whole or abandoned (and redone by whoever owns the partition next).
-pub fn run(
-    config: TrainerConfig,
-    deps: TrainerDeps,
-    stop: &dyn Fn() -> bool,
-) -> Result<(), RuntimeError> {
+pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(), RuntimeError> {
     let mut config = config;
     // Every candidate of a delivery commits in one transaction (10 MB limit): cap the
     // delivery so that its candidates (at most 1 MiB each) fit with room.
@@ -78,24 +62,16 @@ pub fn run(
         .max_records
         .clamp(1, MAX_RUNS_PER_COMMIT);
     let (train, spec) = (config.train, config.spec);
-    deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
-        Trainer {
-            db,
-            repo,
-            emitter,
-            metrics,
-            train,
-            spec,
-        }
+    deps.run(config.loop_options, stop, |env| Trainer {
+        env,
+        train,
+        spec,
     })?;
     Ok(())
 }
 
 struct Trainer {
-    db: Db,
-    repo: Repo,
-    emitter: Arc<dyn Emitter>,
-    metrics: TrainerMetrics,
+    env: StageEnv<TrainerMetrics>,
     train: TrainConfig,
     spec: Arc<swimlane_core::ModelSpec>,
 }
@@ -174,9 +150,9 @@ impl Trainer {
     /// Read what a run for `user` needs; `None` when there is nothing to train (run in
     /// flight, or no staged batch left).
     fn plan(&self, user: &UserId) -> Result<Option<Plan>, KvError> {
-        let repo = &self.repo;
+        let repo = &self.env.repo;
         let u = user.as_str();
-        self.db.transact(|tx| {
+        self.env.db.transact(|tx| {
             let state = repo.user_state(tx, u)?;
             if state.inflight_run.is_some() {
                 return Ok(None);
@@ -289,12 +265,12 @@ impl Stage for Trainer {
         let batches = plan.batches.clone();
         Ok(Some(match self.train(plan) {
             Ok(t) => {
-                self.metrics.train_seconds.observe(t.seconds as f64);
+                self.env.metrics.train_seconds.observe(t.seconds as f64);
                 Prepared::Trained(t)
             }
             Err(reason) => {
                 tracing::error!(%reason, "training failed");
-                self.metrics.runs_failed.inc();
+                self.env.metrics.runs_failed.inc();
                 Prepared::Failed {
                     user: user.clone(),
                     batches,
@@ -304,13 +280,8 @@ impl Stage for Trainer {
         }))
     }
 
-    fn apply(
-        &self,
-        tx: &mut Transaction<'_>,
-        p: &Prepared,
-        now_ms: u64,
-    ) -> Result<Applied<bool>, KvError> {
-        let repo = &self.repo;
+    fn apply(&self, tx: &mut Transaction<'_>, p: &Prepared, now_ms: u64) -> Effect<bool> {
+        let repo = &self.env.repo;
         let t = match p {
             Prepared::Failed {
                 user,
@@ -353,13 +324,20 @@ impl Stage for Trainer {
             verdict: None,
             published_version: None,
         };
-        lifecycle::begin_run(repo, self.emitter.as_ref(), tx, &t.plan.user, &run, state)?;
+        lifecycle::begin_run(
+            repo,
+            self.env.emitter.as_ref(),
+            tx,
+            &t.plan.user,
+            &run,
+            state,
+        )?;
         Ok(Applied::Done(true))
     }
 
     fn committed(&mut self, runs: Vec<bool>) {
         let n = runs.into_iter().filter(|r| *r).count();
-        self.metrics.runs_committed.inc_by(n as u64);
+        self.env.metrics.runs_committed.inc_by(n as u64);
     }
 }
 
@@ -371,7 +349,7 @@ impl TrainerConfig {
         Ok(TrainerConfig {
             loop_options: swimlane_runtime::wiring::loop_options(&config.trainer.consumer),
             spec: Arc::new(config.model_spec()?),
-            ..Default::default()
+            train: TrainConfig::fine_tune(),
         })
     }
 }

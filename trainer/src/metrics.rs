@@ -1,22 +1,12 @@
 //! The trainer's metrics, defined in one place.
 use prometheus::{Histogram, IntCounter, Registry};
-use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
-use swimlane_runtime::Worker;
 
 /// Counters and histograms the trainer exports as `swimlane_trainer_*`.
 #[derive(Clone)]
 pub struct TrainerMetrics {
-    /// The lag and dead letters every stage has.
-    pub stage: StageMetrics,
     pub train_seconds: Histogram,
     pub runs_committed: IntCounter,
     pub runs_failed: IntCounter,
-}
-
-impl HasStageMetrics for TrainerMetrics {
-    fn stage(&self) -> &StageMetrics {
-        &self.stage
-    }
 }
 
 impl TrainerMetrics {
@@ -24,7 +14,6 @@ impl TrainerMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let r = swimlane_runtime::Registrar(registry);
         Ok(TrainerMetrics {
-            stage: StageMetrics::register(registry, Worker::Trainer)?,
             train_seconds: r.histogram(
                 "swimlane_trainer_train_seconds",
                 "Time spent fine-tuning one user's candidate",

@@ -14,19 +14,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use swimlane_bus::stage::{Applied, Decoded, LoopOptions, Stage};
-use swimlane_bus::{Emitter, Record};
+use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
+use swimlane_bus::Record;
 use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
 use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::net::argmax_class;
 use swimlane_model::{evaluate, MicroModel, Sample};
+use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
 use swimlane_state::{decode_sample_set, lifecycle, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB};
-use swimlane_store::{Db, KvError, Transaction};
+use swimlane_store::{KvError, Transaction};
 
 mod metrics;
 pub use metrics::ValidatorMetrics;
+
+/// What the validator works with.
+pub type ValidatorDeps = swimlane_runtime::wiring::StageDeps<ValidatorMetrics>;
 
 #[derive(Clone, Debug, Default)]
 pub struct ValidatorConfig {
@@ -36,35 +40,29 @@ pub struct ValidatorConfig {
     pub spec: Arc<swimlane_core::ModelSpec>,
 }
 
-/// What the validator works with.
-pub type ValidatorDeps = swimlane_runtime::wiring::StageDeps<ValidatorMetrics>;
-
 /// Run the stage on the calling thread until `stop()`.
 pub fn run(
     config: ValidatorConfig,
     deps: ValidatorDeps,
-    stop: &dyn Fn() -> bool,
+    stop: Stop<'_>,
 ) -> Result<(), RuntimeError> {
-    let (policy, spec) = (config.policy, config.spec);
-    deps.run(config.loop_options, stop, |db, repo, emitter, metrics| {
-        Validator {
-            db,
-            repo,
-            emitter,
-            metrics,
-            policy,
-            spec,
-            guard: None,
-        }
+    let ValidatorConfig {
+        policy,
+        loop_options,
+        spec,
+    } = config;
+    let guard = None;
+    deps.run(loop_options, stop, |env| Validator {
+        env,
+        policy,
+        spec,
+        guard,
     })?;
     Ok(())
 }
 
 struct Validator {
-    db: Db,
-    repo: Repo,
-    emitter: Arc<dyn Emitter>,
-    metrics: ValidatorMetrics,
+    env: StageEnv<ValidatorMetrics>,
     policy: ValidationPolicy,
     spec: Arc<swimlane_core::ModelSpec>,
     /// The guard set and the base model's accuracy on it, read once (they only change
@@ -123,8 +121,9 @@ impl Validator {
             return Ok(g.clone());
         }
         let installed = |blob: &str, what: &str| -> Result<Vec<u8>, KvError> {
-            self.repo
-                .blob_db(&self.db, blob)?
+            self.env
+                .repo
+                .blob_db(&self.env.db, blob)?
                 .ok_or_else(|| missing(what.into(), "not installed (run `swimlane admin init`)"))
         };
         let samples: Vec<Sample> = decode_sample_set(&installed(GUARD_SET_BLOB, "guard set")?)?
@@ -145,8 +144,8 @@ impl Validator {
     }
 
     fn inputs(&self, user: &str, run_id: &str) -> Result<Option<Inputs>, KvError> {
-        let repo = &self.repo;
-        self.db.transact(|tx| {
+        let repo = &self.env.repo;
+        self.env.db.transact(|tx| {
             let Some(run) = repo.run(tx, user, run_id)? else {
                 return Ok(None);
             };
@@ -274,7 +273,7 @@ impl Validator {
             Err(e) => return Ok(Outcome::Dead(format!("scoring failed: {e}"))),
         };
         let validate_seconds = t0.elapsed().as_secs_f64();
-        self.metrics.validate_seconds.observe(validate_seconds);
+        self.env.metrics.validate_seconds.observe(validate_seconds);
         let (mut decision, mut reason) = self.policy.decide(&s);
         // Each batch large enough to judge on its own held-out windows must show a
         // significant gain there, or it is rejected alone (and its run-mates, if any,
@@ -354,12 +353,7 @@ impl Stage for Validator {
         }
     }
 
-    fn apply(
-        &self,
-        tx: &mut Transaction<'_>,
-        out: &Outcome,
-        _now_ms: u64,
-    ) -> Result<Applied<Decision>, KvError> {
+    fn apply(&self, tx: &mut Transaction<'_>, out: &Outcome, _now_ms: u64) -> Effect<Decision> {
         let Outcome::Verdict {
             user,
             run_id,
@@ -374,8 +368,8 @@ impl Stage for Validator {
             });
         };
         let done = lifecycle::record_verdict(
-            &self.repo,
-            self.emitter.as_ref(),
+            &self.env.repo,
+            self.env.emitter.as_ref(),
             tx,
             user,
             run_id,
@@ -393,7 +387,7 @@ impl Stage for Validator {
                 Decision::Reject => "rejected",
                 Decision::Defer => "deferred",
             };
-            self.metrics.verdicts.with_label_values(&[label]).inc();
+            self.env.metrics.verdicts.with_label_values(&[label]).inc();
         }
     }
 
@@ -403,7 +397,7 @@ impl Stage for Validator {
         tx: &mut Transaction<'_>,
         (user, run_id): &(UserId, String),
     ) -> Result<(), KvError> {
-        lifecycle::abandon_run(&self.repo, self.emitter.as_ref(), tx, user, run_id)
+        lifecycle::abandon_run(&self.env.repo, self.env.emitter.as_ref(), tx, user, run_id)
     }
 }
 

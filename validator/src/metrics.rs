@@ -1,29 +1,18 @@
 //! The validator's metrics, defined in one place.
 use prometheus::{Histogram, IntCounterVec, Registry};
-use swimlane_runtime::wiring::{HasStageMetrics, StageMetrics};
-use swimlane_runtime::Worker;
 
 /// Metrics the validator exports as `swimlane_validator_*`.
 #[derive(Clone)]
 pub struct ValidatorMetrics {
-    /// The lag and dead letters every stage has.
-    pub stage: StageMetrics,
     pub validate_seconds: Histogram,
     /// Label `verdict`: `accepted` | `rejected` | `deferred`.
     pub verdicts: IntCounterVec,
-}
-
-impl HasStageMetrics for ValidatorMetrics {
-    fn stage(&self) -> &StageMetrics {
-        &self.stage
-    }
 }
 
 impl ValidatorMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let r = swimlane_runtime::Registrar(registry);
         let m = ValidatorMetrics {
-            stage: StageMetrics::register(registry, Worker::Validator)?,
             validate_seconds: r.histogram(
                 "swimlane_validator_validate_seconds",
                 "Time spent scoring a candidate and the current model",

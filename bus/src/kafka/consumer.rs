@@ -111,7 +111,7 @@ impl ConsumerContext for FencingContext {
                     .filter(|e| e.topic() == self.opts.kafka_topic())
                     .map(|e| e.partition() as u32)
                     .collect();
-                let now = (self.opts.now_ms)();
+                let now = self.opts.now_ms.now_ms();
                 let ttl = self.opts.lease_ttl.as_millis() as u64;
                 let (keys, o) = (&self.keys, &self.opts);
                 let fences = self.db.transact(|tx| {
@@ -310,7 +310,7 @@ impl KafkaConsumer {
                 n
             }
         };
-        let now = (ctx.opts.now_ms)();
+        let now = ctx.opts.now_ms.now_ms();
         let (keys, o) = (&ctx.keys, &ctx.opts);
         let expired: Vec<u32> = ctx.db.transact(|tx| {
             let mut out = Vec::new();

@@ -31,9 +31,7 @@ pub struct KafkaEmitter {
 
 impl std::fmt::Debug for KafkaEmitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaEmitter")
-            .field("nonce", &self.nonce)
-            .finish()
+        write!(f, "KafkaEmitter {{ nonce: {} }}", self.nonce)
     }
 }
 
@@ -61,7 +59,7 @@ impl KafkaEmitter {
     }
 
     fn next_seq(&self) -> u64 {
-        let candidate = ((self.now_ms)() << 22) | (self.nonce << 12);
+        let candidate = (self.now_ms.now_ms() << 22) | (self.nonce << 12);
         let prev = self
             .last
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
@@ -91,10 +89,17 @@ mod tests {
     use super::*;
     use swimlane_store::embedded::EmbeddedBackend;
 
+    /// A fresh store and its keys.
+    fn store() -> (Db, Keys) {
+        (
+            Db::new(EmbeddedBackend::open_temp().unwrap()),
+            Keys::new("t"),
+        )
+    }
+
     #[test]
     fn emits_land_in_the_outbox_in_emit_order_even_in_one_millisecond() {
-        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
-        let keys = Keys::new("t");
+        let (db, keys) = store();
         // A frozen clock: every seq comes from the same millisecond.
         let frozen: NowMs = Arc::new(|| 1_700_000_000_000);
         let a = KafkaEmitter::with_clock(keys.clone(), frozen.clone(), 5);
@@ -128,8 +133,7 @@ mod tests {
 
     #[test]
     fn nothing_reaches_the_outbox_unless_the_transaction_commits() {
-        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
-        let keys = Keys::new("t");
+        let (db, keys) = store();
         let e = KafkaEmitter::new(keys.clone());
         let r: Result<(), KvError> = db.transact(|tx| {
             e.emit_raw(tx, Raw::new("t", "u", b"1"))?;

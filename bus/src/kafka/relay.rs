@@ -133,7 +133,7 @@ impl Relay {
 
     /// Hold (or take) the relay lease; renews at a third of its ttl.
     fn lead(&mut self) -> Result<bool, BusError> {
-        let now = (self.opts.now_ms)();
+        let now = self.opts.now_ms.now_ms();
         let ttl = self.opts.lease_ttl.as_millis() as u64;
         if self.fence.is_some()
             && self

@@ -63,6 +63,21 @@ impl Ports {
 
 pub const DEPLOYMENT: &str = "proc-test";
 
+/// The night-by-night scenario the process tests (crash, Kafka) play.
+pub mod nights {
+    /// Swimmers.
+    pub const USERS: usize = 6;
+    /// Windows the phone classifies on the first night, and the most corrections it
+    /// uploads.
+    pub const OBSERVED: usize = 300;
+    /// After the first night the models make fewer mistakes: the phone observes more
+    /// windows, so that later nights still bring enough corrections to publish.
+    pub const OBSERVED_LATER: usize = 1500;
+    pub const MAX_CORRECTIONS: usize = 200;
+    /// Config default: every process agrees on it.
+    pub const PARTITIONS: u32 = 8;
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_swimlane")
 }
