@@ -10,7 +10,8 @@ use swimlane_cli::fleet::Stages;
 use swimlane_cli::init;
 use swimlane_core::keys::Keys;
 use swimlane_core::records::{
-    encode_chunk, is_heldout, BatchRecord, BatchStatus, StagedSample, SAMPLES_PER_CHUNK,
+    encode_chunk, is_heldout, BatchRecord, BatchStatus, RunRecord, StagedSample, Verdict,
+    SAMPLES_PER_CHUNK,
 };
 use swimlane_core::{BatchId, Event, UserId};
 use swimlane_model::synth::{corrections, poison, Swimmer};
@@ -196,11 +197,54 @@ fn staged_batches_are_published_and_a_poisoned_one_is_rejected() {
     assert_eq!(bob.inflight_run, None);
 }
 
+/// A run one stage can never handle, and how to tell that it was handled.
+struct Unhandleable {
+    /// The event that asks the stage for the run.
+    event: fn(UserId, String) -> Event,
+    /// The verdict already on the run record.
+    verdict: Option<Verdict>,
+    /// Whether the stage handled the run.
+    done: fn(&RunRecord) -> bool,
+    metric: &'static str,
+    topic: &'static str,
+}
+
 /// A run whose candidate weights are missing can never be validated: after the stage
 /// loop's bounded retry it goes to the dead letters with its reason, the validator's
 /// dead-letter metric counts it, and the next record of the same partition is handled.
 #[test]
 fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_moves_on() {
+    unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(Unhandleable {
+        event: |user, run_id| Event::CandidateTrained {
+            user,
+            run_id,
+            batches: vec![],
+        },
+        verdict: None,
+        done: |r| r.verdict.is_some(),
+        metric: "swimlane_validator_dead_letters_total",
+        topic: swimlane_core::topics::CANDIDATES,
+    });
+}
+
+/// The same for the publisher: an accepted run whose weights are missing (or whose
+/// ONNX export fails, the same path) goes to the dead letters, and the run ends so
+/// that the user trains again.
+#[test]
+fn an_accepted_run_that_cannot_be_published_is_dead_lettered_and_the_run_ends() {
+    unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(Unhandleable {
+        event: |user, run_id| Event::CandidateAccepted { user, run_id },
+        verdict: Some(Verdict {
+            accepted: true,
+            ..Verdict::default()
+        }),
+        done: |r| r.published_version.is_some(),
+        metric: "swimlane_publisher_dead_letters_total",
+        topic: swimlane_core::topics::VERDICTS,
+    });
+}
+
+fn unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(case: Unhandleable) {
     let Setup {
         _dir,
         db,
@@ -209,7 +253,7 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
         bus,
         ..
     } = setup();
-    // Two users on one partition of the candidates topic: dora's run first.
+    // Two users on one partition of the stage's topic: dora's run first.
     let (dora, erin) = ("dora", "erin");
     let erin = (0..)
         .map(|i| format!("{erin}{i}"))
@@ -227,7 +271,7 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
             model_bytes: 0,
             created_at_ms: 0,
             train_seconds: 0.0,
-            verdict: None,
+            verdict: case.verdict.clone(),
             published_version: None,
         };
         db.transact(|tx| {
@@ -237,26 +281,20 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
             repo.put_user_state(tx, user, &state)?;
             bus.emit(
                 tx,
-                &Event::CandidateTrained {
-                    user: UserId::new(user).unwrap(),
-                    run_id: run.run_id.clone(),
-                    batches: vec![],
-                },
+                &(case.event)(UserId::new(user).unwrap(), run.run_id.clone()),
             )
         })
         .unwrap();
     }
     let registry = prometheus::Registry::new();
     let stages = Stages::start(&config, &db, &registry, 1, true).unwrap();
-    // erin's run, behind dora's on the partition, gets its verdict.
+    // erin's run, behind dora's on the partition, is handled.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while db
-        .transact(|tx| repo.run(tx, &erin, &format!("run-{erin}")))
-        .unwrap()
-        .unwrap()
-        .verdict
-        .is_none()
-    {
+    let erin_run = || {
+        let run = db.transact(|tx| repo.run(tx, &erin, &format!("run-{erin}")));
+        run.unwrap().unwrap()
+    };
+    while !(case.done)(&erin_run()) {
         assert!(
             Instant::now() < deadline,
             "the partition stalled behind dora's run"
@@ -267,7 +305,7 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
     let dead: f64 = registry
         .gather()
         .iter()
-        .filter(|f| f.name() == "swimlane_validator_dead_letters_total")
+        .filter(|f| f.name() == case.metric)
         .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
         .sum();
     assert_eq!(dead, 1.0);
@@ -276,8 +314,8 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
         .unwrap()
         .unwrap();
     assert!(
-        dora_run.verdict.is_none(),
-        "no verdict from weights nobody read"
+        !(case.done)(&dora_run),
+        "nothing done with weights nobody read"
     );
     let dora_state = db.transact(|tx| repo.user_state(tx, dora)).unwrap();
     assert_eq!(
@@ -298,10 +336,10 @@ fn a_candidate_whose_weights_are_missing_is_dead_lettered_and_the_partition_move
         .unwrap()
         .expect("a dead letter");
     let body: serde_json::Value = serde_json::from_slice(&d.records[0].payload).unwrap();
-    assert_eq!(body["source_topic"], swimlane_core::topics::CANDIDATES);
+    assert_eq!(body["source_topic"], case.topic);
     let reason = body["reason"].as_str().unwrap();
     assert!(
-        reason.contains("gave up after 5 attempts") && reason.contains("candidate weights missing"),
+        reason.contains("gave up after 5 attempts") && reason.contains("weights"),
         "{reason}"
     );
 }

@@ -81,9 +81,17 @@ pub const INPUT_NAME: &str = "window";
 pub const OUTPUT_NAME: &str = "probabilities";
 /// The symbolic batch dimension of the input and the output.
 pub const BATCH_DIM: &str = "batch";
-/// Largest difference from candle's probabilities the export may show, and the bound
-/// the parity tests assert.
+/// The parity criterion (issue 9) the parity tests assert on their fixed models: at
+/// most this far from candle's probabilities.
 pub const PARITY_TOLERANCE: f32 = 1e-5;
+
+/// How far from candle's probabilities [`export_checked`] lets an export be before it
+/// refuses it. Looser than [`PARITY_TOLERANCE`]: two float32 evaluations of the same
+/// graph in another order differ by a few 1e-6 and, for some weights, by just over
+/// 1e-5 (1.12e-5 seen in a chaos soak, every predicted class the same), and such a
+/// model must still be published; a wrong graph differs by orders of magnitude more,
+/// and every predicted class must agree as well.
+pub const EXPORT_TOLERANCE: f32 = 1e-4;
 
 /// A model a version refers to: the base model, or a user's published version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,7 +308,7 @@ pub fn export(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelErr
 }
 
 /// [`export`], then load the file back and check it against `model` on
-/// [`probe_windows`]: at most [`PARITY_TOLERANCE`] from candle's probabilities and the
+/// [`probe_windows`]: at most [`EXPORT_TOLERANCE`] from candle's probabilities and the
 /// same predicted class for every window. What the publisher stores.
 pub fn export_checked(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
     let bytes = export(model, lineage)?;
@@ -308,7 +316,7 @@ pub fn export_checked(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, 
     let probes = probe_windows(model);
     let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
     let p = parity(model, &onnx, &refs)?;
-    if !p.holds() {
+    if !p.holds_within(EXPORT_TOLERANCE) {
         return Err(ModelError::Format(format!(
             "the ONNX export does not compute what the model computes: {p}"
         )));
@@ -361,7 +369,12 @@ pub struct Parity {
 impl Parity {
     /// Within [`PARITY_TOLERANCE`] and no predicted class differs.
     pub fn holds(&self) -> bool {
-        self.max_abs_diff <= PARITY_TOLERANCE && self.class_mismatches == 0
+        self.holds_within(PARITY_TOLERANCE)
+    }
+
+    /// Within `tolerance` and no predicted class differs.
+    pub fn holds_within(&self, tolerance: f32) -> bool {
+        self.max_abs_diff <= tolerance && self.class_mismatches == 0
     }
 }
 

@@ -21,7 +21,7 @@ use swimlane_core::records::{ModelVersionRecord, RunRecord, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
-use swimlane_state::{lifecycle, sha256_hex, Repo};
+use swimlane_state::{lifecycle, sha256_hex, Repo, Res};
 use swimlane_store::{KvError, Transaction};
 
 use swimlane_runtime::wiring::StageEnv;
@@ -57,7 +57,13 @@ fn export_onnx(
         parent_version: Some(run.parent_version.map_or(ModelRef::Base, ModelRef::Version)),
         training_run: Some(run.run_id.clone()),
     };
-    onnx::export_checked(&model, &lineage).map_err(KvError::abort)
+    // The export is a function of the weights: one that fails fails every time, so it is
+    // an error retrying cannot fix (the runner gives up on the record after its bound,
+    // and `abandon` ends the run).
+    onnx::export_checked(&model, &lineage).map_err(|e| KvError::Corrupt {
+        what: format!("ONNX export of run {}", run.run_id),
+        reason: e.to_string(),
+    })
 }
 
 fn stored(blob: String, bytes: &[u8]) -> StoredFile {
@@ -214,6 +220,13 @@ impl Stage for Publisher {
             }
         }
         self.env.metrics.publishes.inc_by(published.len() as u64);
+    }
+
+    /// The runner gave up on an accepted run (its weights are missing, or its export
+    /// fails): its batches go back to `staged` and the run ends, so the user trains
+    /// again rather than waiting on a version that can never be published.
+    fn abandon(&self, tx: &mut Transaction<'_>, (user, run_id): &(UserId, String)) -> Res<()> {
+        lifecycle::abandon_run(&self.env.repo, self.env.emitter.as_ref(), tx, user, run_id)
     }
 }
 

@@ -15,7 +15,7 @@
 //! | [`record_verdict`] reject | validator | `validating{run}` | `rejected{run}` | ended |
 //! | [`record_verdict`] reject, a run-mate failed alone | validator | `validating{run}` | `staged` | ended |
 //! | [`publish`] | publisher | `validating{run}` | `published{run, version}` | ended; head = version |
-//! | [`abandon_run`] | validator, giving up on the run's record | `validating{run}` | `staged` | ended, no verdict |
+//! | [`abandon_run`] | validator or publisher, giving up on the run's record | `validating{run}` | `staged` | ended, unpublished |
 //!
 //! A batch leaves the pending index when it leaves the pipeline's hands (published,
 //! rejected or deferred; `Repo::put_batch`). Ending a run re-triggers training when
@@ -283,10 +283,11 @@ pub fn publish(
     Ok(staged_at)
 }
 
-/// Validator: `run_id` of `user` can never be judged (the stage gave up on its record,
-/// e.g. its candidate's weights are missing): its batches go back to `staged` and the
-/// run ends without a verdict, so training starts again. Nothing happens when the run
-/// is not the user's run in flight or already has a verdict.
+/// Validator or publisher: `run_id` of `user` can never be judged or published (the
+/// stage gave up on its record, e.g. its candidate's weights are missing, or its ONNX
+/// export fails): its batches go back to `staged` and the run ends unpublished, so
+/// training starts again. Nothing happens when the run is not the user's run in
+/// flight, was rejected (which ended it), or was published.
 pub fn abandon_run(
     repo: &Repo,
     emitter: &dyn Emitter,
@@ -300,7 +301,8 @@ pub fn abandon_run(
         return Ok(());
     }
     if let Some(run) = repo.run(tx, u, run_id)? {
-        if run.verdict.is_some() {
+        let rejected = run.verdict.as_ref().is_some_and(|v| !v.accepted);
+        if rejected || run.published_version.is_some() {
             return Ok(());
         }
         for b in &run.batches {
@@ -505,7 +507,12 @@ mod tests {
                     Op::Verdict(run, batches, d, alone)
                 }
                 (10 | 11, Some((run, batches, true))) => Op::Publish(run, batches),
+                // The validator gives up before a verdict; now and then the publisher
+                // gives up after one accepted.
                 (12, Some((run, batches, false))) => Op::Abandon(run, batches),
+                (12, Some((run, batches, true))) if rng.random_bool(0.2) => {
+                    Op::Abandon(run, batches)
+                }
                 _ => continue,
             };
             db.transact(|tx| {
