@@ -2,7 +2,6 @@
 //! `spawn_blocking` (the store is blocking) and answer errors as JSON
 //! `{"error": {"code", "message"}}`. The `Authorization` header is never logged.
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -27,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::metrics::IngestMetrics;
+use crate::metrics::{IngestMetrics, ROUTES};
 use crate::stage::{self, Encoding, StageOutcome};
 
 /// What a request handler needs. Cheap to clone.
@@ -121,11 +120,11 @@ impl IngestState {
 /// - `POST /v1/users/{user}/batches`
 /// - `GET /v1/users/{user}/batches/{batch_id}`
 pub fn router(state: IngestState) -> Router {
-    Router::new()
-        .route("/v1/users/{user}/batches", post(post_batch))
-        .route("/v1/users/{user}/batches/{batch_id}", get(get_batch))
-        .fallback(ApiError::no_route)
-        .with_state(state)
+    let routes = Router::new()
+        .route(ROUTES[0].path, post(post_batch))
+        .route(ROUTES[1].path, get(get_batch));
+    let metrics = state.metrics.requests.clone();
+    swimlane_runtime::http::api(routes, metrics).with_state(state)
 }
 
 fn parse_user(user: String) -> Result<UserId, ApiError> {
@@ -213,7 +212,6 @@ async fn post_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
     let span = tracing::info_span!(
         "post_batch",
         user_id = %user,
@@ -222,16 +220,7 @@ async fn post_batch(
     let result = post_batch_inner(&state, user, &headers, body)
         .instrument(span.clone())
         .await;
-    state
-        .metrics
-        .request_seconds("post_batch")
-        .observe(started.elapsed().as_secs_f64());
     let _enter = span.enter();
-    let status = match &result {
-        Ok(r) => r.status(),
-        Err(e) => e.status,
-    };
-    state.metrics.responded("post_batch", status);
     match result {
         Ok(r) => r,
         Err(e) => {
@@ -327,21 +316,11 @@ async fn get_batch(
     Path((user, batch_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let started = Instant::now();
     let span = tracing::info_span!("get_batch", user_id = %user, batch_id = %batch_id);
     let result = get_batch_inner(&state, user, batch_id, &headers)
         .instrument(span)
         .await;
-    state
-        .metrics
-        .request_seconds("get_batch")
-        .observe(started.elapsed().as_secs_f64());
-    let response = match result {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    state.metrics.responded("get_batch", response.status());
-    response
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn get_batch_inner(

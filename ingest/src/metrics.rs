@@ -1,5 +1,6 @@
 //! Every metric ingest exports, defined in one place. Label values come from closed
-//! sets ([`reject_reasons`], [`ROUTES`], [`STATUS_CLASSES`]).
+//! sets ([`reject_reasons`], [`ROUTES`], `swimlane_runtime::http::STATUS_CLASSES`); the
+//! request metrics are the ones every API has (`swimlane_runtime::http::RequestMetrics`).
 //!
 //! Ingest also exports the pipeline's state as read from the store at each scrape
 //! ([`PipelineCollector`]): the age of the oldest batch staged and not yet settled, and
@@ -8,12 +9,12 @@
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use swimlane_core::batch::BatchError;
 use swimlane_core::stats::ACCURACY_BUCKETS;
+use swimlane_runtime::http::{RequestMetrics, Route};
 use swimlane_runtime::NowMs;
+use swimlane_runtime::Worker;
 use swimlane_state::Repo;
 use swimlane_store::Db;
 
@@ -21,29 +22,23 @@ pub const BATCHES_ACCEPTED_TOTAL: &str = "swimlane_ingest_batches_accepted_total
 pub const BATCHES_DUPLICATE_TOTAL: &str = "swimlane_ingest_batches_duplicate_total";
 pub const BATCHES_REJECTED_TOTAL: &str = "swimlane_ingest_batches_rejected_total";
 pub const SAMPLES_STAGED_TOTAL: &str = "swimlane_ingest_samples_staged_total";
-pub const REQUEST_SECONDS: &str = "swimlane_ingest_request_seconds";
-pub const RESPONSES_TOTAL: &str = "swimlane_ingest_responses_total";
 pub const UPLOADS_INFLIGHT: &str = "swimlane_ingest_uploads_inflight";
 pub const OLDEST_PENDING_AGE: &str = "swimlane_pipeline_oldest_pending_batch_age_seconds";
 pub const USERS_HELDOUT_ACCURACY: &str = "swimlane_users_heldout_accuracy";
 
-/// Values of the `class` label of [`RESPONSES_TOTAL`]: the HTTP status class.
-pub const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
-
-/// The [`STATUS_CLASSES`] value of an answer's status (1xx and 3xx count as 2xx:
-/// ingest answers neither).
-pub fn status_class(status: axum::http::StatusCode) -> &'static str {
-    if status.is_server_error() {
-        "5xx"
-    } else if status.is_client_error() {
-        "4xx"
-    } else {
-        "2xx"
-    }
-}
-
-/// Values of the `route` label of [`REQUEST_SECONDS`].
-pub const ROUTES: [&str; 2] = ["post_batch", "get_batch"];
+/// Ingest's routes, as its request metrics name them.
+pub const ROUTES: [Route; 2] = [
+    Route {
+        method: "POST",
+        path: "/v1/users/{user}/batches",
+        name: "post_batch",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/users/{user}/batches/{batch_id}",
+        name: "get_batch",
+    },
+];
 
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
 pub const EDGE_CODES: [&str; 12] = [
@@ -73,8 +68,8 @@ pub struct IngestMetrics {
     pub duplicates: IntCounter,
     rejected: IntCounterVec,
     pub samples_staged: IntCounter,
-    request_seconds: HistogramVec,
-    responses: IntCounterVec,
+    /// `swimlane_ingest_request_seconds` and `swimlane_ingest_responses_total`.
+    pub requests: RequestMetrics,
     /// Uploads being handled now (at most `ingest.max_inflight`).
     pub inflight: IntGauge,
 }
@@ -94,27 +89,11 @@ impl IngestMetrics {
         )?;
         let samples_staged =
             IntCounter::with_opts(Opts::new(SAMPLES_STAGED_TOTAL, "Samples newly staged"))?;
-        let request_seconds = HistogramVec::new(
-            HistogramOpts::new(REQUEST_SECONDS, "Time to answer an ingest API request").buckets(
-                vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ],
-            ),
-            &["route"],
-        )?;
         registry.register(Box::new(accepted.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(samples_staged.clone()))?;
-        let responses = IntCounterVec::new(
-            Opts::new(
-                RESPONSES_TOTAL,
-                "Ingest API answers, by route and HTTP status class",
-            ),
-            &["route", "class"],
-        )?;
-        registry.register(Box::new(request_seconds.clone()))?;
-        registry.register(Box::new(responses.clone()))?;
+        let requests = RequestMetrics::register(registry, Worker::Ingest, &ROUTES)?;
         let inflight = IntGauge::with_opts(Opts::new(
             UPLOADS_INFLIGHT,
             "Uploads being handled now; at ingest.max_inflight further ones are refused with 503",
@@ -124,19 +103,12 @@ impl IngestMetrics {
         for r in reject_reasons() {
             rejected.with_label_values(&[r]);
         }
-        for r in ROUTES {
-            request_seconds.with_label_values(&[r]);
-            for c in STATUS_CLASSES {
-                responses.with_label_values(&[r, c]);
-            }
-        }
         Ok(IngestMetrics {
             accepted,
             duplicates,
             rejected,
             samples_staged,
-            request_seconds,
-            responses,
+            requests,
             inflight,
         })
     }
@@ -145,18 +117,6 @@ impl IngestMetrics {
     pub fn rejected(&self, reason: &'static str) {
         debug_assert!(reject_reasons().any(|r| r == reason), "{reason}");
         self.rejected.with_label_values(&[reason]).inc();
-    }
-
-    pub fn request_seconds(&self, route: &'static str) -> Histogram {
-        self.request_seconds.with_label_values(&[route])
-    }
-
-    /// Count an answer of `route` (one of [`ROUTES`]).
-    pub fn responded(&self, route: &'static str, status: axum::http::StatusCode) {
-        debug_assert!(ROUTES.contains(&route), "{route}");
-        self.responses
-            .with_label_values(&[route, status_class(status)])
-            .inc();
     }
 }
 
@@ -354,14 +314,5 @@ mod tests {
             m.contains("swimlane_pipeline_oldest_pending_batch_age_seconds 0\n"),
             "{m}"
         );
-    }
-
-    #[test]
-    fn status_classes() {
-        use axum::http::StatusCode;
-        assert_eq!(status_class(StatusCode::ACCEPTED), "2xx");
-        assert_eq!(status_class(StatusCode::NOT_MODIFIED), "2xx");
-        assert_eq!(status_class(StatusCode::CONFLICT), "4xx");
-        assert_eq!(status_class(StatusCode::SERVICE_UNAVAILABLE), "5xx");
     }
 }

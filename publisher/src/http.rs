@@ -59,19 +59,13 @@ pub struct ApiState {
 
 /// The publisher's routes.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/v1/users/{user}/model", get(get_model))
-        .route("/v1/users/{user}/model/versions", get(list_versions))
-        .route("/v1/admin/users/{user}/rollback", post(rollback))
-        .fallback(ApiError::no_route)
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
-        .with_state(state)
+    use crate::metrics::ROUTES;
+    let routes = Router::new()
+        .route(ROUTES[0].path, get(get_model))
+        .route(ROUTES[1].path, get(list_versions))
+        .route(ROUTES[2].path, post(rollback));
+    let metrics = state.metrics.requests.clone();
+    swimlane_runtime::http::api(routes, metrics).with_state(state)
 }
 
 fn parse_user(raw: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {

@@ -1,5 +1,7 @@
 //! The publisher's metrics, defined in one place.
 use prometheus::{Histogram, IntCounter, Registry};
+use swimlane_runtime::http::{RequestMetrics, Route};
+use swimlane_runtime::Worker;
 
 /// Metrics the publisher exports as `swimlane_publisher_*`.
 #[derive(Clone)]
@@ -11,7 +13,28 @@ pub struct PublisherMetrics {
     /// label).
     pub heldout_accuracy: Histogram,
     pub model_downloads: IntCounter,
+    /// `swimlane_publisher_request_seconds` and `swimlane_publisher_responses_total`.
+    pub requests: RequestMetrics,
 }
+
+/// The publisher's routes, as its request metrics name them.
+pub const ROUTES: [Route; 3] = [
+    Route {
+        method: "GET",
+        path: "/v1/users/{user}/model",
+        name: "get_model",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/users/{user}/model/versions",
+        name: "list_versions",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/admin/users/{user}/rollback",
+        name: "rollback",
+    },
+];
 
 impl PublisherMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
@@ -37,6 +60,7 @@ impl PublisherMetrics {
                 "swimlane_publisher_model_downloads_total",
                 "Model downloads served (200 responses)",
             )?,
+            requests: RequestMetrics::register(registry, Worker::Publisher, &ROUTES)?,
         })
     }
 }

@@ -250,15 +250,18 @@ impl Harness {
         .await
     }
 
-    fn downloads(&self) -> String {
+    /// The exposition line of the series `series` (name and labels, as exported).
+    fn metric(&self, series: &str) -> String {
         let mut out = String::new();
         prometheus::TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut out)
             .unwrap();
-        out.lines()
-            .find(|l| l.starts_with("swimlane_publisher_model_downloads_total "))
-            .unwrap()
-            .to_string()
+        let line = out.lines().find(|l| l.starts_with(&format!("{series} ")));
+        line.unwrap_or_else(|| panic!("no {series}")).to_string()
+    }
+
+    fn downloads(&self) -> String {
+        self.metric("swimlane_publisher_model_downloads_total")
     }
 
     /// An error answer: the status, a JSON error body with `code`, and no token in it.
@@ -294,6 +297,18 @@ async fn no_model_is_404_no_model_before_any_publish() {
     let a = h.get(MODEL, &h.alice).await;
     h.assert_error(&a, StatusCode::NOT_FOUND, "no_model", "bob published");
     assert!(h.downloads().ends_with(" 0"), "{}", h.downloads());
+    // The request metrics both APIs have: each answer timed and counted by route and
+    // status class, every route exported from the start.
+    let answers = |route: &str, class: &str| {
+        let series =
+            format!("swimlane_publisher_responses_total{{class=\"{class}\",route=\"{route}\"}}");
+        h.metric(&series)
+    };
+    assert!(answers("get_model", "4xx").ends_with(" 2"));
+    assert!(answers("list_versions", "2xx").ends_with(" 1"));
+    assert!(answers("rollback", "2xx").ends_with(" 0"));
+    let timed = h.metric("swimlane_publisher_request_seconds_count{route=\"get_model\"}");
+    assert!(timed.ends_with(" 2"), "{timed}");
 }
 
 #[tokio::test]

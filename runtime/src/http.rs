@@ -2,11 +2,143 @@
 //! machine code from a closed set (docs/api.md), a message for people, and
 //! `Retry-After` on the answers worth retrying. Messages never carry a token or a
 //! stored value; store errors' details go to the log, not to the client.
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Router;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use swimlane_core::batch::BatchError;
 use swimlane_state::tokens::AuthError;
 use swimlane_store::KvError;
+
+/// One route of an API, as its request metrics name it (the `route` label).
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    /// `GET`, `POST`, ...
+    pub method: &'static str,
+    /// The path as the router has it (`/v1/users/{user}/batches`).
+    pub path: &'static str,
+    pub name: &'static str,
+}
+
+/// Values of the `class` label of the responses counter: the HTTP status class.
+pub const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+/// The [`STATUS_CLASSES`] value of an answer's status (1xx and 3xx count as 2xx: the
+/// APIs answer neither but 304, a success).
+pub fn status_class(status: StatusCode) -> &'static str {
+    if status.is_server_error() {
+        "5xx"
+    } else if status.is_client_error() {
+        "4xx"
+    } else {
+        "2xx"
+    }
+}
+
+/// The request metrics of an API, the same for both: `swimlane_<worker>_request_seconds`
+/// (label `route`) and `swimlane_<worker>_responses_total` (labels `route`, `class`),
+/// every route and class exported from the start. [`api`] times and counts every
+/// request of a known route.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    seconds: HistogramVec,
+    responses: IntCounterVec,
+    routes: &'static [Route],
+}
+
+impl RequestMetrics {
+    /// Create `worker`'s for `routes` and register them on `registry`.
+    pub fn register(
+        registry: &Registry,
+        worker: crate::Worker,
+        routes: &'static [Route],
+    ) -> prometheus::Result<Self> {
+        let w = worker.name();
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                format!("swimlane_{w}_request_seconds"),
+                format!("Time to answer a {w} API request"),
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["route"],
+        )?;
+        let responses = IntCounterVec::new(
+            Opts::new(
+                format!("swimlane_{w}_responses_total"),
+                format!("{w} API answers, by route and HTTP status class"),
+            ),
+            &["route", "class"],
+        )?;
+        registry.register(Box::new(seconds.clone()))?;
+        registry.register(Box::new(responses.clone()))?;
+        for r in routes {
+            seconds.with_label_values(&[r.name]);
+            for c in STATUS_CLASSES {
+                responses.with_label_values(&[r.name, c]);
+            }
+        }
+        Ok(RequestMetrics {
+            seconds,
+            responses,
+            routes,
+        })
+    }
+
+    /// Count an answer of the route `name`, begun at `started`.
+    pub fn answered(&self, name: &str, started: Instant, status: StatusCode) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.seconds.with_label_values(&[name]).observe(seconds);
+        self.responses
+            .with_label_values(&[name, status_class(status)])
+            .inc();
+    }
+
+    fn route_of(&self, method: &str, path: &str) -> Option<&'static str> {
+        let r = self
+            .routes
+            .iter()
+            .find(|r| r.method == method && r.path == path);
+        r.map(|r| r.name)
+    }
+
+    async fn track(State(m): State<RequestMetrics>, req: Request, next: Next) -> Response {
+        let path = req.extensions().get::<MatchedPath>();
+        let name = path.and_then(|p| m.route_of(req.method().as_str(), p.as_str()));
+        let started = Instant::now();
+        let response = next.run(req).await;
+        if let Some(name) = name {
+            m.answered(name, started, response.status());
+        }
+        response
+    }
+}
+
+/// An API's router, finished the same way for both: every request of a known route
+/// timed and counted ([`RequestMetrics`]), and a JSON 404 and 405 for the rest.
+pub fn api<S: Clone + Send + Sync + 'static>(
+    routes: Router<S>,
+    metrics: RequestMetrics,
+) -> Router<S> {
+    routes
+        .route_layer(axum::middleware::from_fn_with_state(
+            metrics,
+            RequestMetrics::track,
+        ))
+        .fallback(ApiError::no_route)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+}
 
 /// Run blocking work (a store transaction) off the async workers; a task that panics
 /// is a 500.
@@ -130,5 +262,18 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(StatusCode::ACCEPTED), "2xx");
+        assert_eq!(status_class(StatusCode::NOT_MODIFIED), "2xx");
+        assert_eq!(status_class(StatusCode::CONFLICT), "4xx");
+        assert_eq!(status_class(StatusCode::SERVICE_UNAVAILABLE), "5xx");
     }
 }
