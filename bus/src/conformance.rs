@@ -488,6 +488,8 @@ impl BusUnderTest for TempEmbeddedBus {
             poll_interval: Duration::from_millis(2),
             now_ms: crate::embedded::system_now_ms(),
             keep_leases: true,
+            retention: None,
+            trimmed: None,
         };
         crate::embedded::EmbeddedConsumer::new(
             self.db.clone(),

@@ -57,13 +57,22 @@ impl EmbeddedBus {
             .map(|v| v as u64)
     }
 
-    /// Every record of `topic`, partition by partition, each with its partition (tools,
-    /// audits and tests). Reads 500 records a transaction; a gap in a partition's
-    /// offsets, or records past its high watermark, are [`BusError::Corrupt`].
+    /// Every record of `topic` still in the log, partition by partition, each with its
+    /// partition (tools, audits and tests). Reads 500 records a transaction; a gap in a
+    /// partition's offsets, or records past its high watermark, are
+    /// [`BusError::Corrupt`].
     pub fn read_all(&self, db: &Db, topic: &str) -> Result<Vec<(u32, Record)>, BusError> {
         let mut out = Vec::new();
         for p in 0..self.partitions {
-            let mut from = 0;
+            // Entries every group had passed may have been trimmed ([`Self::trim`]): the
+            // partition starts at its oldest entry kept, or at its high watermark when
+            // none is.
+            let mut from = db.transact(|tx| {
+                Ok(match self.first_offset(tx, topic, p)? {
+                    Some(first) => first,
+                    None => self.high_watermark(tx, topic, p)?,
+                })
+            })?;
             loop {
                 let recs = db.transact(|tx| match self.read(tx, topic, p, from, 500) {
                     Ok(r) => Ok(Ok(r)),
@@ -98,6 +107,60 @@ impl EmbeddedBus {
             }
         }
         Ok(out)
+    }
+
+    /// Clear the entries of `partition` of `topic` that every consumer group with a
+    /// position there has passed, except the last `retention.keep` of them, and at most
+    /// `retention.max_per_tx` of them in this transaction. A partition no group has a
+    /// position on (the dead letters, a topic whose readers never started) is never
+    /// trimmed; a group that starts later begins at the oldest entry kept. Returns how
+    /// many entries were cleared.
+    pub fn trim(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+        partition: u32,
+        retention: &Retention,
+    ) -> Result<u64, KvError> {
+        let mut low: Option<u64> = None;
+        for (k, _) in tx.get_range(&RangeOption::prefix(&self.keys.positions()))? {
+            if let Some((group, t, p)) = self.keys.position_of(&k) {
+                if t == topic && p == partition {
+                    let at = positions::position(tx, &self.keys, &group, topic, partition)?;
+                    low = Some(low.map_or(at, |l| l.min(at)));
+                }
+            }
+        }
+        let Some(low) = low else {
+            return Ok(0);
+        };
+        let upto = low.saturating_sub(retention.keep);
+        let Some(first) = self.first_offset(tx, topic, partition)? else {
+            return Ok(0);
+        };
+        if first >= upto {
+            return Ok(0);
+        }
+        let end = upto.min(first + retention.max_per_tx.max(1));
+        tx.clear_range(
+            &self.keys.log_entry(topic, partition, first),
+            &self.keys.log_entry(topic, partition, end),
+        )?;
+        Ok(end - first)
+    }
+
+    /// The offset of the oldest entry of a partition still in the log.
+    pub fn first_offset(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, KvError> {
+        let prefix = self.keys.log_partition(topic, partition);
+        let first = tx.get_range(&RangeOption::prefix(&prefix).limit(1))?;
+        Ok(first
+            .first()
+            .and_then(|(k, _)| self.keys.log_offset(topic, partition, k)))
     }
 
     /// Read up to `limit` records of a partition from `from` on.
@@ -152,6 +215,25 @@ impl Emitter for EmbeddedBus {
     }
 }
 
+/// How much of the embedded log [`EmbeddedBus::trim`] keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Entries kept per partition below the lowest consumer group's position (for
+    /// audits, and for readers that replay a little history).
+    pub keep: u64,
+    /// Most entries cleared in one transaction.
+    pub max_per_tx: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep: 10_000,
+            max_per_tx: 5_000,
+        }
+    }
+}
+
 /// How an [`EmbeddedConsumer`] behaves.
 #[derive(Clone)]
 pub struct ConsumerOptions {
@@ -170,6 +252,10 @@ pub struct ConsumerOptions {
     /// `false`: renewed only when the member polls, so a member whose handler stalls
     /// past `lease_ttl` loses its partitions (how the unit tests make a zombie).
     pub keep_leases: bool,
+    /// Trim the partitions the member owns at each heartbeat ([`EmbeddedBus::trim`]),
+    /// counting the entries cleared in `trimmed`; `None`: never.
+    pub retention: Option<Retention>,
+    pub trimmed: Option<crate::stage::CountSink>,
 }
 
 /// A member of a consumer group on the embedded log.
@@ -306,6 +392,30 @@ impl EmbeddedConsumer {
         Ok(())
     }
 
+    /// Trim the partitions this member owns, one bounded transaction each; a failure
+    /// is logged and left for the next heartbeat.
+    fn trim_owned(&self) {
+        let Some(retention) = self.opts.retention else {
+            return;
+        };
+        let parts: Vec<u32> = self.owned().keys().copied().collect();
+        let (bus, topic) = (&self.bus, &self.opts.topic);
+        for p in parts {
+            match self.db.transact(|tx| bus.trim(tx, topic, p, &retention)) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(topic = %topic, partition = p, entries = n, "log trimmed");
+                    if let Some(count) = &self.opts.trimmed {
+                        count(n);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %topic, partition = p, error = %e, "trimming the log failed")
+                }
+            }
+        }
+    }
+
     fn heartbeat_due(&self) -> bool {
         match self.last_heartbeat {
             None => true,
@@ -382,6 +492,7 @@ impl Consumer for EmbeddedConsumer {
         loop {
             if self.heartbeat_due() {
                 self.rebalance()?;
+                self.trim_owned();
             }
             if let Some(d) = self.try_read(max.max(1))? {
                 return Ok(Some(d));

@@ -17,6 +17,7 @@ use std::time::Duration;
 use swimlane_core::Event;
 use swimlane_store::{KvError, Transaction};
 
+#[cfg(feature = "test-util")]
 pub mod conformance;
 pub mod embedded;
 #[cfg(feature = "kafka")]

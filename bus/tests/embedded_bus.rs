@@ -41,6 +41,8 @@ fn consumer(db: &Db, keys: &Keys, bus: &EmbeddedBus, member: &str, now: NowMs) -
             poll_interval: Duration::from_millis(1),
             now_ms: now,
             keep_leases: false,
+            retention: None,
+            trimmed: None,
         },
     )
     .unwrap()
@@ -124,6 +126,8 @@ fn a_delivery_longer_than_the_lease_keeps_its_partition_with_the_keeper() {
         poll_interval: Duration::from_millis(1),
         now_ms: swimlane_bus::embedded::system_now_ms(),
         keep_leases: true,
+        retention: None,
+        trimmed: None,
     };
     let mut slow =
         EmbeddedConsumer::new(db.clone(), keys.clone(), bus.clone(), opts("slow")).unwrap();
@@ -249,6 +253,8 @@ fn a_record_that_can_never_be_handled_goes_to_the_dead_letters_and_the_partition
             poll_interval: Duration::from_millis(1),
             now_ms: now,
             keep_leases: false,
+            retention: None,
+            trimmed: None,
         },
     )
     .unwrap();
@@ -262,4 +268,57 @@ fn a_record_that_can_never_be_handled_goes_to_the_dead_letters_and_the_partition
         reason.contains("gave up after 3 attempts") && reason.contains("does not decode"),
         "{reason}"
     );
+}
+
+/// The log is trimmed below every group's position, keeping `keep` entries, in
+/// bounded transactions; a partition no group has a position on is never trimmed; the
+/// entries kept still read in order, and a group resumes where it was.
+#[test]
+fn the_log_is_trimmed_below_every_groups_position_in_bounded_steps() {
+    use swimlane_bus::embedded::Retention;
+    let (_dir, db, keys, _) = setup();
+    let bus = EmbeddedBus::new(keys.clone(), 1);
+    for i in 0..100 {
+        emit(&db, &bus, "u", &format!("r{i}"));
+    }
+    let retention = Retention {
+        keep: 10,
+        max_per_tx: 15,
+    };
+    let trim = || {
+        db.transact(|tx| bus.trim(tx, TOPIC, 0, &retention))
+            .unwrap()
+    };
+    assert_eq!(trim(), 0, "no group has a position: nothing is trimmed");
+    let commit = |group: &str, offset: u64| {
+        db.transact(|tx| {
+            let fence = positions::acquire(tx, &keys, group, TOPIC, 0, "m", 0, 1_000, true)?
+                .expect("a free partition");
+            positions::commit(tx, &keys, &fence, offset)
+        })
+        .unwrap()
+    };
+    commit("g", 60);
+    // Below 60, keeping 10: 50 entries, at most 15 a transaction.
+    let steps: Vec<u64> = std::iter::from_fn(|| Some(trim()).filter(|n| *n > 0)).collect();
+    assert_eq!(steps, vec![15, 15, 15, 5]);
+    let first = db.transact(|tx| bus.first_offset(tx, TOPIC, 0)).unwrap();
+    assert_eq!(first, Some(50));
+    // A slower group holds trimming back.
+    commit("h", 20);
+    commit("g", 100);
+    assert_eq!(trim(), 0);
+    // What is kept reads in order from the oldest entry kept.
+    let all = bus.read_all(&db, TOPIC).unwrap();
+    assert_eq!(all.len(), 50);
+    assert_eq!(all[0].1.offset, 50);
+    assert_eq!(all[49].1.payload, b"r99".to_vec());
+    // Another topic, no group: untouched.
+    db.transact(|tx| bus.emit_raw(tx, Raw::new("dead", "u", b"x")))
+        .unwrap();
+    let dead = || {
+        db.transact(|tx| bus.trim(tx, "dead", 0, &retention))
+            .unwrap()
+    };
+    assert_eq!(dead(), 0);
 }

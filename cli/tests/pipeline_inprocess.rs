@@ -329,6 +329,7 @@ fn unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(case: Unhandle
         "dead-letter-reader",
         swimlane_core::topics::DEAD_LETTER,
         &config.validator.consumer,
+        None,
     )
     .unwrap();
     let d = dl
@@ -341,5 +342,77 @@ fn unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(case: Unhandle
     assert!(
         reason.contains("gave up after 5 attempts") && reason.contains("weights"),
         "{reason}"
+    );
+}
+
+/// With `embedded_log_keep = 0`, every entry the groups have passed is cleared while the
+/// fleet runs: after three nights of uploads the log holds nothing already consumed,
+/// though every event was written, and the stages count what they trimmed.
+#[test]
+fn the_embedded_log_is_trimmed_while_the_fleet_runs() {
+    let Setup {
+        _dir,
+        db,
+        mut config,
+        keys,
+        repo,
+        bus,
+    } = setup();
+    config.embedded_log_keep = 0;
+    let registry = prometheus::Registry::new();
+    let stages = Stages::start(&config, &db, &registry, 1, true).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let users = ["ann", "ben", "cat", "dan"];
+    for night in 0..3 {
+        for (i, u) in users.iter().enumerate() {
+            let windows = Swimmer::new(500 + i as u64).windows(60, &mut rng);
+            stage(&db, &keys, &bus, u, &format!("n{night}"), &windows);
+        }
+        for u in users {
+            wait_terminal(&db, &repo, u, &format!("n{night}"));
+        }
+    }
+    // The stages trim at their heartbeats (a third of the lease time to live).
+    let topics = [
+        swimlane_core::topics::BATCHES,
+        swimlane_core::topics::CANDIDATES,
+        swimlane_core::topics::VERDICTS,
+    ];
+    let kept = || -> usize {
+        topics
+            .iter()
+            .map(|t| bus.read_all(&db, t).unwrap().len())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kept() > 0 {
+        assert!(Instant::now() < deadline, "{} entries still kept", kept());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stages.stop().unwrap();
+    let written: u64 = db
+        .transact(|tx| {
+            let mut n = 0;
+            for t in topics {
+                for p in 0..4 {
+                    n += bus.high_watermark(tx, t, p)?;
+                }
+            }
+            Ok(n)
+        })
+        .unwrap();
+    assert!(
+        written >= 12,
+        "{written} events written (one BatchStaged a batch at least)"
+    );
+    let trimmed: f64 = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name().ends_with("_log_trimmed_total"))
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+        .sum();
+    assert_eq!(
+        trimmed as u64, written,
+        "every entry written was trimmed and counted"
     );
 }

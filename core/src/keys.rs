@@ -108,6 +108,17 @@ impl Keys {
     pub fn position(&self, group: &str, topic: &str, partition: u32) -> Vec<u8> {
         self.root.pack(&("pos", group, topic, partition))
     }
+    /// Prefix of every consumer group's position.
+    pub fn positions(&self) -> Vec<u8> {
+        self.root.subspace(&("pos",)).into_bytes()
+    }
+    /// `(group, topic, partition)` of a key made by [`Keys::position`].
+    pub fn position_of(&self, key: &[u8]) -> Option<(String, String, u32)> {
+        self.root
+            .subspace(&("pos",))
+            .unpack::<(String, String, u32)>(key)
+            .ok()
+    }
     pub fn outbox(&self, seq: u64) -> Vec<u8> {
         self.root.pack(&("outbox", seq))
     }

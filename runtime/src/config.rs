@@ -106,6 +106,10 @@ pub struct Config {
     pub bus: String,
     /// Partitions per topic. Every process sharing a store must agree.
     pub partitions: u32,
+    /// Embedded bus: entries of each log partition kept below the slowest consumer
+    /// group's position; older ones are cleared as the consumers move on, so the log's
+    /// disk stays bounded. 0: keep nothing every group has consumed.
+    pub embedded_log_keep: u64,
     /// Kafka bus: prefix of every topic and consumer group name in Kafka
     /// (`<prefix>swimlane.batches`, ...), so several deployments can share one Kafka
     /// cluster. Characters `[A-Za-z0-9._-]`, at most 100.
@@ -222,6 +226,7 @@ impl Default for Config {
             store: "./swimlane-data".into(),
             bus: "embedded".into(),
             partitions: 8,
+            embedded_log_keep: 10_000,
             topic_prefix: String::new(),
             admin_token_sha256: String::new(),
             log_json: false,

@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use prometheus::Registry;
-use swimlane_bus::embedded::{system_now_ms, ConsumerOptions, EmbeddedBus, EmbeddedConsumer};
+use swimlane_bus::embedded::{
+    system_now_ms, ConsumerOptions, EmbeddedBus, EmbeddedConsumer, Retention,
+};
 use swimlane_bus::stage::{run_stage, LoopOptions, Runner, Stage, Stop};
 use swimlane_bus::{member_id, Consumer, Emitter};
 use swimlane_core::keys::Keys;
@@ -129,6 +131,7 @@ pub fn consumer(
     group: &str,
     topic: &str,
     c: &ConsumerConfig,
+    trimmed: Option<swimlane_bus::stage::CountSink>,
 ) -> Result<Box<dyn Consumer>, RuntimeError> {
     match config.bus_location()? {
         BusLocation::Embedded => {
@@ -145,6 +148,11 @@ pub fn consumer(
                     poll_interval: c.poll_interval(),
                     now_ms: system_now_ms(),
                     keep_leases: true,
+                    retention: Some(Retention {
+                        keep: config.embedded_log_keep,
+                        ..Retention::default()
+                    }),
+                    trimmed,
                 },
             )?))
         }
@@ -163,7 +171,7 @@ pub fn consumer(
         }
         #[cfg(not(feature = "kafka"))]
         BusLocation::Kafka(addr) => {
-            let _ = (db, group, topic, c);
+            let _ = (db, group, topic, c, trimmed);
             Err(RuntimeError::BusNotBuilt {
                 location: format!("kafka://{addr}"),
             })
@@ -209,6 +217,8 @@ impl<M> StageDeps<M> {
             Worker::Ingest => return Err(not_a_stage),
         };
         let (group, topic) = worker.input().ok_or(not_a_stage)?;
+        let counter = runner_metrics.log_trimmed.clone();
+        let trimmed: swimlane_bus::stage::CountSink = Arc::new(move |n| counter.inc_by(n));
         Ok(StageDeps {
             env: StageEnv {
                 db: db.clone(),
@@ -216,7 +226,7 @@ impl<M> StageDeps<M> {
                 emitter: emitter(config)?,
                 metrics,
             },
-            consumer: consumer(config, db, group, topic, settings)?,
+            consumer: consumer(config, db, group, topic, settings, Some(trimmed))?,
             runner_metrics,
         })
     }
@@ -241,6 +251,9 @@ pub struct StageMetrics {
     pub bus_lag: prometheus::IntGauge,
     /// Records the stage could not process, sent to the dead-letter topic.
     pub dead_letters: prometheus::IntCounter,
+    /// Entries of the stage's input cleared from the embedded log once every group
+    /// had passed them (`embedded_log_keep`).
+    pub log_trimmed: prometheus::IntCounter,
 }
 
 impl StageMetrics {
@@ -255,6 +268,10 @@ impl StageMetrics {
             dead_letters: r.counter(
                 &format!("swimlane_{w}_dead_letters_total"),
                 &format!("Records the {w} could not process, sent to the dead-letter topic"),
+            )?,
+            log_trimmed: r.counter(
+                &format!("swimlane_{w}_log_trimmed_total"),
+                &format!("Entries of the {w}'s input cleared from the embedded log"),
             )?,
         })
     }

@@ -15,11 +15,14 @@
 //! - A commit that returned `Ok` is durable (fsynced) before `transact` returns.
 //!
 //! Modules: [`embedded`] (SQLite, the default backend), `fdb` (feature `fdb`), [`blob`]
-//! (chunked blobs of any size), [`conformance`] (the suite every backend must pass, and
-//! the [`conformance_tests!`] macro), [`mod@bench`] (`swimlane bench store`).
+//! (chunked blobs of any size); behind feature `test-util`, `conformance` (the suite
+//! every backend must pass, and the `conformance_tests!` macro) and `faults` (a backend
+//! that fails on purpose); behind feature `bench`, `bench` (`swimlane bench store`).
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod blob;
+#[cfg(feature = "test-util")]
 pub mod conformance;
 pub mod embedded;
 mod error;
