@@ -28,24 +28,24 @@ fn clock(ms: u64) -> (Arc<AtomicU64>, NowMs) {
     (c, Arc::new(move || c2.load(Ordering::SeqCst)))
 }
 
+/// A member of `group` on `topic`, renewing its leases only when it polls.
+fn options(group: &str, topic: &str, member: &str, now: NowMs) -> ConsumerOptions {
+    ConsumerOptions {
+        group: group.into(),
+        topic: topic.into(),
+        member: member.into(),
+        lease_ttl: Duration::from_secs(3),
+        poll_interval: Duration::from_millis(1),
+        now_ms: now,
+        keep_leases: false,
+        retention: None,
+        trimmed: None,
+    }
+}
+
 fn consumer(db: &Db, keys: &Keys, bus: &EmbeddedBus, member: &str, now: NowMs) -> EmbeddedConsumer {
-    EmbeddedConsumer::new(
-        db.clone(),
-        keys.clone(),
-        bus.clone(),
-        ConsumerOptions {
-            group: "g".into(),
-            topic: TOPIC.into(),
-            member: member.into(),
-            lease_ttl: Duration::from_secs(3),
-            poll_interval: Duration::from_millis(1),
-            now_ms: now,
-            keep_leases: false,
-            retention: None,
-            trimmed: None,
-        },
-    )
-    .unwrap()
+    let opts = options("g", TOPIC, member, now);
+    EmbeddedConsumer::new(db.clone(), keys.clone(), bus.clone(), opts).unwrap()
 }
 
 /// A delivery's payloads, as text.
@@ -119,15 +119,9 @@ fn a_delivery_longer_than_the_lease_keeps_its_partition_with_the_keeper() {
     let (_d, db, keys, bus) = setup();
     emit(&db, &bus, "u", "a");
     let opts = |member: &str| ConsumerOptions {
-        group: "g".into(),
-        topic: TOPIC.into(),
-        member: member.into(),
         lease_ttl: Duration::from_millis(600),
-        poll_interval: Duration::from_millis(1),
-        now_ms: swimlane_bus::embedded::system_now_ms(),
         keep_leases: true,
-        retention: None,
-        trimmed: None,
+        ..options("g", TOPIC, member, swimlane_bus::embedded::system_now_ms())
     };
     let mut slow =
         EmbeddedConsumer::new(db.clone(), keys.clone(), bus.clone(), opts("slow")).unwrap();
@@ -241,33 +235,16 @@ fn a_record_that_can_never_be_handled_goes_to_the_dead_letters_and_the_partition
     );
 
     // The dead letter says which topic, why, and carries the record.
-    let mut dl = EmbeddedConsumer::new(
-        db.clone(),
-        keys.clone(),
-        bus.clone(),
-        ConsumerOptions {
-            group: "dl".into(),
-            topic: swimlane_core::topics::DEAD_LETTER.into(),
-            member: "dl".into(),
-            lease_ttl: Duration::from_secs(3),
-            poll_interval: Duration::from_millis(1),
-            now_ms: now,
-            keep_leases: false,
-            retention: None,
-            trimmed: None,
-        },
-    )
-    .unwrap();
+    let opts = options("dl", swimlane_core::topics::DEAD_LETTER, "dl", now);
+    let mut dl = EmbeddedConsumer::new(db.clone(), keys.clone(), bus.clone(), opts).unwrap();
     let letters = drain(&db, &keys, &mut dl);
     assert_eq!(letters.len(), 1, "{letters:?}");
     let body: serde_json::Value = serde_json::from_str(&letters[0].1).unwrap();
     assert_eq!(body["source_topic"], TOPIC);
-    assert_eq!(body["payload_hex"], "626164");
     let reason = body["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("gave up after 3 attempts") && reason.contains("does not decode"),
-        "{reason}"
-    );
+    assert!(reason.contains("gave up after 3 attempts"), "{reason}");
+    assert!(reason.contains("does not decode"), "{reason}");
+    assert_eq!(body["payload_hex"], "626164");
 }
 
 /// The log is trimmed below every group's position, keeping `keep` entries, in

@@ -76,24 +76,11 @@ fn user_name(i: usize) -> String {
     format!("swimmer-{i:02}")
 }
 
-fn seed() -> u64 {
-    match std::env::var("CRASH_TEST_SEED") {
-        Ok(s) => s.parse().expect("CRASH_TEST_SEED is a number"),
-        Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000
-        }
-    }
-}
-
 #[test]
 fn killing_workers_mid_work_applies_every_stage_exactly_once() {
     let t0 = Instant::now();
     let deadline = t0 + DEADLINE;
-    let seed = seed();
+    let seed = common::seed_from("CRASH_TEST_SEED");
     eprintln!("kill schedule seed {seed} (CRASH_TEST_SEED={seed} draws it again)");
     let mut sched = ChaCha8Rng::seed_from_u64(seed);
 

@@ -573,19 +573,6 @@ fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
     eprintln!("done in {:.1}s", t0.elapsed().as_secs_f64());
 }
 
-fn seed() -> u64 {
-    match std::env::var("KAFKA_CRASH_SEED") {
-        Ok(s) => s.parse().expect("KAFKA_CRASH_SEED is a number"),
-        Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000
-        }
-    }
-}
-
 /// The runs a trainer's logs say it started, in order: (user, run id).
 fn runs_started(fleet: &Fleet, m: Member) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -615,7 +602,7 @@ fn a_trainer_killed_mid_training_hands_its_partitions_to_the_survivor() {
     let Some(bootstrap) = broker() else { return };
     let t0 = Instant::now();
     let deadline = t0 + DEADLINE;
-    let seed = seed();
+    let seed = common::seed_from("KAFKA_CRASH_SEED");
     eprintln!("kill delay seed {seed} (KAFKA_CRASH_SEED={seed} draws it again)");
     let mut sched = ChaCha8Rng::seed_from_u64(seed);
     // A dead trainer's partitions move after the group's session timeout.

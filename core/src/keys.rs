@@ -114,10 +114,7 @@ impl Keys {
     }
     /// `(group, topic, partition)` of a key made by [`Keys::position`].
     pub fn position_of(&self, key: &[u8]) -> Option<(String, String, u32)> {
-        self.root
-            .subspace(&("pos",))
-            .unpack::<(String, String, u32)>(key)
-            .ok()
+        self.unpack_under("pos", key)
     }
     pub fn outbox(&self, seq: u64) -> Vec<u8> {
         self.root.pack(&("outbox", seq))
@@ -165,15 +162,21 @@ impl Keys {
     }
     /// `(staged_at_ms, user, batch_id)` of a key made by [`Keys::pending_batch`].
     pub fn pending_batch_of(&self, key: &[u8]) -> Option<(u64, String, String)> {
-        self.root
-            .subspace(&("pending",))
-            .unpack::<(u64, String, String)>(key)
-            .ok()
+        self.unpack_under("pending", key)
     }
     /// A statistics counter: `index` of the counter family `name`.
     pub fn stat(&self, name: &str, index: u32) -> Vec<u8> {
         self.root.pack(&("stat", name, index))
     }
+    /// The rest of a key under `(name, ...)`, decoded as `T`.
+    fn unpack_under<'k, T: foundationdb_tuple::TupleUnpack<'k>>(
+        &self,
+        name: &str,
+        key: &'k [u8],
+    ) -> Option<T> {
+        self.root.subspace(&(name,)).unpack::<T>(key).ok()
+    }
+
     /// Decode the offset from a key made by [`Keys::log_entry`].
     pub fn log_offset(&self, topic: &str, partition: u32, key: &[u8]) -> Option<u64> {
         self.root

@@ -63,6 +63,17 @@ impl Ports {
 
 pub const DEPLOYMENT: &str = "proc-test";
 
+/// The test's seed: `var` from the environment (to try another schedule), else a
+/// fixed one, so that a run is the same schedule every time (the test prints it).
+pub fn seed_from(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} is a number, not {s:?}")),
+        Err(_) => 20_261_202,
+    }
+}
+
 /// The night-by-night scenario the process tests (crash, Kafka) play.
 pub mod nights {
     /// Swimmers.
