@@ -113,6 +113,9 @@ fn store(args: StoreArgs) -> anyhow::Result<()> {
             "commit_p50_us": r.commit_p50_us.round(),
             "commit_p99_us": r.commit_p99_us.round(),
             "commits_per_sec_2_threads": r.commits_per_sec_2_threads.round(),
+            "concurrent_writers": bench::CONCURRENT_WRITERS,
+            "commits_per_sec_concurrent": r.commits_per_sec_concurrent.round(),
+            "concurrent_commits_per_fsync_rate": (r.commits_per_sec_concurrent / r.disk_fsyncs_per_sec * 100.0).round() / 100.0,
             "fill_bytes": r.fill_bytes,
             "fill_keys": r.fill_keys,
             "fill_mb_per_sec": (r.fill_mb_per_sec * 10.0).round() / 10.0,
@@ -140,6 +143,14 @@ fn store(args: StoreArgs) -> anyhow::Result<()> {
         (
             "durable commits /s, 2 threads",
             format!("{:.0}", r.commits_per_sec_2_threads),
+        ),
+        (
+            "durable commits /s, 16 threads (group commit)",
+            format!(
+                "{:.0} ({:.1}x fsync)",
+                r.commits_per_sec_concurrent,
+                r.commits_per_sec_concurrent / r.disk_fsyncs_per_sec
+            ),
         ),
         (
             "fill (4 MB transactions) MB/s",

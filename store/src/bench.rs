@@ -48,6 +48,9 @@ pub struct StoreBenchReport {
     pub commit_p99_us: f64,
     /// The same with two writer threads (total over both).
     pub commits_per_sec_2_threads: f64,
+    /// The same with [`CONCURRENT_WRITERS`] writer threads: what group commit is for
+    /// (many committers, one fsync per group).
+    pub commits_per_sec_concurrent: f64,
     pub fill_bytes: u64,
     pub fill_keys: u64,
     pub fill_mb_per_sec: f64,
@@ -55,6 +58,9 @@ pub struct StoreBenchReport {
     pub range_read_mb_per_sec: f64,
     pub range_scans: u32,
 }
+
+/// Writer threads of the concurrent phase.
+pub const CONCURRENT_WRITERS: usize = 16;
 
 fn mb(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs
@@ -104,28 +110,32 @@ pub fn run_embedded(opts: &StoreBenchOptions) -> Result<StoreBenchReport, KvErro
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
     let (commit_p50_us, commit_p99_us) = (pct(0.5), pct(0.99));
 
-    // Two writers.
-    let start = Instant::now();
-    let total: u64 = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..2)
-            .map(|t| {
-                let db = &db;
-                s.spawn(move || -> Result<u64, KvError> {
-                    let mut n = 0u64;
-                    while start.elapsed() < phase {
-                        let k = format!("c2/{t}/{n:011}");
-                        db.transact(|tx| tx.set(k.as_bytes(), &value))?;
-                        n += 1;
-                    }
-                    Ok(n)
+    // Two writers, then many.
+    let writers = |threads: usize, prefix: &str| -> Result<f64, KvError> {
+        let start = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let db = &db;
+                    s.spawn(move || -> Result<u64, KvError> {
+                        let mut n = 0u64;
+                        while start.elapsed() < phase {
+                            let k = format!("{prefix}/{t}/{n:011}");
+                            db.transact(|tx| tx.set(k.as_bytes(), &value))?;
+                            n += 1;
+                        }
+                        Ok(n)
+                    })
                 })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .sum::<Result<u64, KvError>>()
-    })?;
-    let commits_per_sec_2_threads = total as f64 / start.elapsed().as_secs_f64();
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("bench thread"))
+                .sum::<Result<u64, KvError>>()
+        })?;
+        Ok(total as f64 / start.elapsed().as_secs_f64())
+    };
+    let commits_per_sec_2_threads = writers(2, "c2")?;
+    let commits_per_sec_concurrent = writers(CONCURRENT_WRITERS, "cn")?;
 
     // Fill.
     let mut rng = StdRng::seed_from_u64(1);
@@ -181,6 +191,7 @@ pub fn run_embedded(opts: &StoreBenchOptions) -> Result<StoreBenchReport, KvErro
         commit_p50_us,
         commit_p99_us,
         commits_per_sec_2_threads,
+        commits_per_sec_concurrent,
         fill_bytes: filled,
         fill_keys: keys,
         fill_mb_per_sec,

@@ -34,6 +34,15 @@
 //!   [`KvError::Conflict`], and `transact` re-runs the closure. Otherwise apply the
 //!   writes at `version + 1` (clears become tombstones; atomic adds are computed against
 //!   the latest committed value, so they never conflict), bump `version`, `COMMIT`.
+//! - *Group commit*: a process's committers queue; one at a time leads and commits
+//!   every transaction queued so far in one SQLite transaction, so one fsync makes the
+//!   whole group durable. Each member is checked and applied in order, at its own
+//!   version, exactly as if it had committed alone after the members before it: its
+//!   read conflict ranges are checked before it writes anything, so a member that
+//!   conflicts (with them or with anything else) writes nothing and gets
+//!   [`KvError::Conflict`]; any other failure fails the whole group. No member's commit
+//!   returns before the group's `COMMIT` has: a crash loses a whole group, none of which
+//!   had returned `Ok`.
 //!   A transaction without writes commits without taking the write lock: its reads were
 //!   one consistent snapshot, so it serialises at its read version.
 //!
@@ -50,9 +59,10 @@
 //!   other processes' clocks) only decide how often that happens, never whether a
 //!   conflict is missed.
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
@@ -79,10 +89,12 @@ pub const DEFAULT_FILE_NAME: &str = "swimlane-store.sqlite";
 pub struct EmbeddedBackend {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
-    /// Serialises this process's committers before they contend for SQLite's file
-    /// lock, so in-process contention waits on a mutex rather than SQLite's sleep-based
-    /// busy handler. Cross-process exclusion is SQLite's.
-    write_lock: Mutex<()>,
+    /// This process's committers queue here; one of them at a time leads, committing
+    /// everything queued as one group (see the module doc), so in-process contention
+    /// waits on a condition variable rather than SQLite's sleep-based busy handler.
+    /// Cross-process exclusion is SQLite's.
+    commits: Mutex<CommitQueue>,
+    committed: Condvar,
     gc_every: i64,
     retention: Duration,
     // Declared last: dropped after the connections.
@@ -133,7 +145,8 @@ impl EmbeddedBackend {
         Ok(EmbeddedBackend {
             path,
             pool: Mutex::new(vec![conn]),
-            write_lock: Mutex::new(()),
+            commits: Mutex::new(CommitQueue::default()),
+            committed: Condvar::new(),
             gc_every: GC_EVERY,
             retention: TOMBSTONE_RETENTION,
             _temp: temp,
@@ -349,28 +362,133 @@ impl EmbeddedTx<'_> {
 
     fn commit_writes(&mut self) -> Result<(), KvError> {
         let backend = self.backend;
-        let _guard = backend.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let conn = self.conn.as_ref().expect("connection present until drop");
         // The read snapshot cannot be upgraded to a writer once others committed; end it
         // and validate reads against the latest data under the write lock instead.
         conn.execute_batch("ROLLBACK")
             .map_err(|e| map_sqlite("ending the read snapshot", e))?;
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| map_sqlite("taking the write lock", e))?;
-        let r = apply(conn, self.read_version, &self.conflicts, &self.buf, backend);
-        match r {
-            Ok(()) => match conn.execute_batch("COMMIT") {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    Err(map_sqlite("committing", e))
-                }
-            },
+        let job = Job {
+            read_version: self.read_version,
+            conflicts: std::mem::take(&mut self.conflicts),
+            buf: std::mem::take(&mut self.buf),
+        };
+        let mut q = backend.commits.lock().unwrap_or_else(|e| e.into_inner());
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.waiting.push((ticket, job));
+        loop {
+            if let Some(r) = q.done.remove(&ticket) {
+                return r;
+            }
+            if !q.leading {
+                // Lead: commit everything queued (this job included) as one group.
+                q.leading = true;
+                let group = std::mem::take(&mut q.waiting);
+                drop(q);
+                let mut lead = Leading {
+                    backend,
+                    tickets: group.iter().map(|(t, _)| *t).collect(),
+                    results: None,
+                };
+                lead.results = Some(commit_group(conn, &group, backend));
+                drop(lead);
+                q = backend.commits.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            q = backend.committed.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A transaction's writes waiting to commit: what [`apply`] needs.
+struct Job {
+    read_version: i64,
+    conflicts: Vec<Conflict>,
+    buf: WriteBuffer,
+}
+
+/// The commit queue of one backend (one process).
+#[derive(Default)]
+struct CommitQueue {
+    /// Jobs no leader has taken yet, in arrival order.
+    waiting: Vec<(u64, Job)>,
+    /// Results of committed groups, by ticket, for their committers to take.
+    done: HashMap<u64, Result<(), KvError>>,
+    /// Whether a committer is committing a group now.
+    leading: bool,
+    next_ticket: u64,
+}
+
+/// The leader's results, handed over when it is dropped: after its group, or when it
+/// unwinds (its jobs then fail rather than wait for ever).
+struct Leading<'a> {
+    backend: &'a EmbeddedBackend,
+    tickets: Vec<u64>,
+    results: Option<Vec<(u64, Result<(), KvError>)>>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let results = self.results.take().unwrap_or_else(|| {
+            let lost = || Err(KvError::Backend("the committing thread panicked".into()));
+            self.tickets.iter().map(|t| (*t, lost())).collect()
+        });
+        let mut q = self
+            .backend
+            .commits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        q.leading = false;
+        q.done.extend(results);
+        self.backend.committed.notify_all();
+    }
+}
+
+/// Commit `group` in one SQLite transaction and one fsync: each job is validated and
+/// applied in order ([`apply`] checks every read conflict range before it writes
+/// anything, so a job that conflicts is skipped having written nothing and gets
+/// [`KvError::Conflict`]); any other error leaves the transaction in an unknown state,
+/// so the whole group is rolled back and fails, as does a failed `COMMIT`.
+fn commit_group(
+    conn: &Connection,
+    group: &[(u64, Job)],
+    backend: &EmbeddedBackend,
+) -> Vec<(u64, Result<(), KvError>)> {
+    let every = |e: KvError| -> Vec<(u64, Result<(), KvError>)> {
+        group
+            .iter()
+            .map(|(t, _)| (*t, Err(same_error(&e))))
+            .collect()
+    };
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        return every(map_sqlite("taking the write lock", e));
+    }
+    let mut results = Vec::with_capacity(group.len());
+    for (ticket, job) in group {
+        match apply(conn, job.read_version, &job.conflicts, &job.buf, backend) {
+            Ok(()) => results.push((*ticket, Ok(()))),
+            Err(KvError::Conflict) => results.push((*ticket, Err(KvError::Conflict))),
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
-                Err(e)
+                return every(e);
             }
         }
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => results,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            every(map_sqlite("committing", e))
+        }
+    }
+}
+
+/// The same error again, for every job of a group that failed as a whole.
+fn same_error(e: &KvError) -> KvError {
+    match e {
+        KvError::Transient(s) => KvError::Transient(s.clone()),
+        KvError::Conflict => KvError::Conflict,
+        other => KvError::Backend(other.to_string()),
     }
 }
 
@@ -850,6 +968,66 @@ mod tests {
         db.transact(|tx| tx.set(b"other", b"x")).unwrap();
         t1.mutate(Mutation::Set(b"k2", b"from t1")).unwrap();
         assert!(matches!(t1.commit(), Err(KvError::Conflict)));
+    }
+
+    /// Two transactions that read the same key at the same version and both write it,
+    /// committed in one group: the first commits, the second conflicts and writes
+    /// nothing (its other write is not applied either), exactly as if each had committed
+    /// alone in turn; a blind write in the same group commits too.
+    #[test]
+    fn a_group_commits_its_members_in_order_and_undoes_a_conflicting_one_alone() {
+        let be = EmbeddedBackend::open_temp().unwrap();
+        // Another backend on the same file, as another process would open it.
+        let db = Db::new(EmbeddedBackend::open(be.path()).unwrap());
+        db.transact(|tx| tx.set(b"k", b"0")).unwrap();
+        let conn = open_connection(be.path()).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT val FROM meta WHERE name = 'version'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let job = |v: &[u8], other: &[u8], reads_k: bool| {
+            let mut buf = WriteBuffer::default();
+            buf.set(b"k", v);
+            buf.set(other, b"x");
+            let conflicts = if reads_k {
+                vec![Conflict::Key(b"k".to_vec())]
+            } else {
+                Vec::new()
+            };
+            Job {
+                read_version: version,
+                conflicts,
+                buf,
+            }
+        };
+        let group = vec![
+            (1, job(b"first", b"a", true)),
+            (2, job(b"second", b"b", true)),
+            (3, job(b"blind", b"c", false)),
+        ];
+        let results = commit_group(&conn, &group, &be);
+        assert!(results[0].1.is_ok());
+        assert!(
+            matches!(results[1].1, Err(KvError::Conflict)),
+            "{:?}",
+            results[1].1
+        );
+        assert!(results[2].1.is_ok());
+        assert_eq!(db.get(b"k").unwrap(), Some(b"blind".to_vec()));
+        assert_eq!(db.get(b"a").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(
+            db.get(b"b").unwrap(),
+            None,
+            "the conflicting member left nothing"
+        );
+        assert_eq!(db.get(b"c").unwrap(), Some(b"x".to_vec()));
+        let after: i64 = conn
+            .query_row("SELECT val FROM meta WHERE name = 'version'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(after, version + 2, "one version per member that committed");
     }
 
     #[test]
