@@ -44,6 +44,11 @@ pub struct PipelineArgs {
     /// Directory for the scratch stores (default: the system temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Measure the training stage alone instead: every batch staged while the trainers
+    /// are paused, then the time until every candidate is trained, for each entry of
+    /// --trainers (no validator, no publisher).
+    #[arg(long)]
+    training_alone: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -86,6 +91,25 @@ fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         trainer_threads: args.trainer_threads,
         corrections: args.corrections,
     };
+    if args.training_alone {
+        let r = swimlane_cli::bench_pipeline::training_alone(&opts)?;
+        if args.json {
+            println!("{r}");
+        } else {
+            println!(
+                "training stage alone: {} users, {} cores",
+                r["users"], r["cores"]
+            );
+            for run in r["runs"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} trainer process(es): {} runs/min ({} s; {} s training each)",
+                    run["trainers"], run["runs_per_min"], run["seconds"], run["train_seconds_mean"]
+                );
+            }
+            println!("  two trainers over one: {}x", r["two_over_one"]);
+        }
+        return Ok(());
+    }
     let r = swimlane_cli::bench_pipeline::run(&opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -134,7 +134,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
             "run: {n} trainer process(es), {} batches at once, then {} one at a time",
             opts.users, opts.paced
         );
-        let r = run_once(opts, &base, &uploads, n)?;
+        let r = run_once(opts, scratch(opts, &base, &uploads, n)?, &uploads, n)?;
         eprintln!(
             "  {:.1} batches published/min; overhead p50 {:.3} s p99 {:.3} s; paced overhead p50 {:.3} s p99 {:.3} s",
             r.batches_published_per_min,
@@ -152,9 +152,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         seed: opts.seed,
         partitions: opts.partitions,
         corrections: opts.corrections,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cores: cores(),
         trainer_threads: opts.trainer_threads,
         runs,
     })
@@ -185,12 +183,115 @@ fn make_uploads(
     Ok(out)
 }
 
-fn run_once(
+/// The training stage alone, one run per entry of `opts.trainers` (the same users'
+/// batches each time): every batch staged while the trainers are paused, then the
+/// clock runs from their release until every user's candidate is trained (no
+/// validator, publisher or ingest running). A JSON report: per run, the trainer
+/// processes, seconds, runs per minute and mean training seconds; and two trainers'
+/// rate over one's.
+pub fn training_alone(opts: &PipelineBenchOptions) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(opts.users >= 1, "--users must be at least 1");
+    eprintln!("training the base model (seed {})...", opts.seed);
+    let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
+    let uploads = make_uploads(&base, opts.users, opts.corrections, opts.seed)?;
+    let mut runs = Vec::new();
+    let mut per_min = std::collections::BTreeMap::new();
+    for &n in &opts.trainers {
+        let sc = scratch(opts, &base, &uploads, n)?;
+        let (seconds, train_seconds) = run_training(opts, sc, &uploads, n)?;
+        let rate = round3(uploads.len() as f64 / seconds * 60.0);
+        eprintln!("  {n} trainer process(es): {rate:.0} runs/min ({seconds:.2} s)");
+        per_min.insert(n, rate);
+        runs.push(serde_json::json!({
+            "trainers": n, "seconds": round3(seconds), "runs_per_min": rate,
+            "train_seconds_mean": round3(mean(&train_seconds)),
+        }));
+    }
+    let two_over_one = per_min
+        .get(&2)
+        .zip(per_min.get(&1))
+        .map(|(b, a)| round3(b / a));
+    Ok(serde_json::json!({
+        "users": opts.users, "corrections": opts.corrections, "cores": cores(),
+        "trainer_threads": opts.trainer_threads, "runs": runs, "two_over_one": two_over_one,
+    }))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn run_training(
+    opts: &PipelineBenchOptions,
+    mut sc: Scratch,
+    uploads: &[(String, Vec<u8>)],
+    trainers: usize,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    // Slot 0 is ingest, 1..=trainers the trainers; the validator and publisher stay
+    // down.
+    for i in 0..=trainers {
+        sc.procs.spawn(i)?;
+    }
+    for i in 0..=trainers {
+        sc.procs.wait_ready(i, Duration::from_secs(120))?;
+    }
+    wait_split(&mut sc, opts.partitions, trainers)?;
+    for i in 1..=trainers {
+        sc.procs.signal(i, "STOP")?;
+    }
+    let staged = burst(&sc.devices, uploads, uploads.len());
+    for i in 1..=trainers {
+        sc.procs.signal(i, "CONT")?;
+    }
+    let t0 = Instant::now();
+    staged?;
+    sc.procs.kill(0)?;
+    let users: Vec<&str> = uploads.iter().map(|(u, _)| u.as_str()).collect();
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let train_seconds = loop {
+        sc.procs.check_alive()?;
+        let (trained, secs) = sc.db.transact(|tx| {
+            let (mut n, mut secs) = (0, Vec::new());
+            for u in &users {
+                let runs = sc.repo.runs(tx, u)?;
+                n += usize::from(!runs.is_empty());
+                secs.extend(runs.iter().map(|r| r.train_seconds as f64));
+            }
+            Ok((n, secs))
+        })?;
+        if trained == users.len() {
+            break secs;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{trained} of {} candidates trained after {SETTLE_TIMEOUT:?}",
+            users.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok((t0.elapsed().as_secs_f64(), train_seconds))
+}
+
+/// A run's scratch store (the base model installed, a token per user) and the worker
+/// processes' slots, none started.
+struct Scratch {
+    _tmp: tempfile::TempDir,
+    db: swimlane_store::Db,
+    repo: Repo,
+    keys: Keys,
+    procs: ProcFleet,
+    /// One client per device, made before anything is timed.
+    devices: Vec<Device>,
+}
+
+fn scratch(
     opts: &PipelineBenchOptions,
     base: &MicroModel,
     uploads: &[(String, Vec<u8>)],
     trainers: usize,
-) -> anyhow::Result<PipelineBenchRun> {
+) -> anyhow::Result<Scratch> {
     let tmp = match &opts.dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir()?,
@@ -239,37 +340,49 @@ fn run_once(
             opts.trainer_threads.to_string(),
         ),
     ];
-    let mut procs = ProcFleet::new(
+    let procs = ProcFleet::new(
         FleetSpec {
             exe: opts.exe.clone(),
             env,
-            log_dir: logs.clone(),
+            log_dir: logs,
         },
         trainers,
     )?;
-    procs.start_all(Duration::from_secs(120))?;
-    let ingest_api = procs.ingest_api;
     let http = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(2))
         .timeout(Duration::from_secs(60))
         .build();
+    let ingest_url = procs.ingest_url();
+    let devices = uploads
+        .iter()
+        .zip(&tokens)
+        .map(|((user, _), token)| Device {
+            agent: http.clone(),
+            ..Device::new(&ingest_url, "", user, token)
+        })
+        .collect();
+    Ok(Scratch {
+        _tmp: tmp,
+        db,
+        repo,
+        keys: Keys::new(DEPLOYMENT),
+        procs,
+        devices,
+    })
+}
+
+/// Wait until the trainers have split the partitions of the batches topic between
+/// them (Kafka: the group has settled its assignment).
+fn wait_split(sc: &mut Scratch, partitions: u32, trainers: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    // The trainers split the partitions before the clock starts (Kafka: the group
-    // has settled its assignment).
-    let keys = Keys::new(DEPLOYMENT);
     loop {
-        procs.check_alive()?;
-        let owners = db.transact(|tx| {
+        sc.procs.check_alive()?;
+        let owners = sc.db.transact(|tx| {
             let mut o = std::collections::BTreeSet::new();
             let mut all = true;
-            for p in 0..opts.partitions {
-                match positions::owner(
-                    tx,
-                    &keys,
-                    swimlane_core::groups::TRAINERS,
-                    topics::BATCHES,
-                    p,
-                )? {
+            for p in 0..partitions {
+                let (g, t) = (swimlane_core::groups::TRAINERS, topics::BATCHES);
+                match positions::owner(tx, &sc.keys, g, t, p)? {
                     Some(owner) => {
                         o.insert(owner.member);
                     }
@@ -278,8 +391,8 @@ fn run_once(
             }
             Ok((all, o.len()))
         })?;
-        if owners.0 && owners.1 >= trainers.min(opts.partitions as usize) {
-            break;
+        if owners.0 && owners.1 >= trainers.min(partitions as usize) {
+            return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -287,25 +400,58 @@ fn run_once(
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
 
-    // One client per device, made before anything is timed.
-    let ingest_url = format!("http://{ingest_api}");
-    let devices: Vec<Device> = uploads
-        .iter()
-        .zip(&tokens)
-        .map(|((user, _), token)| Device {
-            agent: http.clone(),
-            ..Device::new(&ingest_url, "", user, token)
-        })
-        .collect();
-    let upload = |i: usize| -> Result<(), String> {
-        let (user, body) = &uploads[i];
-        match devices[i].upload(body) {
-            Ok(Upload::Accepted(_)) => Ok(()),
-            Ok(Upload::Retry(why)) => Err(format!("{user}: {why}")),
-            Err(e) => Err(format!("{user}: {e}")),
+/// Upload `uploads[i]` through its device; an error says whose and why.
+fn upload_one(devices: &[Device], uploads: &[(String, Vec<u8>)], i: usize) -> Result<(), String> {
+    let (user, body) = &uploads[i];
+    match devices[i].upload(body) {
+        Ok(Upload::Accepted(_)) => Ok(()),
+        Ok(Upload::Retry(why)) => Err(format!("{user}: {why}")),
+        Err(e) => Err(format!("{user}: {e}")),
+    }
+}
+
+/// Upload `uploads[..n]` at once, from a few device threads.
+fn burst(devices: &[Device], uploads: &[(String, Vec<u8>)], n: usize) -> anyhow::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: std::sync::Mutex<Vec<String>> = Default::default();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= n {
+                    return;
+                }
+                if let Err(e) = upload_one(devices, uploads, i) {
+                    failures.lock().unwrap().push(e);
+                }
+            });
         }
-    };
+    });
+    let f = failures.into_inner().unwrap();
+    anyhow::ensure!(f.is_empty(), "uploads failed: {f:?}");
+    Ok(())
+}
+
+fn run_once(
+    opts: &PipelineBenchOptions,
+    mut sc: Scratch,
+    uploads: &[(String, Vec<u8>)],
+    trainers: usize,
+) -> anyhow::Result<PipelineBenchRun> {
+    sc.procs.start_all(Duration::from_secs(120))?;
+    // The trainers split the partitions before the clock starts.
+    wait_split(&mut sc, opts.partitions, trainers)?;
+    let Scratch {
+        _tmp,
+        db,
+        repo,
+        mut procs,
+        devices,
+        ..
+    } = sc;
+    let upload = |i: usize| upload_one(&devices, uploads, i);
     let settled = |users: &[&str]| -> anyhow::Result<usize> {
         Ok(db.transact(|tx| {
             let mut open = 0;
@@ -335,7 +481,7 @@ fn run_once(
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    let burst: Vec<&str> = uploads[..opts.users]
+    let burst_users: Vec<&str> = uploads[..opts.users]
         .iter()
         .map(|(u, _)| u.as_str())
         .collect();
@@ -343,26 +489,10 @@ fn run_once(
     // The burst: all uploads at once, from a few device threads.
     let t0_ms = now_ms();
     let t0 = Instant::now();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failures: std::sync::Mutex<Vec<String>> = Default::default();
-    std::thread::scope(|s| {
-        for _ in 0..8 {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if i >= opts.users {
-                    return;
-                }
-                if let Err(e) = upload(i) {
-                    failures.lock().unwrap().push(e);
-                }
-            });
-        }
-    });
-    let f = failures.into_inner().unwrap();
-    anyhow::ensure!(f.is_empty(), "uploads failed: {f:?}");
-    wait_settled(&burst, &mut procs)?;
+    burst(&devices, uploads, opts.users)?;
+    wait_settled(&burst_users, &mut procs)?;
     let wall = t0.elapsed().as_secs_f64();
-    let b = figures(&db, &repo, &burst)?;
+    let b = figures(&db, &repo, &burst_users)?;
 
     // Paced: one upload at a time, each after the previous one settled.
     let paced: Vec<&str> = uploads[opts.users..]
@@ -386,7 +516,7 @@ fn run_once(
     validate.extend(&p.validate);
     Ok(PipelineBenchRun {
         trainers,
-        batches: burst.len(),
+        batches: burst_users.len(),
         published: b.published,
         rejected: b.rejected,
         deferred: b.deferred,

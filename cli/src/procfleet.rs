@@ -155,6 +155,25 @@ impl ProcFleet {
         Ok(pid)
     }
 
+    /// Send `signal` (`STOP`, `CONT`, ...) to slot `i`'s process (`kill -s`).
+    pub fn signal(&self, i: usize, signal: &str) -> anyhow::Result<()> {
+        let m = &self.members[i];
+        let pid = m
+            .child
+            .as_ref()
+            .with_context(|| format!("{} is not running", m.name))?
+            .id();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "kill -s {signal} {pid} ({}) failed",
+            m.name
+        );
+        Ok(())
+    }
+
     /// Start every slot and wait until each is ready.
     pub fn start_all(&mut self, within: Duration) -> anyhow::Result<()> {
         for i in 0..self.members.len() {
