@@ -86,6 +86,10 @@ pub struct PipelineBenchRun {
     pub paced_overhead_p99_s: f64,
     pub train_seconds_mean: f64,
     pub validate_seconds_mean: f64,
+    /// Peak resident memory of each worker process at the end of the run (MiB).
+    pub peak_rss_mib: std::collections::BTreeMap<String, f64>,
+    /// The store's files (database and write-ahead log) over every user of the run.
+    pub store_bytes_per_user: f64,
 }
 
 /// The whole report.
@@ -503,8 +507,13 @@ fn run_once(
         upload(opts.users + k).map_err(|e| anyhow::anyhow!("upload failed: {e}"))?;
         wait_settled(&[u], &mut procs)?;
     }
+    let peak_rss_mib = procs.peak_rss_mib();
     drop(procs);
     let p = figures(&db, &repo, &paced)?;
+    let store_bytes: u64 = std::fs::read_dir(_tmp.path().join("store"))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
 
     let seconds = if b.published > 0 {
         (b.last_publish_ms.max(t0_ms) - t0_ms) as f64 / 1000.0
@@ -534,6 +543,8 @@ fn run_once(
         paced_overhead_p99_s: round3(quantile(&p.overhead, 0.99)),
         train_seconds_mean: round3(mean(&train)),
         validate_seconds_mean: round3(mean(&validate)),
+        peak_rss_mib,
+        store_bytes_per_user: (store_bytes as f64 / uploads.len() as f64).round(),
     })
 }
 
@@ -661,6 +672,19 @@ pub fn print_table(r: &PipelineBenchReport) {
             ),
             x.train_seconds_mean,
             x.validate_seconds_mean
+        );
+    }
+    for x in &r.runs {
+        let rss: Vec<String> = x
+            .peak_rss_mib
+            .iter()
+            .map(|(w, m)| format!("{w} {m:.0}"))
+            .collect();
+        println!(
+            "{} trainer(s): peak resident MiB: {}; store {:.0} bytes per user",
+            x.trainers,
+            rss.join(", "),
+            x.store_bytes_per_user
         );
     }
     println!("seconds: first upload of the burst to its last publish; latency: upload accepted to published; overhead: latency minus the run's training and validation seconds (in the burst most of it is waiting behind other users' training); paced: batches uploaded one at a time.");

@@ -155,6 +155,24 @@ impl ProcFleet {
         Ok(pid)
     }
 
+    /// Peak resident memory (`VmHWM`, MiB) of every running slot's process, by name
+    /// (Linux; a slot whose `/proc` entry cannot be read is left out).
+    pub fn peak_rss_mib(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        for m in &self.members {
+            let Some(child) = &m.child else { continue };
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+            let kib = status.ok().and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+                line.split_whitespace().nth(1)?.parse::<f64>().ok()
+            });
+            if let Some(kib) = kib {
+                out.insert(m.name.clone(), (kib / 1024.0 * 10.0).round() / 10.0);
+            }
+        }
+        out
+    }
+
     /// Send `signal` (`STOP`, `CONT`, ...) to slot `i`'s process (`kill -s`).
     pub fn signal(&self, i: usize, signal: &str) -> anyhow::Result<()> {
         let m = &self.members[i];
