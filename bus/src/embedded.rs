@@ -109,6 +109,24 @@ impl EmbeddedBus {
         Ok(out)
     }
 
+    /// Every partition's [`Self::high_watermark`] of `topic`, in one range read (a
+    /// partition never written to, or whose head does not decode, is absent).
+    pub fn high_watermarks(
+        &self,
+        tx: &mut Transaction<'_>,
+        topic: &str,
+    ) -> Result<BTreeMap<u32, u64>, KvError> {
+        let rows = tx.get_range(&RangeOption::prefix(&self.keys.log_heads(topic)))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let p = self.keys.log_head_partition(topic, &k)?;
+                let head = i64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+                Some((p, head as u64))
+            })
+            .collect())
+    }
+
     /// Clear the entries of `partition` of `topic` that every consumer group with a
     /// position there has passed, except the last `retention.keep` of them, and at most
     /// `retention.max_per_tx` of them in this transaction. A partition no group has a
@@ -437,23 +455,34 @@ impl EmbeddedConsumer {
             .iter()
             .position(|p| *p >= self.next_partition)
             .unwrap_or(0);
-        for i in 0..parts.len() {
-            let (p, o_fence, cursor) = &owned[(start + i) % parts.len()];
-            let (p, cursor) = (*p, *cursor);
-            let (bus, topic) = (&self.bus, &self.opts.topic);
-            let records =
-                self.db
-                    .transact(|tx| match bus.read(tx, topic, p, cursor, max_records) {
-                        Ok(r) => Ok(Ok(r)),
-                        Err(BusError::Store(e)) => Err(e),
-                        Err(e) => Ok(Err(e)),
-                    })??;
-            if !records.is_empty() {
-                self.next_partition = p + 1;
-                let mut fence = o_fence.clone();
-                fence.offset = cursor;
-                return Ok(Some(Delivery { fence, records }));
+        // One read transaction for every owned partition: the partitions' high
+        // watermarks in one range read, then the records of the first partition (in
+        // turn from where the last delivery left off) that has any past its cursor. An
+        // idle member's poll is one transaction and one range read.
+        let (bus, topic) = (&self.bus, &self.opts.topic);
+        let found = self.db.transact(|tx| {
+            let heads = bus.high_watermarks(tx, topic)?;
+            for i in 0..owned.len() {
+                let (p, _, cursor) = &owned[(start + i) % owned.len()];
+                // (A head that is absent or does not decode: read the partition.)
+                if heads.get(p).is_some_and(|head| *head <= *cursor) {
+                    continue;
+                }
+                match bus.read(tx, topic, *p, *cursor, max_records) {
+                    Ok(r) if r.is_empty() => {}
+                    Ok(r) => return Ok(Ok(Some(((start + i) % owned.len(), r)))),
+                    Err(BusError::Store(e)) => return Err(e),
+                    Err(e) => return Ok(Err(e)),
+                }
             }
+            Ok(Ok(None))
+        })??;
+        if let Some((i, records)) = found {
+            let (p, o_fence, cursor) = &owned[i];
+            self.next_partition = p + 1;
+            let mut fence = o_fence.clone();
+            fence.offset = *cursor;
+            return Ok(Some(Delivery { fence, records }));
         }
         Ok(None)
     }

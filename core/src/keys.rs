@@ -133,6 +133,17 @@ impl Keys {
     pub fn log_head(&self, topic: &str, partition: u32) -> Vec<u8> {
         self.root.pack(&("loghead", topic, partition))
     }
+    /// Prefix of every partition's [`Keys::log_head`] of `topic`.
+    pub fn log_heads(&self, topic: &str) -> Vec<u8> {
+        self.root.subspace(&("loghead", topic)).into_bytes()
+    }
+    /// The partition of a key made by [`Keys::log_head`] for `topic`.
+    pub fn log_head_partition(&self, topic: &str, key: &[u8]) -> Option<u32> {
+        self.root
+            .subspace(&("loghead", topic))
+            .unpack::<u32>(key)
+            .ok()
+    }
     pub fn lease(&self, group: &str, topic: &str, partition: u32) -> Vec<u8> {
         self.root.pack(&("lease", group, topic, partition))
     }

@@ -160,7 +160,9 @@ pub struct ConsumerConfig {
     /// a Kafka broker keeps between its `group.min.session.timeout.ms` and
     /// `group.max.session.timeout.ms`, 6 s and 30 min by default).
     pub lease_ttl_ms: u64,
-    /// Sleep between empty polls.
+    /// Sleep between empty polls (embedded bus: an idle poll is one read transaction;
+    /// at 10 ms a record waits 5 ms for its stage on average, and an idle fleet spends
+    /// about 6% of a core polling: `bench/README.md`).
     pub poll_interval_ms: u64,
     /// Most records taken in one poll.
     pub max_batch: u32,
@@ -256,7 +258,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             lease_ttl_ms: 10_000,
-            poll_interval_ms: 50,
+            poll_interval_ms: 10,
             max_batch: 64,
         }
     }
@@ -924,7 +926,7 @@ mod tests {
         assert_eq!(c.deployment, "from-file"); // file over default
         assert_eq!(c.ingest.max_samples_per_batch, 200);
         assert_eq!(c.trainer.consumer.lease_ttl_ms, 3000);
-        assert_eq!(c.trainer.consumer.poll_interval_ms, 50); // untouched default
+        assert_eq!(c.trainer.consumer.poll_interval_ms, 10); // untouched default
         assert_eq!(c.partitions, 16); // env over file
         assert_eq!(c.ingest.max_body_bytes, 65536);
         assert_eq!(c.ingest.max_inflight, 5); // env
