@@ -141,10 +141,10 @@ impl EmbeddedBus {
         retention: &Retention,
     ) -> Result<u64, KvError> {
         let mut low: Option<u64> = None;
-        for (k, _) in tx.get_range(&RangeOption::prefix(&self.keys.positions()))? {
-            if let Some((group, t, p)) = self.keys.position_of(&k) {
+        for (k, v) in tx.get_range(&RangeOption::prefix(&self.keys.positions()))? {
+            if let Some((_, t, p)) = self.keys.position_of(&k) {
                 if t == topic && p == partition {
-                    let at = positions::position(tx, &self.keys, &group, topic, partition)?;
+                    let at = positions::decode_position(&v)?;
                     low = Some(low.map_or(at, |l| l.min(at)));
                 }
             }

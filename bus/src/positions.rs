@@ -82,10 +82,15 @@ pub fn position(
 ) -> Result<u64, KvError> {
     match tx.get(&keys.position(group, topic, partition))? {
         None => Ok(0),
-        Some(b) => serde_json::from_slice::<Position>(&b)
-            .map(|p| p.offset)
-            .map_err(|e| corrupt("position", e)),
+        Some(b) => decode_position(&b),
     }
+}
+
+/// The offset a stored position value holds.
+pub fn decode_position(bytes: &[u8]) -> Result<u64, KvError> {
+    serde_json::from_slice::<Position>(bytes)
+        .map(|p| p.offset)
+        .map_err(|e| corrupt("position", e))
 }
 
 /// Who holds a partition's lease.
