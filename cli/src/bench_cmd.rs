@@ -49,6 +49,11 @@ pub struct PipelineArgs {
     /// --trainers (no validator, no publisher).
     #[arg(long)]
     training_alone: bool,
+    /// A Python with ray, torch and safetensors (bench/vs_ray.sh makes one): after the
+    /// runs, the Ray + PyTorch peer does the same job on the same users, and the report
+    /// gives both users retrained per core-minute and the ratio.
+    #[arg(long)]
+    peer: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -90,6 +95,7 @@ fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         partitions: args.partitions,
         trainer_threads: args.trainer_threads,
         corrections: args.corrections,
+        peer: args.peer,
     };
     if args.training_alone {
         let r = swimlane_cli::bench_pipeline::training_alone(&opts)?;

@@ -57,6 +57,11 @@ pub struct PipelineBenchOptions {
     /// Threads each trainer process trains with (`SWIMLANE_TRAINER_THREADS`); 0:
     /// candle's default, one per core.
     pub trainer_threads: usize,
+    /// A Python with `ray`, `torch` and `safetensors`: after the runs, the Ray +
+    /// PyTorch peer (`bench/ray_peer.py`) does the same job on the same users' windows
+    /// (swimlane's split, read from the first run's store), and the report compares
+    /// users retrained per core-minute.
+    pub peer: Option<PathBuf>,
 }
 
 /// One run's figures.
@@ -90,6 +95,18 @@ pub struct PipelineBenchRun {
     pub peak_rss_mib: std::collections::BTreeMap<String, f64>,
     /// The store's files (database and write-ahead log) over every user of the run.
     pub store_bytes_per_user: f64,
+    /// First upload of the burst until every one of its batches settled.
+    pub settled_seconds: f64,
+    /// Burst batches (each trained and validated, and its model published with its
+    /// ONNX file or the batch rejected or deferred) per minute per core.
+    pub users_retrained_per_core_min: f64,
+    /// That over the peer's users retrained per core-minute (with `--peer`).
+    pub over_peer: Option<f64>,
+    /// CPU seconds (user + system) each worker process used during the burst.
+    pub burst_cpu_seconds: std::collections::BTreeMap<String, f64>,
+    /// The share of the workers' burst CPU not spent training or scoring: 1 minus
+    /// (every burst run's `train_seconds` and `validate_seconds`) over their CPU.
+    pub cpu_outside_training_share: f64,
 }
 
 /// The whole report.
@@ -105,6 +122,8 @@ pub struct PipelineBenchReport {
     /// Threads per trainer process; 0: candle's default (one per core).
     pub trainer_threads: usize,
     pub runs: Vec<PipelineBenchRun>,
+    /// What the Ray + PyTorch peer printed (with `--peer`).
+    pub peer: Option<serde_json::Value>,
 }
 
 const DEPLOYMENT: &str = "bench";
@@ -132,13 +151,26 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         "--corrections must be between {MIN_CORRECTIONS} and 1000"
     );
     let uploads = make_uploads(&base, opts.users + opts.paced, opts.corrections, opts.seed)?;
+    let peer_dir = opts
+        .peer
+        .as_ref()
+        .map(|_| tempfile::tempdir())
+        .transpose()?;
     let mut runs = Vec::new();
-    for &n in &opts.trainers {
+    for (k, &n) in opts.trainers.iter().enumerate() {
         eprintln!(
             "run: {n} trainer process(es), {} batches at once, then {} one at a time",
             opts.users, opts.paced
         );
-        let r = run_once(opts, scratch(opts, &base, &uploads, n)?, &uploads, n)?;
+        // The peer gets the first run's users with swimlane's own split.
+        let export = peer_dir.as_ref().filter(|_| k == 0).map(|d| d.path());
+        let r = run_once(
+            opts,
+            scratch(opts, &base, &uploads, n)?,
+            &uploads,
+            n,
+            export,
+        )?;
         eprintln!(
             "  {:.1} batches published/min; overhead p50 {:.3} s p99 {:.3} s; paced overhead p50 {:.3} s p99 {:.3} s",
             r.batches_published_per_min,
@@ -149,6 +181,19 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         );
         runs.push(r);
     }
+    let peer = match (&opts.peer, &peer_dir) {
+        (Some(python), Some(dir)) => {
+            let p = run_peer(python, dir.path(), &base)?;
+            let rate = p["users_per_core_min"]
+                .as_f64()
+                .context("peer: no users_per_core_min")?;
+            for r in &mut runs {
+                r.over_peer = Some(round3(r.users_retrained_per_core_min / rate));
+            }
+            Some(p)
+        }
+        _ => None,
+    };
     Ok(PipelineBenchReport {
         bus: opts.bus.clone(),
         users: opts.users,
@@ -159,7 +204,91 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         cores: cores(),
         trainer_threads: opts.trainer_threads,
         runs,
+        peer,
     })
+}
+
+/// The peer's script, written next to its data for each run.
+const RAY_PEER: &str = include_str!("../../bench/ray_peer.py");
+
+/// Write the burst users' samples for the peer into `dir`, split as swimlane split
+/// them (`u{i}-train.safetensors`, `u{i}-heldout.safetensors`, swimlane-samples
+/// format), one read transaction per user.
+fn export_for_peer(
+    db: &swimlane_store::Db,
+    repo: &Repo,
+    users: &[&str],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    for (i, u) in users.iter().enumerate() {
+        let (mut train, mut heldout) = (Vec::new(), Vec::new());
+        let staged = db.transact(|tx| {
+            let mut all = Vec::new();
+            for (id, _) in repo.batches(tx, u)? {
+                all.extend(repo.samples(tx, u, &id)?);
+            }
+            Ok(all)
+        })?;
+        for s in staged {
+            let side = if s.heldout { &mut heldout } else { &mut train };
+            side.push(swimlane_model::Sample {
+                frames: s.frames,
+                label: s.label,
+            });
+        }
+        for (name, samples) in [("train", &train), ("heldout", &heldout)] {
+            std::fs::write(
+                dir.join(format!("u{i}-{name}.safetensors")),
+                swimlane_model::dataset::to_bytes(samples)?,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Run the Ray + PyTorch peer on the data in `dir` with swimlane's fine-tuning rule and
+/// gate; its JSON line.
+fn run_peer(
+    python: &std::path::Path,
+    dir: &std::path::Path,
+    base: &MicroModel,
+) -> anyhow::Result<serde_json::Value> {
+    std::fs::write(dir.join("base.safetensors"), base.to_bytes())?;
+    let script = dir.join("ray_peer.py");
+    std::fs::write(&script, RAY_PEER)?;
+    let t = swimlane_model::TrainConfig::fine_tune();
+    let policy = Config::default().validator.policy;
+    let cfg = serde_json::json!({
+        "epochs": t.epochs, "batch": t.batch_size, "lr": t.learning_rate,
+        "weight_decay": t.weight_decay, "patience": t.patience,
+        "val_fraction": t.val_fraction, "min_val_samples": t.min_val_samples,
+        "anchor": t.anchor, "margin": policy.margin, "gain_z": policy.gain_z,
+    });
+    eprintln!(
+        "peer: Ray + PyTorch on the same users ({})...",
+        python.display()
+    );
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--data", &dir.display().to_string()])
+        .args(["--cpus", &cores().to_string()])
+        .args(["--config", &cfg.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the peer failed ({}); does {} have ray, torch and safetensors? (bench/vs_ray.sh installs them)",
+        out.status,
+        python.display()
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let last = line
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("the peer printed no JSON: {line}"))
 }
 
 /// One upload per user: (user, upload JSON).
@@ -443,6 +572,7 @@ fn run_once(
     mut sc: Scratch,
     uploads: &[(String, Vec<u8>)],
     trainers: usize,
+    export: Option<&std::path::Path>,
 ) -> anyhow::Result<PipelineBenchRun> {
     sc.procs.start_all(Duration::from_secs(120))?;
     // The trainers split the partitions before the clock starts.
@@ -493,9 +623,26 @@ fn run_once(
     // The burst: all uploads at once, from a few device threads.
     let t0_ms = now_ms();
     let t0 = Instant::now();
+    let cpu0 = procs.cpu_seconds();
     burst(&devices, uploads, opts.users)?;
     wait_settled(&burst_users, &mut procs)?;
     let wall = t0.elapsed().as_secs_f64();
+    let burst_cpu_seconds: std::collections::BTreeMap<String, f64> = procs
+        .cpu_seconds()
+        .into_iter()
+        .map(|(w, c)| (w.clone(), round3(c - cpu0.get(&w).copied().unwrap_or(0.0))))
+        .collect();
+    let work: f64 = db.transact(|tx| {
+        let mut secs = 0.0;
+        for u in &burst_users {
+            for r in repo.runs(tx, u)? {
+                secs += r.train_seconds as f64;
+                secs += r.verdict.map_or(0.0, |v| v.validate_seconds as f64);
+            }
+        }
+        Ok(secs)
+    })?;
+    let cpu: f64 = burst_cpu_seconds.values().sum();
     let b = figures(&db, &repo, &burst_users)?;
 
     // Paced: one upload at a time, each after the previous one settled.
@@ -510,6 +657,9 @@ fn run_once(
     let peak_rss_mib = procs.peak_rss_mib();
     drop(procs);
     let p = figures(&db, &repo, &paced)?;
+    if let Some(dir) = export {
+        export_for_peer(&db, &repo, &burst_users, dir)?;
+    }
     let store_bytes: u64 = std::fs::read_dir(_tmp.path().join("store"))?
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())
@@ -545,6 +695,13 @@ fn run_once(
         validate_seconds_mean: round3(mean(&validate)),
         peak_rss_mib,
         store_bytes_per_user: (store_bytes as f64 / uploads.len() as f64).round(),
+        settled_seconds: round3(wall),
+        users_retrained_per_core_min: round3(
+            burst_users.len() as f64 / (wall / 60.0) / cores() as f64,
+        ),
+        over_peer: None,
+        cpu_outside_training_share: round3(1.0 - work / cpu),
+        burst_cpu_seconds,
     })
 }
 
@@ -685,6 +842,33 @@ pub fn print_table(r: &PipelineBenchReport) {
             x.trainers,
             rss.join(", "),
             x.store_bytes_per_user
+        );
+        let cpu: Vec<String> = x
+            .burst_cpu_seconds
+            .iter()
+            .map(|(w, c)| format!("{w} {c:.2}"))
+            .collect();
+        println!(
+            "{} trainer(s): burst CPU seconds: {}; {:.0}% of it outside training and scoring",
+            x.trainers,
+            cpu.join(", "),
+            x.cpu_outside_training_share * 100.0
+        );
+    }
+    for x in &r.runs {
+        let ratio = x
+            .over_peer
+            .map(|q| format!(" ({q:.2}x the peer)"))
+            .unwrap_or_default();
+        println!(
+            "{} trainer(s): {:.1} users retrained per core-minute (every burst batch settled in {:.1} s){ratio}",
+            x.trainers, x.users_retrained_per_core_min, x.settled_seconds
+        );
+    }
+    if let Some(p) = &r.peer {
+        println!(
+            "peer {}: {} users in {} s on {} cores: {} users retrained per core-minute ({} candidates kept)",
+            p["peer"], p["users"], p["seconds"], p["cpus"], p["users_per_core_min"], p["candidates_kept"]
         );
     }
     println!("seconds: first upload of the burst to its last publish; latency: upload accepted to published; overhead: latency minus the run's training and validation seconds (in the burst most of it is waiting behind other users' training); paced: batches uploaded one at a time.");

@@ -173,6 +173,28 @@ impl ProcFleet {
         out
     }
 
+    /// CPU seconds (user + system, `/proc/PID/stat`) every running slot's process has
+    /// used so far, by name (Linux; a slot whose entry cannot be read is left out).
+    pub fn cpu_seconds(&self) -> std::collections::BTreeMap<String, f64> {
+        // utime and stime are fields 14 and 15, in clock ticks; the fields after the
+        // command name (in parentheses, which may hold spaces) start at field 3.
+        const TICKS_PER_SEC: f64 = 100.0;
+        let mut out = std::collections::BTreeMap::new();
+        for m in &self.members {
+            let Some(child) = &m.child else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()));
+            let ticks = stat.ok().and_then(|s| {
+                let rest = &s[s.rfind(')')? + 2..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+            });
+            if let Some(t) = ticks {
+                out.insert(m.name.clone(), t / TICKS_PER_SEC);
+            }
+        }
+        out
+    }
+
     /// Send `signal` (`STOP`, `CONT`, ...) to slot `i`'s process (`kill -s`).
     pub fn signal(&self, i: usize, signal: &str) -> anyhow::Result<()> {
         let m = &self.members[i];

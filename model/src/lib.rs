@@ -22,6 +22,7 @@ pub mod eval;
 pub mod experiment;
 pub mod net;
 pub mod onnx;
+mod optim;
 mod st;
 pub mod synth;
 pub mod train;

@@ -19,7 +19,6 @@
 //! - [`fine_tune_many`] runs the jobs one after another: each job's loss and gradients
 //!   touch only its own copy of its own parent's parameters.
 use candle_core::Tensor;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -219,13 +218,10 @@ fn train_in_place(
     };
     let n = train_idx.len();
 
-    let mut opt = AdamW::new(
-        model.params().to_vec(),
-        ParamsAdamW {
-            lr: cfg.learning_rate,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
+    // AdamW with the pull towards the starting weights (`anchor`) in its gradient.
+    let mut opt = crate::optim::AdamW::new(
+        model.params(),
+        crate::optim::Params::new(cfg.learning_rate, cfg.weight_decay, cfg.anchor),
     )?;
     let mut report = TrainReport {
         epochs_run: 0,
@@ -237,11 +233,6 @@ fn train_in_place(
         val_loss: Vec::new(),
         stopped_early: false,
         samples_processed: 0,
-    };
-    let start = if cfg.anchor > 0.0 {
-        Some(model.snapshot()?)
-    } else {
-        None
     };
     let mut best: Option<(f32, Vec<Tensor>)> = None;
     let mut since_best = 0;
@@ -258,21 +249,7 @@ fn train_in_place(
             let xb = xt.index_select(&idx, 0)?;
             let yb = yt.index_select(&idx, 0)?;
             let loss = candle_nn::loss::cross_entropy(&model.forward(&xb)?, &yb)?;
-            let total = match &start {
-                Some(w0) => {
-                    let mut pull = loss.clone();
-                    for (v, w) in model.params().iter().zip(w0) {
-                        pull = (pull
-                            + (v.as_tensor() - w)?
-                                .sqr()?
-                                .sum_all()?
-                                .affine(cfg.anchor, 0.0)?)?;
-                    }
-                    pull
-                }
-                None => loss.clone(),
-            };
-            opt.backward_step(&total)?;
+            opt.step(&loss.backward()?)?;
             loss_sum += loss.to_scalar::<f32>()?;
             batches += 1;
             report.steps += 1;
