@@ -11,6 +11,12 @@
 //!   duplicate event finds the verdict and does nothing.
 //! - A rejection ends the user's in-flight run; if batches were staged meanwhile, the
 //!   same transaction re-emits a trigger so they are trained next.
+//! - The guard set is scored once per run, on the candidate: the current model's guard
+//!   accuracy is the one measured when it was itself a candidate (its version record's
+//!   `guard_accuracy`; for the base model, measured once when the guard set is read).
+//!   The guard set is installed with the deployment (`swimlane admin init` never
+//!   replaces one), so the recorded figure is for the same windows; replacing the guard
+//!   set under a running deployment is not supported (the validator also reads it once).
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,6 +85,9 @@ struct Guard {
 struct Inputs {
     candidate: Vec<u8>,
     current: Vec<u8>,
+    /// The current model's guard accuracy when it was validated (`None`: the base
+    /// model).
+    current_guard: Option<f32>,
     /// Held-out windows: the first `history` are established (from published batches),
     /// the rest are the run's own.
     heldout: Vec<Sample>,
@@ -162,7 +171,7 @@ impl Validator {
                     "candidate weights missing",
                 )
             })?;
-            let current = current_model(repo, tx, user, state.head)?;
+            let (current, current_guard) = current_model(repo, tx, user, state.head)?;
             // Established windows first, then the run's own: `history` is a prefix.
             let (mut heldout, mut fresh, mut fresh_batches) = (Vec::new(), Vec::new(), Vec::new());
             for (id, r) in repo.batches(tx, user)? {
@@ -188,6 +197,7 @@ impl Validator {
             Ok(Some(Inputs {
                 candidate,
                 current,
+                current_guard,
                 heldout,
                 history,
                 fresh_batches,
@@ -264,7 +274,7 @@ impl Validator {
                 current_history: frac(u_hist, inp.history),
                 history_samples: inp.history as u32,
                 candidate_guard: evaluate(&cand, &guard.samples)?.accuracy as f32,
-                current_guard: evaluate(&cur, &guard.samples)?.accuracy as f32,
+                current_guard: inp.current_guard.unwrap_or(guard.base_accuracy),
                 base_guard: guard.base_accuracy,
             })
         })();
@@ -312,23 +322,26 @@ impl Validator {
     }
 }
 
-/// The weights of the model a user's devices run now: the head version's, else the base.
+/// The weights of the model a user's devices run now (the head version's, else the base), and
+/// its guard accuracy when it was validated (`None` for the base).
 pub fn current_model(
     repo: &Repo,
     tx: &mut Transaction<'_>,
     user: &str,
     head: Option<u64>,
-) -> Result<Vec<u8>, KvError> {
-    let bytes = match head {
+) -> Result<(Vec<u8>, Option<f32>), KvError> {
+    let (bytes, guard) = match head {
         Some(v) => {
             let mv = repo.model_version(tx, user, v)?.ok_or_else(|| {
                 missing(format!("user {user} head"), "head version has no record")
             })?;
-            repo.blob(tx, &mv.model_blob)?
+            (repo.blob(tx, &mv.model_blob)?, Some(mv.guard_accuracy))
         }
-        None => repo.blob(tx, BASE_MODEL_BLOB)?,
+        None => (repo.blob(tx, BASE_MODEL_BLOB)?, None),
     };
-    bytes.ok_or_else(|| missing(format!("user {user} current model"), "weights missing"))
+    let bytes =
+        bytes.ok_or_else(|| missing(format!("user {user} current model"), "weights missing"))?;
+    Ok((bytes, guard))
 }
 
 impl Stage for Validator {
