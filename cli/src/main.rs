@@ -300,7 +300,8 @@ fn main() -> anyhow::Result<()> {
         Command::Data { command } => data_cmd(command),
         Command::Dev { args } => {
             let config = Config::load(&args, None)?;
-            swimlane_runtime::apply_training_threads(&config);
+            // One process runs every stage: the trainer's setting.
+            swimlane_runtime::apply_model_threads(config.trainer.threads);
             swimlane_runtime::init_tracing(config.log_json);
             let db = swimlane_runtime::open_store(&config)?;
             let installed = swimlane_cli::init::install_for_spec(
@@ -336,10 +337,8 @@ fn main() -> anyhow::Result<()> {
                 WorkerName::Publisher => Worker::Publisher,
             };
             let config = Config::load(&args, Some(w))?;
-            if w == Worker::Trainer {
-                // Before the runtime starts its threads.
-                swimlane_runtime::apply_training_threads(&config);
-            }
+            // Before the runtime starts its threads.
+            swimlane_runtime::apply_model_threads(swimlane_runtime::model_threads(&config, w));
             swimlane_runtime::init_tracing(config.log_json);
             runtime()?.block_on(run_worker(worker, config))
         }

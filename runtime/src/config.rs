@@ -177,7 +177,7 @@ pub struct TrainerConfig {
     /// 1 is fastest for the micro model: threads cost more than they save on
     /// matrices this small, and far more when the cores are busy (`swimlane bench
     /// pipeline --trainer-threads`). Scale with more trainer processes instead.
-    /// Applied by [`crate::apply_training_threads`] unless `RAYON_NUM_THREADS` or
+    /// Applied by [`crate::apply_model_threads`] unless `RAYON_NUM_THREADS` or
     /// `CANDLE_NUM_THREADS` is set.
     pub threads: u32,
     pub consumer: ConsumerConfig,

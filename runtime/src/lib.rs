@@ -31,13 +31,13 @@ pub use tokio_util::sync::CancellationToken;
 
 use std::net::SocketAddr;
 
-/// Give this process's training `config.trainer.threads` threads (0: candle's default,
-/// one per core), unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set already
-/// (an operator's explicit choice wins). candle reads these variables when it trains,
-/// so call this first thing in `main`, before any other thread (a tokio runtime)
-/// starts: changing the environment while other threads may read it is unsound.
-pub fn apply_training_threads(config: &Config) {
-    let n = config.trainer.threads;
+/// Give this process's model kernels (candle's CPU threads) `n` threads (0: candle's
+/// default, one per core), unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set
+/// already (an operator's explicit choice wins). candle reads these variables when it
+/// first computes, so call this first thing in `main`, before any other thread (a
+/// tokio runtime) starts: changing the environment while other threads may read it is
+/// unsound.
+pub fn apply_model_threads(n: u32) {
     if n == 0
         || std::env::var_os("RAYON_NUM_THREADS").is_some()
         || std::env::var_os("CANDLE_NUM_THREADS").is_some()
@@ -45,6 +45,19 @@ pub fn apply_training_threads(config: &Config) {
         return;
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+}
+
+/// The model threads of a process running `worker` ([`apply_model_threads`]): the
+/// trainer's from `trainer.threads`; the validator and the publisher score and check a
+/// few hundred windows a run, where a second thread costs more than it saves (and
+/// candle's idle threads spin while they wait: 43% of a validator's CPU with two), so
+/// one; ingest runs no model.
+pub fn model_threads(config: &Config, worker: Worker) -> u32 {
+    match worker {
+        Worker::Trainer => config.trainer.threads,
+        Worker::Validator | Worker::Publisher => 1,
+        Worker::Ingest => 0,
+    }
 }
 
 #[doc(hidden)]
@@ -68,9 +81,9 @@ macro_rules! worker_binary {
 
 /// Every worker binary's `main` ([`worker_binary!`]): its flags ([`Args`], each with
 /// its environment twin; `--help` shows `about`), its config for `worker`, tracing,
-/// then `process` on a multi-threaded tokio runtime until it returns. The trainer's
-/// training threads are set first, before any other thread starts
-/// ([`apply_training_threads`]). An error is printed with its causes, and the exit
+/// then `process` on a multi-threaded tokio runtime until it returns. Each worker's
+/// model threads are set first, before any other thread starts
+/// ([`apply_model_threads`]). An error is printed with its causes, and the exit
 /// status is 1.
 pub fn worker_main<Fut, E>(
     worker: Worker,
@@ -89,9 +102,7 @@ where
     let args = Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let run = || -> Result<(), WorkerError> {
         let config = Config::load(&args, Some(worker))?;
-        if worker == Worker::Trainer {
-            apply_training_threads(&config);
-        }
+        apply_model_threads(model_threads(&config, worker));
         init_tracing(config.log_json);
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
