@@ -54,6 +54,10 @@ pub struct PipelineArgs {
     /// gives both users retrained per core-minute and the ratio.
     #[arg(long)]
     peer: Option<PathBuf>,
+    /// How the uploads carry their windows: `f32le` (base64 of little-endian f32s) or
+    /// `numbers` (JSON arrays); docs/batch-format.md.
+    #[arg(long, value_enum, default_value = "f32le")]
+    frames: swimlane_cli::upload::Frames,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -96,6 +100,7 @@ fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         trainer_threads: args.trainer_threads,
         corrections: args.corrections,
         peer: args.peer,
+        frames: args.frames,
     };
     if args.training_alone {
         let r = swimlane_cli::bench_pipeline::training_alone(&opts)?;

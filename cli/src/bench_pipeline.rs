@@ -62,6 +62,8 @@ pub struct PipelineBenchOptions {
     /// (swimlane's split, read from the first run's store), and the report compares
     /// users retrained per core-minute.
     pub peer: Option<PathBuf>,
+    /// How the uploads carry their windows (docs/batch-format.md).
+    pub frames: crate::upload::Frames,
 }
 
 /// One run's figures.
@@ -121,6 +123,8 @@ pub struct PipelineBenchReport {
     pub cores: usize,
     /// Threads per trainer process; 0: candle's default (one per core).
     pub trainer_threads: usize,
+    /// `numbers` or `f32le` (base64).
+    pub frames: String,
     pub runs: Vec<PipelineBenchRun>,
     /// What the Ray + PyTorch peer printed (with `--peer`).
     pub peer: Option<serde_json::Value>,
@@ -150,7 +154,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         (MIN_CORRECTIONS..=1000).contains(&opts.corrections),
         "--corrections must be between {MIN_CORRECTIONS} and 1000"
     );
-    let uploads = make_uploads(&base, opts.users + opts.paced, opts.corrections, opts.seed)?;
+    let uploads = make_uploads(&base, opts.users + opts.paced, opts)?;
     let peer_dir = opts
         .peer
         .as_ref()
@@ -203,6 +207,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         corrections: opts.corrections,
         cores: cores(),
         trainer_threads: opts.trainer_threads,
+        frames: format!("{:?}", opts.frames).to_lowercase(),
         runs,
         peer,
     })
@@ -295,9 +300,9 @@ fn run_peer(
 fn make_uploads(
     base: &MicroModel,
     users: usize,
-    max_corrections: usize,
-    seed: u64,
+    opts: &PipelineBenchOptions,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let (max_corrections, seed) = (opts.corrections, opts.seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
     let mut s = seed.wrapping_mul(1000) + 1;
@@ -311,7 +316,10 @@ fn make_uploads(
             continue;
         }
         let user = format!("bench-{:03}", out.len());
-        out.push((user, crate::upload::upload_body("night-0", &c)));
+        out.push((
+            user,
+            crate::upload::upload_body_as("night-0", &c, opts.frames),
+        ));
     }
     Ok(out)
 }
@@ -326,7 +334,7 @@ pub fn training_alone(opts: &PipelineBenchOptions) -> anyhow::Result<serde_json:
     anyhow::ensure!(opts.users >= 1, "--users must be at least 1");
     eprintln!("training the base model (seed {})...", opts.seed);
     let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
-    let uploads = make_uploads(&base, opts.users, opts.corrections, opts.seed)?;
+    let uploads = make_uploads(&base, opts.users, opts)?;
     let mut runs = Vec::new();
     let mut per_min = std::collections::BTreeMap::new();
     for &n in &opts.trainers {
@@ -803,10 +811,11 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 /// The report as a table.
 pub fn print_table(r: &PipelineBenchReport) {
     println!(
-        "swimlane bench pipeline: bus {}, {} batches (up to {} corrections each) at once + {} one at a time, {} partitions, {} cores, trainer threads {}, seed {}",
+        "swimlane bench pipeline: bus {}, {} batches (up to {} corrections each, windows as {}) at once + {} one at a time, {} partitions, {} cores, trainer threads {}, seed {}",
         r.bus,
         r.users,
         r.corrections,
+        r.frames,
         r.paced,
         r.partitions,
         r.cores,

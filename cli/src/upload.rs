@@ -1,11 +1,22 @@
 //! The body of `POST /v1/users/{user}/batches` as a device sends it (docs/batch-format.md):
 //! one JSON object with the batch id and its samples, each with an id (`w0`, `w1`, … in
-//! order), its 32 frames of 16 features, and its corrected label's name. Used by the
-//! demo, the benchmarks, the chaos soak and the tests, so they all upload what a phone
-//! would.
+//! order), its 32 frames of 16 features (as numbers, or as base64 of little-endian
+//! `f32`s: [`Frames`]), and its corrected label's name. Used by the demo, the
+//! benchmarks, the chaos soak and the tests, so they all upload what a phone would.
 use swimlane_core::records::Feedback;
 use swimlane_core::ModelSpec;
 use swimlane_model::Sample;
+
+/// How a window's values are written (docs/batch-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Frames {
+    /// `"frames"`: one array of numbers per frame.
+    #[default]
+    Numbers,
+    /// `"frames_f32le"`: base64 of the little-endian `f32`s, frame by frame (about half
+    /// the bytes, and much less for ingest to parse).
+    F32le,
+}
 
 /// The upload as a JSON value for the synthetic pose spec (format 1); it passes
 /// ingest's validation whenever `batch_id` is a valid batch id and `samples` are 1 to
@@ -23,13 +34,37 @@ pub fn upload_json_with(
     samples: &[Sample],
     feedback: Option<&[Feedback]>,
 ) -> serde_json::Value {
+    upload_json_as(spec, batch_id, samples, feedback, Frames::Numbers)
+}
+
+/// [`upload_json_with`], the windows written as `frames`.
+pub fn upload_json_as(
+    spec: &ModelSpec,
+    batch_id: &str,
+    samples: &[Sample],
+    feedback: Option<&[Feedback]>,
+    frames: Frames,
+) -> serde_json::Value {
+    use base64::Engine as _;
     let channels = spec.channels.len();
     let samples: Vec<_> = samples
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let frames: Vec<&[f32]> = s.frames.chunks(channels).collect();
-            let mut v = serde_json::json!({"id": format!("w{i}"), "frames": frames, "label": spec.class_name(s.label)});
+            let mut v =
+                serde_json::json!({"id": format!("w{i}"), "label": spec.class_name(s.label)});
+            match frames {
+                Frames::Numbers => {
+                    let rows: Vec<&[f32]> = s.frames.chunks(channels).collect();
+                    v["frames"] = serde_json::json!(rows);
+                }
+                Frames::F32le => {
+                    let bytes: Vec<u8> = s.frames.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    v["frames_f32le"] = base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .into();
+                }
+            }
             if let Some(f) = feedback.and_then(|f| f.get(i)) {
                 v["feedback"] = serde_json::json!({
                     "kind": if f.corrected { "corrected" } else { "confirmed" },
@@ -49,7 +84,14 @@ pub fn upload_json_with(
 
 /// The same upload serialized, ready to send.
 pub fn upload_body(batch_id: &str, samples: &[Sample]) -> Vec<u8> {
-    serde_json::to_vec(&upload_json(batch_id, samples)).expect("a JSON value serializes")
+    upload_body_as(batch_id, samples, Frames::Numbers)
+}
+
+/// [`upload_body`] with the windows written as `frames`.
+pub fn upload_body_as(batch_id: &str, samples: &[Sample], frames: Frames) -> Vec<u8> {
+    let spec = ModelSpec::synthetic_pose();
+    serde_json::to_vec(&upload_json_as(&spec, batch_id, samples, None, frames))
+        .expect("a JSON value serializes")
 }
 
 #[cfg(test)]
@@ -73,6 +115,16 @@ mod tests {
         let user = UserId::new("alice").unwrap();
         let limits = BatchLimits { max_samples: 10 };
         let batch = validate_upload(&user, &body, limits, &ModelSpec::synthetic_pose()).unwrap();
+        // The compact encoding: fewer bytes, the same batch.
+        let compact = upload_body_as("night-1", &samples, Frames::F32le);
+        assert!(
+            compact.len() < body.len(),
+            "{} vs {}",
+            compact.len(),
+            body.len()
+        );
+        let same = validate_upload(&user, &compact, limits, &ModelSpec::synthetic_pose()).unwrap();
+        assert_eq!(same, batch);
         assert_eq!(batch.batch_id.as_str(), "night-1");
         assert_eq!(batch.samples.len(), 3);
         for (i, (got, want)) in batch.samples.iter().zip(&samples).enumerate() {
