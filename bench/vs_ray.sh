@@ -5,6 +5,8 @@
 #
 #   bench/vs_ray.sh                        # defaults: 96 users x up to 250 corrections
 #   USERS=300 TRAINERS=1,2 BUSES="embedded" bench/vs_ray.sh
+#   TANSU=/path/to/tansu bench/vs_ray.sh   # another broker build (default: the one .ci/run
+#                                          # installs, built at opt-level 1)
 #
 # Writes bench/out/vs_ray_<bus>.json (gitignored) and prints the tables.
 set -euo pipefail
@@ -37,7 +39,7 @@ trap cleanup EXIT
 for bus in $BUSES; do
   url=embedded
   if [ "$bus" = kafka ]; then
-    TANSU="$TOOLS/bin/tansu"
+    TANSU=${TANSU:-$TOOLS/bin/tansu}
     if [ ! -x "$TANSU" ]; then
       echo "== installing tansu 0.6.0 into $TOOLS (about 10 minutes)" >&2
       CARGO_PROFILE_RELEASE_OPT_LEVEL=1 cargo install tansu --version 0.6.0 --locked --features libsql --root "$TOOLS"
@@ -51,8 +53,11 @@ for bus in $BUSES; do
     url="kafka://127.0.0.1:$port"
   fi
   echo "== $bus: swimlane bench pipeline, then the peer on the same users" >&2
+  cpu() { [ -n "$broker" ] && awk '{print $14 + $15}' "/proc/$broker/stat" || echo 0; }
+  before=$(cpu)
   "$BIN" bench pipeline --bus "$url" --trainers "$TRAINERS" --users "$USERS" \
     --corrections "$CORRECTIONS" --paced "$PACED" --peer "$VENV/bin/python" --json >"$OUT/vs_ray_$bus.json"
+  [ -n "$broker" ] && echo "  the broker used $(( ($(cpu) - before) / 100 )) CPU seconds over the whole run (every trainer count, the paced uploads and set-up)"
   "$VENV/bin/python" - "$OUT/vs_ray_$bus.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -63,7 +68,7 @@ for x in r["runs"]:
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in x["burst_cpu_seconds"].items())
     print(f"  swimlane, {x['trainers']} trainer(s): {x['users_retrained_per_core_min']} users retrained "
           f"per core-minute ({x['settled_seconds']} s) = {x['over_peer']}x the peer; "
-          f"paced overhead p50 {x['paced_overhead_p50_s']} s; burst CPU s: {cpu}")
+          f"paced overhead p50 {x['paced_overhead_p50_s']} s; burst CPU s: {cpu} ({x['cpu_ms_per_user']} ms a user)")
 PY
   if [ -n "$broker" ]; then kill "$broker"; wait "$broker" 2>/dev/null || true; broker=""; rm -rf "$dir"; fi
 done

@@ -106,9 +106,9 @@ pub struct PipelineBenchRun {
     pub over_peer: Option<f64>,
     /// CPU seconds (user + system) each worker process used during the burst.
     pub burst_cpu_seconds: std::collections::BTreeMap<String, f64>,
-    /// The share of the workers' burst CPU not spent training or scoring: 1 minus
-    /// (every burst run's `train_seconds` and `validate_seconds`) over their CPU.
-    pub cpu_outside_training_share: f64,
+    /// Every worker's burst CPU over the burst's users, in milliseconds (compare with
+    /// `train_seconds_mean` and `validate_seconds_mean`, which are wall time).
+    pub cpu_ms_per_user: f64,
 }
 
 /// The whole report.
@@ -657,16 +657,6 @@ fn run_once(
         .into_iter()
         .map(|(w, c)| (w.clone(), round3(c - cpu0.get(&w).copied().unwrap_or(0.0))))
         .collect();
-    let work: f64 = db.transact(|tx| {
-        let mut secs = 0.0;
-        for u in &burst_users {
-            for r in repo.runs(tx, u)? {
-                secs += r.train_seconds as f64;
-                secs += r.verdict.map_or(0.0, |v| v.validate_seconds as f64);
-            }
-        }
-        Ok(secs)
-    })?;
     let cpu: f64 = burst_cpu_seconds.values().sum();
     let b = figures(&db, &repo, &burst_users)?;
 
@@ -725,7 +715,7 @@ fn run_once(
             burst_users.len() as f64 / (wall / 60.0) / cores() as f64,
         ),
         over_peer: None,
-        cpu_outside_training_share: round3(1.0 - work / cpu),
+        cpu_ms_per_user: round3(cpu * 1000.0 / burst_users.len() as f64),
         burst_cpu_seconds,
     })
 }
@@ -875,10 +865,10 @@ pub fn print_table(r: &PipelineBenchReport) {
             .map(|(w, c)| format!("{w} {c:.2}"))
             .collect();
         println!(
-            "{} trainer(s): burst CPU seconds: {}; {:.0}% of it outside training and scoring",
+            "{} trainer(s): burst CPU seconds: {}; {:.1} ms per user",
             x.trainers,
             cpu.join(", "),
-            x.cpu_outside_training_share * 100.0
+            x.cpu_ms_per_user
         );
     }
     for x in &r.runs {
