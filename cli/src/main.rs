@@ -208,7 +208,7 @@ fn quiet_workers() {
     if std::env::var_os("SWIMLANE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("SWIMLANE_LOG", "warn");
     }
-    swimlane_runtime::init_tracing(false);
+    swimlane_runtime::init_tracing(swimlane_runtime::LogFormat::Text);
 }
 
 /// A report as one pretty JSON object (`--json`) or as its table.
@@ -302,7 +302,7 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&args, None)?;
             // One process runs every stage: the trainer's setting.
             swimlane_runtime::apply_model_threads(config.trainer.threads);
-            swimlane_runtime::init_tracing(config.log_json);
+            swimlane_runtime::init_tracing(config.log_format);
             let db = swimlane_runtime::open_store(&config)?;
             let installed = swimlane_cli::init::install_for_spec(
                 &db,
@@ -312,10 +312,11 @@ fn main() -> anyhow::Result<()> {
                 None,
             )?;
             if !installed.already_present {
-                eprintln!("installed the base model and guard set");
+                tracing::info!("installed the base model and guard set");
             }
             drop(db);
-            eprintln!(
+            // Through the log, so that with `log_format = "json"` every line is JSON.
+            tracing::info!(
                 "swimlane dev: ingest on http://{}, models on http://{}; create a device token with `swimlane admin token create --user NAME`",
                 config.ingest.listen, config.publisher.listen
             );
@@ -339,7 +340,7 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&args, Some(w))?;
             // Before the runtime starts its threads.
             swimlane_runtime::apply_model_threads(swimlane_runtime::model_threads(&config, w));
-            swimlane_runtime::init_tracing(config.log_json);
+            swimlane_runtime::init_tracing(config.log_format);
             runtime()?.block_on(run_worker(worker, config))
         }
         Command::Admin { command } => admin_cmd::run(command),

@@ -117,8 +117,10 @@ pub struct Config {
     /// SHA-256 (lowercase hex) of the admin bearer token; empty: no admin token. The
     /// token itself is never configured, logged or stored.
     pub admin_token_sha256: String,
-    /// Log as JSON lines instead of human-readable text.
-    pub log_json: bool,
+    /// How log lines are written: `text` (for people; colour codes only when stderr
+    /// is a terminal) or `json` (one JSON object a line, with the fields of the event
+    /// and of every span it is in, e.g. `user_id` and `batch_id`).
+    pub log_format: LogFormat,
     /// The model spec (window shape, channels, classes): a built-in name
     /// (`synthetic-pose`, `smartwatch`) or the path of a JSON spec file
     /// (`swimlane_core::ModelSpec`). Every process of a deployment must agree: ingest
@@ -231,7 +233,7 @@ impl Default for Config {
             embedded_log_keep: 10_000,
             topic_prefix: String::new(),
             admin_token_sha256: String::new(),
-            log_json: false,
+            log_format: LogFormat::Text,
             spec: swimlane_core::spec::SYNTHETIC_POSE.into(),
             ingest: IngestConfig::default(),
             trainer: TrainerConfig::default(),
@@ -306,6 +308,17 @@ impl ConsumerConfig {
     pub fn poll_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.poll_interval_ms)
     }
+}
+
+/// How log lines are written (config key `log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; colour codes only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 /// Where a store lives, parsed from [`Config::store`].
@@ -917,7 +930,7 @@ mod tests {
                 ("SWIMLANE_INGEST_LISTEN", "127.0.0.1:7001"),
                 ("SWIMLANE_INGEST_MAX_INFLIGHT", "5"),
                 ("SWIMLANE_VALIDATOR_MARGIN", "0.05"),
-                ("SWIMLANE_LOG_JSON", "true"),
+                ("SWIMLANE_LOG_FORMAT", "json"),
                 ("SWIMLANE_LOG", "debug"),
                 ("PATH", "/bin"),
             ]),
@@ -931,7 +944,7 @@ mod tests {
         assert_eq!(c.ingest.max_body_bytes, 65536);
         assert_eq!(c.ingest.max_inflight, 5); // env
         assert_eq!(c.validator.policy.margin, 0.05);
-        assert!(c.log_json);
+        assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.store, "/data/flag"); // flag over env
         assert_eq!(c.ingest.listen.to_string(), "127.0.0.1:7002");
         assert_eq!(c.ingest.metrics_listen.to_string(), "127.0.0.1:7003");

@@ -21,7 +21,7 @@ pub mod store;
 pub mod telemetry;
 pub mod wiring;
 
-pub use config::{Args, Config, ConfigError, Worker};
+pub use config::{Args, Config, ConfigError, LogFormat, Worker};
 pub use ops::{serve_ops, OpsServer, Readiness};
 pub use shutdown::shutdown_signal;
 pub use store::open_store;
@@ -103,7 +103,7 @@ where
     let run = || -> Result<(), WorkerError> {
         let config = Config::load(&args, Some(worker))?;
         apply_model_threads(model_threads(&config, worker));
-        init_tracing(config.log_json);
+        init_tracing(config.log_format);
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

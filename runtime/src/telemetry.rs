@@ -10,22 +10,51 @@ use prometheus::{IntCounter, Opts, Registry};
 use swimlane_store::Db;
 use tracing_subscriber::EnvFilter;
 
-/// Install the global tracing subscriber: text, or JSON lines when `json`. A second
-/// call does nothing (the first subscriber stays).
-pub fn init_tracing(json: bool) {
+use crate::config::LogFormat;
+
+/// Install the global tracing subscriber ([`subscriber`]) on stderr, with colour codes
+/// only when stderr is a terminal, filtered by `SWIMLANE_LOG` (or `RUST_LOG`; default
+/// `info`). A second call does nothing (the first subscriber stays).
+pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = std::env::var("SWIMLANE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|s| EnvFilter::try_new(s).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    let _ =
+        tracing::subscriber::set_global_default(subscriber(format, filter, ansi, std::io::stderr));
+}
+
+/// The subscriber every process logs through: lines in `format` that pass `filter`,
+/// written to `writer`. Text has colour codes only when `ansi`; JSON is one object a
+/// line with the event's fields (`fields`), its span's (`span`) and every enclosing
+/// span's (`spans`), so `user_id` and `batch_id` are on every line logged inside a
+/// stage's span.
+pub fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync + 'static>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().with_current_span(true).try_init()
-    } else {
-        builder.try_init()
-    };
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Json => Box::new(
+            builder
+                .with_ansi(false)
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .finish(),
+        ),
+    }
 }
 
 /// A fresh registry for one process (or one worker of `swimlane dev`), with the
@@ -163,6 +192,60 @@ impl Collector for StoreCollector {
 
 #[cfg(test)]
 mod tests {
+
+    /// JSON logs: one object a line, each parsing on its own, with the event's fields
+    /// and the fields of the spans it was logged in.
+    #[test]
+    fn json_logs_are_one_object_a_line_with_the_span_fields() {
+        let logs = CapturedLogs::default();
+        tracing::subscriber::with_default(logs.subscriber_as(LogFormat::Json, true), || {
+            let span = tracing::info_span!("train", user_id = "ann", batch_id = "b-1");
+            let _g = span.enter();
+            tracing::info!(run_id = "r-1", "trained");
+            let inner = tracing::info_span!("commit", attempt = 2);
+            let _i = inner.enter();
+            tracing::warn!("a \"quoted\" reason\nover two lines");
+        });
+        let text = logs.text();
+        assert!(!text.contains('\u{1b}'), "no colour codes in JSON: {text}");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["fields"]["message"], "trained");
+        assert_eq!(lines[0]["fields"]["run_id"], "r-1");
+        assert_eq!(lines[0]["level"], "INFO");
+        for l in &lines {
+            assert_eq!(l["spans"][0]["user_id"], "ann", "{l}");
+            assert_eq!(l["spans"][0]["batch_id"], "b-1", "{l}");
+        }
+        assert_eq!(lines[1]["span"]["attempt"], 2);
+        assert_eq!(
+            lines[1]["fields"]["message"],
+            "a \"quoted\" reason\nover two lines"
+        );
+    }
+
+    /// Text logs carry colour codes only when asked (a terminal), never otherwise.
+    #[test]
+    fn text_logs_have_colour_codes_only_for_a_terminal() {
+        for ansi in [false, true] {
+            let logs = CapturedLogs::default();
+            tracing::subscriber::with_default(logs.subscriber_as(LogFormat::Text, ansi), || {
+                let span = tracing::info_span!("ingest", user_id = "ann");
+                let _g = span.enter();
+                tracing::warn!("slow upload");
+            });
+            let text = logs.text();
+            assert!(
+                text.contains("user_id") && text.contains("slow upload"),
+                "{text}"
+            );
+            assert_eq!(text.contains('\u{1b}'), ansi, "{text:?}");
+        }
+    }
+
     use super::*;
 
     #[cfg(target_os = "linux")]
@@ -207,14 +290,21 @@ mod tests {
 pub struct CapturedLogs(std::sync::Arc<Mutex<Vec<u8>>>);
 
 impl CapturedLogs {
-    /// A subscriber of DEBUG and above, without colours, writing into these logs.
+    /// A subscriber of DEBUG and above, as text without colours, writing into these
+    /// logs.
     pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        self.subscriber_as(LogFormat::Text, false)
+    }
+
+    /// [`subscriber`] of DEBUG and above in `format` (with colour codes if `ansi`),
+    /// writing into these logs.
+    pub fn subscriber_as(
+        &self,
+        format: LogFormat,
+        ansi: bool,
+    ) -> impl tracing::Subscriber + Send + Sync + 'static {
         let w = self.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || w.clone())
-            .finish()
+        subscriber(format, EnvFilter::new("debug"), ansi, move || w.clone())
     }
 
     /// Everything written so far.
