@@ -90,7 +90,8 @@ impl Device {
         {
             Ok(r) if r.status() == 202 => Ok(Upload::Accepted(r.into_json()?)),
             Ok(r) => anyhow::bail!("POST {url}: unexpected {}", r.status()),
-            Err(ureq::Error::Status(code, r)) if code >= 500 => {
+            // 503 (overloaded, store busy) and 429 (this user's uploads in flight): later.
+            Err(ureq::Error::Status(code, r)) if code >= 500 || code == 429 => {
                 Ok(Upload::Retry(format!("{code} {}", answer_text(r))))
             }
             Err(ureq::Error::Status(code, r)) => {

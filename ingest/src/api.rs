@@ -1,7 +1,8 @@
 //! The HTTP API (see the crate doc for the routes). Handlers do I/O only through
 //! `spawn_blocking` (the store is blocking) and answer errors as JSON
 //! `{"error": {"code", "message"}}`. The `Authorization` header is never logged.
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -9,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use prometheus::IntGauge;
 use serde_json::json;
 use swimlane_bus::Emitter;
@@ -47,6 +48,12 @@ pub struct IngestState {
     /// One permit per upload in flight (`ingest.max_inflight`), see [`InflightSlot`].
     pub(crate) inflight: Arc<Semaphore>,
     pub(crate) max_inflight: u32,
+    /// Uploads in flight per user (`ingest.max_inflight_per_user`), see [`UserPlace`].
+    pub(crate) per_user: Arc<Mutex<HashMap<UserId, u32>>>,
+    pub(crate) max_per_user: u32,
+    /// The body rate rule (`ingest.min_body_bytes_per_sec` after `body_grace_ms`).
+    pub(crate) min_body_rate: u64,
+    pub(crate) body_grace: std::time::Duration,
 }
 
 /// One upload's place among the `ingest.max_inflight` allowed at once. The handler and
@@ -59,6 +66,47 @@ struct InflightSlot(#[allow(dead_code)] Arc<SlotInner>);
 struct SlotInner {
     _permit: OwnedSemaphorePermit,
     gauge: IntGauge,
+    /// The user's place, once the caller is authenticated: given back with the slot.
+    user: OnceLock<UserPlace>,
+}
+
+/// One of a user's `ingest.max_inflight_per_user` places; given back on drop.
+struct UserPlace {
+    counts: Arc<Mutex<HashMap<UserId, u32>>>,
+    user: UserId,
+}
+
+impl Drop for UserPlace {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Take one of `user`'s places for the upload holding `slot`, or refuse it (429
+/// `too_many_uploads`, `Retry-After`) when the user has every place already. Never
+/// waits.
+fn admit_user(state: &IngestState, slot: &InflightSlot, user: &UserId) -> Result<(), ApiError> {
+    let mut counts = state.per_user.lock().unwrap_or_else(|e| e.into_inner());
+    let n = counts.entry(user.clone()).or_insert(0);
+    if *n >= state.max_per_user {
+        return Err(ApiError::too_many_uploads(state.max_per_user));
+    }
+    *n += 1;
+    drop(counts);
+    let place = UserPlace {
+        counts: state.per_user.clone(),
+        user: user.clone(),
+    };
+    // A slot is admitted for one user once; a second set would be a bug, and dropping
+    // the place it returns gives the count back.
+    let _ = slot.0.user.set(place);
+    Ok(())
 }
 
 impl Drop for SlotInner {
@@ -79,6 +127,7 @@ fn admit(state: &IngestState) -> Result<InflightSlot, ApiError> {
     Ok(InflightSlot(Arc::new(SlotInner {
         _permit: permit,
         gauge: state.metrics.inflight.clone(),
+        user: OnceLock::new(),
     })))
 }
 
@@ -108,6 +157,10 @@ impl IngestState {
             admin_token_sha256: config.admin_token_sha256.as_str().into(),
             inflight: Arc::new(Semaphore::new(config.ingest.max_inflight as usize)),
             max_inflight: config.ingest.max_inflight,
+            per_user: Default::default(),
+            max_per_user: config.ingest.max_inflight_per_user,
+            min_body_rate: config.ingest.min_body_bytes_per_sec,
+            body_grace: std::time::Duration::from_millis(config.ingest.body_grace_ms),
         })
     }
 
@@ -182,8 +235,24 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     }
 }
 
-/// Read at most `max` bytes of body; more is 413 (checked on Content-Length first).
-async fn read_body(headers: &HeaderMap, body: Body, max: u64) -> Result<Vec<u8>, ApiError> {
+/// How fast a body must come: all of it within `total`, and by `grace + bytes so far
+/// / min_rate` (when `min_rate > 0`).
+#[derive(Clone, Copy)]
+struct Pace {
+    total: std::time::Duration,
+    grace: std::time::Duration,
+    min_rate: u64,
+}
+
+/// Read at most `max` bytes of body; more is 413 (checked on Content-Length first). A
+/// body slower than `pace` is 408: `request_timeout` past the total time,
+/// `body_too_slow` below the rate.
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    max: u64,
+    pace: Pace,
+) -> Result<Vec<u8>, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -191,14 +260,51 @@ async fn read_body(headers: &HeaderMap, body: Body, max: u64) -> Result<Vec<u8>,
     if declared.is_some_and(|n| n > max) {
         return Err(stage::too_large(max));
     }
-    match Limited::new(body, max as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes().to_vec()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(stage::too_large(max)),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            format!("could not read the request body: {e}"),
-        )),
+    let start = tokio::time::Instant::now();
+    let end = start + pace.total;
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let by_rate = (pace.min_rate > 0).then(|| {
+            start
+                + pace.grace
+                + std::time::Duration::from_secs_f64(out.len() as f64 / pace.min_rate as f64)
+        });
+        let deadline = by_rate.map_or(end, |d| d.min(end));
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if deadline < end => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_too_slow",
+                    format!(
+                        "the request body came slower than {} bytes a second (ingest.min_body_bytes_per_sec); nothing was stored",
+                        pace.min_rate
+                    ),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive in time",
+                ))
+            }
+            Ok(None) => return Ok(out),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("could not read the request body: {e}"),
+                ))
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if (out.len() + data.len()) as u64 > max {
+                        return Err(stage::too_large(max));
+                    }
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
     }
 }
 
@@ -248,19 +354,14 @@ async fn post_batch_inner(
     let slot = admit(state)?;
     let user = parse_user(user)?;
     authorize(state, headers, &user, Some(&slot)).await?;
+    admit_user(state, &slot, &user)?;
     let enc = encoding(headers)?;
-    let raw = tokio::time::timeout(
-        state.body_timeout,
-        read_body(headers, body, state.max_body_bytes),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "the request body did not arrive in time",
-        )
-    })??;
+    let pace = Pace {
+        total: state.body_timeout,
+        grace: state.body_grace,
+        min_rate: state.min_body_rate,
+    };
+    let raw = read_body(headers, body, state.max_body_bytes, pace).await?;
     let (max, limits, u, held, spec) = (
         state.max_body_bytes,
         state.limits,

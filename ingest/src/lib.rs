@@ -11,7 +11,10 @@
 //!     409 `conflict` (the batch id was staged with other content); 413
 //!     `payload_too_large` (raw or decompressed body over `ingest.max_body_bytes`); 415
 //!     `unsupported_encoding`; 408 `request_timeout` (body slower than
-//!     `ingest.body_timeout_ms`); 503 `store_unavailable` with `Retry-After` (the
+//!     `ingest.body_timeout_ms`) or `body_too_slow` (below
+//!     `ingest.min_body_bytes_per_sec` after `ingest.body_grace_ms`); 429
+//!     `too_many_uploads` with `Retry-After` (the user already has
+//!     `ingest.max_inflight_per_user` uploads in flight: nothing stored); 503 `store_unavailable` with `Retry-After` (the
 //!     staging transaction ran out of retries on conflicts or a busy store, or took too
 //!     long: nothing was stored); 503 `overloaded` with `Retry-After` (already
 //!     `ingest.max_inflight` uploads in flight: refused before anything was read or

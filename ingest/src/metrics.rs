@@ -41,8 +41,10 @@ pub const ROUTES: [Route; 2] = [
 ];
 
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
-pub const EDGE_CODES: [&str; 12] = [
+pub const EDGE_CODES: [&str; 14] = [
     "overloaded",
+    "too_many_uploads",
+    "body_too_slow",
     "unauthenticated",
     "forbidden",
     "bad_user_id",

@@ -38,6 +38,8 @@ fn config(max_inflight: u32) -> Config {
         ..Config::default()
     };
     c.ingest.max_inflight = max_inflight;
+    // These tests are about the global limit: one user may use every place.
+    c.ingest.max_inflight_per_user = max_inflight;
     c.ingest.listen = "127.0.0.1:0".parse().unwrap();
     c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
     c.validate().unwrap();
@@ -98,6 +100,16 @@ impl Store {
             registry: registry.clone(),
             clock: Arc::new(ManualWallClock::new(NOW_MS)),
         }
+    }
+
+    /// A token for another user.
+    fn token_for(&self, user: &str) -> String {
+        let token = new_token();
+        let repo = Repo::new(self.keys.clone());
+        self.db
+            .transact(|tx| repo.put_token(tx, &UserId::new(user).unwrap(), &token, NOW_MS))
+            .unwrap();
+        token
     }
 
     /// Batch id → how many `BatchStaged` events name it.
@@ -311,14 +323,22 @@ fn parse_answer(raw: &str) -> (u16, Option<String>) {
 }
 
 fn request_head(token: &str, len: usize) -> String {
+    request_head_as("alice", token, len)
+}
+
+fn request_head_as(user: &str, token: &str, len: usize) -> String {
     format!(
-        "POST /v1/users/alice/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        "POST /v1/users/{user}/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
     )
 }
 
 async fn upload(addr: SocketAddr, token: &str, body: &str) -> (u16, Option<String>) {
+    upload_as(addr, "alice", token, body).await
+}
+
+async fn upload_as(addr: SocketAddr, user: &str, token: &str, body: &str) -> (u16, Option<String>) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request_head(token, body.len()).as_bytes())
+    s.write_all(request_head_as(user, token, body.len()).as_bytes())
         .await
         .unwrap();
     s.write_all(body.as_bytes()).await.unwrap();
@@ -487,4 +507,143 @@ async fn a_store_that_cannot_keep_up_is_503_with_retry_after_and_stores_nothing(
         .unwrap();
     assert_eq!(answer(resp).await.0, StatusCode::ACCEPTED);
     store.assert_stored_whole("conflicted", 50);
+}
+
+/// One device cannot starve the fleet: 70 uploads with alice's token whose bodies
+/// trickle in at 10 bytes a second. At most `max_inflight_per_user` of them hold a
+/// place (the rest are 429 `too_many_uploads` at once), so bob's uploads meanwhile are
+/// each accepted within a second though the global limit is 8; the body rate rule then
+/// cuts alice's slow ones (408 `body_too_slow`), and nothing of any of them is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_slow_uploads_cannot_starve_the_others() {
+    const SLOW: usize = 70;
+    const PER_USER: u32 = 4;
+    let store = Store::new();
+    let bob = store.token_for("bob");
+    let registry = prometheus::Registry::new();
+    let shutdown = swimlane_runtime::CancellationToken::new();
+    let mut c = config(8);
+    c.ingest.max_inflight_per_user = PER_USER;
+    c.ingest.min_body_bytes_per_sec = 1000;
+    c.ingest.body_grace_ms = 3_000;
+    let running = swimlane_ingest::start(c, store.deps(&registry), shutdown.clone())
+        .await
+        .unwrap();
+    let api = running.api_addr;
+
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let (token, body) = (store.token.clone(), batch(&format!("slow-{i}"), 3));
+        slow.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(api).await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            w.write_all(request_head_as("alice", &token, body.len()).as_bytes())
+                .await
+                .unwrap();
+            let mut reader = tokio::spawn(async move {
+                let mut out = String::new();
+                let _ = r.read_to_string(&mut out).await;
+                out
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for b in body.bytes() {
+                tokio::select! {
+                    out = &mut reader => return out.unwrap(),
+                    _ = async {
+                        let _ = w.write_all(&[b]).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    } => {}
+                }
+                assert!(Instant::now() < deadline, "no answer to a slow upload");
+            }
+            reader.await.unwrap()
+        }));
+    }
+    // Every one of alice's uploads but the admitted ones has been refused, and those
+    // hold their places, reading their bodies.
+    let refused = |reason: &str| {
+        let n = gauge(
+            &registry,
+            &format!("swimlane_ingest_batches_rejected_total{{reason=\"{reason}\"}}"),
+        );
+        if n.is_nan() {
+            0.0
+        } else {
+            n
+        }
+    };
+    eventually("alice's extra uploads refused, hers in flight", || {
+        refused("too_many_uploads") + refused("overloaded") == (SLOW - PER_USER as usize) as f64
+            && gauge(&registry, UPLOADS_INFLIGHT) == PER_USER as f64
+    })
+    .await;
+    for k in 0..3 {
+        let body = batch(&format!("bob-{k}"), 5);
+        let t0 = Instant::now();
+        let (status, _) = upload_as(api, "bob", &bob, &body).await;
+        assert_eq!(status, 202, "bob's upload {k}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "bob waited {:?}",
+            t0.elapsed()
+        );
+    }
+    assert_eq!(
+        gauge(&registry, UPLOADS_INFLIGHT),
+        PER_USER as f64,
+        "alice still holds hers"
+    );
+
+    let mut codes = BTreeMap::new();
+    for h in slow {
+        let raw = h.await.unwrap();
+        let (status, retry) = parse_answer(&raw);
+        let code = ["too_many_uploads", "overloaded", "body_too_slow"]
+            .into_iter()
+            .find(|c| raw.contains(c))
+            .unwrap_or_else(|| panic!("unexpected answer {raw:?}"));
+        match code {
+            "too_many_uploads" => assert_eq!((status, retry.as_deref()), (429, Some("1"))),
+            // While the burst arrives, the global limit may refuse some first.
+            "overloaded" => assert_eq!((status, retry.as_deref()), (503, Some("1"))),
+            _ => assert_eq!(status, 408),
+        }
+        *codes.entry(code).or_insert(0usize) += 1;
+    }
+    let count = |c: &str| codes.get(c).copied().unwrap_or(0);
+    assert_eq!(count("body_too_slow"), PER_USER as usize, "{codes:?}");
+    assert_eq!(
+        count("too_many_uploads") + count("overloaded"),
+        SLOW - PER_USER as usize,
+        "{codes:?}"
+    );
+    assert!(count("too_many_uploads") > 0, "{codes:?}");
+    for i in 0..SLOW {
+        store.assert_nothing_of(&format!("slow-{i}"));
+    }
+    assert_eq!(
+        gauge(&registry, UPLOADS_INFLIGHT),
+        0.0,
+        "every place given back"
+    );
+    let text = {
+        let mut t = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&registry.gather(), &mut t)
+            .unwrap();
+        t
+    };
+    for (reason, n) in [
+        ("too_many_uploads", count("too_many_uploads")),
+        ("body_too_slow", PER_USER as usize),
+    ] {
+        let line = format!("swimlane_ingest_batches_rejected_total{{reason=\"{reason}\"}} {n}");
+        assert!(text.contains(&line), "{line} missing:\n{text}");
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("drains")
+        .unwrap()
+        .unwrap();
 }

@@ -151,6 +151,17 @@ pub struct IngestConfig {
     /// Most uploads handled at once (authenticating, reading, validating, staging);
     /// one more is answered 503 `overloaded` with `Retry-After`, having stored nothing.
     pub max_inflight: u32,
+    /// Most uploads of one user in flight at once (once the caller is authenticated);
+    /// one more is answered 429 `too_many_uploads` with `Retry-After`, having stored
+    /// nothing, so that one device cannot hold every place of `max_inflight`.
+    pub max_inflight_per_user: u32,
+    /// Slowest body accepted, in bytes per second after `body_grace_ms`: a body that
+    /// has not reached `body_grace_ms + bytes so far / min_body_bytes_per_sec` is cut
+    /// with 408 `body_too_slow` and its place freed. 0: no rate rule (only
+    /// `body_timeout_ms`).
+    pub min_body_bytes_per_sec: u64,
+    /// Time a body gets before the rate rule applies.
+    pub body_grace_ms: u64,
 }
 
 /// A stage's bus consumer settings (`[trainer.consumer]`, ...).
@@ -253,6 +264,9 @@ impl Default for IngestConfig {
             body_timeout_ms: 30_000,
             drain_timeout_ms: 10_000,
             max_inflight: 64,
+            max_inflight_per_user: 4,
+            min_body_bytes_per_sec: 4096,
+            body_grace_ms: 2_000,
         }
     }
 }
@@ -730,6 +744,12 @@ impl Config {
                 format!("must be between 1 and {MAX_INFLIGHT_LIMIT}"),
             ));
         }
+        if self.ingest.max_inflight_per_user == 0 {
+            return Err(invalid(
+                "ingest.max_inflight_per_user",
+                "must be at least 1",
+            ));
+        }
         for (section, c) in [
             ("trainer", &self.trainer.consumer),
             ("validator", &self.validator.consumer),
@@ -1081,6 +1101,10 @@ mod tests {
             (
                 "ingest.max_inflight",
                 Box::new(|c| c.ingest.max_inflight = 0),
+            ),
+            (
+                "ingest.max_inflight_per_user",
+                Box::new(|c| c.ingest.max_inflight_per_user = 0),
             ),
         ];
         for (key, f) in cases {

@@ -209,6 +209,17 @@ impl ApiError {
             retry_after: Some(1),
         }
     }
+    /// 429 `too_many_uploads`: the caller already has `max` uploads in flight.
+    pub fn too_many_uploads(max: u32) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "too_many_uploads",
+            message: format!(
+                "this user already has {max} uploads in flight (ingest.max_inflight_per_user); nothing was stored, retry when one has finished"
+            ),
+            retry_after: Some(1),
+        }
+    }
     /// Map a store error: retryable conditions are 503 with `Retry-After`, the rest 500.
     /// The details go to the log, not to the client.
     pub fn store(e: &KvError) -> Self {
