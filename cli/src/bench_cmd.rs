@@ -12,6 +12,28 @@ pub enum BenchCommand {
     /// overhead per batch (upload to publish, minus training and validation time), with
     /// the workers as separate processes, once per trainer count.
     Pipeline(PipelineArgs),
+    /// Many devices downloading their models at once (full downloads and 304s):
+    /// latency p50/p99, errors and requests per second, against the publisher of a
+    /// fleet that has just published the users' models.
+    Downloads(DownloadsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadsArgs {
+    /// Swimmers whose models are published first (devices share them).
+    #[arg(long, default_value_t = 20)]
+    users: usize,
+    /// Concurrent devices, each on its own connection.
+    #[arg(long, default_value_t = 2000)]
+    devices: usize,
+    /// How long the devices download.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// `onnx` or `safetensors`.
+    #[arg(long, default_value = "onnx")]
+    format: String,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -84,7 +106,29 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Store(args) => store(args),
         BenchCommand::Pipeline(args) => pipeline(args),
+        BenchCommand::Downloads(args) => downloads(args),
     }
+}
+
+fn downloads(args: DownloadsArgs) -> anyhow::Result<()> {
+    let opts = swimlane_cli::bench_pipeline::PipelineBenchOptions {
+        bus: "embedded".into(),
+        trainers: vec![1],
+        users: args.users,
+        paced: 0,
+        seed: args.seed,
+        dir: None,
+        exe: std::env::current_exe()?,
+        partitions: 8,
+        trainer_threads: 1,
+        corrections: 250,
+        peer: None,
+        frames: swimlane_cli::upload::Frames::F32le,
+    };
+    let r =
+        swimlane_cli::bench_pipeline::downloads(&opts, args.devices, args.seconds, &args.format)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
 }
 
 fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {

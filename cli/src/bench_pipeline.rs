@@ -720,6 +720,196 @@ fn run_once(
     })
 }
 
+/// Many devices downloading their models (`swimlane bench downloads`): `opts.users`
+/// swimmers' batches go through the whole fleet first (one trainer); then `devices`
+/// concurrent devices, each one of the users whose model was published (several
+/// devices per user), download the model in `format` over keep-alive connections for
+/// `seconds`: the first request of each device in full, every later one with
+/// `If-None-Match` of the ETag it got (a phone checking for a new version), so almost
+/// every answer is 304. Reports each kind's count and p50/p99 latency, the errors, the
+/// requests per second and the publisher's peak memory.
+pub fn downloads(
+    opts: &PipelineBenchOptions,
+    devices: usize,
+    seconds: f64,
+    format: &str,
+) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(devices >= 1, "--devices must be at least 1");
+    anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
+    eprintln!("training the base model (seed {})...", opts.seed);
+    let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
+    let uploads = make_uploads(&base, opts.users, opts)?;
+    let mut sc = scratch(opts, &base, &uploads, 1)?;
+    sc.procs.start_all(Duration::from_secs(120))?;
+    wait_split(&mut sc, opts.partitions, 1)?;
+    burst(&sc.devices, &uploads, uploads.len())?;
+    // Until every batch has settled.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let published: Vec<(String, String)> = loop {
+        sc.procs.check_alive()?;
+        let (open, heads) = sc.db.transact(|tx| {
+            let (mut open, mut heads) = (0, Vec::new());
+            for d in &sc.devices {
+                match sc.repo.batch(tx, &d.user, "night-0")? {
+                    Some(b)
+                        if b.status.is_terminal()
+                            || matches!(b.status, BatchStatus::Deferred { .. }) =>
+                    {
+                        if sc.repo.user_state(tx, &d.user)?.head.is_some() {
+                            heads.push((d.user.clone(), d.token.clone()));
+                        }
+                    }
+                    _ => open += 1,
+                }
+            }
+            Ok((open, heads))
+        })?;
+        if open == 0 {
+            break heads;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{open} batches not settled");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    anyhow::ensure!(!published.is_empty(), "no user's model was published");
+    let addr: std::net::SocketAddr = sc
+        .procs
+        .publisher_url()
+        .trim_start_matches("http://")
+        .parse()?;
+    eprintln!(
+        "{devices} devices of {} users with a published model download for {seconds} s...",
+        published.len()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let label = format.to_string();
+    let format = format.to_string();
+    let run = rt.block_on(async move {
+        let end = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+        let mut tasks = Vec::with_capacity(devices);
+        for i in 0..devices {
+            let (user, token) = published[i % published.len()].clone();
+            let format = format.clone();
+            tasks.push(tokio::spawn(async move {
+                download_loop(addr, &user, &token, &format, end).await
+            }));
+        }
+        let mut all = DeviceFigures::default();
+        for t in tasks {
+            let f = t.await.unwrap_or_else(|e| DeviceFigures {
+                errors: vec![format!("device task: {e}")],
+                ..Default::default()
+            });
+            all.full.extend(f.full);
+            all.not_modified.extend(f.not_modified);
+            all.errors.extend(f.errors);
+        }
+        all
+    });
+    let peak = sc.procs.peak_rss_mib();
+    let total = run.full.len() + run.not_modified.len();
+    let mut first_errors = run.errors.clone();
+    first_errors.sort();
+    first_errors.dedup();
+    first_errors.truncate(5);
+    let ms = |v: &[f64], q: f64| round3(quantile(v, q) * 1000.0);
+    Ok(serde_json::json!({
+        "devices": devices, "users": opts.users, "seconds": seconds, "format": label,
+        "full_downloads": run.full.len(), "full_p50_ms": ms(&run.full, 0.5), "full_p99_ms": ms(&run.full, 0.99),
+        "not_modified": run.not_modified.len(), "not_modified_p50_ms": ms(&run.not_modified, 0.5),
+        "not_modified_p99_ms": ms(&run.not_modified, 0.99),
+        "requests_per_sec": round3(total as f64 / seconds),
+        "errors": run.errors.len(), "first_errors": first_errors,
+        "publisher_peak_rss_mib": peak.get("publisher"), "cores": cores(),
+    }))
+}
+
+/// What one device (or all of them) saw: latencies in seconds.
+#[derive(Default)]
+struct DeviceFigures {
+    full: Vec<f64>,
+    not_modified: Vec<f64>,
+    errors: Vec<String>,
+}
+
+/// One device: a keep-alive connection (re-opened if the server closes it), the model
+/// in full once, then `If-None-Match` until `end`.
+async fn download_loop(
+    addr: std::net::SocketAddr,
+    user: &str,
+    token: &str,
+    format: &str,
+    end: tokio::time::Instant,
+) -> DeviceFigures {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut f = DeviceFigures::default();
+    let mut etag: Option<String> = None;
+    let mut conn: Option<tokio::io::BufReader<tokio::net::TcpStream>> = None;
+    while tokio::time::Instant::now() < end {
+        let t0 = Instant::now();
+        let result: Result<(u16, Option<String>), String> = async {
+            if conn.is_none() {
+                let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+                conn = Some(tokio::io::BufReader::new(s));
+            }
+            let c = conn.as_mut().expect("just set");
+            let inm = etag.as_ref().map(|e| format!("If-None-Match: {e}\r\n")).unwrap_or_default();
+            let req = format!(
+                "GET /v1/users/{user}/model?format={format} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n{inm}\r\n"
+            );
+            c.get_mut().write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+            let mut status = 0u16;
+            let (mut len, mut tag, mut close) = (0usize, None, false);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = c.read_line(&mut line).await.map_err(|e| format!("read: {e}"))?;
+                if n == 0 {
+                    return Err("connection closed mid-answer".into());
+                }
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                if status == 0 {
+                    status = l.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                } else if let Some((k, v)) = l.split_once(':') {
+                    let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                    match k.as_str() {
+                        "content-length" => len = v.parse().unwrap_or(0),
+                        "etag" => tag = Some(v.to_string()),
+                        "connection" => close = v.eq_ignore_ascii_case("close"),
+                        _ => {}
+                    }
+                }
+            }
+            let mut body = vec![0u8; len];
+            c.read_exact(&mut body).await.map_err(|e| format!("body: {e}"))?;
+            if close {
+                conn = None;
+            }
+            Ok((status, tag))
+        }
+        .await;
+        let secs = t0.elapsed().as_secs_f64();
+        match result {
+            Ok((200, tag)) => {
+                f.full.push(secs);
+                etag = tag;
+            }
+            Ok((304, _)) => f.not_modified.push(secs),
+            Ok((other, _)) => f.errors.push(format!("status {other}")),
+            Err(e) => {
+                f.errors.push(e);
+                conn = None;
+            }
+        }
+    }
+    f
+}
+
 /// What the store says of a set of users' `night-0` batches.
 #[derive(Default)]
 struct Figures {

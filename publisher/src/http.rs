@@ -55,6 +55,24 @@ pub struct ApiState {
     /// SHA-256 (hex) of the admin token; empty: no admin.
     pub admin_token_sha256: Arc<str>,
     pub metrics: PublisherMetrics,
+    /// One permit per request reading the store (`publisher.max_concurrent_reads`).
+    pub reads: Arc<tokio::sync::Semaphore>,
+}
+
+impl ApiState {
+    /// Run `f` (a store read) on a blocking thread once one of the `reads` permits is
+    /// free: requests beyond the limit wait as futures, not as threads holding a model.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal())?;
+        blocking(f).await
+    }
 }
 
 /// The publisher's routes.
@@ -233,39 +251,40 @@ async fn get_model(
         .map(str::to_string);
     let st2 = st.clone();
     let u = user.clone();
-    let found = blocking(move || {
-        let repo = st2.repo.clone();
-        authorised(&st2, auth.as_deref(), &u, false, |tx| {
-            let Some(format) = asked else {
-                return Ok(Head::BadRequest);
-            };
-            let state = repo.user_state(tx, u.as_str())?;
-            let Some(v) = state.head else {
-                return Ok(Head::None);
-            };
-            let Some(rec) = repo.model_version(tx, u.as_str(), v)? else {
-                return Ok(Head::None);
-            };
-            let (blob, sha) = match format {
-                ModelFormat::Safetensors => (rec.model_blob.clone(), rec.sha256.clone()),
-                ModelFormat::Onnx => match &rec.onnx {
-                    Some(f) => (f.blob.clone(), f.sha256.clone()),
-                    None => return Ok(Head::Unavailable(rec)),
-                },
-            };
-            let etag = format!("\"{sha}\"");
-            if inm.as_deref().is_some_and(|h| etag_matches(h, &etag)) {
-                return Ok(Head::NotModified(rec, sha));
-            }
-            // A head whose file is gone is a broken store, not "not modified".
-            let bytes = repo.blob(tx, &blob)?.ok_or_else(|| KvError::Corrupt {
-                what: format!("model blob {blob}"),
-                reason: format!("missing for published version {}", rec.version),
-            })?;
-            Ok(Head::Model(rec, sha, bytes))
+    let found = st
+        .read(move || {
+            let repo = st2.repo.clone();
+            authorised(&st2, auth.as_deref(), &u, false, |tx| {
+                let Some(format) = asked else {
+                    return Ok(Head::BadRequest);
+                };
+                let state = repo.user_state(tx, u.as_str())?;
+                let Some(v) = state.head else {
+                    return Ok(Head::None);
+                };
+                let Some(rec) = repo.model_version(tx, u.as_str(), v)? else {
+                    return Ok(Head::None);
+                };
+                let (blob, sha) = match format {
+                    ModelFormat::Safetensors => (rec.model_blob.clone(), rec.sha256.clone()),
+                    ModelFormat::Onnx => match &rec.onnx {
+                        Some(f) => (f.blob.clone(), f.sha256.clone()),
+                        None => return Ok(Head::Unavailable(rec)),
+                    },
+                };
+                let etag = format!("\"{sha}\"");
+                if inm.as_deref().is_some_and(|h| etag_matches(h, &etag)) {
+                    return Ok(Head::NotModified(rec, sha));
+                }
+                // A head whose file is gone is a broken store, not "not modified".
+                let bytes = repo.blob(tx, &blob)?.ok_or_else(|| KvError::Corrupt {
+                    what: format!("model blob {blob}"),
+                    reason: format!("missing for published version {}", rec.version),
+                })?;
+                Ok(Head::Model(rec, sha, bytes))
+            })
         })
-    })
-    .await??;
+        .await??;
     let format = match requested {
         Ok(format) => format,
         Err(e) => return Err(e), // the caller is allowed: now say what was wrong
@@ -331,16 +350,18 @@ async fn list_versions(
 ) -> Result<Response, ApiError> {
     let user = parse_user(user)?;
     let auth = bearer(&headers);
-    let (head, versions) = blocking(move || {
-        let repo = st.repo.clone();
-        authorised(&st, auth.as_deref(), &user, false, |tx| {
-            Ok((
-                repo.user_state(tx, user.as_str())?.head,
-                repo.model_versions(tx, user.as_str())?,
-            ))
+    let st2 = st.clone();
+    let (head, versions) = st
+        .read(move || {
+            let repo = st2.repo.clone();
+            authorised(&st2, auth.as_deref(), &user, false, |tx| {
+                Ok((
+                    repo.user_state(tx, user.as_str())?.head,
+                    repo.model_versions(tx, user.as_str())?,
+                ))
+            })
         })
-    })
-    .await??;
+        .await??;
     Ok(Json(serde_json::json!({ "head": head, "versions": versions })).into_response())
 }
 

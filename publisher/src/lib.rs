@@ -88,6 +88,9 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeE
         repo,
         admin_token_sha256: config.admin_token_sha256.clone().into(),
         metrics,
+        reads: Arc::new(tokio::sync::Semaphore::new(
+            config.publisher.max_concurrent_reads as usize,
+        )),
     });
     let listener = swimlane_runtime::bind(config.publisher.listen, "publisher API").await?;
     let api_addr = listener

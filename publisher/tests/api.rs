@@ -79,6 +79,7 @@ impl Harness {
             repo: repo.clone(),
             admin_token_sha256: hash_token(&admin).into(),
             metrics: PublisherMetrics::register(&registry).unwrap(),
+            reads: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
         });
         Harness {
             db,

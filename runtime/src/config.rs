@@ -218,6 +218,10 @@ pub struct PublisherConfig {
     /// On shutdown, in-flight model requests get this long to finish; then the server
     /// stops.
     pub drain_timeout_ms: u64,
+    /// Most API requests reading the store at once; more wait their turn (without a
+    /// thread), so that thousands of devices downloading at once keep the publisher's
+    /// memory bounded (`swimlane bench downloads`, bench/README.md).
+    pub max_concurrent_reads: u32,
     pub consumer: ConsumerConfig,
 }
 
@@ -303,6 +307,7 @@ impl Default for PublisherConfig {
             listen: addr("127.0.0.1:8081"),
             metrics_listen: addr("127.0.0.1:9104"),
             drain_timeout_ms: 10_000,
+            max_concurrent_reads: 16,
             consumer: ConsumerConfig::default(),
         }
     }
@@ -737,6 +742,12 @@ impl Config {
         }
         if self.ingest.body_timeout_ms == 0 {
             return Err(invalid("ingest.body_timeout_ms", "must be at least 1"));
+        }
+        if self.publisher.max_concurrent_reads == 0 {
+            return Err(invalid(
+                "publisher.max_concurrent_reads",
+                "must be at least 1",
+            ));
         }
         if !(1..=MAX_INFLIGHT_LIMIT).contains(&self.ingest.max_inflight) {
             return Err(invalid(
