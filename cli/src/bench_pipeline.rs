@@ -1037,27 +1037,25 @@ pub fn print_table(r: &PipelineBenchReport) {
             x.validate_seconds_mean
         );
     }
-    for x in &r.runs {
-        let rss: Vec<String> = x
-            .peak_rss_mib
+    // `worker figure, ...` with `decimals` digits.
+    let by_worker = |m: &std::collections::BTreeMap<String, f64>, decimals: usize| {
+        let parts: Vec<String> = m
             .iter()
-            .map(|(w, m)| format!("{w} {m:.0}"))
+            .map(|(w, v)| format!("{w} {v:.decimals$}"))
             .collect();
+        parts.join(", ")
+    };
+    for x in &r.runs {
         println!(
             "{} trainer(s): peak resident MiB: {}; store {:.0} bytes per user",
             x.trainers,
-            rss.join(", "),
+            by_worker(&x.peak_rss_mib, 0),
             x.store_bytes_per_user
         );
-        let cpu: Vec<String> = x
-            .burst_cpu_seconds
-            .iter()
-            .map(|(w, c)| format!("{w} {c:.2}"))
-            .collect();
         println!(
             "{} trainer(s): burst CPU seconds: {}; {:.1} ms per user",
             x.trainers,
-            cpu.join(", "),
+            by_worker(&x.burst_cpu_seconds, 2),
             x.cpu_ms_per_user
         );
     }

@@ -740,25 +740,25 @@ impl Config {
                 ),
             ));
         }
-        if self.ingest.body_timeout_ms == 0 {
-            return Err(invalid("ingest.body_timeout_ms", "must be at least 1"));
-        }
-        if self.publisher.max_concurrent_reads == 0 {
-            return Err(invalid(
+        for (key, value) in [
+            ("ingest.body_timeout_ms", self.ingest.body_timeout_ms),
+            (
+                "ingest.max_inflight_per_user",
+                self.ingest.max_inflight_per_user.into(),
+            ),
+            (
                 "publisher.max_concurrent_reads",
-                "must be at least 1",
-            ));
+                self.publisher.max_concurrent_reads.into(),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if !(1..=MAX_INFLIGHT_LIMIT).contains(&self.ingest.max_inflight) {
             return Err(invalid(
                 "ingest.max_inflight",
                 format!("must be between 1 and {MAX_INFLIGHT_LIMIT}"),
-            ));
-        }
-        if self.ingest.max_inflight_per_user == 0 {
-            return Err(invalid(
-                "ingest.max_inflight_per_user",
-                "must be at least 1",
             ));
         }
         for (section, c) in [
