@@ -100,6 +100,7 @@ fn main() {
         chunks: 2,
         staged_at_ms: 1_790_000_000_000,
         status,
+        chunk_samples: 0,
     };
     put(
         "stored_records",

@@ -220,7 +220,7 @@ fn read_kafka_topic(
 }
 
 /// What the caller knows the run must show.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Expect {
     /// Versions published over all users, at least.
     pub min_versions: u64,
@@ -228,6 +228,23 @@ pub struct Expect {
     pub poisoned: BTreeSet<(String, String)>,
     /// Dead letters the run may leave (records it fed in that no stage can process).
     pub max_dead_letters: usize,
+    /// The fleet's `retention.max_training_windows`: a run trains on at most this many
+    /// of the user's most recent training windows.
+    pub max_training_windows: u64,
+}
+
+impl Default for Expect {
+    /// Nothing required, and the default retention budget.
+    fn default() -> Self {
+        Expect {
+            min_versions: 0,
+            poisoned: BTreeSet::new(),
+            max_dead_letters: 0,
+            max_training_windows: swimlane_core::policy::RetentionPolicy::default()
+                .max_training_windows
+                .into(),
+        }
+    }
 }
 
 /// One user as the audit sees it: name, device token, accepted batch ids.
@@ -262,6 +279,9 @@ pub struct AuditReport {
     pub published: usize,
     pub rejected: usize,
     pub deferred: usize,
+    /// Batches retired by the retention policy (after being published, rejected or
+    /// never trained).
+    pub retired: usize,
     pub versions: u64,
     pub runs: usize,
     /// Accepted batches missing from the store, or never settled.
@@ -279,13 +299,7 @@ pub struct AuditReport {
 }
 
 fn word(s: &BatchStatus) -> &'static str {
-    match s {
-        BatchStatus::Published { .. } => "published",
-        BatchStatus::Rejected { .. } => "rejected",
-        BatchStatus::Deferred { .. } => "deferred",
-        BatchStatus::Staged => "staged",
-        BatchStatus::Validating { .. } => "validating",
-    }
+    s.name()
 }
 
 /// Audit `users` on `db` (deployment keys in `repo`), on `events` when given, and,
@@ -462,32 +476,57 @@ pub fn audit(
             } else if run.published_version.is_some() {
                 bad(&mut r, format!("rejected run {} was published", run.run_id));
             }
-            // Provenance: this user's batches only, and exactly the plan's samples.
-            let mut expected = 0u64;
-            for b in &run.batches {
+            // Provenance: this user's batches only, and exactly the plan's samples: the
+            // training windows of its own batches and of the versions up to its parent,
+            // at most the retention budget. A batch retired since may or may not have
+            // been retired when the run was planned: then the count lies between the
+            // windows of the batches never retired and all of them.
+            let (mut expected, mut never_retired) = (0u64, 0u64);
+            let parent = run.parent_version.unwrap_or(0);
+            let inherited = versions
+                .iter()
+                .filter(|v| v.version <= parent)
+                .flat_map(|v| v.batches.iter());
+            for (own, b) in run
+                .batches
+                .iter()
+                .map(|b| (true, b))
+                .chain(inherited.map(|b| (false, b)))
+            {
                 match non_heldout(b) {
-                    Some(k) => expected += k,
-                    None => bad(
+                    Some(k) => {
+                        expected += k;
+                        let retired = batch_of
+                            .get(b.as_str())
+                            .is_some_and(|rec| matches!(rec.status, BatchStatus::Retired { .. }));
+                        if !retired {
+                            never_retired += k;
+                        }
+                    }
+                    None if own => bad(
                         &mut r,
                         format!(
                             "run {} trained on batch {b}, not one of this user's",
                             run.run_id
                         ),
                     ),
+                    None => {}
                 }
             }
-            let parent = run.parent_version.unwrap_or(0);
-            for v in versions.iter().filter(|v| v.version <= parent) {
-                for b in &v.batches {
-                    expected += non_heldout(b).unwrap_or(0);
-                }
-            }
-            if run.train_samples as u64 != expected {
+            let budget = expect.max_training_windows;
+            let (lo, hi) = (never_retired.min(budget), expected.min(budget));
+            let trained = run.train_samples as u64;
+            if !(lo..=hi).contains(&trained) {
                 bad(
                     &mut r,
                     format!(
-                        "run {} trained on {} samples; this user's batches give {expected}",
-                        run.run_id, run.train_samples
+                        "run {} trained on {trained} samples; this user's batches give {}",
+                        run.run_id,
+                        if lo == hi {
+                            lo.to_string()
+                        } else {
+                            format!("{lo} to {hi}")
+                        }
                     ),
                 );
             }
@@ -551,6 +590,33 @@ pub fn audit(
                         bad(&mut r, format!("batch {b} deferred yet in a version"));
                     }
                 }
+                BatchStatus::Retired { reason } => {
+                    r.retired += 1;
+                    // Its reason says what it was: published in its version, or not.
+                    match version_of_batch.get(b.as_str()) {
+                        Some(v) => {
+                            if !reason.contains(&format!("was published as version {v};"))
+                                && !reason.ends_with(&format!("was published as version {v}"))
+                            {
+                                bad(
+                                    &mut r,
+                                    format!("batch {b} is in v{v} but retired as: {reason}"),
+                                );
+                            }
+                            if expect.poisoned.contains(&(u.to_string(), b.clone())) {
+                                r.poisoned_published += 1;
+                                bad(&mut r, format!("poisoned batch {b} published in v{v}"));
+                            }
+                        }
+                        None if reason.contains("was published") => {
+                            bad(
+                                &mut r,
+                                format!("batch {b} is in no version but retired as: {reason}"),
+                            );
+                        }
+                        None => {}
+                    }
+                }
                 other => {
                     r.lost += 1;
                     bad(&mut r, format!("batch {b} never settled: {other:?}"));
@@ -566,7 +632,9 @@ pub fn audit(
                             && ev.verdict_of.get(&(ru.clone(), run.clone())) == Some(&true)
                     })
                     .count();
-                let published = matches!(rec.status, BatchStatus::Published { .. });
+                let published = matches!(rec.status, BatchStatus::Published { .. })
+                    || (matches!(rec.status, BatchStatus::Retired { .. })
+                        && version_of_batch.contains_key(b.as_str()));
                 if accepted_runs > 1 || (accepted_runs == 1) != published {
                     r.duplicated += usize::from(accepted_runs > 1);
                     bad(
@@ -892,6 +960,34 @@ mod tests {
         );
     }
 
+    /// Retire [`settled_store`]'s published batch b1 with a reason ending in `was`.
+    fn retire_b1(db: &Db, repo: &Repo, was: &str) {
+        db.transact(|tx| {
+            let mut b1 = repo.batch(tx, "u", "b1")?.unwrap();
+            b1.status = BatchStatus::Retired {
+                reason: format!("retention: old; {was}"),
+            };
+            repo.put_batch(tx, "u", "b1", &b1)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_published_batch_retired_later_is_settled() {
+        let (db, repo) = settled_store();
+        retire_b1(&db, &repo, "was published as version 1");
+        let r = audit_with(&db, &repo, &settled_events(), &Expect::default());
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!((r.retired, r.lost), (1, 0));
+        // A poisoned batch is caught after it was retired too.
+        let poisoned = Expect {
+            poisoned: [("u".to_string(), "b1".to_string())].into(),
+            ..Expect::default()
+        };
+        let r = audit_with(&db, &repo, &settled_events(), &poisoned);
+        assert_eq!(r.poisoned_published, 1, "{:?}", r.violations);
+    }
+
     /// The events of [`settled_store`]'s history.
     fn settled_events() -> Events {
         let u = || UserId::new("u").unwrap();
@@ -962,6 +1058,7 @@ mod tests {
             min_versions: 1,
             poisoned: [("u".to_string(), "b2".to_string())].into(),
             max_dead_letters: 0,
+            ..Expect::default()
         };
         let r = audit_with(&db, &repo, &settled_events(), &expect);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
@@ -1055,6 +1152,18 @@ mod tests {
                     x.min_versions = 2;
                 },
                 "fewer than the 2",
+            ),
+            (
+                "a run that trained on more than the retention budget",
+                |_, _, _, x| {
+                    x.max_training_windows = 10;
+                },
+                "trained on",
+            ),
+            (
+                "a published batch retired as if it were another version's",
+                |db, repo, _, _| retire_b1(db, repo, "was published as version 7"),
+                "retired as",
             ),
             (
                 "dead letters nobody fed in",

@@ -444,6 +444,7 @@ pub fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         min_versions: (opts.users as u64 / 2).min(uploaded as u64 / 4),
         poisoned: poisoned.clone(),
         max_dead_letters: 0,
+        max_training_windows: config.retention.max_training_windows.into(),
     };
     let a = audit(
         &db,

@@ -91,8 +91,11 @@ impl Device {
             Ok(r) if r.status() == 202 => Ok(Upload::Accepted(r.into_json()?)),
             Ok(r) => anyhow::bail!("POST {url}: unexpected {}", r.status()),
             // 503 (overloaded, store busy) and 429 (this user's uploads in flight): later.
+            // A 429 `daily_cap` lasts until midnight UTC: an error, not worth retrying.
             Err(ureq::Error::Status(code, r)) if code >= 500 || code == 429 => {
-                Ok(Upload::Retry(format!("{code} {}", answer_text(r))))
+                let text = answer_text(r);
+                anyhow::ensure!(!text.contains("\"daily_cap\""), "POST {url}: {code} {text}");
+                Ok(Upload::Retry(format!("{code} {text}")))
             }
             Err(ureq::Error::Status(code, r)) => {
                 anyhow::bail!("POST {url}: {code} {}", answer_text(r))
@@ -233,7 +236,8 @@ impl Device {
     }
 }
 
-/// Whether a batch status word is final for now: published, rejected or deferred.
+/// Whether a batch status word is final for now: published, rejected, deferred or
+/// retired.
 pub fn settled(status: &str) -> bool {
-    matches!(status, "published" | "rejected" | "deferred")
+    matches!(status, "published" | "rejected" | "deferred" | "retired")
 }

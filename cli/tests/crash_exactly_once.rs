@@ -325,6 +325,7 @@ fn killing_workers_mid_work_applies_every_stage_exactly_once() {
         min_versions: (USERS / 2) as u64,
         poisoned: poisoned.clone(),
         max_dead_letters: 0,
+        ..Expect::default()
     };
     check_exactly_once(
         &fleet,

@@ -307,6 +307,7 @@ fn expect(users: &[String], accepted: &[(usize, String)], dead_letters: usize) -
         min_versions: (USERS / 2) as u64,
         poisoned,
         max_dead_letters: dead_letters,
+        ..Expect::default()
     }
 }
 

@@ -58,6 +58,7 @@ fn stage(db: &Db, keys: &Keys, bus: &EmbeddedBus, user: &str, batch: &str, sampl
                 chunks: staged.len().div_ceil(SAMPLES_PER_CHUNK) as u32,
                 staged_at_ms: 0,
                 status: BatchStatus::Staged,
+                chunk_samples: 0,
             },
         )?;
         bus.emit(

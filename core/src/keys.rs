@@ -12,6 +12,7 @@
 //! | `("user", user, "sample", batch_id, chunk)`  | a chunk of the batch's samples         |
 //! | `("user", user, "head")`                     | the user's current published version   |
 //! | `("user", user, "state")`                    | per-user pipeline state (convergence)  |
+//! | `("user", user, "uploads", day)`             | an 8-byte LE count of the user's uploads staged on UTC day `day` (days since the epoch; only the current day's is kept) |
 //! | `("model", user, version)`                   | model version record (metrics, lineage)|
 //! | `("blob", blob_id)` / `("blob", blob_id, gen, i)` | blob header / chunk `i` of generation `gen` (`swimlane_store::blob`) |
 //! | `("token", sha256(token))`                   | the user a bearer token belongs to     |
@@ -90,6 +91,14 @@ impl Keys {
     }
     pub fn user_state(&self, user: &str) -> Vec<u8> {
         self.root.pack(&("user", user, "state"))
+    }
+    /// The count of `user`'s uploads staged on UTC day `day` (days since the epoch).
+    pub fn uploads_on(&self, user: &str, day: u64) -> Vec<u8> {
+        self.root.pack(&("user", user, "uploads", day))
+    }
+    /// Prefix of every daily upload count of `user`.
+    pub fn uploads(&self, user: &str) -> Vec<u8> {
+        self.root.subspace(&("user", user, "uploads")).into_bytes()
     }
     pub fn model_version(&self, user: &str, version: u64) -> Vec<u8> {
         self.root.pack(&("model", user, version))

@@ -246,9 +246,194 @@ pub fn converged(heldout_accuracy: f32, target: f32) -> bool {
     heldout_accuracy >= target
 }
 
+/// `[retention]`: how much of each user's history is kept, so that no user's reads,
+/// training time or storage grow with the number of uploads.
+///
+/// The rule, over a user's batches from the newest (by `staged_at_ms`, then id):
+/// - every batch not yet retired counts its training and held-out windows, whatever
+///   became of it (a rejected batch too, so that rejected uploads cannot pile up);
+/// - a staged, deferred, published or rejected batch is **retired** (its samples
+///   erased, its status `retired` with the reason) once the newer batches already hold
+///   `max_training_windows` training windows and `max_heldout_windows` held-out
+///   windows: it can no longer be read for training or validation. A validating batch
+///   is never retired (its run is in flight); it goes at a later upload;
+/// - the record of a retired batch is **forgotten** (deleted) once the user has
+///   `max_batch_records` newer batch records, so that listing a user's batches stays
+///   bounded too.
+///
+/// Ingest applies it in the transaction that stages a batch
+/// (`swimlane_state::lifecycle::apply_retention`). The trainer reads at most
+/// `max_training_windows` training windows (newest batches first) and the validator at
+/// most `max_heldout_windows` held-out windows of published batches, so a run's reads
+/// are bounded even before the next upload retires anything: with the defaults and
+/// the largest upload (`ingest.max_samples_per_batch`), a run's read transaction stays
+/// under 2 MB (`cli/tests/retention.rs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionPolicy {
+    /// The user's most recent training windows a run trains on, and kept.
+    pub max_training_windows: u32,
+    /// The user's most recent held-out windows of published batches the validator
+    /// checks for forgetting, and kept (a run's own held-out windows are always used).
+    pub max_heldout_windows: u32,
+    /// Batch records kept per user (a retired batch's record is forgotten beyond it).
+    pub max_batch_records: u32,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        RetentionPolicy {
+            max_training_windows: 600,
+            max_heldout_windows: 150,
+            max_batch_records: 1000,
+        }
+    }
+}
+
+/// What [`RetentionPolicy::plan`] does with one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fate {
+    /// Erase its samples and mark it retired.
+    Retire,
+    /// Delete its record (already retired).
+    Forget,
+}
+
+/// The counts [`RetentionPolicy::plan`] needs of one batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchSummary<'a> {
+    pub id: &'a str,
+    pub staged_at_ms: u64,
+    pub status: &'a crate::records::BatchStatus,
+    /// Training windows (samples not held out).
+    pub training: u32,
+    pub heldout: u32,
+}
+
+impl RetentionPolicy {
+    /// The reason a retired batch carries.
+    pub fn retire_reason(&self) -> String {
+        format!(
+            "retention: newer batches hold the user's {} most recent training and {} held-out windows (retention.max_training_windows, retention.max_heldout_windows)",
+            self.max_training_windows, self.max_heldout_windows
+        )
+    }
+
+    /// Which batches leave, and how (see the type's doc). Pure: the caller applies it.
+    pub fn plan(&self, batches: &[BatchSummary<'_>]) -> Vec<(usize, Fate)> {
+        use crate::records::BatchStatus as S;
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&batches[a], &batches[b]);
+            (b.staged_at_ms, b.id).cmp(&(a.staged_at_ms, a.id))
+        });
+        let (mut training, mut heldout) = (0u64, 0u64);
+        let mut out = Vec::new();
+        for (rank, &i) in order.iter().enumerate() {
+            let b = &batches[i];
+            let full = training >= self.max_training_windows as u64
+                && heldout >= self.max_heldout_windows as u64;
+            match b.status {
+                S::Retired { .. } => {
+                    if rank >= self.max_batch_records as usize {
+                        out.push((i, Fate::Forget));
+                    }
+                    continue;
+                }
+                S::Validating { .. } => {}
+                S::Staged | S::Deferred { .. } | S::Published { .. } | S::Rejected { .. } => {
+                    if full {
+                        out.push((i, Fate::Retire));
+                        continue;
+                    }
+                }
+            }
+            training += b.training as u64;
+            heldout += b.heldout as u64;
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod retention {
+        use super::super::*;
+        use crate::records::BatchStatus as S;
+
+        fn b<'a>(id: &'a str, at: u64, status: &'a S, training: u32) -> BatchSummary<'a> {
+            BatchSummary {
+                id,
+                staged_at_ms: at,
+                status,
+                training,
+                heldout: training / 4,
+            }
+        }
+
+        #[test]
+        fn batches_beyond_the_newest_windows_are_retired_and_old_records_forgotten() {
+            let p = RetentionPolicy {
+                max_training_windows: 100,
+                max_heldout_windows: 25,
+                max_batch_records: 4,
+            };
+            let published = S::Published {
+                run_id: "r".into(),
+                version: 1,
+            };
+            let validating = S::Validating { run_id: "r".into() };
+            let rejected = S::Rejected {
+                run_id: None,
+                reason: "x".into(),
+            };
+            let retired = S::Retired {
+                reason: "old".into(),
+            };
+            let staged = S::Staged;
+            let list = vec![
+                b("a", 1, &retired, 80),    // 6th newest: forgotten
+                b("b", 2, &published, 80),  // beyond: retired
+                b("c", 3, &rejected, 80),   // beyond: retired
+                b("d", 4, &validating, 80), // never retired
+                b("e", 5, &published, 60),  // 60 + 50 >= 100: full after it
+                b("f", 6, &staged, 50),     // newest
+            ];
+            let mut plan = p.plan(&list);
+            plan.sort();
+            assert_eq!(
+                plan,
+                vec![(0, Fate::Forget), (1, Fate::Retire), (2, Fate::Retire)]
+            );
+            // Under the budget nothing goes.
+            let roomy = RetentionPolicy::default();
+            assert!(roomy.plan(&list[1..]).is_empty());
+        }
+
+        #[test]
+        fn rejected_batches_count_so_that_rejected_uploads_cannot_pile_up() {
+            let p = RetentionPolicy {
+                max_training_windows: 100,
+                max_heldout_windows: 20,
+                max_batch_records: 100,
+            };
+            let rejected = S::Rejected {
+                run_id: None,
+                reason: "x".into(),
+            };
+            let list: Vec<_> = (0..5)
+                .map(|i| b(["a", "b", "c", "d", "e"][i], i as u64, &rejected, 80))
+                .collect();
+            let mut plan = p.plan(&list);
+            plan.sort();
+            assert_eq!(
+                plan,
+                vec![(0, Fate::Retire), (1, Fate::Retire), (2, Fate::Retire)]
+            );
+        }
+    }
 
     fn s(improved: u32, regressed: u32, n: u32) -> Scores {
         Scores {

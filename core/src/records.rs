@@ -46,15 +46,33 @@ pub enum BatchStatus {
         run_id: Option<String>,
         reason: String,
     },
+    /// Out of the user's retained history (`policy::RetentionPolicy`): its samples are
+    /// erased and nothing reads it again. `reason` says why and what it was before.
+    Retired { reason: String },
 }
 
 impl BatchStatus {
-    /// Whether the batch will never change state again.
+    /// Whether the pipeline is done with the batch: no run will take it again (a
+    /// published or rejected batch may still be retired later, by retention only).
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            BatchStatus::Published { .. } | BatchStatus::Rejected { .. }
+            BatchStatus::Published { .. }
+                | BatchStatus::Rejected { .. }
+                | BatchStatus::Retired { .. }
         )
+    }
+
+    /// The status's name as the API shows it (`staged`, `deferred`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BatchStatus::Staged => "staged",
+            BatchStatus::Deferred { .. } => "deferred",
+            BatchStatus::Validating { .. } => "validating",
+            BatchStatus::Published { .. } => "published",
+            BatchStatus::Rejected { .. } => "rejected",
+            BatchStatus::Retired { .. } => "retired",
+        }
     }
 
     /// Waiting to be trained (staged, or deferred for more evidence).
@@ -78,6 +96,19 @@ pub struct BatchRecord {
     /// Milliseconds since the Unix epoch when ingest staged it.
     pub staged_at_ms: u64,
     pub status: BatchStatus,
+    /// Samples per chunk, the training samples stored first and the held-out ones
+    /// after them, so that a reader of one split reads only its own chunks
+    /// (`swimlane_state::Repo::samples_of`). 0: a record written before that layout,
+    /// whose chunks mix the splits in upload order.
+    #[serde(default)]
+    pub chunk_samples: u32,
+}
+
+impl BatchRecord {
+    /// Samples not held out.
+    pub fn training(&self) -> u32 {
+        self.samples.saturating_sub(self.heldout)
+    }
 }
 
 /// Why stored bytes did not decode.
@@ -384,6 +415,7 @@ mod tests {
             chunks: 1,
             staged_at_ms: 5,
             status: BatchStatus::Staged,
+            chunk_samples: 0,
         };
         assert_eq!(BatchRecord::decode(&r.encode()).unwrap(), r);
         let mut r2 = r.clone();

@@ -54,6 +54,8 @@ pub struct IngestState {
     /// The body rate rule (`ingest.min_body_bytes_per_sec` after `body_grace_ms`).
     pub(crate) min_body_rate: u64,
     pub(crate) body_grace: std::time::Duration,
+    /// The daily cap and the retention policy, enforced when a batch is staged.
+    pub(crate) rules: Arc<stage::StagingRules>,
 }
 
 /// One upload's place among the `ingest.max_inflight` allowed at once. The handler and
@@ -161,6 +163,10 @@ impl IngestState {
             max_per_user: config.ingest.max_inflight_per_user,
             min_body_rate: config.ingest.min_body_bytes_per_sec,
             body_grace: std::time::Duration::from_millis(config.ingest.body_grace_ms),
+            rules: Arc::new(stage::StagingRules {
+                retention: config.retention.clone(),
+                max_uploads_per_day: config.ingest.max_uploads_per_day,
+            }),
         })
     }
 
@@ -376,28 +382,39 @@ async fn post_batch_inner(
     .await??;
     tracing::Span::current().record("batch_id", tracing::field::display(&batch.batch_id));
 
-    let (db, keys, emitter, u) = (
+    let (db, keys, emitter, u, rules) = (
         state.db.clone(),
         state.keys.clone(),
         state.emitter.clone(),
         user.clone(),
+        state.rules.clone(),
     );
     let now = state.clock.now_ms();
     let batch = Arc::new(batch);
     let b = batch.clone();
     let outcome = blocking(move || {
         let _slot = slot;
-        stage::stage_batch(&db, &keys, &emitter, &u, &b, now)
+        stage::stage_batch(&db, &keys, &emitter, &u, &b, now, &rules)
     })
     .await?
     .map_err(|e| ApiError::store(&e))?;
     let id = batch.batch_id.as_str();
     match outcome {
-        StageOutcome::Staged(r) => {
+        StageOutcome::Staged(r, retention) => {
             state.metrics.accepted.inc();
             state.metrics.samples_staged.inc_by(r.samples as u64);
-            tracing::info!(samples = r.samples, heldout = r.heldout, "batch staged");
+            state.metrics.retired.inc_by(retention.retired as u64);
+            state.metrics.forgotten.inc_by(retention.forgotten as u64);
+            tracing::info!(
+                samples = r.samples,
+                heldout = r.heldout,
+                retired = retention.retired,
+                "batch staged"
+            );
             Ok((StatusCode::ACCEPTED, Json(staged_answer(id, &r))).into_response())
+        }
+        StageOutcome::DailyCap { cap, retry_after_s } => {
+            Err(ApiError::daily_cap(cap, retry_after_s))
         }
         StageOutcome::Duplicate(r) => {
             state.metrics.duplicates.inc();
@@ -466,6 +483,7 @@ async fn get_batch_inner(
         BatchStatus::Rejected { run_id, reason } => {
             json!({"status": "rejected", "run_id": run_id, "reason": reason})
         }
+        BatchStatus::Retired { reason } => json!({"status": "retired", "reason": reason}),
     };
     for (k, v) in fields.as_object().expect("an object") {
         answer[k] = v.clone();

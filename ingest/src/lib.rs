@@ -14,14 +14,21 @@
 //!     `ingest.body_timeout_ms`) or `body_too_slow` (below
 //!     `ingest.min_body_bytes_per_sec` after `ingest.body_grace_ms`); 429
 //!     `too_many_uploads` with `Retry-After` (the user already has
-//!     `ingest.max_inflight_per_user` uploads in flight: nothing stored); 503 `store_unavailable` with `Retry-After` (the
+//!     `ingest.max_inflight_per_user` uploads in flight: nothing stored); 429
+//!     `daily_cap` with `Retry-After` (the user has staged
+//!     `ingest.max_uploads_per_day` uploads today, UTC: nothing stored); 503 `store_unavailable` with `Retry-After` (the
 //!     staging transaction ran out of retries on conflicts or a busy store, or took too
 //!     long: nothing was stored); 503 `overloaded` with `Retry-After` (already
 //!     `ingest.max_inflight` uploads in flight: refused before anything was read or
 //!     stored); 500 `internal`.
 //! - `GET /v1/users/{user}/batches/{batch_id}` (same auth): 200 with `status` one of
-//!   `staged`, `validating` (+`run_id`), `published` (+`run_id`, `version`),
-//!   `rejected` (+`run_id`, `reason`); 404 `not_found`.
+//!   `staged`, `deferred` (+`reason`), `validating` (+`run_id`), `published` (+`run_id`,
+//!   `version`), `rejected` (+`run_id`, `reason`), `retired` (+`reason`: out of the
+//!   user's retained history, `swimlane_core::policy::RetentionPolicy`); 404
+//!   `not_found`.
+//!
+//! A request's head must arrive within `ingest.header_timeout_ms`, or the connection
+//! is closed (`swimlane_runtime::serve_draining`).
 //!
 //! Invariants: everything is validated before anything is written; a batch is staged
 //! in one transaction with its `BatchStaged` event (see [`stage`]); tokens are only
@@ -92,12 +99,15 @@ pub async fn start(
     tracing::info!(%api_addr, deployment = %config.deployment, "ingest API listening");
     ready.set(true);
     let app = router(state);
-    let drain = std::time::Duration::from_millis(config.ingest.drain_timeout_ms);
+    let options = swimlane_runtime::ServeOptions {
+        what: "ingest",
+        drain: std::time::Duration::from_millis(config.ingest.drain_timeout_ms),
+        header_timeout: std::time::Duration::from_millis(config.ingest.header_timeout_ms),
+    };
     let handle = tokio::spawn(async move {
-        let served =
-            swimlane_runtime::serve_draining(listener, app, ready, shutdown, drain, "ingest")
-                .await
-                .map_err(IngestError::Serve);
+        let served = swimlane_runtime::serve_draining(listener, app, ready, shutdown, options)
+            .await
+            .map_err(IngestError::Serve);
         let ops_done = ops
             .handle
             .await

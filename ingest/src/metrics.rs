@@ -23,6 +23,8 @@ pub const BATCHES_DUPLICATE_TOTAL: &str = "swimlane_ingest_batches_duplicate_tot
 pub const BATCHES_REJECTED_TOTAL: &str = "swimlane_ingest_batches_rejected_total";
 pub const SAMPLES_STAGED_TOTAL: &str = "swimlane_ingest_samples_staged_total";
 pub const UPLOADS_INFLIGHT: &str = "swimlane_ingest_uploads_inflight";
+pub const BATCHES_RETIRED_TOTAL: &str = "swimlane_ingest_batches_retired_total";
+pub const BATCH_RECORDS_FORGOTTEN_TOTAL: &str = "swimlane_ingest_batch_records_forgotten_total";
 pub const OLDEST_PENDING_AGE: &str = "swimlane_pipeline_oldest_pending_batch_age_seconds";
 pub const USERS_HELDOUT_ACCURACY: &str = "swimlane_users_heldout_accuracy";
 
@@ -41,9 +43,10 @@ pub const ROUTES: [Route; 2] = [
 ];
 
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
-pub const EDGE_CODES: [&str; 14] = [
+pub const EDGE_CODES: [&str; 15] = [
     "overloaded",
     "too_many_uploads",
+    "daily_cap",
     "body_too_slow",
     "unauthenticated",
     "forbidden",
@@ -74,6 +77,8 @@ pub struct IngestMetrics {
     pub requests: RequestMetrics,
     /// Uploads being handled now (at most `ingest.max_inflight`).
     pub inflight: IntGauge,
+    pub retired: IntCounter,
+    pub forgotten: IntCounter,
 }
 
 impl IngestMetrics {
@@ -101,6 +106,16 @@ impl IngestMetrics {
             "Uploads being handled now; at ingest.max_inflight further ones are refused with 503",
         ))?;
         registry.register(Box::new(inflight.clone()))?;
+        let retired = IntCounter::with_opts(Opts::new(
+            BATCHES_RETIRED_TOTAL,
+            "Batches retired by the retention policy (samples erased) when a newer batch was staged",
+        ))?;
+        let forgotten = IntCounter::with_opts(Opts::new(
+            BATCH_RECORDS_FORGOTTEN_TOTAL,
+            "Records of retired batches deleted beyond retention.max_batch_records",
+        ))?;
+        registry.register(Box::new(retired.clone()))?;
+        registry.register(Box::new(forgotten.clone()))?;
         // Export every reason at 0 so dashboards and alerts see the whole set.
         for r in reject_reasons() {
             rejected.with_label_values(&[r]);
@@ -112,6 +127,8 @@ impl IngestMetrics {
             samples_staged,
             requests,
             inflight,
+            retired,
+            forgotten,
         })
     }
 
@@ -307,6 +324,7 @@ mod tests {
                     run_id: "r".into(),
                     version: 1,
                 },
+                chunk_samples: 0,
             };
             repo.put_batch(tx, "al", "b1", &rec)
         })

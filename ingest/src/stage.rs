@@ -2,7 +2,8 @@
 //! and the one transaction that stages it.
 //!
 //! Invariant: a batch is staged by exactly one transaction that writes its sample
-//! chunks, its record, its pending-index entry and its `BatchStaged` event together, so the store holds either
+//! chunks, its record, its pending-index entry, the user's daily upload count, what
+//! retention retires and its `BatchStaged` event together, so the store holds either
 //! all of a batch or none of it, and the event exists iff the batch does. A batch id
 //! that already has a record is never written again: the same content is answered
 //! from the record, a different content is a conflict.
@@ -13,8 +14,12 @@ use axum::http::StatusCode;
 use swimlane_bus::Emitter;
 use swimlane_core::batch::{validate_upload, BatchLimits, ValidatedBatch};
 use swimlane_core::keys::Keys;
-use swimlane_core::records::{encode_chunk, samples_per_chunk, BatchRecord, BatchStatus};
+use swimlane_core::policy::RetentionPolicy;
+use swimlane_core::records::{
+    encode_chunk, samples_per_chunk, BatchRecord, BatchStatus, StagedSample,
+};
 use swimlane_core::{Event, UserId};
+use swimlane_state::lifecycle::Retention;
 use swimlane_store::{Db, KvError};
 
 use crate::error::ApiError;
@@ -70,18 +75,36 @@ pub fn decode_and_validate(
     Ok(validate_upload(user, body, limits, spec)?)
 }
 
+/// The per-user rules the staging transaction enforces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagingRules {
+    /// Applied to the user's batches with each new one (`RetentionPolicy`).
+    pub retention: RetentionPolicy,
+    /// Most uploads staged per user per UTC day (`ingest.max_uploads_per_day`); 0: no
+    /// cap.
+    pub max_uploads_per_day: u32,
+}
+
+/// Milliseconds in a day: the daily cap counts UTC days.
+pub const DAY_MS: u64 = 86_400_000;
+
 /// What staging a validated batch came to.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StageOutcome {
-    /// Newly staged by this request.
-    Staged(BatchRecord),
+    /// Newly staged by this request; what retention did in the same transaction.
+    Staged(BatchRecord, Retention),
+    /// The user has staged `max_uploads_per_day` uploads today (UTC): nothing was
+    /// written. `retry_after_s` is the time to midnight UTC.
+    DailyCap { cap: u32, retry_after_s: u64 },
     /// Already staged with the same content: nothing was written.
     Duplicate(BatchRecord),
     /// The batch id is taken by a different content: nothing was written.
     Conflict(BatchRecord),
 }
 
-/// Stage `batch` for `user` in one transaction (see the module invariant). Blocking.
+/// Stage `batch` for `user` in one transaction (see the module invariant), counting
+/// it against the user's daily cap and applying retention to the user's older batches
+/// in the same transaction. Blocking.
 pub fn stage_batch(
     db: &Db,
     keys: &Keys,
@@ -89,14 +112,24 @@ pub fn stage_batch(
     user: &UserId,
     batch: &ValidatedBatch,
     now_ms: u64,
+    rules: &StagingRules,
 ) -> Result<StageOutcome, KvError> {
     let (u, b) = (user.as_str(), batch.batch_id.as_str());
     let record_key = keys.batch(u, b);
     let repo = swimlane_state::Repo::new(keys.clone());
-    // Encode outside the closure: it may run more than once.
-    let chunks: Vec<(Vec<u8>, Vec<u8>)> = batch
+    // Encode outside the closure: it may run more than once. The training samples are
+    // stored first and the held-out ones after them (`BatchRecord::chunk_samples`), so
+    // that the trainer and the validator each read only their split's chunks.
+    let per_chunk = samples_per_chunk(batch.window_values());
+    let ordered: Vec<StagedSample> = batch
         .samples
-        .chunks(samples_per_chunk(batch.window_values()))
+        .iter()
+        .filter(|s| !s.heldout)
+        .chain(batch.samples.iter().filter(|s| s.heldout))
+        .cloned()
+        .collect();
+    let chunks: Vec<(Vec<u8>, Vec<u8>)> = ordered
+        .chunks(per_chunk)
         .enumerate()
         .map(|(i, c)| (keys.sample_chunk(u, b, i as u32), encode_chunk(c)))
         .collect();
@@ -108,7 +141,10 @@ pub fn stage_batch(
         chunks: chunks.len() as u32,
         staged_at_ms: now_ms,
         status: BatchStatus::Staged,
+        chunk_samples: per_chunk as u32,
     };
+    let day = now_ms / DAY_MS;
+    let uploads_key = keys.uploads_on(u, day);
     let event = Event::BatchStaged {
         user: user.clone(),
         batch_id: batch.batch_id.clone(),
@@ -126,12 +162,25 @@ pub fn stage_batch(
                 StageOutcome::Conflict(existing)
             });
         }
+        if rules.max_uploads_per_day > 0 {
+            let today = tx.get_counter(&uploads_key)?;
+            if today >= rules.max_uploads_per_day as i64 {
+                return Ok(StageOutcome::DailyCap {
+                    cap: rules.max_uploads_per_day,
+                    retry_after_s: ((day + 1) * DAY_MS - now_ms).div_ceil(1000),
+                });
+            }
+            // Only today's count is kept: earlier days' are cleared as the day turns.
+            tx.clear_range(&keys.uploads(u), &uploads_key)?;
+            tx.atomic_add(&uploads_key, 1)?;
+        }
         for (k, v) in &chunks {
             tx.set(k, v)?;
         }
         swimlane_state::lifecycle::stage_batch(&repo, tx, u, b, &record)?;
+        let retention = swimlane_state::lifecycle::apply_retention(&repo, tx, u, &rules.retention)?;
         emitter.emit(tx, &event)?;
-        Ok(StageOutcome::Staged(record.clone()))
+        Ok(StageOutcome::Staged(record.clone(), retention))
     })
 }
 

@@ -43,6 +43,7 @@ struct Harness {
     bus: EmbeddedBus,
     registry: prometheus::Registry,
     app: Router,
+    clock: Arc<ManualWallClock>,
     alice: String,
     bob: String,
     admin: String,
@@ -81,11 +82,12 @@ impl Harness {
         let keys = Keys::new(&c.deployment);
         let bus = EmbeddedBus::new(keys.clone(), c.partitions);
         let registry = prometheus::Registry::new();
+        let clock = Arc::new(ManualWallClock::new(NOW_MS));
         let deps = IngestDeps {
             db: db.clone(),
             emitter: Arc::new(bus.clone()),
             registry: registry.clone(),
-            clock: Arc::new(ManualWallClock::new(NOW_MS)),
+            clock: clock.clone(),
         };
         let state = IngestState::new(&c, deps).unwrap();
         let (alice, bob) = (String::new(), String::new());
@@ -96,6 +98,7 @@ impl Harness {
             bus,
             registry,
             app: router(state),
+            clock,
             alice,
             bob,
             admin,
@@ -231,7 +234,9 @@ async fn happy_path_stages_chunks_record_and_event() {
     assert_eq!(rec.staged_at_ms, NOW_MS);
     assert_eq!(rec.digest.len(), 64);
 
-    // The chunks: 40 + 40 + 10 samples, in order, with their split and values.
+    // The chunks: 40 + 40 + 10 samples, the training ones first and the held-out ones
+    // after them, each in upload order, with their split and values.
+    assert_eq!(rec.chunk_samples, 40);
     let chunks =
         h.db.transact(|tx| {
             tx.get_range(&RangeOption::prefix(
@@ -247,8 +252,16 @@ async fn happy_path_stages_chunks_record_and_event() {
         .collect();
     assert_eq!(decode_chunk(&chunks[2].1).unwrap().len(), 10);
     assert_eq!(samples.len(), 90);
-    for (i, s) in samples.iter().enumerate() {
-        assert_eq!(s.id, format!("s{i}"));
+    let split =
+        |held: bool| (0..90).filter(move |i| is_heldout("alice", "b-1", &format!("s{i}")) == held);
+    let order: Vec<String> = split(false)
+        .chain(split(true))
+        .map(|i| format!("s{i}"))
+        .collect();
+    let ids: Vec<String> = samples.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, order);
+    for s in &samples {
+        let i: usize = s.id[1..].parse().unwrap();
         assert_eq!(s.label, StrokeClass::ALL[i % 6].into());
         assert_eq!(s.heldout, is_heldout("alice", "b-1", &s.id));
         assert_eq!(
@@ -915,4 +928,209 @@ async fn shutdown_stops_waiting_for_a_stuck_request_after_the_drain_deadline() {
         .unwrap()
         .is_empty());
     drop(s);
+}
+
+#[tokio::test]
+async fn uploads_past_the_daily_cap_are_429_until_the_next_utc_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let h = Harness::with_config(dir, db, |c| c.ingest.max_uploads_per_day = 2);
+    for id in ["d-1", "d-2"] {
+        let (s, v) = h.post("alice", &h.alice, batch(id, 5).to_string()).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    // A retry of a staged batch is not a new upload.
+    let (s, _) = h.post("alice", &h.alice, batch("d-2", 5).to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    // The third upload of the day: 429 with the reason and the time to midnight UTC.
+    let body = batch("d-3", 5).to_string();
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (s, v, headers) = h.send(req).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::TOO_MANY_REQUESTS, "daily_cap"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ingest.max_uploads_per_day"),
+        "{v}"
+    );
+    let day = 86_400_000;
+    let to_midnight = (NOW_MS / day + 1) * day - NOW_MS;
+    assert_eq!(
+        headers[header::RETRY_AFTER].to_str().unwrap(),
+        to_midnight.div_ceil(1000).to_string()
+    );
+    assert!(h.db.get(&h.keys.batch("alice", "d-3")).unwrap().is_none());
+    // Another user has a cap of their own.
+    let (s, v) = h.post("bob", &h.bob, batch("d-1", 5).to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert!(h
+        .metrics()
+        .contains("swimlane_ingest_batches_rejected_total{reason=\"daily_cap\"} 1"));
+    // The next UTC day the count starts again, and only that day's count is kept.
+    h.clock.set((NOW_MS / day + 1) * day);
+    let (s, v) = h.post("alice", &h.alice, body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let counts: Vec<KeyValue> = h
+        .user_keys("alice")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&h.keys.uploads("alice")))
+        .collect();
+    assert_eq!(counts.len(), 1, "one day's count is kept");
+}
+
+#[tokio::test]
+async fn staging_retires_what_falls_out_of_the_users_retained_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let h = Harness::with_config(dir, db, |c| {
+        c.retention.max_training_windows = 100;
+        c.retention.max_heldout_windows = 20;
+        c.retention.max_batch_records = 3;
+    });
+    // Five uploads of 90 windows, one a second: each keeps the two newest batches
+    // (about 144 training and 36 held-out windows; one alone is under the budget).
+    for (i, id) in ["r-1", "r-2", "r-3", "r-4", "r-5"].iter().enumerate() {
+        h.clock.set(NOW_MS + i as u64 * 1000);
+        let (s, v) = h.post("alice", &h.alice, batch(id, 90).to_string()).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    let (s, v) = h.post("bob", &h.bob, batch("r-1", 90).to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let h = &h;
+    let status = |id: &'static str| async move { h.get("alice", id, &h.alice).await };
+    for id in ["r-4", "r-5"] {
+        let (s, v) = status(id).await;
+        assert_eq!(
+            (s, v["status"].as_str()),
+            (StatusCode::OK, Some("staged")),
+            "{id}"
+        );
+    }
+    // r-3 is retired: its status says why, and its samples are gone.
+    let (s, v) = status("r-3").await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("retired")),
+        "{v}"
+    );
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("retention.max_training_windows"),
+        "{reason}"
+    );
+    assert!(reason.contains("never trained"), "{reason}");
+    let chunks = |user: &str, id: &str| {
+        h.db.transact(|tx| tx.get_range(&RangeOption::prefix(&h.keys.samples_of_batch(user, id))))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(chunks("alice", "r-3"), 0);
+    assert_eq!(chunks("alice", "r-5"), 3);
+    // r-1 and r-2 were retired too, and their records forgotten (3 records are kept).
+    for id in ["r-1", "r-2"] {
+        let (s, _) = status(id).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{id}");
+        assert_eq!(chunks("alice", id), 0);
+    }
+    // Another user's batch of the same id is untouched.
+    assert_eq!(chunks("bob", "r-1"), 3);
+    // The pending index holds only what is still staged.
+    let pending =
+        h.db.transact(|tx| tx.get_range(&RangeOption::prefix(&h.keys.pending_batches())))
+            .unwrap();
+    let mut pending: Vec<(String, String)> = pending
+        .iter()
+        .map(|(k, _)| {
+            let (_, u, b) = h.keys.pending_batch_of(k).unwrap();
+            (u, b)
+        })
+        .collect();
+    pending.sort();
+    let want = [("alice", "r-4"), ("alice", "r-5"), ("bob", "r-1")];
+    assert_eq!(pending, want.map(|(u, b)| (u.to_string(), b.to_string())));
+    let m = h.metrics();
+    assert!(m.contains("swimlane_ingest_batches_retired_total 3"), "{m}");
+    assert!(
+        m.contains("swimlane_ingest_batch_records_forgotten_total 2"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_at_the_header_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let mut c = config();
+    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    c.ingest.header_timeout_ms = 300;
+    let keys = Keys::new(&c.deployment);
+    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
+    let shutdown = swimlane_runtime::CancellationToken::new();
+    let running = swimlane_ingest::start(
+        c,
+        IngestDeps {
+            db: db.clone(),
+            emitter: Arc::new(EmbeddedBus::new(keys.clone(), PARTITIONS)),
+            registry: prometheus::Registry::new(),
+            clock: Arc::new(ManualWallClock::new(NOW_MS)),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    // One connection sends half a request head, another nothing at all: the server
+    // closes both (what it answers first, if anything, is hyper's business).
+    let mut half = tokio::net::TcpStream::connect(running.api_addr)
+        .await
+        .unwrap();
+    half.write_all(b"POST /v1/users/alice/batches HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(running.api_addr)
+        .await
+        .unwrap();
+    for (what, conn) in [("half a head", &mut half), ("nothing", &mut silent)] {
+        let mut out = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut out)).await;
+        assert!(
+            closed.is_ok(),
+            "a connection that sent {what} is still open"
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.starts_with("HTTP/1.1 2"), "{what}: {text}");
+    }
+    // A whole request on a new connection is served as before.
+    let body = batch("b-head", 3).to_string();
+    let mut s = tokio::net::TcpStream::connect(running.api_addr)
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/users/alice/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 202"), "{out}");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.handle)
+        .await
+        .expect("drains")
+        .unwrap()
+        .unwrap();
 }

@@ -127,7 +127,7 @@ impl Store {
     }
 
     /// The batch is stored whole: its record says `samples`, every chunk it names is
-    /// there and decodes, together holding exactly the uploaded sample ids in order.
+    /// there and decodes, together holding exactly the uploaded sample ids.
     fn assert_stored_whole(&self, batch: &str, samples: usize) {
         let record = self
             .db
@@ -148,7 +148,13 @@ impl Store {
             .flat_map(|(_, v)| decode_chunk(v).unwrap())
             .map(|s| s.id)
             .collect();
-        let expected: Vec<String> = (0..samples).map(|i| format!("s{i}")).collect();
+        // The training samples first, then the held-out ones, each in upload order.
+        let split = |held: bool| {
+            (0..samples)
+                .map(|i| format!("s{i}"))
+                .filter(move |id| swimlane_core::records::is_heldout("alice", batch, id) == held)
+        };
+        let expected: Vec<String> = split(false).chain(split(true)).collect();
         assert_eq!(ids, expected, "{batch}");
     }
 

@@ -106,14 +106,16 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeE
         move |stop| run(cfg, deps, stop),
         shutdown.clone(),
     ));
-    let drain = std::time::Duration::from_millis(config.publisher.drain_timeout_ms);
     let serve = swimlane_runtime::serve_draining(
         listener,
         api,
         p.ready.clone(),
         shutdown.clone(),
-        drain,
-        "publisher",
+        swimlane_runtime::ServeOptions {
+            what: "publisher",
+            drain: std::time::Duration::from_millis(config.publisher.drain_timeout_ms),
+            header_timeout: std::time::Duration::from_millis(config.publisher.header_timeout_ms),
+        },
     );
     let ops = p.ops.handle;
     let handle = tokio::spawn(async move {

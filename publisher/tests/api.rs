@@ -802,3 +802,26 @@ async fn bad_formats_and_versions_without_onnx() {
     let a = h.get("/v1/users/bob/model?format=onnx", &h.alice).await;
     h.assert_error(&a, StatusCode::FORBIDDEN, "forbidden", "bob's onnx");
 }
+
+/// A 304 is answered from the version record alone: with the model file gone from the
+/// store, a device that already has it still gets 304 (and one that has not, a 500).
+#[tokio::test]
+async fn a_304_reads_no_model_file() {
+    let h = Harness::new();
+    let rec = h.put_version("alice", 1, false);
+    h.set_head("alice", 1);
+    let etag = format!("\"{}\"", rec.sha256);
+    let a = h
+        .send(
+            Request::get(MODEL)
+                .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+                .header(header::IF_NONE_MATCH, etag.as_str())
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(a.header("etag"), Some(etag.as_str()));
+    let a = h.get(MODEL, &h.alice).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+}

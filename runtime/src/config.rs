@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use swimlane_core::policy::ValidationPolicy;
+use swimlane_core::policy::{RetentionPolicy, ValidationPolicy};
 
 /// Environment variables with the `SWIMLANE_` prefix that are not config keys.
 pub const NON_CONFIG_ENV: &[&str] = &[
@@ -42,6 +42,11 @@ pub const MAX_SAMPLES_PER_BATCH_LIMIT: u32 = 4000;
 /// Largest `ingest.max_inflight`: each upload in flight may hold a blocking thread and
 /// up to `max_body_bytes` of memory.
 pub const MAX_INFLIGHT_LIMIT: u32 = 10_000;
+
+/// Most windows `retention.max_training_windows` and `retention.max_heldout_windows`
+/// may keep: a run reads them in one transaction (about 40 MB of windows at most,
+/// far more than a micro model needs; the defaults read under 2 MB).
+pub const MAX_RETAINED_WINDOWS: u32 = 20_000;
 
 /// The worker processes (each has a config section and a metrics prefix), in pipeline
 /// order.
@@ -132,6 +137,10 @@ pub struct Config {
     pub validator: ValidatorConfig,
     pub publisher: PublisherConfig,
     pub policy: PolicyConfig,
+    /// How much of each user's history is kept and read (`[retention]`;
+    /// `swimlane_core::policy::RetentionPolicy`). Every process of a deployment must
+    /// agree: ingest retires by it, the trainer and the validator read by it.
+    pub retention: RetentionPolicy,
 }
 
 /// `[ingest]`: the device-facing upload API.
@@ -145,6 +154,9 @@ pub struct IngestConfig {
     pub max_samples_per_batch: u32,
     /// A request body must arrive within this long (slow clients get 408).
     pub body_timeout_ms: u64,
+    /// A request's head (request line and headers) must arrive within this long, or
+    /// the connection is closed (`swimlane_runtime::serve_draining`).
+    pub header_timeout_ms: u64,
     /// On shutdown, in-flight requests get this long to finish; then the server stops
     /// (an unfinished staging transaction commits whole or not at all).
     pub drain_timeout_ms: u64,
@@ -162,6 +174,10 @@ pub struct IngestConfig {
     pub min_body_bytes_per_sec: u64,
     /// Time a body gets before the rate rule applies.
     pub body_grace_ms: u64,
+    /// Most uploads one user may stage per UTC day; one more is answered 429
+    /// `daily_cap` with `Retry-After` (the time to midnight UTC), having stored
+    /// nothing. 0: no cap.
+    pub max_uploads_per_day: u32,
 }
 
 /// A stage's bus consumer settings (`[trainer.consumer]`, ...).
@@ -222,6 +238,9 @@ pub struct PublisherConfig {
     /// thread), so that thousands of devices downloading at once keep the publisher's
     /// memory bounded (`swimlane bench downloads`, bench/README.md).
     pub max_concurrent_reads: u32,
+    /// A request's head must arrive within this long, or the connection is closed
+    /// (as `ingest.header_timeout_ms`).
+    pub header_timeout_ms: u64,
     pub consumer: ConsumerConfig,
 }
 
@@ -255,6 +274,7 @@ impl Default for Config {
             validator: ValidatorConfig::default(),
             publisher: PublisherConfig::default(),
             policy: PolicyConfig::default(),
+            retention: RetentionPolicy::default(),
         }
     }
 }
@@ -266,11 +286,13 @@ impl Default for IngestConfig {
             max_body_bytes: 8 << 20,
             max_samples_per_batch: 1000,
             body_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
             drain_timeout_ms: 10_000,
             max_inflight: 64,
             max_inflight_per_user: 4,
             min_body_bytes_per_sec: 4096,
             body_grace_ms: 2_000,
+            max_uploads_per_day: 100,
         }
     }
 }
@@ -308,6 +330,7 @@ impl Default for PublisherConfig {
             metrics_listen: addr("127.0.0.1:9104"),
             drain_timeout_ms: 10_000,
             max_concurrent_reads: 16,
+            header_timeout_ms: 10_000,
             consumer: ConsumerConfig::default(),
         }
     }
@@ -742,6 +765,11 @@ impl Config {
         }
         for (key, value) in [
             ("ingest.body_timeout_ms", self.ingest.body_timeout_ms),
+            ("ingest.header_timeout_ms", self.ingest.header_timeout_ms),
+            (
+                "publisher.header_timeout_ms",
+                self.publisher.header_timeout_ms,
+            ),
             (
                 "ingest.max_inflight_per_user",
                 self.ingest.max_inflight_per_user.into(),
@@ -750,9 +778,30 @@ impl Config {
                 "publisher.max_concurrent_reads",
                 self.publisher.max_concurrent_reads.into(),
             ),
+            (
+                "retention.max_batch_records",
+                self.retention.max_batch_records.into(),
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // A run reads these in one transaction (about 2 kB a window).
+        for (key, value, most) in [
+            (
+                "retention.max_training_windows",
+                self.retention.max_training_windows,
+                MAX_RETAINED_WINDOWS,
+            ),
+            (
+                "retention.max_heldout_windows",
+                self.retention.max_heldout_windows,
+                MAX_RETAINED_WINDOWS,
+            ),
+        ] {
+            if !(1..=most).contains(&value) {
+                return Err(invalid(key, format!("must be between 1 and {most}")));
             }
         }
         if !(1..=MAX_INFLIGHT_LIMIT).contains(&self.ingest.max_inflight) {

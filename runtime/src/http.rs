@@ -220,6 +220,17 @@ impl ApiError {
             retry_after: Some(1),
         }
     }
+    /// 429 `daily_cap`: the user has staged `cap` uploads today (UTC).
+    pub fn daily_cap(cap: u32, retry_after_s: u64) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "daily_cap",
+            message: format!(
+                "this user has staged {cap} uploads today, UTC (ingest.max_uploads_per_day); nothing was stored, retry after midnight UTC"
+            ),
+            retry_after: Some(retry_after_s.clamp(1, 86_400) as u32),
+        }
+    }
     /// Map a store error: retryable conditions are 503 with `Retry-After`, the rest 500.
     /// The details go to the log, not to the client.
     pub fn store(e: &KvError) -> Self {

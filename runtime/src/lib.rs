@@ -172,38 +172,90 @@ pub enum RuntimeError {
     },
 }
 
-/// Serve `app` on `listener` until `shutdown` is cancelled; then stop being `ready`,
-/// let in-flight requests finish for at most `drain`, and close whatever is left (a
-/// request's store transaction commits whole or not at all). `what` names the API in
-/// the log. Both APIs (ingest's and the publisher's) are served this way.
+/// How [`serve_draining`] serves one API.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// Names the API in the log.
+    pub what: &'static str,
+    /// After shutdown, in-flight requests get this long to finish.
+    pub drain: std::time::Duration,
+    /// A request's head (request line and headers) must arrive within this long of
+    /// the connection waiting for it, or the connection is closed: a client that
+    /// opens connections and trickles headers cannot hold them for ever.
+    pub header_timeout: std::time::Duration,
+}
+
+/// Serve `app` on `listener` (HTTP/1.1) until `shutdown` is cancelled; then stop being
+/// `ready`, stop accepting, let in-flight requests finish for at most `drain`, and
+/// close whatever is left (a request's store transaction commits whole or not at all).
+/// Both APIs (ingest's and the publisher's) are served this way.
+///
+/// Its own accept loop rather than `axum::serve`, for the header deadline: hyper
+/// enforces `header_read_timeout` only with a timer, which `axum::serve` does not give
+/// it, and only on a connection known to be HTTP/1 (a protocol-sniffing server waits
+/// for the first bytes without a deadline), hence HTTP/1.1 only, and no upgrades
+/// (hyper-util's upgradeable connection always sniffs).
 pub async fn serve_draining(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     ready: Readiness,
     shutdown: CancellationToken,
-    drain: std::time::Duration,
-    what: &'static str,
+    options: ServeOptions,
 ) -> std::io::Result<()> {
-    let graceful = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            ready.set(false);
-            tracing::info!(api = what, "draining: finishing in-flight requests");
-        }
-    };
-    let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
-    let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(drain).await;
-    };
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let what = options.what;
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::error!(api = what, error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that went away or broke the protocol: its own business.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    ready.set(false);
+    tracing::info!(api = what, "draining: finishing in-flight requests");
     tokio::select! {
-        r = serve => r,
-        _ = deadline => {
-            tracing::warn!(api = what, ?drain, "drain deadline passed; closing remaining requests");
-            Ok(())
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(options.drain) => {
+            tracing::warn!(api = what, drain = ?options.drain, "drain deadline passed; closing remaining requests");
         }
     }
+    Ok(())
+}
+
+/// An accept error that is about the one connection (reset before it was taken), not
+/// the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 /// Bind a TCP listener, with an error that says what it was for.

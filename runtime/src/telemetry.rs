@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntGauge, Opts, Registry};
 use swimlane_store::Db;
 use tracing_subscriber::EnvFilter;
 
@@ -134,6 +134,9 @@ struct StoreCollector {
     db: Db,
     // commits, retries, conflicts, failures
     counters: Mutex<[IntCounter; 4]>,
+    // the largest transaction read and written, in bytes
+    largest: [IntGauge; 2],
+    longest: Gauge,
     descs: Vec<Desc>,
 }
 
@@ -151,13 +154,34 @@ impl StoreCollector {
             c("conflicts", "Store transaction attempts that conflicted")?,
             c("failures", "Store transactions that failed for good")?,
         ];
+        let g = |what: &str, help: &str| {
+            IntGauge::with_opts(Opts::new(
+                format!("swimlane_{worker}_store_largest_txn_{what}_bytes"),
+                help.to_string(),
+            ))
+        };
+        let largest = [
+            g("read", "The most bytes one committed store transaction of this process read")?,
+            g(
+                "written",
+                "The most bytes one committed store transaction of this process wrote (FoundationDB's limit: 10 MB)",
+            )?,
+        ];
+        let longest = Gauge::with_opts(Opts::new(
+            format!("swimlane_{worker}_store_longest_txn_seconds"),
+            "The longest a committed store transaction of this process took, begin to commit (FoundationDB's limit: 5 s)",
+        ))?;
         let descs = counters
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
+            .chain(largest.iter().flat_map(|g| g.desc().into_iter().cloned()))
+            .chain(longest.desc().into_iter().cloned())
             .collect();
         Ok(StoreCollector {
             db,
             counters: Mutex::new(counters),
+            largest,
+            longest,
             descs,
         })
     }
@@ -177,6 +201,10 @@ impl Collector for StoreCollector {
             s.conflicts.load(Relaxed),
             s.failures.load(Relaxed),
         ];
+        self.largest[0].set(s.largest_read_bytes.load(Relaxed) as i64);
+        self.largest[1].set(s.largest_written_bytes.load(Relaxed) as i64);
+        self.longest
+            .set(s.longest_micros.load(Relaxed) as f64 / 1e6);
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         counters
             .iter()
@@ -186,6 +214,8 @@ impl Collector for StoreCollector {
                 c.inc_by(v);
                 c.collect()
             })
+            .chain(self.largest.iter().flat_map(|g| g.collect()))
+            .chain(self.longest.collect())
             .collect()
     }
 }

@@ -178,7 +178,8 @@ impl Repo {
             .collect()
     }
 
-    /// The staged samples of one batch, in upload order.
+    /// The staged samples of one batch, in stored order (upload order; with
+    /// `BatchRecord::chunk_samples`, the training samples first).
     pub fn samples(
         &self,
         tx: &mut Transaction<'_>,
@@ -192,6 +193,51 @@ impl Repo {
         for (_, v) in rows {
             out.extend(decode_chunk(&v).map_err(|e| corrupt("sample chunk", e))?);
         }
+        Ok(out)
+    }
+
+    /// At most `max` samples of one split (`heldout`) of a batch whose record is `r`,
+    /// reading only the chunks that hold them when the record says the splits are
+    /// stored apart (`BatchRecord::chunk_samples`); otherwise every chunk, filtered.
+    pub fn samples_of(
+        &self,
+        tx: &mut Transaction<'_>,
+        user: &str,
+        batch: &str,
+        r: &BatchRecord,
+        heldout: bool,
+        max: usize,
+    ) -> Res<Vec<StagedSample>> {
+        let (first, count) = if heldout {
+            (r.training() as usize, r.heldout as usize)
+        } else {
+            (0, r.training() as usize)
+        };
+        let want = count.min(max);
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = if r.chunk_samples == 0 {
+            tx.get_range(&RangeOption::prefix(
+                &self.keys.samples_of_batch(user, batch),
+            ))?
+        } else {
+            let per = r.chunk_samples as usize;
+            let (c0, c1) = (first / per, (first + want - 1) / per + 1);
+            tx.get_range(&RangeOption::new(
+                self.keys.sample_chunk(user, batch, c0 as u32),
+                self.keys.sample_chunk(user, batch, c1 as u32),
+            ))?
+        };
+        let mut out = Vec::with_capacity(want);
+        for (_, v) in rows {
+            let chunk = decode_chunk(&v).map_err(|e| corrupt("sample chunk", e))?;
+            out.extend(chunk.into_iter().filter(|s| s.heldout == heldout));
+            if out.len() >= want {
+                break;
+            }
+        }
+        out.truncate(want);
         Ok(out)
     }
 
@@ -380,6 +426,7 @@ mod tests {
             chunks: 1,
             staged_at_ms,
             status,
+            chunk_samples: 0,
         }
     }
 

@@ -16,12 +16,13 @@
 //! | [`record_verdict`] reject, a run-mate failed alone | validator | `validating{run}` | `staged` | ended |
 //! | [`publish`] | publisher | `validating{run}` | `published{run, version}` | ended; head = version |
 //! | [`abandon_run`] | validator or publisher, giving up on the run's record | `validating{run}` | `staged` | ended, unpublished |
+//! | [`apply_retention`] | ingest, staging a batch | `staged`, `deferred`, `published`, `rejected` | `retired` (samples erased); a retired record beyond the records kept is deleted | — |
 //!
 //! A batch leaves the pending index when it leaves the pipeline's hands (published,
-//! rejected or deferred; `Repo::put_batch`). Ending a run re-triggers training when
+//! rejected, deferred or retired; `Repo::put_batch`). Ending a run re-triggers training when
 //! batches were staged meanwhile (a `BatchStaged` event for the newest).
 use swimlane_bus::Emitter;
-use swimlane_core::policy::Decision;
+use swimlane_core::policy::{BatchSummary, Decision, Fate, RetentionPolicy};
 use swimlane_core::records::{
     BatchRecord, BatchStatus, ModelVersionRecord, RunRecord, UserState, Verdict,
 };
@@ -46,6 +47,9 @@ pub fn allowed(from: Option<&BatchStatus>, to: &BatchStatus) -> bool {
             },
         ) => run_id == r,
         (Some(Validating { run_id }), Published { run_id: r, .. }) => run_id == r,
+        (Some(Staged | Deferred { .. } | Published { .. } | Rejected { .. }), Retired { .. }) => {
+            true
+        }
         _ => false,
     }
 }
@@ -166,6 +170,91 @@ pub fn fail_training(
             }
         }
     }
+    Ok(())
+}
+
+/// What [`apply_retention`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Batches retired (samples erased).
+    pub retired: u32,
+    /// Sample chunks erased with them.
+    pub chunks_erased: u64,
+    /// Retired batch records deleted.
+    pub forgotten: u32,
+}
+
+/// Ingest, in the transaction that stages a batch: apply `policy` to `user`'s batches
+/// (`RetentionPolicy::plan`): retire those beyond the user's retained windows (their
+/// sample chunks cleared, status `retired` with the reason and what it was) and delete
+/// the records of retired batches beyond the records kept. Reads the user's batch
+/// records only (bounded by `max_batch_records` and the uploads since).
+pub fn apply_retention(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    policy: &RetentionPolicy,
+) -> Res<Retention> {
+    let batches = repo.batches(tx, user)?;
+    let summaries: Vec<BatchSummary<'_>> = batches
+        .iter()
+        .map(|(id, r)| BatchSummary {
+            id,
+            staged_at_ms: r.staged_at_ms,
+            status: &r.status,
+            training: r.training(),
+            heldout: r.heldout,
+        })
+        .collect();
+    let plan = policy.plan(&summaries);
+    let mut done = Retention::default();
+    for (i, fate) in plan {
+        let (id, r) = &batches[i];
+        match fate {
+            Fate::Retire => {
+                retire(repo, tx, user, id, r.clone(), &policy.retire_reason())?;
+                done.chunks_erased += r.chunks as u64;
+                done.retired += 1;
+            }
+            Fate::Forget => {
+                tx.clear(&repo.keys.batch(user, id))?;
+                done.forgotten += 1;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The status a batch in `from` has once retired for `reason`.
+fn retired(from: &BatchStatus, reason: &str) -> BatchStatus {
+    let was = match from {
+        BatchStatus::Published { version, .. } => format!("published as version {version}"),
+        BatchStatus::Rejected { reason, .. } => format!("rejected: {reason}"),
+        other => format!("{}, never trained", other.name()),
+    };
+    BatchStatus::Retired {
+        reason: format!("{reason}; was {was}"),
+    }
+}
+
+/// Retire `batch` of `user` (its record `r`): its sample chunks cleared, its status
+/// `retired` with `reason` and what it was.
+pub fn retire(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    batch: &str,
+    r: BatchRecord,
+    reason: &str,
+) -> Res<()> {
+    let to = retired(&r.status, reason);
+    // Refuse before erasing anything (the caller's transaction then commits nothing).
+    if !allowed(Some(&r.status), &to) {
+        move_batch(repo, tx, user, batch, r, to)?;
+        unreachable!("move_batch refuses what `allowed` refuses");
+    }
+    tx.clear_prefix(&repo.keys.samples_of_batch(user, batch))?;
+    move_batch(repo, tx, user, batch, r, to)?;
     Ok(())
 }
 
@@ -384,6 +473,7 @@ mod tests {
                 run_id: None,
                 reason: "x".into(),
             },
+            Retired { reason: "x".into() },
         ]
     }
 
@@ -421,12 +511,32 @@ mod tests {
                 want.push(format!("{} -> {to}", v(r)));
             }
         }
+        let gone = r#"{"state":"retired","reason":"x"}"#;
+        for from in [
+            s("staged"),
+            d.clone(),
+            p("r1"),
+            p("r2"),
+            rj("r1"),
+            rj("r2"),
+            rn.clone(),
+        ] {
+            want.push(format!("{from} -> {gone}"));
+        }
         got.sort();
         want.sort();
         assert_eq!(got, want);
-        // Terminal states never move.
+        // Terminal states move only to retired, and retired never moves.
         for from in all.iter().filter(|s| s.is_terminal()) {
-            assert!(all.iter().all(|to| !allowed(Some(from), to)), "{from:?}");
+            for to in &all {
+                if allowed(Some(from), to) {
+                    assert!(
+                        matches!(to, BatchStatus::Retired { .. })
+                            && !matches!(from, BatchStatus::Retired { .. }),
+                        "{from:?} -> {to:?}"
+                    );
+                }
+            }
         }
     }
 
@@ -476,6 +586,7 @@ mod tests {
         Verdict(String, Vec<String>, Decision, bool),
         Publish(String, Vec<String>),
         Abandon(String, Vec<String>),
+        Retire(String),
     }
 
     #[test]
@@ -496,7 +607,23 @@ mod tests {
                 .filter(|((u, _), s)| u == user && s.is_pending())
                 .map(|((_, b), _)| b.clone())
                 .collect();
+            let retirable: Vec<String> = m
+                .batches
+                .iter()
+                .filter(|((u, _), s)| {
+                    u == user
+                        && !matches!(
+                            s,
+                            BatchStatus::Validating { .. } | BatchStatus::Retired { .. }
+                        )
+                })
+                .map(|((_, b), _)| b.clone())
+                .collect();
+            let retiring = !retirable.is_empty() && rng.random_bool(0.04);
             let op = match (rng.random_range(0..13), m.inflight.get(user).cloned()) {
+                _ if retiring => {
+                    Op::Retire(retirable[rng.random_range(0..retirable.len())].clone())
+                }
                 (0..=3, _) => Op::Stage(format!("b{step}")),
                 (4, None) if !pending.is_empty() => Op::Begin(format!("run{step}"), pending),
                 (5, None) if pending.len() == 1 => Op::Fail(pending),
@@ -526,6 +653,7 @@ mod tests {
                             chunks: 0,
                             staged_at_ms: step,
                             status: BatchStatus::Staged,
+                            chunk_samples: 0,
                         };
                         stage_batch(&repo, tx, user, b, &r)?;
                     }
@@ -582,6 +710,10 @@ mod tests {
                         publish(&repo, &bus, tx, &uid, run, &version, state, false)?;
                     }
                     Op::Abandon(run_id, _) => abandon_run(&repo, &bus, tx, &uid, run_id)?,
+                    Op::Retire(b) => {
+                        let r = repo.batch(tx, user, b)?.expect("a batch");
+                        retire(&repo, tx, user, b, r, "old")?;
+                    }
                 }
                 Ok(())
             })
@@ -643,6 +775,10 @@ mod tests {
                     m.inflight.remove(user);
                     m.abandoned += 1;
                 }
+                Op::Retire(b) => {
+                    let from = m.batches[&(user.to_string(), b.clone())].clone();
+                    m.set(user, &b, retired(&from, "old"));
+                }
                 Op::Publish(run_id, batches) => {
                     let v = m.head.get(user).copied().unwrap_or(0) + 1;
                     for b in &batches {
@@ -683,9 +819,10 @@ mod tests {
         let count = |f: fn(&BatchStatus) -> bool| m.batches.values().filter(|s| f(s)).count();
         let published = count(|s| matches!(s, BatchStatus::Published { .. }));
         let rejected = count(|s| matches!(s, BatchStatus::Rejected { .. }));
+        let retired = count(|s| matches!(s, BatchStatus::Retired { .. }));
         assert!(
-            published > 10 && rejected > 10,
-            "{published} published, {rejected} rejected"
+            published > 10 && rejected > 10 && retired > 5,
+            "{published} published, {rejected} rejected, {retired} retired"
         );
         assert!(m.restaged > 5, "{} run-mates restaged", m.restaged);
         assert!(m.abandoned > 5, "{} runs abandoned", m.abandoned);

@@ -175,6 +175,14 @@ pub struct DbStats {
     pub retries: AtomicU64,
     pub conflicts: AtomicU64,
     pub failures: AtomicU64,
+    /// The most bytes (keys and values) one committed transaction read.
+    pub largest_read_bytes: AtomicU64,
+    /// The most bytes one committed transaction wrote (as counted against
+    /// [`limits::MAX_TXN_BYTES`]).
+    pub largest_written_bytes: AtomicU64,
+    /// The longest a committed transaction took, begin to commit, in microseconds
+    /// (the age checked against [`limits::MAX_TXN_AGE`]).
+    pub longest_micros: AtomicU64,
 }
 
 /// A handle to a store. Cheap to clone; share it between threads.
@@ -281,14 +289,24 @@ impl Db {
         f: &mut impl FnMut(&mut Transaction<'_>) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
         let inner = self.backend.begin()?;
+        let started = self.clock.now();
         let mut tx = Transaction {
             inner,
-            started: self.clock.now(),
+            started,
             clock: &*self.clock,
             written: 0,
+            read: 0,
         };
         let v = f(&mut tx)?;
+        let (read, written) = (tx.read as u64, tx.written as u64);
         tx.commit()?;
+        let took = self.clock.now().saturating_duration_since(started);
+        let s = &self.stats;
+        s.largest_read_bytes.fetch_max(read, Ordering::Relaxed);
+        s.largest_written_bytes
+            .fetch_max(written, Ordering::Relaxed);
+        s.longest_micros
+            .fetch_max(took.as_micros() as u64, Ordering::Relaxed);
         Ok(v)
     }
 
@@ -304,6 +322,9 @@ pub struct Transaction<'a> {
     started: Instant,
     clock: &'a dyn Clock,
     written: usize,
+    /// Bytes of keys and values read so far (accounting only: FoundationDB limits
+    /// what a transaction writes and how long it lives, not what it reads).
+    read: usize,
 }
 
 impl Transaction<'_> {
@@ -331,7 +352,9 @@ impl Transaction<'_> {
     /// The value at `key`, or `None`.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         Self::check_key(key)?;
-        self.inner.get(key)
+        let v = self.inner.get(key)?;
+        self.read += key.len() + v.as_ref().map_or(0, Vec::len);
+        Ok(v)
     }
 
     /// The keys and values in `range` (see [`RangeOption`]).
@@ -346,7 +369,9 @@ impl Transaction<'_> {
         if range.limit == Some(0) || range.begin == range.end {
             return Ok(Vec::new());
         }
-        self.inner.get_range(range)
+        let rows = self.inner.get_range(range)?;
+        self.read += rows.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        Ok(rows)
     }
 
     /// Set `key` to `value`.
@@ -415,6 +440,11 @@ impl Transaction<'_> {
         self.written
     }
 
+    /// Bytes of keys and values read so far.
+    pub fn bytes_read(&self) -> usize {
+        self.read
+    }
+
     fn commit(self) -> Result<(), KvError> {
         let age = self.clock.now().saturating_duration_since(self.started);
         if age > limits::MAX_TXN_AGE {
@@ -436,5 +466,32 @@ mod tests {
         assert_eq!(prefix_range(&[1, 0xff]), (vec![1, 0xff], vec![2]));
         let (b, e) = prefix_range(&[]);
         assert!(b.is_empty() && e > vec![0xff; 8]);
+    }
+
+    #[test]
+    fn the_largest_transaction_is_accounted_for() {
+        let db = Db::new(crate::embedded::EmbeddedBackend::open_temp().unwrap());
+        db.transact(|tx| {
+            tx.set(b"a", &[1; 100])?;
+            tx.set(b"b", &[2; 50])
+        })
+        .unwrap();
+        db.transact(|tx| {
+            tx.get(b"a")?;
+            tx.get_range(&RangeOption::prefix(b"b"))?;
+            tx.get(b"zz")?;
+            Ok(())
+        })
+        .unwrap();
+        let s = db.stats();
+        // 1 + 100, 1 + 50, and 2 for the missing key.
+        assert_eq!(s.largest_read_bytes.load(Ordering::Relaxed), 154);
+        assert_eq!(s.largest_written_bytes.load(Ordering::Relaxed), 152);
+        // A failed transaction is not counted.
+        let _ = db.transact(|tx| {
+            tx.get_range(&RangeOption::prefix(b""))?;
+            Err::<(), _>(KvError::InvalidArgument("no".into()))
+        });
+        assert_eq!(s.largest_read_bytes.load(Ordering::Relaxed), 154);
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! Invariants:
 //! - Training data are one user's non-held-out samples only: batches already in a
-//!   published model plus the newly staged ones. Held-out samples and rejected batches
-//!   are never trained on; no other user's key is read.
+//!   published model plus the newly staged ones, the most recent
+//!   `retention.max_training_windows` of them (newest batches first). Held-out samples,
+//!   rejected and retired batches are never trained on; no other user's key is read.
 //! - At most one run per user is in flight (between training and verdict). A batch
 //!   staged meanwhile stays `Staged`; the stage that ends the in-flight run re-emits a
 //!   trigger, and every staged batch of the user is then trained as one run.
@@ -24,7 +25,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
 use swimlane_bus::Record;
-use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
+use swimlane_core::records::{BatchRecord, BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::wiring::StageEnv;
@@ -46,6 +47,9 @@ pub struct TrainerConfig {
     pub loop_options: LoopOptions,
     /// The deployment's model spec: a parent of another spec is never trained on.
     pub spec: Arc<swimlane_core::ModelSpec>,
+    /// A run trains on at most this many of the user's most recent training windows
+    /// (`retention.max_training_windows`).
+    pub max_training_windows: usize,
 }
 
 /// What the trainer works with.
@@ -62,10 +66,12 @@ pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(
         .max_records
         .clamp(1, MAX_RUNS_PER_COMMIT);
     let (train, spec) = (config.train, config.spec);
+    let max_training_windows = config.max_training_windows.max(1);
     deps.run(config.loop_options, stop, |env| Trainer {
         env,
         train,
         spec,
+        max_training_windows,
     })?;
     Ok(())
 }
@@ -74,6 +80,7 @@ struct Trainer {
     env: StageEnv<TrainerMetrics>,
     train: TrainConfig,
     spec: Arc<swimlane_core::ModelSpec>,
+    max_training_windows: usize,
 }
 
 /// Everything one run needs, read in one short transaction.
@@ -167,17 +174,38 @@ impl Trainer {
                 .filter(|(_, r)| r.status.is_pending())
                 .map(|(id, _)| id.clone())
                 .collect();
-            let mut samples = Vec::new();
-            let mut confirmed = 0usize;
-            for (id, r) in &batches {
-                let include =
-                    r.status.is_pending() || matches!(r.status, BatchStatus::Published { .. });
-                if include {
-                    for s in repo.samples(tx, u, id)?.into_iter().filter(|s| !s.heldout) {
-                        confirmed += s.feedback.is_some_and(|f| !f.corrected) as usize;
-                        samples.push(to_sample(s));
-                    }
+            // The user's most recent training windows, newest batches first, at most
+            // `max_training_windows` (`RetentionPolicy`): the read stays bounded
+            // whatever the user's history.
+            let mut included: Vec<(usize, &(String, BatchRecord))> = batches
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, r))| {
+                    r.status.is_pending() || matches!(r.status, BatchStatus::Published { .. })
+                })
+                .collect();
+            included.sort_by(|(_, (a, ra)), (_, (b, rb))| {
+                (rb.staged_at_ms, b).cmp(&(ra.staged_at_ms, a))
+            });
+            let mut chosen = Vec::new();
+            let mut taken = 0usize;
+            for (i, (id, r)) in included {
+                let room = self.max_training_windows.saturating_sub(taken);
+                if room == 0 {
+                    break;
                 }
+                let read = repo.samples_of(tx, u, id, r, false, room)?;
+                taken += read.len();
+                chosen.push((i, read));
+            }
+            // Trained in the batches' key order, as before there was a budget: the
+            // same windows train the same candidate.
+            chosen.sort_by_key(|(i, _)| *i);
+            let mut samples = Vec::with_capacity(taken);
+            let mut confirmed = 0usize;
+            for s in chosen.into_iter().flat_map(|(_, read)| read) {
+                confirmed += s.feedback.is_some_and(|f| !f.corrected) as usize;
+                samples.push(to_sample(s));
             }
             let parent = match state.head {
                 Some(v) => {
@@ -350,6 +378,7 @@ impl TrainerConfig {
             loop_options: swimlane_runtime::wiring::loop_options(&config.trainer.consumer),
             spec: Arc::new(config.model_spec()?),
             train: TrainConfig::fine_tune(),
+            max_training_windows: config.retention.max_training_windows as usize,
         })
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! Invariants:
 //! - The held-out windows are the user's own samples marked held-out when staged
-//!   (never trained on), from batches already in a published model and from the run's
-//!   own batches. Rejected batches' samples are not used.
+//!   (never trained on), from the run's own batches (all of them) and from batches
+//!   already in a published model (the most recent `retention.max_heldout_windows`).
+//!   Rejected and retired batches' samples are not used.
 //! - A run gets exactly one verdict: the verdict, the batches' new status, the event
 //!   (`CandidateAccepted` or `CandidateRejected`) and the position commit together; a
 //!   duplicate event finds the verdict and does nothing.
@@ -38,12 +39,15 @@ pub use metrics::ValidatorMetrics;
 /// What the validator works with.
 pub type ValidatorDeps = swimlane_runtime::wiring::StageDeps<ValidatorMetrics>;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ValidatorConfig {
     pub policy: ValidationPolicy,
     pub loop_options: LoopOptions,
     /// The deployment's model spec: a model of another spec is never scored.
     pub spec: Arc<swimlane_core::ModelSpec>,
+    /// Most held-out windows of published batches (the user's most recent) checked for
+    /// forgetting (`retention.max_heldout_windows`); a run's own are always all used.
+    pub max_heldout_windows: usize,
 }
 
 /// Run the stage on the calling thread until `stop()`.
@@ -56,6 +60,7 @@ pub fn run(
         policy,
         loop_options,
         spec,
+        max_heldout_windows,
     } = config;
     let guard = None;
     deps.run(loop_options, stop, |env| Validator {
@@ -63,6 +68,7 @@ pub fn run(
         policy,
         spec,
         guard,
+        max_heldout_windows,
     })?;
     Ok(())
 }
@@ -74,6 +80,7 @@ struct Validator {
     /// The guard set and the base model's accuracy on it, read once (they only change
     /// with a redeploy).
     guard: Option<Arc<Guard>>,
+    max_heldout_windows: usize,
 }
 
 /// The population guard set and how the deployment's base model does on it.
@@ -172,26 +179,37 @@ impl Validator {
                 )
             })?;
             let (current, current_guard) = current_model(repo, tx, user, state.head)?;
-            // Established windows first, then the run's own: `history` is a prefix.
+            // Established windows first, then the run's own: `history` is a prefix. The
+            // run's own windows are all read (every batch proves itself on them); the
+            // established ones are the most recent `max_heldout_windows` (newest
+            // published batches first), so the read stays bounded.
             let (mut heldout, mut fresh, mut fresh_batches) = (Vec::new(), Vec::new(), Vec::new());
-            for (id, r) in repo.batches(tx, user)? {
-                let mine = run.batches.contains(&id);
-                let established = matches!(r.status, BatchStatus::Published { .. });
-                if mine || established {
-                    let held = repo
-                        .samples(tx, user, &id)?
-                        .into_iter()
-                        .filter(|s| s.heldout)
-                        .map(to_sample);
-                    if mine {
-                        let before = fresh.len();
-                        fresh.extend(held);
-                        fresh_batches.extend(std::iter::repeat_n(id.clone(), fresh.len() - before));
-                    } else {
-                        heldout.extend(held)
-                    }
+            let mut established = Vec::new();
+            for (i, (id, r)) in repo.batches(tx, user)?.into_iter().enumerate() {
+                if run.batches.contains(&id) {
+                    let held = repo.samples_of(tx, user, &id, &r, true, usize::MAX)?;
+                    fresh_batches.extend(std::iter::repeat_n(id.clone(), held.len()));
+                    fresh.extend(held.into_iter().map(to_sample));
+                } else if matches!(r.status, BatchStatus::Published { .. }) {
+                    established.push((i, id, r));
                 }
             }
+            established
+                .sort_by(|(_, a, ra), (_, b, rb)| (rb.staged_at_ms, b).cmp(&(ra.staged_at_ms, a)));
+            let mut chosen = Vec::new();
+            let mut taken = 0usize;
+            for (i, id, r) in &established {
+                let room = self.max_heldout_windows.saturating_sub(taken);
+                if room == 0 {
+                    break;
+                }
+                let held = repo.samples_of(tx, user, id, r, true, room)?;
+                taken += held.len();
+                chosen.push((*i, held));
+            }
+            // Scored in the batches' key order, as before there was a budget.
+            chosen.sort_by_key(|(i, _)| *i);
+            heldout.extend(chosen.into_iter().flat_map(|(_, h)| h).map(to_sample));
             let history = heldout.len();
             heldout.extend(fresh);
             Ok(Some(Inputs {
@@ -423,6 +441,7 @@ impl ValidatorConfig {
             policy: config.validator.policy.clone(),
             loop_options: swimlane_runtime::wiring::loop_options(&config.validator.consumer),
             spec: Arc::new(config.model_spec()?),
+            max_heldout_windows: config.retention.max_heldout_windows as usize,
         })
     }
 }
