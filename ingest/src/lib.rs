@@ -98,12 +98,13 @@ pub async fn start(
     let api_addr = listener.local_addr().map_err(IngestError::Serve)?;
     tracing::info!(%api_addr, deployment = %config.deployment, "ingest API listening");
     ready.set(true);
-    let app = router(state);
     let options = swimlane_runtime::ServeOptions {
         what: "ingest",
         drain: std::time::Duration::from_millis(config.ingest.drain_timeout_ms),
         header_timeout: std::time::Duration::from_millis(config.ingest.header_timeout_ms),
+        header_timeouts: state.metrics.requests.header_timeouts.clone(),
     };
+    let app = router(state);
     let handle = tokio::spawn(async move {
         let served = swimlane_runtime::serve_draining(listener, app, ready, shutdown, options)
             .await

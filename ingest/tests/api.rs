@@ -1110,6 +1110,28 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_deadline() {
         let text = String::from_utf8_lossy(&out);
         assert!(!text.starts_with("HTTP/1.1 2"), "{what}: {text}");
     }
+    // Both are counted: by the connection's task, which may finish just after the
+    // client saw the close, so the scrape is repeated until it does (or 10 s pass).
+    let ops = running.ops_addr;
+    let scrape = || async move {
+        let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let counted = tokio::time::timeout(Duration::from_secs(10), async {
+        while !scrape()
+            .await
+            .contains("swimlane_ingest_header_timeouts_total 2")
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(counted.is_ok(), "{}", scrape().await);
     // A whole request on a new connection is served as before.
     let body = batch("b-head", 3).to_string();
     let mut s = tokio::net::TcpStream::connect(running.api_addr)

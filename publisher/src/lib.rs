@@ -83,6 +83,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeE
     )?;
     let repo = deps.env.repo.clone();
     let cfg = PublisherConfig::from_config(&config)?;
+    let header_timeouts = metrics.requests.header_timeouts.clone();
     let api = router(ApiState {
         db: p.db.clone(),
         repo,
@@ -115,6 +116,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeE
             what: "publisher",
             drain: std::time::Duration::from_millis(config.publisher.drain_timeout_ms),
             header_timeout: std::time::Duration::from_millis(config.publisher.header_timeout_ms),
+            header_timeouts,
         },
     );
     let ops = p.ops.handle;

@@ -48,6 +48,9 @@ pub struct RequestMetrics {
     seconds: HistogramVec,
     responses: IntCounterVec,
     routes: &'static [Route],
+    /// Connections closed because their request head did not arrive in time
+    /// (`crate::ServeOptions::header_timeout`).
+    pub header_timeouts: prometheus::IntCounter,
 }
 
 impl RequestMetrics {
@@ -83,10 +86,16 @@ impl RequestMetrics {
                 responses.with_label_values(&[r.name, c]);
             }
         }
+        let header_timeouts = prometheus::IntCounter::new(
+            format!("swimlane_{w}_header_timeouts_total"),
+            format!("{w} API connections closed because a request head did not arrive within the header timeout"),
+        )?;
+        registry.register(Box::new(header_timeouts.clone()))?;
         Ok(RequestMetrics {
             seconds,
             responses,
             routes,
+            header_timeouts,
         })
     }
 

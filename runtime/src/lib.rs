@@ -173,7 +173,7 @@ pub enum RuntimeError {
 }
 
 /// How [`serve_draining`] serves one API.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// Names the API in the log.
     pub what: &'static str,
@@ -183,6 +183,8 @@ pub struct ServeOptions {
     /// the connection waiting for it, or the connection is closed: a client that
     /// opens connections and trickles headers cannot hold them for ever.
     pub header_timeout: std::time::Duration,
+    /// Counts the connections closed at `header_timeout`.
+    pub header_timeouts: prometheus::IntCounter,
 }
 
 /// Serve `app` on `listener` (HTTP/1.1) until `shutdown` is cancelled; then stop being
@@ -231,9 +233,17 @@ pub async fn serve_draining(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let timeouts = options.header_timeouts.clone();
         tokio::spawn(async move {
-            // A client that went away or broke the protocol: its own business.
-            let _ = conn.await;
+            // A client that went away or broke the protocol is its own business; one cut
+            // at the header deadline is counted.
+            if let Err(e) = conn.await {
+                if e.downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout)
+                {
+                    timeouts.inc();
+                }
+            }
         });
     }
     drop(listener);
