@@ -12,6 +12,7 @@
 //! | `("user", user, "sample", batch_id, chunk)`  | a chunk of the batch's samples         |
 //! | `("user", user, "head")`                     | the user's current published version   |
 //! | `("user", user, "state")`                    | per-user pipeline state (convergence)  |
+//! | `("user", user, "live", version, what)`      | an 8-byte LE count: windows the device's model `version` (0: the base model) classified in the user's uploads (`what` = `windows`), and those it got right (`right`) |
 //! | `("user", user, "uploads", day)`             | an 8-byte LE count of the user's uploads staged on UTC day `day` (days since the epoch; only the current day's is kept) |
 //! | `("model", user, version)`                   | model version record (metrics, lineage)|
 //! | `("blob", blob_id)` / `("blob", blob_id, gen, i)` | blob header / chunk `i` of generation `gen` (`swimlane_store::blob`) |
@@ -95,6 +96,22 @@ impl Keys {
     /// The count of `user`'s uploads staged on UTC day `day` (days since the epoch).
     pub fn uploads_on(&self, user: &str, day: u64) -> Vec<u8> {
         self.root.pack(&("user", user, "uploads", day))
+    }
+    /// `user`'s live count `what` (`"windows"` or `"right"`) of model `version` (0: the
+    /// base model).
+    pub fn live(&self, user: &str, version: u64, what: &str) -> Vec<u8> {
+        self.root.pack(&("user", user, "live", version, what))
+    }
+    /// Prefix of every live count of `user`.
+    pub fn lives(&self, user: &str) -> Vec<u8> {
+        self.root.subspace(&("user", user, "live")).into_bytes()
+    }
+    /// `(version, what)` of a key made by [`Keys::live`] for `user`.
+    pub fn live_of(&self, user: &str, key: &[u8]) -> Option<(u64, String)> {
+        self.root
+            .subspace(&("user", user, "live"))
+            .unpack::<(u64, String)>(key)
+            .ok()
     }
     /// Prefix of every daily upload count of `user`.
     pub fn uploads(&self, user: &str) -> Vec<u8> {

@@ -157,6 +157,34 @@ pub struct StagedSample {
     pub feedback: Option<Feedback>,
 }
 
+/// Live evidence about one model version: windows the device classified with it (in
+/// uploads of format 2) and those the user confirmed, i.e. it got right.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveCount {
+    pub windows: u64,
+    pub right: u64,
+}
+
+impl LiveCount {
+    /// `right / windows`, or `None` with no window.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.windows > 0).then(|| self.right as f64 / self.windows as f64)
+    }
+}
+
+/// The live counts an upload's samples carry, per model version (0: the base model):
+/// a window the user confirmed is one its version got right, a corrected one it got
+/// wrong. Samples without feedback (format 1) count nowhere.
+pub fn live_counts(samples: &[StagedSample]) -> std::collections::BTreeMap<u64, LiveCount> {
+    let mut out = std::collections::BTreeMap::<u64, LiveCount>::new();
+    for f in samples.iter().filter_map(|s| s.feedback) {
+        let c = out.entry(f.model_version.unwrap_or(0)).or_default();
+        c.windows += 1;
+        c.right += u64::from(!f.corrected);
+    }
+    out
+}
+
 /// What the device's model predicted for a window, and whether the user corrected it
 /// (upload format 2, docs/batch-format.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +357,33 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn live_counts_are_per_version_and_only_from_feedback() {
+        let s = |corrected: bool, model_version: Option<u64>, with: bool| StagedSample {
+            id: "x".into(),
+            frames: vec![0.0],
+            label: ClassId(0),
+            heldout: false,
+            feedback: with.then_some(Feedback {
+                corrected,
+                predicted: ClassId(if corrected { 1 } else { 0 }),
+                model_version,
+            }),
+        };
+        let counts = live_counts(&[
+            s(false, None, true),
+            s(true, None, true),
+            s(false, Some(2), true),
+            s(true, Some(2), false),
+        ]);
+        let got: Vec<_> = counts
+            .iter()
+            .map(|(v, c)| (*v, c.windows, c.right))
+            .collect();
+        assert_eq!(got, vec![(0, 2, 1), (2, 1, 1)]);
+        assert_eq!(counts[&0].accuracy(), Some(0.5));
+        assert_eq!(LiveCount::default().accuracy(), None);
+    }
 
     fn sample(i: usize) -> StagedSample {
         StagedSample {

@@ -7,11 +7,19 @@
 //!   label); index `i` counts accuracies `<= ACCURACY_BUCKETS[i]` and above the
 //!   previous bound, index `ACCURACY_BUCKETS.len()` the rest. [`HEAD_ACCURACY_SUM`]
 //!   (index 0) is the sum of those accuracies in millionths.
+//! - [`LIVE_WINDOWS`] (index 0): windows the devices' models classified, as uploads in
+//!   format 2 report them; [`LIVE_RIGHT`] (index 0): those the user confirmed (the
+//!   model was right). Their ratio is the fleet's live accuracy.
 
 /// Counter family of users per held-out accuracy bucket of their head model.
 pub const HEAD_ACCURACY: &str = "head_accuracy";
 /// Counter (index 0): the sum of the users' head accuracies, in millionths.
 pub const HEAD_ACCURACY_SUM: &str = "head_accuracy_sum_micros";
+
+/// Counter (index 0): windows the devices' models classified (uploads' feedback).
+pub const LIVE_WINDOWS: &str = "live_windows";
+/// Counter (index 0): of [`LIVE_WINDOWS`], those the device's model got right.
+pub const LIVE_RIGHT: &str = "live_right";
 
 /// Upper bounds of the held-out accuracy buckets.
 pub const ACCURACY_BUCKETS: [f64; 11] =

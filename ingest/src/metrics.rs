@@ -27,6 +27,8 @@ pub const BATCHES_RETIRED_TOTAL: &str = "swimlane_ingest_batches_retired_total";
 pub const BATCH_RECORDS_FORGOTTEN_TOTAL: &str = "swimlane_ingest_batch_records_forgotten_total";
 pub const OLDEST_PENDING_AGE: &str = "swimlane_pipeline_oldest_pending_batch_age_seconds";
 pub const USERS_HELDOUT_ACCURACY: &str = "swimlane_users_heldout_accuracy";
+pub const LIVE_WINDOWS_TOTAL: &str = "swimlane_live_windows_total";
+pub const LIVE_WINDOWS_RIGHT_TOTAL: &str = "swimlane_live_windows_right_total";
 
 /// Ingest's routes, as its request metrics name them.
 pub const ROUTES: [Route; 2] = [
@@ -169,6 +171,18 @@ impl PipelineCollector {
                 vec![],
                 Default::default(),
             )?,
+            Desc::new(
+                LIVE_WINDOWS_TOTAL.into(),
+                "Windows the devices' models classified, as uploads with feedback (format 2) report them".into(),
+                vec![],
+                Default::default(),
+            )?,
+            Desc::new(
+                LIVE_WINDOWS_RIGHT_TOTAL.into(),
+                "Of those windows, the ones the user confirmed: the device's model was right".into(),
+                vec![],
+                Default::default(),
+            )?,
         ];
         Ok(PipelineCollector {
             db,
@@ -200,9 +214,10 @@ impl Collector for PipelineCollector {
             Ok((
                 repo.oldest_pending_batch(tx)?,
                 repo.head_accuracy_histogram(tx)?,
+                repo.live_totals(tx)?,
             ))
         });
-        let (oldest, (counts, sum)) = match read {
+        let (oldest, (counts, sum), live) = match read {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "reading pipeline statistics for /metrics failed");
@@ -232,7 +247,17 @@ impl Collector for PipelineCollector {
         let acc_family = family(&self.descs[1], MetricType::HISTOGRAM, |m| {
             m.set_histogram(h)
         });
-        vec![age_family, acc_family]
+        let counter = |desc: &Desc, n: u64| {
+            let mut c = proto::Counter::default();
+            c.set_value(n as f64);
+            family(desc, MetricType::COUNTER, |m| m.set_counter(c))
+        };
+        vec![
+            age_family,
+            acc_family,
+            counter(&self.descs[2], live.windows),
+            counter(&self.descs[3], live.right),
+        ]
     }
 }
 

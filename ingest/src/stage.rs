@@ -2,8 +2,9 @@
 //! and the one transaction that stages it.
 //!
 //! Invariant: a batch is staged by exactly one transaction that writes its sample
-//! chunks, its record, its pending-index entry, the user's daily upload count, what
-//! retention retires and its `BatchStaged` event together, so the store holds either
+//! chunks, its record, its pending-index entry, the user's daily upload count, the
+//! live counts its feedback carries, what retention retires and its `BatchStaged`
+//! event together, so the store holds either
 //! all of a batch or none of it, and the event exists iff the batch does. A batch id
 //! that already has a record is never written again: the same content is answered
 //! from the record, a different content is a conflict.
@@ -143,6 +144,7 @@ pub fn stage_batch(
         status: BatchStatus::Staged,
         chunk_samples: per_chunk as u32,
     };
+    let live = swimlane_core::records::live_counts(&batch.samples);
     let day = now_ms / DAY_MS;
     let uploads_key = keys.uploads_on(u, day);
     let event = Event::BatchStaged {
@@ -178,6 +180,7 @@ pub fn stage_batch(
             tx.set(k, v)?;
         }
         swimlane_state::lifecycle::stage_batch(&repo, tx, u, b, &record)?;
+        repo.add_live(tx, u, &live)?;
         let retention = swimlane_state::lifecycle::apply_retention(&repo, tx, u, &rules.retention)?;
         emitter.emit(tx, &event)?;
         Ok(StageOutcome::Staged(record.clone(), retention))

@@ -1156,3 +1156,38 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_deadline() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn feedback_counts_live_accuracy_per_model_version() {
+    let h = Harness::new();
+    // Format 2: windows the base model and version 3 classified, corrected or confirmed.
+    let sample = |i: usize, kind: &str, version: Option<u64>| {
+        let label = StrokeClass::ALL[i % 6];
+        let predicted = if kind == "confirmed" {
+            label
+        } else {
+            StrokeClass::ALL[(i + 1) % 6]
+        };
+        json!({"id": format!("s{i}"), "frames": frames(i), "label": label.name(),
+               "feedback": {"kind": kind, "predicted": predicted.name(), "model_version": version}})
+    };
+    let body = json!({"format": 2, "batch_id": "live-1", "samples": [
+        sample(0, "confirmed", None), sample(1, "corrected", None),
+        sample(2, "confirmed", Some(3)), sample(3, "confirmed", Some(3)),
+        sample(4, "corrected", Some(3)),
+        {"id": "s5", "frames": frames(5), "label": "turn"},
+    ]});
+    let (s, v) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    // A retry counts nothing twice.
+    let (s, _) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let repo = Repo::new(h.keys.clone());
+    let live = h.db.transact(|tx| repo.live(tx, "alice")).unwrap();
+    let got: Vec<(u64, u64, u64)> = live.iter().map(|(v, c)| (*v, c.windows, c.right)).collect();
+    assert_eq!(got, vec![(0, 2, 1), (3, 3, 2)]);
+    assert!(h.db.transact(|tx| repo.live(tx, "bob")).unwrap().is_empty());
+    let m = h.metrics();
+    assert!(m.contains("swimlane_live_windows_total 5"), "{m}");
+    assert!(m.contains("swimlane_live_windows_right_total 3"), "{m}");
+}

@@ -14,7 +14,8 @@
 //!   `onnx_unavailable` for a version published before ONNX export existed. `format`
 //!   wins over `Accept`; `Accept` picks ONNX when it ranks `application/onnx` above
 //!   `application/vnd.swimlane.safetensors` (q-values; unlisted counts as 0).
-//! - `GET /v1/users/{user}/model/versions`: every version with held-out metrics and
+//! - `GET /v1/users/{user}/model/versions`: every version with its live accuracy
+//!   (from the uploads' feedback), held-out metrics and
 //!   lineage, and the current head.
 //! - `POST /v1/admin/users/{user}/rollback` `{"version": N}` (admin token): point the
 //!   head at an earlier published version; 200 `{"head": N}`, 404 `no_such_version`,
@@ -351,18 +352,38 @@ async fn list_versions(
     let user = parse_user(user)?;
     let auth = bearer(&headers);
     let st2 = st.clone();
-    let (head, versions) = st
+    let (head, versions, live) = st
         .read(move || {
             let repo = st2.repo.clone();
             authorised(&st2, auth.as_deref(), &user, false, |tx| {
                 Ok((
                     repo.user_state(tx, user.as_str())?.head,
                     repo.model_versions(tx, user.as_str())?,
+                    repo.live(tx, user.as_str())?,
                 ))
             })
         })
         .await??;
-    Ok(Json(serde_json::json!({ "head": head, "versions": versions })).into_response())
+    // Each version with what the device's uploads said of it since (`live`: windows it
+    // classified, those the user confirmed, their ratio); `base_live` for the base model.
+    let live_json = |v: u64| {
+        let c = live.get(&v).copied().unwrap_or_default();
+        serde_json::json!({"windows": c.windows, "right": c.right, "accuracy": c.accuracy()})
+    };
+    let versions: Vec<serde_json::Value> = versions
+        .iter()
+        .map(|rec| {
+            let mut j = serde_json::to_value(rec).unwrap_or_default();
+            j["live"] = live_json(rec.version);
+            j
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "head": head,
+        "versions": versions,
+        "base_live": live_json(0),
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
 use swimlane_core::keys::Keys;
-use swimlane_core::records::{ModelVersionRecord, StoredFile, UserState};
+use swimlane_core::records::{LiveCount, ModelVersionRecord, StoredFile, UserState};
 use swimlane_core::UserId;
 use swimlane_publisher::{router, ApiState, PublisherMetrics};
 use swimlane_state::tokens::{hash_token, new_token};
@@ -292,7 +292,10 @@ async fn no_model_is_404_no_model_before_any_publish() {
     assert!(a.header("etag").is_none() && a.header("x-model-version").is_none());
     let a = h.get(VERSIONS, &h.alice).await;
     assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(a.json(), json!({"head": null, "versions": []}));
+    assert_eq!(
+        a.json(),
+        json!({"head": null, "versions": [], "base_live": {"windows": 0, "right": 0, "accuracy": null}})
+    );
     // Another user's publication changes nothing for Alice.
     h.publish("bob", 1);
     let a = h.get(MODEL, &h.alice).await;
@@ -386,6 +389,35 @@ async fn versions_list_every_version_with_lineage_and_the_head() {
     assert_eq!(versions, vec![r1, r2]);
     assert_eq!(v["versions"][1]["parent_version"], 1);
     assert_eq!(v["versions"][1]["batches"], json!(["b-2"]));
+    // No upload has said anything of them yet.
+    assert_eq!(
+        v["versions"][0]["live"],
+        json!({"windows": 0, "right": 0, "accuracy": null})
+    );
+    // What the uploads' feedback said of each version, and of the base model.
+    let counts = |pairs: &[(u64, u64, u64)]| {
+        pairs
+            .iter()
+            .map(|&(v, windows, right)| (v, LiveCount { windows, right }))
+            .collect()
+    };
+    h.db.transact(|tx| {
+        h.repo
+            .add_live(tx, "alice", &counts(&[(0, 10, 7), (2, 4, 3)]))?;
+        h.repo.add_live(tx, "alice", &counts(&[(2, 4, 4)]))?;
+        h.repo.add_live(tx, "bob", &counts(&[(1, 5, 0)]))
+    })
+    .unwrap();
+    let v = h.get(VERSIONS, &h.alice).await.json();
+    assert_eq!(
+        v["base_live"],
+        json!({"windows": 10, "right": 7, "accuracy": 0.7})
+    );
+    assert_eq!(v["versions"][0]["live"]["windows"], 0);
+    assert_eq!(
+        v["versions"][1]["live"],
+        json!({"windows": 8, "right": 7, "accuracy": 0.875})
+    );
 }
 
 #[tokio::test]
@@ -578,7 +610,10 @@ async fn authorization_matrix_for_every_route() {
     let r = h.get("/v1/users/dave/model", &h.admin).await;
     h.assert_error(&r, StatusCode::NOT_FOUND, "no_model", "admin, no model");
     let r = h.get("/v1/users/dave/model/versions", &h.admin).await;
-    assert_eq!(r.json(), json!({"head": null, "versions": []}));
+    assert_eq!(
+        r.json(),
+        json!({"head": null, "versions": [], "base_live": {"windows": 0, "right": 0, "accuracy": null}})
+    );
     // Nothing refused moved anything.
     assert_eq!(h.state("alice").head, Some(2));
 }

@@ -8,11 +8,14 @@
 pub mod lifecycle;
 pub mod tokens;
 
+use std::collections::BTreeMap;
+
 use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
 use swimlane_core::keys::Keys;
 use swimlane_core::records::{
-    decode_chunk, BatchRecord, BatchStatus, ModelVersionRecord, RunRecord, StagedSample, UserState,
+    decode_chunk, BatchRecord, BatchStatus, LiveCount, ModelVersionRecord, RunRecord, StagedSample,
+    UserState,
 };
 use swimlane_core::stats;
 use swimlane_store::{blob, Db, KvError, RangeOption, Transaction};
@@ -148,6 +151,65 @@ impl Repo {
                     .ok_or_else(|| corrupt("pending batch key", "does not decode"))
             })
             .transpose()
+    }
+
+    /// Add an upload's live counts (`records::live_counts`) to `user`'s, per model
+    /// version, and to the fleet's totals: atomic adds, so uploads never conflict on
+    /// them.
+    pub fn add_live(
+        &self,
+        tx: &mut Transaction<'_>,
+        user: &str,
+        counts: &BTreeMap<u64, LiveCount>,
+    ) -> Res<()> {
+        let (mut windows, mut right) = (0i64, 0i64);
+        for (version, c) in counts {
+            let (w, r) = (c.windows as i64, c.right as i64);
+            tx.atomic_add(&self.keys.live(user, *version, "windows"), w)?;
+            tx.atomic_add(&self.keys.live(user, *version, "right"), r)?;
+            windows += w;
+            right += r;
+        }
+        if windows > 0 {
+            tx.atomic_add(&self.keys.stat(stats::LIVE_WINDOWS, 0), windows)?;
+            tx.atomic_add(&self.keys.stat(stats::LIVE_RIGHT, 0), right)?;
+        }
+        Ok(())
+    }
+
+    /// `user`'s live counts per model version (0: the base model).
+    pub fn live(&self, tx: &mut Transaction<'_>, user: &str) -> Res<BTreeMap<u64, LiveCount>> {
+        let mut out = BTreeMap::<u64, LiveCount>::new();
+        for (k, v) in tx.get_range(&RangeOption::prefix(&self.keys.lives(user)))? {
+            let (version, what) = self
+                .keys
+                .live_of(user, &k)
+                .ok_or_else(|| corrupt("live count key", "does not decode"))?;
+            let n: [u8; 8] = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("live count", "not 8 bytes"))?;
+            let n = u64::try_from(i64::from_le_bytes(n)).unwrap_or(0);
+            let c = out.entry(version).or_default();
+            match what.as_str() {
+                "windows" => c.windows = n,
+                "right" => c.right = n,
+                _ => return Err(corrupt("live count key", format!("unknown count {what}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The fleet's live totals: windows classified and windows right.
+    pub fn live_totals(&self, tx: &mut Transaction<'_>) -> Res<LiveCount> {
+        Ok(LiveCount {
+            windows: tx
+                .get_counter(&self.keys.stat(stats::LIVE_WINDOWS, 0))?
+                .max(0) as u64,
+            right: tx
+                .get_counter(&self.keys.stat(stats::LIVE_RIGHT, 0))?
+                .max(0) as u64,
+        })
     }
 
     /// How many users' head model has a held-out accuracy in each bucket of
