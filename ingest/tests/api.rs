@@ -209,6 +209,60 @@ fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("<no code>")
 }
 
+/// Ingest started over TCP on loopback ports, with the test config that `edit` changes
+/// first, and a token for alice.
+struct Served {
+    _dir: tempfile::TempDir,
+    db: Db,
+    keys: Keys,
+    token: String,
+    shutdown: swimlane_runtime::CancellationToken,
+    running: swimlane_ingest::Running,
+}
+
+async fn serve(edit: impl FnOnce(&mut Config)) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
+    let mut c = config();
+    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    edit(&mut c);
+    let keys = Keys::new(&c.deployment);
+    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
+    let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), c.partitions));
+    let shutdown = swimlane_runtime::CancellationToken::new();
+    let running = swimlane_ingest::start(
+        c,
+        IngestDeps {
+            db: db.clone(),
+            emitter,
+            registry: prometheus::Registry::new(),
+            clock: Arc::new(ManualWallClock::new(NOW_MS)),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    Served {
+        _dir: dir,
+        db,
+        keys,
+        token,
+        shutdown,
+        running,
+    }
+}
+
+/// One HTTP/1.1 exchange on a new connection to `addr`: the whole answer.
+async fn http(addr: std::net::SocketAddr, req: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 #[tokio::test]
 async fn happy_path_stages_chunks_record_and_event() {
     let h = Harness::new();
@@ -796,36 +850,15 @@ async fn store_failures_are_503_with_retry_after_and_leave_nothing() {
 
 #[tokio::test]
 async fn start_serves_api_and_ops_over_tcp_and_drains_on_shutdown() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
-    let mut c = config();
-    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
-    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
-    let keys = Keys::new(&c.deployment);
-    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
-    let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), c.partitions));
-    let shutdown = swimlane_runtime::CancellationToken::new();
-    let running = swimlane_ingest::start(
-        c,
-        IngestDeps {
-            db: db.clone(),
-            emitter,
-            registry: prometheus::Registry::new(),
-            clock: Arc::new(ManualWallClock::new(NOW_MS)),
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let Served {
+        _dir,
+        db,
+        keys,
+        token,
+        shutdown,
+        running,
+    } = serve(|_| {}).await;
 
-    async fn http(addr: std::net::SocketAddr, req: String) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
     let body = batch("b-tcp", 3).to_string();
     let resp = http(
         running.api_addr,
@@ -885,28 +918,18 @@ async fn a_body_that_never_finishes_is_408_and_stages_nothing() {
 #[tokio::test]
 async fn shutdown_stops_waiting_for_a_stuck_request_after_the_drain_deadline() {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
-    let mut c = config();
-    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
-    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
-    c.ingest.body_timeout_ms = 60_000;
-    c.ingest.drain_timeout_ms = 200;
-    let keys = Keys::new(&c.deployment);
-    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
-    let shutdown = swimlane_runtime::CancellationToken::new();
-    let running = swimlane_ingest::start(
-        c,
-        IngestDeps {
-            db: db.clone(),
-            emitter: Arc::new(EmbeddedBus::new(keys.clone(), PARTITIONS)),
-            registry: prometheus::Registry::new(),
-            clock: Arc::new(ManualWallClock::new(NOW_MS)),
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let Served {
+        _dir,
+        db,
+        keys,
+        token,
+        shutdown,
+        running,
+    } = serve(|c| {
+        c.ingest.body_timeout_ms = 60_000;
+        c.ingest.drain_timeout_ms = 200;
+    })
+    .await;
     // A request whose body never completes.
     let mut s = tokio::net::TcpStream::connect(running.api_addr)
         .await
@@ -1067,27 +1090,16 @@ async fn staging_retires_what_falls_out_of_the_users_retained_windows() {
 #[tokio::test]
 async fn a_request_head_that_never_ends_is_cut_at_the_header_deadline() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::new(EmbeddedBackend::open_in_dir(dir.path()).unwrap());
-    let mut c = config();
-    c.ingest.listen = "127.0.0.1:0".parse().unwrap();
-    c.ingest.metrics_listen = "127.0.0.1:0".parse().unwrap();
-    c.ingest.header_timeout_ms = 300;
-    let keys = Keys::new(&c.deployment);
-    let token = create_token(&db, &keys, &uid("alice"), NOW_MS).unwrap();
-    let shutdown = swimlane_runtime::CancellationToken::new();
-    let running = swimlane_ingest::start(
-        c,
-        IngestDeps {
-            db: db.clone(),
-            emitter: Arc::new(EmbeddedBus::new(keys.clone(), PARTITIONS)),
-            registry: prometheus::Registry::new(),
-            clock: Arc::new(ManualWallClock::new(NOW_MS)),
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let Served {
+        _dir,
+        token,
+        shutdown,
+        running,
+        ..
+    } = serve(|c| {
+        c.ingest.header_timeout_ms = 300;
+    })
+    .await;
     // One connection sends half a request head, another nothing at all: the server
     // closes both (what it answers first, if anything, is hyper's business).
     let mut half = tokio::net::TcpStream::connect(running.api_addr)
@@ -1113,14 +1125,11 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_deadline() {
     // Both are counted: by the connection's task, which may finish just after the
     // client saw the close, so the scrape is repeated until it does (or 10 s pass).
     let ops = running.ops_addr;
-    let scrape = || async move {
-        let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+    let scrape = || {
+        http(
+            ops,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+        )
     };
     let counted = tokio::time::timeout(Duration::from_secs(10), async {
         while !scrape()
@@ -1134,20 +1143,14 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_deadline() {
     assert!(counted.is_ok(), "{}", scrape().await);
     // A whole request on a new connection is served as before.
     let body = batch("b-head", 3).to_string();
-    let mut s = tokio::net::TcpStream::connect(running.api_addr)
-        .await
-        .unwrap();
-    s.write_all(
+    let out = http(
+        running.api_addr,
         format!(
             "POST /v1/users/alice/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
-        )
-        .as_bytes(),
+        ),
     )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    .await;
     assert!(out.starts_with("HTTP/1.1 202"), "{out}");
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), running.handle)
