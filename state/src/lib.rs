@@ -303,6 +303,43 @@ impl Repo {
         Ok(out)
     }
 
+    /// The user's most recent samples of one split (`heldout`) from the batches of
+    /// `batches` (the user's, as [`Repo::batches`] lists them) that `include` keeps: at
+    /// most `budget` of them, taken from the newest batch (`staged_at_ms`, then id)
+    /// backwards, and returned in the batches' key order (so that, under the budget,
+    /// the result is what reading every batch gives). The read is bounded by `budget`
+    /// whatever the user's history (`policy::RetentionPolicy`).
+    pub fn recent_samples(
+        &self,
+        tx: &mut Transaction<'_>,
+        user: &str,
+        batches: &[(String, BatchRecord)],
+        include: impl Fn(&str, &BatchRecord) -> bool,
+        heldout: bool,
+        budget: usize,
+    ) -> Res<Vec<StagedSample>> {
+        let mut newest: Vec<(usize, &(String, BatchRecord))> = batches
+            .iter()
+            .enumerate()
+            .filter(|(_, (id, r))| include(id, r))
+            .collect();
+        newest
+            .sort_by(|(_, (a, ra)), (_, (b, rb))| (rb.staged_at_ms, b).cmp(&(ra.staged_at_ms, a)));
+        let mut chosen = Vec::new();
+        let mut taken = 0usize;
+        for (i, (id, r)) in newest {
+            let room = budget.saturating_sub(taken);
+            if room == 0 {
+                break;
+            }
+            let read = self.samples_of(tx, user, id, r, heldout, room)?;
+            taken += read.len();
+            chosen.push((i, read));
+        }
+        chosen.sort_by_key(|(i, _)| *i);
+        Ok(chosen.into_iter().flat_map(|(_, read)| read).collect())
+    }
+
     pub fn user_state(&self, tx: &mut Transaction<'_>, user: &str) -> Res<UserState> {
         Ok(
             get_json(tx, &self.keys.user_state(user))?.unwrap_or(UserState {

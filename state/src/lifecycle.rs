@@ -248,14 +248,9 @@ pub fn retire(
     reason: &str,
 ) -> Res<()> {
     let to = retired(&r.status, reason);
-    // Refuse before erasing anything (the caller's transaction then commits nothing).
-    if !allowed(Some(&r.status), &to) {
-        move_batch(repo, tx, user, batch, r, to)?;
-        unreachable!("move_batch refuses what `allowed` refuses");
-    }
-    tx.clear_prefix(&repo.keys.samples_of_batch(user, batch))?;
+    // A refused move fails the caller's transaction, erasure included.
     move_batch(repo, tx, user, batch, r, to)?;
-    Ok(())
+    tx.clear_prefix(&repo.keys.samples_of_batch(user, batch))
 }
 
 /// Validator: the verdict on `run_id` of `user`. Accepted: the verdict is recorded

@@ -25,7 +25,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
 use swimlane_bus::Record;
-use swimlane_core::records::{BatchRecord, BatchStatus, RunRecord, StagedSample};
+use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::wiring::StageEnv;
@@ -174,39 +174,21 @@ impl Trainer {
                 .filter(|(_, r)| r.status.is_pending())
                 .map(|(id, _)| id.clone())
                 .collect();
-            // The user's most recent training windows, newest batches first, at most
-            // `max_training_windows` (`RetentionPolicy`): the read stays bounded
-            // whatever the user's history.
-            let mut included: Vec<(usize, &(String, BatchRecord))> = batches
+            // The user's most recent training windows, at most `max_training_windows`
+            // (`RetentionPolicy`): the read stays bounded whatever the user's history.
+            let read = repo.recent_samples(
+                tx,
+                u,
+                &batches,
+                |_, r| r.status.is_pending() || matches!(r.status, BatchStatus::Published { .. }),
+                false,
+                self.max_training_windows,
+            )?;
+            let confirmed = read
                 .iter()
-                .enumerate()
-                .filter(|(_, (_, r))| {
-                    r.status.is_pending() || matches!(r.status, BatchStatus::Published { .. })
-                })
-                .collect();
-            included.sort_by(|(_, (a, ra)), (_, (b, rb))| {
-                (rb.staged_at_ms, b).cmp(&(ra.staged_at_ms, a))
-            });
-            let mut chosen = Vec::new();
-            let mut taken = 0usize;
-            for (i, (id, r)) in included {
-                let room = self.max_training_windows.saturating_sub(taken);
-                if room == 0 {
-                    break;
-                }
-                let read = repo.samples_of(tx, u, id, r, false, room)?;
-                taken += read.len();
-                chosen.push((i, read));
-            }
-            // Trained in the batches' key order, as before there was a budget: the
-            // same windows train the same candidate.
-            chosen.sort_by_key(|(i, _)| *i);
-            let mut samples = Vec::with_capacity(taken);
-            let mut confirmed = 0usize;
-            for s in chosen.into_iter().flat_map(|(_, read)| read) {
-                confirmed += s.feedback.is_some_and(|f| !f.corrected) as usize;
-                samples.push(to_sample(s));
-            }
+                .filter(|s| s.feedback.is_some_and(|f| !f.corrected))
+                .count();
+            let samples: Vec<Sample> = read.into_iter().map(to_sample).collect();
             let parent = match state.head {
                 Some(v) => {
                     let mv = repo

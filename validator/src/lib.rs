@@ -24,7 +24,7 @@ use std::time::Instant;
 use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
 use swimlane_bus::Record;
 use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
-use swimlane_core::records::{BatchStatus, StagedSample, Verdict};
+use swimlane_core::records::{BatchRecord, BatchStatus, StagedSample, Verdict};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::net::argmax_class;
 use swimlane_model::{evaluate, MicroModel, Sample};
@@ -184,32 +184,30 @@ impl Validator {
             // established ones are the most recent `max_heldout_windows` (newest
             // published batches first), so the read stays bounded.
             let (mut heldout, mut fresh, mut fresh_batches) = (Vec::new(), Vec::new(), Vec::new());
-            let mut established = Vec::new();
-            for (i, (id, r)) in repo.batches(tx, user)?.into_iter().enumerate() {
-                if run.batches.contains(&id) {
-                    let held = repo.samples_of(tx, user, &id, &r, true, usize::MAX)?;
+            let batches = repo.batches(tx, user)?;
+            for (id, r) in &batches {
+                if run.batches.contains(id) {
+                    let held = repo.samples_of(tx, user, id, r, true, usize::MAX)?;
                     fresh_batches.extend(std::iter::repeat_n(id.clone(), held.len()));
                     fresh.extend(held.into_iter().map(to_sample));
-                } else if matches!(r.status, BatchStatus::Published { .. }) {
-                    established.push((i, id, r));
                 }
             }
-            established
-                .sort_by(|(_, a, ra), (_, b, rb)| (rb.staged_at_ms, b).cmp(&(ra.staged_at_ms, a)));
-            let mut chosen = Vec::new();
-            let mut taken = 0usize;
-            for (i, id, r) in &established {
-                let room = self.max_heldout_windows.saturating_sub(taken);
-                if room == 0 {
-                    break;
-                }
-                let held = repo.samples_of(tx, user, id, r, true, room)?;
-                taken += held.len();
-                chosen.push((*i, held));
-            }
-            // Scored in the batches' key order, as before there was a budget.
-            chosen.sort_by_key(|(i, _)| *i);
-            heldout.extend(chosen.into_iter().flat_map(|(_, h)| h).map(to_sample));
+            let established = |id: &str, r: &BatchRecord| {
+                !run.batches.iter().any(|b| b == id)
+                    && matches!(r.status, BatchStatus::Published { .. })
+            };
+            heldout.extend(
+                repo.recent_samples(
+                    tx,
+                    user,
+                    &batches,
+                    established,
+                    true,
+                    self.max_heldout_windows,
+                )?
+                .into_iter()
+                .map(to_sample),
+            );
             let history = heldout.len();
             heldout.extend(fresh);
             Ok(Some(Inputs {
