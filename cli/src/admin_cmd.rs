@@ -27,6 +27,36 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Print a user's history: every published version with its parent, batches,
+    /// verdict, held-out and live accuracy, standing and when it was live; the
+    /// rollbacks and who or what caused them; the newest runs. The same as
+    /// `GET /v1/users/{user}/history` (`--json` prints exactly that).
+    History {
+        #[command(flatten)]
+        args: Args,
+        #[arg(long)]
+        user: String,
+        /// Print the JSON the API answers instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Erase everything of a user (samples, batches, runs, versions, model files,
+    /// tokens, counters, the user's events in the embedded log) and print the receipt
+    /// (JSON). Resumes an erasure that was interrupted; erasing an erased user prints
+    /// its receipt again. The same as `DELETE /v1/users/{user}` (docs/api.md).
+    Forget {
+        #[command(flatten)]
+        args: Args,
+        #[arg(long)]
+        user: String,
+        /// Records deleted per transaction.
+        #[arg(long, default_value_t = swimlane_state::forget::CHUNK)]
+        chunk: usize,
+        /// Tests: after this many committed steps, print `paused` and wait to be
+        /// killed (how the crash test interrupts an erasure at a known point).
+        #[arg(long, hide = true)]
+        pause_after: Option<u64>,
+    },
     /// Make a new admin token: prints the token (keep it secret) and the
     /// `admin_token_sha256` value to configure.
     AdminToken,
@@ -50,6 +80,10 @@ pub enum TokenCommand {
         args: Args,
         #[arg(long)]
         user: String,
+        /// The user was erased (`swimlane admin forget`): let it exist again, starting
+        /// from nothing. Without it, a token for an erased user is refused.
+        #[arg(long)]
+        recreate: bool,
     },
     /// Revoke a token, read from standard input (so it never appears in a process
     /// listing or shell history).
@@ -57,6 +91,129 @@ pub enum TokenCommand {
         #[command(flatten)]
         args: Args,
     },
+}
+
+/// `swimlane admin history` as text.
+fn history_text(h: &swimlane_state::history::History) -> String {
+    use std::fmt::Write;
+    use swimlane_core::records::Standing;
+    let model = |v: Option<u64>| v.map_or("base".to_string(), |v| format!("v{v}"));
+    let acc = |a: Option<f64>| a.map_or("-".to_string(), |a| format!("{a:.3}"));
+    let when = utc;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "user {}: head {}; {} versions, {} rollbacks, {} runs",
+        h.user,
+        model(h.head),
+        h.versions.len(),
+        h.rollbacks.len(),
+        h.runs_total
+    );
+    let _ = writeln!(
+        o,
+        "base model: live {} on {} windows",
+        acc(h.base_live.accuracy),
+        h.base_live.windows
+    );
+    for v in &h.versions {
+        let live: Vec<String> = v
+            .live_periods
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} .. {}",
+                    when(p.from_ms),
+                    p.until_ms.map_or("now".to_string(), when)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "v{} (parent {}), published {}: {}; held-out {:.3} (parent {:.3}), live {} on {} windows; batches {}",
+            v.version,
+            model(v.parent_version),
+            when(v.published_at_ms),
+            v.standing.name(),
+            v.heldout_accuracy,
+            v.parent_heldout_accuracy,
+            acc(v.live.accuracy),
+            v.live.windows,
+            v.batches.join(" ")
+        );
+        if let Some(r) = &v.verdict_reason {
+            let _ = writeln!(o, "    accepted: {r}");
+        }
+        match &v.standing {
+            Standing::Promoted { reason, .. } => {
+                let _ = writeln!(o, "    promoted: {reason}");
+            }
+            Standing::RolledBack {
+                reason,
+                by,
+                to,
+                at_ms,
+            } => {
+                let _ = writeln!(
+                    o,
+                    "    rolled back to {} at {} by {by}: {reason}",
+                    model(*to),
+                    when(*at_ms)
+                );
+            }
+            Standing::Superseded { by_version, .. } => {
+                let _ = writeln!(o, "    superseded by v{by_version} while on probation");
+            }
+            Standing::Probation => {
+                let _ = writeln!(
+                    o,
+                    "    on probation: {} fresh windows so far",
+                    v.probation.windows
+                );
+            }
+        }
+        if !live.is_empty() {
+            let _ = writeln!(o, "    live: {}", live.join(", "));
+        }
+    }
+    for r in &h.runs {
+        let _ = writeln!(
+            o,
+            "run {} from {} on {} ({} windows), {}: {}{}",
+            r.run_id,
+            model(r.parent_version),
+            r.batches.join(" "),
+            r.train_samples,
+            when(r.created_at_ms),
+            r.outcome,
+            r.reason
+                .as_ref()
+                .map_or(String::new(), |why| format!(" ({why})"))
+        );
+    }
+    o
+}
+
+/// `ms` since the epoch as `YYYY-MM-DD HH:MM:SSZ` (UTC; the civil-from-days algorithm
+/// of Howard Hinnant's date library).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn now_ms() -> u64 {
@@ -105,7 +262,12 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Token {
-            command: TokenCommand::Create { args, user },
+            command:
+                TokenCommand::Create {
+                    args,
+                    user,
+                    recreate,
+                },
         } => {
             let config = Config::load(&args, None)?;
             let user = UserId::new(user)?;
@@ -113,8 +275,47 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
             let repo = Repo::new(Keys::new(&config.deployment));
             let token = new_token();
             let now = now_ms();
-            db.transact(|tx| repo.put_token(tx, &user, &token, now))?;
+            let erased = db.transact(|tx| {
+                let forgotten = swimlane_state::forget::is_forgotten(&repo, tx, user.as_str())?;
+                if forgotten && !recreate {
+                    return Ok(true);
+                }
+                if forgotten {
+                    swimlane_state::forget::recreate(&repo, tx, user.as_str())?;
+                }
+                repo.put_token(tx, &user, &token, now)?;
+                Ok(false)
+            })?;
+            anyhow::ensure!(
+                !erased,
+                "user {user} was erased on request; pass --recreate to let it exist again, from nothing"
+            );
             println!("{token}");
+            Ok(())
+        }
+        AdminCommand::Forget {
+            args,
+            user,
+            chunk,
+            pause_after,
+        } => {
+            let config = Config::load(&args, None)?;
+            let user = UserId::new(user)?;
+            let db = swimlane_runtime::open_store(&config)?;
+            let repo = Repo::new(Keys::new(&config.deployment));
+            swimlane_state::forget::begin(&repo, &db, &user, "operator", now_ms())?;
+            let mut steps = 0u64;
+            let receipt =
+                swimlane_state::forget::erase(&repo, &db, &user, &now_ms, chunk, &mut |_| {
+                    steps += 1;
+                    if pause_after == Some(steps) {
+                        println!("paused after {steps} steps");
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                })?;
+            println!("{}", serde_json::to_string_pretty(&receipt)?);
             Ok(())
         }
         AdminCommand::Token {
@@ -145,11 +346,36 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        AdminCommand::History { args, user, json } => {
+            let config = Config::load(&args, None)?;
+            let user = UserId::new(user)?;
+            let db = swimlane_runtime::open_store(&config)?;
+            let repo = Repo::new(Keys::new(&config.deployment));
+            let h =
+                db.transact(|tx| swimlane_state::history::user_history(&repo, tx, user.as_str()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                print!("{}", history_text(&h));
+            }
+            Ok(())
+        }
         AdminCommand::AdminToken => {
             let token = new_token();
             println!("token: {token}");
             println!("admin_token_sha256 = \"{}\"", sha256_hex(token.as_bytes()));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_the_epoch_and_a_leap_day() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00Z");
+        // 2024-02-29 12:34:56 UTC.
+        assert_eq!(super::utc(1_709_210_096_000), "2024-02-29 12:34:56Z");
+        assert_eq!(super::utc(1_796_193_938_475), "2026-12-02 06:45:38Z");
     }
 }

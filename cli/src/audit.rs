@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use swimlane_core::records::BatchStatus;
+use swimlane_core::records::{BatchStatus, Standing};
 use swimlane_core::{topics, Event};
 
 use crate::client::{Device, Download};
@@ -291,6 +291,8 @@ pub struct AuditReport {
     pub duplicated: usize,
     /// Poisoned batches that were published.
     pub poisoned_published: usize,
+    /// Versions rolled back (by probation or an operator).
+    pub rolled_back: usize,
     /// Whether the events were checked too (the log or the Kafka topics).
     pub events_checked: bool,
     pub dead_letters: usize,
@@ -389,7 +391,23 @@ pub fn audit(
             r.duplicated += numbers.len() - distinct.len();
             bad(&mut r, format!("versions {numbers:?} are not 1..={n}"));
         }
-        if state.last_version != n || state.head != (n > 0).then_some(n) {
+        // The head is the newest version, or where probation or an operator moved it
+        // back from there.
+        let rolled_back_to = |v: &swimlane_core::records::ModelVersionRecord| match &v.standing {
+            Standing::RolledBack { to, .. } => Some(*to),
+            _ => None,
+        };
+        let expected_head = match versions.last() {
+            None => None,
+            Some(last) => rolled_back_to(last).unwrap_or(Some(last.version)),
+        };
+        let rolled_back: BTreeSet<u64> = versions
+            .iter()
+            .filter(|v| rolled_back_to(v).is_some())
+            .map(|v| v.version)
+            .collect();
+        r.rolled_back += rolled_back.len();
+        if state.last_version != n || state.head != expected_head {
             bad(
                 &mut r,
                 format!(
@@ -486,20 +504,25 @@ pub fn audit(
             let inherited = versions
                 .iter()
                 .filter(|v| v.version <= parent)
-                .flat_map(|v| v.batches.iter());
+                .flat_map(|v| v.batches.iter().map(|b| (v.version, b)));
             for (own, b) in run
                 .batches
                 .iter()
                 .map(|b| (true, b))
-                .chain(inherited.map(|b| (false, b)))
+                .chain(inherited.clone().map(|(_, b)| (false, b)))
             {
+                // A rolled-back version's batches, like retired ones, were trained on
+                // by runs planned before the rollback and not by those after.
+                let of_rolled_back = inherited
+                    .clone()
+                    .any(|(v, ib)| ib == b && rolled_back.contains(&v));
                 match non_heldout(b) {
                     Some(k) => {
                         expected += k;
                         let retired = batch_of
                             .get(b.as_str())
                             .is_some_and(|rec| matches!(rec.status, BatchStatus::Retired { .. }));
-                        if !retired {
+                        if !retired && !(of_rolled_back && !own) {
                             never_retired += k;
                         }
                     }
@@ -571,16 +594,20 @@ pub fn audit(
                     if reason.is_empty() {
                         bad(&mut r, format!("batch {b} rejected without a reason"));
                     }
+                    // Rejected because the version it went into was rolled back.
+                    let by_rollback = version_of_batch
+                        .get(b.as_str())
+                        .is_some_and(|v| rolled_back.contains(v));
                     if let Some(run_id) = run_id {
                         let rejecting = run_of
                             .get(run_id.as_str())
                             .and_then(|run| run.verdict.as_ref())
                             .is_some_and(|v| !v.accepted);
-                        if !rejecting {
+                        if !rejecting && !by_rollback {
                             bad(&mut r, format!("batch {b} rejected by run {run_id}, whose verdict does not reject"));
                         }
                     }
-                    if version_of_batch.contains_key(b.as_str()) {
+                    if version_of_batch.contains_key(b.as_str()) && !by_rollback {
                         bad(&mut r, format!("batch {b} rejected yet in a version"));
                     }
                 }
@@ -633,8 +660,10 @@ pub fn audit(
                     })
                     .count();
                 let published = matches!(rec.status, BatchStatus::Published { .. })
-                    || (matches!(rec.status, BatchStatus::Retired { .. })
-                        && version_of_batch.contains_key(b.as_str()));
+                    || (matches!(
+                        rec.status,
+                        BatchStatus::Retired { .. } | BatchStatus::Rejected { .. }
+                    ) && version_of_batch.contains_key(b.as_str()));
                 if accepted_runs > 1 || (accepted_runs == 1) != published {
                     r.duplicated += usize::from(accepted_runs > 1);
                     bad(
@@ -665,19 +694,24 @@ pub fn audit(
         // The device downloads the head.
         let Some(device) = &device else { continue };
         match device.download(None) {
-            Ok(Download::Model { version, bytes, .. }) if n > 0 => {
+            Ok(Download::Model { version, bytes, .. }) if expected_head.is_some() => {
                 let sha = hex::encode(Sha256::digest(&bytes));
                 if let Err(e) = swimlane_model::MicroModel::from_bytes(&bytes) {
                     bad(&mut r, format!("model download does not load: {e}"));
                 }
-                if version != n || sha != versions[n as usize - 1].sha256 {
+                let want = expected_head.unwrap_or(0);
+                let want_sha = versions
+                    .iter()
+                    .find(|v| v.version == want)
+                    .map(|v| v.sha256.as_str());
+                if version != want || Some(sha.as_str()) != want_sha {
                     bad(
                         &mut r,
-                        format!("model download: v{version}, sha {sha}; expected v{n}"),
+                        format!("model download: v{version}, sha {sha}; expected v{want}"),
                     );
                 }
             }
-            Ok(Download::NoModel) if n == 0 => {}
+            Ok(Download::NoModel) if expected_head.is_none() => {}
             Ok(other) => bad(
                 &mut r,
                 format!("model download: {other:?} with {n} versions"),

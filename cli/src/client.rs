@@ -146,7 +146,7 @@ impl Device {
     }
 
     /// GET `url` with the device's token, as JSON.
-    fn get_json(&self, url: &str) -> anyhow::Result<serde_json::Value> {
+    pub fn get_json(&self, url: &str) -> anyhow::Result<serde_json::Value> {
         let r = self
             .agent
             .get(url)
@@ -230,9 +230,16 @@ impl Device {
 
     /// How many versions the user has.
     pub fn versions(&self) -> anyhow::Result<usize> {
-        let url = format!("{}/v1/users/{}/model/versions", self.publisher, self.user);
-        let v = self.get_json(&url)?;
+        let v = self.versions_json()?;
         Ok(v["versions"].as_array().map(|a| a.len()).unwrap_or(0))
+    }
+
+    /// `GET /v1/users/{user}/model/versions`: every version and the head.
+    pub fn versions_json(&self) -> anyhow::Result<serde_json::Value> {
+        self.get_json(&format!(
+            "{}/v1/users/{}/model/versions",
+            self.publisher, self.user
+        ))
     }
 }
 

@@ -107,6 +107,8 @@ impl Stages {
 pub struct LocalFleet {
     pub ingest_url: String,
     pub publisher_url: String,
+    /// The consuming stages' metrics (trainers, validator).
+    pub registry: Registry,
     shutdown: swimlane_runtime::CancellationToken,
     ingest: swimlane_ingest::Running,
     publisher: swimlane_publisher::Running,
@@ -141,8 +143,10 @@ impl LocalFleet {
         )
         .await?;
         let publisher = swimlane_publisher::start(config.clone()).await?;
-        let stages = Stages::start(config, db, &Registry::new(), trainers, false)?;
+        let registry = Registry::new();
+        let stages = Stages::start(config, db, &registry, trainers, false)?;
         Ok(LocalFleet {
+            registry,
             ingest_url: format!("http://{}", ingest.api_addr),
             publisher_url: format!("http://{}", publisher.api_addr),
             shutdown,

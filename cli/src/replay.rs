@@ -123,14 +123,27 @@ pub struct SwimmerReport {
     /// No gate: fine-tuned on every session, replaced every time.
     pub baseline_accuracy: f64,
     pub baseline_macro_f1: f64,
-    /// The device's accuracy on each session before its upload (what the swimmer saw).
+    /// The device's accuracy on each session before its upload (what the swimmer saw):
+    /// its live accuracy, session by session.
     pub session_accuracy: Vec<f64>,
+    /// The base model's accuracy on the same sessions.
+    pub session_base_accuracy: Vec<f64>,
+    /// Live accuracy at the end: the device's over the last [`LIVE_END_SESSIONS`]
+    /// sessions, and the base model's on the same windows.
+    pub live_end: f64,
+    pub live_end_base: f64,
+    /// Versions rolled back on probation.
+    pub rollbacks: usize,
     pub versions_published: usize,
     pub uploads_rejected: usize,
     pub uploads_deferred: usize,
     /// Why each upload that was not published was rejected or deferred, in order.
     pub reasons: Vec<String>,
 }
+
+/// Sessions over which "live accuracy at the end" is measured: the last one, what the
+/// swimmer's device gave them at the end of the replay (after any rollback).
+pub const LIVE_END_SESSIONS: usize = 1;
 
 /// Figures over every swimmer of one method.
 #[derive(Clone, Debug, Serialize)]
@@ -151,6 +164,11 @@ pub struct ReplayReport {
     pub base: Summary,
     pub swimlane: Summary,
     pub no_gate_baseline: Summary,
+    /// Swimmers whose live accuracy at the end is more than 0.02 below the base
+    /// model's on the same windows.
+    pub live_below_base: usize,
+    /// Versions rolled back on probation, over every swimmer.
+    pub rollbacks: usize,
     pub folds: usize,
     pub seed: u64,
     pub split: Split,
@@ -344,6 +362,11 @@ pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
         }
     };
     let report = ReplayReport {
+        live_below_base: reports
+            .iter()
+            .filter(|r| r.live_end < r.live_end_base - 0.02)
+            .count(),
+        rollbacks: reports.iter().map(|r| r.rollbacks).sum(),
         base: summary(&|r| (r.base_accuracy, r.base_macro_f1)),
         swimlane: summary(&|r| (r.final_accuracy, r.final_macro_f1)),
         no_gate_baseline: summary(&|r| (r.baseline_accuracy, r.baseline_macro_f1)),
@@ -437,6 +460,9 @@ fn drive(
     }
     let rounds = swimmers.iter().map(|s| s.1.len()).max().unwrap_or(0);
     let mut session_accuracy: Vec<Vec<f64>> = vec![Vec::new(); swimmers.len()];
+    let mut session_base: Vec<Vec<f64>> = vec![Vec::new(); swimmers.len()];
+    // Per swimmer and session: windows, right by the device, right by the base.
+    let mut live_counts: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); swimmers.len()];
     let mut statuses: Vec<BTreeMap<String, String>> = vec![BTreeMap::new(); swimmers.len()];
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); swimmers.len()];
     let t0 = Instant::now();
@@ -467,6 +493,14 @@ fn drive(
                 .collect();
             let right = feedback.iter().filter(|f| !f.corrected).count();
             session_accuracy[i].push(right as f64 / samples.len() as f64);
+            let base_right = base
+                .predict(&samples)?
+                .iter()
+                .zip(&samples)
+                .filter(|(p, s)| **p == s.label)
+                .count();
+            session_base[i].push(base_right as f64 / samples.len() as f64);
+            live_counts[i].push((samples.len(), right, base_right));
             let (samples, feedback): (Vec<Sample>, Vec<Feedback>) = samples
                 .into_iter()
                 .zip(feedback)
@@ -530,7 +564,19 @@ fn drive(
         let baseline = no_gate_baseline(opts, base, name, sessions)?;
         let g = evaluate(&baseline, test)?;
         let st = &statuses[i];
+        let end = &live_counts[i][live_counts[i].len().saturating_sub(LIVE_END_SESSIONS)..];
+        let n = end.iter().map(|c| c.0).sum::<usize>().max(1) as f64;
+        let versions = d.versions_json()?;
+        let rollbacks = versions["versions"].as_array().map_or(0, |vs| {
+            vs.iter()
+                .filter(|v| v["standing"]["state"] == "rolled_back")
+                .count()
+        });
         out.push(SwimmerReport {
+            session_base_accuracy: session_base[i].clone(),
+            live_end: end.iter().map(|c| c.1).sum::<usize>() as f64 / n,
+            live_end_base: end.iter().map(|c| c.2).sum::<usize>() as f64 / n,
+            rollbacks,
             swimmer: name.clone(),
             fold,
             windows: sessions.iter().map(Vec::len).sum::<usize>() + test.len(),
@@ -543,7 +589,7 @@ fn drive(
             baseline_accuracy: g.accuracy,
             baseline_macro_f1: g.macro_f1(),
             session_accuracy: session_accuracy[i].clone(),
-            versions_published: d.versions()?,
+            versions_published: versions["versions"].as_array().map_or(0, Vec::len),
             uploads_rejected: st.values().filter(|s| *s == "rejected").count(),
             uploads_deferred: st.values().filter(|s| *s == "deferred").count(),
             reasons: reasons[i].clone(),
@@ -594,7 +640,7 @@ fn hash(s: &str) -> u64 {
 /// Print the report as a table.
 pub fn print_table(r: &ReplayReport) {
     println!(
-        "{:<12} {:>4} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<12} {:>4} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7}",
         "swimmer",
         "fold",
         "uploads",
@@ -607,11 +653,14 @@ pub fn print_table(r: &ReplayReport) {
         "ngF1",
         "versions",
         "rejected",
-        "deferred"
+        "deferred",
+        "rollbk",
+        "liveEnd",
+        "baseEnd"
     );
     for u in &r.swimmers {
         println!(
-            "{:<12} {:>4} {:>7} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3} {:>8.3} {:>8} {:>8} {:>8}",
+            "{:<12} {:>4} {:>7} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3} {:>8.3} {:>8} {:>8} {:>8} {:>6} {:>7.3} {:>7.3}",
             u.swimmer,
             u.fold,
             u.uploads,
@@ -624,7 +673,10 @@ pub fn print_table(r: &ReplayReport) {
             u.baseline_macro_f1,
             u.versions_published,
             u.uploads_rejected,
-            u.uploads_deferred
+            u.uploads_deferred,
+            u.rollbacks,
+            u.live_end,
+            u.live_end_base
         );
     }
     for (name, s) in [
@@ -637,6 +689,10 @@ pub fn print_table(r: &ReplayReport) {
             s.median_accuracy, s.median_macro_f1, s.worst_accuracy, s.worst_change, s.below_base
         );
     }
+    println!(
+        "live accuracy in each swimmer's last session (last {LIVE_END_SESSIONS}): {} swimmers more than 0.02 below the base model on the same windows; {} versions rolled back on probation",
+        r.live_below_base, r.rollbacks
+    );
     println!(
         "{} swimmers, {} folds, seed {}, {:.1}s",
         r.swimmers.len(),

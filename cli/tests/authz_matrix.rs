@@ -11,6 +11,9 @@
 //! | GET /v1/users/{u}/model               | 401  | 401       | 401     | 403        | 401     | 200 | 200   |
 //! | GET /v1/users/{u}/model/versions      | 401  | 401       | 401     | 403        | 401     | 200 | 200   |
 //! | POST /v1/admin/users/{u}/rollback     | 401  | 401       | 401     | 403        | 401     | 403 | 200   |
+//! | GET /v1/users/{u}/history             | 401  | 401       | 401     | 403        | 401     | 200 | 200   |
+//! | GET /admin/history (the page)         | 200 for everyone (no user data: it reads the API with the operator's token) |
+//! | DELETE /v1/users/{u}                  | 401  | 401       | 401     | 403        | 401     | 200 | 200   | (in `forget.rs`: it erases the user) |
 //! | ops /metrics, /healthz, /readyz       | 200 for everyone (no user data; served on the metrics port)     |
 //! | an unknown route (either API)         | 404 for everyone                                                 |
 //!
@@ -334,6 +337,21 @@ fn every_endpoint_answers_every_caller_as_its_contract_says_and_never_shows_a_to
                     Caller::Own => 403,
                     _ => refused_api.unwrap(),
                 },
+            ),
+            (
+                "GET /v1/users/{u}/history",
+                call(
+                    "GET",
+                    &format!("{publisher_api}/v1/users/{USER}/history"),
+                    auth,
+                    None,
+                ),
+                refused_api.unwrap_or(200),
+            ),
+            (
+                "GET /admin/history",
+                call("GET", &format!("{publisher_api}/admin/history"), auth, None),
+                200,
             ),
             (
                 "ingest unknown route",

@@ -41,6 +41,21 @@ async fn a_short_replay_of_real_swimmers_leaves_no_swimmer_below_its_base() {
         );
     }
     assert_eq!(report.swimlane.below_base, 0);
+    // Live accuracy, session by session, as the swimmer saw it: at the end no swimmer's
+    // is below what the base model would have given on the same windows.
+    for s in &report.swimmers {
+        assert_eq!(s.session_base_accuracy.len(), s.uploads);
+        println!(
+            "{}: live per session {:?} (base {:?}); end {:.3} vs base {:.3}; {} rollbacks",
+            s.swimmer,
+            s.session_accuracy,
+            s.session_base_accuracy,
+            s.live_end,
+            s.live_end_base,
+            s.rollbacks
+        );
+    }
+    assert_eq!(report.live_below_base, 0, "{report:#?}");
     // The plot is a PNG.
     let png = swimlane_cli::plot::session_accuracy_png_bytes(&report);
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

@@ -26,6 +26,7 @@
 //! | `("run", user, run_id)`                      | a training run and its verdict         |
 //! | `("pending", staged_at_ms, user, batch_id)`  | empty: a batch staged and not yet settled (operations: the oldest one's age) |
 //! | `("stat", name, index)`                      | an 8-byte LE counter kept with `atomic_add` (operations statistics) |
+//! | `("forgotten", pseudonym(user))`             | a user being erased or erased (`records::ErasureRecord`): names the user only while the erasure runs |
 //!
 //! Invariant: a user's data lives only under keys that contain that user's id as the
 //! second tuple element (`user`, `model`), so a range read under one user's prefix can
@@ -200,6 +201,32 @@ impl Keys {
     /// `(staged_at_ms, user, batch_id)` of a key made by [`Keys::pending_batch`].
     pub fn pending_batch_of(&self, key: &[u8]) -> Option<(u64, String, String)> {
         self.unpack_under("pending", key)
+    }
+    /// The erasure record of `user`, keyed by [`Keys::pseudonym`] so that once the
+    /// erasure is done no key names the user.
+    pub fn forgotten(&self, user: &str) -> Vec<u8> {
+        self.root.pack(&("forgotten", Self::pseudonym(user)))
+    }
+    /// Prefix of every erasure record.
+    pub fn forgottens(&self) -> Vec<u8> {
+        self.root.subspace(&("forgotten",)).into_bytes()
+    }
+    /// SHA-256 (hex) of a user id under a fixed domain: the same for the same id, and
+    /// not the id. Pseudonymous, not anonymous: whoever knows an id can compute it.
+    pub fn pseudonym(user: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"swimlane-forgotten-user\0");
+        h.update(user.as_bytes());
+        hex::encode(h.finalize())
+    }
+    /// Prefix of every token record.
+    pub fn tokens(&self) -> Vec<u8> {
+        self.root.subspace(&("token",)).into_bytes()
+    }
+    /// Prefix of the whole embedded log (every topic and partition).
+    pub fn log_all(&self) -> Vec<u8> {
+        self.root.subspace(&("log",)).into_bytes()
     }
     /// A statistics counter: `index` of the counter family `name`.
     pub fn stat(&self, name: &str, index: u32) -> Vec<u8> {

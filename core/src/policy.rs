@@ -240,6 +240,90 @@ impl ValidationPolicy {
     }
 }
 
+/// `[probation]`: how a newly published version is watched on the user's next
+/// uploads. The validator scores the version (the head) and its parent on the same
+/// fresh windows, which neither trained on (the run's own batches, both splits), and
+/// adds them up across uploads (`records::PairedEvidence`); [`ProbationPolicy::judge`]
+/// decides with the gate's own sign test ([`ValidationPolicy::decide`]) at `z`, on
+/// accuracy only: the likelihood route is left out, because on labels neither model
+/// can learn (a poisoned, shuffled upload) it favours whichever model is less
+/// confident, and a good version would be rolled back for being sure of itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbationPolicy {
+    /// One-sided significance (standard deviations) at which the parent beating the
+    /// head rolls the head back, and the head beating the parent promotes it. As high
+    /// as the per-batch test (`validator.significance_z`): a rollback discards a
+    /// version that already passed the gate, so it needs strong evidence.
+    pub z: f32,
+    /// Fewer fresh windows than this and nothing is decided yet.
+    pub min_windows: u32,
+    /// Fresh windows after which a version not significantly worse than its parent is
+    /// promoted (probation ends without harm).
+    pub promote_windows: u32,
+}
+
+impl Default for ProbationPolicy {
+    fn default() -> Self {
+        ProbationPolicy {
+            z: 2.5,
+            min_windows: 20,
+            promote_windows: 300,
+        }
+    }
+}
+
+/// What [`ProbationPolicy::judge`] decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbationCall {
+    /// Significantly worse than its parent: go back to the parent.
+    RollBack(String),
+    /// Probation ends well.
+    Promote(String),
+    /// Not decided yet.
+    Continue,
+}
+
+impl ProbationPolicy {
+    /// The call on a version on probation, from its evidence so far.
+    pub fn judge(&self, e: &crate::records::PairedEvidence) -> ProbationCall {
+        let gate = ValidationPolicy {
+            margin: 0.0,
+            min_heldout: self.min_windows,
+            gain_z: self.z,
+            ..ValidationPolicy::default()
+        };
+        let figures = format!(
+            "on {} fresh windows neither trained on, the version got {} right and its parent {} ({} only it got right, {} only the parent)",
+            e.windows, e.head_right, e.parent_right, e.head_only, e.parent_only
+        );
+        let accuracy_only = |head_first: bool| Scores {
+            loglik_gain_mean: 0.0,
+            loglik_gain_sd: 0.0,
+            ..e.scores(head_first)
+        };
+        if gate.decide(&accuracy_only(false)).0 == Decision::Accept {
+            return ProbationCall::RollBack(format!(
+                "significantly worse than its parent (z {}): {figures}",
+                self.z
+            ));
+        }
+        if gate.decide(&accuracy_only(true)).0 == Decision::Accept {
+            return ProbationCall::Promote(format!(
+                "significantly better than its parent (z {}): {figures}",
+                self.z
+            ));
+        }
+        if e.windows >= self.promote_windows {
+            return ProbationCall::Promote(format!(
+                "{} fresh windows without significant harm: {figures}",
+                self.promote_windows
+            ));
+        }
+        ProbationCall::Continue
+    }
+}
+
 /// Whether a model with this held-out accuracy is good enough that the user stops
 /// being retrained until new corrections arrive.
 pub fn converged(heldout_accuracy: f32, target: f32) -> bool {
@@ -629,6 +713,79 @@ mod tests {
             ),
             ((0, 0, 40, 7), false, "seven wrong windows and no gain"),
         ]);
+    }
+
+    fn evidence(head: &[(bool, bool, f64)]) -> crate::records::PairedEvidence {
+        let mut e = crate::records::PairedEvidence::default();
+        for &(h, p, gain) in head {
+            e.windows += 1;
+            e.head_right += h as u32;
+            e.parent_right += p as u32;
+            e.head_only += (h && !p) as u32;
+            e.parent_only += (p && !h) as u32;
+            e.gain_sum += gain;
+            e.gain_sumsq += gain * gain;
+        }
+        e
+    }
+
+    #[test]
+    fn probation_rolls_back_a_version_its_parent_beats_and_promotes_one_that_does_no_harm() {
+        let p = ProbationPolicy::default();
+        // The head wrong on a third of the windows the parent gets right.
+        let bad: Vec<_> = (0..60)
+            .map(|i| {
+                if i % 3 == 0 {
+                    (false, true, -2.0)
+                } else {
+                    (true, true, 0.01)
+                }
+            })
+            .collect();
+        assert!(
+            matches!(p.judge(&evidence(&bad)), ProbationCall::RollBack(r) if r.contains("worse"))
+        );
+        // Too few windows: nothing decided.
+        assert_eq!(p.judge(&evidence(&bad[..12])), ProbationCall::Continue);
+        // Equal models, a little noise either way: not decided until promote_windows.
+        let even: Vec<_> = (0..100)
+            .map(|i| match i % 10 {
+                0 => (true, false, 0.3),
+                1 => (false, true, -0.3),
+                _ => (true, true, 0.0),
+            })
+            .collect();
+        assert_eq!(p.judge(&evidence(&even)), ProbationCall::Continue);
+        let long: Vec<_> = even
+            .iter()
+            .cycle()
+            .take(p.promote_windows as usize)
+            .copied()
+            .collect();
+        assert!(
+            matches!(p.judge(&evidence(&long)), ProbationCall::Promote(r) if r.contains("without significant harm"))
+        );
+        // Clearly better: promoted at once.
+        let good: Vec<_> = bad.iter().map(|&(h, q, g)| (q, h, -g)).collect();
+        assert!(
+            matches!(p.judge(&evidence(&good)), ProbationCall::Promote(r) if r.contains("better"))
+        );
+        // Shuffled labels: both models at chance, the head far more confident in its
+        // wrong answers (a large likelihood loss): not a rollback.
+        let shuffled: Vec<_> = (0..200)
+            .map(|i| match i % 12 {
+                0 => (true, false, 1.0),
+                1 => (false, true, -6.0),
+                2 => (true, true, 0.1),
+                _ => (false, false, -3.0),
+            })
+            .collect();
+        assert_eq!(p.judge(&evidence(&shuffled)), ProbationCall::Continue);
+        // Evidence adds up across uploads.
+        let (mut a, b) = (evidence(&bad[..12]), evidence(&bad[12..]));
+        a.merge(&b);
+        assert_eq!((a.windows, a.parent_only), (60, 20));
+        assert_eq!(p.judge(&a), p.judge(&evidence(&bad)));
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub enum BatchStatus {
 
 impl BatchStatus {
     /// Whether the pipeline is done with the batch: no run will take it again (a
-    /// published or rejected batch may still be retired later, by retention only).
+    /// published or rejected batch may still be retired later, by retention, and a
+    /// published one rejected when its version is rolled back).
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
@@ -544,6 +545,123 @@ pub struct ModelVersionRecord {
     /// (`None` only for versions published before ONNX export existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onnx: Option<StoredFile>,
+    /// Where the version stands since it was published: on probation, promoted,
+    /// rolled back or superseded (a record written before probation existed reads as
+    /// on probation).
+    #[serde(default)]
+    pub standing: Standing,
+    /// The paired comparison with its parent on windows neither trained on, gathered
+    /// while on probation.
+    #[serde(default)]
+    pub probation: PairedEvidence,
+}
+
+/// Where a published version stands (`ModelVersionRecord::standing`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Standing {
+    /// Published and being compared with its parent on the user's next uploads.
+    #[default]
+    Probation,
+    /// Probation ended well: significantly better than its parent, or enough fresh
+    /// windows without significant harm.
+    Promoted { reason: String, at_ms: u64 },
+    /// The head went back from it (`to`: the version it went back to, `None` the
+    /// base model). `by`: `"validator"` (probation) or `"operator"`.
+    RolledBack {
+        reason: String,
+        at_ms: u64,
+        by: String,
+        to: Option<u64>,
+    },
+    /// A newer version replaced it while it was still on probation.
+    Superseded { by_version: u64, at_ms: u64 },
+}
+
+impl Standing {
+    /// The standing's name as the API shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Standing::Probation => "probation",
+            Standing::Promoted { .. } => "promoted",
+            Standing::RolledBack { .. } => "rolled_back",
+            Standing::Superseded { .. } => "superseded",
+        }
+    }
+}
+
+/// A paired comparison of a version (`head`) with its parent on the same windows,
+/// which neither trained on: the sufficient statistics of the gate's tests
+/// (`policy::ValidationPolicy::decide`), so that evidence from several uploads adds up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairedEvidence {
+    pub windows: u32,
+    pub head_right: u32,
+    pub parent_right: u32,
+    /// Windows the head gets right and the parent wrong.
+    pub head_only: u32,
+    /// Windows the parent gets right and the head wrong.
+    pub parent_only: u32,
+    /// Sum and sum of squares over the windows of `ln p_head(true) − ln p_parent(true)`.
+    pub gain_sum: f64,
+    pub gain_sumsq: f64,
+    /// The batches whose windows are counted (each batch counts once).
+    pub batches: Vec<String>,
+}
+
+impl PairedEvidence {
+    /// Add `other` (windows of other batches).
+    pub fn merge(&mut self, other: &PairedEvidence) {
+        self.windows += other.windows;
+        self.head_right += other.head_right;
+        self.parent_right += other.parent_right;
+        self.head_only += other.head_only;
+        self.parent_only += other.parent_only;
+        self.gain_sum += other.gain_sum;
+        self.gain_sumsq += other.gain_sumsq;
+        self.batches.extend(other.batches.iter().cloned());
+    }
+
+    /// The gate's measurements with `candidate` = the head (`head_first`) or the
+    /// parent, `current` = the other, on these windows only (no history, no guard set:
+    /// both models passed the gate's guard when they were published).
+    pub fn scores(&self, head_first: bool) -> crate::policy::Scores {
+        let n = self.windows as f64;
+        let mean = if n > 0.0 { self.gain_sum / n } else { 0.0 };
+        let sd = if n > 1.0 {
+            ((self.gain_sumsq - n * mean * mean).max(0.0) / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        let frac = |k: u32| if n > 0.0 { (k as f64 / n) as f32 } else { 0.0 };
+        let (c, u, imp, reg, sign) = if head_first {
+            (
+                self.head_right,
+                self.parent_right,
+                self.head_only,
+                self.parent_only,
+                1.0,
+            )
+        } else {
+            (
+                self.parent_right,
+                self.head_right,
+                self.parent_only,
+                self.head_only,
+                -1.0,
+            )
+        };
+        crate::policy::Scores {
+            candidate_heldout: frac(c),
+            current_heldout: frac(u),
+            heldout_samples: self.windows,
+            improved: imp,
+            regressed: reg,
+            loglik_gain_mean: (sign * mean) as f32,
+            loglik_gain_sd: sd as f32,
+            ..Default::default()
+        }
+    }
 }
 
 /// A file stored as a blob: its blob id, SHA-256 (hex) and size.
@@ -552,6 +670,47 @@ pub struct StoredFile {
     pub blob: String,
     pub sha256: String,
     pub size_bytes: u64,
+}
+
+/// `("forgotten", pseudonym)`: a user's erasure (`swimlane_state::forget`). While it
+/// runs, `user` names the user (so a restart can resume it) and uploads are refused;
+/// once done, `user` is `None`, the record names no one, and it is the receipt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErasureRecord {
+    pub v: u32,
+    /// `erasing` or `forgotten`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Who asked: `user` (their own token), `admin` (the API) or `operator` (the CLI).
+    pub requested_by: String,
+    pub started_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    pub erased: ErasureCounts,
+    /// Whether the store's files were purged of the deleted data afterwards
+    /// (`swimlane_store::Purged`).
+    #[serde(default)]
+    pub files_purged: bool,
+}
+
+/// What an erasure removed, counted in the transactions that removed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureCounts {
+    pub batches: u64,
+    pub samples: u64,
+    pub runs: u64,
+    pub versions: u64,
+    /// Blobs (candidate weights, ONNX files), each with all its chunks.
+    pub blobs: u64,
+    pub tokens: u64,
+    /// Events naming the user in the embedded log (dead letters included) and the
+    /// outbox.
+    pub events: u64,
+    /// Pending-index entries.
+    pub index_entries: u64,
+    /// The user's remaining keys (state, head, live and upload counters).
+    pub other_keys: u64,
 }
 
 /// A user's pipeline state.

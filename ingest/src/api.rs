@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use prometheus::IntGauge;
@@ -20,7 +20,7 @@ use swimlane_core::records::{BatchRecord, BatchStatus};
 use swimlane_core::{BatchId, UserId};
 use swimlane_runtime::http::blocking;
 use swimlane_runtime::{Config, NowMs};
-use swimlane_state::tokens::AuthError;
+use swimlane_state::tokens::{AuthError, Caller};
 use swimlane_state::Repo;
 use swimlane_store::Db;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -181,7 +181,8 @@ impl IngestState {
 pub fn router(state: IngestState) -> Router {
     let routes = Router::new()
         .route(ROUTES[0].path, post(post_batch))
-        .route(ROUTES[1].path, get(get_batch));
+        .route(ROUTES[1].path, get(get_batch))
+        .route(ROUTES[2].path, delete(forget_user));
     let metrics = state.metrics.requests.clone();
     swimlane_runtime::http::api(routes, metrics).with_state(state)
 }
@@ -198,7 +199,7 @@ async fn authorize(
     headers: &HeaderMap,
     user: &UserId,
     slot: Option<&InflightSlot>,
-) -> Result<(), ApiError> {
+) -> Result<Caller, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthenticated(
             "missing bearer token (Authorization: Bearer <token>)",
@@ -219,7 +220,7 @@ async fn authorize(
     .await?
     .map_err(|e| ApiError::store(&e))?;
     caller
-        .and_then(|c| c.may_access(user))
+        .and_then(|c| c.may_access(user).map(|()| c))
         .map_err(|e| match e {
             AuthError::Unauthenticated => ApiError::unauthenticated(
                 "invalid or revoked bearer token (Authorization: Bearer <token>)",
@@ -359,6 +360,9 @@ async fn post_batch_inner(
 ) -> Result<Response, ApiError> {
     let slot = admit(state)?;
     let user = parse_user(user)?;
+    // An erased user's uploads are refused before anything else: the device's token
+    // was erased with the user, and 410 tells it to stop retrying.
+    refuse_forgotten(state, &user).await?;
     authorize(state, headers, &user, Some(&slot)).await?;
     admit_user(state, &slot, &user)?;
     let enc = encoding(headers)?;
@@ -416,6 +420,7 @@ async fn post_batch_inner(
         StageOutcome::DailyCap { cap, retry_after_s } => {
             Err(ApiError::daily_cap(cap, retry_after_s))
         }
+        StageOutcome::Forgotten => Err(forgotten()),
         StageOutcome::Duplicate(r) => {
             state.metrics.duplicates.inc();
             tracing::info!("batch already staged with the same content; nothing stored");
@@ -427,6 +432,83 @@ async fn post_batch_inner(
             format!("batch {id} was already staged with a different content; use a new batch id"),
         )),
     }
+}
+
+/// 410 `user_forgotten`.
+fn forgotten() -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        "user_forgotten",
+        "this user's data was erased on request; nothing is accepted for this user until an operator re-creates it",
+    )
+}
+
+/// 410 when `user` is being erased or was.
+async fn refuse_forgotten(state: &IngestState, user: &UserId) -> Result<(), ApiError> {
+    let (db, repo, u) = (
+        state.db.clone(),
+        Repo::new(state.keys.clone()),
+        user.clone(),
+    );
+    let gone = blocking(move || {
+        db.transact(|tx| swimlane_state::forget::is_forgotten(&repo, tx, u.as_str()))
+    })
+    .await?
+    .map_err(|e| ApiError::store(&e))?;
+    if gone {
+        return Err(forgotten());
+    }
+    Ok(())
+}
+
+/// `DELETE /v1/users/{user}` (the user's own token or the admin's): erase everything
+/// of the user (`swimlane_state::forget`), then answer the receipt. Idempotent: the
+/// admin asking again gets the same receipt; the user's token is erased with the
+/// user, so asking again with it is 410.
+async fn forget_user(
+    State(state): State<IngestState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = parse_user(user)?;
+    let span = tracing::info_span!("forget_user", user_id = %user);
+    async move {
+        let caller = match authorize(&state, &headers, &user, None).await {
+            Ok(c) => c,
+            Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+                refuse_forgotten(&state, &user).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let by = match caller {
+            Caller::Admin => "admin",
+            Caller::User(_) => "user",
+        };
+        let (db, repo, clock) = (
+            state.db.clone(),
+            Repo::new(state.keys.clone()),
+            state.clock.clone(),
+        );
+        let u = user.clone();
+        let receipt = blocking(move || {
+            swimlane_state::forget::begin(&repo, &db, &u, by, clock.now_ms())?;
+            swimlane_state::forget::erase(
+                &repo,
+                &db,
+                &u,
+                &|| clock.now_ms(),
+                swimlane_state::forget::CHUNK,
+                &mut |_| {},
+            )
+        })
+        .await?
+        .map_err(|e| ApiError::store(&e))?;
+        tracing::warn!(requested_by = by, erased = ?receipt.erased, "user erased on request");
+        Ok((StatusCode::OK, Json(receipt)).into_response())
+    }
+    .instrument(span)
+    .await
 }
 
 async fn get_batch(

@@ -86,6 +86,7 @@ pub async fn start(
     let registry = deps.registry.clone();
     swimlane_runtime::register_store_metrics(&registry, "ingest", &deps.db)?;
     let state = IngestState::new(&config, deps)?;
+    resume_erasures(&state);
     let ready = Readiness::new();
     let ops = swimlane_runtime::serve_ops(
         config.ingest.metrics_listen,
@@ -151,4 +152,41 @@ pub async fn run_process(config: Config) -> Result<(), IngestError> {
         clock: swimlane_runtime::system_now_ms(),
     };
     run(config, deps, shutdown).await
+}
+
+/// Finish, in the background, the erasures a crash interrupted
+/// (`swimlane_state::forget::unfinished`): their users' uploads are refused meanwhile.
+fn resume_erasures(state: &IngestState) {
+    let (db, repo, clock) = (
+        state.db.clone(),
+        swimlane_state::Repo::new(state.keys().clone()),
+        state.clock.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let users = match swimlane_state::forget::unfinished(&repo, &db) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list unfinished erasures; they finish at the next start or with `swimlane admin forget`");
+                return;
+            }
+        };
+        for user in users {
+            let done = swimlane_state::forget::erase(
+                &repo,
+                &db,
+                &user,
+                &|| clock.now_ms(),
+                swimlane_state::forget::CHUNK,
+                &mut |_| {},
+            );
+            match done {
+                Ok(r) => {
+                    tracing::warn!(user_id = %user, erased = ?r.erased, "interrupted erasure finished")
+                }
+                Err(e) => {
+                    tracing::error!(user_id = %user, error = %e, "interrupted erasure failed; it is retried at the next start")
+                }
+            }
+        }
+    });
 }

@@ -31,7 +31,7 @@ pub const LIVE_WINDOWS_TOTAL: &str = "swimlane_live_windows_total";
 pub const LIVE_WINDOWS_RIGHT_TOTAL: &str = "swimlane_live_windows_right_total";
 
 /// Ingest's routes, as its request metrics name them.
-pub const ROUTES: [Route; 2] = [
+pub const ROUTES: [Route; 3] = [
     Route {
         method: "POST",
         path: "/v1/users/{user}/batches",
@@ -42,10 +42,15 @@ pub const ROUTES: [Route; 2] = [
         path: "/v1/users/{user}/batches/{batch_id}",
         name: "get_batch",
     },
+    Route {
+        method: "DELETE",
+        path: "/v1/users/{user}",
+        name: "forget_user",
+    },
 ];
 
 /// Error codes of the HTTP edge, beside [`BatchError::CODES`].
-pub const EDGE_CODES: [&str; 15] = [
+pub const EDGE_CODES: [&str; 16] = [
     "overloaded",
     "too_many_uploads",
     "daily_cap",
@@ -59,6 +64,7 @@ pub const EDGE_CODES: [&str; 15] = [
     "bad_gzip",
     "unsupported_encoding",
     "conflict",
+    "user_forgotten",
     "store_unavailable",
     "internal",
 ];

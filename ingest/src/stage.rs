@@ -101,6 +101,8 @@ pub enum StageOutcome {
     Duplicate(BatchRecord),
     /// The batch id is taken by a different content: nothing was written.
     Conflict(BatchRecord),
+    /// The user is being erased or was (`swimlane_state::forget`): nothing was written.
+    Forgotten,
 }
 
 /// Stage `batch` for `user` in one transaction (see the module invariant), counting
@@ -153,6 +155,9 @@ pub fn stage_batch(
         samples: record.samples,
     };
     db.transact(|tx| {
+        if swimlane_state::forget::is_forgotten(&repo, tx, u)? {
+            return Ok(StageOutcome::Forgotten);
+        }
         if let Some(bytes) = tx.get(&record_key)? {
             let existing = BatchRecord::decode(&bytes).map_err(|e| KvError::Corrupt {
                 what: format!("batch record {u}/{b}"),

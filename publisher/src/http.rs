@@ -17,8 +17,20 @@
 //! - `GET /v1/users/{user}/model/versions`: every version with its live accuracy
 //!   (from the uploads' feedback), held-out metrics and
 //!   lineage, and the current head.
+//! - `GET /v1/users/{user}/history`: the user's history
+//!   (`swimlane_state::history::History`): every version with its parent, batches,
+//!   verdict, held-out and live accuracy, standing (probation, promoted, rolled back and
+//!   by whom) and the periods it was live; the rollbacks; the newest runs and how each
+//!   ended.
+//! - `GET /admin/history`: a page (HTML and script, no user data in it) that shows one
+//!   user's history: the versions on a timeline and held-out and live accuracy over
+//!   time. It reads `GET /v1/users/{user}/history` in the browser with the token the
+//!   operator gives it (typed in, or in the URL's fragment `#user=U&token=T`, which
+//!   browsers never send to the server), so the page route itself needs no token.
 //! - `POST /v1/admin/users/{user}/rollback` `{"version": N}` (admin token): point the
-//!   head at an earlier published version; 200 `{"head": N}`, 404 `no_such_version`,
+//!   head at an earlier published version; the version it leaves is marked rolled back
+//!   by an operator and its batches are not trained on again
+//!   (`swimlane_state::lifecycle::roll_back`); 200 `{"head": N}`, 404 `no_such_version`,
 //!   400 `bad_json`.
 //!
 //! Every route authenticates the bearer token and checks that the caller may access
@@ -41,7 +53,7 @@ use serde::Deserialize;
 use swimlane_core::records::ModelVersionRecord;
 use swimlane_core::UserId;
 use swimlane_state::tokens::{AuthError, Caller};
-use swimlane_state::Repo;
+use swimlane_state::{lifecycle, Repo};
 use swimlane_store::{Db, KvError};
 
 use swimlane_runtime::http::{blocking, ApiError};
@@ -58,6 +70,8 @@ pub struct ApiState {
     pub metrics: PublisherMetrics,
     /// One permit per request reading the store (`publisher.max_concurrent_reads`).
     pub reads: Arc<tokio::sync::Semaphore>,
+    /// The wall clock (when a rollback happened).
+    pub now: swimlane_core::clock::NowMs,
 }
 
 impl ApiState {
@@ -82,7 +96,9 @@ pub fn router(state: ApiState) -> Router {
     let routes = Router::new()
         .route(ROUTES[0].path, get(get_model))
         .route(ROUTES[1].path, get(list_versions))
-        .route(ROUTES[2].path, post(rollback));
+        .route(ROUTES[2].path, post(rollback))
+        .route(ROUTES[3].path, get(history))
+        .route(ROUTES[4].path, get(history_page));
     let metrics = state.metrics.requests.clone();
     swimlane_runtime::http::api(routes, metrics).with_state(state)
 }
@@ -386,6 +402,48 @@ async fn list_versions(
     .into_response())
 }
 
+async fn history(
+    State(st): State<ApiState>,
+    user: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = parse_user(user)?;
+    let auth = bearer(&headers);
+    let st2 = st.clone();
+    let h = st
+        .read(move || {
+            let repo = st2.repo.clone();
+            authorised(&st2, auth.as_deref(), &user, false, |tx| {
+                swimlane_state::history::user_history(&repo, tx, user.as_str())
+            })
+        })
+        .await??;
+    Ok(Json(h).into_response())
+}
+
+/// The history page: static, the same for everyone (see the module doc).
+async fn history_page() -> Response {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // The page runs only its own inline script and talks only to this origin.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    (StatusCode::OK, h, HISTORY_PAGE).into_response()
+}
+
+const HISTORY_PAGE: &str = include_str!("history.html");
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
@@ -422,15 +480,21 @@ async fn rollback(
         let repo = st.repo.clone();
         // Authorised again in the writing transaction: a token revoked meanwhile fails.
         authorised(&st, auth.as_deref(), &u, true, |tx| {
-            let Some(rec) = repo.model_version(tx, u.as_str(), req.version)? else {
+            if repo.model_version(tx, u.as_str(), req.version)?.is_none() {
                 return Ok(None);
-            };
-            let mut state = repo.user_state(tx, u.as_str())?;
-            state.head = Some(rec.version);
-            state.head_heldout_accuracy = Some(rec.heldout_accuracy);
-            state.converged = false;
-            repo.put_user_state(tx, u.as_str(), &state)?;
-            Ok(Some(rec.version))
+            }
+            let reason = format!("an operator pointed the head at version {}", req.version);
+            let now_ms = st.now.now_ms();
+            lifecycle::roll_back(
+                &repo,
+                tx,
+                u.as_str(),
+                Some(req.version),
+                &reason,
+                "operator",
+                now_ms,
+            )?;
+            Ok(Some(req.version))
         })
     })
     .await??;

@@ -92,6 +92,7 @@ pub async fn start(config: swimlane_runtime::Config) -> Result<Running, RuntimeE
         reads: Arc::new(tokio::sync::Semaphore::new(
             config.publisher.max_concurrent_reads as usize,
         )),
+        now: swimlane_core::clock::system_now_ms(),
     });
     let listener = swimlane_runtime::bind(config.publisher.listen, "publisher API").await?;
     let api_addr = listener

@@ -18,7 +18,7 @@ pub struct PublisherMetrics {
 }
 
 /// The publisher's routes, as its request metrics name them.
-pub const ROUTES: [Route; 3] = [
+pub const ROUTES: [Route; 5] = [
     Route {
         method: "GET",
         path: "/v1/users/{user}/model",
@@ -33,6 +33,16 @@ pub const ROUTES: [Route; 3] = [
         method: "POST",
         path: "/v1/admin/users/{user}/rollback",
         name: "rollback",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/users/{user}/history",
+        name: "history",
+    },
+    Route {
+        method: "GET",
+        path: "/admin/history",
+        name: "history_page",
     },
 ];
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use swimlane_bus::stage::{Applied, Decoded, Effect, Stage};
 use swimlane_bus::Record;
-use swimlane_core::records::{ModelVersionRecord, RunRecord, StoredFile};
+use swimlane_core::records::{ModelVersionRecord, RunRecord, Standing, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
@@ -149,6 +149,10 @@ impl Stage for Publisher {
 
     fn apply(&self, tx: &mut Transaction<'_>, a: &Accepted, now_ms: u64) -> Effect<Published> {
         let (repo, u, run_id) = (&self.env.repo, a.user.as_str(), &a.run_id);
+        // An erasure began: nothing more of this user is written.
+        if swimlane_state::forget::is_forgotten(repo, tx, u)? {
+            return Ok(Applied::Stale);
+        }
         let Some(run) = repo.run(tx, u, run_id)? else {
             return Ok(Applied::Dead("run record missing".into()));
         };
@@ -184,6 +188,8 @@ impl Stage for Publisher {
             guard_accuracy: verdict.candidate_guard_accuracy,
             published_at_ms: now_ms,
             onnx: Some(onnx_file),
+            standing: Standing::Probation,
+            probation: Default::default(),
         };
         let converged = policy::converged(verdict.candidate_heldout_accuracy, self.target_accuracy);
         let staged_at_ms = lifecycle::publish(

@@ -80,6 +80,7 @@ impl Harness {
             admin_token_sha256: hash_token(&admin).into(),
             metrics: PublisherMetrics::register(&registry).unwrap(),
             reads: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
+            now: swimlane_core::clock::system_now_ms(),
         });
         Harness {
             db,
@@ -173,6 +174,8 @@ impl Harness {
                 sha256: sha256_hex(&o),
                 size_bytes: o.len() as u64,
             }),
+            standing: Default::default(),
+            probation: Default::default(),
         };
         self.db
             .transact(|tx| {
@@ -508,6 +511,10 @@ async fn rollback_is_admin_only_and_moves_the_head() {
     let v = h.get(VERSIONS, &h.alice).await.json();
     assert_eq!(v["head"], 1);
     assert_eq!(v["versions"].as_array().unwrap().len(), 2);
+    // The version left says who moved the head, and where to.
+    let left = &v["versions"][1]["standing"];
+    assert_eq!(left["state"], "rolled_back", "{left}");
+    assert_eq!((&left["by"], &left["to"]), (&json!("operator"), &json!(1)));
     // And forward again.
     let a = h
         .rollback("alice", Some(&h.admin), r#"{"version": 2}"#)

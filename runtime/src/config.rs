@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use swimlane_core::policy::{RetentionPolicy, ValidationPolicy};
+use swimlane_core::policy::{ProbationPolicy, RetentionPolicy, ValidationPolicy};
 
 /// Environment variables with the `SWIMLANE_` prefix that are not config keys.
 pub const NON_CONFIG_ENV: &[&str] = &[
@@ -141,6 +141,10 @@ pub struct Config {
     /// `swimlane_core::policy::RetentionPolicy`). Every process of a deployment must
     /// agree: ingest retires by it, the trainer and the validator read by it.
     pub retention: RetentionPolicy,
+    /// How a newly published version is watched on the user's next uploads and rolled
+    /// back when significantly worse than its parent (`[probation]`;
+    /// `swimlane_core::policy::ProbationPolicy`; the validator applies it).
+    pub probation: ProbationPolicy,
 }
 
 /// `[ingest]`: the device-facing upload API.
@@ -275,6 +279,7 @@ impl Default for Config {
             publisher: PublisherConfig::default(),
             policy: PolicyConfig::default(),
             retention: RetentionPolicy::default(),
+            probation: ProbationPolicy::default(),
         }
     }
 }
@@ -782,6 +787,10 @@ impl Config {
                 "retention.max_batch_records",
                 self.retention.max_batch_records.into(),
             ),
+            (
+                "probation.promote_windows",
+                self.probation.promote_windows.into(),
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -842,6 +851,9 @@ impl Config {
         }
         if !(0.0..=10.0).contains(&self.validator.policy.gain_z) {
             return Err(invalid("validator.gain_z", "must be in [0, 10]"));
+        }
+        if !(0.5..=10.0).contains(&self.probation.z) {
+            return Err(invalid("probation.z", "must be in [0.5, 10]"));
         }
         if !(0.0..=1.0).contains(&self.validator.policy.history_max_drop) {
             return Err(invalid("validator.history_max_drop", "must be in [0, 1]"));

@@ -5,6 +5,8 @@
 //!
 //! Guarantee: nothing here opens a transaction of its own except the `*_db` helpers,
 //! so stages compose these calls with their position commit in one transaction.
+pub mod forget;
+pub mod history;
 pub mod lifecycle;
 pub mod tokens;
 

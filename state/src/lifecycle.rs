@@ -16,15 +16,20 @@
 //! | [`record_verdict`] reject, a run-mate failed alone | validator | `validating{run}` | `staged` | ended |
 //! | [`publish`] | publisher | `validating{run}` | `published{run, version}` | ended; head = version |
 //! | [`abandon_run`] | validator or publisher, giving up on the run's record | `validating{run}` | `staged` | ended, unpublished |
+//! | [`roll_back`] | validator (probation) or publisher (operator) | `published{run, head}` | `rejected{run}` | head = the version gone back to |
+//! | [`probation`] rolls back | validator | the judged run's: `validating{run}` | `staged` | a non-accepting verdict (its head is gone); ended |
 //! | [`apply_retention`] | ingest, staging a batch | `staged`, `deferred`, `published`, `rejected` | `retired` (samples erased); a retired record beyond the records kept is deleted | — |
 //!
 //! A batch leaves the pending index when it leaves the pipeline's hands (published,
 //! rejected, deferred or retired; `Repo::put_batch`). Ending a run re-triggers training when
 //! batches were staged meanwhile (a `BatchStaged` event for the newest).
 use swimlane_bus::Emitter;
-use swimlane_core::policy::{BatchSummary, Decision, Fate, RetentionPolicy};
+use swimlane_core::policy::{
+    BatchSummary, Decision, Fate, ProbationCall, ProbationPolicy, RetentionPolicy,
+};
 use swimlane_core::records::{
-    BatchRecord, BatchStatus, ModelVersionRecord, RunRecord, UserState, Verdict,
+    BatchRecord, BatchStatus, ModelVersionRecord, PairedEvidence, RunRecord, Standing, UserState,
+    Verdict,
 };
 use swimlane_core::{BatchId, Event, UserId};
 use swimlane_store::{KvError, Transaction};
@@ -47,6 +52,13 @@ pub fn allowed(from: Option<&BatchStatus>, to: &BatchStatus) -> bool {
             },
         ) => run_id == r,
         (Some(Validating { run_id }), Published { run_id: r, .. }) => run_id == r,
+        // The version it went into was rolled back ([`roll_back`]).
+        (
+            Some(Published { run_id, .. }),
+            Rejected {
+                run_id: Some(r), ..
+            },
+        ) => run_id == r,
         (Some(Staged | Deferred { .. } | Published { .. } | Rejected { .. }), Retired { .. }) => {
             true
         }
@@ -268,6 +280,25 @@ pub fn record_verdict(
     failed: &[(String, String)],
     verdict: &Verdict,
 ) -> Res<Option<Decision>> {
+    record_verdict_moving(
+        repo, emitter, tx, user, run_id, decision, failed, verdict, false,
+    )
+}
+
+/// [`record_verdict`]; `restage`: a non-accepting verdict sends every batch of the run
+/// back to `staged` (the run was voided, not its batches judged).
+#[allow(clippy::too_many_arguments)]
+fn record_verdict_moving(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    run_id: &str,
+    decision: Decision,
+    failed: &[(String, String)],
+    verdict: &Verdict,
+    restage: bool,
+) -> Res<Option<Decision>> {
     let u = user.as_str();
     let Some(mut run) = repo.run(tx, u, run_id)? else {
         return Ok(None);
@@ -300,7 +331,7 @@ pub fn record_verdict(
                 run_id: Some(run_id.to_string()),
                 reason: why.clone(),
             },
-            _ if !failed.is_empty() => BatchStatus::Staged,
+            _ if !failed.is_empty() || restage => BatchStatus::Staged,
             _ => BatchStatus::Rejected {
                 run_id: Some(run_id.to_string()),
                 reason: verdict.reason.clone(),
@@ -338,6 +369,18 @@ pub fn publish(
 ) -> Res<Vec<u64>> {
     let u = user.as_str();
     repo.put_model_version(tx, u, version)?;
+    if let Some(mut old) = match state.head {
+        Some(h) => repo.model_version(tx, u, h)?,
+        None => None,
+    } {
+        if old.standing == Standing::Probation {
+            old.standing = Standing::Superseded {
+                by_version: version.version,
+                at_ms: version.published_at_ms,
+            };
+            repo.put_model_version(tx, u, &old)?;
+        }
+    }
     run.published_version = Some(version.version);
     repo.put_run(tx, u, &run)?;
     let mut staged_at = Vec::new();
@@ -365,6 +408,164 @@ pub fn publish(
         },
     )?;
     Ok(staged_at)
+}
+
+/// Validator (probation) or publisher (an operator): `user`'s head goes back to `to`
+/// (`None`: the base model; `Some` must be a published version): the version it
+/// leaves is marked rolled back (`reason`, `by`), its batches are rejected so that no
+/// run trains on them again (new uploads are new evidence and train as usual), the
+/// user is no longer converged, and the devices get `to` on their next download (the
+/// ETag changes with the head). Returns the version left, or `None` when the head was
+/// already `to`.
+pub fn roll_back(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    user: &str,
+    to: Option<u64>,
+    reason: &str,
+    by: &str,
+    now_ms: u64,
+) -> Res<Option<u64>> {
+    let mut state = repo.user_state(tx, user)?;
+    if state.head == to {
+        return Ok(None);
+    }
+    let target = match to {
+        Some(v) => Some(repo.model_version(tx, user, v)?.ok_or_else(|| {
+            KvError::InvalidArgument(format!("version {v} of {user} was never published"))
+        })?),
+        None => None,
+    };
+    let left = state.head;
+    if let Some(h) = left {
+        let mut rec = repo
+            .model_version(tx, user, h)?
+            .ok_or_else(|| KvError::Corrupt {
+                what: format!("user {user} head"),
+                reason: format!("version {h} has no record"),
+            })?;
+        rec.standing = Standing::RolledBack {
+            reason: reason.to_string(),
+            at_ms: now_ms,
+            by: by.to_string(),
+            to,
+        };
+        repo.put_model_version(tx, user, &rec)?;
+        for b in &rec.batches {
+            // Retired meanwhile (retention): already out of every run.
+            let Some(r) = repo.batch(tx, user, b)? else {
+                continue;
+            };
+            if matches!(&r.status, BatchStatus::Published { version, .. } if *version == h) {
+                let to = BatchStatus::Rejected {
+                    run_id: Some(rec.run_id.clone()),
+                    reason: format!("version {h} was rolled back: {reason}"),
+                };
+                move_batch(repo, tx, user, b, r, to)?;
+            }
+        }
+    }
+    state.head = to;
+    state.head_heldout_accuracy = target.as_ref().map(|t| t.heldout_accuracy);
+    state.converged = false;
+    repo.put_user_state(tx, user, &state)?;
+    Ok(left)
+}
+
+/// How a version's probation went after [`probation`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbationEnd {
+    /// Rolled back to its parent; the run being judged was abandoned.
+    RolledBack,
+    Promoted,
+}
+
+/// Validator, in the transaction that judges `run_id` of `user`: add `fresh` (the
+/// paired comparison of the head `version` with its parent on the run's windows) to
+/// the version's probation and decide ([`ProbationPolicy::judge`]). Rolled back: the
+/// head goes back to the parent ([`roll_back`]) and `run_id`, a candidate measured
+/// against a version that is gone, gets a non-accepting verdict (`scored`, its reason
+/// saying so; `CandidateRejected` is emitted) and its batches go back to `staged`, to
+/// train again from the parent. Nothing happens when the head is no longer `version`
+/// or its probation already ended (stale work), or when `fresh` holds batches already
+/// counted.
+#[allow(clippy::too_many_arguments)]
+pub fn probation(
+    repo: &Repo,
+    emitter: &dyn Emitter,
+    tx: &mut Transaction<'_>,
+    user: &UserId,
+    run_id: &str,
+    version: u64,
+    fresh: &PairedEvidence,
+    policy: &ProbationPolicy,
+    scored: &Verdict,
+    now_ms: u64,
+) -> Res<Option<ProbationEnd>> {
+    let u = user.as_str();
+    if repo.user_state(tx, u)?.head != Some(version) {
+        return Ok(None);
+    }
+    let Some(mut rec) = repo.model_version(tx, u, version)? else {
+        return Ok(None);
+    };
+    if rec.standing != Standing::Probation
+        || fresh
+            .batches
+            .iter()
+            .any(|b| rec.probation.batches.contains(b))
+    {
+        return Ok(None);
+    }
+    rec.probation.merge(fresh);
+    match policy.judge(&rec.probation) {
+        ProbationCall::Continue => {
+            repo.put_model_version(tx, u, &rec)?;
+            Ok(None)
+        }
+        ProbationCall::Promote(reason) => {
+            rec.standing = Standing::Promoted {
+                reason,
+                at_ms: now_ms,
+            };
+            repo.put_model_version(tx, u, &rec)?;
+            Ok(Some(ProbationEnd::Promoted))
+        }
+        ProbationCall::RollBack(reason) => {
+            repo.put_model_version(tx, u, &rec)?;
+            roll_back(
+                repo,
+                tx,
+                u,
+                rec.parent_version,
+                &reason,
+                "validator",
+                now_ms,
+            )?;
+            let void = Verdict {
+                accepted: false,
+                reason: format!(
+                    "not judged: the version it was measured against (v{version}) was rolled back; its batches train again from {}",
+                    rec.parent_version
+                        .map_or("the base model".to_string(), |p| format!("v{p}"))
+                ),
+                ..scored.clone()
+            };
+            let failed: Vec<(String, String)> = Vec::new();
+            record_verdict_moving(
+                repo,
+                emitter,
+                tx,
+                user,
+                run_id,
+                Decision::Reject,
+                &failed,
+                &void,
+                true,
+            )?;
+            Ok(Some(ProbationEnd::RolledBack))
+        }
+    }
 }
 
 /// Validator or publisher: `run_id` of `user` can never be judged or published (the
@@ -505,6 +706,8 @@ mod tests {
             for to in [s("staged"), d.clone(), p(r), rj(r)] {
                 want.push(format!("{} -> {to}", v(r)));
             }
+            // A rolled-back version's batches.
+            want.push(format!("{} -> {}", p(r), rj(r)));
         }
         let gone = r#"{"state":"retired","reason":"x"}"#;
         for from in [
@@ -521,12 +724,17 @@ mod tests {
         got.sort();
         want.sort();
         assert_eq!(got, want);
-        // Terminal states move only to retired, and retired never moves.
+        // Terminal states move only to retired (or, published, to rejected by a
+        // rollback), and retired never moves.
         for from in all.iter().filter(|s| s.is_terminal()) {
             for to in &all {
                 if allowed(Some(from), to) {
                     assert!(
-                        matches!(to, BatchStatus::Retired { .. })
+                        (matches!(to, BatchStatus::Retired { .. })
+                            || matches!(
+                                (from, to),
+                                (BatchStatus::Published { .. }, BatchStatus::Rejected { .. })
+                            ))
                             && !matches!(from, BatchStatus::Retired { .. }),
                         "{from:?} -> {to:?}"
                     );
@@ -701,6 +909,8 @@ mod tests {
                             guard_accuracy: 0.9,
                             published_at_ms: 0,
                             onnx: None,
+                            standing: Default::default(),
+                            probation: Default::default(),
                         };
                         publish(&repo, &bus, tx, &uid, run, &version, state, false)?;
                     }

@@ -220,6 +220,10 @@ fn open_connection(path: &Path) -> Result<Connection, KvError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
+    // Deleted content is overwritten with zeros (cells and freed pages), so a cleared
+    // value is not left readable in the file (`purge_deleted` does the rest).
+    conn.pragma_update(None, "secure_delete", "ON")
+        .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
     Ok(conn)
 }
 
@@ -317,6 +321,69 @@ impl Backend for EmbeddedBackend {
     }
     fn name(&self) -> &'static str {
         "embedded"
+    }
+
+    /// Collect every tombstone now (not only those older than the retention: a
+    /// transaction whose read version is older than the new `gc_version` conflicts and
+    /// is retried, as after any collection), then checkpoint the WAL and truncate it.
+    /// With `secure_delete` on every connection, the cleared values and keys are then
+    /// gone from both files. The truncation needs a moment with no reader in the WAL;
+    /// under constant load it may not get one (`log_truncated: false`): the WAL's old
+    /// frames are then overwritten as it is reused, and a later purge truncates it.
+    fn purge_deleted(&self) -> Result<crate::Purged, KvError> {
+        let conn = self.take_connection()?;
+        let m = |e| map_sqlite("purging deleted data", e);
+        let collected = (|| -> Result<u64, KvError> {
+            conn.execute_batch("BEGIN IMMEDIATE").map_err(m)?;
+            let r = (|| -> rusqlite::Result<u64> {
+                let version: i64 =
+                    conn.query_row("SELECT val FROM meta WHERE name = 'version'", [], |r| {
+                        r.get(0)
+                    })?;
+                let n = conn.execute(
+                    "DELETE FROM kv WHERE v IS NULL AND ver <= ?1",
+                    params![version],
+                )?;
+                conn.execute("DELETE FROM commits WHERE ver < ?1", params![version])?;
+                conn.execute(
+                    "UPDATE meta SET val = MAX(val, ?1) WHERE name = 'gc_version'",
+                    params![version],
+                )?;
+                Ok(n as u64)
+            })();
+            match r {
+                Ok(n) => {
+                    conn.execute_batch("COMMIT").map_err(m)?;
+                    Ok(n)
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(m(e))
+                }
+            }
+        })();
+        let result = collected.and_then(|n| {
+            let mut truncated = false;
+            for _ in 0..50 {
+                let (busy, _, _): (i64, i64, i64) = conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .map_err(m)?;
+                if busy == 0 {
+                    truncated = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(crate::Purged {
+                supported: true,
+                tombstones_removed: n,
+                log_truncated: truncated,
+            })
+        });
+        self.return_connection(conn);
+        result
     }
 }
 

@@ -95,6 +95,9 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn name(&self) -> &'static str {
         "faulty"
     }
+    fn purge_deleted(&self) -> Result<crate::Purged, KvError> {
+        self.inner.purge_deleted()
+    }
 }
 
 impl BackendTx for FaultyTx<'_> {

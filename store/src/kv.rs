@@ -80,6 +80,27 @@ pub trait Backend: Send + Sync + 'static {
     fn begin(&self) -> Result<Box<dyn BackendTx + '_>, KvError>;
     /// A short name for logs and metrics ("embedded", "fdb").
     fn name(&self) -> &'static str;
+    /// Make what committed transactions cleared unrecoverable from this backend's own
+    /// files, as far as the backend can: erasing a user relies on it
+    /// ([`Db::purge_deleted`]). The default: nothing the backend can do (FoundationDB:
+    /// its storage servers reuse freed pages on their own; docs/operations.md says what
+    /// a deployment must do).
+    fn purge_deleted(&self) -> Result<Purged, KvError> {
+        Ok(Purged::default())
+    }
+}
+
+/// What [`Backend::purge_deleted`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Whether the backend purges at all (`false`: the default, nothing done).
+    pub supported: bool,
+    /// Deleted keys' markers removed (the embedded backend keeps a cleared key's name
+    /// as a tombstone for conflict checks until it collects it).
+    pub tombstones_removed: u64,
+    /// The write-ahead log was checkpointed and truncated: no frame of an earlier
+    /// page is left in it.
+    pub log_truncated: bool,
 }
 
 /// One backend transaction. Limits are already checked by [`Transaction`]; a backend
@@ -228,6 +249,12 @@ impl Db {
     /// retry loop of [`Db::transact`].
     pub fn backend(&self) -> &dyn Backend {
         &*self.backend
+    }
+    /// [`Backend::purge_deleted`]: make what was cleared unrecoverable from the
+    /// backend's files. Not a transaction; safe while others run (a transaction that
+    /// needed a purged tombstone conflicts and is retried).
+    pub fn purge_deleted(&self) -> Result<Purged, KvError> {
+        self.backend.purge_deleted()
     }
     /// Commit, retry, conflict and failure counts since this handle was built.
     pub fn stats(&self) -> &DbStats {

@@ -35,6 +35,6 @@ pub mod limits;
 
 pub use error::KvError;
 pub use kv::{
-    prefix_range, Backend, BackendTx, Clock, Db, KeyValue, ManualClock, Mutation, RangeOption,
-    RetryOptions, SystemClock, Transaction,
+    prefix_range, Backend, BackendTx, Clock, Db, KeyValue, ManualClock, Mutation, Purged,
+    RangeOption, RetryOptions, SystemClock, Transaction,
 };

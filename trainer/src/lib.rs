@@ -292,6 +292,14 @@ impl Stage for Trainer {
 
     fn apply(&self, tx: &mut Transaction<'_>, p: &Prepared, now_ms: u64) -> Effect<bool> {
         let repo = &self.env.repo;
+        let user = match p {
+            Prepared::Failed { user, .. } => user,
+            Prepared::Trained(t) => &t.plan.user,
+        };
+        // An erasure began: nothing more of this user is written.
+        if swimlane_state::forget::is_forgotten(repo, tx, user.as_str())? {
+            return Ok(Applied::Stale);
+        }
         let t = match p {
             Prepared::Failed {
                 user,

@@ -12,6 +12,16 @@
 //!   duplicate event finds the verdict and does nothing.
 //! - A rejection ends the user's in-flight run; if batches were staged meanwhile, the
 //!   same transaction re-emits a trigger so they are trained next.
+//! - **Probation** (`policy::ProbationPolicy`): while the user's head version is on
+//!   probation, the run's own batches (both splits: windows that neither the head nor
+//!   its parent trained on; only format-2 windows, which the device reports whether
+//!   confirmed or corrected, as an upload of corrections alone is a sample biased
+//!   against the model that made them) also score the head against its parent, and the same
+//!   transaction adds that to the version's evidence
+//!   (`swimlane_state::lifecycle::probation`). Significantly worse: the head goes back
+//!   to the parent and the run, judged against a version that is gone, is void (a
+//!   non-accepting verdict that says so), so its batches train again from the parent. Significantly better, or
+//!   `promote_windows` fresh windows without harm: promoted. Each batch counts once.
 //! - The guard set is scored once per run, on the candidate: the current model's guard
 //!   accuracy is the one measured when it was itself a candidate (its version record's
 //!   `guard_accuracy`; for the base model, measured once when the guard set is read).
@@ -23,13 +33,16 @@ use std::time::Instant;
 
 use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
 use swimlane_bus::Record;
-use swimlane_core::policy::{Decision, Scores, ValidationPolicy};
-use swimlane_core::records::{BatchRecord, BatchStatus, StagedSample, Verdict};
+use swimlane_core::policy::{Decision, ProbationPolicy, Scores, ValidationPolicy};
+use swimlane_core::records::{
+    BatchRecord, BatchStatus, PairedEvidence, StagedSample, Standing, Verdict,
+};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::net::argmax_class;
 use swimlane_model::{evaluate, MicroModel, Sample};
 use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
+use swimlane_state::lifecycle::ProbationEnd;
 use swimlane_state::{decode_sample_set, lifecycle, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB};
 use swimlane_store::{KvError, Transaction};
 
@@ -48,6 +61,8 @@ pub struct ValidatorConfig {
     /// Most held-out windows of published batches (the user's most recent) checked for
     /// forgetting (`retention.max_heldout_windows`); a run's own are always all used.
     pub max_heldout_windows: usize,
+    /// How a newly published version is watched (`[probation]`).
+    pub probation: ProbationPolicy,
 }
 
 /// Run the stage on the calling thread until `stop()`.
@@ -61,6 +76,7 @@ pub fn run(
         loop_options,
         spec,
         max_heldout_windows,
+        probation,
     } = config;
     let guard = None;
     deps.run(loop_options, stop, |env| Validator {
@@ -69,6 +85,7 @@ pub fn run(
         spec,
         guard,
         max_heldout_windows,
+        probation,
     })?;
     Ok(())
 }
@@ -81,6 +98,7 @@ struct Validator {
     /// with a redeploy).
     guard: Option<Arc<Guard>>,
     max_heldout_windows: usize,
+    probation: ProbationPolicy,
 }
 
 /// The population guard set and how the deployment's base model does on it.
@@ -101,6 +119,17 @@ struct Inputs {
     history: usize,
     /// The batch of each of the run's own held-out windows (`heldout[history..]`).
     fresh_batches: Vec<String>,
+    /// The head is on probation: what comparing it with its parent needs.
+    probation: Option<ProbationInputs>,
+}
+
+/// The head version on probation, its parent's weights, and the run's windows that
+/// neither trained on (from batches its evidence does not count yet).
+struct ProbationInputs {
+    version: u64,
+    parent: Vec<u8>,
+    windows: Vec<Sample>,
+    batches: Vec<String>,
 }
 
 fn to_sample(s: StagedSample) -> Sample {
@@ -126,6 +155,9 @@ enum Outcome {
         user: UserId,
         run_id: String,
         verdict: Verdict,
+        /// The head version on probation and its comparison with its parent on this
+        /// run's windows.
+        probation: Option<(u64, PairedEvidence)>,
     },
     Skip,
     Dead(String),
@@ -210,7 +242,12 @@ impl Validator {
             );
             let history = heldout.len();
             heldout.extend(fresh);
+            let probation = match state.head {
+                Some(v) => self.probation_inputs(tx, user, v, &run.batches, &batches)?,
+                None => None,
+            };
             Ok(Some(Inputs {
+                probation,
                 candidate,
                 current,
                 current_guard,
@@ -219,6 +256,56 @@ impl Validator {
                 fresh_batches,
             }))
         })
+    }
+
+    /// What comparing the head `version` with its parent needs, if it is on probation
+    /// and the run has batches its evidence does not count yet: their windows (held-out
+    /// ones all, training ones up to `promote_windows`), which neither model trained on.
+    fn probation_inputs(
+        &self,
+        tx: &mut Transaction<'_>,
+        user: &str,
+        version: u64,
+        run_batches: &[String],
+        batches: &[(String, BatchRecord)],
+    ) -> Result<Option<ProbationInputs>, KvError> {
+        let repo = &self.env.repo;
+        let Some(rec) = repo.model_version(tx, user, version)? else {
+            return Ok(None);
+        };
+        if rec.standing != Standing::Probation {
+            return Ok(None);
+        }
+        let (mut windows, mut counted) = (Vec::new(), Vec::new());
+        let mut training_budget = self.probation.promote_windows as usize;
+        for (id, r) in batches {
+            if !run_batches.contains(id) || rec.probation.batches.contains(id) {
+                continue;
+            }
+            let held = repo.samples_of(tx, user, id, r, true, usize::MAX)?;
+            let train = repo.samples_of(tx, user, id, r, false, training_budget)?;
+            training_budget = training_budget.saturating_sub(train.len());
+            // Only windows the device reported whatever the outcome (format 2, each
+            // confirmed or corrected): an upload of corrections alone holds exactly
+            // the windows the device's model got wrong, a sample biased against it.
+            windows.extend(
+                held.into_iter()
+                    .chain(train)
+                    .filter(|s| s.feedback.is_some())
+                    .map(to_sample),
+            );
+            counted.push(id.clone());
+        }
+        if windows.is_empty() {
+            return Ok(None);
+        }
+        let (parent, _) = current_model(repo, tx, user, rec.parent_version)?;
+        Ok(Some(ProbationInputs {
+            version,
+            parent,
+            windows,
+            batches: counted,
+        }))
     }
 
     fn score(&mut self, user: &UserId, run_id: &str) -> Result<Outcome, KvError> {
@@ -298,6 +385,26 @@ impl Validator {
             Ok(s) => s,
             Err(e) => return Ok(Outcome::Dead(format!("scoring failed: {e}"))),
         };
+        let probation = match &inp.probation {
+            None => None,
+            Some(p) => {
+                let parent = match MicroModel::load_for(&p.parent, &self.spec) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        return Ok(Outcome::Dead(format!(
+                            "the head's parent does not load: {e}"
+                        )))
+                    }
+                };
+                match paired(&cur, &parent, &p.windows) {
+                    Ok(mut e) => {
+                        e.batches = p.batches.clone();
+                        Some((p.version, e))
+                    }
+                    Err(e) => return Ok(Outcome::Dead(format!("probation scoring failed: {e}"))),
+                }
+            }
+        };
         let validate_seconds = t0.elapsed().as_secs_f64();
         self.env.metrics.validate_seconds.observe(validate_seconds);
         let (mut decision, mut reason) = self.policy.decide(&s);
@@ -324,6 +431,7 @@ impl Validator {
             run_id: run_id.to_string(),
             decision,
             failed,
+            probation,
             verdict: Verdict {
                 accepted: decision == Decision::Accept,
                 reason,
@@ -336,6 +444,35 @@ impl Validator {
             },
         })
     }
+}
+
+/// `head` against `parent` on `windows` (which neither trained on): the paired
+/// evidence of probation.
+fn paired(
+    head: &MicroModel,
+    parent: &MicroModel,
+    windows: &[Sample],
+) -> Result<PairedEvidence, swimlane_model::ModelError> {
+    let mut e = PairedEvidence::default();
+    if windows.is_empty() {
+        return Ok(e);
+    }
+    let ph = head.predict_proba_samples(windows)?;
+    let pp = parent.predict_proba_samples(windows)?;
+    for (s, (h, p)) in windows.iter().zip(ph.iter().zip(&pp)) {
+        let t = s.label;
+        let (hr, pr) = (argmax_class(h) == t, argmax_class(p) == t);
+        let lp = |v: &Vec<f32>| (v[t.index()] as f64).max(1e-6).ln();
+        let gain = lp(h) - lp(p);
+        e.windows += 1;
+        e.head_right += hr as u32;
+        e.parent_right += pr as u32;
+        e.head_only += (hr && !pr) as u32;
+        e.parent_only += (pr && !hr) as u32;
+        e.gain_sum += gain;
+        e.gain_sumsq += gain * gain;
+    }
+    Ok(e)
 }
 
 /// The weights of the model a user's devices run now (the head version's, else the base), and
@@ -364,7 +501,7 @@ impl Stage for Validator {
     /// A user's run with a candidate to judge.
     type Work = (UserId, String);
     type Prepared = Outcome;
-    type Outcome = Decision;
+    type Outcome = Judged;
 
     fn decode(&self, r: &Record) -> Decoded<(UserId, String)> {
         Decoded::event(r, topics::CANDIDATES, |e| match e {
@@ -382,13 +519,14 @@ impl Stage for Validator {
         }
     }
 
-    fn apply(&self, tx: &mut Transaction<'_>, out: &Outcome, _now_ms: u64) -> Effect<Decision> {
+    fn apply(&self, tx: &mut Transaction<'_>, out: &Outcome, now_ms: u64) -> Effect<Judged> {
         let Outcome::Verdict {
             user,
             run_id,
             decision,
             failed,
             verdict,
+            probation,
         } = out
         else {
             return Ok(match out {
@@ -396,6 +534,35 @@ impl Stage for Validator {
                 _ => Applied::Stale,
             });
         };
+        // An erasure began: nothing more of this user is written.
+        if swimlane_state::forget::is_forgotten(&self.env.repo, tx, user.as_str())? {
+            return Ok(Applied::Stale);
+        }
+        let mut ended = None;
+        if let Some((version, fresh)) = probation {
+            ended = lifecycle::probation(
+                &self.env.repo,
+                self.env.emitter.as_ref(),
+                tx,
+                user,
+                run_id,
+                *version,
+                fresh,
+                &self.probation,
+                verdict,
+                now_ms,
+            )?;
+            if ended == Some(ProbationEnd::RolledBack) {
+                tracing::warn!(
+                    version = *version,
+                    "head rolled back to its parent on probation; the run judged against it is void"
+                );
+                return Ok(Applied::Done(Judged {
+                    decision: Some(Decision::Reject),
+                    probation: ended,
+                }));
+            }
+        }
         let done = lifecycle::record_verdict(
             &self.env.repo,
             self.env.emitter.as_ref(),
@@ -406,17 +573,36 @@ impl Stage for Validator {
             failed,
             verdict,
         )?;
-        Ok(done.map_or(Applied::Stale, Applied::Done))
+        Ok(match (done, ended) {
+            (None, None) => Applied::Stale,
+            (decision, probation) => Applied::Done(Judged {
+                decision,
+                probation,
+            }),
+        })
     }
 
-    fn committed(&mut self, decisions: Vec<Decision>) {
-        for d in decisions {
-            let label = match d {
-                Decision::Accept => "accepted",
-                Decision::Reject => "rejected",
-                Decision::Defer => "deferred",
-            };
-            self.env.metrics.verdicts.with_label_values(&[label]).inc();
+    fn committed(&mut self, judged: Vec<Judged>) {
+        for j in judged {
+            if let Some(d) = j.decision {
+                let label = match d {
+                    Decision::Accept => "accepted",
+                    Decision::Reject => "rejected",
+                    Decision::Defer => "deferred",
+                };
+                self.env.metrics.verdicts.with_label_values(&[label]).inc();
+            }
+            if let Some(p) = j.probation {
+                let label = match p {
+                    ProbationEnd::RolledBack => "rolled_back",
+                    ProbationEnd::Promoted => "promoted",
+                };
+                self.env
+                    .metrics
+                    .probations
+                    .with_label_values(&[label])
+                    .inc();
+            }
         }
     }
 
@@ -440,6 +626,7 @@ impl ValidatorConfig {
             loop_options: swimlane_runtime::wiring::loop_options(&config.validator.consumer),
             spec: Arc::new(config.model_spec()?),
             max_heldout_windows: config.retention.max_heldout_windows as usize,
+            probation: config.probation.clone(),
         })
     }
 }
@@ -457,6 +644,13 @@ pub async fn run_process(config: swimlane_runtime::Config) -> Result<(), Runtime
         move |deps, stop| run(cfg, deps, stop),
     )
     .await
+}
+
+/// What one event's commit did: the verdict recorded (`None` when the run was
+/// abandoned because its head was rolled back) and how a probation ended, if it did.
+pub struct Judged {
+    pub decision: Option<Decision>,
+    pub probation: Option<ProbationEnd>,
 }
 
 /// Mean and (sample) standard deviation; (0, 0) for fewer than two values.

@@ -7,6 +7,9 @@ pub struct ValidatorMetrics {
     pub validate_seconds: Histogram,
     /// Label `verdict`: `accepted` | `rejected` | `deferred`.
     pub verdicts: IntCounterVec,
+    /// Label `outcome`: `rolled_back` | `promoted`: probations ended
+    /// (`swimlane_state::lifecycle::probation`).
+    pub probations: IntCounterVec,
 }
 
 impl ValidatorMetrics {
@@ -23,9 +26,17 @@ impl ValidatorMetrics {
                 "Verdicts recorded",
                 &["verdict"],
             )?,
+            probations: r.counters(
+                "swimlane_validator_probations_ended_total",
+                "Published versions whose probation ended: rolled back to their parent, or promoted",
+                &["outcome"],
+            )?,
         };
         for v in ["accepted", "rejected", "deferred"] {
             m.verdicts.with_label_values(&[v]);
+        }
+        for o in ["rolled_back", "promoted"] {
+            m.probations.with_label_values(&[o]);
         }
         Ok(m)
     }
