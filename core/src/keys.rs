@@ -13,6 +13,7 @@
 //! | `("user", user, "head")`                     | the user's current published version   |
 //! | `("user", user, "state")`                    | per-user pipeline state (convergence)  |
 //! | `("user", user, "live", version, what)`      | an 8-byte LE count: windows the device's model `version` (0: the base model) classified in the user's uploads (`what` = `windows`), and those it got right (`right`) |
+//! | `("user", user, "livestanding")`             | where the user is counted in the fleet's live statistics (`swimlane_state::LiveStanding`) |
 //! | `("user", user, "uploads", day)`             | an 8-byte LE count of the user's uploads staged on UTC day `day` (days since the epoch; only the current day's is kept) |
 //! | `("model", user, version)`                   | model version record (metrics, lineage)|
 //! | `("blob", blob_id)` / `("blob", blob_id, gen, i)` | blob header / chunk `i` of generation `gen` (`swimlane_store::blob`) |
@@ -97,6 +98,10 @@ impl Keys {
     /// The count of `user`'s uploads staged on UTC day `day` (days since the epoch).
     pub fn uploads_on(&self, user: &str, day: u64) -> Vec<u8> {
         self.root.pack(&("user", user, "uploads", day))
+    }
+    /// Where `user` is counted in the fleet's live statistics.
+    pub fn live_standing(&self, user: &str) -> Vec<u8> {
+        self.root.pack(&("user", user, "livestanding"))
     }
     /// `user`'s live count `what` (`"windows"` or `"right"`) of model `version` (0: the
     /// base model).

@@ -10,6 +10,12 @@
 //! - [`LIVE_WINDOWS`] (index 0): windows the devices' models classified, as uploads in
 //!   format 2 report them; [`LIVE_RIGHT`] (index 0): those the user confirmed (the
 //!   model was right). Their ratio is the fleet's live accuracy.
+//! - [`USERS_LIVE_ACCURACY`]: how many users' live accuracy (of the model their device
+//!   runs: the head, or the base model without one; once it classified at least
+//!   [`MIN_LIVE_WINDOWS`] windows) is in each bucket of [`ACCURACY_BUCKETS`], with
+//!   [`USERS_LIVE_ACCURACY_SUM`]; [`USERS_LIVE_FELL`] (index 0): how many of those
+//!   users' live accuracy is below that of the model they ran before their last
+//!   publish (both measured on at least [`MIN_LIVE_WINDOWS`]).
 
 /// Counter family of users per held-out accuracy bucket of their head model.
 pub const HEAD_ACCURACY: &str = "head_accuracy";
@@ -20,6 +26,15 @@ pub const HEAD_ACCURACY_SUM: &str = "head_accuracy_sum_micros";
 pub const LIVE_WINDOWS: &str = "live_windows";
 /// Counter (index 0): of [`LIVE_WINDOWS`], those the device's model got right.
 pub const LIVE_RIGHT: &str = "live_right";
+
+/// Counter family of users per live accuracy bucket of the model they run.
+pub const USERS_LIVE_ACCURACY: &str = "users_live_accuracy";
+/// Counter (index 0): the sum of those live accuracies, in millionths.
+pub const USERS_LIVE_ACCURACY_SUM: &str = "users_live_accuracy_sum_micros";
+/// Counter (index 0): users whose live accuracy fell after their last publish.
+pub const USERS_LIVE_FELL: &str = "users_live_fell";
+/// Windows a model must have classified for its live accuracy to count.
+pub const MIN_LIVE_WINDOWS: u64 = 20;
 
 /// Upper bounds of the held-out accuracy buckets.
 pub const ACCURACY_BUCKETS: [f64; 11] =

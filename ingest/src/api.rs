@@ -166,6 +166,7 @@ impl IngestState {
             rules: Arc::new(stage::StagingRules {
                 retention: config.retention.clone(),
                 max_uploads_per_day: config.ingest.max_uploads_per_day,
+                target_accuracy: config.policy.target_accuracy,
             }),
         })
     }

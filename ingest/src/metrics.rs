@@ -29,6 +29,8 @@ pub const OLDEST_PENDING_AGE: &str = "swimlane_pipeline_oldest_pending_batch_age
 pub const USERS_HELDOUT_ACCURACY: &str = "swimlane_users_heldout_accuracy";
 pub const LIVE_WINDOWS_TOTAL: &str = "swimlane_live_windows_total";
 pub const LIVE_WINDOWS_RIGHT_TOTAL: &str = "swimlane_live_windows_right_total";
+pub const USERS_LIVE_ACCURACY: &str = "swimlane_users_live_accuracy";
+pub const USERS_LIVE_FELL: &str = "swimlane_users_live_fell";
 
 /// Ingest's routes, as its request metrics name them.
 pub const ROUTES: [Route; 3] = [
@@ -151,7 +153,10 @@ impl IngestMetrics {
 /// - `swimlane_pipeline_oldest_pending_batch_age_seconds`: how long ago the oldest batch
 ///   not yet published, rejected or deferred was staged (0 when there is none);
 /// - `swimlane_users_heldout_accuracy`: a histogram of the held-out accuracy of every
-///   user's current model (users without a published model are not counted).
+///   user's current model (users without a published model are not counted);
+/// - `swimlane_users_live_accuracy` and `swimlane_users_live_fell`: the distribution of
+///   users' live accuracy, and how many fell after their last publish
+///   (`swimlane_core::stats`).
 ///
 /// A failed read logs a warning and exports neither (Prometheus then sees them absent,
 /// which the alert rules treat as a problem of its own).
@@ -189,6 +194,18 @@ impl PipelineCollector {
                 vec![],
                 Default::default(),
             )?,
+            Desc::new(
+                USERS_LIVE_ACCURACY.into(),
+                "Live accuracy of the model each user's device runs (users whose model classified at least 20 windows)".into(),
+                vec![],
+                Default::default(),
+            )?,
+            Desc::new(
+                USERS_LIVE_FELL.into(),
+                "Users whose live accuracy is below that of the model they ran before their last publish".into(),
+                vec![],
+                Default::default(),
+            )?,
         ];
         Ok(PipelineCollector {
             db,
@@ -221,9 +238,10 @@ impl Collector for PipelineCollector {
                 repo.oldest_pending_batch(tx)?,
                 repo.head_accuracy_histogram(tx)?,
                 repo.live_totals(tx)?,
+                repo.live_accuracy_histogram(tx)?,
             ))
         });
-        let (oldest, (counts, sum), live) = match read {
+        let (oldest, (counts, sum), live, (live_counts, live_sum, fell)) = match read {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "reading pipeline statistics for /metrics failed");
@@ -237,22 +255,25 @@ impl Collector for PipelineCollector {
         gauge.set_value(age);
         let age_family = family(&self.descs[0], MetricType::GAUGE, |m| m.set_gauge(gauge));
 
-        let mut h = proto::Histogram::default();
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(ACCURACY_BUCKETS.len());
-        for (bound, n) in ACCURACY_BUCKETS.iter().zip(&counts) {
-            cumulative += n;
-            let mut b = proto::Bucket::default();
-            b.set_upper_bound(*bound);
-            b.set_cumulative_count(cumulative);
-            buckets.push(b);
-        }
-        h.set_bucket(buckets);
-        h.set_sample_count(counts.iter().sum());
-        h.set_sample_sum(sum);
-        let acc_family = family(&self.descs[1], MetricType::HISTOGRAM, |m| {
-            m.set_histogram(h)
-        });
+        let histogram = |desc: &Desc, counts: &[u64], sum: f64| {
+            let mut h = proto::Histogram::default();
+            let mut cumulative = 0;
+            let mut buckets = Vec::with_capacity(ACCURACY_BUCKETS.len());
+            for (bound, n) in ACCURACY_BUCKETS.iter().zip(counts) {
+                cumulative += n;
+                let mut b = proto::Bucket::default();
+                b.set_upper_bound(*bound);
+                b.set_cumulative_count(cumulative);
+                buckets.push(b);
+            }
+            h.set_bucket(buckets);
+            h.set_sample_count(counts.iter().sum());
+            h.set_sample_sum(sum);
+            family(desc, MetricType::HISTOGRAM, |m| m.set_histogram(h))
+        };
+        let acc_family = histogram(&self.descs[1], &counts, sum);
+        let mut fell_gauge = proto::Gauge::default();
+        fell_gauge.set_value(fell as f64);
         let counter = |desc: &Desc, n: u64| {
             let mut c = proto::Counter::default();
             c.set_value(n as f64);
@@ -263,6 +284,10 @@ impl Collector for PipelineCollector {
             acc_family,
             counter(&self.descs[2], live.windows),
             counter(&self.descs[3], live.right),
+            histogram(&self.descs[4], &live_counts, live_sum),
+            family(&self.descs[5], MetricType::GAUGE, |m| {
+                m.set_gauge(fell_gauge)
+            }),
         ]
     }
 }
@@ -304,6 +329,8 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("swimlane_users_heldout_accuracy_count 0"), "{m}");
+        assert!(m.contains("swimlane_users_live_accuracy_count 0"), "{m}");
+        assert!(m.contains("swimlane_users_live_fell 0"), "{m}");
         assert!(
             m.contains("swimlane_users_heldout_accuracy_bucket{le=\"+Inf\"} 0"),
             "{m}"

@@ -84,6 +84,9 @@ pub struct StagingRules {
     /// Most uploads staged per user per UTC day (`ingest.max_uploads_per_day`); 0: no
     /// cap.
     pub max_uploads_per_day: u32,
+    /// Accuracy at which a user counts as converged (`policy.target_accuracy`): a
+    /// converged user's upload with no correction is staged deferred, not trained.
+    pub target_accuracy: f32,
 }
 
 /// Milliseconds in a day: the daily cap counts UTC days.
@@ -147,6 +150,11 @@ pub fn stage_batch(
         chunk_samples: per_chunk as u32,
     };
     let live = swimlane_core::records::live_counts(&batch.samples);
+    // Every window reported and confirmed (format 2): no new correction in it.
+    let no_correction = batch
+        .samples
+        .iter()
+        .all(|s| s.feedback.is_some_and(|f| !f.corrected));
     let day = now_ms / DAY_MS;
     let uploads_key = keys.uploads_on(u, day);
     let event = Event::BatchStaged {
@@ -184,12 +192,53 @@ pub fn stage_batch(
         for (k, v) in &chunks {
             tx.set(k, v)?;
         }
-        swimlane_state::lifecycle::stage_batch(&repo, tx, u, b, &record)?;
         repo.add_live(tx, u, &live)?;
+        let mut record = record.clone();
+        if no_correction {
+            if let Some(reason) = converged(&repo, tx, u, rules.target_accuracy)? {
+                record.status = BatchStatus::Deferred { reason };
+            }
+        }
+        swimlane_state::lifecycle::stage_batch(&repo, tx, u, b, &record)?;
         let retention = swimlane_state::lifecycle::apply_retention(&repo, tx, u, &rules.retention)?;
         emitter.emit(tx, &event)?;
         Ok(StageOutcome::Staged(record.clone(), retention))
     })
+}
+
+/// Convergence, measured the way the phone sees it too: `Some(reason)` when `user`'s
+/// head reached `target` on held-out windows (the publisher's `converged`) and the
+/// model the device runs is not below it live either (its live accuracy, once it
+/// classified `stats::MIN_LIVE_WINDOWS` windows, this upload's included). Such a
+/// user's upload with no correction waits, deferred, and is trained with their next
+/// correction: no retraining until new corrections arrive.
+fn converged(
+    repo: &swimlane_state::Repo,
+    tx: &mut swimlane_store::Transaction<'_>,
+    user: &str,
+    target: f32,
+) -> Result<Option<String>, KvError> {
+    let state = repo.user_state(tx, user)?;
+    let (true, Some(heldout)) = (state.converged, state.head_heldout_accuracy) else {
+        return Ok(None);
+    };
+    let live = repo.live(tx, user)?;
+    let c = live
+        .get(&state.head.unwrap_or(0))
+        .copied()
+        .unwrap_or_default();
+    let live_text = match c.accuracy() {
+        Some(a) if c.windows >= swimlane_core::stats::MIN_LIVE_WINDOWS => {
+            if a < f64::from(target) {
+                return Ok(None);
+            }
+            format!("live {a:.3} on {} windows", c.windows)
+        }
+        _ => format!("live: {} windows so far", c.windows),
+    };
+    Ok(Some(format!(
+        "converged (held-out {heldout:.3}, {live_text}; target {target:.3}) and every window of this upload was confirmed: not retrained until a correction arrives, then trained with it"
+    )))
 }
 
 /// The batch's record, if staged. Blocking.

@@ -1194,3 +1194,81 @@ async fn feedback_counts_live_accuracy_per_model_version() {
     assert!(m.contains("swimlane_live_windows_total 5"), "{m}");
     assert!(m.contains("swimlane_live_windows_right_total 3"), "{m}");
 }
+
+#[tokio::test]
+async fn a_converged_users_upload_with_no_correction_waits_deferred_until_a_correction_arrives() {
+    let h = Harness::new();
+    let repo = Repo::new(h.keys.clone());
+    let target = config().policy.target_accuracy;
+    // Alice's head reached the target on held-out windows.
+    h.db.transact(|tx| {
+        let mut s = repo.user_state(tx, "alice")?;
+        s.converged = true;
+        s.head_heldout_accuracy = Some(target + 0.01);
+        repo.put_user_state(tx, "alice", &s)
+    })
+    .unwrap();
+    let upload = |id: &str, corrected: &[usize], n: usize| {
+        let samples: Vec<Value> = (0..n)
+            .map(|i| {
+                let label = StrokeClass::ALL[i % 6];
+                let (kind, predicted) = if corrected.contains(&i) {
+                    ("corrected", StrokeClass::ALL[(i + 1) % 6])
+                } else {
+                    ("confirmed", label)
+                };
+                json!({"id": format!("s{i}"), "frames": frames(i), "label": label.name(),
+                       "feedback": {"kind": kind, "predicted": predicted.name(), "model_version": null}})
+            })
+            .collect();
+        json!({"format": 2, "batch_id": id, "samples": samples}).to_string()
+    };
+    let status = |id: &str| {
+        h.db.transact(|tx| repo.batch(tx, "alice", id))
+            .unwrap()
+            .unwrap()
+            .status
+    };
+    // Every window confirmed: stored, deferred with the reason, not in the pending index.
+    let (s, v) = h.post("alice", &h.alice, upload("all-right", &[], 8)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    match status("all-right") {
+        BatchStatus::Deferred { reason } => assert!(reason.contains("converged"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(h
+        .db
+        .transact(|tx| repo.oldest_pending_batch(tx))
+        .unwrap()
+        .is_none());
+    // One correction: staged, to be trained (the deferred one rides along).
+    let (s, _) = h
+        .post("alice", &h.alice, upload("one-wrong", &[3], 8))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(status("one-wrong"), BatchStatus::Staged);
+    // Live accuracy below the target, over enough windows: not converged any more,
+    // even for an upload the swimmer confirmed entirely.
+    let (s, _) = h
+        .post(
+            "alice",
+            &h.alice,
+            upload("many-wrong", &(0..20).collect::<Vec<_>>(), 24),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (s, _) = h
+        .post("alice", &h.alice, upload("all-right-2", &[], 8))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(status("all-right-2"), BatchStatus::Staged);
+    // A user who never converged: always staged.
+    let (s, _) = h.post("bob", &h.bob, upload("bob-1", &[], 8)).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let st =
+        h.db.transact(|tx| repo.batch(tx, "bob", "bob-1"))
+            .unwrap()
+            .unwrap()
+            .status;
+    assert_eq!(st, BatchStatus::Staged);
+}

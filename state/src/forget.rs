@@ -285,6 +285,8 @@ pub fn erase(
                 // Takes the user out of the fleet's head-accuracy histogram.
                 repo.put_user_state(tx, u, &UserState::default())?;
             }
+            // And out of the fleet's live statistics.
+            repo.refresh_live_standing(tx, u, true)?;
             for (k, _) in &rows {
                 tx.clear(k)?;
             }

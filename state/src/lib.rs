@@ -25,6 +25,16 @@ use swimlane_store::{blob, Db, KvError, RangeOption, Transaction};
 /// What every store access here returns: the value, or the store's error.
 pub type Res<T> = Result<T, KvError>;
 
+/// Where a user is counted in the fleet's live statistics
+/// ([`Repo::refresh_live_standing`]): the live accuracy bucket of the model they run
+/// (and the accuracy in millionths), and whether it fell after their last publish.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveStanding {
+    pub bucket: Option<u32>,
+    pub micros: i64,
+    pub fell: bool,
+}
+
 /// Blob id of the deployment's base model (the parent of every user's first run).
 pub const BASE_MODEL_BLOB: &str = "base-model";
 /// Blob id of the population guard set (encoded with `records::encode_chunk` chunks,
@@ -175,8 +185,82 @@ impl Repo {
         if windows > 0 {
             tx.atomic_add(&self.keys.stat(stats::LIVE_WINDOWS, 0), windows)?;
             tx.atomic_add(&self.keys.stat(stats::LIVE_RIGHT, 0), right)?;
+            self.refresh_live_standing(tx, user, false)?;
         }
         Ok(())
+    }
+
+    /// Keep `user`'s place in the fleet's live statistics (`stats::USERS_LIVE_ACCURACY`,
+    /// `stats::USERS_LIVE_FELL`) true to the user's live counts and head now: called
+    /// where either changes (an upload's counts, a publish, a rollback). `gone`: the
+    /// user is being erased, take them out. Atomic adds on the fleet counters.
+    pub fn refresh_live_standing(
+        &self,
+        tx: &mut Transaction<'_>,
+        user: &str,
+        gone: bool,
+    ) -> Res<()> {
+        let new = if gone {
+            LiveStanding::default()
+        } else {
+            let state = self.user_state(tx, user)?;
+            let live = self.live(tx, user)?;
+            let accuracy = |v: u64| {
+                live.get(&v)
+                    .filter(|c| c.windows >= stats::MIN_LIVE_WINDOWS)
+                    .and_then(|c| c.accuracy())
+            };
+            let now = accuracy(state.head.unwrap_or(0));
+            let before = match state.head {
+                Some(v) => self
+                    .model_version(tx, user, v)?
+                    .and_then(|r| accuracy(r.parent_version.unwrap_or(0))),
+                None => None,
+            };
+            LiveStanding {
+                bucket: now.map(|a| stats::accuracy_bucket(a as f32)),
+                micros: now.map_or(0, |a| stats::micros(a as f32)),
+                fell: matches!((now, before), (Some(a), Some(b)) if a < b),
+            }
+        };
+        let key = self.keys.live_standing(user);
+        let old: LiveStanding = match tx.get(&key)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| corrupt("live standing", e))?,
+            None => LiveStanding::default(),
+        };
+        if old == new {
+            return Ok(());
+        }
+        for (s, sign) in [(&old, -1i64), (&new, 1)] {
+            if let Some(b) = s.bucket {
+                tx.atomic_add(&self.keys.stat(stats::USERS_LIVE_ACCURACY, b), sign)?;
+                tx.atomic_add(
+                    &self.keys.stat(stats::USERS_LIVE_ACCURACY_SUM, 0),
+                    sign * s.micros,
+                )?;
+            }
+            if s.fell {
+                tx.atomic_add(&self.keys.stat(stats::USERS_LIVE_FELL, 0), sign)?;
+            }
+        }
+        if new == LiveStanding::default() {
+            tx.clear(&key)
+        } else {
+            put_json(tx, &key, &new)
+        }
+    }
+
+    /// The fleet's live statistics: users per live accuracy bucket, the sum of their
+    /// live accuracies, and how many fell after their last publish.
+    pub fn live_accuracy_histogram(&self, tx: &mut Transaction<'_>) -> Res<(Vec<u64>, f64, u64)> {
+        let mut counts = Vec::with_capacity(stats::ACCURACY_BUCKETS.len() + 1);
+        for i in 0..=stats::ACCURACY_BUCKETS.len() as u32 {
+            let n = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_ACCURACY, i))?;
+            counts.push(n.max(0) as u64);
+        }
+        let sum = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_ACCURACY_SUM, 0))?;
+        let fell = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_FELL, 0))?;
+        Ok((counts, sum.max(0) as f64 / 1e6, fell.max(0) as u64))
     }
 
     /// `user`'s live counts per model version (0: the base model).
@@ -647,5 +731,83 @@ mod tests {
         assert_eq!(counts.iter().sum::<u64>(), 3);
         assert_eq!(counts[9], 1);
         assert_eq!(counts[2], 0);
+    }
+}
+
+#[cfg(test)]
+mod live_standing_tests {
+    use super::*;
+    use swimlane_core::records::ModelVersionRecord;
+    use swimlane_store::embedded::EmbeddedBackend;
+
+    fn counts(windows: u64, right: u64) -> LiveCount {
+        LiveCount { windows, right }
+    }
+
+    #[test]
+    fn the_fleet_counts_each_user_once_in_the_live_bucket_of_the_model_they_run() {
+        let db = Db::new(EmbeddedBackend::open_temp().unwrap());
+        let repo = Repo::new(Keys::new("t"));
+        let fleet = |tx: &mut Transaction<'_>| repo.live_accuracy_histogram(tx);
+        // The base model, 27 of 30 right: counted at 0.9, nothing fell.
+        db.transact(|tx| repo.add_live(tx, "u", &BTreeMap::from([(0, counts(30, 27))])))
+            .unwrap();
+        let (h, sum, fell) = db.transact(fleet).unwrap();
+        assert_eq!(
+            (
+                h[stats::accuracy_bucket(0.9) as usize],
+                h.iter().sum::<u64>()
+            ),
+            (1, 1)
+        );
+        assert!((sum - 0.9).abs() < 1e-6 && fell == 0);
+        // Version 1 is published (parent: the base) and gets half of 30 right: the
+        // user moves to the 0.5 bucket and counts as fallen.
+        db.transact(|tx| {
+            let v = ModelVersionRecord {
+                v: 1,
+                version: 1,
+                run_id: "r".into(),
+                parent_version: None,
+                batches: vec![],
+                model_blob: "m".into(),
+                sha256: "s".into(),
+                size_bytes: 1,
+                heldout_accuracy: 0.9,
+                parent_heldout_accuracy: 0.8,
+                guard_accuracy: 0.9,
+                published_at_ms: 1,
+                onnx: None,
+                standing: Default::default(),
+                probation: Default::default(),
+            };
+            repo.put_model_version(tx, "u", &v)?;
+            let mut s = repo.user_state(tx, "u")?;
+            s.head = Some(1);
+            repo.put_user_state(tx, "u", &s)?;
+            repo.refresh_live_standing(tx, "u", false)?;
+            // Fewer than MIN_LIVE_WINDOWS: not counted yet.
+            repo.add_live(tx, "u", &BTreeMap::from([(1, counts(10, 5))]))
+        })
+        .unwrap();
+        assert_eq!(db.transact(fleet).unwrap().0.iter().sum::<u64>(), 0);
+        db.transact(|tx| repo.add_live(tx, "u", &BTreeMap::from([(1, counts(20, 10))])))
+            .unwrap();
+        let (h, sum, fell) = db.transact(fleet).unwrap();
+        assert_eq!(
+            (
+                h[stats::accuracy_bucket(0.5) as usize],
+                h.iter().sum::<u64>()
+            ),
+            (1, 1)
+        );
+        assert!((sum - 0.5).abs() < 1e-6);
+        assert_eq!(fell, 1);
+        // Erased: out of every count.
+        db.transact(|tx| repo.refresh_live_standing(tx, "u", true))
+            .unwrap();
+        let (h, sum, fell) = db.transact(fleet).unwrap();
+        assert_eq!((h.iter().sum::<u64>(), fell), (0, 0));
+        assert!(sum.abs() < 1e-9);
     }
 }

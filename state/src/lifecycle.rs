@@ -8,6 +8,7 @@
 //! | operation | who | batch from | batch to | the user's run |
 //! |---|---|---|---|---|
 //! | [`stage_batch`] | ingest | (none) | `staged` (enters the pending index) | — |
+//! | [`stage_batch`], a converged user's upload with no correction | ingest | (none) | `deferred` | — |
 //! | [`begin_run`] | trainer | `staged`, `deferred` | `validating{run}` | in flight: `run`; runs started + 1 |
 //! | [`fail_training`] | trainer | `staged`, `deferred` | `rejected{no run}` | — |
 //! | [`record_verdict`] accept | validator | `validating{run}` | (unchanged) | in flight until published |
@@ -41,7 +42,7 @@ use crate::{Repo, Res};
 pub fn allowed(from: Option<&BatchStatus>, to: &BatchStatus) -> bool {
     use BatchStatus::*;
     match (from, to) {
-        (None, Staged) => true,
+        (None, Staged | Deferred { .. }) => true,
         (Some(Staged | Deferred { .. }), Validating { .. }) => true,
         (Some(Staged | Deferred { .. }), Rejected { run_id: None, .. }) => true,
         (Some(Validating { .. }), Deferred { .. } | Staged) => true,
@@ -111,10 +112,12 @@ pub fn stage_batch(
             record.status
         )));
     }
-    tx.set(
-        &repo.keys.pending_batch(record.staged_at_ms, user, batch),
-        b"",
-    )?;
+    if record.status == BatchStatus::Staged {
+        tx.set(
+            &repo.keys.pending_batch(record.staged_at_ms, user, batch),
+            b"",
+        )?;
+    }
     repo.put_batch(tx, user, batch, record)
 }
 
@@ -399,6 +402,7 @@ pub fn publish(
     state.converged = converged;
     end_run(repo, emitter, tx, user, &run.run_id, &mut state)?;
     repo.put_user_state(tx, u, &state)?;
+    repo.refresh_live_standing(tx, u, false)?;
     emitter.emit(
         tx,
         &Event::ModelPublished {
@@ -469,6 +473,7 @@ pub fn roll_back(
     state.head_heldout_accuracy = target.as_ref().map(|t| t.heldout_accuracy);
     state.converged = false;
     repo.put_user_state(tx, user, &state)?;
+    repo.refresh_live_standing(tx, user, false)?;
     Ok(left)
 }
 
@@ -696,7 +701,7 @@ mod tests {
         let p = |r: &str| format!(r#"{{"state":"published","run_id":"{r}","version":1}}"#);
         let rj = |r: &str| format!(r#"{{"state":"rejected","run_id":"{r}","reason":"x"}}"#);
         let rn = r#"{"state":"rejected","run_id":null,"reason":"x"}"#.to_string();
-        let mut want = vec![format!("new -> {}", s("staged"))];
+        let mut want = vec![format!("new -> {}", s("staged")), format!("new -> {d}")];
         for from in [s("staged"), d.clone()] {
             for to in [v("r1"), v("r2"), rn.clone()] {
                 want.push(format!("{from} -> {to}"));

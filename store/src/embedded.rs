@@ -325,11 +325,14 @@ impl Backend for EmbeddedBackend {
 
     /// Collect every tombstone now (not only those older than the retention: a
     /// transaction whose read version is older than the new `gc_version` conflicts and
-    /// is retried, as after any collection), then checkpoint the WAL and truncate it.
-    /// With `secure_delete` on every connection, the cleared values and keys are then
-    /// gone from both files. The truncation needs a moment with no reader in the WAL;
-    /// under constant load it may not get one (`log_truncated: false`): the WAL's old
-    /// frames are then overwritten as it is reused, and a later purge truncates it.
+    /// is retried, as after any collection), rebuild the file (`VACUUM`: the `kv`
+    /// table is a WITHOUT ROWID b-tree whose interior pages keep copies of keys as
+    /// dividers, even of keys since deleted, and `secure_delete` does not reach those),
+    /// then checkpoint the WAL and truncate it. The cleared values and keys are then
+    /// gone from both files. `VACUUM` costs time and disk in proportion to the store
+    /// (it writes it whole once). The truncation needs a moment with no reader in the
+    /// WAL; under constant load it may not get one (`log_truncated: false`): the WAL's
+    /// old frames are then overwritten as it is reused, and a later purge truncates it.
     fn purge_deleted(&self) -> Result<crate::Purged, KvError> {
         let conn = self.take_connection()?;
         let m = |e| map_sqlite("purging deleted data", e);
@@ -363,6 +366,7 @@ impl Backend for EmbeddedBackend {
             }
         })();
         let result = collected.and_then(|n| {
+            conn.execute_batch("VACUUM").map_err(m)?;
             let mut truncated = false;
             for _ in 0..50 {
                 let (busy, _, _): (i64, i64, i64) = conn
