@@ -460,12 +460,23 @@ pub fn audit(
                 }
             }
             for b in &v.batches {
+                // A rolled-back version's batches are deferred, and may be published
+                // again with new evidence: only then in two versions.
                 if let Some(other) = version_of_batch.insert(b, v.version) {
-                    r.duplicated += 1;
-                    bad(&mut r, format!("batch {b} in v{other} and v{}", v.version));
+                    if !rolled_back.contains(&other) {
+                        r.duplicated += 1;
+                        bad(&mut r, format!("batch {b} in v{other} and v{}", v.version));
+                    }
                 }
             }
         }
+        // The version a batch stands in: its newest, unless that one was rolled back.
+        let live_version_of = |b: &str| {
+            version_of_batch
+                .get(b)
+                .copied()
+                .filter(|v| !rolled_back.contains(v))
+        };
         let non_heldout = |b: &str| -> Option<u64> {
             batch_of
                 .get(b)
@@ -477,7 +488,10 @@ pub fn audit(
                 bad(&mut r, format!("run {} has no verdict", run.run_id));
                 continue;
             };
-            if verdict.accepted {
+            let standing = run
+                .published_version
+                .map_or(true, |v| !rolled_back.contains(&v));
+            if verdict.accepted && standing {
                 for b in &run.batches {
                     *accepted_runs_of_batch.entry(b.as_str()).or_default() += 1;
                 }
@@ -594,33 +608,29 @@ pub fn audit(
                     if reason.is_empty() {
                         bad(&mut r, format!("batch {b} rejected without a reason"));
                     }
-                    // Rejected because the version it went into was rolled back.
-                    let by_rollback = version_of_batch
-                        .get(b.as_str())
-                        .is_some_and(|v| rolled_back.contains(v));
                     if let Some(run_id) = run_id {
                         let rejecting = run_of
                             .get(run_id.as_str())
                             .and_then(|run| run.verdict.as_ref())
                             .is_some_and(|v| !v.accepted);
-                        if !rejecting && !by_rollback {
+                        if !rejecting {
                             bad(&mut r, format!("batch {b} rejected by run {run_id}, whose verdict does not reject"));
                         }
                     }
-                    if version_of_batch.contains_key(b.as_str()) && !by_rollback {
-                        bad(&mut r, format!("batch {b} rejected yet in a version"));
+                    if let Some(v) = live_version_of(b) {
+                        bad(&mut r, format!("batch {b} rejected yet in v{v}"));
                     }
                 }
                 BatchStatus::Deferred { .. } => {
                     r.deferred += 1;
-                    if version_of_batch.contains_key(b.as_str()) {
-                        bad(&mut r, format!("batch {b} deferred yet in a version"));
+                    if let Some(v) = live_version_of(b) {
+                        bad(&mut r, format!("batch {b} deferred yet in v{v}"));
                     }
                 }
                 BatchStatus::Retired { reason } => {
                     r.retired += 1;
                     // Its reason says what it was: published in its version, or not.
-                    match version_of_batch.get(b.as_str()) {
+                    match live_version_of(b).as_ref() {
                         Some(v) => {
                             if !reason.contains(&format!("was published as version {v};"))
                                 && !reason.ends_with(&format!("was published as version {v}"))
@@ -657,13 +667,16 @@ pub fn audit(
                         ru == u
                             && bs.contains(b)
                             && ev.verdict_of.get(&(ru.clone(), run.clone())) == Some(&true)
+                            // A run whose version was rolled back no longer stands.
+                            && run_of
+                                .get(run.as_str())
+                                .and_then(|x| x.published_version)
+                                .map_or(true, |v| !rolled_back.contains(&v))
                     })
                     .count();
                 let published = matches!(rec.status, BatchStatus::Published { .. })
-                    || (matches!(
-                        rec.status,
-                        BatchStatus::Retired { .. } | BatchStatus::Rejected { .. }
-                    ) && version_of_batch.contains_key(b.as_str()));
+                    || (matches!(rec.status, BatchStatus::Retired { .. })
+                        && live_version_of(b).is_some());
                 if accepted_runs > 1 || (accepted_runs == 1) != published {
                     r.duplicated += usize::from(accepted_runs > 1);
                     bad(

@@ -29,7 +29,7 @@
 //!   browsers never send to the server), so the page route itself needs no token.
 //! - `POST /v1/admin/users/{user}/rollback` `{"version": N}` (admin token): point the
 //!   head at an earlier published version; the version it leaves is marked rolled back
-//!   by an operator and its batches are not trained on again
+//!   by an operator and its batches are deferred until new evidence arrives
 //!   (`swimlane_state::lifecycle::roll_back`); 200 `{"head": N}`, 404 `no_such_version`,
 //!   400 `bad_json`.
 //!

@@ -17,7 +17,7 @@
 //! | [`record_verdict`] reject, a run-mate failed alone | validator | `validating{run}` | `staged` | ended |
 //! | [`publish`] | publisher | `validating{run}` | `published{run, version}` | ended; head = version |
 //! | [`abandon_run`] | validator or publisher, giving up on the run's record | `validating{run}` | `staged` | ended, unpublished |
-//! | [`roll_back`] | validator (probation) or publisher (operator) | `published{run, head}` | `rejected{run}` | head = the version gone back to |
+//! | [`roll_back`] | validator (probation) or publisher (operator) | `published{run, head}` | `deferred` (trained again only with new evidence) | head = the version gone back to |
 //! | [`probation`] rolls back | validator | the judged run's: `validating{run}` | `staged` | a non-accepting verdict (its head is gone); ended |
 //! | [`apply_retention`] | ingest, staging a batch | `staged`, `deferred`, `published`, `rejected` | `retired` (samples erased); a retired record beyond the records kept is deleted | — |
 //!
@@ -54,12 +54,7 @@ pub fn allowed(from: Option<&BatchStatus>, to: &BatchStatus) -> bool {
         ) => run_id == r,
         (Some(Validating { run_id }), Published { run_id: r, .. }) => run_id == r,
         // The version it went into was rolled back ([`roll_back`]).
-        (
-            Some(Published { run_id, .. }),
-            Rejected {
-                run_id: Some(r), ..
-            },
-        ) => run_id == r,
+        (Some(Published { .. }), Deferred { .. }) => true,
         (Some(Staged | Deferred { .. } | Published { .. } | Rejected { .. }), Retired { .. }) => {
             true
         }
@@ -416,8 +411,9 @@ pub fn publish(
 
 /// Validator (probation) or publisher (an operator): `user`'s head goes back to `to`
 /// (`None`: the base model; `Some` must be a published version): the version it
-/// leaves is marked rolled back (`reason`, `by`), its batches are rejected so that no
-/// run trains on them again (new uploads are new evidence and train as usual), the
+/// leaves is marked rolled back (`reason`, `by`), its batches are deferred: no run
+/// takes them until new evidence arrives (a new upload's run, which they ride along
+/// with, judged by the gate on the new windows too), the
 /// user is no longer converged, and the devices get `to` on their next download (the
 /// ETag changes with the head). Returns the version left, or `None` when the head was
 /// already `to`.
@@ -461,8 +457,7 @@ pub fn roll_back(
                 continue;
             };
             if matches!(&r.status, BatchStatus::Published { version, .. } if *version == h) {
-                let to = BatchStatus::Rejected {
-                    run_id: Some(rec.run_id.clone()),
+                let to = BatchStatus::Deferred {
                     reason: format!("version {h} was rolled back: {reason}"),
                 };
                 move_batch(repo, tx, user, b, r, to)?;
@@ -712,7 +707,7 @@ mod tests {
                 want.push(format!("{} -> {to}", v(r)));
             }
             // A rolled-back version's batches.
-            want.push(format!("{} -> {}", p(r), rj(r)));
+            want.push(format!("{} -> {d}", p(r)));
         }
         let gone = r#"{"state":"retired","reason":"x"}"#;
         for from in [
@@ -738,7 +733,7 @@ mod tests {
                         (matches!(to, BatchStatus::Retired { .. })
                             || matches!(
                                 (from, to),
-                                (BatchStatus::Published { .. }, BatchStatus::Rejected { .. })
+                                (BatchStatus::Published { .. }, BatchStatus::Deferred { .. })
                             ))
                             && !matches!(from, BatchStatus::Retired { .. }),
                         "{from:?} -> {to:?}"
