@@ -156,6 +156,29 @@ impl LocalFleet {
         })
     }
 
+    /// Start a fleet on a runtime of its own (2 worker threads), run `f` with it on
+    /// this thread, and stop the fleet whatever `f` does: a panic in `f` (a failed
+    /// assertion) is raised again once the fleet's threads are gone, so a test fails
+    /// instead of hanging.
+    pub fn run_with<T>(
+        config: &Config,
+        db: &Db,
+        trainers: usize,
+        f: impl FnOnce(&LocalFleet) -> T,
+    ) -> anyhow::Result<T> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let fleet = rt.block_on(LocalFleet::start(config, db, trainers))?;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&fleet)));
+        let stopped = rt.block_on(fleet.stop());
+        match outcome {
+            Ok(t) => stopped.map(|()| t),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+
     /// Stop everything; the stages' first error, if any.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();

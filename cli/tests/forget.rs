@@ -94,21 +94,12 @@ fn a_user_forgotten_mid_pipeline_leaves_no_trace_and_nobody_else_is_touched() {
         db.transact(|tx| repo.put_token(tx, &UserId::new(*u).unwrap(), t, 0))
             .unwrap();
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let fleet = rt.block_on(LocalFleet::start(&config, &db, 1)).unwrap();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    LocalFleet::run_with(&config, &db, 1, |fleet| {
         check(
-            &fleet, &config, &db, &repo, &users, &tokens, &admin, &store_dir,
+            fleet, &config, &db, &repo, &users, &tokens, &admin, &store_dir,
         )
-    }));
-    rt.block_on(fleet.stop()).unwrap();
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+    })
+    .unwrap();
     // With every process gone, the files hold no trace either.
     for needle in [GHOST, GHOST2] {
         let left = files_with(&store_dir, needle.as_bytes());

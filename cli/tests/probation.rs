@@ -77,16 +77,8 @@ fn a_version_its_parent_beats_on_the_next_uploads_is_rolled_back_and_a_better_on
     let token = new_token();
     db.transact(|tx| repo.put_token(tx, &UserId::new(user).unwrap(), &token, 0))
         .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let fleet = rt.block_on(LocalFleet::start(&config, &db, 1)).unwrap();
-    // Stop the fleet whatever happens, so that a failed assertion fails the test
-    // instead of leaving its threads running.
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        check(&fleet, &db, &repo, &token, &admin, user);
+    LocalFleet::run_with(&config, &db, 1, |fleet| {
+        check(fleet, &db, &repo, &token, &admin, user);
         // `swimlane admin history` prints the same, from the store (another process).
         let store = &config.store;
         let cli = |extra: &[&str]| {
@@ -112,11 +104,8 @@ fn a_version_its_parent_beats_on_the_next_uploads_is_rolled_back_and_a_better_on
             text.contains("by validator: significantly worse than its parent"),
             "{text}"
         );
-    }));
-    rt.block_on(fleet.stop()).unwrap();
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+    })
+    .unwrap();
 }
 
 fn check(fleet: &LocalFleet, db: &Db, repo: &Repo, token: &str, admin: &str, user: &str) {

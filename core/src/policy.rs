@@ -720,13 +720,7 @@ mod tests {
     fn evidence(head: &[(bool, bool, f64)]) -> crate::records::PairedEvidence {
         let mut e = crate::records::PairedEvidence::default();
         for &(h, p, gain) in head {
-            e.windows += 1;
-            e.head_right += h as u32;
-            e.parent_right += p as u32;
-            e.head_only += (h && !p) as u32;
-            e.parent_only += (p && !h) as u32;
-            e.gain_sum += gain;
-            e.gain_sumsq += gain * gain;
+            e.add(h, p, gain);
         }
         e
     }

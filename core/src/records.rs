@@ -610,6 +610,18 @@ pub struct PairedEvidence {
 }
 
 impl PairedEvidence {
+    /// Count one window: whether the head and the parent got it right, and
+    /// `ln p_head(true) − ln p_parent(true)`.
+    pub fn add(&mut self, head_right: bool, parent_right: bool, gain: f64) {
+        self.windows += 1;
+        self.head_right += u32::from(head_right);
+        self.parent_right += u32::from(parent_right);
+        self.head_only += u32::from(head_right && !parent_right);
+        self.parent_only += u32::from(parent_right && !head_right);
+        self.gain_sum += gain;
+        self.gain_sumsq += gain * gain;
+    }
+
     /// Add `other` (windows of other batches).
     pub fn merge(&mut self, other: &PairedEvidence) {
         self.windows += other.windows;

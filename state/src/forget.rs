@@ -31,7 +31,9 @@
 //!   exists (`swimlane admin init`: synthetic or other swimmers' recordings), never
 //!   from uploads, so they hold no user's data.
 use swimlane_bus::wire::{decode_log_record, decode_outbox_entry};
-use swimlane_core::records::{BatchRecord, ErasureCounts, ErasureRecord, RunRecord, UserState};
+use swimlane_core::records::{
+    BatchRecord, ErasureCounts, ErasureRecord, ModelVersionRecord, RunRecord, UserState,
+};
 use swimlane_core::UserId;
 use swimlane_store::{prefix_range, Db, KvError, RangeOption, Transaction};
 
@@ -138,7 +140,7 @@ fn scrub(
     user: &str,
     prefix: &[u8],
     mine: &dyn Fn(&[u8], &[u8]) -> bool,
-    count: fn(&mut ErasureCounts) -> &mut u64,
+    count: Count,
     after_each: &mut dyn FnMut(&ErasureCounts),
 ) -> Res<()> {
     let (_, end) = prefix_range(prefix);
@@ -203,47 +205,43 @@ pub fn erase(
         Some(r) if r.state == "forgotten" => return Ok(r),
         Some(_) => {}
     }
-    // Runs and their candidates' weights.
-    repeat(
-        repo,
-        db,
-        u,
-        &mut |tx, c| {
-            let rows = tx.get_range(&RangeOption::prefix(&keys.runs(u)).limit(chunk))?;
-            for (k, v) in &rows {
-                if let Ok(run) = crate::decode_record::<RunRecord>(v) {
-                    c.blobs += clear_blob(repo, tx, &run.model_blob)?;
-                }
-                tx.clear(k)?;
-                c.runs += 1;
-            }
-            Ok(!rows.is_empty())
-        },
-        after_each,
-    )?;
-    // Versions, their weights (the run's, usually gone already) and ONNX files.
-    repeat(
-        repo,
-        db,
-        u,
-        &mut |tx, c| {
-            let rows = tx.get_range(&RangeOption::prefix(&keys.model_versions(u)).limit(chunk))?;
-            for (k, v) in &rows {
-                if let Ok(rec) =
-                    crate::decode_record::<swimlane_core::records::ModelVersionRecord>(v)
-                {
-                    c.blobs += clear_blob(repo, tx, &rec.model_blob)?;
-                    if let Some(f) = &rec.onnx {
-                        c.blobs += clear_blob(repo, tx, &f.blob)?;
+    // Runs and their candidates' weights; versions, their weights (the run's, usually
+    // gone already) and ONNX files.
+    let run_blobs =
+        |v: &[u8]| crate::decode_record::<RunRecord>(v).map_or(Vec::new(), |r| vec![r.model_blob]);
+    let version_blobs = |v: &[u8]| {
+        crate::decode_record::<ModelVersionRecord>(v).map_or(Vec::new(), |r| {
+            std::iter::once(r.model_blob)
+                .chain(r.onnx.map(|f| f.blob))
+                .collect()
+        })
+    };
+    for (prefix, blobs_of, count) in [
+        (
+            keys.runs(u),
+            &run_blobs as &dyn Fn(&[u8]) -> Vec<String>,
+            runs as Count,
+        ),
+        (keys.model_versions(u), &version_blobs, versions),
+    ] {
+        repeat(
+            repo,
+            db,
+            u,
+            &mut |tx, c| {
+                let rows = tx.get_range(&RangeOption::prefix(&prefix).limit(chunk))?;
+                for (k, v) in &rows {
+                    for blob in blobs_of(v) {
+                        c.blobs += clear_blob(repo, tx, &blob)?;
                     }
+                    tx.clear(k)?;
+                    *count(c) += 1;
                 }
-                tx.clear(k)?;
-                c.versions += 1;
-            }
-            Ok(!rows.is_empty())
-        },
-        after_each,
-    )?;
+                Ok(!rows.is_empty())
+            },
+            after_each,
+        )?;
+    }
     // Batches: their samples and pending-index entries.
     repeat(
         repo,
@@ -346,6 +344,15 @@ pub fn erase(
         put(repo, tx, u, &r)?;
         Ok(r)
     })
+}
+
+/// Which count of the receipt a step adds to.
+type Count = fn(&mut ErasureCounts) -> &mut u64;
+fn runs(c: &mut ErasureCounts) -> &mut u64 {
+    &mut c.runs
+}
+fn versions(c: &mut ErasureCounts) -> &mut u64 {
+    &mut c.versions
 }
 
 /// Clear blob `id` if it is there; 1 if it was.

@@ -463,14 +463,7 @@ fn paired(
         let t = s.label;
         let (hr, pr) = (argmax_class(h) == t, argmax_class(p) == t);
         let lp = |v: &Vec<f32>| (v[t.index()] as f64).max(1e-6).ln();
-        let gain = lp(h) - lp(p);
-        e.windows += 1;
-        e.head_right += hr as u32;
-        e.parent_right += pr as u32;
-        e.head_only += (hr && !pr) as u32;
-        e.parent_only += (pr && !hr) as u32;
-        e.gain_sum += gain;
-        e.gain_sumsq += gain * gain;
+        e.add(hr, pr, lp(h) - lp(p));
     }
     Ok(e)
 }
