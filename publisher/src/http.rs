@@ -154,6 +154,28 @@ fn authorised<T>(
     r.map_err(ApiError::from)
 }
 
+/// A read of the user in the path, by a caller who may read that user (their own
+/// token or the admin's), in one store transaction under a read permit.
+async fn read_user<T: Send + 'static>(
+    st: &ApiState,
+    user: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    read: impl Fn(&Repo, &mut swimlane_store::Transaction<'_>, &str) -> Result<T, KvError>
+        + Send
+        + 'static,
+) -> Result<T, ApiError> {
+    let user = parse_user(user)?;
+    let auth = bearer(headers);
+    let st2 = st.clone();
+    st.read(move || {
+        let repo = st2.repo.clone();
+        authorised(&st2, auth.as_deref(), &user, false, |tx| {
+            read(&repo, tx, user.as_str())
+        })
+    })
+    .await?
+}
+
 /// The formats `GET /model` serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFormat {
@@ -365,21 +387,14 @@ async fn list_versions(
     user: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let user = parse_user(user)?;
-    let auth = bearer(&headers);
-    let st2 = st.clone();
-    let (head, versions, live) = st
-        .read(move || {
-            let repo = st2.repo.clone();
-            authorised(&st2, auth.as_deref(), &user, false, |tx| {
-                Ok((
-                    repo.user_state(tx, user.as_str())?.head,
-                    repo.model_versions(tx, user.as_str())?,
-                    repo.live(tx, user.as_str())?,
-                ))
-            })
-        })
-        .await??;
+    let (head, versions, live) = read_user(&st, user, &headers, |repo, tx, u| {
+        Ok((
+            repo.user_state(tx, u)?.head,
+            repo.model_versions(tx, u)?,
+            repo.live(tx, u)?,
+        ))
+    })
+    .await?;
     // Each version with what the device's uploads said of it since (`live`: windows it
     // classified, those the user confirmed, their ratio); `base_live` for the base model.
     let live_json = |v: u64| {
@@ -407,17 +422,7 @@ async fn history(
     user: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let user = parse_user(user)?;
-    let auth = bearer(&headers);
-    let st2 = st.clone();
-    let h = st
-        .read(move || {
-            let repo = st2.repo.clone();
-            authorised(&st2, auth.as_deref(), &user, false, |tx| {
-                swimlane_state::history::user_history(&repo, tx, user.as_str())
-            })
-        })
-        .await??;
+    let h = read_user(&st, user, &headers, swimlane_state::history::user_history).await?;
     Ok(Json(h).into_response())
 }
 

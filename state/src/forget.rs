@@ -32,7 +32,8 @@
 //!   from uploads, so they hold no user's data.
 use swimlane_bus::wire::{decode_log_record, decode_outbox_entry};
 use swimlane_core::records::{
-    BatchRecord, ErasureCounts, ErasureRecord, ModelVersionRecord, RunRecord, UserState,
+    BatchRecord, BatchStatus, ErasureCounts, ErasureRecord, ModelVersionRecord, RunRecord,
+    UserState,
 };
 use swimlane_core::UserId;
 use swimlane_store::{prefix_range, Db, KvError, RangeOption, Transaction};
@@ -63,6 +64,14 @@ pub fn record(repo: &Repo, tx: &mut Transaction<'_>, user: &str) -> Res<Option<E
     tx.get(&repo.keys.forgotten(user))?
         .map(|b| crate::decode_record(&b))
         .transpose()
+}
+
+/// The erasure record of `user`, which an erasure under way must have.
+fn erasing(repo: &Repo, tx: &mut Transaction<'_>, user: &str) -> Res<ErasureRecord> {
+    record(repo, tx, user)?.ok_or_else(|| KvError::Corrupt {
+        what: "erasure record".into(),
+        reason: "missing while erasing".into(),
+    })
 }
 
 /// Begin erasing `user` (or find the erasure already begun or done): from this
@@ -115,10 +124,7 @@ fn repeat(
 ) -> Res<()> {
     loop {
         let (found, counts) = db.transact(|tx| {
-            let mut r = record(repo, tx, user)?.ok_or_else(|| KvError::Corrupt {
-                what: "erasure record".into(),
-                reason: "missing while erasing".into(),
-            })?;
+            let mut r = erasing(repo, tx, user)?;
             let found = step(tx, &mut r.erased)?;
             if found {
                 put(repo, tx, user, &r)?;
@@ -161,10 +167,7 @@ fn scrub(
             if doomed.is_empty() {
                 return Ok((next, None));
             }
-            let mut r = record(repo, tx, user)?.ok_or_else(|| KvError::Corrupt {
-                what: "erasure record".into(),
-                reason: "missing while erasing".into(),
-            })?;
+            let mut r = erasing(repo, tx, user)?;
             for k in &doomed {
                 tx.clear(k)?;
             }
@@ -256,7 +259,7 @@ pub fn erase(
                         tx.clear(&pending)?;
                         c.index_entries += 1;
                     }
-                    if b.status.name() != "retired" {
+                    if !matches!(b.status, BatchStatus::Retired { .. }) {
                         c.samples += u64::from(b.samples);
                     }
                     tx.clear_prefix(&keys.samples_of_batch(u, &id))?;
@@ -324,10 +327,7 @@ pub fn erase(
     )?;
     // The receipt: the record no longer names the user.
     let done = db.transact(|tx| {
-        let mut r = record(repo, tx, u)?.ok_or_else(|| KvError::Corrupt {
-            what: "erasure record".into(),
-            reason: "missing while erasing".into(),
-        })?;
+        let mut r = erasing(repo, tx, u)?;
         if r.state != "forgotten" {
             r.state = "forgotten".into();
             r.user = None;

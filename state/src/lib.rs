@@ -253,14 +253,30 @@ impl Repo {
     /// The fleet's live statistics: users per live accuracy bucket, the sum of their
     /// live accuracies, and how many fell after their last publish.
     pub fn live_accuracy_histogram(&self, tx: &mut Transaction<'_>) -> Res<(Vec<u64>, f64, u64)> {
+        let (counts, sum) = self.accuracy_histogram(
+            tx,
+            stats::USERS_LIVE_ACCURACY,
+            stats::USERS_LIVE_ACCURACY_SUM,
+        )?;
+        let fell = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_FELL, 0))?;
+        Ok((counts, sum, fell.max(0) as u64))
+    }
+
+    /// Users per bucket of the counter family `buckets` (`stats::ACCURACY_BUCKETS`,
+    /// then the rest), and the sum of their accuracies from `sum_micros`.
+    fn accuracy_histogram(
+        &self,
+        tx: &mut Transaction<'_>,
+        buckets: &str,
+        sum_micros: &str,
+    ) -> Res<(Vec<u64>, f64)> {
         let mut counts = Vec::with_capacity(stats::ACCURACY_BUCKETS.len() + 1);
         for i in 0..=stats::ACCURACY_BUCKETS.len() as u32 {
-            let n = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_ACCURACY, i))?;
+            let n = tx.get_counter(&self.keys.stat(buckets, i))?;
             counts.push(n.max(0) as u64);
         }
-        let sum = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_ACCURACY_SUM, 0))?;
-        let fell = tx.get_counter(&self.keys.stat(stats::USERS_LIVE_FELL, 0))?;
-        Ok((counts, sum.max(0) as f64 / 1e6, fell.max(0) as u64))
+        let sum = tx.get_counter(&self.keys.stat(sum_micros, 0))?;
+        Ok((counts, sum.max(0) as f64 / 1e6))
     }
 
     /// `user`'s live counts per model version (0: the base model).
@@ -302,13 +318,7 @@ impl Repo {
     /// `stats::ACCURACY_BUCKETS` (not cumulative; the last entry counts accuracies
     /// above the last bound), and the sum of those accuracies.
     pub fn head_accuracy_histogram(&self, tx: &mut Transaction<'_>) -> Res<(Vec<u64>, f64)> {
-        let mut counts = Vec::with_capacity(stats::ACCURACY_BUCKETS.len() + 1);
-        for i in 0..=stats::ACCURACY_BUCKETS.len() as u32 {
-            let n = tx.get_counter(&self.keys.stat(stats::HEAD_ACCURACY, i))?;
-            counts.push(n.max(0) as u64);
-        }
-        let sum = tx.get_counter(&self.keys.stat(stats::HEAD_ACCURACY_SUM, 0))?;
-        Ok((counts, sum.max(0) as f64 / 1e6))
+        self.accuracy_histogram(tx, stats::HEAD_ACCURACY, stats::HEAD_ACCURACY_SUM)
     }
 
     /// Every batch record of `user`, in batch-id order.
