@@ -132,11 +132,23 @@ pub struct SwimmerReport {
     /// sessions, and the base model's on the same windows.
     pub live_end: f64,
     pub live_end_base: f64,
+    /// Of the same windows: those only the device got right, and those only the base
+    /// model got right (the discordant pairs of a paired comparison).
+    pub live_end_device_only: usize,
+    pub live_end_base_only: usize,
+    /// How far the device's live accuracy at the end is below the base model's, in
+    /// standard deviations of the paired sign test the gate uses:
+    /// `(base_only - device_only) / sqrt(base_only + device_only)` (0 with no
+    /// discordant window; negative when the device did better).
+    pub live_end_below_z: f64,
     /// Versions rolled back on probation.
     pub rollbacks: usize,
     pub versions_published: usize,
     pub uploads_rejected: usize,
     pub uploads_deferred: usize,
+    /// Every session after the first: windows, right by the device, right by the base.
+    #[serde(skip)]
+    pub later_live: (usize, usize, usize),
     /// Why each upload that was not published was rejected or deferred, in order.
     pub reasons: Vec<String>,
 }
@@ -144,6 +156,9 @@ pub struct SwimmerReport {
 /// Sessions over which "live accuracy at the end" is measured: the last one, what the
 /// swimmer's device gave them at the end of the replay (after any rollback).
 pub const LIVE_END_SESSIONS: usize = 1;
+
+/// "Significantly below its base": `live_end_below_z` at least this (one-sided 5%).
+pub const LIVE_BELOW_Z: f64 = 1.645;
 
 /// Figures over every swimmer of one method.
 #[derive(Clone, Debug, Serialize)]
@@ -167,6 +182,14 @@ pub struct ReplayReport {
     /// Swimmers whose live accuracy at the end is more than 0.02 below the base
     /// model's on the same windows.
     pub live_below_base: usize,
+    /// Swimmers whose live accuracy at the end is significantly below the base
+    /// model's on the same windows (`live_end_below_z` >= [`LIVE_BELOW_Z`]).
+    pub live_significantly_below_base: usize,
+    /// Over every swimmer and every session after their first (what a swimmer saw
+    /// once swimlane could have changed their model): the device's live accuracy and
+    /// the base model's on the same windows.
+    pub live_accuracy: f64,
+    pub live_accuracy_base: f64,
     /// Versions rolled back on probation, over every swimmer.
     pub rollbacks: usize,
     pub folds: usize,
@@ -361,11 +384,25 @@ pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
                 .count(),
         }
     };
+    // Windows, right by the device, right by the base: every session after the first.
+    let later = reports.iter().fold((0, 0, 0), |acc, r| {
+        (
+            acc.0 + r.later_live.0,
+            acc.1 + r.later_live.1,
+            acc.2 + r.later_live.2,
+        )
+    });
     let report = ReplayReport {
         live_below_base: reports
             .iter()
             .filter(|r| r.live_end < r.live_end_base - 0.02)
             .count(),
+        live_significantly_below_base: reports
+            .iter()
+            .filter(|r| r.live_end_below_z >= LIVE_BELOW_Z)
+            .count(),
+        live_accuracy: later.1 as f64 / later.0.max(1) as f64,
+        live_accuracy_base: later.2 as f64 / later.0.max(1) as f64,
         rollbacks: reports.iter().map(|r| r.rollbacks).sum(),
         base: summary(&|r| (r.base_accuracy, r.base_macro_f1)),
         swimlane: summary(&|r| (r.final_accuracy, r.final_macro_f1)),
@@ -461,8 +498,9 @@ fn drive(
     let rounds = swimmers.iter().map(|s| s.1.len()).max().unwrap_or(0);
     let mut session_accuracy: Vec<Vec<f64>> = vec![Vec::new(); swimmers.len()];
     let mut session_base: Vec<Vec<f64>> = vec![Vec::new(); swimmers.len()];
-    // Per swimmer and session: windows, right by the device, right by the base.
-    let mut live_counts: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); swimmers.len()];
+    // Per swimmer and session: windows, right by the device, right by the base, right
+    // by the device only, right by the base only.
+    let mut live_counts: Vec<Vec<[usize; 5]>> = vec![Vec::new(); swimmers.len()];
     let mut statuses: Vec<BTreeMap<String, String>> = vec![BTreeMap::new(); swimmers.len()];
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); swimmers.len()];
     let t0 = Instant::now();
@@ -493,14 +531,23 @@ fn drive(
                 .collect();
             let right = feedback.iter().filter(|f| !f.corrected).count();
             session_accuracy[i].push(right as f64 / samples.len() as f64);
-            let base_right = base
+            let base_hits: Vec<bool> = base
                 .predict(&samples)?
                 .iter()
                 .zip(&samples)
-                .filter(|(p, s)| **p == s.label)
-                .count();
+                .map(|(p, s)| *p == s.label)
+                .collect();
+            let base_right = base_hits.iter().filter(|h| **h).count();
+            let (mut device_only, mut base_only) = (0, 0);
+            for (f, b) in feedback.iter().zip(&base_hits) {
+                match (!f.corrected, *b) {
+                    (true, false) => device_only += 1,
+                    (false, true) => base_only += 1,
+                    _ => {}
+                }
+            }
             session_base[i].push(base_right as f64 / samples.len() as f64);
-            live_counts[i].push((samples.len(), right, base_right));
+            live_counts[i].push([samples.len(), right, base_right, device_only, base_only]);
             let (samples, feedback): (Vec<Sample>, Vec<Feedback>) = samples
                 .into_iter()
                 .zip(feedback)
@@ -565,7 +612,10 @@ fn drive(
         let g = evaluate(&baseline, test)?;
         let st = &statuses[i];
         let end = &live_counts[i][live_counts[i].len().saturating_sub(LIVE_END_SESSIONS)..];
-        let n = end.iter().map(|c| c.0).sum::<usize>().max(1) as f64;
+        let sum = |sessions: &[[usize; 5]], k: usize| sessions.iter().map(|c| c[k]).sum::<usize>();
+        let n = sum(end, 0).max(1) as f64;
+        let (device_only, base_only) = (sum(end, 3), sum(end, 4));
+        let later = live_counts[i].get(1..).unwrap_or(&[]);
         let versions = d.versions_json()?;
         let rollbacks = versions["versions"].as_array().map_or(0, |vs| {
             vs.iter()
@@ -574,8 +624,16 @@ fn drive(
         });
         out.push(SwimmerReport {
             session_base_accuracy: session_base[i].clone(),
-            live_end: end.iter().map(|c| c.1).sum::<usize>() as f64 / n,
-            live_end_base: end.iter().map(|c| c.2).sum::<usize>() as f64 / n,
+            live_end: sum(end, 1) as f64 / n,
+            live_end_base: sum(end, 2) as f64 / n,
+            live_end_device_only: device_only,
+            live_end_base_only: base_only,
+            live_end_below_z: if device_only + base_only == 0 {
+                0.0
+            } else {
+                (base_only as f64 - device_only as f64) / ((base_only + device_only) as f64).sqrt()
+            },
+            later_live: (sum(later, 0), sum(later, 1), sum(later, 2)),
             rollbacks,
             swimmer: name.clone(),
             fold,
@@ -690,8 +748,12 @@ pub fn print_table(r: &ReplayReport) {
         );
     }
     println!(
-        "live accuracy in each swimmer's last session (last {LIVE_END_SESSIONS}): {} swimmers more than 0.02 below the base model on the same windows; {} versions rolled back on probation",
-        r.live_below_base, r.rollbacks
+        "live accuracy after each swimmer's first session: {:.3} (the base model on the same windows: {:.3})",
+        r.live_accuracy, r.live_accuracy_base
+    );
+    println!(
+        "live accuracy in each swimmer's last session (last {LIVE_END_SESSIONS}): {} swimmers significantly below the base model on the same windows (paired sign test, z >= {LIVE_BELOW_Z}), {} more than 0.02 below; {} versions rolled back on probation",
+        r.live_significantly_below_base, r.live_below_base, r.rollbacks
     );
     println!(
         "{} swimmers, {} folds, seed {}, {:.1}s",

@@ -56,6 +56,7 @@ async fn a_short_replay_of_real_swimmers_leaves_no_swimmer_below_its_base() {
         );
     }
     assert_eq!(report.live_below_base, 0, "{report:#?}");
+    assert_eq!(report.live_significantly_below_base, 0, "{report:#?}");
     // The plot is a PNG.
     let png = swimlane_cli::plot::session_accuracy_png_bytes(&report);
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
