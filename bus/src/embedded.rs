@@ -262,7 +262,9 @@ pub struct ConsumerOptions {
     pub member: String,
     /// A dead member's partitions move after this long.
     pub lease_ttl: Duration,
-    /// Sleep between empty polls (the embedded log has no push notification).
+    /// Longest wait between empty polls: the consumer waits for the store to change
+    /// (`Db::change_watch`, rung after every commit) and polls again at the latest
+    /// after this long (the only wait, on a store without a watch).
     pub poll_interval: Duration,
     pub now_ms: NowMs,
     /// Renew the member's record and its partitions' leases from a thread of its own
@@ -287,6 +289,8 @@ pub struct EmbeddedConsumer {
     owned: Arc<Mutex<positions::Holdings>>,
     last_heartbeat: Option<Instant>,
     next_partition: u32,
+    /// Made before the first read, so no commit after it goes unnoticed.
+    watch: Option<Box<dyn swimlane_store::watch::ChangeWatch>>,
     _keeper: Option<positions::LeaseKeeper>,
 }
 
@@ -309,6 +313,7 @@ impl EmbeddedConsumer {
             None
         };
         Ok(EmbeddedConsumer {
+            watch: db.change_watch(),
             db,
             keys,
             bus,
@@ -531,7 +536,11 @@ impl Consumer for EmbeddedConsumer {
             if now >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(self.opts.poll_interval.min(deadline - now));
+            let wait = self.opts.poll_interval.min(deadline - now);
+            match &mut self.watch {
+                Some(w) => w.wait(wait),
+                None => std::thread::sleep(wait),
+            }
         }
     }
 

@@ -193,9 +193,9 @@ pub struct ConsumerConfig {
     /// a Kafka broker keeps between its `group.min.session.timeout.ms` and
     /// `group.max.session.timeout.ms`, 6 s and 30 min by default).
     pub lease_ttl_ms: u64,
-    /// Sleep between empty polls (embedded bus: an idle poll is one read transaction;
-    /// at 10 ms a record waits 5 ms for its stage on average, and an idle fleet spends
-    /// about 6% of a core polling: `bench/README.md`).
+    /// Longest wait between empty polls (embedded bus: an idle poll is one read
+    /// transaction; a consumer waits for the store's change watch, rung after every
+    /// commit, and polls at the latest after this long: `store/src/watch.rs`).
     pub poll_interval_ms: u64,
     /// Most records taken in one poll.
     pub max_batch: u32,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -105,6 +105,10 @@ pub const PROPERTIES: &[(&str, Property)] = &[
     ("blob_corruption_detected", blob_corruption_detected),
     ("blob_in_caller_transaction", blob_in_caller_transaction),
     ("durability_after_reopen", durability_after_reopen),
+    (
+        "change_watch_wakes_after_a_commit",
+        change_watch_wakes_after_a_commit,
+    ),
 ];
 
 /// Run every property; the names of the failed ones with their errors.
@@ -128,7 +132,8 @@ macro_rules! conformance_tests {
             range_read_conflict_stops_at_limit, no_lost_updates, limit_key_size,
             limit_value_size, limit_transaction_size, limit_transaction_age,
             retries_exhausted, blob_round_trips, blob_large_round_trip,
-            blob_corruption_detected, blob_in_caller_transaction, durability_after_reopen);
+            blob_corruption_detected, blob_in_caller_transaction, durability_after_reopen,
+            change_watch_wakes_after_a_commit);
     };
     (@each ($factory:expr) $($name:ident),* $(,)?) => {
         $(
@@ -1296,6 +1301,58 @@ pub fn durability_after_reopen(f: &dyn StoreFactory) -> Res {
         "blob after reopen",
         ctx("read", blob::read(&db, &key(&p, "blob")))?.as_deref() == Some(&data[..]),
     )?;
+    cleanup(&db, &p);
+    Ok(())
+}
+
+/// How long [`change_watch_wakes_after_a_commit`] lets a watch wait; it must wake well
+/// before.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A backend's change watch ([`crate::watch`]), if it has one, wakes up after a commit
+/// made through another handle of the same store (as another process would), whether
+/// the commit lands before the wait starts or during it; a backend without one passes
+/// (callers poll).
+pub fn change_watch_wakes_after_a_commit(f: &dyn StoreFactory) -> Res {
+    let p = scratch("watch");
+    let db = f.open()?;
+    let Some(mut watch) = db.change_watch() else {
+        return Ok(());
+    };
+    let other = f.open()?;
+    for round in 0..3u8 {
+        let k = key(&p, [round]);
+        let started = Instant::now();
+        if round == 0 {
+            // Committed before the wait starts: the watch must still report it.
+            ctx("commit", other.transact(|tx| tx.set(&k, b"v")))?;
+            watch.wait(WATCH_TIMEOUT);
+        } else {
+            std::thread::scope(|s| -> Res {
+                let committer = s.spawn(|| other.transact(|tx| tx.set(&k, b"v")));
+                watch.wait(WATCH_TIMEOUT);
+                ctx(
+                    "commit",
+                    committer
+                        .join()
+                        .map_err(|_| "committer panicked".to_string())?,
+                )
+            })?;
+        }
+        check(
+            &format!(
+                "round {round}: the watch woke {:?} after a commit (it may wait {WATCH_TIMEOUT:?})",
+                started.elapsed()
+            ),
+            started.elapsed() < WATCH_TIMEOUT * 3 / 4,
+        )?;
+        // What woke it is visible to a new transaction.
+        check_eq(
+            "the committed key after the wake",
+            ctx("get", db.get(&k))?,
+            Some(b"v".to_vec()),
+        )?;
+    }
     cleanup(&db, &p);
     Ok(())
 }

@@ -45,6 +45,8 @@
 //!   had returned `Ok`.
 //!   A transaction without writes commits without taking the write lock: its reads were
 //!   one consistent snapshot, so it serialises at its read version.
+//! - *After* a group's `COMMIT` returns, the committer rings the store's bell (a
+//!   one-byte file beside it) so that [`crate::watch`]ers in any process wake up.
 //!
 //! # Tombstone garbage collection (invariants)
 //! - A tombstone at version `t` matters only to a transaction whose read version is
@@ -97,6 +99,8 @@ pub struct EmbeddedBackend {
     committed: Condvar,
     gc_every: i64,
     retention: Duration,
+    /// Rung after every commit, for [`crate::watch`]ers.
+    bell: crate::watch::Bell,
     // Declared last: dropped after the connections.
     _temp: Option<tempfile::TempDir>,
 }
@@ -143,6 +147,7 @@ impl EmbeddedBackend {
         let conn = open_connection(&path)?;
         init_schema(&conn, &path)?;
         Ok(EmbeddedBackend {
+            bell: crate::watch::Bell::open(&path),
             path,
             pool: Mutex::new(vec![conn]),
             commits: Mutex::new(CommitQueue::default()),
@@ -321,6 +326,12 @@ impl Backend for EmbeddedBackend {
     }
     fn name(&self) -> &'static str {
         "embedded"
+    }
+
+    /// An inotify watch on the store's bell, rung after every commit by any process
+    /// that has the file open ([`crate::watch`]).
+    fn change_watch(&self) -> Option<Box<dyn crate::watch::ChangeWatch>> {
+        self.bell.watch()
     }
 
     /// Collect every tombstone now (not only those older than the retention: a
@@ -546,7 +557,10 @@ fn commit_group(
         }
     }
     match conn.execute_batch("COMMIT") {
-        Ok(()) => results,
+        Ok(()) => {
+            backend.bell.ring();
+            results
+        }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             every(map_sqlite("committing", e))

@@ -88,6 +88,11 @@ pub trait Backend: Send + Sync + 'static {
     fn purge_deleted(&self) -> Result<Purged, KvError> {
         Ok(Purged::default())
     }
+    /// A new [`crate::watch::ChangeWatch`] on this store, if the backend has one (see
+    /// that module for the guarantees). The default: none, callers poll.
+    fn change_watch(&self) -> Option<Box<dyn crate::watch::ChangeWatch>> {
+        None
+    }
 }
 
 /// What [`Backend::purge_deleted`] did.
@@ -255,6 +260,11 @@ impl Db {
     /// needed a purged tombstone conflicts and is retried).
     pub fn purge_deleted(&self) -> Result<Purged, KvError> {
         self.backend.purge_deleted()
+    }
+    /// [`Backend::change_watch`]: something to wait on for the store to change, if the
+    /// backend has it (`None`: poll).
+    pub fn change_watch(&self) -> Option<Box<dyn crate::watch::ChangeWatch>> {
+        self.backend.change_watch()
     }
     /// Commit, retry, conflict and failure counts since this handle was built.
     pub fn stats(&self) -> &DbStats {

@@ -15,7 +15,7 @@
 //! - A commit that returned `Ok` is durable (fsynced) before `transact` returns.
 //!
 //! Modules: [`embedded`] (SQLite, the default backend), `fdb` (feature `fdb`), [`blob`]
-//! (chunked blobs of any size); behind feature `test-util`, `conformance` (the suite
+//! (chunked blobs of any size), [`watch`] (waiting for the store to change); behind feature `test-util`, `conformance` (the suite
 //! every backend must pass, and the `conformance_tests!` macro) and `faults` (a backend
 //! that fails on purpose); behind feature `bench`, `bench` (`swimlane bench store`).
 
@@ -32,6 +32,7 @@ pub mod faults;
 pub mod fdb;
 mod kv;
 pub mod limits;
+pub mod watch;
 
 pub use error::KvError;
 pub use kv::{

@@ -3,6 +3,7 @@
 //! nothing broken passes them.
 use swimlane_store::conformance::{self, StoreFactory, TempEmbedded};
 use swimlane_store::embedded::EmbeddedBackend;
+use swimlane_store::watch::ChangeWatch;
 use swimlane_store::{Backend, BackendTx, Db, KeyValue, KvError, Mutation, RangeOption};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -18,6 +19,8 @@ enum Breakage {
     IgnoresReverse,
     /// clear_range does nothing.
     DropsClearRange,
+    /// The change watch never wakes before its timeout.
+    SilentWatch,
 }
 
 #[derive(Clone, Debug)]
@@ -60,6 +63,21 @@ impl Backend for Broken {
     }
     fn name(&self) -> &'static str {
         "broken"
+    }
+    fn change_watch(&self) -> Option<Box<dyn ChangeWatch>> {
+        match self.kind {
+            Breakage::SilentWatch => Some(Box::new(Silent)),
+            _ => self.inner.change_watch(),
+        }
+    }
+}
+
+/// A watch that sleeps out every timeout.
+struct Silent;
+
+impl ChangeWatch for Silent {
+    fn wait(&mut self, timeout: std::time::Duration) {
+        std::thread::sleep(timeout);
     }
 }
 
@@ -243,6 +261,17 @@ fn dropped_clear_range_is_caught() {
                 conformance::read_your_writes_model,
             ),
         ],
+    );
+}
+
+#[test]
+fn a_silent_change_watch_is_caught() {
+    assert_caught(
+        Breakage::SilentWatch,
+        &[(
+            "change_watch_wakes_after_a_commit",
+            conformance::change_watch_wakes_after_a_commit,
+        )],
     );
 }
 

@@ -52,7 +52,8 @@ pub struct RelayOptions {
     pub member: String,
     /// Entries per round.
     pub batch: usize,
-    /// Sleep when the outbox is empty.
+    /// Longest wait when the outbox is empty: the relay waits for the store to change
+    /// (`Db::change_watch`) and looks again at the latest after this long.
     pub idle: Duration,
     /// A dead relay's lease is taken after this long.
     pub lease_ttl: Duration,
@@ -255,13 +256,18 @@ impl Relay {
     pub fn run(&mut self, stop: &dyn Fn() -> bool) {
         let mut backoff = Duration::from_millis(50);
         let mut healthy = false;
+        // Made before the first round, so no commit after it goes unnoticed.
+        let mut watch = self.db.change_watch();
         while !stop() {
             match self.round() {
                 Ok(n) => {
                     healthy = true;
                     backoff = Duration::from_millis(50);
                     if n == 0 {
-                        std::thread::sleep(self.opts.idle);
+                        match &mut watch {
+                            Some(w) => w.wait(self.opts.idle),
+                            None => std::thread::sleep(self.opts.idle),
+                        }
                     }
                 }
                 Err(e) => {
