@@ -333,11 +333,17 @@ pub fn probe_windows(model: &MicroModel) -> Vec<Vec<f32>> {
     let input = spec.window_values();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x0_4e4e_0001);
     let mut out: Vec<Vec<f32>> = if *spec == ModelSpec::synthetic_pose() {
-        crate::synth::Swimmer::new(0x0_4e4e_0002)
-            .windows(62, &mut rng)
-            .into_iter()
-            .map(|s| s.frames)
-            .collect()
+        // The same for every model of the spec: synthesised once per process (the
+        // publisher checks every version it exports against them).
+        static POSE: std::sync::OnceLock<Vec<Vec<f32>>> = std::sync::OnceLock::new();
+        POSE.get_or_init(|| {
+            crate::synth::Swimmer::new(0x0_4e4e_0002)
+                .windows(62, &mut rng)
+                .into_iter()
+                .map(|s| s.frames)
+                .collect()
+        })
+        .clone()
     } else {
         let (mean, std) = model.normalisation();
         (0..62)
