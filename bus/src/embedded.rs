@@ -536,11 +536,10 @@ impl Consumer for EmbeddedConsumer {
             if now >= deadline {
                 return Ok(None);
             }
-            let wait = self.opts.poll_interval.min(deadline - now);
-            match &mut self.watch {
-                Some(w) => w.wait(wait),
-                None => std::thread::sleep(wait),
-            }
+            swimlane_store::watch::wait_or_sleep(
+                &mut self.watch,
+                self.opts.poll_interval.min(deadline - now),
+            );
         }
     }
 

@@ -744,10 +744,36 @@ mod tests {
     }
 }
 
+/// A version record with placeholder figures, for this crate's tests.
+#[cfg(test)]
+pub(crate) fn test_version(
+    version: u64,
+    run_id: &str,
+    parent_version: Option<u64>,
+    batches: Vec<String>,
+) -> swimlane_core::records::ModelVersionRecord {
+    swimlane_core::records::ModelVersionRecord {
+        v: 1,
+        version,
+        run_id: run_id.into(),
+        parent_version,
+        batches,
+        model_blob: "m".into(),
+        sha256: "s".into(),
+        size_bytes: 1,
+        heldout_accuracy: 0.9,
+        parent_heldout_accuracy: 0.8,
+        guard_accuracy: 0.9,
+        published_at_ms: 0,
+        onnx: None,
+        standing: Default::default(),
+        probation: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod live_standing_tests {
     use super::*;
-    use swimlane_core::records::ModelVersionRecord;
     use swimlane_store::embedded::EmbeddedBackend;
 
     fn counts(windows: u64, right: u64) -> LiveCount {
@@ -774,23 +800,7 @@ mod live_standing_tests {
         // Version 1 is published (parent: the base) and gets half of 30 right: the
         // user moves to the 0.5 bucket and counts as fallen.
         db.transact(|tx| {
-            let v = ModelVersionRecord {
-                v: 1,
-                version: 1,
-                run_id: "r".into(),
-                parent_version: None,
-                batches: vec![],
-                model_blob: "m".into(),
-                sha256: "s".into(),
-                size_bytes: 1,
-                heldout_accuracy: 0.9,
-                parent_heldout_accuracy: 0.8,
-                guard_accuracy: 0.9,
-                published_at_ms: 1,
-                onnx: None,
-                standing: Default::default(),
-                probation: Default::default(),
-            };
+            let v = crate::test_version(1, "r", None, vec![]);
             repo.put_model_version(tx, "u", &v)?;
             let mut s = repo.user_state(tx, "u")?;
             s.head = Some(1);

@@ -895,23 +895,12 @@ mod tests {
                     Op::Publish(run_id, _) => {
                         let state = repo.user_state(tx, user)?;
                         let run = repo.run(tx, user, run_id)?.expect("a run");
-                        let version = ModelVersionRecord {
-                            v: 1,
-                            version: state.last_version + 1,
-                            run_id: run_id.clone(),
-                            parent_version: run.parent_version,
-                            batches: run.batches.clone(),
-                            model_blob: "m".into(),
-                            sha256: "s".into(),
-                            size_bytes: 1,
-                            heldout_accuracy: 0.9,
-                            parent_heldout_accuracy: 0.8,
-                            guard_accuracy: 0.9,
-                            published_at_ms: 0,
-                            onnx: None,
-                            standing: Default::default(),
-                            probation: Default::default(),
-                        };
+                        let version = crate::test_version(
+                            state.last_version + 1,
+                            run_id,
+                            run.parent_version,
+                            run.batches.clone(),
+                        );
                         publish(&repo, &bus, tx, &uid, run, &version, state, false)?;
                     }
                     Op::Abandon(run_id, _) => abandon_run(&repo, &bus, tx, &uid, run_id)?,

@@ -36,6 +36,15 @@ pub trait ChangeWatch: Send {
     fn wait(&mut self, timeout: Duration);
 }
 
+/// Wait on `watch` for at most `timeout`, or sleep `timeout` when there is none (what
+/// every poller does between empty polls).
+pub fn wait_or_sleep(watch: &mut Option<Box<dyn ChangeWatch>>, timeout: Duration) {
+    match watch {
+        Some(w) => w.wait(timeout),
+        None => std::thread::sleep(timeout),
+    }
+}
+
 /// The bell of an embedded store: rung after every commit.
 pub(crate) struct Bell {
     path: PathBuf,

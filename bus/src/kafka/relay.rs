@@ -264,10 +264,7 @@ impl Relay {
                     healthy = true;
                     backoff = Duration::from_millis(50);
                     if n == 0 {
-                        match &mut watch {
-                            Some(w) => w.wait(self.opts.idle),
-                            None => std::thread::sleep(self.opts.idle),
-                        }
+                        swimlane_store::watch::wait_or_sleep(&mut watch, self.opts.idle);
                     }
                 }
                 Err(e) => {
