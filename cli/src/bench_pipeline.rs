@@ -109,6 +109,14 @@ pub struct PipelineBenchRun {
     /// Every worker's burst CPU over the burst's users, in milliseconds (compare with
     /// `train_seconds_mean` and `validate_seconds_mean`, which are wall time).
     pub cpu_ms_per_user: f64,
+    /// CPU seconds the burst's runs spent training (each trainer process's CPU over its
+    /// runs' training) and scoring (the validator's over its scoring), from the run
+    /// records (`train_cpu_seconds`, `validate_cpu_seconds`); every run counted,
+    /// published or rejected.
+    pub burst_model_cpu_seconds: f64,
+    /// The share of the burst's fleet CPU (`burst_cpu_seconds`, every worker) spent on
+    /// anything but that training and scoring.
+    pub cpu_outside_model_share: f64,
 }
 
 /// The whole report.
@@ -716,6 +724,12 @@ fn run_once(
         ),
         over_peer: None,
         cpu_ms_per_user: round3(cpu * 1000.0 / burst_users.len() as f64),
+        burst_model_cpu_seconds: round3(b.model_cpu),
+        cpu_outside_model_share: round3(if cpu > 0.0 {
+            1.0 - b.model_cpu / cpu
+        } else {
+            0.0
+        }),
         burst_cpu_seconds,
     })
 }
@@ -921,11 +935,20 @@ struct Figures {
     train: Vec<f64>,
     validate: Vec<f64>,
     last_publish_ms: u64,
+    /// Process CPU seconds of every run of these users: training plus scoring.
+    model_cpu: f64,
 }
 
 fn figures(db: &swimlane_store::Db, repo: &Repo, users: &[&str]) -> anyhow::Result<Figures> {
     let mut f = Figures::default();
     for u in users {
+        for run in db.transact(|tx| repo.runs(tx, u))? {
+            f.model_cpu += run.train_cpu_seconds as f64
+                + run
+                    .verdict
+                    .as_ref()
+                    .map_or(0.0, |v| v.validate_cpu_seconds as f64);
+        }
         let b = db
             .transact(|tx| repo.batch(tx, u, "night-0"))?
             .context("batch record missing")?;
@@ -1053,10 +1076,12 @@ pub fn print_table(r: &PipelineBenchReport) {
             x.store_bytes_per_user
         );
         println!(
-            "{} trainer(s): burst CPU seconds: {}; {:.1} ms per user",
+            "{} trainer(s): burst CPU seconds: {}; {:.1} ms per user; training and scoring {:.2} s, {:.0}% of the CPU outside them",
             x.trainers,
             by_worker(&x.burst_cpu_seconds, 2),
-            x.cpu_ms_per_user
+            x.cpu_ms_per_user,
+            x.burst_model_cpu_seconds,
+            x.cpu_outside_model_share * 100.0
         );
     }
     for x in &r.runs {

@@ -272,6 +272,7 @@ fn unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(case: Unhandle
             model_bytes: 0,
             created_at_ms: 0,
             train_seconds: 0.0,
+            train_cpu_seconds: 0.0,
             verdict: case.verdict.clone(),
             published_version: None,
         };

@@ -124,6 +124,14 @@ fn history_stays_bounded(uploads: usize, windows: usize, retention: RetentionPol
     assert!(runs.len() >= uploads / 3, "{} runs", runs.len());
     let most = runs.iter().map(|r| r.train_samples).max().unwrap();
     assert!(most <= kept, "a run trained on {most} windows");
+    // Every run records the CPU its training and its scoring took (what `bench
+    // pipeline` tells apart from the rest of the fleet's CPU).
+    for r in &runs {
+        assert!(r.train_cpu_seconds > 0.0, "run {} train CPU", r.run_id);
+        if let Some(v) = &r.verdict {
+            assert!(v.validate_cpu_seconds > 0.0, "run {} scoring CPU", r.run_id);
+        }
+    }
     let mut secs: Vec<f32> = runs.iter().map(|r| r.train_seconds).collect();
     secs.sort_by(f32::total_cmp);
     println!(

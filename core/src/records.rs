@@ -503,6 +503,10 @@ pub struct Verdict {
     /// written before this field existed).
     #[serde(default)]
     pub validate_seconds: f32,
+    /// The validator process's CPU seconds over the same scoring (every thread;
+    /// `swimlane_runtime::process_cpu_seconds`); 0 in records made before it was kept.
+    #[serde(default)]
+    pub validate_cpu_seconds: f32,
 }
 
 /// One training run: the batches it trained on, the candidate it made, its verdict.
@@ -521,6 +525,10 @@ pub struct RunRecord {
     pub model_bytes: u64,
     pub created_at_ms: u64,
     pub train_seconds: f32,
+    /// The trainer process's CPU seconds over the same training (every thread;
+    /// `swimlane_runtime::process_cpu_seconds`); 0 in records made before it was kept.
+    #[serde(default)]
+    pub train_cpu_seconds: f32,
     pub verdict: Option<Verdict>,
     pub published_version: Option<u64>,
 }

@@ -296,6 +296,7 @@ mod tests {
                         model_bytes: bytes.len() as u64,
                         created_at_ms: 0,
                         train_seconds: 0.0,
+                        train_cpu_seconds: 0.0,
                         verdict: Some(Verdict {
                             accepted: true,
                             candidate_heldout_accuracy: 0.9,

@@ -31,6 +31,24 @@ pub use tokio_util::sync::CancellationToken;
 
 use std::net::SocketAddr;
 
+/// CPU seconds this process has used so far, every thread counted (user and system,
+/// `CLOCK_PROCESS_CPUTIME_ID`, nanosecond resolution); 0 where the clock is missing.
+/// Stages take the difference around their model work (a trainer's run, a validator's
+/// scoring) and record it beside the wall time, so that a benchmark can tell the CPU
+/// spent training and scoring from the rest of a fleet's, whatever else competes for
+/// the cores.
+pub fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call writes only into it.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// Give this process's model kernels (candle's CPU threads) `n` threads (0: candle's
 /// default, one per core), unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set
 /// already (an operator's explicit choice wins). candle reads these variables when it
@@ -276,4 +294,24 @@ pub async fn bind(
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RuntimeError::Bind { what, addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_cpu_seconds_counts_work_done() {
+        let before = super::process_cpu_seconds();
+        assert!(before > 0.0, "a running process has used some CPU");
+        // Busy until the clock has moved 10 ms (it moves only while this process runs).
+        let (mut x, t0) = (0u64, std::time::Instant::now());
+        while super::process_cpu_seconds() - before < 0.010 {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "the process CPU clock did not move in 30 s of work"
+            );
+        }
+    }
 }

@@ -777,6 +777,7 @@ mod tests {
             candidate_guard_accuracy: 0.9,
             current_guard_accuracy: 0.9,
             validate_seconds: 0.0,
+            validate_cpu_seconds: 0.0,
         }
     }
 
@@ -873,6 +874,7 @@ mod tests {
                             model_bytes: 1,
                             created_at_ms: 0,
                             train_seconds: 0.0,
+                            train_cpu_seconds: 0.0,
                             verdict: None,
                             published_version: None,
                         };

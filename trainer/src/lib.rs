@@ -113,6 +113,8 @@ struct Trained {
     plan: Plan,
     weights: Vec<u8>,
     seconds: f32,
+    /// The process's CPU seconds over the same span.
+    cpu_seconds: f32,
 }
 
 /// Deterministic run id of a user's run over `batches` (sorted), as its
@@ -220,6 +222,7 @@ impl Trainer {
 
     fn train(&self, plan: Plan) -> Result<Trained, String> {
         let t0 = Instant::now();
+        let cpu0 = swimlane_runtime::process_cpu_seconds();
         let parent = MicroModel::load_for(&plan.parent, &self.spec)
             .map_err(|e| format!("parent model: {e}"))?;
         let mut cfg = self
@@ -230,10 +233,12 @@ impl Trainer {
         let (model, _report) =
             fine_tune(&parent, &plan.samples, &cfg).map_err(|e| format!("training: {e}"))?;
         let seconds = t0.elapsed().as_secs_f32();
+        let cpu_seconds = (swimlane_runtime::process_cpu_seconds() - cpu0) as f32;
         Ok(Trained {
             weights: model.to_bytes(),
             plan,
             seconds,
+            cpu_seconds,
         })
     }
 }
@@ -339,6 +344,7 @@ impl Stage for Trainer {
             model_bytes: t.weights.len() as u64,
             created_at_ms: now_ms,
             train_seconds: t.seconds,
+            train_cpu_seconds: t.cpu_seconds,
             verdict: None,
             published_version: None,
         };

@@ -314,6 +314,7 @@ impl Validator {
         };
         let guard = self.guard()?;
         let t0 = Instant::now();
+        let cpu0 = swimlane_runtime::process_cpu_seconds();
         let cand = match MicroModel::load_for(&inp.candidate, &self.spec) {
             Ok(m) => m,
             Err(e) => return Ok(Outcome::Dead(format!("candidate does not load: {e}"))),
@@ -406,6 +407,7 @@ impl Validator {
             }
         };
         let validate_seconds = t0.elapsed().as_secs_f64();
+        let validate_cpu_seconds = swimlane_runtime::process_cpu_seconds() - cpu0;
         self.env.metrics.validate_seconds.observe(validate_seconds);
         let (mut decision, mut reason) = self.policy.decide(&s);
         // Each batch large enough to judge on its own held-out windows must show a
@@ -441,6 +443,7 @@ impl Validator {
                 candidate_guard_accuracy: s.candidate_guard,
                 current_guard_accuracy: s.current_guard,
                 validate_seconds: validate_seconds as f32,
+                validate_cpu_seconds: validate_cpu_seconds as f32,
             },
         })
     }
