@@ -1,11 +1,20 @@
 //! The embedded backend: FoundationDB's semantics on one SQLite file.
 //!
 //! # Storage
-//! - `kv(k BLOB PRIMARY KEY, v BLOB, ver INTEGER NOT NULL) WITHOUT ROWID`: keys are BLOBs,
-//!   which SQLite compares with `memcmp` (shorter first on a common prefix), i.e. FDB's
-//!   key order. `v IS NULL` is a *tombstone*: the key is absent, and `ver` remembers the
-//!   commit version that deleted it. A partial index on `ver WHERE v IS NULL` finds
-//!   tombstones for garbage collection.
+//! - `kv(id INTEGER PRIMARY KEY, k BLOB NOT NULL UNIQUE, ver INTEGER NOT NULL, v BLOB)`:
+//!   keys are BLOBs, which SQLite compares with `memcmp` (shorter first on a common
+//!   prefix), i.e. FDB's key order; reads and ranges go through the unique index on `k`.
+//!   `v IS NULL` is a *tombstone*: the key is absent, and `ver` remembers the commit
+//!   version that deleted it. A partial index on `ver WHERE v IS NULL` finds tombstones
+//!   for garbage collection.
+//! - Values live in the rowid table, apart from the key index (file format 2). Format 1
+//!   kept them inside the key b-tree (`WITHOUT ROWID`); there a value larger than a
+//!   page's local payload (about 1 kB) spills to overflow pages, and SQLite reads such a
+//!   cell's *whole* payload whenever a seek compares a key with it, so every insert and
+//!   lookup next to 100 kB sample chunks and blob chunks copied them (a fifth of the
+//!   ingest worker's CPU, bench/README.md). The index now holds only keys and row ids,
+//!   and `ver` comes before `v` in a row, so a conflict check reads no value. A format 1
+//!   file is converted in one transaction when it is opened.
 //! - `meta(name, val)`: `schema` (file format), `version` (the version of the last commit),
 //!   `gc_version` (tombstones with `ver <= gc_version` may have been deleted).
 //! - `commits(ver, at_ms)`: the wall-clock time of some commits, for tombstone GC.
@@ -79,7 +88,15 @@ use crate::error::KvError;
 use crate::kv::{Backend, BackendTx, KeyValue, Mutation, RangeOption};
 
 /// File format version stored in `meta`; a file with another version is refused.
-const SCHEMA_VERSION: i64 = 1;
+/// The file format this build writes (`meta.schema`): 2, `kv` a rowid table with a
+/// unique index on `k` (see "Storage"). A format 1 file (`kv` WITHOUT ROWID) is
+/// converted when opened.
+const SCHEMA_VERSION: i64 = 2;
+/// The `kv` table's columns in [`SCHEMA_VERSION`]: `ver` before `v`, so that reading a row's
+/// version never walks its value's overflow pages.
+const KV_COLUMNS: &str =
+    "(id INTEGER PRIMARY KEY, k BLOB NOT NULL UNIQUE, ver INTEGER NOT NULL, v BLOB)";
+const KV_TOMBSTONES: &str = "CREATE INDEX IF NOT EXISTS kv_tombstones ON kv(ver) WHERE v IS NULL";
 /// How long a connection waits for SQLite's write lock before the attempt is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reads of the file go through a shared memory map of up to this many bytes instead of
@@ -249,19 +266,38 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), KvError> {
         .map_err(|e| map_sqlite(&ctx, e))?;
     let r = (|| -> rusqlite::Result<Option<i64>> {
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB, ver INTEGER NOT NULL) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS kv_tombstones ON kv(ver) WHERE v IS NULL;
-             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, val INTEGER NOT NULL);
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, val INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS commits (ver INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);",
         )?;
-        conn.execute(
-            "INSERT OR IGNORE INTO meta(name, val) VALUES ('schema', ?1), ('version', 0), ('gc_version', 0)",
-            params![SCHEMA_VERSION],
-        )?;
-        conn.query_row("SELECT val FROM meta WHERE name = 'schema'", [], |r| {
-            r.get(0)
-        })
-        .optional()
+        let found: Option<i64> = conn
+            .query_row("SELECT val FROM meta WHERE name = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match found {
+            None => {
+                conn.execute_batch(&format!("CREATE TABLE kv {KV_COLUMNS}; {KV_TOMBSTONES};"))?;
+                conn.execute(
+                    "INSERT INTO meta(name, val) VALUES ('schema', ?1), ('version', 0), ('gc_version', 0)",
+                    params![SCHEMA_VERSION],
+                )?;
+                Ok(Some(SCHEMA_VERSION))
+            }
+            // Format 1 kept values inside the key b-tree (a WITHOUT ROWID table): copied
+            // into format 2 once, in this transaction, versions and tombstones and all.
+            Some(1) => {
+                conn.execute_batch(&format!(
+                    "CREATE TABLE kv_v2 {KV_COLUMNS};
+                     INSERT INTO kv_v2(k, ver, v) SELECT k, ver, v FROM kv ORDER BY k;
+                     DROP TABLE kv;
+                     ALTER TABLE kv_v2 RENAME TO kv;
+                     {KV_TOMBSTONES};
+                     UPDATE meta SET val = {SCHEMA_VERSION} WHERE name = 'schema';"
+                ))?;
+                Ok(Some(SCHEMA_VERSION))
+            }
+            other => Ok(other),
+        }
     })();
     match r {
         Ok(Some(SCHEMA_VERSION)) => conn
@@ -270,7 +306,7 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), KvError> {
         Ok(other) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(KvError::Backend(format!(
-                "{}: file format {other:?}, this build reads {SCHEMA_VERSION}",
+                "{}: file format {other:?}, this build reads {SCHEMA_VERSION} (and converts 1)",
                 path.display()
             )))
         }
@@ -348,7 +384,7 @@ impl Backend for EmbeddedBackend {
     /// Collect every tombstone now (not only those older than the retention: a
     /// transaction whose read version is older than the new `gc_version` conflicts and
     /// is retried, as after any collection), rebuild the file (`VACUUM`: the `kv`
-    /// table is a WITHOUT ROWID b-tree whose interior pages keep copies of keys as
+    /// table's key index is a b-tree whose interior pages keep copies of keys as
     /// dividers, even of keys since deleted, and `secure_delete` does not reach those),
     /// then checkpoint the WAL and truncate it. The cleared values and keys are then
     /// gone from both files. `VACUUM` costs time and disk in proportion to the store
@@ -984,6 +1020,65 @@ mod tests {
         keys.iter()
             .map(|(k, v)| Ok((k.to_vec(), v.to_vec())))
             .collect()
+    }
+
+    /// A file written in format 1 (`kv` WITHOUT ROWID) opens as format 2 with every
+    /// value, version and tombstone, and keeps working; a newer format is refused.
+    #[test]
+    fn a_format_1_file_is_converted_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "PRAGMA journal_mode=WAL;
+                 CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB, ver INTEGER NOT NULL) WITHOUT ROWID;
+                 CREATE INDEX kv_tombstones ON kv(ver) WHERE v IS NULL;
+                 CREATE TABLE meta (name TEXT PRIMARY KEY, val INTEGER NOT NULL);
+                 CREATE TABLE commits (ver INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
+                 INSERT INTO meta(name, val) VALUES ('schema', 1), ('version', 3), ('gc_version', 0);",
+            )
+            .unwrap();
+            let big = vec![7u8; 90_000];
+            c.execute("INSERT INTO kv(k, v, ver) VALUES (x'61', x'41', 1)", [])
+                .unwrap();
+            c.execute(
+                "INSERT INTO kv(k, v, ver) VALUES (x'62', ?1, 2)",
+                params![big],
+            )
+            .unwrap();
+            c.execute("INSERT INTO kv(k, v, ver) VALUES (x'63', NULL, 3)", [])
+                .unwrap();
+        }
+        let db = Db::new(EmbeddedBackend::open(&path).unwrap());
+        let all = db
+            .transact(|tx| tx.get_range(&RangeOption::new(b"".to_vec(), b"z".to_vec())))
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0], (b"a".to_vec(), b"A".to_vec()));
+        assert_eq!(all[1].1, vec![7u8; 90_000]);
+        db.transact(|tx| tx.set(b"c", b"C")).unwrap();
+        assert_eq!(db.transact(|tx| tx.get(b"c")).unwrap(), Some(b"C".to_vec()));
+        let c = Connection::open(&path).unwrap();
+        let meta = |name: &str| -> i64 {
+            c.query_row("SELECT val FROM meta WHERE name = ?1", params![name], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(meta("schema"), SCHEMA_VERSION);
+        assert_eq!(meta("version"), 4, "versions carry on from the old file's");
+        let tombstones: i64 = c
+            .query_row("SELECT COUNT(*) FROM kv WHERE v IS NULL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tombstones, 0, "c's tombstone was replaced by its new value");
+        drop(db);
+        c.execute("UPDATE meta SET val = 99 WHERE name = 'schema'", [])
+            .unwrap();
+        let err = EmbeddedBackend::open(&path)
+            .err()
+            .expect("a newer format is refused");
+        assert!(err.to_string().contains("file format Some(99)"), "{err}");
     }
 
     #[test]
