@@ -200,6 +200,21 @@ fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> 
 
 /// The ONNX protobuf of `model` with `lineage` in its metadata (see the module doc).
 pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, ModelError> {
+    to_proto_named(model, lineage, &weights_sha256(model))
+}
+
+/// Lowercase hex SHA-256 of `model`'s safetensors weights (`MicroModel::to_bytes`): the
+/// metadata's `weights_sha256`.
+pub fn weights_sha256(model: &MicroModel) -> String {
+    hex::encode(Sha256::digest(model.to_bytes()))
+}
+
+/// [`to_proto`] with the weights' digest given (see [`export_checked_with_digest`]).
+fn to_proto_named(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+) -> Result<ModelProto, ModelError> {
     let (mean, std) = model.normalisation();
     let inv_std: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
     let spec = model.spec();
@@ -254,7 +269,6 @@ pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, Mod
         )],
         ..Default::default()
     };
-    let weights_sha256 = hex::encode(Sha256::digest(model.to_bytes()));
     let opt = |r: Option<String>| r.unwrap_or_default();
     let metadata = vec![
         entry("format", FORMAT_NAME),
@@ -272,7 +286,7 @@ pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, Mod
             opt(lineage.parent_version.map(|p| p.to_string())),
         ),
         entry("training_run", opt(lineage.training_run.clone())),
-        entry("weights_sha256", weights_sha256),
+        entry("weights_sha256", weights_sha256.to_string()),
     ];
     Ok(ModelProto {
         ir_version: IR_VERSION,
@@ -297,7 +311,15 @@ pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, Mod
 /// `model` as an ONNX file (see the module doc). The same model and lineage always
 /// give the same bytes. Errors if the file would exceed [`MAX_MODEL_BYTES`].
 pub fn export(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
-    let bytes = to_proto(model, lineage)?.encode_to_vec();
+    export_named(model, lineage, &weights_sha256(model))
+}
+
+fn export_named(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+) -> Result<Vec<u8>, ModelError> {
+    let bytes = to_proto_named(model, lineage, weights_sha256)?.encode_to_vec();
     if bytes.len() > MAX_MODEL_BYTES {
         return Err(ModelError::Format(format!(
             "the ONNX file is {} bytes, more than the {MAX_MODEL_BYTES} byte limit",
@@ -311,7 +333,20 @@ pub fn export(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelErr
 /// [`probe_windows`]: at most [`EXPORT_TOLERANCE`] from candle's probabilities and the
 /// same predicted class for every window. What the publisher stores.
 pub fn export_checked(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
-    let bytes = export(model, lineage)?;
+    export_checked_with_digest(model, lineage, &weights_sha256(model))
+}
+
+/// [`export_checked`] for a model loaded from safetensors bytes whose SHA-256 the caller
+/// already holds (`weights_sha256`, lowercase hex): the metadata names those bytes. The
+/// publisher loads a candidate from a blob the store checked against its SHA-256 on
+/// reading it, so hashing the weights again would be its largest cost after the check
+/// itself.
+pub fn export_checked_with_digest(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+) -> Result<Vec<u8>, ModelError> {
+    let bytes = export_named(model, lineage, weights_sha256)?;
     let onnx = OnnxModel::from_bytes(&bytes)?;
     let probes = probe_windows(model);
     let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
@@ -649,6 +684,17 @@ mod tests {
         let base = OnnxModel::from_bytes(&export(&m, &Lineage::base()).unwrap()).unwrap();
         assert_eq!(base.metadata()["model_version"], "base");
         assert_eq!(base.metadata()["parent_version"], "");
+        // The digest a caller already holds names the weights; the file is otherwise
+        // the same.
+        let checked = export_checked(&m, &lineage).unwrap();
+        assert_eq!(checked, a);
+        let named = export_checked_with_digest(&m, &lineage, &weights_sha256(&m)).unwrap();
+        assert_eq!(named, a);
+        let other = export_checked_with_digest(&m, &lineage, "abc").unwrap();
+        assert_eq!(
+            OnnxModel::from_bytes(&other).unwrap().metadata()["weights_sha256"],
+            "abc"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use swimlane_core::records::{ModelVersionRecord, RunRecord, Standing, StoredFile
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
-use swimlane_state::{lifecycle, sha256_hex, Repo, Res};
+use swimlane_state::{lifecycle, Repo, Res};
 use swimlane_store::{KvError, Transaction};
 
 use swimlane_runtime::wiring::StageEnv;
@@ -45,7 +45,7 @@ fn onnx_blob_id(user: &str, run_id: &str, version: u64) -> String {
 fn export_onnx(
     spec: &swimlane_core::ModelSpec,
     run: &RunRecord,
-    weights: &[u8],
+    (weights, weights_sha256): (&[u8], &str),
     version: u64,
 ) -> Result<Vec<u8>, KvError> {
     let model = MicroModel::load_for(weights, spec).map_err(|e| KvError::Corrupt {
@@ -59,24 +59,33 @@ fn export_onnx(
     };
     // The export is a function of the weights: one that fails fails every time, so it is
     // an error retrying cannot fix (the runner gives up on the record after its bound,
-    // and `abandon` ends the run).
-    onnx::export_checked(&model, &lineage).map_err(|e| KvError::Corrupt {
-        what: format!("ONNX export of run {}", run.run_id),
-        reason: e.to_string(),
+    // and `abandon` ends the run). The weights' digest is the one the blob read checked
+    // them against.
+    onnx::export_checked_with_digest(&model, &lineage, weights_sha256).map_err(|e| {
+        KvError::Corrupt {
+            what: format!("ONNX export of run {}", run.run_id),
+            reason: e.to_string(),
+        }
     })
 }
 
-fn stored(blob: String, bytes: &[u8]) -> StoredFile {
+/// The ONNX file stored as `blob`, with the digest its write computed.
+fn stored(blob: String, sha256: String, bytes: &[u8]) -> StoredFile {
     StoredFile {
         blob,
-        sha256: sha256_hex(bytes),
+        sha256,
         size_bytes: bytes.len() as u64,
     }
 }
 
-/// Read `run`'s candidate weights inside `tx`.
-fn weights(repo: &Repo, tx: &mut Transaction<'_>, run: &RunRecord) -> Result<Vec<u8>, KvError> {
-    repo.blob(tx, &run.model_blob)?
+/// Read `run`'s candidate weights inside `tx`, with the SHA-256 the read checked them
+/// against.
+fn weights(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    run: &RunRecord,
+) -> Result<(Vec<u8>, String), KvError> {
+    repo.blob_with_sha256(tx, &run.model_blob)?
         .ok_or_else(|| KvError::Corrupt {
             what: format!("candidate weights {}", run.model_blob),
             reason: format!("missing for accepted run {}", run.run_id),
@@ -134,10 +143,10 @@ impl Stage for Publisher {
         let onnx = match found {
             None => None,
             Some((run, version, w)) => {
-                let bytes = export_onnx(&self.spec, &run, &w, version)?;
+                let bytes = export_onnx(&self.spec, &run, (&w.0, &w.1), version)?;
                 let blob = onnx_blob_id(u, run_id, version);
-                repo.put_blob_db(&self.env.db, &blob, &bytes)?;
-                Some((version, stored(blob, &bytes)))
+                let sha256 = repo.put_blob_db(&self.env.db, &blob, &bytes)?;
+                Some((version, stored(blob, sha256, &bytes)))
             }
         };
         Ok(Some(Accepted {
@@ -168,10 +177,11 @@ impl Stage for Publisher {
             Some((v, file)) if *v == version => file.clone(),
             _ => {
                 // Not made beforehand for this version: make it here.
-                let bytes = export_onnx(&self.spec, &run, &weights(repo, tx, &run)?, version)?;
+                let (w, sha256) = weights(repo, tx, &run)?;
+                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), version)?;
                 let blob = onnx_blob_id(u, run_id, version);
-                repo.put_blob(tx, &blob, &bytes)?;
-                stored(blob, &bytes)
+                let sha256 = repo.put_blob(tx, &blob, &bytes)?;
+                stored(blob, sha256, &bytes)
             }
         };
         let record = ModelVersionRecord {
@@ -248,6 +258,7 @@ mod tests {
     use swimlane_core::StrokeClass;
     use swimlane_model::onnx::OnnxModel;
     use swimlane_model::Sample;
+    use swimlane_state::sha256_hex;
     use swimlane_store::embedded::EmbeddedBackend;
     use swimlane_store::Db;
 

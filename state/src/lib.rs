@@ -520,13 +520,25 @@ impl Repo {
     }
 
     /// Store a blob (weights, sample sets) inside `tx`; it must fit one transaction.
-    pub fn put_blob(&self, tx: &mut Transaction<'_>, blob_id: &str, data: &[u8]) -> Res<()> {
-        blob::write_in(tx, &self.keys.blob(blob_id), data).map(|_| ())
+    /// Returns the data's SHA-256 (lowercase hex, [`sha256_hex`]), computed once for
+    /// the blob's header.
+    pub fn put_blob(&self, tx: &mut Transaction<'_>, blob_id: &str, data: &[u8]) -> Res<String> {
+        blob::write_in(tx, &self.keys.blob(blob_id), data).map(|h| hex::encode(h.sha256))
     }
 
     /// Read a blob, checking its length and hash; `None` when absent.
     pub fn blob(&self, tx: &mut Transaction<'_>, blob_id: &str) -> Res<Option<Vec<u8>>> {
         blob::read_in(tx, &self.keys.blob(blob_id))
+    }
+
+    /// [`Repo::blob`], with the SHA-256 (lowercase hex) the data was checked against.
+    pub fn blob_with_sha256(
+        &self,
+        tx: &mut Transaction<'_>,
+        blob_id: &str,
+    ) -> Res<Option<(Vec<u8>, String)>> {
+        Ok(blob::read_in_with_header(tx, &self.keys.blob(blob_id))?
+            .map(|(data, h)| (data, hex::encode(h.sha256))))
     }
 
     /// Read a blob of any size (several transactions for large ones).
@@ -559,8 +571,9 @@ impl Repo {
     }
 
     /// Store a blob of any size (several transactions when it does not fit one).
-    pub fn put_blob_db(&self, db: &Db, blob_id: &str, data: &[u8]) -> Res<()> {
-        blob::write(db, &self.keys.blob(blob_id), data).map(|_| ())
+    /// Returns its SHA-256 as [`Repo::put_blob`] does.
+    pub fn put_blob_db(&self, db: &Db, blob_id: &str, data: &[u8]) -> Res<String> {
+        blob::write(db, &self.keys.blob(blob_id), data).map(|h| hex::encode(h.sha256))
     }
 }
 

@@ -287,6 +287,15 @@ fn missing(prefix: &[u8], i: u32) -> KvError {
 /// the whole blob in one transaction, so keep it for blobs that read well within
 /// [`crate::limits::MAX_TXN_AGE`]; [`read`] handles any size.
 pub fn read_in(tx: &mut Transaction<'_>, prefix: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+    Ok(read_in_with_header(tx, prefix)?.map(|(data, _)| data))
+}
+
+/// [`read_in`], with the blob's header: its `sha256` is the digest the data was just
+/// checked against, so a caller that needs the digest need not hash the data again.
+pub fn read_in_with_header(
+    tx: &mut Transaction<'_>,
+    prefix: &[u8],
+) -> Result<Option<(Vec<u8>, BlobHeader)>, KvError> {
     let Some(h) = header_in(tx, prefix)? else {
         return Ok(None);
     };
@@ -300,7 +309,7 @@ pub fn read_in(tx: &mut Transaction<'_>, prefix: &[u8]) -> Result<Option<Vec<u8>
         Ok(n) | Err(n) => return Err(missing(prefix, n)),
     }
     verify(prefix, &h, &out)?;
-    Ok(Some(out))
+    Ok(Some((out, h)))
 }
 
 /// Read the blob at `prefix`: `Ok(None)` when absent, [`KvError::Corrupt`] when a chunk

@@ -30,7 +30,7 @@ use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
-use swimlane_state::{lifecycle, sha256_hex, BASE_MODEL_BLOB};
+use swimlane_state::{lifecycle, BASE_MODEL_BLOB};
 use swimlane_store::{KvError, Transaction};
 
 mod metrics;
@@ -332,7 +332,7 @@ impl Stage for Trainer {
             return Ok(Applied::Stale); // someone else moved this user on
         }
         let blob_id = format!("cand-{}-{}", u, t.plan.run_id);
-        repo.put_blob(tx, &blob_id, &t.weights)?;
+        let model_sha256 = repo.put_blob(tx, &blob_id, &t.weights)?;
         let run = RunRecord {
             v: 1,
             run_id: t.plan.run_id.clone(),
@@ -340,7 +340,7 @@ impl Stage for Trainer {
             batches: t.plan.batches.clone(),
             train_samples: t.plan.samples.len() as u32,
             model_blob: blob_id,
-            model_sha256: sha256_hex(&t.weights),
+            model_sha256,
             model_bytes: t.weights.len() as u64,
             created_at_ms: now_ms,
             train_seconds: t.seconds,
