@@ -142,8 +142,8 @@ impl Stage for Publisher {
         })?;
         let onnx = match found {
             None => None,
-            Some((run, version, w)) => {
-                let bytes = export_onnx(&self.spec, &run, (&w.0, &w.1), version)?;
+            Some((run, version, (w, sha256))) => {
+                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), version)?;
                 let blob = onnx_blob_id(u, run_id, version);
                 let sha256 = repo.put_blob_db(&self.env.db, &blob, &bytes)?;
                 Some((version, stored(blob, sha256, &bytes)))
