@@ -13,8 +13,11 @@
 //!   cell's *whole* payload whenever a seek compares a key with it, so every insert and
 //!   lookup next to 100 kB sample chunks and blob chunks copied them (a fifth of the
 //!   ingest worker's CPU, bench/README.md). The index now holds only keys and row ids,
-//!   and `ver` comes before `v` in a row, so a conflict check reads no value. A format 1
-//!   file is converted in one transaction when it is opened.
+//!   and `ver` comes before `v` in a row, so a conflict check reads no value. The price:
+//!   a range read looks every row up in the table by its id, tombstones too (the index
+//!   cannot tell them apart), so a range with many fresh tombstones (an outbox just
+//!   relayed, a log just trimmed) costs a lookup per tombstone until they are collected.
+//!   A format 1 file is converted in one transaction when it is opened.
 //! - `meta(name, val)`: `schema` (file format), `version` (the version of the last commit),
 //!   `gc_version` (tombstones with `ver <= gc_version` may have been deleted).
 //! - `commits(ver, at_ms)`: the wall-clock time of some commits, for tombstone GC.
