@@ -26,12 +26,12 @@
 //!   processes may open the same file; SQLite's file locks serialise writers
 //!   (`busy_timeout` waits for the lock; a lock still busy after it is
 //!   [`KvError::Transient`], which [`crate::Db::transact`] retries).
-//! - Reads of the file go through SQLite's memory map (`mmap_size`, 1 GiB): a blob's
-//!   pages are no longer copied in by `pread` (about 15% of the publisher's samples
-//!   before; bench/README.md). Writes, and so durability, are unchanged: SQLite writes
-//!   with `write` and fsyncs as before, and re-checks the file's size at every
-//!   transaction's start, so a file another process shrank (`VACUUM`) is never read
-//!   past its end.
+//! - Reads go through `pread` into SQLite's page cache, never through a memory map
+//!   (`mmap_size` stays 0). A map was tried (2026-12-02: 1 GiB, about 5% less CPU in the
+//!   publisher) and removed the same day: when `purge_deleted`'s `VACUUM` shrinks the
+//!   file, a process still holding a map of the old size dies of SIGBUS on its next read
+//!   past the new end (seen once in `cli/tests/forget.rs`). A read error through
+//!   `pread` is an error SQLite returns; a fault in a map kills the process.
 //!
 //! # Transactions: optimistic concurrency, as on FoundationDB
 //! - *Begin*: take a pooled connection, `BEGIN` a read transaction and read `version`:
@@ -102,9 +102,6 @@ const KV_COLUMNS: &str =
 const KV_TOMBSTONES: &str = "CREATE INDEX IF NOT EXISTS kv_tombstones ON kv(ver) WHERE v IS NULL";
 /// How long a connection waits for SQLite's write lock before the attempt is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Reads of the file go through a shared memory map of up to this many bytes instead of
-/// `pread` into SQLite's page cache (writes still go through `write`).
-const MMAP_BYTES: i64 = 1 << 30;
 /// Idle connections kept for reuse.
 const MAX_IDLE_CONNECTIONS: usize = 8;
 /// Tombstone GC runs on every `GC_EVERY`-th commit.
@@ -258,7 +255,8 @@ fn open_connection(path: &Path) -> Result<Connection, KvError> {
     // value is not left readable in the file (`purge_deleted` does the rest).
     conn.pragma_update(None, "secure_delete", "ON")
         .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
-    conn.pragma_update(None, "mmap_size", MMAP_BYTES)
+    // No memory map (see "Storage": a file shrunk under a map is a SIGBUS).
+    conn.pragma_update(None, "mmap_size", 0)
         .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
     Ok(conn)
 }
