@@ -27,7 +27,7 @@
 //!   (`busy_timeout` waits for the lock; a lock still busy after it is
 //!   [`KvError::Transient`], which [`crate::Db::transact`] retries).
 //! - Reads go through `pread` into SQLite's page cache, never through a memory map
-//!   (`mmap_size` stays 0). A map was tried (2026-12-02: 1 GiB, about 5% less CPU in the
+//!   (`mmap_size` stays 0). A map was tried (2026-12-02: 1 GiB, about 5% less of the fleet's CPU, 11% of the
 //!   publisher) and removed the same day: when `purge_deleted`'s `VACUUM` shrinks the
 //!   file, a process still holding a map of the old size dies of SIGBUS on its next read
 //!   past the new end (seen once in `cli/tests/forget.rs`). A read error through
