@@ -270,7 +270,9 @@ async fn read_body(
     }
     let start = tokio::time::Instant::now();
     let end = start + pace.total;
-    let mut out: Vec<u8> = Vec::new();
+    // Sized once from Content-Length (at most `max`, checked above): growing by doubling
+    // copied an upload's body about twice over.
+    let mut out: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0) as usize);
     loop {
         let by_rate = (pace.min_rate > 0).then(|| {
             start
