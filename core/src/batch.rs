@@ -475,6 +475,9 @@ pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
     h.update((batch_id.as_str().len() as u32).to_le_bytes());
     h.update(batch_id.as_str().as_bytes());
     h.update((samples.len() as u32).to_le_bytes());
+    // A window's values go in as one slice: an `update` per value was a quarter of the
+    // digest's time in ingest's profile.
+    let mut values: Vec<u8> = Vec::new();
     for s in samples {
         h.update((s.id.len() as u32).to_le_bytes());
         h.update(s.id.as_bytes());
@@ -484,9 +487,9 @@ pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
             h.update([0xfb, f.corrected as u8, f.predicted.0]);
             h.update(f.model_version.map_or(u64::MAX, |v| v).to_le_bytes());
         }
-        for v in &s.frames {
-            h.update(v.to_bits().to_le_bytes());
-        }
+        values.clear();
+        values.extend(s.frames.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+        h.update(&values);
     }
     hex::encode(h.finalize())
 }
@@ -538,6 +541,16 @@ mod tests {
             BatchLimits { max_samples: 50 },
             &ModelSpec::synthetic_pose(),
         )
+    }
+
+    /// Stored batch records carry this digest, and a retried upload is a duplicate only
+    /// if it matches: the encoding must never change. Pinned for a fixed batch.
+    #[test]
+    fn the_digest_of_a_fixed_batch_never_changes() {
+        assert_eq!(
+            check(&body(30)).unwrap().digest,
+            "14b6cec52d7e0119266dee7d8beb570b474ac329d2a481f5f2e18949e648e986"
+        );
     }
 
     #[test]
