@@ -91,6 +91,12 @@ pub struct PipelineBenchRun {
     pub paced_latency_p99_s: f64,
     pub paced_overhead_p50_s: f64,
     pub paced_overhead_p99_s: f64,
+    /// The paced overhead's two halves, p50 (seconds): upload accepted → candidate
+    /// committed, minus training (the first hop and the trainer's reads and writes);
+    /// candidate committed → published, minus scoring (two hops, the validator's and
+    /// the publisher's own work).
+    pub paced_to_trained_p50_s: f64,
+    pub paced_trained_to_published_p50_s: f64,
     pub train_seconds_mean: f64,
     pub validate_seconds_mean: f64,
     /// Peak resident memory of each worker process at the end of the run (MiB).
@@ -184,12 +190,14 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
             export,
         )?;
         eprintln!(
-            "  {:.1} batches published/min; overhead p50 {:.3} s p99 {:.3} s; paced overhead p50 {:.3} s p99 {:.3} s",
+            "  {:.1} batches published/min; overhead p50 {:.3} s p99 {:.3} s; paced overhead p50 {:.3} s p99 {:.3} s (p50 to trained {:.3} s, trained to published {:.3} s)",
             r.batches_published_per_min,
             r.overhead_p50_s,
             r.overhead_p99_s,
             r.paced_overhead_p50_s,
-            r.paced_overhead_p99_s
+            r.paced_overhead_p99_s,
+            r.paced_to_trained_p50_s,
+            r.paced_trained_to_published_p50_s
         );
         runs.push(r);
     }
@@ -714,6 +722,8 @@ fn run_once(
         paced_latency_p99_s: round3(quantile(&p.latency, 0.99)),
         paced_overhead_p50_s: round3(quantile(&p.overhead, 0.5)),
         paced_overhead_p99_s: round3(quantile(&p.overhead, 0.99)),
+        paced_to_trained_p50_s: round3(quantile(&p.to_trained, 0.5)),
+        paced_trained_to_published_p50_s: round3(quantile(&p.to_published, 0.5)),
         train_seconds_mean: round3(mean(&train)),
         validate_seconds_mean: round3(mean(&validate)),
         peak_rss_mib,
@@ -932,6 +942,10 @@ struct Figures {
     deferred: usize,
     latency: Vec<f64>,
     overhead: Vec<f64>,
+    /// Upload accepted → candidate committed, minus training (seconds).
+    to_trained: Vec<f64>,
+    /// Candidate committed → published, minus scoring (seconds).
+    to_published: Vec<f64>,
     train: Vec<f64>,
     validate: Vec<f64>,
     last_publish_ms: u64,
@@ -971,6 +985,11 @@ fn figures(db: &swimlane_store::Db, repo: &Repo, users: &[&str]) -> anyhow::Resu
                     .unwrap_or(0.0);
                 f.latency.push(lat);
                 f.overhead.push(lat - t - val);
+                let secs = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1000.0;
+                f.to_trained
+                    .push(secs(b.staged_at_ms, run.created_at_ms) - t);
+                f.to_published
+                    .push(secs(run.created_at_ms, v.published_at_ms) - val);
                 f.train.push(t);
                 f.validate.push(val);
                 f.last_publish_ms = f.last_publish_ms.max(v.published_at_ms);
