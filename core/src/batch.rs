@@ -315,15 +315,10 @@ fn decoded(
         .collect();
     // Checked once converted, in a loop of its own (a value at a time through a
     // `Result` was 7% of ingest's CPU); the error names the first value not finite.
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(BatchError::NonFinite {
-            index,
-            id: shown(id),
-            frame: i / channels,
-            feature: i % channels,
-        }),
-        None => Ok(values),
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        finite(index, id, values[i], i / channels, i % channels)?;
     }
+    Ok(values)
 }
 
 /// `v`, unless it is not finite.
