@@ -92,6 +92,10 @@ def main():
         check(md.get("model_version") == m["model_version"], f"{name}: model_version {md.get('model_version')}")
         check(md.get("parent_version") == (m["parent_version"] or ""), f"{name}: parent_version {md.get('parent_version')}")
         check(md.get("training_run") == (m["training_run"] or ""), f"{name}: training_run {md.get('training_run')}")
+        if m.get("fallback"):
+            check(md.get("fallback") == "base", f"{name}: fallback {md.get('fallback')}")
+        else:
+            check("fallback" not in md, f"{name}: a fallback it should not have")
 
         sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         p_ort = sess.run(["probabilities"], {"window": x})[0]

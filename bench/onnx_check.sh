@@ -60,10 +60,16 @@ echo "==> the parity set: base model, fine-tuned models, windows (into $WORK)" >
 "$VENV/bin/python" -c '
 import json, sys
 for m in json.load(open(sys.argv[1]))["models"]:
-    print(m["name"], m["model_version"], m["parent_version"] or "-", m["training_run"] or "-")
+    print(m["name"], m["model_version"], m["parent_version"] or "-", m["training_run"] or "-", int(m.get("fallback", False)))
 ' "$WORK/models.json" > "$WORK/models.txt"
 
-while read -r name version parent run; do
+while read -r name version parent run fallback; do
+  if [ "$fallback" = 1 ]; then
+    # The device's file with the base-model fallback: written, with candle's answer, by
+    # onnx-parity-set itself.
+    "$BIN" model predict --model "$WORK/$name.onnx" --input "$WORK/windows.json" > "$WORK/$name.swimlane-onnx.json"
+    continue
+  fi
   args=(--model-version "$version")
   if [ "$parent" != - ]; then args+=(--parent-version "$parent"); fi
   if [ "$run" != - ]; then args+=(--training-run "$run"); fi

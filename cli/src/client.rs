@@ -6,6 +6,7 @@ use std::io::Read as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use swimlane_model::onnx::OnnxModel;
 use swimlane_model::MicroModel;
 
 /// One device: its user, its token, and where the two APIs are.
@@ -185,7 +186,14 @@ impl Device {
 
     /// Download the user's model (safetensors), conditionally when `etag` is given.
     pub fn download(&self, etag: Option<&str>) -> anyhow::Result<Download> {
-        let url = format!("{}/v1/users/{}/model", self.publisher, self.user);
+        self.download_as(etag, false)
+    }
+
+    /// [`Device::download`] as safetensors, or with `onnx` as the device's ONNX file
+    /// (`?format=onnx`).
+    pub fn download_as(&self, etag: Option<&str>, onnx: bool) -> anyhow::Result<Download> {
+        let format = if onnx { "?format=onnx" } else { "" };
+        let url = format!("{}/v1/users/{}/model{format}", self.publisher, self.user);
         let mut req = self.agent.get(&url).set("Authorization", &self.bearer());
         if let Some(e) = etag {
             req = req.set("If-None-Match", e);
@@ -218,6 +226,18 @@ impl Device {
         match self.download(None)? {
             Download::Model { version, bytes, .. } => {
                 Ok(Some((MicroModel::from_bytes(&bytes)?, version)))
+            }
+            Download::NoModel | Download::NotModified => Ok(None),
+        }
+    }
+
+    /// The published model's ONNX file, what a phone runs (with the base-model fallback
+    /// for windows the model does not know), and its version; `None`: the device runs
+    /// the base.
+    pub fn current_onnx_versioned(&self) -> anyhow::Result<Option<(OnnxModel, u64)>> {
+        match self.download_as(None, true)? {
+            Download::Model { version, bytes, .. } => {
+                Ok(Some((OnnxModel::from_bytes(&bytes)?, version)))
             }
             Download::NoModel | Download::NotModified => Ok(None),
         }

@@ -301,6 +301,64 @@ fn parity_set(
             "training_run": lineage.training_run,
         }));
     }
+    // The device's files: each personal model with the base-model fallback, its
+    // familiarity made from the first swimmer's windows of the first two classes, with
+    // every window as the population (so some check windows are familiar and the others
+    // not), written here with candle's answer for them
+    // (`onnx::predict_proba_with_fallback`).
+    let (base, base_sha) = (&set.models[0].1, onnx::weights_sha256(&set.models[0].1));
+    let refs: Vec<&[f32]> = set.windows.iter().map(|s| s.frames.as_slice()).collect();
+    for (name, model, lineage) in set.models.iter().skip(1) {
+        let (mean, std) = model.normalisation();
+        let familiarity = swimlane_core::familiar::Familiarity::of(
+            set.windows
+                .iter()
+                .take(windows_per_swimmer)
+                .filter(|s| s.label.0 < 2)
+                .map(|s| (s.frames.as_slice(), s.label)),
+            set.windows.iter().map(|s| (s.frames.as_slice(), s.label)),
+            mean,
+            std,
+            swimlane_core::familiar::DEFAULT_SCALE,
+        )
+        .context("no windows for the familiarity")?;
+        let familiar = refs
+            .iter()
+            .filter(|w| familiarity.knows(w, mean, std))
+            .count();
+        anyhow::ensure!(
+            familiar > 0 && familiar < refs.len(),
+            "{name}: {familiar} of {} windows familiar: the check would exercise one branch",
+            refs.len()
+        );
+        let fb = onnx::Fallback {
+            base,
+            base_weights_sha256: &base_sha,
+            familiarity: &familiarity,
+        };
+        let device = format!("{name}-device");
+        std::fs::write(
+            out.join(format!("{device}.onnx")),
+            onnx::export_with_fallback(model, lineage, &fb)?,
+        )?;
+        let probabilities = onnx::predict_proba_with_fallback(model, Some(&fb), &refs)?;
+        std::fs::write(
+            out.join(format!("{device}.candle.json")),
+            serde_json::to_vec(&serde_json::json!({
+                "labels": StrokeClass::ALL.map(|c| c.name()),
+                "probabilities": probabilities,
+            }))?,
+        )?;
+        models.push(serde_json::json!({
+            "name": device,
+            "onnx": format!("{device}.onnx"),
+            "fallback": true,
+            "familiar_windows": familiar,
+            "model_version": lineage.model_version.to_string(),
+            "parent_version": lineage.parent_version.map(|p| p.to_string()),
+            "training_run": lineage.training_run,
+        }));
+    }
     let samples: Vec<serde_json::Value> = set
         .windows
         .iter()

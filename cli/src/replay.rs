@@ -35,7 +35,9 @@ use swimlane_core::keys::Keys;
 use swimlane_core::records::Feedback;
 use swimlane_core::{ModelSpec, UserId};
 use swimlane_model::synth::derive_seed;
-use swimlane_model::{evaluate, fine_tune, train_base, MicroModel, Sample, TrainConfig};
+use swimlane_model::{
+    evaluate, evaluate_predictions, fine_tune, train_base, MicroModel, Sample, TrainConfig,
+};
 use swimlane_runtime::Config;
 use swimlane_state::tokens::new_token;
 use swimlane_state::Repo;
@@ -511,15 +513,16 @@ fn drive(
                 continue;
             };
             let d = &devices[i];
-            let (model, version) = match d.current_versioned()? {
+            // What the phone runs: the published version's ONNX file (with its fallback
+            // to the base model for windows the version does not know), or the base.
+            let samples: Vec<Sample> = session.iter().map(|w| w.sample.clone()).collect();
+            let (predicted, version) = match d.current_onnx_versioned()? {
                 Some((m, v)) => {
                     spec.ensure_same(m.spec())?;
-                    (m, Some(v))
+                    (m.predict(&samples)?, Some(v))
                 }
-                None => (base.clone(), None),
+                None => (base.predict(&samples)?, None),
             };
-            let samples: Vec<Sample> = session.iter().map(|w| w.sample.clone()).collect();
-            let predicted = model.predict(&samples)?;
             let feedback: Vec<Feedback> = samples
                 .iter()
                 .zip(&predicted)
@@ -605,9 +608,11 @@ fn drive(
     let mut out = Vec::new();
     for (i, (name, sessions, test)) in swimmers.iter().enumerate() {
         let d = &devices[i];
-        let final_model = d.current_model()?.unwrap_or_else(|| base.clone());
         let b = evaluate(base, test)?;
-        let f = evaluate(&final_model, test)?;
+        let f = match d.current_onnx_versioned()? {
+            Some((m, _)) => evaluate_predictions(spec.num_classes(), test, &m.predict(test)?),
+            None => b.clone(),
+        };
         let baseline = no_gate_baseline(opts, base, name, sessions)?;
         let g = evaluate(&baseline, test)?;
         let st = &statuses[i];

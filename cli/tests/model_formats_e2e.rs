@@ -1,9 +1,11 @@
 //! Issue 9, end to end: users upload corrections through the ingest API, the workers
 //! train, validate and publish, and each user's published model is downloaded through
 //! the publisher's HTTP API in both formats (safetensors and ONNX). On that user's
-//! held-out windows, candle on the safetensors file and swimlane's own ONNX evaluator on
-//! the ONNX file predict the same (probabilities within 1e-5, the same class for every
-//! window), and score exactly the held-out accuracy the validator accepted.
+//! held-out windows, swimlane's own ONNX evaluator on the ONNX file (the device's model:
+//! the personal model for windows familiar to it, the base model for the others)
+//! predicts what candle predicts with the same choice (probabilities within 1e-5, the
+//! same class for every window), and the safetensors file scores exactly the held-out
+//! accuracy the validator accepted.
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -283,26 +285,56 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
         assert_eq!(md["weights_sha256"], sha256_hex(&st.body));
         assert_eq!(rec["onnx"]["sha256"], sha256_hex(&ox.body));
 
-        // The user's held-out windows: the same predictions, and the accuracy the
-        // validator accepted.
+        // The ONNX file is the device's model: the personal model (the safetensors
+        // file) for windows familiar to it, the installed base model for the others.
+        let run_id = rec["run_id"].as_str().unwrap();
+        let run = db.transact(|tx| repo.run(tx, u, run_id)).unwrap().unwrap();
+        let familiarity = run.familiarity.expect("the run recorded its familiarity");
+        assert_eq!(md["fallback"], "base");
+        assert_eq!(md["base_weights_sha256"], sha256_hex(&base.to_bytes()));
+        let base_sha = sha256_hex(&base.to_bytes());
+        let fb = onnx::Fallback {
+            base: &base,
+            base_weights_sha256: &base_sha,
+            familiarity: &familiarity,
+        };
+
+        // The user's held-out windows: the device's file computes what candle computes
+        // with the same choice; the safetensors file scores the accuracy the validator
+        // accepted (the gate judges the personal model).
         let held = heldout_windows(&db, &repo, u, version);
         assert!(held.len() >= 16, "{u}: {} held-out windows", held.len());
         let refs: Vec<&[f32]> = held.iter().map(|s| s.frames.as_slice()).collect();
-        let pc = candle.predict_proba(&refs).unwrap();
+        let pc = onnx::predict_proba_with_fallback(&candle, Some(&fb), &refs).unwrap();
         let po = onnx_model.predict_proba(&refs).unwrap();
         let parity = onnx::compare(&pc, &po);
-        eprintln!("{u} v{version}: {parity}");
-        assert!(parity.holds(), "{u}: {parity}");
-        let correct = po
+        let (mean, std) = candle.normalisation();
+        let familiar = refs
             .iter()
-            .zip(&held)
-            .filter(|(p, s)| swimlane_model::net::argmax_class(p) == s.label)
+            .filter(|w| familiarity.knows(w, mean, std))
             .count();
-        let accuracy = correct as f32 / held.len() as f32;
+        eprintln!(
+            "{u} v{version}: {parity}; {familiar} of {} held-out windows familiar",
+            refs.len()
+        );
+        assert!(parity.holds(), "{u}: {parity}");
+        let accuracy = |probabilities: &[Vec<f32>]| {
+            let correct = probabilities
+                .iter()
+                .zip(&held)
+                .filter(|(p, s)| swimlane_model::net::argmax_class(p) == s.label)
+                .count();
+            correct as f32 / held.len() as f32
+        };
+        let personal = accuracy(&candle.predict_proba(&refs).unwrap());
         let accepted = rec["heldout_accuracy"].as_f64().unwrap() as f32;
         assert!(
-            (accuracy - accepted).abs() < 1e-6,
-            "{u} v{version}: the ONNX file scores {accuracy} on the held-out windows, the validator accepted {accepted}"
+            (personal - accepted).abs() < 1e-6,
+            "{u} v{version}: the safetensors file scores {personal} on the held-out windows, the validator accepted {accepted}"
+        );
+        eprintln!(
+            "{u} v{version}: held-out accuracy {personal} (personal model), {} (the device's file)",
+            accuracy(&po)
         );
     }
 

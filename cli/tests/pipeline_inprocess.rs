@@ -273,6 +273,7 @@ fn unhandleable_runs_are_dead_lettered_and_the_partition_moves_on(case: Unhandle
             created_at_ms: 0,
             train_seconds: 0.0,
             train_cpu_seconds: 0.0,
+            familiarity: None,
             verdict: case.verdict.clone(),
             published_version: None,
         };

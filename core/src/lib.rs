@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod clock;
 pub mod events;
+pub mod familiar;
 pub mod ids;
 pub mod keys;
 pub mod policy;

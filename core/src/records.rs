@@ -531,6 +531,11 @@ pub struct RunRecord {
     pub train_cpu_seconds: f32,
     pub verdict: Option<Verdict>,
     pub published_version: Option<u64>,
+    /// Which windows the candidate knows (`crate::familiar`), from the windows it
+    /// trained on: the device's ONNX file answers the others with the base model.
+    /// `None` in records made before it was kept (their files have no fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub familiarity: Option<crate::familiar::Familiarity>,
 }
 
 /// One published model version of a user.

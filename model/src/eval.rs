@@ -2,6 +2,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{MicroModel, ModelError, Sample};
+use swimlane_core::ClassId;
 
 /// Accuracy, per-class recall and the confusion matrix of a model on a sample set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,12 +45,20 @@ impl Evaluation {
 /// Score `model` on `samples`.
 pub fn evaluate(model: &MicroModel, samples: &[Sample]) -> Result<Evaluation, ModelError> {
     let predicted = model.predict(samples)?;
-    let k = model.spec().num_classes();
+    Ok(evaluate_predictions(
+        model.spec().num_classes(),
+        samples,
+        &predicted,
+    ))
+}
+
+/// Score predictions of `k` classes, one per sample, against the samples' labels.
+pub fn evaluate_predictions(k: usize, samples: &[Sample], predicted: &[ClassId]) -> Evaluation {
     let mut confusion = vec![vec![0u32; k]; k];
-    for (s, p) in samples.iter().zip(&predicted) {
+    for (s, p) in samples.iter().zip(predicted) {
         confusion[s.label.index()][p.index()] += 1;
     }
-    Ok(from_confusion(confusion))
+    from_confusion(confusion)
 }
 
 /// The evaluation that a confusion matrix implies.

@@ -58,7 +58,8 @@ use std::fmt;
 use prost::Message;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
-use swimlane_core::ModelSpec;
+use swimlane_core::familiar::Familiarity;
+use swimlane_core::{ClassId, ModelSpec};
 
 use crate::net::{architecture, argmax_class, tensors, FORMAT_NAME};
 use crate::{MicroModel, ModelError, FORMAT_VERSION, MAX_MODEL_BYTES};
@@ -187,6 +188,15 @@ fn int_attr(name: &str, v: i64) -> AttributeProto {
     }
 }
 
+fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
     NodeProto {
         input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -200,7 +210,7 @@ fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> 
 
 /// The ONNX protobuf of `model` with `lineage` in its metadata (see the module doc).
 pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, ModelError> {
-    to_proto_named(model, lineage, &weights_sha256(model))
+    to_proto_named(model, lineage, &weights_sha256(model), None)
 }
 
 /// Lowercase hex SHA-256 of `model`'s safetensors weights (`MicroModel::to_bytes`): the
@@ -209,49 +219,252 @@ pub fn weights_sha256(model: &MicroModel) -> String {
     hex::encode(Sha256::digest(model.to_bytes()))
 }
 
-/// [`to_proto`] with the weights' digest given (see [`export_checked_with_digest`]).
-fn to_proto_named(
+/// The nodes and initializers of one network, every name after `prefix`, reading the
+/// graph input and writing `output`.
+fn net_graph(
     model: &MicroModel,
-    lineage: &Lineage,
-    weights_sha256: &str,
-) -> Result<ModelProto, ModelError> {
+    prefix: &str,
+    output: &str,
+) -> Result<(Vec<TensorProto>, Vec<NodeProto>), ModelError> {
     let (mean, std) = model.normalisation();
     let inv_std: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
     let spec = model.spec();
     let channels = spec.channels.len();
+    let n = |name: &str| format!("{prefix}{name}");
     let mut initializers = vec![
-        initializer("norm.mean", &[channels], mean),
-        initializer("norm.inv_std", &[channels], &inv_std),
+        initializer(&n("norm.mean"), &[channels], mean),
+        initializer(&n("norm.inv_std"), &[channels], &inv_std),
     ];
     for ((name, shape), var) in tensors(spec)[2..].iter().zip(model.params()) {
         let v: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-        initializers.push(initializer(name, shape, &v));
+        initializers.push(initializer(&n(name), shape, &v));
     }
     let gemm = |x: &str, layer: &str, out: &str| {
-        let (w, b) = (format!("{layer}.weight"), format!("{layer}.bias"));
-        node("Gemm", &[x, &w, &b], out, vec![int_attr("transB", 1)])
+        let (w, b) = (n(&format!("{layer}.weight")), n(&format!("{layer}.bias")));
+        node(
+            "Gemm",
+            &[&n(x), &w, &b],
+            &n(out),
+            vec![int_attr("transB", 1)],
+        )
     };
     let nodes = vec![
-        node("Sub", &[INPUT_NAME, "norm.mean"], "centred", vec![]),
-        node("Mul", &["centred", "norm.inv_std"], "normalised", vec![]),
+        node("Sub", &[INPUT_NAME, &n("norm.mean")], &n("centred"), vec![]),
+        node(
+            "Mul",
+            &[&n("centred"), &n("norm.inv_std")],
+            &n("normalised"),
+            vec![],
+        ),
         node(
             "Flatten",
-            &["normalised"],
-            "flat",
+            &[&n("normalised")],
+            &n("flat"),
             vec![int_attr("axis", 1)],
         ),
         gemm("flat", "fc1", "fc1.out"),
-        node("Relu", &["fc1.out"], "h1", vec![]),
+        node("Relu", &[&n("fc1.out")], &n("h1"), vec![]),
         gemm("h1", "fc2", "fc2.out"),
-        node("Relu", &["fc2.out"], "h2", vec![]),
+        node("Relu", &[&n("fc2.out")], &n("h2"), vec![]),
         gemm("h2", "fc3", "logits"),
         node(
             "Softmax",
-            &["logits"],
-            OUTPUT_NAME,
+            &[&n("logits")],
+            output,
             vec![int_attr("axis", -1)],
         ),
     ];
+    Ok((initializers, nodes))
+}
+
+/// The base-model fallback of a device's file: the base model, and the familiarity of
+/// the windows the personal model trained on
+/// ([`swimlane_core::familiar`]). The file answers a familiar window with the personal
+/// model and any other with the base model (module doc, "The device's file").
+#[derive(Clone, Copy, Debug)]
+pub struct Fallback<'a> {
+    pub base: &'a MicroModel,
+    /// Lowercase hex SHA-256 of the base's safetensors weights (metadata
+    /// `base_weights_sha256`; [`weights_sha256`] when the caller does not hold it).
+    pub base_weights_sha256: &'a str,
+    pub familiarity: &'a Familiarity,
+}
+
+impl Fallback<'_> {
+    /// Usable with `model`: the base is of the same spec and the familiarity fits it.
+    fn check(&self, model: &MicroModel) -> Result<(), ModelError> {
+        if self.base.spec() != model.spec() {
+            return Err(ModelError::Format(
+                "the fallback base model is of another spec".into(),
+            ));
+        }
+        self.familiarity
+            .check(model.spec().channels.len())
+            .map_err(|e| ModelError::Format(format!("familiarity: {e}")))
+    }
+}
+
+/// The familiarity nodes (names `fam.*`): from the personal network's normalised
+/// window `flat` [batch, F·C] to `probabilities`, choosing per window between
+/// `personal.probabilities` and `base.probabilities` (module doc). `familiarity` has
+/// foreign centroids.
+fn fallback_graph(
+    model: &MicroModel,
+    familiarity: &Familiarity,
+) -> (Vec<TensorProto>, Vec<NodeProto>) {
+    let spec = model.spec();
+    let (c, frames, k) = (spec.channels.len(), spec.frames, spec.num_classes());
+    // The per-channel average over frames, as a [F·C, C] matrix.
+    let mut avg = vec![0f32; frames * c * c];
+    for t in 0..frames {
+        for ch in 0..c {
+            avg[(t * c + ch) * c + ch] = 1.0 / frames as f32;
+        }
+    }
+    let mut initializers = vec![
+        initializer("fam.avg", &[frames * c, c], &avg),
+        // Every Gemm has a bias: some runtimes (candle-onnx) require one.
+        initializer("fam.zero_c", &[c], &vec![0.0; c]),
+        initializer("fam.zero_k", &[k], &vec![0.0; k]),
+        initializer("fam.ones", &[1, k], &vec![1.0; k]),
+    ];
+    let mut nodes = vec![
+        node(
+            "Gemm",
+            &["flat", "fam.avg", "fam.zero_c"],
+            "fam.mean",
+            vec![],
+        ),
+        node("Mul", &["flat", "flat"], "fam.xx", vec![]),
+        node(
+            "Gemm",
+            &["fam.xx", "fam.avg", "fam.zero_c"],
+            "fam.e2",
+            vec![],
+        ),
+        node("Mul", &["fam.mean", "fam.mean"], "fam.mean2", vec![]),
+        node("Sub", &["fam.e2", "fam.mean2"], "fam.var", vec![]),
+        node("Relu", &["fam.var"], "fam.var0", vec![]),
+        node("Sqrt", &["fam.var0"], "fam.spread", vec![]),
+        node(
+            "Concat",
+            &["fam.mean", "fam.spread"],
+            "fam.features",
+            vec![int_attr("axis", 1)],
+        ),
+        node(
+            "Mul",
+            &["fam.features", "fam.features"],
+            "fam.features2",
+            vec![],
+        ),
+    ];
+    // For each group of centroids, the largest 1 - |f - mu|^2 / r^2 over them:
+    // (1 - w |mu|^2) + f . (2 w mu) + (f*f) . (-w), w = 1 / r^2, then ReduceMax.
+    for (group, cs, rs) in [
+        ("own", &familiarity.centroids, &familiarity.radius),
+        (
+            "foreign",
+            &familiarity.foreign_centroids,
+            &familiarity.foreign_radius,
+        ),
+    ] {
+        let n = cs.len();
+        let (mut twice_wmu, mut neg_w, mut one_minus) =
+            (vec![0f32; 2 * c * n], vec![0f32; 2 * c * n], vec![0f32; n]);
+        for (j, (mu, r)) in cs.iter().zip(rs.iter()).enumerate() {
+            let w = 1.0 / (r * r);
+            for (i, m) in mu.iter().enumerate() {
+                twice_wmu[i * n + j] = 2.0 * w * m;
+                neg_w[i * n + j] = -w;
+            }
+            one_minus[j] = 1.0 - w * mu.iter().map(|m| m * m).sum::<f32>();
+        }
+        let name = |x: &str| format!("fam.{group}.{x}");
+        initializers.push(initializer(&name("twice_wmu"), &[2 * c, n], &twice_wmu));
+        initializers.push(initializer(&name("neg_w"), &[2 * c, n], &neg_w));
+        initializers.push(initializer(&name("one_minus_wmu2"), &[n], &one_minus));
+        nodes.push(node(
+            "Gemm",
+            &["fam.features", &name("twice_wmu"), &name("one_minus_wmu2")],
+            &name("lin"),
+            vec![],
+        ));
+        nodes.push(node(
+            "Gemm",
+            &["fam.features2", &name("neg_w"), &name("lin")],
+            &name("inside"),
+            vec![],
+        ));
+        nodes.push(node(
+            "ReduceMax",
+            &[&name("inside")],
+            &name("nearest"),
+            vec![ints_attr("axes", &[1]), int_attr("keepdims", 1)],
+        ));
+    }
+    nodes.extend([
+        // 1 where the nearest own centroid is nearer (in radii) than every foreign one.
+        node(
+            "Sub",
+            &["fam.own.nearest", "fam.foreign.nearest"],
+            "fam.margin",
+            vec![],
+        ),
+        node("Relu", &["fam.margin"], "fam.margin0", vec![]),
+        // Or inside an own centroid's radius.
+        node("Relu", &["fam.own.nearest"], "fam.inside0", vec![]),
+        node("Add", &["fam.margin0", "fam.inside0"], "fam.either", vec![]),
+        node("Sign", &["fam.either"], "fam.familiar", vec![]),
+        node(
+            "Gemm",
+            &["fam.familiar", "fam.ones", "fam.zero_k"],
+            "fam.gate",
+            vec![],
+        ),
+        node(
+            "Sub",
+            &["personal.probabilities", "base.probabilities"],
+            "fam.delta",
+            vec![],
+        ),
+        node("Mul", &["fam.gate", "fam.delta"], "fam.chosen", vec![]),
+        node(
+            "Add",
+            &["base.probabilities", "fam.chosen"],
+            OUTPUT_NAME,
+            vec![],
+        ),
+    ]);
+    (initializers, nodes)
+}
+
+/// [`to_proto`] with the weights' digest given (see [`export_checked_with_digest`]),
+/// and the base-model fallback when given.
+fn to_proto_named(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+    fallback: Option<&Fallback<'_>>,
+) -> Result<ModelProto, ModelError> {
+    let spec = model.spec();
+    let channels = spec.channels.len();
+    // A model that trained on every class knows every window: no fallback.
+    if let Some(fb) = fallback {
+        fb.check(model)?;
+    }
+    let fallback = fallback.filter(|fb| !fb.familiarity.foreign_centroids.is_empty());
+    let (initializers, nodes) = match fallback {
+        None => net_graph(model, "", OUTPUT_NAME)?,
+        Some(fb) => {
+            let (mut inits, mut nodes) = net_graph(model, "", "personal.probabilities")?;
+            let (bi, bn) = net_graph(fb.base, "base.", "base.probabilities")?;
+            let (fi, fnodes) = fallback_graph(model, fb.familiarity);
+            inits.extend(bi.into_iter().chain(fi));
+            nodes.extend(bn.into_iter().chain(fnodes));
+            (inits, nodes)
+        }
+    };
     let graph = GraphProto {
         node: nodes,
         name: "swimlane_micro_model".to_string(),
@@ -288,6 +501,15 @@ fn to_proto_named(
         entry("training_run", opt(lineage.training_run.clone())),
         entry("weights_sha256", weights_sha256.to_string()),
     ];
+    let mut metadata = metadata;
+    if let Some(fb) = fallback {
+        metadata.push(entry("fallback", "base"));
+        metadata.push(entry("base_weights_sha256", fb.base_weights_sha256));
+        metadata.push(entry(
+            "familiar_centroids",
+            fb.familiarity.centroids.len().to_string(),
+        ));
+    }
     Ok(ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto {
@@ -311,15 +533,25 @@ fn to_proto_named(
 /// `model` as an ONNX file (see the module doc). The same model and lineage always
 /// give the same bytes. Errors if the file would exceed [`MAX_MODEL_BYTES`].
 pub fn export(model: &MicroModel, lineage: &Lineage) -> Result<Vec<u8>, ModelError> {
-    export_named(model, lineage, &weights_sha256(model))
+    export_named(model, lineage, &weights_sha256(model), None)
+}
+
+/// [`export`] with the base-model fallback: the device's file (module doc).
+pub fn export_with_fallback(
+    model: &MicroModel,
+    lineage: &Lineage,
+    fallback: &Fallback<'_>,
+) -> Result<Vec<u8>, ModelError> {
+    export_named(model, lineage, &weights_sha256(model), Some(fallback))
 }
 
 fn export_named(
     model: &MicroModel,
     lineage: &Lineage,
     weights_sha256: &str,
+    fallback: Option<&Fallback<'_>>,
 ) -> Result<Vec<u8>, ModelError> {
-    let bytes = to_proto_named(model, lineage, weights_sha256)?.encode_to_vec();
+    let bytes = to_proto_named(model, lineage, weights_sha256, fallback)?.encode_to_vec();
     if bytes.len() > MAX_MODEL_BYTES {
         return Err(ModelError::Format(format!(
             "the ONNX file is {} bytes, more than the {MAX_MODEL_BYTES} byte limit",
@@ -346,11 +578,28 @@ pub fn export_checked_with_digest(
     lineage: &Lineage,
     weights_sha256: &str,
 ) -> Result<Vec<u8>, ModelError> {
-    let bytes = export_named(model, lineage, weights_sha256)?;
+    export_device_checked(model, lineage, weights_sha256, None)
+}
+
+/// [`export_checked_with_digest`], with the base-model fallback when given: the file
+/// is checked against [`predict_proba_with_fallback`] on [`probe_windows`] and on a
+/// window at each familiar centroid (so both branches are exercised). What the
+/// publisher stores.
+pub fn export_device_checked(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+    fallback: Option<&Fallback<'_>>,
+) -> Result<Vec<u8>, ModelError> {
+    let bytes = export_named(model, lineage, weights_sha256, fallback)?;
     let onnx = OnnxModel::from_bytes(&bytes)?;
-    let probes = probe_windows(model);
+    let mut probes = probe_windows(model);
+    if let Some(fb) = fallback {
+        probes.extend(centroid_windows(model, fb.familiarity));
+    }
     let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
-    let p = parity(model, &onnx, &refs)?;
+    let expected = predict_proba_with_fallback(model, fallback, &refs)?;
+    let p = compare(&expected, &onnx.predict_proba(&refs)?);
     if !p.holds_within(EXPORT_TOLERANCE) {
         return Err(ModelError::Format(format!(
             "the ONNX export does not compute what the model computes: {p}"
@@ -395,6 +644,56 @@ pub fn probe_windows(model: &MicroModel) -> Vec<Vec<f32>> {
     out.push(vec![0.0; input]);
     out.push(vec![1.0; input]);
     out
+}
+
+/// What the device's file computes, computed with candle: the personal model's
+/// probabilities for a window familiar to it, the base model's for any other (the
+/// personal model's alone without a fallback).
+pub fn predict_proba_with_fallback(
+    model: &MicroModel,
+    fallback: Option<&Fallback<'_>>,
+    windows: &[&[f32]],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let personal = model.predict_proba(windows)?;
+    let Some(fb) = fallback else {
+        return Ok(personal);
+    };
+    fb.check(model)?;
+    let base = fb.base.predict_proba(windows)?;
+    let (mean, std) = model.normalisation();
+    Ok(windows
+        .iter()
+        .zip(personal.into_iter().zip(base))
+        .map(|(w, (p, b))| {
+            if fb.familiarity.knows(w, mean, std) {
+                p
+            } else {
+                b
+            }
+        })
+        .collect())
+}
+
+/// A window at each familiar centroid: each channel alternates between its centroid's
+/// mean plus and minus its spread (in the model's normalised units), so the window's
+/// features are the centroid's.
+pub fn centroid_windows(model: &MicroModel, familiarity: &Familiarity) -> Vec<Vec<f32>> {
+    let (mean, std) = model.normalisation();
+    let (c, frames) = (mean.len(), model.spec().frames);
+    familiarity
+        .centroids
+        .iter()
+        .filter(|mu| mu.len() == 2 * c)
+        .map(|mu| {
+            (0..frames * c)
+                .map(|i| {
+                    let (t, ch) = (i / c, i % c);
+                    let sign = if t % 2 == 0 { 1.0 } else { -1.0 };
+                    mean[ch] + std[ch] * (mu[ch] + sign * mu[c + ch])
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// How closely an ONNX file follows its model on some windows.
@@ -545,6 +844,16 @@ impl OnnxModel {
         &self.proto
     }
 
+    /// The predicted class of each sample's window.
+    pub fn predict(&self, samples: &[crate::Sample]) -> Result<Vec<ClassId>, ModelError> {
+        let refs: Vec<&[f32]> = samples.iter().map(|s| s.frames.as_slice()).collect();
+        Ok(self
+            .predict_proba(&refs)?
+            .iter()
+            .map(|p| argmax_class(p))
+            .collect())
+    }
+
     /// Class probabilities for each window (each a flattened frames × channels window):
     /// the file's graph run on the windows in one batch by this module's own evaluator
     /// (the operators the exporter writes, with the file's initializers; anything else
@@ -652,6 +961,102 @@ mod tests {
         include!("../tests/support/candle_onnx.rs");
     }
     use candle_onnx_support::candle_onnx_proba;
+
+    #[test]
+    fn the_devices_file_answers_familiar_windows_with_the_personal_model_and_others_with_the_base()
+    {
+        let (base, samples) = model();
+        let other = Swimmer::new(11).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11));
+        let personal = MicroModel::init(&ModelSpec::synthetic_pose(), &other, 5).unwrap();
+        let (mean, std) = personal.normalisation();
+        // Trained on two classes only; the population has them all.
+        let seen: Vec<&Sample> = samples.iter().filter(|s| s.label.0 < 2).collect();
+        let familiarity = Familiarity::of(
+            seen.iter().map(|s| (s.frames.as_slice(), s.label)),
+            samples.iter().map(|s| (s.frames.as_slice(), s.label)),
+            mean,
+            std,
+            swimlane_core::familiar::DEFAULT_SCALE,
+        )
+        .unwrap();
+        assert!(!familiarity.foreign_centroids.is_empty());
+        let base_sha = weights_sha256(&base);
+        let fb = Fallback {
+            base: &base,
+            base_weights_sha256: &base_sha,
+            familiarity: &familiarity,
+        };
+        let lineage = Lineage {
+            model_version: ModelRef::Version(2),
+            parent_version: Some(ModelRef::Version(1)),
+            training_run: Some("run-f".into()),
+        };
+        let bytes =
+            export_device_checked(&personal, &lineage, &weights_sha256(&personal), Some(&fb))
+                .unwrap();
+        assert_eq!(
+            bytes,
+            export_with_fallback(&personal, &lineage, &fb).unwrap()
+        );
+        assert!(bytes.len() <= MAX_MODEL_BYTES, "{}", bytes.len());
+        let o = OnnxModel::from_bytes(&bytes).unwrap();
+        assert_eq!(o.metadata()["fallback"], "base");
+        assert_eq!(o.metadata()["base_weights_sha256"], base_sha);
+        let mut windows: Vec<Vec<f32>> = samples.iter().map(|s| s.frames.clone()).collect();
+        windows.extend(other.iter().map(|s| s.frames.clone()));
+        windows.extend(centroid_windows(&personal, &familiarity));
+        let refs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+        let got = o.predict_proba(&refs).unwrap();
+        let (p, b) = (
+            personal.predict_proba(&refs).unwrap(),
+            base.predict_proba(&refs).unwrap(),
+        );
+        let (mut familiar, mut unfamiliar) = (0, 0);
+        for (i, w) in refs.iter().enumerate() {
+            let want = if familiarity.knows(w, mean, std) {
+                familiar += 1;
+                &p[i]
+            } else {
+                unfamiliar += 1;
+                &b[i]
+            };
+            let d = compare(std::slice::from_ref(want), std::slice::from_ref(&got[i]));
+            assert!(d.holds(), "window {i}: {d}");
+        }
+        assert!(
+            familiar >= 5 && unfamiliar >= 5,
+            "{familiar} / {unfamiliar}"
+        );
+        // The same numbers from the reference and from candle-onnx.
+        let reference = predict_proba_with_fallback(&personal, Some(&fb), &refs).unwrap();
+        assert!(compare(&reference, &got).holds());
+        assert!(compare(&candle_onnx_proba(&bytes, &refs), &got).holds());
+        // A familiarity that does not fit the model is refused, not exported.
+        let bad = Familiarity {
+            centroids: vec![vec![0.0; 3]],
+            radius: vec![1.0],
+            ..familiarity.clone()
+        };
+        let fb_bad = Fallback {
+            familiarity: &bad,
+            ..fb
+        };
+        assert!(export_with_fallback(&personal, &lineage, &fb_bad).is_err());
+        // A model that trained on every class knows every window: the plain file.
+        let everything = Familiarity {
+            foreign_centroids: vec![],
+            foreign_radius: vec![],
+            ..familiarity.clone()
+        };
+        let fb_all = Fallback {
+            familiarity: &everything,
+            ..fb
+        };
+        assert_eq!(
+            export_with_fallback(&personal, &lineage, &fb_all).unwrap(),
+            export(&personal, &lineage).unwrap()
+        );
+    }
 
     #[test]
     fn exports_deterministically_with_metadata_and_loads_back() {

@@ -34,6 +34,7 @@ pub fn run(
         env,
         target_accuracy,
         spec,
+        base: None,
     })?;
     Ok(())
 }

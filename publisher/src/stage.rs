@@ -21,7 +21,7 @@ use swimlane_core::records::{ModelVersionRecord, RunRecord, Standing, StoredFile
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
-use swimlane_state::{lifecycle, Repo, Res};
+use swimlane_state::{lifecycle, Repo, Res, BASE_MODEL_BLOB};
 use swimlane_store::{KvError, Transaction};
 
 use swimlane_runtime::wiring::StageEnv;
@@ -33,6 +33,38 @@ pub(crate) struct Publisher {
     pub target_accuracy: f32,
     /// The deployment's model spec: weights of another spec are never published.
     pub spec: Arc<swimlane_core::ModelSpec>,
+    /// The base model of the ONNX files' fallback, with the SHA-256 of its stored
+    /// weights: read again only when the stored base changes (its blob header, read in
+    /// every `prepare`, records another digest).
+    pub base: Option<BaseModel>,
+}
+
+/// The installed base model and the SHA-256 (hex) of its stored weights.
+pub(crate) type BaseModel = (String, Arc<MicroModel>);
+
+/// The installed base model, from `cached` when the stored one has the same digest.
+fn base_model(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    spec: &swimlane_core::ModelSpec,
+    cached: Option<&BaseModel>,
+) -> Result<BaseModel, KvError> {
+    let missing = || KvError::Corrupt {
+        what: BASE_MODEL_BLOB.into(),
+        reason: "the base model is not installed (run `swimlane admin init`)".into(),
+    };
+    let sha = repo.blob_sha256(tx, BASE_MODEL_BLOB)?.ok_or_else(missing)?;
+    if let Some(c) = cached.filter(|c| c.0 == sha) {
+        return Ok(c.clone());
+    }
+    let (bytes, sha) = repo
+        .blob_with_sha256(tx, BASE_MODEL_BLOB)?
+        .ok_or_else(missing)?;
+    let model = MicroModel::load_for(&bytes, spec).map_err(|e| KvError::Corrupt {
+        what: BASE_MODEL_BLOB.into(),
+        reason: e.to_string(),
+    })?;
+    Ok((sha, Arc::new(model)))
 }
 
 /// Blob id of the ONNX file of `user`'s run `run_id` published as `version`.
@@ -41,11 +73,14 @@ fn onnx_blob_id(user: &str, run_id: &str, version: u64) -> String {
 }
 
 /// The ONNX file of `run`'s candidate published as `version`, checked against the
-/// candidate (`swimlane_model::onnx::export_checked`).
+/// candidate (`swimlane_model::onnx::export_device_checked`): with the base-model
+/// fallback for the windows the candidate does not know when the run recorded its
+/// familiarity (`swimlane_core::familiar`).
 fn export_onnx(
     spec: &swimlane_core::ModelSpec,
     run: &RunRecord,
     (weights, weights_sha256): (&[u8], &str),
+    base: Option<&BaseModel>,
     version: u64,
 ) -> Result<Vec<u8>, KvError> {
     let model = MicroModel::load_for(weights, spec).map_err(|e| KvError::Corrupt {
@@ -61,7 +96,16 @@ fn export_onnx(
     // an error retrying cannot fix (the runner gives up on the record after its bound,
     // and `abandon` ends the run). The weights' digest is the one the blob read checked
     // them against.
-    onnx::export_checked_with_digest(&model, &lineage, weights_sha256).map_err(|e| {
+    let fallback = run
+        .familiarity
+        .as_ref()
+        .zip(base)
+        .map(|(familiarity, base)| onnx::Fallback {
+            base: &base.1,
+            base_weights_sha256: &base.0,
+            familiarity,
+        });
+    onnx::export_device_checked(&model, &lineage, weights_sha256, fallback.as_ref()).map_err(|e| {
         KvError::Corrupt {
             what: format!("ONNX export of run {}", run.run_id),
             reason: e.to_string(),
@@ -128,6 +172,7 @@ impl Stage for Publisher {
     /// expected to assign.
     fn prepare(&mut self, (user, run_id): &(UserId, String)) -> Result<Option<Accepted>, KvError> {
         let (repo, u) = (&self.env.repo, user.as_str());
+        let (spec, cached) = (&self.spec, self.base.as_ref());
         let found = self.env.db.transact(|tx| {
             let Some(run) = repo.run(tx, u, run_id)? else {
                 return Ok(None);
@@ -138,12 +183,20 @@ impl Stage for Publisher {
             }
             let version = repo.user_state(tx, u)?.last_version + 1;
             let w = weights(repo, tx, &run)?;
-            Ok(Some((run, version, w)))
+            // The base model only for a file with a fallback.
+            let base = match run.familiarity {
+                Some(_) => Some(base_model(repo, tx, spec, cached)?),
+                None => None,
+            };
+            Ok(Some((run, version, w, base)))
         })?;
         let onnx = match found {
             None => None,
-            Some((run, version, (w, sha256))) => {
-                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), version)?;
+            Some((run, version, (w, sha256), base)) => {
+                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
+                if base.is_some() {
+                    self.base = base;
+                }
                 let blob = onnx_blob_id(u, run_id, version);
                 let sha256 = repo.put_blob_db(&self.env.db, &blob, &bytes)?;
                 Some((version, stored(blob, sha256, &bytes)))
@@ -178,7 +231,11 @@ impl Stage for Publisher {
             _ => {
                 // Not made beforehand for this version: make it here.
                 let (w, sha256) = weights(repo, tx, &run)?;
-                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), version)?;
+                let base = match run.familiarity {
+                    Some(_) => Some(base_model(repo, tx, &self.spec, self.base.as_ref())?),
+                    None => None,
+                };
+                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
                 let blob = onnx_blob_id(u, run_id, version);
                 let sha256 = repo.put_blob(tx, &blob, &bytes)?;
                 stored(blob, sha256, &bytes)
@@ -288,6 +345,31 @@ mod tests {
         let repo = Repo::new(keys.clone());
         let user = UserId::new("ana").unwrap();
         let runs = [("r-a", candidate(1)), ("r-b", candidate(2))];
+        // The installed base model, and what r-b's candidate trained on: r-b's file has
+        // the base-model fallback, r-a's (a record from before familiarity was kept)
+        // has none.
+        let base = candidate(3);
+        let base_bytes = base.to_bytes();
+        db.transact(|tx| repo.put_blob(tx, BASE_MODEL_BLOB, &base_bytes))
+            .unwrap();
+        let trained: Vec<Sample> = {
+            use rand::SeedableRng;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+            swimlane_model::synth::Swimmer::new(2).windows(64, &mut rng)
+        };
+        let (mean, std) = runs[1].1.normalisation();
+        // Trained on the first two classes; the population has every class.
+        let familiarity = swimlane_core::familiar::Familiarity::of(
+            trained
+                .iter()
+                .filter(|s| s.label.0 < 2)
+                .map(|s| (s.frames.as_slice(), s.label)),
+            trained.iter().map(|s| (s.frames.as_slice(), s.label)),
+            mean,
+            std,
+            swimlane_core::familiar::DEFAULT_SCALE,
+        )
+        .unwrap();
         for (run_id, m) in &runs {
             let bytes = m.to_bytes();
             let blob = format!("cand-{run_id}");
@@ -308,6 +390,7 @@ mod tests {
                         created_at_ms: 0,
                         train_seconds: 0.0,
                         train_cpu_seconds: 0.0,
+                        familiarity: (*run_id == "r-b").then(|| familiarity.clone()),
                         verdict: Some(Verdict {
                             accepted: true,
                             candidate_heldout_accuracy: 0.9,
@@ -361,6 +444,7 @@ mod tests {
             },
             target_accuracy: 0.97,
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
+            base: None,
         };
         let mut p = Runner::new(stage, db.clone(), keys.clone(), emitter);
         p.handle(&delivery).unwrap();
@@ -383,7 +467,29 @@ mod tests {
             assert_eq!(o.metadata()["parent_version"], "base");
             assert_eq!(o.metadata()["training_run"], *run_id);
             assert_eq!(o.metadata()["weights_sha256"], rec.sha256);
-            assert!(onnx::parity(m, &o, &refs).unwrap().holds());
+            if *run_id == "r-a" {
+                assert!(!o.metadata().contains_key("fallback"));
+                assert!(onnx::parity(m, &o, &refs).unwrap().holds());
+                continue;
+            }
+            let base_sha = sha256_hex(&base_bytes);
+            assert_eq!(o.metadata()["fallback"], "base");
+            assert_eq!(o.metadata()["base_weights_sha256"], base_sha);
+            let fb = onnx::Fallback {
+                base: &base,
+                base_weights_sha256: &base_sha,
+                familiarity: &familiarity,
+            };
+            let mut windows = probes.clone();
+            windows.extend(trained.iter().map(|s| s.frames.clone()));
+            let refs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+            let familiar = refs
+                .iter()
+                .filter(|w| familiarity.knows(w, mean, std))
+                .count();
+            assert!(familiar > 0 && familiar < refs.len(), "{familiar}");
+            let want = onnx::predict_proba_with_fallback(m, Some(&fb), &refs).unwrap();
+            assert!(onnx::compare(&want, &o.predict_proba(&refs).unwrap()).holds());
         }
         // Delivered again (a crash before the consumer moved on): nothing changes.
         p.handle(&delivery).unwrap();

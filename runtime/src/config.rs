@@ -213,6 +213,13 @@ pub struct TrainerConfig {
     /// Applied by [`crate::apply_model_threads`] unless `RAYON_NUM_THREADS` or
     /// `CANDLE_NUM_THREADS` is set.
     pub threads: u32,
+    /// The radius of a candidate's familiar windows, in multiples of the 95th
+    /// percentile of its training windows' distances to their class centroid
+    /// (`swimlane_core::familiar`): the device's file answers the windows outside it that
+    /// are nearer a style the candidate never trained on with the base model. Smaller
+    /// falls back more often (safer for a style the swimmer never uploaded, but gives up
+    /// more of what personalisation gains); 0 turns the fallback off.
+    pub familiar_scale: f32,
     pub consumer: ConsumerConfig,
 }
 
@@ -315,6 +322,7 @@ impl Default for TrainerConfig {
         TrainerConfig {
             metrics_listen: addr("127.0.0.1:9102"),
             threads: 1,
+            familiar_scale: swimlane_core::familiar::DEFAULT_SCALE,
             consumer: ConsumerConfig::default(),
         }
     }
@@ -729,6 +737,12 @@ impl Config {
             return Err(invalid(
                 "trainer.threads",
                 "must be at most 1024 (0: one per core)",
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.trainer.familiar_scale) {
+            return Err(invalid(
+                "trainer.familiar_scale",
+                "must be between 0 (no fallback) and 10",
             ));
         }
         if self.topic_prefix.len() > 100
@@ -1157,6 +1171,14 @@ mod tests {
             (
                 "trainer.consumer.lease_ttl_ms",
                 Box::new(|c| c.trainer.consumer.lease_ttl_ms = 10),
+            ),
+            (
+                "trainer.familiar_scale",
+                Box::new(|c| c.trainer.familiar_scale = f32::NAN),
+            ),
+            (
+                "trainer.familiar_scale",
+                Box::new(|c| c.trainer.familiar_scale = -1.0),
             ),
             (
                 "validator.margin",

@@ -541,6 +541,12 @@ impl Repo {
             .map(|(data, h)| (data, hex::encode(h.sha256))))
     }
 
+    /// The SHA-256 (lowercase hex) a blob's header records, without reading the blob;
+    /// `None` when absent.
+    pub fn blob_sha256(&self, tx: &mut Transaction<'_>, blob_id: &str) -> Res<Option<String>> {
+        Ok(blob::header_in(tx, &self.keys.blob(blob_id))?.map(|h| hex::encode(h.sha256)))
+    }
+
     /// Read a blob of any size (several transactions for large ones).
     pub fn blob_db(&self, db: &Db, blob_id: &str) -> Res<Option<Vec<u8>>> {
         blob::read(db, &self.keys.blob(blob_id))

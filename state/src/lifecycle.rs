@@ -875,6 +875,7 @@ mod tests {
                             created_at_ms: 0,
                             train_seconds: 0.0,
                             train_cpu_seconds: 0.0,
+                            familiarity: None,
                             verdict: None,
                             published_version: None,
                         };

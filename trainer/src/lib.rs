@@ -25,12 +25,13 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
 use swimlane_bus::Record;
+use swimlane_core::familiar::Familiarity;
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
-use swimlane_state::{lifecycle, BASE_MODEL_BLOB};
+use swimlane_state::{decode_sample_set, lifecycle, BASE_MODEL_BLOB, GUARD_SET_BLOB};
 use swimlane_store::{KvError, Transaction};
 
 mod metrics;
@@ -50,6 +51,9 @@ pub struct TrainerConfig {
     /// A run trains on at most this many of the user's most recent training windows
     /// (`retention.max_training_windows`).
     pub max_training_windows: usize,
+    /// `trainer.familiar_scale`: the radius of a candidate's familiar windows
+    /// (`swimlane_core::familiar`); 0: no fallback.
+    pub familiar_scale: f32,
 }
 
 /// What the trainer works with.
@@ -67,20 +71,31 @@ pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(
         .clamp(1, MAX_RUNS_PER_COMMIT);
     let (train, spec) = (config.train, config.spec);
     let max_training_windows = config.max_training_windows.max(1);
+    let familiar_scale = config.familiar_scale;
     deps.run(config.loop_options, stop, |env| Trainer {
         env,
         train,
         spec,
         max_training_windows,
+        familiar_scale,
+        population: None,
     })?;
     Ok(())
 }
+
+/// The population's windows (the installed guard set, `GUARD_SET_BLOB`), with the
+/// SHA-256 (hex) of the stored set: they place a candidate's foreign centroids
+/// (`swimlane_core::familiar`).
+type Population = (String, Arc<Vec<Sample>>);
 
 struct Trainer {
     env: StageEnv<TrainerMetrics>,
     train: TrainConfig,
     spec: Arc<swimlane_core::ModelSpec>,
     max_training_windows: usize,
+    familiar_scale: f32,
+    /// Read once per process, and again only when the stored set's digest changes.
+    population: Option<Population>,
 }
 
 /// Everything one run needs, read in one short transaction.
@@ -93,6 +108,9 @@ struct Plan {
     samples: Vec<Sample>,
     /// [`anchor_scale`] of these samples.
     anchor_scale: f64,
+    /// The population's windows; `None` when no guard set is installed (the candidate
+    /// then has no foreign centroid, and its file no fallback).
+    population: Option<Population>,
 }
 
 /// How much of the pull towards the parent (`TrainConfig::anchor`) a run keeps: the
@@ -115,6 +133,8 @@ struct Trained {
     seconds: f32,
     /// The process's CPU seconds over the same span.
     cpu_seconds: f32,
+    /// Which windows the candidate knows (from `plan.samples`).
+    familiarity: Option<Familiarity>,
 }
 
 /// Deterministic run id of a user's run over `batches` (sorted), as its
@@ -208,7 +228,22 @@ impl Trainer {
                 reason: "weights missing (was the base model installed? `swimlane admin init`)"
                     .into(),
             })?;
+            // The population, from the cache while the stored set is the same.
+            let population = match repo.blob_sha256(tx, GUARD_SET_BLOB)? {
+                None => None,
+                Some(sha) => match self.population.as_ref().filter(|p| p.0 == sha) {
+                    Some(p) => Some(p.clone()),
+                    None => match repo.blob_with_sha256(tx, GUARD_SET_BLOB)? {
+                        None => None,
+                        Some((bytes, sha)) => {
+                            let set = decode_sample_set(&bytes)?;
+                            Some((sha, Arc::new(set.into_iter().map(to_sample).collect())))
+                        }
+                    },
+                },
+            };
             Ok(Some(Plan {
+                population,
                 user: user.clone(),
                 run_id: run_id(u, &staged, state.runs_started),
                 batches: staged,
@@ -234,7 +269,19 @@ impl Trainer {
             fine_tune(&parent, &plan.samples, &cfg).map_err(|e| format!("training: {e}"))?;
         let seconds = t0.elapsed().as_secs_f32();
         let cpu_seconds = (swimlane_runtime::process_cpu_seconds() - cpu0) as f32;
+        // Which windows the candidate knows: the device's file answers the others with
+        // the base model (`swimlane_core::familiar`).
+        let (mean, std) = model.normalisation();
+        let population: &[Sample] = plan.population.as_ref().map_or(&[], |p| &p.1);
+        let familiarity = Familiarity::of(
+            plan.samples.iter().map(|s| (s.frames.as_slice(), s.label)),
+            population.iter().map(|s| (s.frames.as_slice(), s.label)),
+            mean,
+            std,
+            self.familiar_scale,
+        );
         Ok(Trained {
+            familiarity,
             weights: model.to_bytes(),
             plan,
             seconds,
@@ -277,6 +324,9 @@ impl Stage for Trainer {
             return Ok(None);
         };
         tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
+        if plan.population.is_some() {
+            self.population = plan.population.clone();
+        }
         let batches = plan.batches.clone();
         Ok(Some(match self.train(plan) {
             Ok(t) => {
@@ -347,6 +397,7 @@ impl Stage for Trainer {
             train_cpu_seconds: t.cpu_seconds,
             verdict: None,
             published_version: None,
+            familiarity: t.familiarity.clone(),
         };
         lifecycle::begin_run(
             repo,
@@ -375,6 +426,7 @@ impl TrainerConfig {
             spec: Arc::new(config.model_spec()?),
             train: TrainConfig::fine_tune(),
             max_training_windows: config.retention.max_training_windows as usize,
+            familiar_scale: config.trainer.familiar_scale,
         })
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! It knows exactly the operators the exporter writes (ONNX's default domain, opset 13
 //! to [`super::OPSET`], where they mean the same):
-//! - `Sub`, `Mul`: float32, the second operand's shape a suffix of the first's (or the
-//!   other way round): `[batch, 32, 16] - [16]`; no other broadcasting;
+//! - `Sub`, `Mul`, `Add`: float32, the second operand's shape a suffix of the first's
+//!   (or the other way round): `[batch, 32, 16] - [16]`; no other broadcasting;
+//! - `Sqrt`, `Sign`;
+//! - `ReduceMax` of a rank-2 value over its last axis (`axes` [1], `keepdims` 1);
+//! - `Concat` of rank-2 values along the last axis (`axis` 1 or -1);
 //! - `Flatten` (`axis`);
 //! - `Gemm`: `A [M, K]`, `B [N, K]` with `transB=1` (or `[K, N]`), optional `C` of
 //!   shape `[N]`, `[1, N]` or `[M, N]`; `alpha` and `beta` absent (1), `transA` 0;
@@ -217,14 +220,45 @@ fn eval_node(node: &NodeProto, env: &HashMap<&str, Value>) -> Result<Value, Stri
         return Err(format!("domain {:?} is not supported", node.domain));
     }
     match node.op_type.as_str() {
-        "Sub" | "Mul" => {
+        "Sub" | "Mul" | "Add" => {
             int_attrs(node, &[])?;
             let x = inputs(node, env, 2..=2)?;
-            if node.op_type == "Sub" {
-                elementwise(x[0], x[1], |a, b| a - b)
-            } else {
-                elementwise(x[0], x[1], |a, b| a * b)
+            match node.op_type.as_str() {
+                "Sub" => elementwise(x[0], x[1], |a, b| a - b),
+                "Mul" => elementwise(x[0], x[1], |a, b| a * b),
+                _ => elementwise(x[0], x[1], |a, b| a + b),
             }
+        }
+        "Sqrt" | "Sign" => {
+            int_attrs(node, &[])?;
+            let x = inputs(node, env, 1..=1)?[0];
+            let f: fn(f32) -> f32 = if node.op_type == "Sqrt" {
+                // NaN for a negative input, as in ONNX.
+                f32::sqrt
+            } else {
+                // -1, 0 or 1 (0 for both zeros), NaN stays NaN, as in ONNX.
+                |v| {
+                    if v > 0.0 {
+                        1.0
+                    } else if v < 0.0 {
+                        -1.0
+                    } else {
+                        v * 0.0
+                    }
+                }
+            };
+            Ok(Value {
+                shape: x.shape.clone(),
+                data: x.data.iter().map(|v| f(*v)).collect(),
+            })
+        }
+        "ReduceMax" => reduce_max_columns(inputs(node, env, 1..=1)?[0], node),
+        "Concat" => {
+            let axis = int_attrs(node, &["axis"])?
+                .get("axis")
+                .copied()
+                .ok_or("Concat needs an axis")?;
+            concat_columns(&inputs(node, env, 1..=usize::MAX)?, axis)
         }
         "Flatten" => {
             let axis = int_attrs(node, &["axis"])?
@@ -300,6 +334,73 @@ fn elementwise(a: &Value, b: &Value, f: fn(f32, f32) -> f32) -> Result<Value, St
             a.shape, b.shape
         ))
     }
+}
+
+/// `ReduceMax` of a rank-2 value over its last axis, keeping it (`axes` [1] or [-1],
+/// `keepdims` 1): the only reduction the exporter writes. An empty row is refused.
+fn reduce_max_columns(x: &Value, node: &NodeProto) -> Result<Value, String> {
+    let (mut axes, mut keepdims) = (None, None);
+    for a in &node.attribute {
+        match (a.name.as_str(), a.r#type) {
+            ("axes", t) if t == AttributeType::Ints as i32 && axes.is_none() => {
+                axes = Some(a.ints.clone())
+            }
+            ("keepdims", t) if t == AttributeType::Int as i32 && keepdims.is_none() => {
+                keepdims = Some(a.i)
+            }
+            (name, _) => return Err(format!("attribute {name:?} is not supported here")),
+        }
+    }
+    if !matches!(axes.as_deref(), Some([1]) | Some([-1])) || keepdims != Some(1) {
+        return Err(format!(
+            "axes {axes:?}, keepdims {keepdims:?}: only axes [1] with keepdims 1"
+        ));
+    }
+    let (m, n) = match x.shape.as_slice() {
+        [m, n] if *n > 0 => (*m, *n),
+        s => return Err(format!("input of shape {s:?}, expected [M, N] with N > 0")),
+    };
+    Ok(Value {
+        shape: vec![m, 1],
+        data: (0..m)
+            .map(|i| {
+                x.data[i * n..(i + 1) * n]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect(),
+    })
+}
+
+/// `Concat` of rank-2 values along their last axis (`axis` 1 or -1): the only
+/// concatenation the exporter writes.
+fn concat_columns(xs: &[&Value], axis: i64) -> Result<Value, String> {
+    if axis != 1 && axis != -1 {
+        return Err(format!("axis {axis}: only the last axis of rank-2 values"));
+    }
+    let rows = match xs.first().map(|x| x.shape.as_slice()) {
+        Some([m, _]) => *m,
+        _ => return Err("inputs must be rank 2".into()),
+    };
+    let mut widths = Vec::with_capacity(xs.len());
+    for x in xs {
+        match x.shape.as_slice() {
+            [m, n] if *m == rows => widths.push(*n),
+            s => return Err(format!("input of shape {s:?} next to {rows} rows")),
+        }
+    }
+    let total: usize = widths.iter().sum();
+    let mut data = Vec::with_capacity(rows * total);
+    for i in 0..rows {
+        for (x, n) in xs.iter().zip(&widths) {
+            data.extend_from_slice(&x.data[i * n..(i + 1) * n]);
+        }
+    }
+    Ok(Value {
+        shape: vec![rows, total],
+        data,
+    })
 }
 
 fn flatten(x: &Value, axis: i64) -> Result<Value, String> {

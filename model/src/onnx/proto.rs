@@ -104,6 +104,8 @@ pub struct AttributeProto {
     pub r#type: i32,
     #[prost(int64, tag = "3")]
     pub i: i64,
+    #[prost(int64, repeated, tag = "8")]
+    pub ints: Vec<i64>,
 }
 
 /// Nested in `AttributeProto`.
@@ -116,6 +118,7 @@ pub mod attribute_proto {
         Undefined = 0,
         Float = 1,
         Int = 2,
+        Ints = 7,
     }
 }
 
