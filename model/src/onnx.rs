@@ -21,6 +21,27 @@
 //! build), candle-onnx and the usual Core ML / TFLite converters. Weights are float32
 //! initializers (`raw_data`, little-endian); the file is about 298 kB.
 //!
+//! # The device's file: the base-model fallback
+//! A personal version's file ([`export_device_checked`] with a [`Fallback`]) holds the
+//! graph above twice, the personal model's (output `personal.probabilities`) and the
+//! deployment's base model's (every name prefixed `base.`, output
+//! `base.probabilities`), and the choice between them
+//! (`swimlane_core::familiar`), all from the personal model's normalised window `flat`:
+//! ```text
+//! fam.mean    = Gemm(flat, fam.avg)          per-channel mean over frames   [batch, C]
+//! fam.e2      = Gemm(flat * flat, fam.avg)   per-channel mean of squares    [batch, C]
+//! fam.spread  = Sqrt(Relu(fam.e2 - fam.mean * fam.mean))
+//! fam.features = Concat(fam.mean, fam.spread, axis=1)                       [batch, 2C]
+//! for each group (own, foreign):  fam.G.inside = 1 - |f - c|² / r²  per centroid, as
+//!   Gemm(f * f, -w) + Gemm(f, 2 w c) + (1 - w |c|²) with w = 1 / r²         [batch, n]
+//!   fam.G.nearest = ReduceMax(fam.G.inside, axes=[1], keepdims=1)           [batch, 1]
+//! fam.familiar = Sign(Relu(own - foreign) + Relu(own))   1 or 0             [batch, 1]
+//! probabilities = base + Gemm(fam.familiar, ones[1, K]) * (personal - base)
+//! ```
+//! Its metadata adds `fallback` (`base`), `base_weights_sha256` and
+//! `familiar_centroids`. A version whose familiarity has no foreign centroid (it trained
+//! on every class) gets the plain file.
+//!
 //! The normalisation multiplies by `1 / std` (computed in f32), exactly as
 //! [`MicroModel::forward`] does, so both compute the same numbers up to summation
 //! order inside the matrix products.
