@@ -18,7 +18,7 @@ use swimlane_core::keys::Keys;
 use swimlane_core::UserId;
 use swimlane_model::experiment::unseen_swimmer;
 use swimlane_model::synth::{corrections_from, derive_seed, poison};
-use swimlane_model::{evaluate, MicroModel};
+use swimlane_model::{evaluate, evaluate_predictions, MicroModel};
 use swimlane_runtime::Config;
 use swimlane_state::tokens::new_token;
 use swimlane_state::{Repo, BASE_MODEL_BLOB};
@@ -65,7 +65,11 @@ impl Default for DemoOptions {
 pub struct UserReport {
     pub user: String,
     pub base_accuracy: f64,
+    /// The final personal model (the safetensors file) on the fresh windows.
     pub final_accuracy: f64,
+    /// The device's file (ONNX, with its fallback to the base model for windows unlike
+    /// every style the version trained on) on the same windows: what the phone gets.
+    pub device_accuracy: f64,
     pub published_versions: usize,
     pub rejected_candidates: usize,
     pub uploads: usize,
@@ -82,6 +86,7 @@ pub struct DemoReport {
     pub batches: usize,
     pub median_base_accuracy: f64,
     pub median_final_accuracy: f64,
+    pub median_device_accuracy: f64,
     pub base_model_seconds: f64,
     pub pipeline_seconds: f64,
     pub seconds: f64,
@@ -141,6 +146,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     Ok(DemoReport {
         median_base_accuracy: median(users.iter().map(|u| u.base_accuracy).collect()),
         median_final_accuracy: median(users.iter().map(|u| u.final_accuracy).collect()),
+        median_device_accuracy: median(users.iter().map(|u| u.device_accuracy).collect()),
         users,
         poisoned_batches,
         poisoned_batches_published,
@@ -273,6 +279,14 @@ fn drive(
     let (mut poisoned_total, mut poisoned_published) = (0, 0);
     for (i, d) in devices.iter().enumerate() {
         let final_model = d.current_model()?.unwrap_or_else(|| base.clone());
+        let base_eval = evaluate(base, &tests[i])?;
+        let device_accuracy = match d.current_onnx_versioned()? {
+            Some((file, _)) => {
+                let k = file.spec().num_classes();
+                evaluate_predictions(k, &tests[i], &file.predict(&tests[i])?).accuracy
+            }
+            None => base_eval.accuracy,
+        };
         let mut rejected_runs = std::collections::BTreeSet::new();
         let mut deferred = 0;
         for night in 0..opts.rounds {
@@ -290,8 +304,9 @@ fn drive(
         poisoned_total += poisoned[i].len();
         users.push(UserReport {
             user: d.user.clone(),
-            base_accuracy: evaluate(base, &tests[i])?.accuracy,
+            base_accuracy: base_eval.accuracy,
             final_accuracy: evaluate(&final_model, &tests[i])?.accuracy,
+            device_accuracy,
             published_versions: d.versions()?,
             rejected_candidates: rejected_runs.len(),
             uploads: uploads[i],
@@ -305,15 +320,24 @@ fn drive(
 /// Print the report as a table.
 pub fn print_table(r: &DemoReport) {
     println!(
-        "{:<12} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9}",
-        "swimmer", "base", "final", "versions", "rejected", "uploads", "poisoned", "deferred"
+        "{:<12} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9}",
+        "swimmer",
+        "base",
+        "final",
+        "device",
+        "versions",
+        "rejected",
+        "uploads",
+        "poisoned",
+        "deferred"
     );
     for u in &r.users {
         println!(
-            "{:<12} {:>8.3} {:>8.3} {:>9} {:>9} {:>8} {:>9} {:>9}",
+            "{:<12} {:>8.3} {:>8.3} {:>8.3} {:>9} {:>9} {:>8} {:>9} {:>9}",
             u.user,
             u.base_accuracy,
             u.final_accuracy,
+            u.device_accuracy,
             u.published_versions,
             u.rejected_candidates,
             u.uploads,
@@ -322,9 +346,10 @@ pub fn print_table(r: &DemoReport) {
         );
     }
     println!(
-        "\nmedian accuracy: base {:.3} -> final {:.3}; {} uploads, {} poisoned, {} poisoned published; base model {:.1}s, pipeline {:.1}s, total {:.1}s",
+        "\nmedian accuracy: base {:.3} -> final {:.3} (the device's file {:.3}); {} uploads, {} poisoned, {} poisoned published; base model {:.1}s, pipeline {:.1}s, total {:.1}s",
         r.median_base_accuracy,
         r.median_final_accuracy,
+        r.median_device_accuracy,
         r.batches,
         r.poisoned_batches,
         r.poisoned_batches_published,
