@@ -228,22 +228,8 @@ impl Trainer {
                 reason: "weights missing (was the base model installed? `swimlane admin init`)"
                     .into(),
             })?;
-            // The population, from the cache while the stored set is the same.
-            let population = match repo.blob_sha256(tx, GUARD_SET_BLOB)? {
-                None => None,
-                Some(sha) => match self.population.as_ref().filter(|p| p.0 == sha) {
-                    Some(p) => Some(p.clone()),
-                    None => match repo.blob_with_sha256(tx, GUARD_SET_BLOB)? {
-                        None => None,
-                        Some((bytes, sha)) => {
-                            let set = decode_sample_set(&bytes)?;
-                            Some((sha, Arc::new(set.into_iter().map(to_sample).collect())))
-                        }
-                    },
-                },
-            };
             Ok(Some(Plan {
-                population,
+                population: None,
                 user: user.clone(),
                 run_id: run_id(u, &staged, state.runs_started),
                 batches: staged,
@@ -252,6 +238,28 @@ impl Trainer {
                 anchor_scale: anchor_scale(confirmed, samples.len()),
                 samples,
             }))
+        })
+    }
+
+    /// The population's windows, from the cache while the stored guard set's digest is
+    /// the same; read in a transaction of its own (up to about 1 MB), so that a run's
+    /// plan stays within its read budget. `None` when no guard set is installed.
+    fn population(&self) -> Result<Option<Population>, KvError> {
+        let repo = &self.env.repo;
+        self.env.db.transact(|tx| {
+            let Some(sha) = repo.blob_sha256(tx, GUARD_SET_BLOB)? else {
+                return Ok(None);
+            };
+            if let Some(p) = self.population.as_ref().filter(|p| p.0 == sha) {
+                return Ok(Some(p.clone()));
+            }
+            Ok(match repo.blob_with_sha256(tx, GUARD_SET_BLOB)? {
+                None => None,
+                Some((bytes, sha)) => {
+                    let set = decode_sample_set(&bytes)?;
+                    Some((sha, Arc::new(set.into_iter().map(to_sample).collect())))
+                }
+            })
         })
     }
 
@@ -319,10 +327,11 @@ impl Stage for Trainer {
     fn prepare(&mut self, user: &UserId) -> Result<Option<Prepared>, KvError> {
         let span = tracing::info_span!("train", user_id = %user);
         let _g = span.enter();
-        let Some(plan) = self.plan(user)? else {
+        let Some(mut plan) = self.plan(user)? else {
             tracing::debug!("nothing to train");
             return Ok(None);
         };
+        plan.population = self.population()?;
         tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
         if plan.population.is_some() {
             self.population = plan.population.clone();
