@@ -7,6 +7,11 @@ use swimlane_runtime::Worker;
 #[derive(Clone)]
 pub struct PublisherMetrics {
     pub publishes: IntCounter,
+    /// Versions published whose ONNX file falls back to the base model for windows
+    /// unlike every style the version trained on (`swimlane_core::familiar`); the others
+    /// trained on every class, were trained before familiarity was kept, or with
+    /// `trainer.familiar_scale` 0.
+    pub fallback_files: IntCounter,
     /// Time from a batch's upload being accepted to the model containing it published.
     pub upload_to_publish_seconds: Histogram,
     /// Held-out accuracy of each newly published model (a distribution, no per-user
@@ -53,6 +58,10 @@ impl PublisherMetrics {
             publishes: r.counter(
                 "swimlane_publisher_publishes_total",
                 "Model versions published",
+            )?,
+            fallback_files: r.counter(
+                "swimlane_publisher_fallback_files_total",
+                "Model versions published whose ONNX file falls back to the base model for unfamiliar windows",
             )?,
             upload_to_publish_seconds: r.histogram(
                 "swimlane_publisher_upload_to_publish_seconds",

@@ -152,6 +152,8 @@ pub(crate) struct Published {
     /// When the version's batches were staged (for upload-to-publish latency).
     staged_at_ms: Vec<u64>,
     published_at_ms: u64,
+    /// Whether its ONNX file has the base-model fallback.
+    fallback: bool,
 }
 
 impl Stage for Publisher {
@@ -226,6 +228,11 @@ impl Stage for Publisher {
         }
         let state = repo.user_state(tx, u)?;
         let version = state.last_version + 1;
+        // The file has the base-model fallback (`export_onnx`).
+        let fallback = run
+            .familiarity
+            .as_ref()
+            .is_some_and(|f| !f.foreign_centroids.is_empty());
         let onnx_file = match &a.onnx {
             Some((v, file)) if *v == version => file.clone(),
             _ => {
@@ -275,6 +282,7 @@ impl Stage for Publisher {
             heldout_accuracy: verdict.candidate_heldout_accuracy,
             staged_at_ms,
             published_at_ms: now_ms,
+            fallback,
         }))
     }
 
@@ -293,6 +301,8 @@ impl Stage for Publisher {
             }
         }
         self.env.metrics.publishes.inc_by(published.len() as u64);
+        let fallback = published.iter().filter(|p| p.fallback).count();
+        self.env.metrics.fallback_files.inc_by(fallback as u64);
     }
 
     /// The runner gave up on an accepted run (its weights are missing, or its export
@@ -435,12 +445,13 @@ mod tests {
             .collect();
         let delivery = Delivery { fence, records };
         let emitter: Arc<dyn Emitter> = Arc::new(EmbeddedBus::new(keys.clone(), 1));
+        let metrics = PublisherMetrics::register(&prometheus::Registry::new()).unwrap();
         let stage = Publisher {
             env: StageEnv {
                 db: db.clone(),
                 repo: repo.clone(),
                 emitter: emitter.clone(),
-                metrics: PublisherMetrics::register(&prometheus::Registry::new()).unwrap(),
+                metrics: metrics.clone(),
             },
             target_accuracy: 0.97,
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
@@ -450,6 +461,10 @@ mod tests {
         p.handle(&delivery).unwrap();
         let versions = db.transact(|tx| repo.model_versions(tx, "ana")).unwrap();
         assert_eq!(versions.len(), 2);
+        assert_eq!(
+            (metrics.publishes.get(), metrics.fallback_files.get()),
+            (2, 1)
+        );
         let probes = onnx::probe_windows(&runs[0].1);
         let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
         for (rec, (run_id, m)) in versions.iter().zip(&runs) {
