@@ -290,6 +290,28 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
         let run_id = rec["run_id"].as_str().unwrap();
         let run = db.transact(|tx| repo.run(tx, u, run_id)).unwrap().unwrap();
         let familiarity = run.familiarity.expect("the run recorded its familiarity");
+        // The user's history says so too.
+        let history: serde_json::Value = serde_json::from_slice(
+            &get(
+                &agent,
+                &format!("{publisher_url}/v1/users/{u}/history"),
+                token,
+                &[],
+            )
+            .body,
+        )
+        .unwrap();
+        let in_history = history["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == version)
+            .unwrap()["base_fallback"]
+            .clone();
+        assert_eq!(
+            in_history,
+            serde_json::json!(!familiarity.foreign_centroids.is_empty())
+        );
         assert_eq!(md["fallback"], "base");
         assert_eq!(md["base_weights_sha256"], sha256_hex(&base.to_bytes()));
         let base_sha = sha256_hex(&base.to_bytes());

@@ -59,6 +59,9 @@ pub struct VersionHistory {
     pub standing: Standing,
     pub probation: PairedEvidence,
     pub live_periods: Vec<Period>,
+    /// Whether its ONNX file (what the phone runs) answers windows unlike every style
+    /// it trained on with the base model (`swimlane_core::familiar`).
+    pub base_fallback: bool,
 }
 
 /// One training run.
@@ -179,6 +182,11 @@ pub fn user_history(repo: &Repo, tx: &mut Transaction<'_>, user: &str) -> Res<Hi
             batches: r.batches.clone(),
             published_at_ms: r.published_at_ms,
             verdict_reason: verdict_of(&runs, &r.run_id),
+            base_fallback: runs
+                .iter()
+                .find(|run| run.run_id == r.run_id)
+                .and_then(|run| run.familiarity.as_ref())
+                .is_some_and(|f| !f.foreign_centroids.is_empty()),
             heldout_accuracy: r.heldout_accuracy,
             parent_heldout_accuracy: r.parent_heldout_accuracy,
             guard_accuracy: r.guard_accuracy,

@@ -331,7 +331,10 @@ impl Stage for Trainer {
             tracing::debug!("nothing to train");
             return Ok(None);
         };
-        plan.population = self.population()?;
+        // No fallback (`trainer.familiar_scale` 0): no population to read.
+        if self.familiar_scale > 0.0 {
+            plan.population = self.population()?;
+        }
         tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
         if plan.population.is_some() {
             self.population = plan.population.clone();
