@@ -18,7 +18,7 @@ use swimlane_core::keys::Keys;
 use swimlane_core::UserId;
 use swimlane_model::experiment::unseen_swimmer;
 use swimlane_model::synth::{corrections_from, derive_seed, poison};
-use swimlane_model::{evaluate, evaluate_predictions, MicroModel};
+use swimlane_model::{evaluate, MicroModel};
 use swimlane_runtime::Config;
 use swimlane_state::tokens::new_token;
 use swimlane_state::{Repo, BASE_MODEL_BLOB};
@@ -281,10 +281,7 @@ fn drive(
         let final_model = d.current_model()?.unwrap_or_else(|| base.clone());
         let base_eval = evaluate(base, &tests[i])?;
         let device_accuracy = match d.current_onnx_versioned()? {
-            Some((file, _)) => {
-                let k = file.spec().num_classes();
-                evaluate_predictions(k, &tests[i], &file.predict(&tests[i])?).accuracy
-            }
+            Some((file, _)) => file.evaluate(&tests[i])?.accuracy,
             None => base_eval.accuracy,
         };
         let mut rejected_runs = std::collections::BTreeSet::new();

@@ -35,9 +35,7 @@ use swimlane_core::keys::Keys;
 use swimlane_core::records::Feedback;
 use swimlane_core::{ModelSpec, UserId};
 use swimlane_model::synth::derive_seed;
-use swimlane_model::{
-    evaluate, evaluate_predictions, fine_tune, train_base, MicroModel, Sample, TrainConfig,
-};
+use swimlane_model::{evaluate, fine_tune, train_base, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::Config;
 use swimlane_state::tokens::new_token;
 use swimlane_state::Repo;
@@ -610,7 +608,7 @@ fn drive(
         let d = &devices[i];
         let b = evaluate(base, test)?;
         let f = match d.current_onnx_versioned()? {
-            Some((m, _)) => evaluate_predictions(spec.num_classes(), test, &m.predict(test)?),
+            Some((m, _)) => m.evaluate(test)?,
             None => b.clone(),
         };
         let baseline = no_gate_baseline(opts, base, name, sessions)?;

@@ -188,11 +188,18 @@ impl Familiarity {
         })
     }
 
+    /// Whether a device's file made with this familiarity falls back to the base model
+    /// for some windows: it has foreign centroids (a model that trained on every class
+    /// knows every window).
+    pub fn falls_back(&self) -> bool {
+        !self.foreign_centroids.is_empty()
+    }
+
     /// Is the window with these features familiar: nearer, in radii, to one of the
     /// model's own centroids than to every foreign one?
     pub fn knows_features(&self, features: &[f32]) -> bool {
         let own = nearest(features, &self.centroids, &self.radius);
-        self.foreign_centroids.is_empty()
+        !self.falls_back()
             || own < 1.0
             || own < nearest(features, &self.foreign_centroids, &self.foreign_radius)
     }

@@ -27,7 +27,7 @@ mod st;
 pub mod synth;
 pub mod train;
 
-pub use eval::{evaluate, evaluate_predictions, Evaluation};
+pub use eval::{evaluate, Evaluation};
 pub use net::{MicroModel, FORMAT_VERSION, MAX_MODEL_BYTES};
 pub use train::{fine_tune, fine_tune_many, train_base, FineTuneJob, TrainConfig, TrainReport};
 

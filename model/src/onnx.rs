@@ -474,7 +474,7 @@ fn to_proto_named(
     if let Some(fb) = fallback {
         fb.check(model)?;
     }
-    let fallback = fallback.filter(|fb| !fb.familiarity.foreign_centroids.is_empty());
+    let fallback = fallback.filter(|fb| fb.familiarity.falls_back());
     let (initializers, nodes) = match fallback {
         None => net_graph(model, "", OUTPUT_NAME)?,
         Some(fb) => {
@@ -504,7 +504,7 @@ fn to_proto_named(
         ..Default::default()
     };
     let opt = |r: Option<String>| r.unwrap_or_default();
-    let metadata = vec![
+    let mut metadata = vec![
         entry("format", FORMAT_NAME),
         entry("format_version", FORMAT_VERSION.to_string()),
         entry("architecture", architecture(spec)),
@@ -522,7 +522,6 @@ fn to_proto_named(
         entry("training_run", opt(lineage.training_run.clone())),
         entry("weights_sha256", weights_sha256.to_string()),
     ];
-    let mut metadata = metadata;
     if let Some(fb) = fallback {
         metadata.push(entry("fallback", "base"));
         metadata.push(entry("base_weights_sha256", fb.base_weights_sha256));
@@ -863,6 +862,15 @@ impl OnnxModel {
     /// The protobuf.
     pub fn proto(&self) -> &ModelProto {
         &self.proto
+    }
+
+    /// Score the file on `samples` (as [`crate::evaluate`] scores a model).
+    pub fn evaluate(&self, samples: &[crate::Sample]) -> Result<crate::Evaluation, ModelError> {
+        Ok(crate::eval::evaluate_predictions(
+            self.spec.num_classes(),
+            samples,
+            &self.predict(samples)?,
+        ))
     }
 
     /// The predicted class of each sample's window.

@@ -67,6 +67,26 @@ fn base_model(
     Ok((sha, Arc::new(model)))
 }
 
+/// Whether `run`'s file has the base-model fallback (`export_onnx`).
+fn falls_back(run: &RunRecord) -> bool {
+    run.familiarity.as_ref().is_some_and(|f| f.falls_back())
+}
+
+/// The base model `run`'s file needs: `None` for a file without the fallback.
+fn base_for(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    spec: &swimlane_core::ModelSpec,
+    run: &RunRecord,
+    cached: Option<&BaseModel>,
+) -> Result<Option<BaseModel>, KvError> {
+    if falls_back(run) {
+        base_model(repo, tx, spec, cached).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// Blob id of the ONNX file of `user`'s run `run_id` published as `version`.
 fn onnx_blob_id(user: &str, run_id: &str, version: u64) -> String {
     format!("onnx-{user}-{run_id}-v{version}")
@@ -185,11 +205,7 @@ impl Stage for Publisher {
             }
             let version = repo.user_state(tx, u)?.last_version + 1;
             let w = weights(repo, tx, &run)?;
-            // The base model only for a file with a fallback.
-            let base = match run.familiarity {
-                Some(_) => Some(base_model(repo, tx, spec, cached)?),
-                None => None,
-            };
+            let base = base_for(repo, tx, spec, &run, cached)?;
             Ok(Some((run, version, w, base)))
         })?;
         let onnx = match found {
@@ -228,20 +244,13 @@ impl Stage for Publisher {
         }
         let state = repo.user_state(tx, u)?;
         let version = state.last_version + 1;
-        // The file has the base-model fallback (`export_onnx`).
-        let fallback = run
-            .familiarity
-            .as_ref()
-            .is_some_and(|f| !f.foreign_centroids.is_empty());
+        let fallback = falls_back(&run);
         let onnx_file = match &a.onnx {
             Some((v, file)) if *v == version => file.clone(),
             _ => {
                 // Not made beforehand for this version: make it here.
                 let (w, sha256) = weights(repo, tx, &run)?;
-                let base = match run.familiarity {
-                    Some(_) => Some(base_model(repo, tx, &self.spec, self.base.as_ref())?),
-                    None => None,
-                };
+                let base = base_for(repo, tx, &self.spec, &run, self.base.as_ref())?;
                 let bytes = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
                 let blob = onnx_blob_id(u, run_id, version);
                 let sha256 = repo.put_blob(tx, &blob, &bytes)?;

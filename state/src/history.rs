@@ -186,7 +186,7 @@ pub fn user_history(repo: &Repo, tx: &mut Transaction<'_>, user: &str) -> Res<Hi
                 .iter()
                 .find(|run| run.run_id == r.run_id)
                 .and_then(|run| run.familiarity.as_ref())
-                .is_some_and(|f| !f.foreign_centroids.is_empty()),
+                .is_some_and(|f| f.falls_back()),
             heldout_accuracy: r.heldout_accuracy,
             parent_heldout_accuracy: r.parent_heldout_accuracy,
             guard_accuracy: r.guard_accuracy,

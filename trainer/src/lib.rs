@@ -108,9 +108,6 @@ struct Plan {
     samples: Vec<Sample>,
     /// [`anchor_scale`] of these samples.
     anchor_scale: f64,
-    /// The population's windows; `None` when no guard set is installed (the candidate
-    /// then has no foreign centroid, and its file no fallback).
-    population: Option<Population>,
 }
 
 /// How much of the pull towards the parent (`TrainConfig::anchor`) a run keeps: the
@@ -229,7 +226,6 @@ impl Trainer {
                     .into(),
             })?;
             Ok(Some(Plan {
-                population: None,
                 user: user.clone(),
                 run_id: run_id(u, &staged, state.runs_started),
                 batches: staged,
@@ -263,7 +259,9 @@ impl Trainer {
         })
     }
 
-    fn train(&self, plan: Plan) -> Result<Trained, String> {
+    /// Train `plan`'s candidate; `population` (`None`: no guard set installed, or no
+    /// fallback) places its foreign centroids.
+    fn train(&self, plan: Plan, population: Option<&Population>) -> Result<Trained, String> {
         let t0 = Instant::now();
         let cpu0 = swimlane_runtime::process_cpu_seconds();
         let parent = MicroModel::load_for(&plan.parent, &self.spec)
@@ -280,7 +278,7 @@ impl Trainer {
         // Which windows the candidate knows: the device's file answers the others with
         // the base model (`swimlane_core::familiar`).
         let (mean, std) = model.normalisation();
-        let population: &[Sample] = plan.population.as_ref().map_or(&[], |p| &p.1);
+        let population: &[Sample] = population.map_or(&[], |p| &p.1);
         let familiarity = Familiarity::of(
             plan.samples.iter().map(|s| (s.frames.as_slice(), s.label)),
             population.iter().map(|s| (s.frames.as_slice(), s.label)),
@@ -327,20 +325,17 @@ impl Stage for Trainer {
     fn prepare(&mut self, user: &UserId) -> Result<Option<Prepared>, KvError> {
         let span = tracing::info_span!("train", user_id = %user);
         let _g = span.enter();
-        let Some(mut plan) = self.plan(user)? else {
+        let Some(plan) = self.plan(user)? else {
             tracing::debug!("nothing to train");
             return Ok(None);
         };
         // No fallback (`trainer.familiar_scale` 0): no population to read.
         if self.familiar_scale > 0.0 {
-            plan.population = self.population()?;
+            self.population = self.population()?;
         }
         tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
-        if plan.population.is_some() {
-            self.population = plan.population.clone();
-        }
         let batches = plan.batches.clone();
-        Ok(Some(match self.train(plan) {
+        Ok(Some(match self.train(plan, self.population.as_ref()) {
             Ok(t) => {
                 self.env.metrics.train_seconds.observe(t.seconds as f64);
                 Prepared::Trained(t)
