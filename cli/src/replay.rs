@@ -146,9 +146,10 @@ pub struct SwimmerReport {
     pub versions_published: usize,
     pub uploads_rejected: usize,
     pub uploads_deferred: usize,
-    /// Every session after the first: windows, right by the device, right by the base.
+    /// Every session after the first: windows, right by the device, right by the base,
+    /// right by the device only, right by the base only.
     #[serde(skip)]
-    pub later_live: (usize, usize, usize),
+    pub later_live: [usize; 5],
     /// Why each upload that was not published was rejected or deferred, in order.
     pub reasons: Vec<String>,
 }
@@ -190,6 +191,12 @@ pub struct ReplayReport {
     /// the base model's on the same windows.
     pub live_accuracy: f64,
     pub live_accuracy_base: f64,
+    /// Of the same windows: those the device got right, of those the base model got
+    /// wrong (what personalisation fixed, out of what it could fix) ...
+    pub live_fixed: (usize, usize),
+    /// ... and those the device got wrong, of those the base model got right (what it
+    /// broke, out of what it could break).
+    pub live_broken: (usize, usize),
     /// Versions rolled back on probation, over every swimmer.
     pub rollbacks: usize,
     pub folds: usize,
@@ -384,13 +391,12 @@ pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
                 .count(),
         }
     };
-    // Windows, right by the device, right by the base: every session after the first.
-    let later = reports.iter().fold((0, 0, 0), |acc, r| {
-        (
-            acc.0 + r.later_live.0,
-            acc.1 + r.later_live.1,
-            acc.2 + r.later_live.2,
-        )
+    // Every session after the first, summed over the swimmers (`later_live`).
+    let later = reports.iter().fold([0usize; 5], |mut acc, r| {
+        for (a, v) in acc.iter_mut().zip(r.later_live) {
+            *a += v;
+        }
+        acc
     });
     let report = ReplayReport {
         live_below_base: reports
@@ -401,8 +407,10 @@ pub async fn run(opts: ReplayOptions) -> anyhow::Result<ReplayReport> {
             .iter()
             .filter(|r| r.live_end_below_z >= LIVE_BELOW_Z)
             .count(),
-        live_accuracy: later.1 as f64 / later.0.max(1) as f64,
-        live_accuracy_base: later.2 as f64 / later.0.max(1) as f64,
+        live_accuracy: later[1] as f64 / later[0].max(1) as f64,
+        live_accuracy_base: later[2] as f64 / later[0].max(1) as f64,
+        live_fixed: (later[3], later[0] - later[2]),
+        live_broken: (later[4], later[2]),
         rollbacks: reports.iter().map(|r| r.rollbacks).sum(),
         base: summary(&|r| (r.base_accuracy, r.base_macro_f1)),
         swimlane: summary(&|r| (r.final_accuracy, r.final_macro_f1)),
@@ -636,7 +644,7 @@ fn drive(
             } else {
                 (base_only as f64 - device_only as f64) / ((base_only + device_only) as f64).sqrt()
             },
-            later_live: (sum(later, 0), sum(later, 1), sum(later, 2)),
+            later_live: [0, 1, 2, 3, 4].map(|k| sum(later, k)),
             rollbacks,
             swimmer: name.clone(),
             fold,
@@ -751,8 +759,8 @@ pub fn print_table(r: &ReplayReport) {
         );
     }
     println!(
-        "live accuracy after each swimmer's first session: {:.3} (the base model on the same windows: {:.3})",
-        r.live_accuracy, r.live_accuracy_base
+        "live accuracy after each swimmer's first session: {:.3} (the base model on the same windows: {:.3}); of the windows the base model got wrong the device got {} of {} right, of those it got right the device got {} of {} wrong",
+        r.live_accuracy, r.live_accuracy_base, r.live_fixed.0, r.live_fixed.1, r.live_broken.0, r.live_broken.1
     );
     println!(
         "live accuracy in each swimmer's last session (last {LIVE_END_SESSIONS}): {} swimmers significantly below the base model on the same windows (paired sign test, z >= {LIVE_BELOW_Z}), {} more than 0.02 below; {} versions rolled back on probation",

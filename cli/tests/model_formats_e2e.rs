@@ -308,11 +308,12 @@ fn both_download_formats_predict_the_same_on_each_users_heldout_windows() {
             .find(|v| v["version"] == version)
             .unwrap()["base_fallback"]
             .clone();
-        assert_eq!(
-            in_history,
-            serde_json::json!(!familiarity.foreign_centroids.is_empty())
-        );
+        assert_eq!(in_history, serde_json::json!(familiarity.falls_back()));
         assert_eq!(md["fallback"], "base");
+        assert_eq!(
+            md["personal_weight"],
+            familiarity.personal_weight.to_string()
+        );
         assert_eq!(md["base_weights_sha256"], sha256_hex(&base.to_bytes()));
         let base_sha = sha256_hex(&base.to_bytes());
         let fb = onnx::Fallback {

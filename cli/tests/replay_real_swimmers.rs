@@ -57,6 +57,16 @@ async fn a_short_replay_of_real_swimmers_leaves_no_swimmer_below_its_base() {
     }
     assert_eq!(report.live_below_base, 0, "{report:#?}");
     assert_eq!(report.live_significantly_below_base, 0, "{report:#?}");
+    // What the device fixed and broke against the base model adds up to its live
+    // accuracy: right = right by the base - broken + fixed.
+    let ((fixed, base_wrong), (broken, base_right)) = (report.live_fixed, report.live_broken);
+    assert!(fixed <= base_wrong && broken <= base_right && base_wrong + base_right > 0);
+    let windows = (base_wrong + base_right) as f64;
+    assert!((report.live_accuracy_base - base_right as f64 / windows).abs() < 1e-9);
+    assert!(
+        (report.live_accuracy - (base_right + fixed - broken) as f64 / windows).abs() < 1e-9,
+        "{report:#?}"
+    );
     // The plot is a PNG.
     let png = swimlane_cli::plot::session_accuracy_png_bytes(&report);
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

@@ -28,9 +28,18 @@
 //!   trained on every class knows every window). A window of a style the swimmer
 //!   uploaded stays the personal model's even in the style's tail; a window far from
 //!   every style the swimmer uploaded and nearer a style the swimmer never uploaded
-//!   goes to the base model. The device's model (the ONNX file the publisher
-//!   makes, `swimlane_model::onnx`) gives the personal model's probabilities for a
-//!   familiar window and the base model's for any other.
+//!   goes to the base model.
+//! - The device's model (the ONNX file the publisher makes, `swimlane_model::onnx`)
+//!   answers a familiar window with a weighted average of the two models'
+//!   probabilities, the familiarity's `personal_weight` (by default
+//!   [`DEFAULT_PERSONAL_WEIGHT`], the deployment's `trainer.personal_weight`) of the
+//!   personal model's and the rest of the base model's, and any other window with the
+//!   base model's alone ([`Familiarity::answer`]). The
+//!   average keeps the personal model's answer wherever it is sure and the base model
+//!   is not, and lets a base model that is sure overrule a personal model that is
+//!   unsure: on the real swimmers the sessions where a device did worse than the base
+//!   model after the familiar rule alone were windows of a known style that the
+//!   personal model got wrong without being sure of it.
 //!
 //! # Guarantees
 //! - Deterministic: the same windows in the same order give the same familiarity.
@@ -52,6 +61,9 @@ pub const QUANTILE: f32 = 0.95;
 /// The radius is this times the [`QUANTILE`] distance, by default (the deployment's
 /// `trainer.familiar_scale`; 0 turns the fallback off).
 pub const DEFAULT_SCALE: f32 = 1.0;
+/// The personal model's share of the device's answer on a familiar window, by default
+/// (the deployment's `trainer.personal_weight`; [`Familiarity::answer`]).
+pub const DEFAULT_PERSONAL_WEIGHT: f32 = 0.6;
 /// A class needs at least this many windows to have a centroid of its own.
 pub const MIN_WINDOWS: usize = 5;
 /// The smallest radius (in normalised units), so that identical windows still leave
@@ -73,6 +85,15 @@ pub struct Familiarity {
     pub foreign_centroids: Vec<Vec<f32>>,
     #[serde(default)]
     pub foreign_radius: Vec<f32>,
+    /// The personal model's share of the answer on a familiar window (module doc).
+    /// Records written before the weight existed were published with the personal
+    /// model's answer alone: 1.
+    #[serde(default = "personal_model_alone")]
+    pub personal_weight: f32,
+}
+
+fn personal_model_alone() -> f32 {
+    1.0
 }
 
 /// The `2·C` features of one frame-major window (`frames × channels` values), under the
@@ -185,21 +206,53 @@ impl Familiarity {
             radius,
             foreign_centroids,
             foreign_radius,
+            personal_weight: DEFAULT_PERSONAL_WEIGHT,
         })
     }
 
-    /// Whether a device's file made with this familiarity falls back to the base model
-    /// for some windows: it has foreign centroids (a model that trained on every class
-    /// knows every window).
+    /// The same familiarity with the personal model's share of the answer `weight`.
+    pub fn with_personal_weight(self, weight: f32) -> Familiarity {
+        Familiarity {
+            personal_weight: weight,
+            ..self
+        }
+    }
+
+    /// The device's probabilities for `window` from the personal model's and the base
+    /// model's (module doc): `base + personal_weight · (personal - base)` when the window
+    /// is familiar, the base model's otherwise. Computed in this order in f32, as the
+    /// ONNX graph does.
+    pub fn answer(
+        &self,
+        window: &[f32],
+        (mean, std): (&[f32], &[f32]),
+        personal: &[f32],
+        base: &[f32],
+    ) -> Vec<f32> {
+        if !self.knows(window, mean, std) {
+            return base.to_vec();
+        }
+        let w = self.personal_weight;
+        personal
+            .iter()
+            .zip(base)
+            .map(|(p, b)| b + w * (p - b))
+            .collect()
+    }
+
+    /// Whether a device's file made with this familiarity holds the base model: some
+    /// window's answer involves it (a foreign centroid, or a personal weight below 1; a
+    /// model that trained on every class knows every window, and with the weight 1
+    /// answers them all alone).
     pub fn falls_back(&self) -> bool {
-        !self.foreign_centroids.is_empty()
+        !self.foreign_centroids.is_empty() || self.personal_weight < 1.0
     }
 
     /// Is the window with these features familiar: nearer, in radii, to one of the
     /// model's own centroids than to every foreign one?
     pub fn knows_features(&self, features: &[f32]) -> bool {
         let own = nearest(features, &self.centroids, &self.radius);
-        !self.falls_back()
+        self.foreign_centroids.is_empty()
             || own < 1.0
             || own < nearest(features, &self.foreign_centroids, &self.foreign_radius)
     }
@@ -242,6 +295,12 @@ impl Familiarity {
         if !finite {
             return Err("a centroid or radius is not finite, or a radius is not positive".into());
         }
+        if !(self.personal_weight > 0.0 && self.personal_weight <= 1.0) {
+            return Err(format!(
+                "personal weight {}: must be above 0 and at most 1",
+                self.personal_weight
+            ));
+        }
         Ok(())
     }
 }
@@ -270,6 +329,60 @@ mod tests {
             16,
             i,
         )
+    }
+
+    #[test]
+    fn the_answer_averages_the_two_models_on_familiar_windows_only() {
+        let (mean, std) = ([0.0; 3], [1.0; 3]);
+        let norm = (mean.as_slice(), std.as_slice());
+        let known: Vec<Vec<f32>> = (0..8).map(|i| style(0.0, 0.3, i)).collect();
+        let population: Vec<(Vec<f32>, ClassId)> =
+            (0..8).map(|i| (style(5.0, 2.0, i), ClassId(1))).collect();
+        let fam = Familiarity::of(
+            known.iter().map(|w| (w.as_slice(), ClassId(0))),
+            population.iter().map(|(w, c)| (w.as_slice(), *c)),
+            norm.0,
+            norm.1,
+            DEFAULT_SCALE,
+        )
+        .unwrap();
+        assert_eq!(fam.personal_weight, DEFAULT_PERSONAL_WEIGHT);
+        let (personal, base) = ([0.9, 0.1, 0.0], [0.05, 0.9, 0.05]);
+        // An unfamiliar window: the base model's answer.
+        assert_eq!(
+            fam.answer(&population[0].0, norm, &personal, &base),
+            base.to_vec()
+        );
+        let a = fam.answer(&known[0], norm, &personal, &base);
+        let w = DEFAULT_PERSONAL_WEIGHT;
+        for k in 0..3 {
+            let want = w * personal[k] + (1.0 - w) * base[k];
+            assert!((a[k] - want).abs() < 1e-6, "{k}: {} {want}", a[k]);
+        }
+        assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        // A sure personal model keeps its answer against a base model that disagrees;
+        // an unsure one is overruled by a sure base model, unless its weight is 1.
+        assert_eq!(argmax(&a), 0);
+        let (unsure, sure) = ([0.5, 0.45, 0.05], [0.02, 0.97, 0.01]);
+        assert_eq!(argmax(&fam.answer(&known[0], norm, &unsure, &sure)), 1);
+        let alone = fam.clone().with_personal_weight(1.0);
+        let a = alone.answer(&known[0], norm, &unsure, &sure);
+        assert!(
+            a.iter().zip(unsure).all(|(a, u)| (a - u).abs() < 1e-6),
+            "{a:?}"
+        );
+        // A weight outside (0, 1] is refused.
+        for bad in [0.0, -0.5, 1.5, f32::NAN] {
+            assert!(
+                fam.clone().with_personal_weight(bad).check(3).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(fam.check(3).is_ok());
+    }
+
+    fn argmax(p: &[f32]) -> usize {
+        (0..p.len()).fold(0, |b, k| if p[k] > p[b] { k } else { b })
     }
 
     #[test]
@@ -380,8 +493,17 @@ mod tests {
             radius: vec![1.0],
             foreign_centroids: vec![vec![1.0; 4]],
             foreign_radius: vec![2.0],
+            personal_weight: DEFAULT_PERSONAL_WEIGHT,
         };
         good.check(2).unwrap();
+        // A record from before the weight existed: its files answered familiar windows
+        // with the personal model alone, and a re-export must make the same bytes.
+        let old: Familiarity = serde_json::from_str(
+            r#"{"centroids":[[0,0,0,0]],"radius":[1],"foreign_centroids":[[1,1,1,1]],"foreign_radius":[2]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.personal_weight, 1.0);
+        old.check(2).unwrap();
         assert!(good.check(3).is_err());
         let mut bad = good.clone();
         bad.radius[0] = f32::NAN;

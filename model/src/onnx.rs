@@ -36,11 +36,16 @@
 //!   Gemm(f * f, -w) + Gemm(f, 2 w c) + (1 - w |c|²) with w = 1 / r²         [batch, n]
 //!   fam.G.nearest = ReduceMax(fam.G.inside, axes=[1], keepdims=1)           [batch, 1]
 //! fam.familiar = Sign(Relu(own - foreign) + Relu(own))   1 or 0             [batch, 1]
-//! probabilities = base + Gemm(fam.familiar, ones[1, K]) * (personal - base)
+//! probabilities = base + Gemm(fam.familiar, w[1, K]) * (personal - base)
 //! ```
-//! Its metadata adds `fallback` (`base`), `base_weights_sha256` and
-//! `familiar_centroids`. A version whose familiarity has no foreign centroid (it trained
-//! on every class) gets the plain file.
+//! with every entry of `w` the familiarity's `personal_weight` (the personal model's
+//! share, `swimlane_core::familiar`): a familiar window gets the weighted
+//! average of the two models' probabilities, any other the base model's. Its metadata
+//! adds `fallback` (`base`), `base_weights_sha256`, `familiar_centroids` and
+//! `personal_weight`. A version whose familiarity has no foreign centroid (it trained
+//! on every class) knows every window: its file answers each with the weighted average
+//! (`probabilities = base + w[K] * (personal - base)`, no `fam.*` features), or, with the
+//! personal weight 1, is the plain file.
 //!
 //! The normalisation multiplies by `1 / std` (computed in f32), exactly as
 //! [`MicroModel::forward`] does, so both compute the same numbers up to summation
@@ -300,8 +305,9 @@ fn net_graph(
 
 /// The base-model fallback of a device's file: the base model, and the familiarity of
 /// the windows the personal model trained on
-/// ([`swimlane_core::familiar`]). The file answers a familiar window with the personal
-/// model and any other with the base model (module doc, "The device's file").
+/// ([`swimlane_core::familiar`]). The file answers a familiar window with the weighted
+/// average of the personal model's and the base model's probabilities and any other
+/// with the base model's (module doc, "The device's file").
 #[derive(Clone, Copy, Debug)]
 pub struct Fallback<'a> {
     pub base: &'a MicroModel,
@@ -327,14 +333,35 @@ impl Fallback<'_> {
 
 /// The familiarity nodes (names `fam.*`): from the personal network's normalised
 /// window `flat` [batch, F·C] to `probabilities`, choosing per window between
-/// `personal.probabilities` and `base.probabilities` (module doc). `familiarity` has
-/// foreign centroids.
+/// `personal.probabilities` and `base.probabilities` (module doc).
 fn fallback_graph(
     model: &MicroModel,
     familiarity: &Familiarity,
 ) -> (Vec<TensorProto>, Vec<NodeProto>) {
     let spec = model.spec();
     let (c, frames, k) = (spec.channels.len(), spec.frames, spec.num_classes());
+    let weighted = |gate: &str| {
+        [
+            node(
+                "Sub",
+                &["personal.probabilities", "base.probabilities"],
+                "fam.delta",
+                vec![],
+            ),
+            node("Mul", &[gate, "fam.delta"], "fam.chosen", vec![]),
+            node(
+                "Add",
+                &["base.probabilities", "fam.chosen"],
+                OUTPUT_NAME,
+                vec![],
+            ),
+        ]
+    };
+    if familiarity.foreign_centroids.is_empty() {
+        // Every window is familiar: the weighted average everywhere.
+        let weight = initializer("fam.weight", &[k], &vec![familiarity.personal_weight; k]);
+        return (vec![weight], weighted("fam.weight").to_vec());
+    }
     // The per-channel average over frames, as a [F·C, C] matrix.
     let mut avg = vec![0f32; frames * c * c];
     for t in 0..frames {
@@ -347,7 +374,7 @@ fn fallback_graph(
         // Every Gemm has a bias: some runtimes (candle-onnx) require one.
         initializer("fam.zero_c", &[c], &vec![0.0; c]),
         initializer("fam.zero_k", &[k], &vec![0.0; k]),
-        initializer("fam.ones", &[1, k], &vec![1.0; k]),
+        initializer("fam.weight", &[1, k], &vec![familiarity.personal_weight; k]),
     ];
     let mut nodes = vec![
         node(
@@ -439,24 +466,12 @@ fn fallback_graph(
         node("Sign", &["fam.either"], "fam.familiar", vec![]),
         node(
             "Gemm",
-            &["fam.familiar", "fam.ones", "fam.zero_k"],
+            &["fam.familiar", "fam.weight", "fam.zero_k"],
             "fam.gate",
             vec![],
         ),
-        node(
-            "Sub",
-            &["personal.probabilities", "base.probabilities"],
-            "fam.delta",
-            vec![],
-        ),
-        node("Mul", &["fam.gate", "fam.delta"], "fam.chosen", vec![]),
-        node(
-            "Add",
-            &["base.probabilities", "fam.chosen"],
-            OUTPUT_NAME,
-            vec![],
-        ),
     ]);
+    nodes.extend(weighted("fam.gate"));
     (initializers, nodes)
 }
 
@@ -470,7 +485,8 @@ fn to_proto_named(
 ) -> Result<ModelProto, ModelError> {
     let spec = model.spec();
     let channels = spec.channels.len();
-    // A model that trained on every class knows every window: no fallback.
+    // A model that trained on every class knows every window: with the personal weight
+    // 1, no base model in the file.
     if let Some(fb) = fallback {
         fb.check(model)?;
     }
@@ -528,6 +544,10 @@ fn to_proto_named(
         metadata.push(entry(
             "familiar_centroids",
             fb.familiarity.centroids.len().to_string(),
+        ));
+        metadata.push(entry(
+            "personal_weight",
+            fb.familiarity.personal_weight.to_string(),
         ));
     }
     Ok(ModelProto {
@@ -666,9 +686,10 @@ pub fn probe_windows(model: &MicroModel) -> Vec<Vec<f32>> {
     out
 }
 
-/// What the device's file computes, computed with candle: the personal model's
-/// probabilities for a window familiar to it, the base model's for any other (the
-/// personal model's alone without a fallback).
+/// What the device's file computes, computed with candle: for a window familiar to the
+/// personal model, the weighted average of its probabilities and the base model's, the
+/// base model's for any other (`Familiarity::answer`); the personal model's
+/// alone without a fallback.
 pub fn predict_proba_with_fallback(
     model: &MicroModel,
     fallback: Option<&Fallback<'_>>,
@@ -684,13 +705,7 @@ pub fn predict_proba_with_fallback(
     Ok(windows
         .iter()
         .zip(personal.into_iter().zip(base))
-        .map(|(w, (p, b))| {
-            if fb.familiarity.knows(w, mean, std) {
-                p
-            } else {
-                b
-            }
-        })
+        .map(|(w, (p, b))| fb.familiarity.answer(w, (mean, std), &p, &b))
         .collect())
 }
 
@@ -1031,6 +1046,7 @@ mod tests {
         let o = OnnxModel::from_bytes(&bytes).unwrap();
         assert_eq!(o.metadata()["fallback"], "base");
         assert_eq!(o.metadata()["base_weights_sha256"], base_sha);
+        assert_eq!(o.metadata()["personal_weight"], "0.6");
         let mut windows: Vec<Vec<f32>> = samples.iter().map(|s| s.frames.clone()).collect();
         windows.extend(other.iter().map(|s| s.frames.clone()));
         windows.extend(centroid_windows(&personal, &familiarity));
@@ -1041,15 +1057,19 @@ mod tests {
             base.predict_proba(&refs).unwrap(),
         );
         let (mut familiar, mut unfamiliar) = (0, 0);
-        for (i, w) in refs.iter().enumerate() {
-            let want = if familiarity.knows(w, mean, std) {
+        let w = familiarity.personal_weight;
+        for (i, window) in refs.iter().enumerate() {
+            let want: Vec<f32> = if familiarity.knows(window, mean, std) {
                 familiar += 1;
-                &p[i]
+                p[i].iter()
+                    .zip(&b[i])
+                    .map(|(p, b)| w * p + (1.0 - w) * b)
+                    .collect()
             } else {
                 unfamiliar += 1;
-                &b[i]
+                b[i].clone()
             };
-            let d = compare(std::slice::from_ref(want), std::slice::from_ref(&got[i]));
+            let d = compare(std::slice::from_ref(&want), std::slice::from_ref(&got[i]));
             assert!(d.holds(), "window {i}: {d}");
         }
         assert!(
@@ -1071,7 +1091,8 @@ mod tests {
             ..fb
         };
         assert!(export_with_fallback(&personal, &lineage, &fb_bad).is_err());
-        // A model that trained on every class knows every window: the plain file.
+        // A model that trained on every class knows every window: the weighted average
+        // for each, checked by the export against candle and by candle-onnx.
         let everything = Familiarity {
             foreign_centroids: vec![],
             foreign_radius: vec![],
@@ -1081,8 +1102,35 @@ mod tests {
             familiarity: &everything,
             ..fb
         };
+        let all = export_device_checked(
+            &personal,
+            &lineage,
+            &weights_sha256(&personal),
+            Some(&fb_all),
+        )
+        .unwrap();
+        let got = OnnxModel::from_bytes(&all)
+            .unwrap()
+            .predict_proba(&refs)
+            .unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let want: Vec<f32> = p[i]
+                .iter()
+                .zip(&b[i])
+                .map(|(p, b)| w * p + (1.0 - w) * b)
+                .collect();
+            let d = compare(std::slice::from_ref(&want), std::slice::from_ref(g));
+            assert!(d.holds(), "window {i}: {d}");
+        }
+        assert!(compare(&candle_onnx_proba(&all, &refs), &got).holds());
+        // With the personal weight 1 as well: the plain file.
+        let alone = everything.clone().with_personal_weight(1.0);
+        let fb_alone = Fallback {
+            familiarity: &alone,
+            ..fb
+        };
         assert_eq!(
-            export_with_fallback(&personal, &lineage, &fb_all).unwrap(),
+            export_with_fallback(&personal, &lineage, &fb_alone).unwrap(),
             export(&personal, &lineage).unwrap()
         );
     }

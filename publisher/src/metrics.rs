@@ -7,10 +7,11 @@ use swimlane_runtime::Worker;
 #[derive(Clone)]
 pub struct PublisherMetrics {
     pub publishes: IntCounter,
-    /// Versions published whose ONNX file falls back to the base model for windows
-    /// unlike every style the version trained on (`swimlane_core::familiar`); the others
-    /// trained on every class, were trained before familiarity was kept, or with
-    /// `trainer.familiar_scale` 0.
+    /// Versions published whose ONNX file holds the base model: it answers windows unlike
+    /// every style the version trained on with the base model, and the others with the
+    /// weighted average of both (`swimlane_core::familiar`); the others were trained
+    /// before familiarity was kept, with `trainer.familiar_scale` 0, or on every class
+    /// with `trainer.personal_weight` 1.
     pub fallback_files: IntCounter,
     /// Time from a batch's upload being accepted to the model containing it published.
     pub upload_to_publish_seconds: Histogram,
@@ -61,7 +62,7 @@ impl PublisherMetrics {
             )?,
             fallback_files: r.counter(
                 "swimlane_publisher_fallback_files_total",
-                "Model versions published whose ONNX file falls back to the base model for unfamiliar windows",
+                "Model versions published whose ONNX file holds the base model (for unfamiliar windows, and weighted with the personal model for the others)",
             )?,
             upload_to_publish_seconds: r.histogram(
                 "swimlane_publisher_upload_to_publish_seconds",

@@ -220,6 +220,14 @@ pub struct TrainerConfig {
     /// falls back more often (safer for a style the swimmer never uploaded, but gives up
     /// more of what personalisation gains); 0 turns the fallback off.
     pub familiar_scale: f32,
+    /// The personal model's share of the device's answer on a familiar window: the
+    /// device's file answers it with this weighted average of the personal model's and
+    /// the base model's probabilities (`swimlane_core::familiar`). 1 answers with the
+    /// personal model alone; lower lets a base model that is sure overrule a personal
+    /// model that is not, which halved the windows a device got wrong that the base got
+    /// right on the real swimmers, at the cost of some it got right that the base got
+    /// wrong (bench/README.md, "Familiar windows").
+    pub personal_weight: f32,
     pub consumer: ConsumerConfig,
 }
 
@@ -323,6 +331,7 @@ impl Default for TrainerConfig {
             metrics_listen: addr("127.0.0.1:9102"),
             threads: 1,
             familiar_scale: swimlane_core::familiar::DEFAULT_SCALE,
+            personal_weight: swimlane_core::familiar::DEFAULT_PERSONAL_WEIGHT,
             consumer: ConsumerConfig::default(),
         }
     }
@@ -743,6 +752,12 @@ impl Config {
             return Err(invalid(
                 "trainer.familiar_scale",
                 "must be between 0 (no fallback) and 10",
+            ));
+        }
+        if !(self.trainer.personal_weight > 0.0 && self.trainer.personal_weight <= 1.0) {
+            return Err(invalid(
+                "trainer.personal_weight",
+                "must be above 0 and at most 1 (1: the personal model alone)",
             ));
         }
         if self.topic_prefix.len() > 100
@@ -1179,6 +1194,18 @@ mod tests {
             (
                 "trainer.familiar_scale",
                 Box::new(|c| c.trainer.familiar_scale = -1.0),
+            ),
+            (
+                "trainer.personal_weight",
+                Box::new(|c| c.trainer.personal_weight = 0.0),
+            ),
+            (
+                "trainer.personal_weight",
+                Box::new(|c| c.trainer.personal_weight = 1.5),
+            ),
+            (
+                "trainer.personal_weight",
+                Box::new(|c| c.trainer.personal_weight = f32::NAN),
             ),
             (
                 "validator.margin",

@@ -59,8 +59,9 @@ pub struct VersionHistory {
     pub standing: Standing,
     pub probation: PairedEvidence,
     pub live_periods: Vec<Period>,
-    /// Whether its ONNX file (what the phone runs) answers windows unlike every style
-    /// it trained on with the base model (`swimlane_core::familiar`).
+    /// Whether its ONNX file (what the phone runs) holds the base model: it answers
+    /// windows unlike every style it trained on with the base model and the others with
+    /// a weighted average of both (`swimlane_core::familiar`).
     pub base_fallback: bool,
 }
 

@@ -54,6 +54,9 @@ pub struct TrainerConfig {
     /// `trainer.familiar_scale`: the radius of a candidate's familiar windows
     /// (`swimlane_core::familiar`); 0: no fallback.
     pub familiar_scale: f32,
+    /// `trainer.personal_weight`: the personal model's share of the device's answer on
+    /// a familiar window.
+    pub personal_weight: f32,
 }
 
 /// What the trainer works with.
@@ -71,13 +74,14 @@ pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(
         .clamp(1, MAX_RUNS_PER_COMMIT);
     let (train, spec) = (config.train, config.spec);
     let max_training_windows = config.max_training_windows.max(1);
-    let familiar_scale = config.familiar_scale;
+    let (familiar_scale, personal_weight) = (config.familiar_scale, config.personal_weight);
     deps.run(config.loop_options, stop, |env| Trainer {
         env,
         train,
         spec,
         max_training_windows,
         familiar_scale,
+        personal_weight,
         population: None,
     })?;
     Ok(())
@@ -94,6 +98,7 @@ struct Trainer {
     spec: Arc<swimlane_core::ModelSpec>,
     max_training_windows: usize,
     familiar_scale: f32,
+    personal_weight: f32,
     /// Read once per process, and again only when the stored set's digest changes.
     population: Option<Population>,
 }
@@ -285,7 +290,8 @@ impl Trainer {
             mean,
             std,
             self.familiar_scale,
-        );
+        )
+        .map(|f| f.with_personal_weight(self.personal_weight));
         Ok(Trained {
             familiarity,
             weights: model.to_bytes(),
@@ -434,6 +440,7 @@ impl TrainerConfig {
             train: TrainConfig::fine_tune(),
             max_training_windows: config.retention.max_training_windows as usize,
             familiar_scale: config.trainer.familiar_scale,
+            personal_weight: config.trainer.personal_weight,
         })
     }
 }
