@@ -63,7 +63,8 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 p = r["peer"]
 print(f"{r['bus']}: {r['users']} users x up to {r['corrections']} corrections, {r['cores']} cores")
-print(f"  peer {p['peer']}: {p['users_per_core_min']} users retrained per core-minute ({p['seconds']} s)")
+print(f"  peer {p['peer']}: {p['users_per_core_min']} users retrained per core-minute "
+      f"({p['seconds']} s, the median of rounds {p.get('rounds_seconds')})")
 for x in r["runs"]:
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in x["burst_cpu_seconds"].items())
     print(f"  swimlane, {x['trainers']} trainer(s): {x['users_retrained_per_core_min']} users retrained "

@@ -1115,8 +1115,8 @@ pub fn print_table(r: &PipelineBenchReport) {
     }
     if let Some(p) = &r.peer {
         println!(
-            "peer {}: {} users in {} s on {} cores: {} users retrained per core-minute ({} candidates kept)",
-            p["peer"], p["users"], p["seconds"], p["cpus"], p["users_per_core_min"], p["candidates_kept"]
+            "peer {}: {} users in {} s (the median of rounds of {} s) on {} cores: {} users retrained per core-minute ({} candidates kept)",
+            p["peer"], p["users"], p["seconds"], p["rounds_seconds"], p["cpus"], p["users_per_core_min"], p["candidates_kept"]
         );
     }
     println!("seconds: first upload of the burst to its last publish; latency: upload accepted to published; overhead: latency minus the run's training and validation seconds (in the burst most of it is waiting behind other users' training); paced: batches uploaded one at a time.");
