@@ -689,12 +689,18 @@ impl PairedEvidence {
     }
 }
 
-/// A file stored as a blob: its blob id, SHA-256 (hex) and size.
+/// A file stored as a blob: its blob id, SHA-256 (hex) and size. With `prefix_blob`
+/// the file is that blob's bytes followed by `blob`'s (a prefix shared by many files
+/// that holds no user's data: the base model's part of a device's ONNX file,
+/// `swimlane_model::onnx::DeviceFile`); `sha256` and `size_bytes` are the whole
+/// file's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredFile {
     pub blob: String,
     pub sha256: String,
     pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_blob: Option<String>,
 }
 
 /// `("forgotten", pseudonym)`: a user's erasure (`swimlane_state::forget`). While it

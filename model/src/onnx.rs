@@ -47,6 +47,15 @@
 //! (`probabilities = base + w[K] * (personal - base)`, no `fam.*` features), or, with the
 //! personal weight 1, is the plain file.
 //!
+//! The device's file is written in two parts ([`DeviceFile`],
+//! [`export_device_parts_checked`]): first a `ModelProto` holding only the base model's
+//! nodes and initializers (the same bytes for every file made with the same base model
+//! and spec), then the rest. Protobuf decodes two encodings one after the other as one
+//! message with their repeated fields appended, so the file is one model whose graph
+//! lists the base model's nodes first (they read only the input, so the order stays
+//! topological); ONNX Runtime, `onnx.checker` and candle-onnx load it
+//! (`bench/onnx_check.sh`, the tests). A store can then keep the base model's part once.
+//!
 //! The normalisation multiplies by `1 / std` (computed in f32), exactly as
 //! [`MicroModel::forward`] does, so both compute the same numbers up to summation
 //! order inside the matrix products.
@@ -236,7 +245,7 @@ fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> 
 
 /// The ONNX protobuf of `model` with `lineage` in its metadata (see the module doc).
 pub fn to_proto(model: &MicroModel, lineage: &Lineage) -> Result<ModelProto, ModelError> {
-    to_proto_named(model, lineage, &weights_sha256(model), None)
+    to_proto_named(model, lineage, &weights_sha256(model), None).map(|(_, m)| m)
 }
 
 /// Lowercase hex SHA-256 of `model`'s safetensors weights (`MicroModel::to_bytes`): the
@@ -476,13 +485,14 @@ fn fallback_graph(
 }
 
 /// [`to_proto`] with the weights' digest given (see [`export_checked_with_digest`]),
-/// and the base-model fallback when given.
+/// and the base-model fallback when given: then in two parts, the base model's nodes
+/// and initializers first ([`DeviceFile`]).
 fn to_proto_named(
     model: &MicroModel,
     lineage: &Lineage,
     weights_sha256: &str,
     fallback: Option<&Fallback<'_>>,
-) -> Result<ModelProto, ModelError> {
+) -> Result<(Option<ModelProto>, ModelProto), ModelError> {
     let spec = model.spec();
     let channels = spec.channels.len();
     // A model that trained on every class knows every window: with the personal weight
@@ -491,15 +501,25 @@ fn to_proto_named(
         fb.check(model)?;
     }
     let fallback = fallback.filter(|fb| fb.familiarity.falls_back());
-    let (initializers, nodes) = match fallback {
-        None => net_graph(model, "", OUTPUT_NAME)?,
+    let (prefix, (initializers, nodes)) = match fallback {
+        None => (None, net_graph(model, "", OUTPUT_NAME)?),
         Some(fb) => {
             let (mut inits, mut nodes) = net_graph(model, "", "personal.probabilities")?;
             let (bi, bn) = net_graph(fb.base, "base.", "base.probabilities")?;
             let (fi, fnodes) = fallback_graph(model, fb.familiarity);
-            inits.extend(bi.into_iter().chain(fi));
-            nodes.extend(bn.into_iter().chain(fnodes));
-            (inits, nodes)
+            inits.extend(fi);
+            nodes.extend(fnodes);
+            // Only the base model's part of the graph: the same for every file made
+            // with this base model.
+            let prefix = ModelProto {
+                graph: Some(GraphProto {
+                    node: bn,
+                    initializer: bi,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            (Some(prefix), (inits, nodes))
         }
     };
     let graph = GraphProto {
@@ -550,7 +570,7 @@ fn to_proto_named(
             fb.familiarity.personal_weight.to_string(),
         ));
     }
-    Ok(ModelProto {
+    let rest = ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
@@ -567,7 +587,8 @@ fn to_proto_named(
         graph: Some(graph),
         metadata_props: metadata,
         ..Default::default()
-    })
+    };
+    Ok((prefix, rest))
 }
 
 /// `model` as an ONNX file (see the module doc). The same model and lineage always
@@ -591,14 +612,61 @@ fn export_named(
     weights_sha256: &str,
     fallback: Option<&Fallback<'_>>,
 ) -> Result<Vec<u8>, ModelError> {
-    let bytes = to_proto_named(model, lineage, weights_sha256, fallback)?.encode_to_vec();
-    if bytes.len() > MAX_MODEL_BYTES {
+    export_parts(model, lineage, weights_sha256, fallback).map(|f| f.bytes())
+}
+
+fn export_parts(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+    fallback: Option<&Fallback<'_>>,
+) -> Result<DeviceFile, ModelError> {
+    let (prefix, rest) = to_proto_named(model, lineage, weights_sha256, fallback)?;
+    let file = DeviceFile {
+        prefix: prefix.map(|p| p.encode_to_vec()),
+        rest: rest.encode_to_vec(),
+    };
+    if file.len() > MAX_MODEL_BYTES {
         return Err(ModelError::Format(format!(
             "the ONNX file is {} bytes, more than the {MAX_MODEL_BYTES} byte limit",
-            bytes.len()
+            file.len()
         )));
     }
-    Ok(bytes)
+    Ok(file)
+}
+
+/// An ONNX file in two parts, `prefix` then `rest`: a protobuf message whose fields are
+/// split between two encodings that follow each other decodes as one message, and
+/// repeated fields (a graph's nodes and initializers) are appended in order. A device's
+/// file with the base-model fallback has as `prefix` the base model's nodes and
+/// initializers alone, the same bytes for every file made with the same base model and
+/// spec, so a store can keep it once; the base model's nodes come first in the file, so
+/// they are still in topological order (they read only the input). Any other file has
+/// no prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceFile {
+    pub prefix: Option<Vec<u8>>,
+    pub rest: Vec<u8>,
+}
+
+impl DeviceFile {
+    /// The whole file: `prefix` then `rest`.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(self.prefix.as_deref().unwrap_or_default());
+        out.extend_from_slice(&self.rest);
+        out
+    }
+
+    /// The whole file's size in bytes.
+    pub fn len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, Vec::len) + self.rest.len()
+    }
+
+    /// Never: a file always has its graph.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// [`export`], then load the file back and check it against `model` on
@@ -631,8 +699,19 @@ pub fn export_device_checked(
     weights_sha256: &str,
     fallback: Option<&Fallback<'_>>,
 ) -> Result<Vec<u8>, ModelError> {
-    let bytes = export_named(model, lineage, weights_sha256, fallback)?;
-    let onnx = OnnxModel::from_bytes(&bytes)?;
+    export_device_parts_checked(model, lineage, weights_sha256, fallback).map(|f| f.bytes())
+}
+
+/// [`export_device_checked`] in its two parts ([`DeviceFile`]; the check is of the
+/// whole file). What the publisher stores.
+pub fn export_device_parts_checked(
+    model: &MicroModel,
+    lineage: &Lineage,
+    weights_sha256: &str,
+    fallback: Option<&Fallback<'_>>,
+) -> Result<DeviceFile, ModelError> {
+    let file = export_parts(model, lineage, weights_sha256, fallback)?;
+    let onnx = OnnxModel::from_bytes(&file.bytes())?;
     let mut probes = probe_windows(model);
     if let Some(fb) = fallback {
         probes.extend(centroid_windows(model, fb.familiarity));
@@ -645,7 +724,7 @@ pub fn export_device_checked(
             "the ONNX export does not compute what the model computes: {p}"
         )));
     }
-    Ok(bytes)
+    Ok(file)
 }
 
 /// 64 fixed windows for [`export_checked`]: for the synthetic pose spec, synthetic
@@ -1006,6 +1085,18 @@ mod tests {
     }
     use candle_onnx_support::candle_onnx_proba;
 
+    /// A device's file is two encodings one after the other ([`DeviceFile`]): candle-onnx
+    /// must decode it to the message it decodes from the one encoding of it, which is
+    /// what `candle_onnx_proba` then checks byte for byte.
+    fn canonical(bytes: &[u8]) -> Vec<u8> {
+        let one = ModelProto::decode(bytes).unwrap().encode_to_vec();
+        assert_eq!(
+            candle_onnx::onnx::ModelProto::decode(bytes).unwrap(),
+            candle_onnx::onnx::ModelProto::decode(one.as_slice()).unwrap()
+        );
+        one
+    }
+
     #[test]
     fn the_devices_file_answers_familiar_windows_with_the_personal_model_and_others_with_the_base()
     {
@@ -1079,7 +1170,19 @@ mod tests {
         // The same numbers from the reference and from candle-onnx.
         let reference = predict_proba_with_fallback(&personal, Some(&fb), &refs).unwrap();
         assert!(compare(&reference, &got).holds());
-        assert!(compare(&candle_onnx_proba(&bytes, &refs), &got).holds());
+        assert!(compare(&candle_onnx_proba(&canonical(&bytes), &refs), &got).holds());
+        // The file is the base model's part, the same for any personal model, then the
+        // rest.
+        let parts =
+            export_device_parts_checked(&personal, &lineage, &weights_sha256(&personal), Some(&fb))
+                .unwrap();
+        assert_eq!(parts.bytes(), bytes);
+        let other = export_device_parts_checked(&base, &lineage, &weights_sha256(&base), Some(&fb))
+            .unwrap();
+        assert!(parts.prefix.is_some() && parts.prefix == other.prefix);
+        assert_ne!(parts.rest, other.rest);
+        let plain = export_device_parts_checked(&personal, &lineage, "x", None).unwrap();
+        assert!(plain.prefix.is_none());
         // A familiarity that does not fit the model is refused, not exported.
         let bad = Familiarity {
             centroids: vec![vec![0.0; 3]],
@@ -1122,7 +1225,7 @@ mod tests {
             let d = compare(std::slice::from_ref(&want), std::slice::from_ref(g));
             assert!(d.holds(), "window {i}: {d}");
         }
-        assert!(compare(&candle_onnx_proba(&all, &refs), &got).holds());
+        assert!(compare(&candle_onnx_proba(&canonical(&all), &refs), &got).holds());
         // With the personal weight 1 as well: the plain file.
         let alone = everything.clone().with_personal_weight(1.0);
         let fb_alone = Fallback {

@@ -50,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use swimlane_core::records::ModelVersionRecord;
+use swimlane_core::records::{ModelVersionRecord, StoredFile};
 use swimlane_core::UserId;
 use swimlane_state::tokens::{AuthError, Caller};
 use swimlane_state::{lifecycle, Repo};
@@ -304,22 +304,30 @@ async fn get_model(
                 let Some(rec) = repo.model_version(tx, u.as_str(), v)? else {
                     return Ok(Head::None);
                 };
-                let (blob, sha) = match format {
-                    ModelFormat::Safetensors => (rec.model_blob.clone(), rec.sha256.clone()),
+                let file = match format {
+                    ModelFormat::Safetensors => StoredFile {
+                        blob: rec.model_blob.clone(),
+                        sha256: rec.sha256.clone(),
+                        size_bytes: rec.size_bytes,
+                        prefix_blob: None,
+                    },
                     ModelFormat::Onnx => match &rec.onnx {
-                        Some(f) => (f.blob.clone(), f.sha256.clone()),
+                        Some(f) => f.clone(),
                         None => return Ok(Head::Unavailable(rec)),
                     },
                 };
+                let (blob, sha) = (file.blob.clone(), file.sha256.clone());
                 let etag = format!("\"{sha}\"");
                 if inm.as_deref().is_some_and(|h| etag_matches(h, &etag)) {
                     return Ok(Head::NotModified(rec, sha));
                 }
                 // A head whose file is gone is a broken store, not "not modified".
-                let bytes = repo.blob(tx, &blob)?.ok_or_else(|| KvError::Corrupt {
-                    what: format!("model blob {blob}"),
-                    reason: format!("missing for published version {}", rec.version),
-                })?;
+                let bytes = repo
+                    .stored_file(tx, &file)?
+                    .ok_or_else(|| KvError::Corrupt {
+                        what: format!("model blob {blob}"),
+                        reason: format!("missing for published version {}", rec.version),
+                    })?;
                 Ok(Head::Model(rec, sha, bytes))
             })
         })

@@ -35,6 +35,7 @@ pub fn run(
         target_accuracy,
         spec,
         base: None,
+        prefix: None,
     })?;
     Ok(())
 }

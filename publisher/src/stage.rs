@@ -37,6 +37,68 @@ pub(crate) struct Publisher {
     /// weights: read again only when the stored base changes (its blob header, read in
     /// every `prepare`, records another digest).
     pub base: Option<BaseModel>,
+    /// The device files' shared prefix last stored (`onnx::DeviceFile`).
+    pub prefix: Option<Arc<Prefix>>,
+}
+
+/// A prefix shared by device files (the base model's part), as stored: its blob id,
+/// named by its SHA-256 so that every file with these bytes shares the one blob, and
+/// the SHA-256 state after it, from which a whole file's digest is finished.
+pub(crate) struct Prefix {
+    bytes: Vec<u8>,
+    blob: String,
+    hasher: sha2::Sha256,
+}
+
+impl Prefix {
+    /// `bytes`' entry: `cached` when it holds the same bytes.
+    fn of(bytes: &[u8], cached: Option<&Arc<Prefix>>) -> Arc<Prefix> {
+        use sha2::Digest;
+        if let Some(c) = cached.filter(|c| c.bytes == bytes) {
+            return c.clone();
+        }
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(bytes);
+        let blob = format!("onnx-prefix-{}", hex::encode(hasher.clone().finalize()));
+        Arc::new(Prefix {
+            bytes: bytes.to_vec(),
+            blob,
+            hasher,
+        })
+    }
+
+    /// Store the prefix's blob inside `tx` unless it is there (it is never deleted: it
+    /// holds no user's data, and every file made with this base model shares it).
+    fn ensure(&self, repo: &Repo, tx: &mut Transaction<'_>) -> Res<()> {
+        if repo.blob_sha256(tx, &self.blob)?.is_none() {
+            repo.put_blob(tx, &self.blob, &self.bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The digest of the file made of this prefix and `rest`.
+    fn sha256_with(&self, rest: &[u8]) -> String {
+        use sha2::Digest;
+        let mut h = self.hasher.clone();
+        h.update(rest);
+        hex::encode(h.finalize())
+    }
+}
+
+/// Store `file` as `blob` inside `tx`: its prefix as a shared blob (`prefix`, the
+/// entry for its bytes) and the rest as `blob`.
+fn store_in(
+    repo: &Repo,
+    tx: &mut Transaction<'_>,
+    blob: String,
+    file: &onnx::DeviceFile,
+    prefix: Option<&Prefix>,
+) -> Res<StoredFile> {
+    if let Some(p) = prefix {
+        p.ensure(repo, tx)?;
+    }
+    let sha256 = repo.put_blob(tx, &blob, &file.rest)?;
+    Ok(stored(blob, sha256, file, prefix))
 }
 
 /// The installed base model and the SHA-256 (hex) of its stored weights.
@@ -102,7 +164,7 @@ fn export_onnx(
     (weights, weights_sha256): (&[u8], &str),
     base: Option<&BaseModel>,
     version: u64,
-) -> Result<Vec<u8>, KvError> {
+) -> Result<onnx::DeviceFile, KvError> {
     let model = MicroModel::load_for(weights, spec).map_err(|e| KvError::Corrupt {
         what: format!("candidate weights {}", run.model_blob),
         reason: e.to_string(),
@@ -125,20 +187,27 @@ fn export_onnx(
             base_weights_sha256: &base.0,
             familiarity,
         });
-    onnx::export_device_checked(&model, &lineage, weights_sha256, fallback.as_ref()).map_err(|e| {
-        KvError::Corrupt {
+    onnx::export_device_parts_checked(&model, &lineage, weights_sha256, fallback.as_ref()).map_err(
+        |e| KvError::Corrupt {
             what: format!("ONNX export of run {}", run.run_id),
             reason: e.to_string(),
-        }
-    })
+        },
+    )
 }
 
-/// The ONNX file stored as `blob`, with the digest its write computed.
-fn stored(blob: String, sha256: String, bytes: &[u8]) -> StoredFile {
+/// The ONNX file stored as `blob` (after `prefix`'s blob when it has one), with the
+/// digest the write of `blob` computed for the rest.
+fn stored(
+    blob: String,
+    sha256: String,
+    file: &onnx::DeviceFile,
+    prefix: Option<&Prefix>,
+) -> StoredFile {
     StoredFile {
         blob,
-        sha256,
-        size_bytes: bytes.len() as u64,
+        sha256: prefix.map_or(sha256, |p| p.sha256_with(&file.rest)),
+        size_bytes: file.len() as u64,
+        prefix_blob: prefix.map(|p| p.blob.clone()),
     }
 }
 
@@ -211,13 +280,24 @@ impl Stage for Publisher {
         let onnx = match found {
             None => None,
             Some((run, version, (w, sha256), base)) => {
-                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
+                let file = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
                 if base.is_some() {
                     self.base = base;
                 }
+                let prefix = file
+                    .prefix
+                    .as_ref()
+                    .map(|p| Prefix::of(p, self.prefix.as_ref()));
+                if let Some(p) = &prefix {
+                    // New bytes for this process: stored once, in a transaction of their own.
+                    if !self.prefix.as_ref().is_some_and(|c| Arc::ptr_eq(c, p)) {
+                        self.env.db.transact(|tx| p.ensure(repo, tx))?;
+                        self.prefix = Some(p.clone());
+                    }
+                }
                 let blob = onnx_blob_id(u, run_id, version);
-                let sha256 = repo.put_blob_db(&self.env.db, &blob, &bytes)?;
-                Some((version, stored(blob, sha256, &bytes)))
+                let sha256 = repo.put_blob_db(&self.env.db, &blob, &file.rest)?;
+                Some((version, stored(blob, sha256, &file, prefix.as_deref())))
             }
         };
         Ok(Some(Accepted {
@@ -251,10 +331,13 @@ impl Stage for Publisher {
                 // Not made beforehand for this version: make it here.
                 let (w, sha256) = weights(repo, tx, &run)?;
                 let base = base_for(repo, tx, &self.spec, &run, self.base.as_ref())?;
-                let bytes = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
+                let file = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
+                let prefix = file
+                    .prefix
+                    .as_ref()
+                    .map(|p| Prefix::of(p, self.prefix.as_ref()));
                 let blob = onnx_blob_id(u, run_id, version);
-                let sha256 = repo.put_blob(tx, &blob, &bytes)?;
-                stored(blob, sha256, &bytes)
+                store_in(repo, tx, blob, &file, prefix.as_deref())?
             }
         };
         let record = ModelVersionRecord {
@@ -465,6 +548,7 @@ mod tests {
             target_accuracy: 0.97,
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
             base: None,
+            prefix: None,
         };
         let mut p = Runner::new(stage, db.clone(), keys.clone(), emitter);
         p.handle(&delivery).unwrap();
@@ -480,9 +564,22 @@ mod tests {
             assert_eq!(rec.run_id, *run_id);
             let file = rec.onnx.clone().expect("an ONNX file");
             let bytes = db
-                .transact(|tx| repo.blob(tx, &file.blob))
+                .transact(|tx| repo.stored_file(tx, &file))
                 .unwrap()
                 .unwrap();
+            // A file with the fallback keeps the base model's part in a shared blob
+            // that names no user.
+            assert_eq!(file.prefix_blob.is_some(), *run_id == "r-b", "{file:?}");
+            if let Some(prefix) = &file.prefix_blob {
+                assert!(prefix.starts_with("onnx-prefix-") && !prefix.contains("ana"));
+                let (own, shared) = db
+                    .transact(|tx| Ok((repo.blob(tx, &file.blob)?, repo.blob(tx, prefix)?)))
+                    .unwrap();
+                let (own, shared) = (own.unwrap(), shared.unwrap());
+                assert_eq!([shared.clone(), own].concat(), bytes);
+                // The base model's weights: most of the file's other half.
+                assert!(shared.len() > 250_000, "{}", shared.len());
+            }
             assert_eq!(file.sha256, sha256_hex(&bytes));
             assert_eq!(file.size_bytes, bytes.len() as u64);
             assert_eq!(file.blob, onnx_blob_id("ana", run_id, rec.version));

@@ -173,6 +173,7 @@ impl Harness {
                 blob: format!("onnx-{user}-{version}"),
                 sha256: sha256_hex(&o),
                 size_bytes: o.len() as u64,
+                prefix_blob: None,
             }),
             standing: Default::default(),
             probation: Default::default(),

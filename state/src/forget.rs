@@ -209,7 +209,8 @@ pub fn erase(
         Some(_) => {}
     }
     // Runs and their candidates' weights; versions, their weights (the run's, usually
-    // gone already) and ONNX files.
+    // gone already) and ONNX files (their own blobs: a device file's shared prefix, the
+    // base model's part, holds no user's data and stays for the other users' files).
     let run_blobs =
         |v: &[u8]| crate::decode_record::<RunRecord>(v).map_or(Vec::new(), |r| vec![r.model_blob]);
     let version_blobs = |v: &[u8]| {

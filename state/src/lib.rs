@@ -547,6 +547,29 @@ impl Repo {
         Ok(blob::header_in(tx, &self.keys.blob(blob_id))?.map(|h| hex::encode(h.sha256)))
     }
 
+    /// The bytes of a stored file (its shared prefix, if it has one, then its own blob);
+    /// `None` when either is absent.
+    pub fn stored_file(
+        &self,
+        tx: &mut Transaction<'_>,
+        file: &swimlane_core::records::StoredFile,
+    ) -> Res<Option<Vec<u8>>> {
+        let prefix = match &file.prefix_blob {
+            Some(id) => match self.blob(tx, id)? {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+            None => Vec::new(),
+        };
+        Ok(self.blob(tx, &file.blob)?.map(|rest| {
+            if prefix.is_empty() {
+                rest
+            } else {
+                [prefix, rest].concat()
+            }
+        }))
+    }
+
     /// Read a blob of any size (several transactions for large ones).
     pub fn blob_db(&self, db: &Db, blob_id: &str) -> Res<Option<Vec<u8>>> {
         blob::read(db, &self.keys.blob(blob_id))
