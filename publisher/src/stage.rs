@@ -13,6 +13,11 @@
 //!   assign (its blob id names the run and the version, so a re-run writes the same
 //!   bytes); if the transaction assigns another version, it exports again inside (a
 //!   few milliseconds, one ~300 kB blob), so the file always names its own version.
+//! - A device's file with the base model in it is stored in two parts
+//!   (`onnx::DeviceFile`): the base model's part once for every file that has the same
+//!   bytes (a blob named by their SHA-256, written before any file that needs it and
+//!   never erased: it holds no user's data), the rest in the version's own blob; the
+//!   record's digest and size are the whole file's (`Repo::stored_file` reads it whole).
 use std::sync::Arc;
 
 use swimlane_bus::stage::{Applied, Decoded, Effect, Stage};
