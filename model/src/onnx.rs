@@ -495,11 +495,11 @@ fn to_proto_named(
 ) -> Result<(Option<ModelProto>, ModelProto), ModelError> {
     let spec = model.spec();
     let channels = spec.channels.len();
-    // A model that trained on every class knows every window: with the personal weight
-    // 1, no base model in the file.
     if let Some(fb) = fallback {
         fb.check(model)?;
     }
+    // A model that trained on every class knows every window: with the personal weight
+    // 1, no base model in the file.
     let fallback = fallback.filter(|fb| fb.familiarity.falls_back());
     let (prefix, (initializers, nodes)) = match fallback {
         None => (None, net_graph(model, "", OUTPUT_NAME)?),
@@ -1098,8 +1098,8 @@ mod tests {
     }
 
     #[test]
-    fn the_devices_file_answers_familiar_windows_with_the_personal_model_and_others_with_the_base()
-    {
+    fn the_devices_file_answers_familiar_windows_with_the_weighted_average_and_others_with_the_base(
+    ) {
         let (base, samples) = model();
         let other = Swimmer::new(11).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11));
         let personal = MicroModel::init(&ModelSpec::synthetic_pose(), &other, 5).unwrap();
