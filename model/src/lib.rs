@@ -17,6 +17,7 @@
 use serde::{Deserialize, Serialize};
 use swimlane_core::ClassId;
 
+mod backprop;
 pub mod dataset;
 pub mod eval;
 pub mod experiment;

@@ -197,12 +197,17 @@ impl MicroModel {
         &self.params
     }
 
+    /// `x` ([batch, 512]) normalised with the model's per-channel statistics: the first
+    /// step of [`MicroModel::forward`].
+    pub(crate) fn normalise(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_sub(&self.mean_row)?
+            .broadcast_mul(&self.inv_std_row)
+    }
+
     /// Logits for a batch `x` of shape [batch, 512].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = &self.params;
-        let x = x
-            .broadcast_sub(&self.mean_row)?
-            .broadcast_mul(&self.inv_std_row)?;
+        let x = self.normalise(x)?;
         let h = x.matmul(&p[0].t()?)?.broadcast_add(&p[1])?.relu()?;
         let h = h.matmul(&p[2].t()?)?.broadcast_add(&p[3])?.relu()?;
         h.matmul(&p[4].t()?)?.broadcast_add(&p[5])

@@ -10,17 +10,18 @@
 //!   parameters when the optimiser was made: exactly the gradient of adding
 //!   `a · sum((w - w0)²)` to the loss (the L2-SP pull of `TrainConfig::anchor`), without
 //!   differentiating it.
-//! - A parameter with no gradient in the store is left alone, as candle does.
+//! - [`AdamW::step`] takes one gradient per parameter, in the order the optimiser was
+//!   made with (`backprop::loss_and_grads` gives them in that order); any other count,
+//!   or a gradient of another size, is an error and nothing is updated by it.
 //!
 //! Why: candle's optimiser runs a dozen tensor operations per parameter per step, each
 //! allocating and writing a tensor the size of the parameter; on a 74k-parameter model
 //! trained on batches of 32 they took more time than the forward and backward passes
-//! (bench/README.md, "Where the trainer's time goes"). This does the same arithmetic in
+//! (bench/README.md, "The training step, derived by hand"). This does the same arithmetic in
 //! one loop, in place (candle's public in-place op interface).
 use std::cell::RefCell;
 
-use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Var};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
 
 /// AdamW's constants (candle's defaults for the betas and epsilon).
 #[derive(Clone, Copy, Debug)]
@@ -88,8 +89,15 @@ impl AdamW {
         })
     }
 
-    /// One update from `grads`.
-    pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+    /// One update from `grads`: one per parameter, in order (see the contract).
+    pub fn step(&mut self, grads: &[Tensor]) -> candle_core::Result<()> {
+        if grads.len() != self.slots.len() {
+            candle_core::bail!(
+                "the fused AdamW: {} gradients for {} parameters",
+                grads.len(),
+                self.slots.len()
+            );
+        }
         self.step += 1;
         let p = self.params;
         let consts = Consts {
@@ -102,10 +110,7 @@ impl AdamW {
             eps: p.eps as f32,
             pull: (2.0 * p.anchor) as f32,
         };
-        for slot in &mut self.slots {
-            let Some(g) = grads.get(slot.var.as_tensor()) else {
-                continue;
-            };
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
             let g = g.contiguous()?;
             let (storage, layout) = g.storage_and_layout();
             let (Storage::Cpu(CpuStorage::F32(values)), Some((from, to))) =
@@ -227,7 +232,9 @@ mod tests {
             )
             .unwrap();
             for _ in 0..20 {
-                ours.step(&loss_of(&a).backward().unwrap()).unwrap();
+                let store = loss_of(&a).backward().unwrap();
+                ours.step(&[store.get(a.as_tensor()).unwrap().clone()])
+                    .unwrap();
                 let pull = (b.as_tensor() - &w0)
                     .unwrap()
                     .sqr()

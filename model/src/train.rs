@@ -228,37 +228,36 @@ fn train_in_place(
     } else {
         (&order[..0], &order[..])
     };
-    let pick = |idx: &[usize]| idx.iter().map(|&i| samples[i].clone()).collect::<Vec<_>>();
-    let (xt, yt) = to_tensors(model.spec(), &pick(train_idx))?;
-    let val = if early {
-        Some(to_tensors(model.spec(), &pick(val_idx))?)
-    } else {
-        None
+    // Each split's windows are normalised once, and its labels kept as a vector
+    // (`backprop` takes them so).
+    let split = |idx: &[usize]| -> Result<(Tensor, Vec<u32>), ModelError> {
+        let picked: Vec<Sample> = idx.iter().map(|&i| samples[i].clone()).collect();
+        let (x, y) = to_tensors(model.spec(), &picked)?;
+        Ok((model.normalise(&x)?, y.to_vec1()?))
     };
+    let (xt, yt) = split(train_idx)?;
+    let val = if early { Some(split(val_idx)?) } else { None };
     let n = train_idx.len();
     // The training windows' class prior in the loss's logits (`prior_adjust`).
     let classes = model.spec().num_classes();
-    let adjust = if cfg.prior_adjust > 0.0 {
+    let adjust: Option<Vec<f32>> = (cfg.prior_adjust > 0.0).then(|| {
         let mut counts = vec![0f64; classes];
         for s in samples {
             counts[s.label.index().min(classes - 1)] += 1.0;
         }
         let total = (samples.len() + classes) as f64;
-        let adj: Vec<f32> = counts
+        counts
             .iter()
             .map(|c| (cfg.prior_adjust * ((c + 1.0) / total).ln()) as f32)
-            .collect();
-        Some(Tensor::from_vec(adj, (1, classes), xt.device())?)
-    } else {
-        None
-    };
-    let logits = |x: &Tensor| -> Result<Tensor, ModelError> {
-        let l = model.forward(x)?;
-        Ok(match &adjust {
-            Some(a) => l.broadcast_add(a)?,
-            None => l,
-        })
-    };
+            .collect()
+    });
+    // The parameters' current values, read (not tracked) by the hand-derived step; the
+    // optimiser updates the same storage in place.
+    let params: Vec<Tensor> = model
+        .params()
+        .iter()
+        .map(|v| v.as_tensor().detach())
+        .collect();
 
     // AdamW with the pull towards the starting weights (`anchor`) in its gradient.
     let mut opt = crate::optim::AdamW::new(
@@ -289,10 +288,11 @@ fn train_in_place(
             }
             let idx = Tensor::from_slice(chunk, chunk.len(), xt.device())?;
             let xb = xt.index_select(&idx, 0)?;
-            let yb = yt.index_select(&idx, 0)?;
-            let loss = candle_nn::loss::cross_entropy(&logits(&xb)?, &yb)?;
-            opt.step(&loss.backward()?)?;
-            loss_sum += loss.to_scalar::<f32>()?;
+            let yb: Vec<u32> = chunk.iter().map(|&i| yt[i as usize]).collect();
+            let (loss, grads) =
+                crate::backprop::loss_and_grads(&params, &xb, &yb, adjust.as_deref())?;
+            opt.step(&grads)?;
+            loss_sum += loss;
             batches += 1;
             report.steps += 1;
             report.samples_processed += chunk.len();
@@ -304,7 +304,7 @@ fn train_in_place(
         report.train_loss.push(loss_sum / batches as f32);
         match &val {
             Some((xv, yv)) => {
-                let vl = candle_nn::loss::cross_entropy(&logits(xv)?, yv)?.to_scalar::<f32>()?;
+                let vl = crate::backprop::loss(&params, xv, yv, adjust.as_deref())?;
                 report.val_loss.push(vl);
                 if best.as_ref().is_none_or(|(b, _)| vl < *b) {
                     best = Some((vl, model.snapshot()?));
