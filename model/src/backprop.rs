@@ -9,7 +9,8 @@
 //!   compare them.
 //! - One exception, of measure zero: ReLU's gradient at exactly 0 is taken as 0 here
 //!   (candle's autograd takes it as 1).
-//! - [`loss`] is the same loss with no gradients (the early-stopping check).
+//! - [`loss`] is the same loss with no gradients (the early-stopping check), and
+//!   [`logits`] the network's logits alone (`MicroModel::predict_proba`).
 //! - The parameters are read, never written; nothing is recorded for autograd.
 //!
 //! Why: a fine-tune takes steps of 32 windows on a 74k-parameter network, where each
@@ -129,6 +130,12 @@ fn relu_back(g: Tensor, h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     ))
 }
 
+/// The logits of a normalised batch `xn` ([n, input]), row-major [n, classes]: the
+/// same network as `MicroModel::forward`, with the bias and ReLU in single loops.
+pub(crate) fn logits(params: &[Tensor], xn: &Tensor) -> candle_core::Result<Vec<f32>> {
+    Ok(forward(params, xn)?.logits)
+}
+
 /// The loss of a normalised batch `xn` ([n, input]) with labels `y`; see the contract.
 pub(crate) fn loss(
     params: &[Tensor],
@@ -209,11 +216,7 @@ mod tests {
         let k = model.spec().num_classes();
         let adjust: Vec<f32> = (0..k).map(|j| -0.3 * j as f32).collect();
         let xn = model.normalise(&x).unwrap();
-        let params: Vec<Tensor> = model
-            .params()
-            .iter()
-            .map(|v| v.as_tensor().detach())
-            .collect();
+        let params = model.detached_params();
         for adj in [None, Some(adjust.as_slice())] {
             let (loss, grads) = loss_and_grads(&params, &xn, &labels, adj).unwrap();
             let mut logits = model.forward(&x).unwrap();
@@ -244,11 +247,7 @@ mod tests {
         let (model, samples) = windows(4);
         let (x, _) = crate::net::to_tensors(model.spec(), &samples).unwrap();
         let xn = model.normalise(&x).unwrap();
-        let params: Vec<Tensor> = model
-            .params()
-            .iter()
-            .map(|v| v.as_tensor().detach())
-            .collect();
+        let params = model.detached_params();
         assert!(loss_and_grads(&params, &xn, &[0, 1, 2, 99], None).is_err());
         assert!(loss_and_grads(&params, &xn, &[0, 1], None).is_err());
     }

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, SafeTensors};
@@ -204,6 +204,12 @@ impl MicroModel {
             .broadcast_mul(&self.inv_std_row)
     }
 
+    /// The parameters' tensors, untracked by autograd: they share the parameters'
+    /// storage, so they see every update made in place.
+    pub(crate) fn detached_params(&self) -> Vec<Tensor> {
+        self.params.iter().map(|v| v.as_tensor().detach()).collect()
+    }
+
     /// Logits for a batch `x` of shape [batch, 512].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = &self.params;
@@ -222,8 +228,19 @@ impl MicroModel {
         let input = self.input_len();
         let flat = flatten_windows(windows, input)?;
         let x = Tensor::from_vec(flat, (windows.len(), input), &Device::Cpu)?;
-        let p = candle_nn::ops::softmax(&self.forward(&x)?, D::Minus1)?;
-        Ok(p.to_vec2()?)
+        // The network through `backprop::logits` (the bias and ReLU in single loops, no
+        // autograd record), then each row's softmax.
+        let logits = crate::backprop::logits(&self.detached_params(), &self.normalise(&x)?)?;
+        let k = self.spec.num_classes();
+        Ok(logits
+            .chunks_exact(k)
+            .map(|z| {
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = z.iter().map(|v| (v - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                e.into_iter().map(|v| v / sum).collect()
+            })
+            .collect())
     }
 
     /// Class probabilities for samples (their labels are ignored).
@@ -502,6 +519,27 @@ mod tests {
             MicroModel::init(&ModelSpec::synthetic_pose(), &s, 1).unwrap(),
             s,
         )
+    }
+
+    /// The probabilities (computed through `backprop::logits`) are candle's softmax of
+    /// [`MicroModel::forward`].
+    #[test]
+    fn probabilities_are_the_softmax_of_the_forward_pass() {
+        let (m, s) = model();
+        let ours = m.predict_proba_samples(&s).unwrap();
+        let (x, _) = to_tensors(m.spec(), &s).unwrap();
+        let theirs: Vec<Vec<f32>> =
+            candle_nn::ops::softmax(&m.forward(&x).unwrap(), candle_core::D::Minus1)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+        assert_eq!(ours.len(), s.len());
+        for (p, q) in ours.iter().zip(&theirs) {
+            assert_eq!(p.len(), q.len());
+            for (a, b) in p.iter().zip(q) {
+                assert!((a - b).abs() < 1e-6, "{p:?} vs {q:?}");
+            }
+        }
     }
 
     #[test]

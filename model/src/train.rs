@@ -253,11 +253,7 @@ fn train_in_place(
     });
     // The parameters' current values, read (not tracked) by the hand-derived step; the
     // optimiser updates the same storage in place.
-    let params: Vec<Tensor> = model
-        .params()
-        .iter()
-        .map(|v| v.as_tensor().detach())
-        .collect();
+    let params = model.detached_params();
 
     // AdamW with the pull towards the starting weights (`anchor`) in its gradient.
     let mut opt = crate::optim::AdamW::new(

@@ -306,34 +306,48 @@ fn eval_node(node: &NodeProto, env: &HashMap<&str, Value>) -> Result<Value, Stri
 
 /// `f(a, b)` element by element, where one shape is a suffix of the other (so the
 /// shorter operand repeats along the leading dimensions of the longer).
-fn elementwise(a: &Value, b: &Value, f: fn(f32, f32) -> f32) -> Result<Value, String> {
-    if a.shape.ends_with(&b.shape) {
-        Ok(Value {
-            shape: a.shape.clone(),
-            data: a
-                .data
-                .iter()
-                .zip(b.data.iter().cycle())
-                .map(|(x, y)| f(*x, *y))
-                .collect(),
-        })
+fn elementwise(a: &Value, b: &Value, f: impl Fn(f32, f32) -> f32 + Copy) -> Result<Value, String> {
+    // The value whose shape ends with the other's; the other repeats along it. A loop
+    // over whole repeats (not an iterator cycling through the smaller value) lets the
+    // compiler vectorise it.
+    let (big, small, swapped) = if a.shape.ends_with(&b.shape) {
+        (a, b, false)
     } else if b.shape.ends_with(&a.shape) {
-        Ok(Value {
-            shape: b.shape.clone(),
-            data: a
-                .data
-                .iter()
-                .cycle()
-                .zip(&b.data)
-                .map(|(x, y)| f(*x, *y))
-                .collect(),
-        })
+        (b, a, true)
     } else {
-        Err(format!(
+        return Err(format!(
             "shapes {:?} and {:?}: only a shape that is a suffix of the other broadcasts",
             a.shape, b.shape
-        ))
+        ));
+    };
+    let n = small.data.len();
+    if big.data.is_empty() {
+        return Ok(Value {
+            shape: big.shape.clone(),
+            data: Vec::new(),
+        });
     }
+    if n == 0 || big.data.len() % n != 0 {
+        return Err(format!(
+            "values of shapes {:?} and {:?} hold {} and {} values",
+            big.shape,
+            small.shape,
+            big.data.len(),
+            n
+        ));
+    }
+    let mut data = Vec::with_capacity(big.data.len());
+    for row in big.data.chunks_exact(n) {
+        if swapped {
+            data.extend(small.data.iter().zip(row).map(|(x, y)| f(*x, *y)));
+        } else {
+            data.extend(row.iter().zip(&small.data).map(|(x, y)| f(*x, *y)));
+        }
+    }
+    Ok(Value {
+        shape: big.shape.clone(),
+        data,
+    })
 }
 
 /// `ReduceMax` of a rank-2 value over its last axis, keeping it (`axes` [1] or [-1],
@@ -627,6 +641,15 @@ mod tests {
         assert_eq!(r, v(&[2, 3], &[0.0, 2.0, 4.0, 3.0, 5.0, 7.0]));
         let r = elementwise(&v(&[3], &[1.0, 2.0, 3.0]), &a, |x, y| x * y).unwrap();
         assert_eq!(r.data, [1.0, 4.0, 9.0, 4.0, 10.0, 18.0]);
+        // The smaller value first keeps the order of the operands.
+        let r = elementwise(&v(&[3], &[1.0, 2.0, 3.0]), &a, |x, y| x - y).unwrap();
+        assert_eq!(r.data, [0.0, 0.0, 0.0, -3.0, -3.0, -3.0]);
+        // Values that do not hold what their shapes say: an error, not a panic.
+        let hollow = Value {
+            shape: vec![3],
+            data: Vec::new(),
+        };
+        assert!(elementwise(&a, &hollow, |x, y| x - y).is_err());
         assert!(elementwise(&a, &v(&[2], &[1.0, 2.0]), |x, y| x - y).is_err());
         assert!(elementwise(&a, &v(&[1, 3], &[1.0, 2.0, 3.0]), |x, y| x - y).is_err());
 
