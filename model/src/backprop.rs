@@ -10,7 +10,8 @@
 //! - One exception, of measure zero: ReLU's gradient at exactly 0 is taken as 0 here
 //!   (candle's autograd takes it as 1).
 //! - [`loss`] is the same loss with no gradients (the early-stopping check), and
-//!   [`logits`] the network's logits alone (`MicroModel::predict_proba`).
+//!   [`logits`] the network's logits alone (`MicroModel::predict_proba`, with
+//!   [`softmax_rows`]).
 //! - The parameters are read, never written; nothing is recorded for autograd.
 //!
 //! Why: a fine-tune takes steps of 32 windows on a 74k-parameter network, where each
@@ -65,6 +66,31 @@ fn forward(params: &[Tensor], xn: &Tensor) -> candle_core::Result<Forward> {
     Ok(Forward { h1, h2, logits })
 }
 
+/// `row` replaced by `exp(row - max(row))`; returns that max and the new row's sum (the
+/// softmax is the row over the sum).
+fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for r in row.iter_mut() {
+        *r = (*r - max).exp();
+        sum += *r;
+    }
+    (max, sum)
+}
+
+/// The softmax of each row of `logits` ([n, k] row-major).
+pub(crate) fn softmax_rows(logits: &[f32], k: usize) -> Vec<Vec<f32>> {
+    logits
+        .chunks_exact(k)
+        .map(|z| {
+            let mut row = z.to_vec();
+            let (_, sum) = exp_shifted(&mut row);
+            row.iter_mut().for_each(|r| *r /= sum);
+            row
+        })
+        .collect()
+}
+
 /// The mean cross-entropy of `logits + adjust` ([n, k] row-major) against `y`, and,
 /// when `grad` is given, its gradient with respect to the logits written into it.
 fn cross_entropy(
@@ -88,12 +114,7 @@ fn cross_entropy(
         for (j, r) in row.iter_mut().enumerate() {
             *r = z[j] + adjust.map_or(0.0, |a| a[j]);
         }
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for r in row.iter_mut() {
-            *r = (*r - max).exp();
-            sum += *r;
-        }
+        let (max, sum) = exp_shifted(&mut row);
         // -log softmax at the label.
         total += sum.ln() - (z[label] + adjust.map_or(0.0, |a| a[label]) - max);
         if let Some(g) = grad.as_deref_mut() {

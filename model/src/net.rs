@@ -231,16 +231,10 @@ impl MicroModel {
         // The network through `backprop::logits` (the bias and ReLU in single loops, no
         // autograd record), then each row's softmax.
         let logits = crate::backprop::logits(&self.detached_params(), &self.normalise(&x)?)?;
-        let k = self.spec.num_classes();
-        Ok(logits
-            .chunks_exact(k)
-            .map(|z| {
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = z.iter().map(|v| (v - max).exp()).collect();
-                let sum: f32 = e.iter().sum();
-                e.into_iter().map(|v| v / sum).collect()
-            })
-            .collect())
+        Ok(crate::backprop::softmax_rows(
+            &logits,
+            self.spec.num_classes(),
+        ))
     }
 
     /// Class probabilities for samples (their labels are ignored).
