@@ -21,7 +21,7 @@
 //! one loop, in place (candle's public in-place op interface).
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
 
 /// AdamW's constants (candle's defaults for the betas and epsilon).
 #[derive(Clone, Copy, Debug)]
@@ -111,21 +111,16 @@ impl AdamW {
             pull: (2.0 * p.anchor) as f32,
         };
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let g = g.contiguous()?;
-            let (storage, layout) = g.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(values)), Some((from, to))) =
-                (&*storage, layout.contiguous_offsets())
-            else {
-                candle_core::bail!("the fused AdamW takes contiguous f32 CPU gradients");
-            };
-            let update = Update {
-                g: &values[from..to],
-                m: RefCell::new(&mut slot.m),
-                v: RefCell::new(&mut slot.v),
-                start: slot.start.as_deref(),
-                c: consts,
-            };
-            slot.var.as_tensor().inplace_op1(&update)?;
+            crate::backprop::with_f32(&g.contiguous()?, |g| {
+                let update = Update {
+                    g,
+                    m: RefCell::new(&mut slot.m),
+                    v: RefCell::new(&mut slot.v),
+                    start: slot.start.as_deref(),
+                    c: consts,
+                };
+                slot.var.as_tensor().inplace_op1(&update)
+            })??;
         }
         Ok(())
     }
@@ -240,8 +235,6 @@ mod tests {
     use candle_core::{Device, Tensor};
     use candle_nn::Optimizer;
 
-    /// Several steps of this and of candle's AdamW (with the pull added to candle's
-    /// loss) from the same start on the same loss agree within rounding.
     /// The AVX2 build of the loop gives the portable one's results to the bit.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -287,6 +280,8 @@ mod tests {
         }
     }
 
+    /// Several steps of this and of candle's AdamW (with the pull added to candle's
+    /// loss) from the same start on the same loss agree within rounding.
     #[test]
     fn matches_candle_adamw_with_the_pull_in_the_loss() {
         let dev = Device::Cpu;
