@@ -117,7 +117,9 @@ pub trait Consumer: Send {
     /// Leave the group, releasing owned partitions so others take them at once.
     fn close(&mut self) -> Result<(), BusError>;
     /// Records waiting on the partitions this member owns (high watermark minus the
-    /// committed cursor, summed).
+    /// committed cursor, summed). Over Kafka the high watermark is the one the member's
+    /// last fetch response carried (at most one fetch wait old while it keeps up), so
+    /// asking costs no request to the broker.
     fn lag(&mut self) -> Result<u64, BusError>;
     /// The partitions this member owns now.
     fn owned_partitions(&self) -> Vec<u32>;

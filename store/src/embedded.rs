@@ -30,8 +30,12 @@
 //!   (`mmap_size` stays 0). A map was tried (2026-12-02: 1 GiB, about 5% less of the fleet's CPU, 11% of the
 //!   publisher) and removed the same day: when `purge_deleted`'s `VACUUM` shrinks the
 //!   file, a process still holding a map of the old size dies of SIGBUS on its next read
-//!   past the new end (seen once in `cli/tests/forget.rs`). A read error through
-//!   `pread` is an error SQLite returns; a fault in a map kills the process.
+//!   past the new end. A read error through `pread` is an error SQLite returns; a
+//!   fault in a map kills the process. (The SIGBUS seen in `cli/tests/forget.rs` came
+//!   back without a map: that test read the store's files itself, and closing them
+//!   dropped its process's POSIX locks, so another process truncated the shared-memory
+//!   file the test still mapped. A process that has the store open must never open
+//!   and close the store's files itself.)
 //!
 //! # Transactions: optimistic concurrency, as on FoundationDB
 //! - *Begin*: take a pooled connection, `BEGIN` a read transaction and read `version`:

@@ -426,6 +426,32 @@ impl KafkaConsumer {
 
 const MAX_BUFFERED: usize = 10_000;
 
+/// The high watermark of `topic`/`partition` that `consumer`'s last fetch response
+/// carried (librdkafka's `rd_kafka_get_watermark_offsets`, which the `rdkafka` crate
+/// does not wrap): no request to the broker. `None` before any fetch response.
+fn cached_high_watermark<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: u32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is live for `consumer`'s lifetime, `topic` is a
+    // NUL-terminated string that outlives the call, and librdkafka only writes the two
+    // integers it is given.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition as i32,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 impl Consumer for KafkaConsumer {
     fn poll(&mut self, max: usize, timeout: Duration) -> Result<Option<Delivery>, BusError> {
         let deadline = Instant::now() + timeout;
@@ -509,10 +535,20 @@ impl Consumer for KafkaConsumer {
         };
         let mut lag = 0;
         for (topic, p, cursor) in owned {
-            let (_, high) = self
-                .consumer
-                .fetch_watermarks(&topic, p as i32, Duration::from_secs(2))
-                .map_err(|e| kafka_err(&format!("watermarks of {topic}/{p}"), e))?;
+            // The high watermark every fetch response carries, cached by librdkafka: no
+            // request to the broker. Asking the broker instead took 140-155 ms for 8
+            // partitions against tansu, once a second in every stage's loop, and a
+            // delivery arriving meanwhile waited (bench/README.md, "Over Kafka: the
+            // lag query"). Only a partition not fetched yet is asked about.
+            let high = match cached_high_watermark(&self.consumer, &topic, p) {
+                Some(high) => high,
+                None => {
+                    self.consumer
+                        .fetch_watermarks(&topic, p as i32, Duration::from_secs(2))
+                        .map_err(|e| kafka_err(&format!("watermarks of {topic}/{p}"), e))?
+                        .1
+                }
+            };
             lag += (high.max(0) as u64).saturating_sub(cursor);
         }
         Ok(lag)
