@@ -5,6 +5,7 @@
 #
 #   bench/vs_ray.sh                        # defaults: 96 users x up to 250 corrections
 #   USERS=300 TRAINERS=1,2 BUSES="embedded" bench/vs_ray.sh
+#   PARTITIONS=2 BUSES=kafka bench/vs_ray.sh   # partitions per topic (default 8)
 #   TANSU=/path/to/tansu bench/vs_ray.sh   # another broker build (default: the one .ci/run
 #                                          # installs, built at opt-level 1)
 #
@@ -21,6 +22,9 @@ CORRECTIONS=${CORRECTIONS:-250}
 TRAINERS=${TRAINERS:-1,2}
 PACED=${PACED:-10}
 BUSES=${BUSES:-"embedded kafka"}
+# Partitions per topic (the config's default is 8). Over tansu every partition costs
+# each consumer's every fetch (bench/README.md, "Partitions over tansu").
+PARTITIONS=${PARTITIONS:-8}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/swimlane-target}
 
 echo "== building swimlane (release, with Kafka)" >&2
@@ -56,7 +60,7 @@ for bus in $BUSES; do
   cpu() { [ -n "$broker" ] && awk '{print $14 + $15}' "/proc/$broker/stat" || echo 0; }
   before=$(cpu)
   "$BIN" bench pipeline --bus "$url" --trainers "$TRAINERS" --users "$USERS" \
-    --corrections "$CORRECTIONS" --paced "$PACED" --peer "$VENV/bin/python" --json >"$OUT/vs_ray_$bus.json"
+    --corrections "$CORRECTIONS" --paced "$PACED" --partitions "$PARTITIONS" --peer "$VENV/bin/python" --json >"$OUT/vs_ray_$bus.json"
   [ -n "$broker" ] && echo "  the broker used $(( ($(cpu) - before) / 100 )) CPU seconds over the whole run (every trainer count, the paced uploads and set-up)"
   "$VENV/bin/python" - "$OUT/vs_ray_$bus.json" <<'PY'
 import json, sys
