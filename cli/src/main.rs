@@ -280,6 +280,7 @@ fn main() -> anyhow::Result<()> {
     // Before anything allocates much; the workers it starts keep it (their memory
     // profile, runtime::disable_transparent_huge_pages).
     swimlane_runtime::disable_transparent_huge_pages();
+    swimlane_runtime::keep_malloc_heap();
     let cli = Cli::parse();
     match cli.command {
         Command::Model { command } => model_cmd::run(command),

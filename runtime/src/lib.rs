@@ -77,6 +77,35 @@ pub fn disable_transparent_huge_pages() -> bool {
     }
 }
 
+/// glibc's `malloc` keeps freed memory at the top of its heaps instead of returning it
+/// to the kernel at once (`M_TRIM_THRESHOLD` 64 MiB, `M_TOP_PAD` 16 MiB), unless
+/// `MALLOC_TRIM_THRESHOLD_` is set (an operator's explicit choice wins).
+///
+/// Why: SQLite allocates its page cache with the C library's `malloc`, not with
+/// mimalloc (Rust's allocator here). Its cache is emptied and refilled whenever another
+/// process has committed, and with glibc's default threshold the heap top went back to
+/// the kernel and was faulted in, zeroed, again: `clear_page_erms` under `sysmalloc`
+/// was 3% of ingest's samples and 1.5-2% of the validator's and the publisher's
+/// (bench/README.md). What is kept is bounded by the page caches' size (2 MB a
+/// connection). Returns whether the settings were applied.
+pub fn keep_malloc_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some() {
+            return false;
+        }
+        // SAFETY: mallopt takes two integers and changes only malloc's own tunables.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) == 1
+                && libc::mallopt(libc::M_TOP_PAD, 16 << 20) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Give this process's model kernels (candle's CPU threads) `n` threads (0: candle's
 /// default, one per core), unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set
 /// already (an operator's explicit choice wins). candle reads these variables when it
@@ -147,6 +176,7 @@ where
         .about(about);
     let args = Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     disable_transparent_huge_pages();
+    keep_malloc_heap();
     let run = || -> Result<(), WorkerError> {
         let config = Config::load(&args, Some(worker))?;
         apply_model_threads(model_threads(&config, worker));
@@ -328,6 +358,16 @@ pub async fn bind(
 #[cfg(test)]
 mod tests {
     #[cfg(target_os = "linux")]
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn glibc_keeps_its_heap_unless_the_operator_set_a_threshold() {
+        if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some() {
+            eprintln!("skipped: MALLOC_TRIM_THRESHOLD_ is set, the operator's choice wins");
+            return;
+        }
+        assert!(super::keep_malloc_heap(), "mallopt refused the thresholds");
+    }
+
     #[test]
     fn transparent_huge_pages_are_off_unless_the_operator_allows_them() {
         if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
