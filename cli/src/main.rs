@@ -278,9 +278,8 @@ fn data_cmd(command: DataCommand) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     // Before anything allocates much; the workers it starts keep it (their memory
-    // profile, runtime::disable_transparent_huge_pages).
-    swimlane_runtime::disable_transparent_huge_pages();
-    swimlane_runtime::keep_malloc_heap();
+    // profile, runtime::set_memory_profile).
+    swimlane_runtime::set_memory_profile();
     let cli = Cli::parse();
     match cli.command {
         Command::Model { command } => model_cmd::run(command),

@@ -106,6 +106,14 @@ pub fn keep_malloc_heap() -> bool {
     }
 }
 
+/// This process's memory profile, set before anything allocates much: transparent huge
+/// pages off ([`disable_transparent_huge_pages`]) and glibc's heap kept
+/// ([`keep_malloc_heap`]). Every swimlane process calls it first.
+pub fn set_memory_profile() {
+    disable_transparent_huge_pages();
+    keep_malloc_heap();
+}
+
 /// Give this process's model kernels (candle's CPU threads) `n` threads (0: candle's
 /// default, one per core), unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set
 /// already (an operator's explicit choice wins). candle reads these variables when it
@@ -175,8 +183,7 @@ where
         .version(env!("CARGO_PKG_VERSION"))
         .about(about);
     let args = Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
-    disable_transparent_huge_pages();
-    keep_malloc_heap();
+    set_memory_profile();
     let run = || -> Result<(), WorkerError> {
         let config = Config::load(&args, Some(worker))?;
         apply_model_threads(model_threads(&config, worker));
@@ -357,7 +364,6 @@ pub async fn bind(
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_os = "linux")]
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn glibc_keeps_its_heap_unless_the_operator_set_a_threshold() {
@@ -368,6 +374,7 @@ mod tests {
         assert!(super::keep_malloc_heap(), "mallopt refused the thresholds");
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn transparent_huge_pages_are_off_unless_the_operator_allows_them() {
         if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
