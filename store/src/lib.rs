@@ -32,6 +32,7 @@ pub mod faults;
 pub mod fdb;
 mod kv;
 pub mod limits;
+mod wal_vfs;
 pub mod watch;
 
 pub use error::KvError;
