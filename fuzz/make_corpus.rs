@@ -183,17 +183,9 @@ fn main() {
 
     // blob_header and blob_read.
     let header = |data: &[u8], chunk_size: u32, generation: u64| BlobHeader {
-        len: data.len() as u64,
-        sha256: swimlane_state::sha256_hex(data)
-            .as_bytes()
-            .chunks(2)
-            .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap(), 16).unwrap())
-            .collect::<Vec<u8>>()
-            .try_into()
-            .unwrap(),
         chunk_size,
         chunk_count: data.len().div_ceil(chunk_size as usize) as u32,
-        generation,
+        ..BlobHeader::for_data(data, generation)
     };
     let data = b"weights of a small model, stored in chunks under one generation".to_vec();
     put(
@@ -220,6 +212,7 @@ fn main() {
         chunk_size: 16,
         chunk_count: u32::MAX,
         generation: 13,
+        crc32: Some(0),
     };
     put("blob_header", "claims-69gb", &claims.encode());
     let mut claims_read = claims.encode();

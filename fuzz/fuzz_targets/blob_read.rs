@@ -1,10 +1,11 @@
 //! Reading a blob whose stored header and chunks are arbitrary bytes, from a real
 //! embedded store (`swimlane_store::blob::read_in` and `read`). The input is the header
-//! value (its first `HEADER_LEN` bytes) and chunk data: the rest, cut into chunks of the
+//! value (its first `HEADER_LEN` bytes, `HEADER_LEN_V1` when the first is 1) and chunk data: the rest, cut into chunks of the
 //! header's chunk size when the header decodes (at most 8), stored under its generation.
 //!
 //! Checks: never a panic, never an allocation the stored data does not justify; what
-//! reads back has the header's length and SHA-256.
+//! reads back has the header's length and checksum (CRC-32; SHA-256 in a version 1
+//! header).
 #![no_main]
 include!("../checks/blob_read.rs");
 

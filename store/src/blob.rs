@@ -3,7 +3,10 @@
 //! # Layout under `prefix` (e.g. `swimlane_core::keys::Keys::blob(id)`)
 //! - `prefix` itself → the header, [`HEADER_LEN`] bytes: schema version byte
 //!   ([`SCHEMA_VERSION`]), total length (u64 LE), SHA-256 of the data (32 bytes), chunk
-//!   size (u32 LE), chunk count (u32 LE), generation (u64 LE).
+//!   size (u32 LE), chunk count (u32 LE), generation (u64 LE), CRC-32 of the data (u32
+//!   LE), CRC-32 of the header's bytes before it (u32 LE). A version 1 header
+//!   ([`HEADER_LEN_V1`] bytes) ends after the generation; it is still read, and every
+//!   write makes a version 2 one.
 //! - `prefix + tuple(generation, i)` → chunk `i` of that generation: [`CHUNK_SIZE`]
 //!   bytes, the last one shorter. Every value stays under
 //!   [`crate::limits::MAX_VALUE_BYTES`].
@@ -16,8 +19,14 @@
 //!   names the generation its chunks live under. Chunks of a generation are never
 //!   modified; they are deleted only in the transaction that replaces or deletes the
 //!   header pointing at them.
-//! - Reads check the length, every chunk's presence and size, and the SHA-256, and
-//!   report [`KvError::Corrupt`] on any mismatch; an absent header is `Ok(None)`.
+//! - Reads check the length, every chunk's presence and size, and the data's CRC-32
+//!   (a version 1 header: its SHA-256), and report [`KvError::Corrupt`] on any mismatch;
+//!   an absent header is `Ok(None)`. The SHA-256 is computed once, when the blob is
+//!   written, and the header's own CRC-32 covers it, so the digest a read returns is the
+//!   written data's. A CRC-32 catches what corrupts stored bytes (a damaged page, chunks
+//!   of two writes mixed) for much less CPU: hashing the models every stage reads was
+//!   2-3% of the fleet's CPU (bench/README.md). It is no defence against someone who can
+//!   write the store, and neither was a SHA-256 stored beside the data.
 //! - Replacing a blob is atomic for readers (old or new, never a mix). Concurrent
 //!   writers of one prefix: the last header written wins; a multi-transaction write
 //!   that dies half-way leaves unreferenced chunks, removed by [`delete_in`].
@@ -29,15 +38,17 @@ use sha2::{Digest, Sha256};
 use crate::error::KvError;
 use crate::kv::{Db, RangeOption, Transaction};
 
-/// Header format version.
-pub const SCHEMA_VERSION: u8 = 1;
+/// Header format version written.
+pub const SCHEMA_VERSION: u8 = 2;
 /// Bytes per chunk (below FDB's 100,000-byte value limit, with room to spare).
 pub const CHUNK_SIZE: usize = 90_000;
 /// Largest blob [`write_in`] accepts and [`write()`] writes in one transaction: well under
 /// FDB's 10 MB transaction limit, leaving room for the caller's other writes.
 pub const MAX_SINGLE_TXN_BYTES: usize = 8_000_000;
-/// Length of an encoded header.
-pub const HEADER_LEN: usize = 1 + 8 + 32 + 4 + 4 + 8;
+/// Length of an encoded header ([`SCHEMA_VERSION`]).
+pub const HEADER_LEN: usize = HEADER_LEN_V1 + 4 + 4;
+/// Length of a version 1 header (no CRC-32s).
+pub const HEADER_LEN_V1: usize = 1 + 8 + 32 + 4 + 4 + 8;
 const CHUNKS_PER_TXN: usize = MAX_SINGLE_TXN_BYTES / CHUNK_SIZE;
 
 /// What a blob's header records.
@@ -49,28 +60,43 @@ pub struct BlobHeader {
     pub chunk_count: u32,
     /// Random per write; chunks live under `prefix + tuple(generation, i)`.
     pub generation: u64,
+    /// CRC-32 (IEEE) of the data; `None` in a version 1 header, read by its SHA-256.
+    pub crc32: Option<u32>,
 }
 
 impl BlobHeader {
-    fn for_data(data: &[u8], generation: u64) -> Self {
+    /// The header a write of `data` under `generation` stores (chunks of
+    /// [`CHUNK_SIZE`]).
+    pub fn for_data(data: &[u8], generation: u64) -> Self {
         BlobHeader {
             len: data.len() as u64,
             sha256: Sha256::digest(data).into(),
             chunk_size: CHUNK_SIZE as u32,
             chunk_count: data.len().div_ceil(CHUNK_SIZE) as u32,
             generation,
+            crc32: Some(crc32fast::hash(data)),
         }
     }
 
-    /// The header's stored bytes.
+    /// The header's stored bytes: version 2, or version 1 for a header without a
+    /// CRC-32 (one read from a version 1 header).
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(HEADER_LEN);
-        v.push(SCHEMA_VERSION);
+        v.push(if self.crc32.is_some() {
+            SCHEMA_VERSION
+        } else {
+            1
+        });
         v.extend_from_slice(&self.len.to_le_bytes());
         v.extend_from_slice(&self.sha256);
         v.extend_from_slice(&self.chunk_size.to_le_bytes());
         v.extend_from_slice(&self.chunk_count.to_le_bytes());
         v.extend_from_slice(&self.generation.to_le_bytes());
+        if let Some(crc) = self.crc32 {
+            v.extend_from_slice(&crc.to_le_bytes());
+            let own = crc32fast::hash(&v);
+            v.extend_from_slice(&own.to_le_bytes());
+        }
         v
     }
 
@@ -81,23 +107,35 @@ impl BlobHeader {
             what: what.to_string(),
             reason,
         };
-        if b.len() != HEADER_LEN {
+        let expected_len = match b.first() {
+            Some(1) => HEADER_LEN_V1,
+            Some(&SCHEMA_VERSION) => HEADER_LEN,
+            Some(v) => return Err(corrupt(format!("unknown blob schema version {v}"))),
+            None => return Err(corrupt("header is empty".into())),
+        };
+        if b.len() != expected_len {
             return Err(corrupt(format!(
-                "header is {} bytes, expected {HEADER_LEN}",
+                "header is {} bytes, expected {expected_len}",
                 b.len()
             )));
         }
-        if b[0] != SCHEMA_VERSION {
-            return Err(corrupt(format!("unknown blob schema version {}", b[0])));
-        }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let crc32 = if expected_len == HEADER_LEN {
+            if crc32fast::hash(&b[..HEADER_LEN - 4]) != u32_at(HEADER_LEN - 4) {
+                return Err(corrupt("header CRC-32 mismatch".into()));
+            }
+            Some(u32_at(HEADER_LEN_V1))
+        } else {
+            None
+        };
         let h = BlobHeader {
             len: u64_at(1),
             sha256: b[9..41].try_into().unwrap(),
             chunk_size: u32_at(41),
             chunk_count: u32_at(45),
             generation: u64_at(49),
+            crc32,
         };
         let expected = if h.chunk_size == 0 {
             None
@@ -265,11 +303,17 @@ fn verify(prefix: &[u8], h: &BlobHeader, data: &[u8]) -> Result<(), KvError> {
             reason: format!("{} bytes, header says {}", data.len(), h.len),
         });
     }
-    let digest: [u8; 32] = Sha256::digest(data).into();
-    if digest != h.sha256 {
+    let (intact, what) = match h.crc32 {
+        Some(crc) => (crc32fast::hash(data) == crc, "CRC-32"),
+        None => (
+            <[u8; 32]>::from(Sha256::digest(data)) == h.sha256,
+            "SHA-256",
+        ),
+    };
+    if !intact {
         return Err(KvError::Corrupt {
             what: describe(prefix),
-            reason: "SHA-256 mismatch".into(),
+            reason: format!("{what} mismatch"),
         });
     }
     Ok(())
@@ -290,8 +334,9 @@ pub fn read_in(tx: &mut Transaction<'_>, prefix: &[u8]) -> Result<Option<Vec<u8>
     Ok(read_in_with_header(tx, prefix)?.map(|(data, _)| data))
 }
 
-/// [`read_in`], with the blob's header: its `sha256` is the digest the data was just
-/// checked against, so a caller that needs the digest need not hash the data again.
+/// [`read_in`], with the blob's header: its `sha256` is the written data's digest
+/// (checked by the header's CRC-32, the data by its own), so a caller that needs the
+/// digest need not hash the data again.
 pub fn read_in_with_header(
     tx: &mut Transaction<'_>,
     prefix: &[u8],
@@ -385,6 +430,23 @@ mod tests {
         let b = h.encode();
         assert_eq!(b.len(), HEADER_LEN);
         assert_eq!(BlobHeader::decode("t", &b).unwrap(), h);
+        // A version 1 header (no CRC-32s) still reads, and encodes as it was.
+        let v1 = BlobHeader {
+            crc32: None,
+            ..h.clone()
+        };
+        let b1 = v1.encode();
+        assert_eq!((b1.len(), b1[0]), (HEADER_LEN_V1, 1));
+        assert_eq!(BlobHeader::decode("t", &b1).unwrap(), v1);
+        // Any damage to a version 2 header, its digest included, is caught.
+        for i in [9, 20, 49, HEADER_LEN_V1, HEADER_LEN - 1] {
+            let mut bad = b.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                matches!(BlobHeader::decode("t", &bad), Err(KvError::Corrupt { .. })),
+                "byte {i}"
+            );
+        }
         let mut bad = b.clone();
         bad[0] = 9;
         assert!(matches!(
@@ -411,6 +473,7 @@ mod tests {
             chunk_size: 100_000,
             chunk_count: u32::MAX,
             generation: 5,
+            crc32: Some(0),
         };
         let header = h.encode();
         assert_eq!(BlobHeader::decode("t", &header).unwrap(), h);
