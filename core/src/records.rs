@@ -226,8 +226,11 @@ const FLAG_BASE_MODEL: u8 = 8;
 /// bit 2 corrected, bit 3 predicted by the base model), with feedback
 /// `[predicted u8][model_version u64 LE]`, then `[values × f32 LE]`.
 /// Version 1 chunks (512 values, `[label][heldout]`, no feedback) still decode.
-pub fn encode_chunk(samples: &[StagedSample]) -> Vec<u8> {
-    let values = samples.first().map(|s| s.frames.len()).unwrap_or(0);
+pub fn encode_chunk<S: std::borrow::Borrow<StagedSample>>(samples: &[S]) -> Vec<u8> {
+    let values = samples
+        .first()
+        .map(|s| s.borrow().frames.len())
+        .unwrap_or(0);
     assert!(
         samples.len() <= samples_per_chunk(values.max(1)),
         "chunk holds at most {} samples",
@@ -238,6 +241,7 @@ pub fn encode_chunk(samples: &[StagedSample]) -> Vec<u8> {
     out.extend_from_slice(&(samples.len() as u16).to_le_bytes());
     out.extend_from_slice(&(values as u16).to_le_bytes());
     for s in samples {
+        let s = s.borrow();
         assert_eq!(s.frames.len(), values, "staged samples are validated");
         out.extend_from_slice(&(s.id.len() as u16).to_le_bytes());
         out.extend_from_slice(s.id.as_bytes());
@@ -257,9 +261,7 @@ pub fn encode_chunk(samples: &[StagedSample]) -> Vec<u8> {
             out.push(f.predicted.0);
             out.extend_from_slice(&f.model_version.unwrap_or(0).to_le_bytes());
         }
-        for v in &s.frames {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        out.extend_from_slice(&crate::batch::le_bytes(&s.frames));
     }
     out
 }

@@ -127,12 +127,11 @@ pub fn stage_batch(
     // stored first and the held-out ones after them (`BatchRecord::chunk_samples`), so
     // that the trainer and the validator each read only their split's chunks.
     let per_chunk = samples_per_chunk(batch.window_values());
-    let ordered: Vec<StagedSample> = batch
+    let ordered: Vec<&StagedSample> = batch
         .samples
         .iter()
         .filter(|s| !s.heldout)
         .chain(batch.samples.iter().filter(|s| s.heldout))
-        .cloned()
         .collect();
     let chunks: Vec<(Vec<u8>, Vec<u8>)> = ordered
         .chunks(per_chunk)

@@ -44,9 +44,12 @@ const MAX_BUFFERED: usize = 4 << 20;
 /// The most one `pwrite` carries: the unix VFS writes `len & 0x1ffff` bytes a call
 /// (`seekAndWriteFd`), so a write of 128 KiB or more would come out short.
 const WRITE_PIECE: usize = 64 << 10;
+/// A run starts with room for this much (a commit of an upload's windows fits), so the
+/// buffer does not grow by copying itself while SQLite writes.
+const FIRST_CAPACITY: usize = 1 << 20;
 /// A buffer grown beyond this is freed after its run is written, so an idle pooled
 /// connection keeps little.
-const KEEP_CAPACITY: usize = 1 << 20;
+const KEEP_CAPACITY: usize = 2 << 20;
 
 /// Every file this VFS opens: the unix VFS's file right after this header, in the same
 /// allocation.
@@ -263,6 +266,7 @@ unsafe extern "C" fn x_write(
     }
     if (*file).buf.is_empty() {
         (*file).start = off;
+        (*file).buf.reserve(FIRST_CAPACITY.max(len));
         PENDING.with(|p| p.borrow_mut().push(file));
     }
     (*file)
