@@ -419,6 +419,19 @@ mod tests {
         (0..len).map(|j| (i as usize * 31 + j) as u8).collect()
     }
 
+    /// Row `k`'s value, read through `c`.
+    fn row(c: &Connection, k: u32) -> Vec<u8> {
+        c.query_row("SELECT v FROM t WHERE k = ?1", params![k], |x| x.get(0))
+            .unwrap()
+    }
+
+    fn assert_intact(c: &Connection) {
+        let ok: String = c
+            .query_row("PRAGMA integrity_check", [], |x| x.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+    }
+
     /// A commit through the gathering VFS is whole in the files when it returns: a
     /// connection of the plain unix VFS reads every byte of it.
     #[test]
@@ -444,18 +457,11 @@ mod tests {
                 .query_row("SELECT count(*) FROM t", [], |x| x.get(0))
                 .unwrap();
             assert_eq!(n, (round + 1) * 6);
-            for i in 0..6 {
-                let k = round * 6 + i;
-                let v: Vec<u8> = r
-                    .query_row("SELECT v FROM t WHERE k = ?1", params![k], |x| x.get(0))
-                    .unwrap();
-                assert_eq!(v, value(k, 90_000), "row {k}");
+            for k in round * 6..(round + 1) * 6 {
+                assert_eq!(row(&r, k), value(k, 90_000), "row {k}");
             }
         }
-        let ok: String = r
-            .query_row("PRAGMA integrity_check", [], |x| x.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        assert_intact(&r);
     }
 
     /// A transaction that spilled frames to the WAL and rolled back: frames another
@@ -506,14 +512,8 @@ mod tests {
         drop(a);
         let r = open(&path, false);
         for k in 100..140u32 {
-            let v: Vec<u8> = r
-                .query_row("SELECT v FROM t WHERE k = ?1", params![k], |x| x.get(0))
-                .unwrap();
-            assert_eq!(v, value(k, 50_000), "row {k}");
+            assert_eq!(row(&r, k), value(k, 50_000), "row {k}");
         }
-        let ok: String = r
-            .query_row("PRAGMA integrity_check", [], |x| x.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        assert_intact(&r);
     }
 }
