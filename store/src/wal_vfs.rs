@@ -4,8 +4,9 @@
 //! # Why
 //! SQLite appends a WAL frame as two writes, a 24-byte header and then the page, so a
 //! commit of 512 kB of windows was 256 `pwrite`s of at most 4 KiB, and the kernel's
-//! cost of a write is mostly per call (`bench/README.md`, "Gathered WAL writes": on this
-//! machine 4 KiB writes cost 3.4 times as much CPU per byte as one 512 kB write). The
+//! cost of a write is mostly per call (`bench/README.md`, "Gathered WAL writes",
+//! measured by `bench/write_sizes.c`: on this machine 512 kB written as 4 KiB `pwrite`s
+//! took 3-4 times the CPU of 64 KiB ones). The
 //! WAL is written strictly in order between two syncs, so the bytes can wait in memory
 //! until the sync that makes them durable.
 //!
@@ -20,7 +21,9 @@
 //! - **No buffered byte outlives the write lock it was written under.** SQLite writes
 //!   the WAL only while it holds the WAL write lock, a lock in the shared-memory file,
 //!   and it releases that lock through `xShmLock` on the database file, in the thread
-//!   that wrote. Before any `xShmLock` this thread's buffered WAL bytes are written out,
+//!   that wrote (a transaction runs on one thread: the store never moves a connection
+//!   between threads inside one). Before any `xShmLock` this thread's buffered WAL
+//!   bytes are written out,
 //!   so a transaction that spilled frames and then rolled back leaves nothing behind to
 //!   be written later over frames that another connection committed since. (Writing
 //!   such bytes early is what SQLite itself does: it writes each frame at once.)
