@@ -4,7 +4,7 @@
 // attributes, so `include!` takes it anywhere.
 use std::sync::OnceLock;
 
-use swimlane_store::blob::{self, BlobHeader, HEADER_LEN, HEADER_LEN_V1};
+use swimlane_store::blob::{self, BlobHeader, HEADER_LEN};
 use swimlane_store::embedded::EmbeddedBackend;
 use swimlane_store::Db;
 
@@ -28,8 +28,11 @@ fn db() -> &'static Db {
 }
 
 pub fn check(data: &[u8]) {
-    // A version 1 header is shorter.
-    let len = if data.first() == Some(&1) { HEADER_LEN_V1 } else { HEADER_LEN };
+    // As long as the header its first byte names (a version 1 header is shorter).
+    let len = data
+        .first()
+        .and_then(|&v| blob::header_len(v))
+        .unwrap_or(HEADER_LEN);
     let split = data.len().min(len);
     let (header, rest) = data.split_at(split);
     let decoded = BlobHeader::decode("fuzz", header).ok();

@@ -1,6 +1,6 @@
 //! Reading a blob whose stored header and chunks are arbitrary bytes, from a real
 //! embedded store (`swimlane_store::blob::read_in` and `read`). The input is the header
-//! value (its first `HEADER_LEN` bytes, `HEADER_LEN_V1` when the first is 1) and chunk data: the rest, cut into chunks of the
+//! value (as many bytes as `blob::header_len` gives for its first byte, else `HEADER_LEN`) and chunk data: the rest, cut into chunks of the
 //! header's chunk size when the header decodes (at most 8), stored under its generation.
 //!
 //! Checks: never a panic, never an allocation the stored data does not justify; what

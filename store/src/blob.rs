@@ -49,6 +49,18 @@ pub const MAX_SINGLE_TXN_BYTES: usize = 8_000_000;
 pub const HEADER_LEN: usize = HEADER_LEN_V1 + 4 + 4;
 /// Length of a version 1 header (no CRC-32s).
 pub const HEADER_LEN_V1: usize = 1 + 8 + 32 + 4 + 4 + 8;
+/// The version of a header without CRC-32s, still read.
+const SCHEMA_VERSION_V1: u8 = 1;
+
+/// The length of a header whose first byte (its version) is `version`; `None` for a
+/// version this build does not read.
+pub fn header_len(version: u8) -> Option<usize> {
+    match version {
+        SCHEMA_VERSION_V1 => Some(HEADER_LEN_V1),
+        SCHEMA_VERSION => Some(HEADER_LEN),
+        _ => None,
+    }
+}
 const CHUNKS_PER_TXN: usize = MAX_SINGLE_TXN_BYTES / CHUNK_SIZE;
 
 /// What a blob's header records.
@@ -85,7 +97,7 @@ impl BlobHeader {
         v.push(if self.crc32.is_some() {
             SCHEMA_VERSION
         } else {
-            1
+            SCHEMA_VERSION_V1
         });
         v.extend_from_slice(&self.len.to_le_bytes());
         v.extend_from_slice(&self.sha256);
@@ -108,9 +120,9 @@ impl BlobHeader {
             reason,
         };
         let expected_len = match b.first() {
-            Some(1) => HEADER_LEN_V1,
-            Some(&SCHEMA_VERSION) => HEADER_LEN,
-            Some(v) => return Err(corrupt(format!("unknown blob schema version {v}"))),
+            Some(&v) => {
+                header_len(v).ok_or_else(|| corrupt(format!("unknown blob schema version {v}")))?
+            }
             None => return Err(corrupt("header is empty".into())),
         };
         if b.len() != expected_len {

@@ -214,21 +214,6 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
-/// Write out, then call the inner file's method `$m` with the arguments.
-macro_rules! after_flush {
-    ($f:ident, $m:ident, $($arg:expr),*) => {{
-        let rc = flush($f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (inner, m) = im($f);
-        match m.$m {
-            Some(x) => x(inner, $($arg),*),
-            None => ffi::SQLITE_IOERR,
-        }
-    }};
-}
-
 /// Call the inner file's method `$m` with the arguments (`$none` if it has none).
 macro_rules! pass {
     ($f:ident, $m:ident, $none:expr, $($arg:expr),*) => {{
@@ -237,6 +222,17 @@ macro_rules! pass {
             Some(x) => x(inner, $($arg),*),
             None => $none,
         }
+    }};
+}
+
+/// Write out, then [`pass!`] the call on.
+macro_rules! after_flush {
+    ($f:ident, $m:ident, $($arg:expr),*) => {{
+        let rc = flush($f);
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        pass!($f, $m, ffi::SQLITE_IOERR, $($arg),*)
     }};
 }
 
