@@ -23,9 +23,10 @@
 //! - `commits(ver, at_ms)`: the wall-clock time of some commits, for tombstone GC.
 //! - The file is in WAL mode with `synchronous=FULL`: a `COMMIT` that returned is in the
 //!   fsynced WAL, so it survives a crash or power loss. Several threads and several
-//!   processes may open the same file; SQLite's file locks serialise writers
-//!   (`busy_timeout` waits for the lock; a lock still busy after it is
-//!   [`KvError::Transient`], which [`crate::Db::transact`] retries).
+//!   processes may open the same file; SQLite's file locks serialise writers (a
+//!   writer waits for the lock, trying again after 0.1 ms, then at most every 1 ms:
+//!   [`busy_wait`]; a lock still busy after 5 s of that is [`KvError::Transient`],
+//!   which [`crate::Db::transact`] retries).
 //! - Writes to the WAL go through [`crate::wal_vfs`], SQLite's unix VFS with a WAL's
 //!   writes gathered into `pwrite`s of 64 KiB until the sync that ends the commit
 //!   (SQLite writes a frame as two calls, so 512 kB was 256 of them). The bytes on disk,
@@ -110,6 +111,8 @@ const KV_COLUMNS: &str =
 const KV_TOMBSTONES: &str = "CREATE INDEX IF NOT EXISTS kv_tombstones ON kv(ver) WHERE v IS NULL";
 /// How long a connection waits for SQLite's write lock before the attempt is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection sleeps between two tries for a busy lock ([`busy_wait`]).
+const BUSY_MAX_SLEEP: Duration = Duration::from_millis(1);
 /// Idle connections kept for reuse.
 const MAX_IDLE_CONNECTIONS: usize = 8;
 /// Tombstone GC runs on every `GC_EVERY`-th commit.
@@ -237,7 +240,7 @@ fn open_connection(path: &Path) -> Result<Connection, KvError> {
         crate::wal_vfs::NAME,
     )
     .map_err(|e| map_sqlite(&ctx("opening"), e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
+    conn.busy_handler(Some(busy_wait))
         .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
     // Switching a new file to WAL needs a brief exclusive lock; processes opening the
     // same new file at once may see it busy for a moment.
@@ -270,6 +273,33 @@ fn open_connection(path: &Path) -> Result<Connection, KvError> {
     conn.pragma_update(None, "mmap_size", 0)
         .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
     Ok(conn)
+}
+
+/// The pause before try `count + 1` for a lock another process holds, and the time slept
+/// in the `count` tries before it: 100 µs, doubling to at most [`BUSY_MAX_SLEEP`].
+fn busy_backoff(count: u32) -> (Duration, Duration) {
+    let first = Duration::from_micros(100);
+    let doublings = count.min(4);
+    let sleep = (first * (1 << doublings)).min(BUSY_MAX_SLEEP);
+    // 100 + 200 + 400 + 800 µs, then BUSY_MAX_SLEEP each.
+    let slept = first * ((1 << doublings) - 1) + BUSY_MAX_SLEEP * count.saturating_sub(4);
+    (sleep, slept)
+}
+
+/// SQLite's busy handler for every connection: sleep [`busy_backoff`] and try again, until
+/// [`BUSY_TIMEOUT`] has been slept (then SQLite returns `SQLITE_BUSY`, a
+/// [`KvError::Transient`]). SQLite's own handler (`busy_timeout`) sleeps 1, 2, 5, 10, 15,
+/// 20, 25, 25, 25, 50, 50 and then 100 ms between tries: while ingest's large commits
+/// keep the write lock busy, a waiter that sleeps that long keeps missing the moments it
+/// is free (a validator was seen sleeping 330 ms in one wait during a burst,
+/// bench/README.md "Waiting for the write lock"). A try is one `fcntl` lock attempt.
+fn busy_wait(count: i32) -> bool {
+    let (sleep, slept) = busy_backoff(u32::try_from(count).unwrap_or(0));
+    if slept >= BUSY_TIMEOUT {
+        return false;
+    }
+    std::thread::sleep(sleep);
+    true
 }
 
 fn init_schema(conn: &Connection, path: &Path) -> Result<(), KvError> {
@@ -1032,6 +1062,29 @@ mod tests {
         keys.iter()
             .map(|(k, v)| Ok((k.to_vec(), v.to_vec())))
             .collect()
+    }
+
+    /// The busy handler's pauses: short first, never over `BUSY_MAX_SLEEP`, each try's
+    /// `slept` the sum of the pauses before it, and it gives up once `BUSY_TIMEOUT` is
+    /// slept (after about 5,000 tries, not never).
+    #[test]
+    fn the_busy_handler_backs_off_to_a_millisecond_and_gives_up_at_the_timeout() {
+        let mut total = Duration::ZERO;
+        let mut count = 0u32;
+        loop {
+            let (sleep, slept) = busy_backoff(count);
+            assert_eq!(slept, total, "try {count}");
+            assert!(sleep <= BUSY_MAX_SLEEP && sleep >= Duration::from_micros(100));
+            if slept >= BUSY_TIMEOUT {
+                break;
+            }
+            total += sleep;
+            count += 1;
+            assert!(count < 10_000, "never gives up");
+        }
+        assert_eq!(busy_backoff(0).0, Duration::from_micros(100));
+        assert!(count > 4_000, "gave up after {count} tries, {total:?}");
+        assert!(!busy_wait(i32::try_from(count).unwrap()));
     }
 
     /// A file written in format 1 (`kv` WITHOUT ROWID) opens as format 2 with every
