@@ -2,7 +2,8 @@
 //! export check (`onnx::export_device_parts_checked`, without the base-model fallback,
 //! which doubles it), loading a model from its safetensors bytes (the validator loads
 //! two a batch, the trainer and the publisher one) and the probabilities of 250 windows
-//! (the validator's scoring). Wall time a call, three rounds, one thread:
+//! (the validator's scoring). Wall time a call, three rounds, on one model thread as the
+//! validator and the publisher run (`RAYON_NUM_THREADS=1` unless it is set):
 //!
 //!     cargo run --release -p swimlane-model --example parts
 //!
@@ -20,6 +21,10 @@ fn per_call_ms(calls: u32, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> Result<(), swimlane_model::ModelError> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Before candle's first operation starts its thread pool.
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let rng = &mut rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let samples = Swimmer::new(1).windows(250, rng);
     let spec = swimlane_core::spec::ModelSpec::synthetic_pose();
