@@ -176,20 +176,11 @@ impl ProcFleet {
     /// CPU seconds (user + system, `/proc/PID/stat`) every running slot's process has
     /// used so far, by name (Linux; a slot whose entry cannot be read is left out).
     pub fn cpu_seconds(&self) -> std::collections::BTreeMap<String, f64> {
-        // utime and stime are fields 14 and 15, in clock ticks; the fields after the
-        // command name (in parentheses, which may hold spaces) start at field 3.
-        const TICKS_PER_SEC: f64 = 100.0;
         let mut out = std::collections::BTreeMap::new();
         for m in &self.members {
             let Some(child) = &m.child else { continue };
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()));
-            let ticks = stat.ok().and_then(|s| {
-                let rest = &s[s.rfind(')')? + 2..];
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-            });
-            if let Some(t) = ticks {
-                out.insert(m.name.clone(), t / TICKS_PER_SEC);
+            if let Some(t) = process_cpu_seconds(child.id()) {
+                out.insert(m.name.clone(), t);
             }
         }
         out
@@ -303,6 +294,18 @@ fn is_backtrace_frame(line: &str) -> bool {
     t.starts_with("at ")
         || t.split_once(": ")
             .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The CPU seconds (user and system) process `pid` has used, from `/proc/PID/stat`;
+/// `None` when it cannot be read (the process is gone, or this is not Linux).
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    // utime and stime are fields 14 and 15, in clock ticks; the fields after the
+    // command name (in parentheses, which may hold spaces) start at field 3.
+    const TICKS_PER_SEC: f64 = 100.0;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / TICKS_PER_SEC)
 }
 
 #[cfg(test)]
