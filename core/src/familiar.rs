@@ -98,15 +98,21 @@ fn personal_model_alone() -> f32 {
 
 /// The `2·C` features of one frame-major window (`frames × channels` values), under the
 /// per-channel normalisation `mean`, `std` (module doc).
+///
+/// Each channel's `1 / std` is computed once a window, not once a value (the same `f32`,
+/// so the same features; a division a value was most of the trainer's familiarity, which
+/// computes the features of a run's windows and of the population's).
 pub fn features(window: &[f32], mean: &[f32], std: &[f32]) -> Vec<f32> {
     let c = mean.len();
     let frames = window.len() / c.max(1);
+    let inv: Vec<f32> = std[..c].iter().map(|s| 1.0 / s).collect();
     let (mut sum, mut sq) = (vec![0f32; c], vec![0f32; c]);
     for frame in window.chunks_exact(c) {
-        for (k, v) in frame.iter().enumerate() {
-            let x = (v - mean[k]) * (1.0 / std[k]);
-            sum[k] += x;
-            sq[k] += x * x;
+        let acc = sum.iter_mut().zip(sq.iter_mut());
+        for (((v, m), i), (s, q)) in frame.iter().zip(mean).zip(&inv).zip(acc) {
+            let x = (v - m) * i;
+            *s += x;
+            *q += x * x;
         }
     }
     let n = frames.max(1) as f32;
@@ -394,6 +400,37 @@ mod tests {
         assert!(f[1].abs() < 0.02, "{f:?}");
         assert!((f[2] - 1.0).abs() < 0.05, "{f:?}");
         assert!((f[3] - 0.5).abs() < 0.05, "{f:?}");
+    }
+
+    /// The features are, to the bit, what dividing by the spread at every value gives
+    /// (the ONNX graph computes the same numbers on the device).
+    #[test]
+    fn features_are_bitwise_those_of_a_division_per_value() {
+        let c = 8;
+        let mean: Vec<f32> = (0..c).map(|k| k as f32 * 0.37 - 1.1).collect();
+        let std: Vec<f32> = (0..c).map(|k| 0.3 + k as f32 * 0.71).collect();
+        let w: Vec<f32> = (0..64 * c)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        let (mut sum, mut sq) = (vec![0f32; c], vec![0f32; c]);
+        for frame in w.chunks_exact(c) {
+            for (k, v) in frame.iter().enumerate() {
+                let x = (v - mean[k]) * (1.0 / std[k]);
+                sum[k] += x;
+                sq[k] += x * x;
+            }
+        }
+        let f = features(&w, &mean, &std);
+        for k in 0..c {
+            let m = sum[k] / 64.0;
+            assert_eq!(f[k].to_bits(), m.to_bits(), "mean of channel {k}");
+            let spread = (sq[k] / 64.0 - m * m).max(0.0).sqrt();
+            assert_eq!(
+                f[c + k].to_bits(),
+                spread.to_bits(),
+                "spread of channel {k}"
+            );
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! Times the model's parts every batch goes through outside training: the publisher's
 //! export check (`onnx::export_device_parts_checked`, without the base-model fallback,
 //! which doubles it), loading a model from its safetensors bytes (the validator loads
-//! two a batch, the trainer and the publisher one) and the probabilities of 250 windows
-//! (the validator's scoring). Wall time a call, three rounds, on one model thread as the
+//! two a batch, the trainer and the publisher one), the probabilities of 250 windows
+//! (the validator's scoring) and the familiarity of a trained model (the trainer's, over
+//! a run's 250 windows and a population of 600). Wall time a call, three rounds, on one model thread as the
 //! validator and the publisher run (`RAYON_NUM_THREADS=1` unless it is set):
 //!
 //!     cargo run --release -p swimlane-model --example parts
 //!
-//! bench/README.md ("Three of the model's parts") has what it measured.
+//! bench/README.md ("Four of the model's parts") has what it measured.
 use rand::SeedableRng;
 use swimlane_model::synth::Swimmer;
 use swimlane_model::{onnx, MicroModel};
@@ -32,6 +33,12 @@ fn main() -> Result<(), swimlane_model::ModelError> {
     let bytes = model.to_bytes();
     let (lineage, sha) = (onnx::Lineage::base(), onnx::weights_sha256(&model));
     let windows: Vec<&[f32]> = samples.iter().map(|s| s.frames.as_slice()).collect();
+    let population = Swimmer::new(2).windows(600, rng);
+    let (mean, std) = model.normalisation();
+    let labelled = |s: &[swimlane_model::Sample]| -> Vec<(Vec<f32>, swimlane_core::ClassId)> {
+        s.iter().map(|s| (s.frames.clone(), s.label)).collect()
+    };
+    let (own, others) = (labelled(&samples), labelled(&population));
     for round in 1..=3 {
         let export = per_call_ms(200, || {
             onnx::export_device_parts_checked(&model, &lineage, &sha, None).expect("export");
@@ -42,8 +49,18 @@ fn main() -> Result<(), swimlane_model::ModelError> {
         let score = per_call_ms(200, || {
             model.predict_proba(&windows).expect("score");
         });
+        let familiar = per_call_ms(100, || {
+            swimlane_core::familiar::Familiarity::of(
+                own.iter().map(|(w, c)| (w.as_slice(), *c)),
+                others.iter().map(|(w, c)| (w.as_slice(), *c)),
+                mean,
+                std,
+                swimlane_core::familiar::DEFAULT_SCALE,
+            )
+            .expect("familiarity");
+        });
         println!(
-            "round {round}: export check {export:.3} ms, load {load:.3} ms, 250 windows scored {score:.3} ms"
+            "round {round}: export check {export:.3} ms, load {load:.3} ms, 250 windows scored {score:.3} ms, familiarity {familiar:.3} ms"
         );
     }
     Ok(())
