@@ -336,10 +336,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<StagedSample>, RecordError> {
             (flags & FLAG_HELDOUT != 0, feedback)
         };
         let raw = take(values * 4)?;
-        let frames: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let frames = crate::batch::f32s_from_le(raw);
         if frames.iter().any(|f| !f.is_finite()) {
             return Err(bad("non-finite value"));
         }

@@ -86,10 +86,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<Sample>, ModelError> {
                 return Err(bad(format!("label {l} out of range")));
             }
             let label = ClassId(l);
-            let frames = c
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let frames = swimlane_core::batch::f32s_from_le(c);
             Ok(Sample { frames, label })
         })
         .collect()

@@ -352,7 +352,7 @@ impl MicroModel {
                     shape
                 )));
             }
-            let v = f32_from_le(view.data());
+            let v = swimlane_core::batch::f32s_from_le(view.data());
             if v.iter().any(|x| !x.is_finite()) {
                 return Err(ModelError::Format(format!(
                     "tensor {name} holds a non-finite value"
@@ -520,23 +520,6 @@ pub(crate) fn flatten_windows(windows: &[&[f32]], input: usize) -> Result<Vec<f3
     Ok(flat)
 }
 
-/// Little-endian `f32`s (a safetensors tensor's data, whose length the file's header
-/// checked) as values: one copy on a little-endian machine (a value at a time was a
-/// third of loading a model, and the validator loads two a batch), a conversion
-/// elsewhere.
-fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
-    if cfg!(target_endian = "little") && bytes.len().is_multiple_of(4) {
-        let mut v = vec![0f32; bytes.len() / 4];
-        bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(bytes);
-        v
-    } else {
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,26 +675,5 @@ mod tests {
         // A window of the wrong width is an error, as candle's ops make it.
         let bad = Tensor::zeros((2, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(m.normalise(&bad).is_err());
-    }
-
-    /// Values read back from their little-endian bytes are the values (signs, zeros,
-    /// subnormals and the largest ones included).
-    #[test]
-    fn little_endian_values_read_back_exactly() {
-        let values = [
-            0.0f32,
-            -0.0,
-            1.5,
-            -2.25e-3,
-            f32::MIN_POSITIVE / 4.0,
-            f32::MAX,
-            -f32::MAX,
-        ];
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let back = f32_from_le(&bytes);
-        assert_eq!(back.len(), values.len());
-        for (a, b) in back.iter().zip(&values) {
-            assert_eq!(a.to_bits(), b.to_bits());
-        }
     }
 }

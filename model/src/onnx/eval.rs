@@ -172,11 +172,7 @@ fn initializer(t: &TensorProto) -> Result<Value, ModelError> {
             t.raw_data.len()
         )));
     }
-    let data = t
-        .raw_data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let data = swimlane_core::batch::f32s_from_le(&t.raw_data);
     Ok(Value { shape, data })
 }
 
@@ -472,12 +468,7 @@ fn gemm(a: &Value, b: &Value, c: Option<&Value>, trans_b: bool) -> Result<Value,
         // SAFETY: `fma_available` checked that this CPU has AVX2 and FMA.
         unsafe { products_fma(&a.data, b_rows, m, n, k, &mut data) };
     } else {
-        for i in 0..m {
-            let row = &a.data[i * k..(i + 1) * k];
-            for j in 0..n {
-                data[i * n + j] = dot(row, &b_rows[j * k..(j + 1) * k]);
-            }
-        }
+        products(&a.data, b_rows, m, n, k, &mut data);
     }
     if let Some(c) = bias {
         for (i, out) in data.chunks_exact_mut(n).enumerate() {
@@ -578,9 +569,15 @@ unsafe fn products_fma(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: 
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn products_fma(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+    products(a, b, m, n, k, out)
+}
+
+/// [`products_fma`] one [`dot`] at a time, on any CPU.
+fn products(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
     for i in 0..m {
+        let row = &a[i * k..(i + 1) * k];
         for j in 0..n {
-            out[i * n + j] = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+            out[i * n + j] = dot(row, &b[j * k..(j + 1) * k]);
         }
     }
 }
