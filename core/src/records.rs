@@ -689,10 +689,12 @@ impl PairedEvidence {
 }
 
 /// A file stored as a blob: its blob id, SHA-256 (hex) and size. With `prefix_blob`
-/// the file is that blob's bytes followed by `blob`'s (a prefix shared by many files
-/// that holds no user's data: the base model's part of a device's ONNX file,
-/// `swimlane_model::onnx::DeviceFile`); `sha256` and `size_bytes` are the whole
-/// file's.
+/// the file is that blob's bytes followed by its own part (a prefix shared by many
+/// files that holds no user's data: the base model's part of a device's ONNX file,
+/// `swimlane_model::onnx::DeviceFile`). Its own part is `blob`'s bytes with each of
+/// `splices` inserted: bytes another blob already holds (a device file's weights are
+/// the version's safetensors file's, byte for byte), kept once. `sha256` and
+/// `size_bytes` are the whole file's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredFile {
     pub blob: String,
@@ -700,6 +702,20 @@ pub struct StoredFile {
     pub size_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_blob: Option<String>,
+    /// In increasing `at`, none overlapping (`swimlane_state::Repo::stored_file` checks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splices: Vec<Splice>,
+}
+
+/// Bytes `offset .. offset + len` of blob `blob`, which are the bytes at `at .. at + len`
+/// of a [`StoredFile`]'s own part (counted in the whole part, after the prefix; the
+/// stored `blob` holds the part without them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Splice {
+    pub at: u64,
+    pub blob: String,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// `("forgotten", pseudonym)`: a user's erasure (`swimlane_state::forget`). While it

@@ -667,6 +667,68 @@ impl DeviceFile {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Where `rest` holds, byte for byte, a tensor of `weights` (the safetensors file the
+    /// personal model was loaded from) of at least `min_bytes`: the weight matrices'
+    /// initializers are their little-endian `f32`s, as the safetensors file has them. In
+    /// increasing [`Shared::at`], none overlapping; empty when `weights` is not a
+    /// safetensors file. A store can keep those bytes once (`StoredFile::splices`).
+    pub fn rest_shared_with(&self, weights: &[u8], min_bytes: usize) -> Vec<Shared> {
+        let Ok(st) = safetensors::SafeTensors::deserialize(weights) else {
+            return Vec::new();
+        };
+        let mut found: Vec<Shared> = st
+            .tensors()
+            .into_iter()
+            .map(|(_, view)| view.data())
+            .filter(|data| data.len() >= min_bytes.max(1))
+            .filter_map(|data| {
+                // Found by its first bytes, then compared whole: a finder for the whole
+                // tensor (256 kB) costs more to build than the search.
+                let head = &data[..data.len().min(64)];
+                let at = memchr::memmem::find_iter(&self.rest, head)
+                    .find(|&at| self.rest.get(at..at + data.len()) == Some(data))?;
+                Some(Shared {
+                    at,
+                    // `data` is a slice of `weights`.
+                    offset: data.as_ptr() as usize - weights.as_ptr() as usize,
+                    len: data.len(),
+                })
+            })
+            .collect();
+        found.sort_by_key(|s| s.at);
+        let mut end = 0;
+        found.retain(|s| {
+            let keep = s.at >= end;
+            if keep {
+                end = s.at + s.len;
+            }
+            keep
+        });
+        found
+    }
+
+    /// `rest` without the bytes of `shared` (as [`DeviceFile::rest_shared_with`] gives
+    /// them: in order, none overlapping, inside `rest`).
+    pub fn rest_without(&self, shared: &[Shared]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.rest.len());
+        let mut from = 0;
+        for s in shared {
+            out.extend_from_slice(&self.rest[from..s.at]);
+            from = s.at + s.len;
+        }
+        out.extend_from_slice(&self.rest[from..]);
+        out
+    }
+}
+
+/// `len` bytes at `at` in a [`DeviceFile`]'s `rest` that are bytes `offset ..
+/// offset + len` of another file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shared {
+    pub at: usize,
+    pub offset: usize,
+    pub len: usize,
 }
 
 /// [`export`], then load the file back and check it against `model` on
@@ -1095,6 +1157,49 @@ mod tests {
             candle_onnx::onnx::ModelProto::decode(one.as_slice()).unwrap()
         );
         one
+    }
+
+    #[test]
+    fn a_files_weight_matrices_are_found_in_the_safetensors_file_and_cut_out() {
+        let (m, _) = model();
+        let lineage = Lineage {
+            model_version: ModelRef::Version(1),
+            parent_version: Some(ModelRef::Base),
+            training_run: None,
+        };
+        let weights = m.to_bytes();
+        let file = export_device_parts_checked(&m, &lineage, &weights_sha256(&m), None).unwrap();
+        let shared = file.rest_shared_with(&weights, 4096);
+        // fc1.weight and fc2.weight, in the file's order; each the same bytes in both.
+        let lens: Vec<usize> = shared.iter().map(|s| s.len).collect();
+        assert_eq!(lens, [4 * 128 * 512, 4 * 64 * 128]);
+        for s in &shared {
+            assert_eq!(
+                file.rest[s.at..s.at + s.len],
+                weights[s.offset..s.offset + s.len]
+            );
+        }
+        // Cut out and put back, the file is whole again.
+        let mut own = file.rest_without(&shared);
+        assert_eq!(own.len(), file.rest.len() - lens.iter().sum::<usize>());
+        for s in &shared {
+            own.splice(
+                s.at..s.at,
+                weights[s.offset..s.offset + s.len].iter().copied(),
+            );
+        }
+        assert_eq!(own, file.rest);
+        // Below the size asked for, or from another model or no safetensors file at all:
+        // nothing is shared.
+        assert_eq!(file.rest_shared_with(&weights, 1 << 20), []);
+        let other = model_seeded(9).to_bytes();
+        assert_eq!(file.rest_shared_with(&other, 4096), []);
+        assert_eq!(file.rest_shared_with(b"not safetensors", 1), []);
+    }
+
+    fn model_seeded(seed: u64) -> MicroModel {
+        let s = Swimmer::new(seed).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        MicroModel::init(&ModelSpec::synthetic_pose(), &s, seed).unwrap()
     }
 
     #[test]

@@ -310,6 +310,7 @@ async fn get_model(
                         sha256: rec.sha256.clone(),
                         size_bytes: rec.size_bytes,
                         prefix_blob: None,
+                        splices: Vec::new(),
                     },
                     ModelFormat::Onnx => match &rec.onnx {
                         Some(f) => f.clone(),

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use swimlane_bus::stage::{Applied, Decoded, Effect, Stage};
 use swimlane_bus::Record;
-use swimlane_core::records::{ModelVersionRecord, RunRecord, Standing, StoredFile};
+use swimlane_core::records::{ModelVersionRecord, RunRecord, Splice, Standing, StoredFile};
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
@@ -91,19 +91,52 @@ impl Prefix {
 }
 
 /// Store `file` as `blob` inside `tx`: its prefix as a shared blob (`prefix`, the
-/// entry for its bytes) and the rest as `blob`.
+/// entry for its bytes) and its own part as `blob` ([`OwnPart`]).
 fn store_in(
     repo: &Repo,
     tx: &mut Transaction<'_>,
     blob: String,
     file: &onnx::DeviceFile,
+    own: OwnPart,
     prefix: Option<&Prefix>,
 ) -> Res<StoredFile> {
     if let Some(p) = prefix {
         p.ensure(repo, tx)?;
     }
-    let sha256 = repo.put_blob(tx, &blob, &file.rest)?;
-    Ok(stored(blob, sha256, file, prefix))
+    repo.put_blob(tx, &blob, &own.bytes)?;
+    Ok(stored(blob, file, own.splices, prefix))
+}
+
+/// A device file's tensors of at least this many bytes that are the candidate's weights
+/// byte for byte are not stored again (`StoredFile::splices`): the first two weight
+/// matrices, all but about 3 kB of the personal model's part.
+const SPLICE_MIN_BYTES: usize = 4096;
+
+/// What the publisher stores of a device file's own part: `rest` without the bytes the
+/// candidate's weights blob holds already, and the splices that put them back.
+struct OwnPart {
+    bytes: Vec<u8>,
+    splices: Vec<Splice>,
+}
+
+impl OwnPart {
+    /// `file`'s own part, sharing what it can with `weights`, the bytes of the stored
+    /// blob `model_blob`.
+    fn of(file: &onnx::DeviceFile, weights: &[u8], model_blob: &str) -> OwnPart {
+        let shared = file.rest_shared_with(weights, SPLICE_MIN_BYTES);
+        OwnPart {
+            bytes: file.rest_without(&shared),
+            splices: shared
+                .iter()
+                .map(|s| Splice {
+                    at: s.at as u64,
+                    blob: model_blob.to_string(),
+                    offset: s.offset as u64,
+                    len: s.len as u64,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The installed base model and the SHA-256 (hex) of its stored weights.
@@ -200,19 +233,24 @@ fn export_onnx(
     )
 }
 
-/// The ONNX file stored as `blob` (after `prefix`'s blob when it has one), with the
-/// digest the write of `blob` computed for the rest.
+/// The ONNX file stored as `blob` with `splices` (after `prefix`'s blob when it has
+/// one), and its digest.
 fn stored(
     blob: String,
-    sha256: String,
     file: &onnx::DeviceFile,
+    splices: Vec<Splice>,
     prefix: Option<&Prefix>,
 ) -> StoredFile {
+    use sha2::Digest;
     StoredFile {
         blob,
-        sha256: prefix.map_or(sha256, |p| p.sha256_with(&file.rest)),
+        sha256: prefix.map_or_else(
+            || hex::encode(sha2::Sha256::digest(&file.rest)),
+            |p| p.sha256_with(&file.rest),
+        ),
         size_bytes: file.len() as u64,
         prefix_blob: prefix.map(|p| p.blob.clone()),
+        splices,
     }
 }
 
@@ -301,8 +339,9 @@ impl Stage for Publisher {
                     }
                 }
                 let blob = onnx_blob_id(u, run_id, version);
-                let sha256 = repo.put_blob_db(&self.env.db, &blob, &file.rest)?;
-                Some((version, stored(blob, sha256, &file, prefix.as_deref())))
+                let own = OwnPart::of(&file, &w, &run.model_blob);
+                repo.put_blob_db(&self.env.db, &blob, &own.bytes)?;
+                Some((version, stored(blob, &file, own.splices, prefix.as_deref())))
             }
         };
         Ok(Some(Accepted {
@@ -342,7 +381,8 @@ impl Stage for Publisher {
                     .as_ref()
                     .map(|p| Prefix::of(p, self.prefix.as_ref()));
                 let blob = onnx_blob_id(u, run_id, version);
-                store_in(repo, tx, blob, &file, prefix.as_deref())?
+                let own = OwnPart::of(&file, &w, &run.model_blob);
+                store_in(repo, tx, blob, &file, own, prefix.as_deref())?
             }
         };
         let record = ModelVersionRecord {
@@ -575,15 +615,35 @@ mod tests {
             // A file with the fallback keeps the base model's part in a shared blob
             // that names no user.
             assert_eq!(file.prefix_blob.is_some(), *run_id == "r-b", "{file:?}");
+            let (own, weights) = db
+                .transact(|tx| Ok((repo.blob(tx, &file.blob)?, repo.blob(tx, &rec.model_blob)?)))
+                .unwrap();
+            let (own, weights) = (own.unwrap(), weights.unwrap());
+            // The personal model's weight matrices are not stored again: they are the
+            // version's weights blob's bytes (two splices: fc1 and fc2, 288 kB). Its own
+            // blob keeps the rest: a few kB, and the familiarity's matrices in a file
+            // with the fallback.
+            assert_eq!(file.splices.len(), 2, "{:?}", file.splices);
+            let spliced: u64 = file.splices.iter().map(|s| s.len).sum();
+            assert_eq!(spliced, 4 * (128 * 512 + 64 * 128));
+            assert!(own.len() < 50_000, "{}", own.len());
+            let mut part = own.clone();
+            for s in &file.splices {
+                assert_eq!(s.blob, rec.model_blob);
+                let (o, l) = (s.offset as usize, s.len as usize);
+                part.splice(
+                    s.at as usize..s.at as usize,
+                    weights[o..o + l].iter().copied(),
+                );
+            }
             if let Some(prefix) = &file.prefix_blob {
                 assert!(prefix.starts_with("onnx-prefix-") && !prefix.contains("ana"));
-                let (own, shared) = db
-                    .transact(|tx| Ok((repo.blob(tx, &file.blob)?, repo.blob(tx, prefix)?)))
-                    .unwrap();
-                let (own, shared) = (own.unwrap(), shared.unwrap());
-                assert_eq!([shared.clone(), own].concat(), bytes);
+                let shared = db.transact(|tx| repo.blob(tx, prefix)).unwrap().unwrap();
+                assert_eq!([shared.clone(), part].concat(), bytes);
                 // The base model's weights: most of the file's other half.
                 assert!(shared.len() > 250_000, "{}", shared.len());
+            } else {
+                assert_eq!(part, bytes);
             }
             assert_eq!(file.sha256, sha256_hex(&bytes));
             assert_eq!(file.size_bytes, bytes.len() as u64);

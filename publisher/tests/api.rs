@@ -174,6 +174,7 @@ impl Harness {
                 sha256: sha256_hex(&o),
                 size_bytes: o.len() as u64,
                 prefix_blob: None,
+                splices: Vec::new(),
             }),
             standing: Default::default(),
             probation: Default::default(),

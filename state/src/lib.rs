@@ -547,27 +547,88 @@ impl Repo {
         Ok(blob::header_in(tx, &self.keys.blob(blob_id))?.map(|h| hex::encode(h.sha256)))
     }
 
-    /// The bytes of a stored file (its shared prefix, if it has one, then its own blob);
-    /// `None` when either is absent.
+    /// The bytes of a stored file: its shared prefix, if it has one, then its own part
+    /// (its own blob with its splices put back); `None` when a blob it is made of is
+    /// absent. Splices out of order, overlapping or past the end of a blob are
+    /// [`KvError::Corrupt`].
     pub fn stored_file(
         &self,
         tx: &mut Transaction<'_>,
         file: &swimlane_core::records::StoredFile,
     ) -> Res<Option<Vec<u8>>> {
-        let prefix = match &file.prefix_blob {
+        let bad = |reason: String| KvError::Corrupt {
+            what: format!("stored file {}", file.blob),
+            reason,
+        };
+        let mut out = match &file.prefix_blob {
             Some(id) => match self.blob(tx, id)? {
                 Some(p) => p,
                 None => return Ok(None),
             },
             None => Vec::new(),
         };
-        Ok(self.blob(tx, &file.blob)?.map(|rest| {
-            if prefix.is_empty() {
-                rest
+        let Some(own) = self.blob(tx, &file.blob)? else {
+            return Ok(None);
+        };
+        if file.splices.is_empty() {
+            return Ok(Some(if out.is_empty() {
+                own
             } else {
-                [prefix, rest].concat()
+                [out, own].concat()
+            }));
+        }
+        let prefix_len = out.len();
+        out.reserve(
+            file.size_bytes
+                .saturating_sub(prefix_len as u64)
+                .min(1 << 30) as usize,
+        );
+        // Each source blob read once, however many splices it gives.
+        let mut sources: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut used = 0usize; // bytes of `own` copied so far
+        for s in &file.splices {
+            let part = (out.len() - prefix_len) as u64;
+            let literal = s.at.checked_sub(part).ok_or_else(|| {
+                bad(format!(
+                    "a splice at {} comes before byte {part}, where the one before it ends",
+                    s.at
+                ))
+            })? as usize;
+            let end = used
+                .checked_add(literal)
+                .filter(|&e| e <= own.len())
+                .ok_or_else(|| bad(format!("a splice at {} is past the end", s.at)))?;
+            out.extend_from_slice(&own[used..end]);
+            used = end;
+            if !sources.iter().any(|(id, _)| *id == s.blob) {
+                match self.blob(tx, &s.blob)? {
+                    Some(b) => sources.push((&s.blob, b)),
+                    None => return Ok(None),
+                }
             }
-        }))
+            let src = &sources
+                .iter()
+                .find(|(id, _)| *id == s.blob)
+                .expect("read above")
+                .1;
+            let range = usize::try_from(s.offset)
+                .ok()
+                .zip(usize::try_from(s.len).ok())
+                .and_then(|(o, l)| Some(o..o.checked_add(l)?))
+                .filter(|r| r.end <= src.len())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "bytes {}+{} of blob {} are past its end ({} bytes)",
+                        s.offset,
+                        s.len,
+                        s.blob,
+                        src.len()
+                    ))
+                })?;
+            out.extend_from_slice(&src[range]);
+        }
+        out.extend_from_slice(&own[used..]);
+        Ok(Some(out))
     }
 
     /// Read a blob of any size (several transactions for large ones).
@@ -690,6 +751,63 @@ mod tests {
             .unwrap();
         let e = db.transact(|tx| repo.user_state(tx, "al")).unwrap_err();
         assert!(e.to_string().contains("user state"), "{e}");
+    }
+
+    #[test]
+    fn a_stored_file_is_its_prefix_then_its_own_blob_with_its_splices_put_back() {
+        use swimlane_core::records::{Splice, StoredFile};
+        let (db, repo) = setup();
+        db.transact(|tx| {
+            repo.put_blob(tx, "pre", b"PRE-")?;
+            repo.put_blob(tx, "own", b"a_c_e")?;
+            repo.put_blob(tx, "w", b"0123456789")?;
+            Ok(())
+        })
+        .unwrap();
+        let splice = |at: u64, offset: u64, len: u64| Splice {
+            at,
+            blob: "w".into(),
+            offset,
+            len,
+        };
+        let file = |prefix: bool, splices: Vec<Splice>| StoredFile {
+            blob: "own".into(),
+            sha256: String::new(),
+            size_bytes: 0,
+            prefix_blob: prefix.then(|| "pre".into()),
+            splices,
+        };
+        let read = |f: &StoredFile| db.transact(|tx| repo.stored_file(tx, f));
+        assert_eq!(read(&file(false, vec![])).unwrap().unwrap(), b"a_c_e");
+        assert_eq!(read(&file(true, vec![])).unwrap().unwrap(), b"PRE-a_c_e");
+        // "a" + "12" + "_c" + "789" + "_e": each `at` counts in the whole part.
+        let spliced = file(true, vec![splice(1, 1, 2), splice(5, 7, 3)]);
+        assert_eq!(read(&spliced).unwrap().unwrap(), b"PRE-a12_c789_e");
+        // At the very start and the very end, and the same bytes twice.
+        let ends = file(
+            false,
+            vec![splice(0, 0, 1), splice(6, 0, 1), splice(7, 9, 1)],
+        );
+        assert_eq!(read(&ends).unwrap().unwrap(), b"0a_c_e09");
+        // A source that is gone: the file is gone (as when its own blob is).
+        let gone = Splice {
+            blob: "nothing".into(),
+            ..splice(1, 0, 1)
+        };
+        assert_eq!(read(&file(false, vec![gone])).unwrap(), None);
+        // Damaged records: an error that names the file, never a panic.
+        for bad in [
+            vec![splice(3, 0, 2), splice(4, 0, 1)], // overlapping
+            vec![splice(9, 0, 1)],                  // past the end of its own blob
+            vec![splice(1, 8, 3)],                  // past the end of the source
+            vec![splice(1, u64::MAX, 2)],           // offset + len overflows
+        ] {
+            let e = read(&file(false, bad.clone())).unwrap_err();
+            assert!(
+                matches!(&e, KvError::Corrupt { what, .. } if what == "stored file own"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]
