@@ -73,6 +73,18 @@ fn upload(batch_id: &str, n: usize, label: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The same upload as a binary body (`swimlane_core::batch::binary_upload`): the
+/// document without windows, then the windows' little-endian `f32`s.
+fn binary_upload(batch_id: &str, n: usize, label: &str) -> Vec<u8> {
+    let window: Vec<f32> = (0..32 * 16).map(|i| (i % 10) as f32 / 10.0).collect();
+    let samples: Vec<_> = (0..n)
+        .map(|i| json!({"id": format!("s{i}"), "label": label}))
+        .collect();
+    let document = json!({"batch_id": batch_id, "samples": samples}).to_string();
+    let windows: Vec<&[f32]> = (0..n).map(|_| window.as_slice()).collect();
+    swimlane_core::batch::binary_upload(document.as_bytes(), &windows)
+}
+
 fn main() {
     // upload_body: [encoding selector: 0 identity, 1 gzip] + body.
     put(
@@ -89,6 +101,11 @@ fn main() {
         "upload_body",
         "unknown-label",
         &with_selector(0, &upload("b-3", 1, "crawl")),
+    );
+    put(
+        "upload_body",
+        "binary-two-samples",
+        &with_selector(0, &binary_upload("b-4", 2, "butterfly")),
     );
 
     // stored_records: [0 batch, 1 run, 2 model version, 3 user state, 4 token] + JSON.

@@ -76,9 +76,10 @@ pub struct PipelineArgs {
     /// gives both users retrained per core-minute and the ratio.
     #[arg(long)]
     peer: Option<PathBuf>,
-    /// How the uploads carry their windows: `f32le` (base64 of little-endian f32s) or
-    /// `numbers` (JSON arrays); docs/batch-format.md.
-    #[arg(long, value_enum, default_value = "f32le")]
+    /// How the uploads carry their windows: `binary` (raw little-endian f32s after the
+    /// document), `f32le` (base64 of them) or `numbers` (JSON arrays);
+    /// docs/batch-format.md.
+    #[arg(long, value_enum, default_value = "binary")]
     frames: swimlane_cli::upload::Frames,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -123,7 +124,7 @@ fn downloads(args: DownloadsArgs) -> anyhow::Result<()> {
         trainer_threads: 1,
         corrections: 250,
         peer: None,
-        frames: swimlane_cli::upload::Frames::F32le,
+        frames: swimlane_cli::upload::Frames::Binary,
     };
     let r =
         swimlane_cli::bench_pipeline::downloads(&opts, args.devices, args.seconds, &args.format)?;

@@ -140,7 +140,7 @@ pub struct PipelineBenchReport {
     pub cores: usize,
     /// Threads per trainer process; 0: candle's default (one per core).
     pub trainer_threads: usize,
-    /// `numbers` or `f32le` (base64).
+    /// `binary`, `numbers` or `f32le` (base64).
     pub frames: String,
     pub runs: Vec<PipelineBenchRun>,
     /// What the Ray + PyTorch peer printed (with `--peer`).

@@ -14,6 +14,12 @@
 //! standard base64 with padding (RFC 4648 §4); about half the bytes of the numbers and
 //! a small fraction of the parsing. A sample carries exactly one of the two.
 //!
+//! Or the windows may follow the document, raw (a *binary upload*): the body is
+//! [`BINARY_MAGIC`] (8 bytes), the document's length in bytes (`u32`, little-endian),
+//! the document (samples without `frames` or `frames_f32le`), then every sample's
+//! window in sample order, `frames × channels` little-endian `f32`s each, and nothing
+//! after them. No decimal or base64 to parse: the windows are copied as they are.
+//!
 //! Format 2 (`"format": 2`) adds, per sample, what the device showed:
 //! `"feedback": {"kind": "corrected" | "confirmed", "predicted": "backstroke",
 //! "model_version": 3 | null}` (null: the base model). A document without `format` is
@@ -31,7 +37,8 @@
 //! - each sample's `heldout` flag is [`is_heldout`]`(user, batch, sample id)`;
 //! - `digest` is the SHA-256 of a canonical encoding of (batch id, samples in order:
 //!   id, label, values as `f32` bits), so the same batch re-sent with different JSON
-//!   formatting (whitespace, `1` vs `1.0`, key order) has the same digest.
+//!   formatting (whitespace, `1` vs `1.0`, key order) or window encoding (numbers,
+//!   base64, binary) has the same digest.
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -146,11 +153,13 @@ pub enum BatchError {
         id: String,
         why: String,
     },
+    #[error("binary upload: {0}")]
+    BadBinary(String),
 }
 
 impl BatchError {
     /// Every code [`BatchError::code`] can return (a closed set, used as metric labels).
-    pub const CODES: [&'static str; 14] = [
+    pub const CODES: [&'static str; 15] = [
         "malformed_json",
         "bad_batch_id",
         "no_samples",
@@ -165,6 +174,7 @@ impl BatchError {
         "unsupported_format",
         "bad_feedback",
         "bad_frames",
+        "bad_binary",
     ];
 
     /// A stable machine-readable code for the error.
@@ -184,6 +194,7 @@ impl BatchError {
             BatchError::UnsupportedFormat(_) => "unsupported_format",
             BatchError::BadFeedback { .. } => "bad_feedback",
             BatchError::BadFrames { .. } => "bad_frames",
+            BatchError::BadBinary(_) => "bad_binary",
         }
     }
 }
@@ -309,13 +320,64 @@ fn decoded(
             expected: spec.frames,
         });
     }
-    let values = f32s_from_le(&bytes);
+    window(index, id, &bytes, spec)
+}
+
+/// A whole window's little-endian `f32`s (`bytes` is `spec.window_values() * 4` long),
+/// checked finite.
+fn window(index: usize, id: &str, bytes: &[u8], spec: &ModelSpec) -> Result<Vec<f32>, BatchError> {
+    let channels = spec.channels.len();
+    let values = f32s_from_le(bytes);
     // Checked once converted, in a loop of its own (a value at a time through a
     // `Result` was 7% of ingest's CPU); the error names the first value not finite.
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         finite(index, id, values[i], i / channels, i % channels)?;
     }
     Ok(values)
+}
+
+/// The first 8 bytes of a binary upload (module doc): `SWLB`, the envelope's version
+/// (1), three zero bytes. No JSON document starts with them.
+pub const BINARY_MAGIC: [u8; 8] = *b"SWLB\x01\0\0\0";
+
+/// A binary upload of `document` (a JSON batch whose samples carry no window) and
+/// `windows` (every sample's, in order, each `frames × channels` values): the bytes
+/// [`validate_upload`] reads (module doc).
+pub fn binary_upload(document: &[u8], windows: &[&[f32]]) -> Vec<u8> {
+    let values: usize = windows.iter().map(|w| w.len()).sum();
+    let mut out = Vec::with_capacity(12 + document.len() + 4 * values);
+    out.extend_from_slice(&BINARY_MAGIC);
+    out.extend_from_slice(&(document.len() as u32).to_le_bytes());
+    out.extend_from_slice(document);
+    for w in windows {
+        out.extend_from_slice(&le_bytes(w));
+    }
+    out
+}
+
+/// A binary upload's document and windows; `None` when `body` does not start with
+/// [`BINARY_MAGIC`] (then it is a JSON document).
+fn binary_parts(body: &[u8]) -> Option<Result<(&[u8], &[u8]), BatchError>> {
+    let rest = body.strip_prefix(&BINARY_MAGIC[..4])?;
+    let bad = |why: String| Some(Err(BatchError::BadBinary(why)));
+    let Some(rest) = rest.strip_prefix(&BINARY_MAGIC[4..]) else {
+        return bad(format!(
+            "the 8-byte header is {:02x?}, not {:02x?} (SWLB, version 1)",
+            &body[..body.len().min(8)],
+            BINARY_MAGIC
+        ));
+    };
+    let Some((len, rest)) = rest.split_first_chunk::<4>() else {
+        return bad("the body ends before the document's length".into());
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > rest.len() {
+        return bad(format!(
+            "the document's length is {len} bytes, but only {} follow",
+            rest.len()
+        ));
+    }
+    Some(Ok(rest.split_at(len)))
 }
 
 /// `v`, unless it is not finite.
@@ -341,8 +403,12 @@ pub fn validate_upload(
     limits: BatchLimits,
     spec: &ModelSpec,
 ) -> Result<ValidatedBatch, BatchError> {
+    let (document, windows) = match binary_parts(body) {
+        None => (body, None),
+        Some(parts) => parts.map(|(d, w)| (d, Some(w)))?,
+    };
     let raw: RawBatch =
-        serde_json::from_slice(body).map_err(|e| BatchError::MalformedJson(e.to_string()))?;
+        serde_json::from_slice(document).map_err(|e| BatchError::MalformedJson(e.to_string()))?;
     let format = raw.format.unwrap_or(1);
     if format != 1 && format != 2 {
         return Err(BatchError::UnsupportedFormat(format));
@@ -362,6 +428,20 @@ pub fn validate_upload(
             count: raw.samples.len(),
             max: limits.max_samples,
         });
+    }
+    let window_bytes = spec.window_values() * 4;
+    if let Some(w) = windows {
+        let n = raw.samples.len();
+        if w.len() != n * window_bytes {
+            return Err(BatchError::BadBinary(format!(
+                "{} bytes of windows follow the document, not the {} of its {n} samples \
+                 ({} frames x {} channels x 4 bytes each)",
+                w.len(),
+                n * window_bytes,
+                spec.frames,
+                spec.channels.len()
+            )));
+        }
     }
     let mut seen = std::collections::HashMap::with_capacity(raw.samples.len());
     let mut samples = Vec::with_capacity(raw.samples.len());
@@ -383,10 +463,23 @@ pub fn validate_upload(
                 first,
             });
         }
-        let values = match (&s.frames, &s.frames_f32le) {
-            (Some(frames), None) => numbers(index, &s.id, frames, spec)?,
-            (None, Some(encoded)) => decoded(index, &s.id, encoded, spec)?,
-            (frames, _) => {
+        let values = match (&s.frames, &s.frames_f32le, windows) {
+            (None, None, Some(w)) => window(
+                index,
+                &s.id,
+                &w[index * window_bytes..(index + 1) * window_bytes],
+                spec,
+            )?,
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(BatchError::BadFrames {
+                    index,
+                    id: shown(&s.id),
+                    why: "a binary upload's windows follow the document: give neither \"frames\" nor \"frames_f32le\"".into(),
+                })
+            }
+            (Some(frames), None, None) => numbers(index, &s.id, frames, spec)?,
+            (None, Some(encoded), None) => decoded(index, &s.id, encoded, spec)?,
+            (frames, _, None) => {
                 return Err(BatchError::BadFrames {
                     index,
                     id: shown(&s.id),
@@ -843,6 +936,7 @@ mod tests {
                 id: String::new(),
                 why: String::new(),
             },
+            BatchError::BadBinary(String::new()),
         ];
         let codes: Vec<_> = errors.iter().map(|e| e.code()).collect();
         assert_eq!(codes, BatchError::CODES);
@@ -966,6 +1060,112 @@ mod tests {
             check(&nan).unwrap_err().to_string(),
             "sample 4 (\"s4\") frame 2 feature 3 is not a finite 32-bit float"
         );
+    }
+
+    /// `v` as a binary upload: its samples' windows taken out of the document and put
+    /// after it.
+    fn binary(v: &Value) -> Vec<u8> {
+        let mut doc = v.clone();
+        let mut windows: Vec<Vec<f32>> = Vec::new();
+        for s in doc["samples"].as_array_mut().unwrap() {
+            let f = s.as_object_mut().unwrap().remove("frames").unwrap();
+            windows.push(
+                f.as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|f| f.as_array().unwrap().iter())
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            );
+        }
+        let refs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+        binary_upload(doc.to_string().as_bytes(), &refs)
+    }
+
+    fn check_bytes(b: &[u8]) -> Result<ValidatedBatch, BatchError> {
+        validate_upload(
+            &user(),
+            b,
+            BatchLimits { max_samples: 50 },
+            &ModelSpec::synthetic_pose(),
+        )
+    }
+
+    #[test]
+    fn windows_after_the_document_validate_to_the_same_batch_and_bad_ones_are_named() {
+        let plain = body(5);
+        let bin = binary(&plain);
+        let doc_len = u32::from_le_bytes(bin[8..12].try_into().unwrap()) as usize;
+        assert_eq!(bin.len(), 12 + doc_len + 5 * 32 * 16 * 4);
+        // The same values, ids, labels, split and digest; fewer bytes than base64.
+        assert_eq!(check_bytes(&bin).unwrap(), check(&plain).unwrap());
+        assert!(bin.len() < encoded(&plain).to_string().len());
+        // Gzip'd or not is ingest's business: the envelope is only these bytes.
+        let err = |b: &[u8]| check_bytes(b).unwrap_err();
+        let msg = |b: &[u8]| err(b).to_string();
+        // Another version, a body cut anywhere in the header, a length past the end.
+        let mut v2 = bin.clone();
+        v2[4] = 2;
+        assert_eq!(err(&v2).code(), "bad_binary");
+        assert!(msg(&v2).contains("not [53, 57, 4c, 42, 01"), "{}", msg(&v2));
+        for cut in [4, 8, 11] {
+            assert_eq!(err(&bin[..cut]).code(), "bad_binary", "cut at {cut}");
+        }
+        let mut long = bin.clone();
+        long[8..12].copy_from_slice(&(bin.len() as u32).to_le_bytes());
+        assert!(msg(&long).contains("only"), "{}", msg(&long));
+        // A window short, one too many, a byte more: the count is checked first.
+        for (n, what) in [(-1i64, "short"), (2048, "window more"), (1, "byte more")] {
+            let mut b = bin.clone();
+            if n < 0 {
+                b.truncate(b.len() - 4);
+            } else {
+                b.extend(std::iter::repeat_n(0u8, n as usize));
+            }
+            let e = err(&b);
+            assert_eq!(e.code(), "bad_binary", "{what}");
+            assert!(
+                e.to_string().contains("not the 10240 of its 5 samples"),
+                "{what}: {e}"
+            );
+        }
+        // The document in a binary upload carries no window.
+        let mut both = plain.clone();
+        both["samples"][1]["frames_f32le"] = json!("AAAA");
+        let mut doc = binary(&plain);
+        let with_frames = {
+            let mut d = both.clone();
+            for s in d["samples"].as_array_mut().unwrap() {
+                s.as_object_mut().unwrap().remove("frames");
+            }
+            d.to_string()
+        };
+        let tail = doc.split_off(12 + doc_len);
+        let rebuilt = [
+            &BINARY_MAGIC[..],
+            &(with_frames.len() as u32).to_le_bytes(),
+            with_frames.as_bytes(),
+            &tail,
+        ]
+        .concat();
+        let e = err(&rebuilt);
+        assert_eq!(e.code(), "bad_frames");
+        assert!(
+            e.to_string()
+                .starts_with("sample 1 (\"s1\") frames: a binary upload"),
+            "{e}"
+        );
+        // A NaN is named by sample, frame and feature, as in the other encodings.
+        let mut nan = bin.clone();
+        let at = 12 + doc_len + (3 * 512 + 2 * 16 + 5) * 4;
+        nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(
+            msg(&nan),
+            "sample 3 (\"s3\") frame 2 feature 5 is not a finite 32-bit float"
+        );
+        // The document is checked as ever.
+        let bad_doc = [&BINARY_MAGIC[..], &2u32.to_le_bytes(), b"{]"].concat();
+        assert_eq!(err(&bad_doc).code(), "malformed_json");
     }
 
     #[test]

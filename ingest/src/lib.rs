@@ -2,7 +2,7 @@
 //!
 //! Routes (errors are `{"error": {"code": "...", "message": "..."}}`):
 //! - `POST /v1/users/{user}/batches` with `Authorization: Bearer <token>` and a JSON
-//!   body (optionally `Content-Encoding: gzip`), see `swimlane_core::batch`:
+//!   or binary body (optionally `Content-Encoding: gzip`), see `swimlane_core::batch`:
 //!   - 202 `{"batch_id", "status": "staged", "samples", "heldout"}`: staged now, or
 //!     already staged with the same content (a retry: nothing is stored twice);
 //!   - 400 with a validation code (`malformed_json`, `bad_frame_count`,
