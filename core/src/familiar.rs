@@ -200,9 +200,14 @@ impl Familiarity {
             }
             groups.push(few);
         }
-        let foreign: Vec<Vec<Vec<f32>>> = by_class(population, mean, std)
+        // Only the classes the user's windows do not cover: the others' features would be
+        // computed to be dropped.
+        let others = population
             .into_iter()
-            .filter(|(class, fs)| !own.contains(class) && fs.len() >= MIN_WINDOWS)
+            .filter(|(_, class)| !own.contains(class));
+        let foreign: Vec<Vec<Vec<f32>>> = by_class(others, mean, std)
+            .into_iter()
+            .filter(|(_, fs)| fs.len() >= MIN_WINDOWS)
             .map(|(_, fs)| fs)
             .collect();
         let (centroids, radius) = self::centroids(groups, scale);
