@@ -410,6 +410,69 @@ async fn a_retry_answers_the_same_and_stores_nothing_twice() {
     assert!(m.contains("swimlane_ingest_samples_staged_total 45"), "{m}");
 }
 
+/// `v` (a batch as [`batch`] makes it) as a binary upload: the document without the
+/// windows, then their little-endian `f32`s (docs/batch-format.md).
+fn binary(v: &Value) -> Vec<u8> {
+    let mut doc = v.clone();
+    let mut windows: Vec<Vec<f32>> = Vec::new();
+    for s in doc["samples"].as_array_mut().unwrap() {
+        let f = s.as_object_mut().unwrap().remove("frames").unwrap();
+        windows.push(
+            f.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| row.as_array().unwrap().iter())
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+        );
+    }
+    let refs: Vec<&[f32]> = windows.iter().map(Vec::as_slice).collect();
+    swimlane_core::batch::binary_upload(doc.to_string().as_bytes(), &refs)
+}
+
+#[tokio::test]
+async fn a_binary_upload_is_the_same_batch_and_a_damaged_one_stages_nothing() {
+    let h = Harness::new();
+    let body = batch("bin-1", 12);
+    let (s1, v1) = h.post("alice", &h.alice, binary(&body)).await;
+    assert_eq!(s1, StatusCode::ACCEPTED, "{v1}");
+    assert_eq!(
+        (v1["samples"].as_u64(), v1["status"].as_str()),
+        (Some(12), Some("staged"))
+    );
+    let before = h.user_keys("alice");
+    // The same batch sent as JSON, or gzipped binary: a retry, not a conflict.
+    let (s2, v2) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!((s2, &v2), (StatusCode::ACCEPTED, &v1));
+    let req = Request::post("/v1/users/alice/batches")
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.alice))
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(gzip(&binary(&body))))
+        .unwrap();
+    let (s3, v3, _) = h.send(req).await;
+    assert_eq!((s3, &v3), (StatusCode::ACCEPTED, &v1));
+    assert_eq!(h.user_keys("alice"), before, "nothing rewritten");
+    assert_eq!(h.events().len(), 1, "one event");
+    // Damaged: a window short. A 400 with its code and reason, nothing of bob stored.
+    let mut short = binary(&batch("bin-2", 3));
+    short.truncate(short.len() - 4);
+    let (s, v) = h.post("bob", &h.bob, short).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "bad_binary"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("of its 3 samples"),
+        "{v}"
+    );
+    assert!(h.user_keys("bob").is_empty());
+    assert_eq!(h.events().len(), 1);
+}
+
 #[tokio::test]
 async fn same_batch_id_with_other_content_is_409() {
     let h = Harness::new();
