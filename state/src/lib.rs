@@ -578,11 +578,8 @@ impl Repo {
             }));
         }
         let prefix_len = out.len();
-        out.reserve(
-            file.size_bytes
-                .saturating_sub(prefix_len as u64)
-                .min(1 << 30) as usize,
-        );
+        // Sized by what is stored, not by what the record claims.
+        out.reserve(own.len());
         // Each source blob read once, however many splices it gives.
         let mut sources: Vec<(&str, Vec<u8>)> = Vec::new();
         let mut used = 0usize; // bytes of `own` copied so far
