@@ -570,13 +570,6 @@ impl Repo {
         let Some(own) = self.blob(tx, &file.blob)? else {
             return Ok(None);
         };
-        if file.splices.is_empty() {
-            return Ok(Some(if out.is_empty() {
-                own
-            } else {
-                [out, own].concat()
-            }));
-        }
         let prefix_len = out.len();
         // Sized by what is stored, not by what the record claims.
         out.reserve(own.len());
@@ -597,17 +590,17 @@ impl Repo {
                 .ok_or_else(|| bad(format!("a splice at {} is past the end", s.at)))?;
             out.extend_from_slice(&own[used..end]);
             used = end;
-            if !sources.iter().any(|(id, _)| *id == s.blob) {
-                match self.blob(tx, &s.blob)? {
-                    Some(b) => sources.push((&s.blob, b)),
+            let i = match sources.iter().position(|(id, _)| *id == s.blob) {
+                Some(i) => i,
+                None => match self.blob(tx, &s.blob)? {
+                    Some(b) => {
+                        sources.push((&s.blob, b));
+                        sources.len() - 1
+                    }
                     None => return Ok(None),
-                }
-            }
-            let src = &sources
-                .iter()
-                .find(|(id, _)| *id == s.blob)
-                .expect("read above")
-                .1;
+                },
+            };
+            let src = &sources[i].1;
             let range = usize::try_from(s.offset)
                 .ok()
                 .zip(usize::try_from(s.len).ok())
