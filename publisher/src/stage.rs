@@ -269,11 +269,12 @@ fn weights(
 }
 
 /// An accepted run, and its ONNX file if one was made beforehand: (the version the
-/// publishing transaction was expected to assign, the file).
+/// publishing transaction was expected to assign, the file's record, the bytes of its
+/// own part, which that transaction writes).
 pub(crate) struct Accepted {
     user: UserId,
     run_id: String,
-    onnx: Option<(u64, StoredFile)>,
+    onnx: Option<(u64, StoredFile, Vec<u8>)>,
 }
 
 /// A version published.
@@ -340,8 +341,8 @@ impl Stage for Publisher {
                 }
                 let blob = onnx_blob_id(u, run_id, version);
                 let own = OwnPart::of(&file, &w, &run.model_blob);
-                repo.put_blob_db(&self.env.db, &blob, &own.bytes)?;
-                Some((version, stored(blob, &file, own.splices, prefix.as_deref())))
+                let record = stored(blob, &file, own.splices, prefix.as_deref());
+                Some((version, record, own.bytes))
             }
         };
         Ok(Some(Accepted {
@@ -370,7 +371,13 @@ impl Stage for Publisher {
         let version = state.last_version + 1;
         let fallback = falls_back(&run);
         let onnx_file = match &a.onnx {
-            Some((v, file)) if *v == version => file.clone(),
+            // The own part goes in with the version that names it: a few kB (the
+            // weight matrices are the candidate's blob's, `OwnPart`), no transaction
+            // of its own, and nothing written for a run that turns out stale.
+            Some((v, file, own)) if *v == version => {
+                repo.put_blob(tx, &file.blob, own)?;
+                file.clone()
+            }
             _ => {
                 // Not made beforehand for this version: make it here.
                 let (w, sha256) = weights(repo, tx, &run)?;

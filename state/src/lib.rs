@@ -649,12 +649,6 @@ impl Repo {
         Ok((!missing.is_empty())
             .then(|| format!("{} (run `swimlane admin init`)", missing.join(" and "))))
     }
-
-    /// Store a blob of any size (several transactions when it does not fit one).
-    /// Returns its SHA-256 as [`Repo::put_blob`] does.
-    pub fn put_blob_db(&self, db: &Db, blob_id: &str, data: &[u8]) -> Res<String> {
-        blob::write(db, &self.keys.blob(blob_id), data).map(|h| hex::encode(h.sha256))
-    }
 }
 
 /// Lowercase hex SHA-256 of `data`.
