@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod tokens;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{de::DeserializeOwned, Serialize};
 use sha2::{Digest, Sha256};
@@ -101,6 +102,11 @@ fn get_json<T: StoredRecord>(tx: &mut Transaction<'_>, key: &[u8]) -> Res<Option
 fn put_json<T: Serialize>(tx: &mut Transaction<'_>, key: &[u8], v: &T) -> Res<()> {
     tx.set(key, &serde_json::to_vec(v).expect("records serialize"))
 }
+
+/// A blob's bytes a process keeps between transactions, with the SHA-256 (lowercase hex)
+/// the stored blob's header recorded when they were read: [`Repo::blob_kept`].
+#[derive(Debug, Default)]
+pub struct KeptBlob(Mutex<Option<(String, Arc<Vec<u8>>)>>);
 
 /// Typed access to one deployment's records.
 #[derive(Clone, Debug)]
@@ -541,6 +547,31 @@ impl Repo {
             .map(|(data, h)| (data, hex::encode(h.sha256))))
     }
 
+    /// `blob_id`'s bytes: those `kept` holds while the stored blob's header records the
+    /// same SHA-256 (one key read instead of the whole blob), otherwise read whole and
+    /// checked ([`Repo::blob`]) and kept. `None` when absent. For a blob most runs read
+    /// again (the base model: every new user's parent and current model).
+    pub fn blob_kept(
+        &self,
+        tx: &mut Transaction<'_>,
+        blob_id: &str,
+        kept: &KeptBlob,
+    ) -> Res<Option<Arc<Vec<u8>>>> {
+        let Some(sha) = self.blob_sha256(tx, blob_id)? else {
+            return Ok(None);
+        };
+        let mut k = kept.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, bytes)) = k.as_ref().filter(|(s, _)| *s == sha) {
+            return Ok(Some(bytes.clone()));
+        }
+        let Some((bytes, sha)) = self.blob_with_sha256(tx, blob_id)? else {
+            return Ok(None);
+        };
+        let bytes = Arc::new(bytes);
+        *k = Some((sha, bytes.clone()));
+        Ok(Some(bytes))
+    }
+
     /// The SHA-256 (lowercase hex) a blob's header records, without reading the blob;
     /// `None` when absent.
     pub fn blob_sha256(&self, tx: &mut Transaction<'_>, blob_id: &str) -> Res<Option<String>> {
@@ -710,6 +741,33 @@ mod tests {
             status,
             chunk_samples: 0,
         }
+    }
+
+    #[test]
+    fn a_kept_blob_is_read_again_only_when_the_stored_one_changes() {
+        let (db, repo) = setup();
+        let kept = KeptBlob::default();
+        let read = |kept: &KeptBlob| db.transact(|tx| repo.blob_kept(tx, "w", kept)).unwrap();
+        assert_eq!(read(&kept), None);
+        db.transact(|tx| repo.put_blob(tx, "w", b"first")).unwrap();
+        let a = read(&kept).unwrap();
+        assert_eq!(a.as_slice(), b"first");
+        // The same digest stored: the kept bytes, not a new read.
+        assert!(Arc::ptr_eq(&a, &read(&kept).unwrap()));
+        db.transact(|tx| repo.put_blob(tx, "w", b"second")).unwrap();
+        let b = read(&kept).unwrap();
+        assert_eq!(b.as_slice(), b"second");
+        assert!(Arc::ptr_eq(&b, &read(&kept).unwrap()));
+        // Another blob id through the same keeper: its own bytes, whatever is kept.
+        db.transact(|tx| repo.put_blob(tx, "v", b"other")).unwrap();
+        let c = db
+            .transact(|tx| repo.blob_kept(tx, "v", &kept))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.as_slice(), b"other");
+        db.transact(|tx| blob::delete_in(tx, &repo.keys.blob("w")))
+            .unwrap();
+        assert_eq!(read(&kept), None);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
-use swimlane_state::{decode_sample_set, lifecycle, BASE_MODEL_BLOB, GUARD_SET_BLOB};
+use swimlane_state::{decode_sample_set, lifecycle, KeptBlob, BASE_MODEL_BLOB, GUARD_SET_BLOB};
 use swimlane_store::{KvError, Transaction};
 
 mod metrics;
@@ -83,6 +83,7 @@ pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(
         familiar_scale,
         personal_weight,
         population: None,
+        base: KeptBlob::default(),
     })?;
     Ok(())
 }
@@ -101,6 +102,9 @@ struct Trainer {
     personal_weight: f32,
     /// Read once per process, and again only when the stored set's digest changes.
     population: Option<Population>,
+    /// The installed base model's weights, the parent of every user without a version:
+    /// read again only when the stored model's digest changes.
+    base: KeptBlob,
 }
 
 /// Everything one run needs, read in one short transaction.
@@ -109,7 +113,7 @@ struct Plan {
     run_id: String,
     batches: Vec<String>,
     parent_version: Option<u64>,
-    parent: Vec<u8>,
+    parent: Arc<Vec<u8>>,
     samples: Vec<Sample>,
     /// [`anchor_scale`] of these samples.
     anchor_scale: f64,
@@ -221,9 +225,9 @@ impl Trainer {
                             what: format!("user {u} head"),
                             reason: format!("version {v} has no record"),
                         })?;
-                    repo.blob(tx, &mv.model_blob)?
+                    repo.blob(tx, &mv.model_blob)?.map(Arc::new)
                 }
-                None => repo.blob(tx, BASE_MODEL_BLOB)?,
+                None => repo.blob_kept(tx, BASE_MODEL_BLOB, &self.base)?,
             }
             .ok_or_else(|| KvError::Corrupt {
                 what: format!("user {u} parent model"),

@@ -43,7 +43,9 @@ use swimlane_model::{evaluate, MicroModel, Sample};
 use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
 use swimlane_state::lifecycle::ProbationEnd;
-use swimlane_state::{decode_sample_set, lifecycle, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB};
+use swimlane_state::{
+    decode_sample_set, lifecycle, KeptBlob, Repo, BASE_MODEL_BLOB, GUARD_SET_BLOB,
+};
 use swimlane_store::{KvError, Transaction};
 
 mod metrics;
@@ -86,6 +88,7 @@ pub fn run(
         guard,
         max_heldout_windows,
         probation,
+        base: KeptBlob::default(),
     })?;
     Ok(())
 }
@@ -99,6 +102,9 @@ struct Validator {
     guard: Option<Arc<Guard>>,
     max_heldout_windows: usize,
     probation: ProbationPolicy,
+    /// The installed base model's weights, the current model of every user without a
+    /// version: read again only when the stored model's digest changes.
+    base: KeptBlob,
 }
 
 /// The population guard set and how the deployment's base model does on it.
@@ -109,7 +115,7 @@ struct Guard {
 
 struct Inputs {
     candidate: Vec<u8>,
-    current: Vec<u8>,
+    current: Arc<Vec<u8>>,
     /// The current model's guard accuracy when it was validated (`None`: the base
     /// model).
     current_guard: Option<f32>,
@@ -127,7 +133,7 @@ struct Inputs {
 /// neither trained on (from batches its evidence does not count yet).
 struct ProbationInputs {
     version: u64,
-    parent: Vec<u8>,
+    parent: Arc<Vec<u8>>,
     windows: Vec<Sample>,
     batches: Vec<String>,
 }
@@ -210,7 +216,7 @@ impl Validator {
                     "candidate weights missing",
                 )
             })?;
-            let (current, current_guard) = current_model(repo, tx, user, state.head)?;
+            let (current, current_guard) = current_model(repo, tx, user, state.head, &self.base)?;
             // Established windows first, then the run's own: `history` is a prefix. The
             // run's own windows are all read (every batch proves itself on them); the
             // established ones are the most recent `max_heldout_windows` (newest
@@ -299,7 +305,7 @@ impl Validator {
         if windows.is_empty() {
             return Ok(None);
         }
-        let (parent, _) = current_model(repo, tx, user, rec.parent_version)?;
+        let (parent, _) = current_model(repo, tx, user, rec.parent_version, &self.base)?;
         Ok(Some(ProbationInputs {
             version,
             parent,
@@ -478,15 +484,19 @@ pub fn current_model(
     tx: &mut Transaction<'_>,
     user: &str,
     head: Option<u64>,
-) -> Result<(Vec<u8>, Option<f32>), KvError> {
+    base: &KeptBlob,
+) -> Result<(Arc<Vec<u8>>, Option<f32>), KvError> {
     let (bytes, guard) = match head {
         Some(v) => {
             let mv = repo.model_version(tx, user, v)?.ok_or_else(|| {
                 missing(format!("user {user} head"), "head version has no record")
             })?;
-            (repo.blob(tx, &mv.model_blob)?, Some(mv.guard_accuracy))
+            (
+                repo.blob(tx, &mv.model_blob)?.map(Arc::new),
+                Some(mv.guard_accuracy),
+            )
         }
-        None => (repo.blob(tx, BASE_MODEL_BLOB)?, None),
+        None => (repo.blob_kept(tx, BASE_MODEL_BLOB, base)?, None),
     };
     let bytes =
         bytes.ok_or_else(|| missing(format!("user {user} current model"), "weights missing"))?;
