@@ -45,6 +45,10 @@
 //! - Deterministic: the same windows in the same order give the same familiarity.
 //! - The population's windows only place the foreign centroids: no user's window is
 //!   among them (the guard set is installed with the base model and holds none).
+//! - The foreign centroids of a class depend only on the population, the normalisation
+//!   and the scale ([`Foreign`]): computed once, they serve every model with that
+//!   normalisation (a fine-tune keeps its parent's), and give exactly what computing
+//!   them for each model gives.
 //! - [`Familiarity::check`] refuses a stored familiarity that is not finite, whose
 //!   centroids are not `2·C` long, or that has no centroid of its own, so a bad record
 //!   cannot make an export that answers every window one way by accident.
@@ -69,6 +73,51 @@ pub const MIN_WINDOWS: usize = 5;
 /// The smallest radius (in normalised units), so that identical windows still leave
 /// room around their centroid.
 pub const MIN_RADIUS: f32 = 1e-3;
+
+/// The population's side of a familiarity: under one normalisation (`mean`, `std`) and
+/// `scale`, the centroid and radius of each class with at least [`MIN_WINDOWS`] of the
+/// population's windows (module doc, "Guarantees").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Foreign {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    scale: f32,
+    by_class: BTreeMap<ClassId, (Vec<f32>, f32)>,
+}
+
+impl Foreign {
+    /// The centroids of `population` (labelled frame-major windows) under the
+    /// normalisation `mean`, `std` and the radii `scale` times the [`QUANTILE`]
+    /// distance.
+    pub fn of<'b>(
+        population: impl IntoIterator<Item = (&'b [f32], ClassId)>,
+        mean: &[f32],
+        std: &[f32],
+        scale: f32,
+    ) -> Foreign {
+        let groups: Vec<(ClassId, Vec<Vec<f32>>)> = by_class(population, mean, std)
+            .into_iter()
+            .filter(|(_, fs)| fs.len() >= MIN_WINDOWS)
+            .collect();
+        let classes: Vec<ClassId> = groups.iter().map(|(c, _)| *c).collect();
+        let (cs, rs) = centroids(groups.into_iter().map(|(_, fs)| fs).collect(), scale);
+        Foreign {
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+            scale,
+            by_class: classes.into_iter().zip(cs.into_iter().zip(rs)).collect(),
+        }
+    }
+
+    /// Whether these are the centroids under the normalisation `mean`, `std` and
+    /// `scale` (bit for bit).
+    pub fn fits(&self, mean: &[f32], std: &[f32], scale: f32) -> bool {
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        same(&self.mean, mean) && same(&self.std, std) && self.scale.to_bits() == scale.to_bits()
+    }
+}
 
 /// Centroids and radii of the features of the windows a model trained on, and of the
 /// population's windows of the classes it did not (module doc).
@@ -174,7 +223,8 @@ impl Familiarity {
     /// and its label), with the population's `population` windows (labelled) for the
     /// foreign centroids, under the model's normalisation `mean`, `std`, the radii
     /// `scale` times the [`QUANTILE`] distance. `None` when there is no window or
-    /// `scale` is not positive (no fallback).
+    /// `scale` is not positive (no fallback). [`Familiarity::with_foreign`] with
+    /// [`Foreign::of`] the population.
     pub fn of<'a, 'b>(
         windows: impl IntoIterator<Item = (&'a [f32], ClassId)>,
         population: impl IntoIterator<Item = (&'b [f32], ClassId)>,
@@ -185,8 +235,23 @@ impl Familiarity {
         if !(scale > 0.0 && scale.is_finite()) {
             return None;
         }
+        Familiarity::with_foreign(windows, &Foreign::of(population, mean, std, scale))
+    }
+
+    /// The familiarity of a model that trained on `windows`, under the normalisation
+    /// and scale `foreign` was computed with, its foreign centroids those of `foreign`'s
+    /// classes the model has no centroid of. `None` when there is no window or the scale
+    /// is not positive.
+    pub fn with_foreign<'a>(
+        windows: impl IntoIterator<Item = (&'a [f32], ClassId)>,
+        foreign: &Foreign,
+    ) -> Option<Familiarity> {
+        let scale = foreign.scale;
+        if !(scale > 0.0 && scale.is_finite()) {
+            return None;
+        }
         let (mut own, mut groups, mut few) = (BTreeSet::new(), Vec::new(), Vec::new());
-        for (class, fs) in by_class(windows, mean, std) {
+        for (class, fs) in by_class(windows, &foreign.mean, &foreign.std) {
             if fs.len() >= MIN_WINDOWS {
                 own.insert(class);
                 groups.push(fs);
@@ -200,18 +265,13 @@ impl Familiarity {
             }
             groups.push(few);
         }
-        // Only the classes the user's windows do not cover: the others' features would be
-        // computed to be dropped.
-        let others = population
-            .into_iter()
-            .filter(|(_, class)| !own.contains(class));
-        let foreign: Vec<Vec<Vec<f32>>> = by_class(others, mean, std)
-            .into_iter()
-            .filter(|(_, fs)| fs.len() >= MIN_WINDOWS)
-            .map(|(_, fs)| fs)
-            .collect();
         let (centroids, radius) = self::centroids(groups, scale);
-        let (foreign_centroids, foreign_radius) = self::centroids(foreign, scale);
+        let (foreign_centroids, foreign_radius) = foreign
+            .by_class
+            .iter()
+            .filter(|(class, _)| !own.contains(class))
+            .map(|(_, (c, r))| (c.clone(), *r))
+            .unzip();
         Some(Familiarity {
             centroids,
             radius,
@@ -390,6 +450,68 @@ mod tests {
             );
         }
         assert!(fam.check(3).is_ok());
+    }
+
+    /// A class's foreign centroid is the same whichever other classes the population
+    /// has and whichever the model knows, so one [`Foreign`] serves every model.
+    #[test]
+    fn one_foreign_serves_every_model_with_its_normalisation() {
+        let (mean, std) = ([0.1, 0.0, -0.2], [1.0, 0.5, 2.0]);
+        let pop: Vec<(Vec<f32>, ClassId)> = (0..3)
+            .flat_map(|c| {
+                (0..9).map(move |i| (style(2.0 * c as f32, 0.3 + c as f32, i), ClassId(c)))
+            })
+            .collect();
+        let all = Foreign::of(
+            pop.iter().map(|(w, c)| (w.as_slice(), *c)),
+            &mean,
+            &std,
+            1.5,
+        );
+        assert_eq!(all.by_class.len(), 3);
+        assert!(all.fits(&mean, &std, 1.5));
+        assert!(!all.fits(&mean, &[1.0, 0.5, 2.000_001], 1.5));
+        assert!(!all.fits(&mean, &std, 1.0));
+        for known in [0u8, 1, 2] {
+            let own: Vec<Vec<f32>> = (0..7).map(|i| style(2.0 * known as f32, 0.3, i)).collect();
+            let own = || own.iter().map(|w| (w.as_slice(), ClassId(known)));
+            let shared = Familiarity::with_foreign(own(), &all).unwrap();
+            // The population of the other classes alone, computed for this model.
+            let others = pop.iter().filter(|(_, c)| *c != ClassId(known));
+            let alone = Foreign::of(others.map(|(w, c)| (w.as_slice(), *c)), &mean, &std, 1.5);
+            let want: (Vec<Vec<f32>>, Vec<f32>) = alone
+                .by_class
+                .values()
+                .map(|(c, r)| (c.clone(), *r))
+                .unzip();
+            assert_eq!(
+                (
+                    shared.foreign_centroids.clone(),
+                    shared.foreign_radius.clone()
+                ),
+                want
+            );
+            assert_eq!(shared.foreign_centroids.len(), 2);
+            let fresh = Familiarity::of(
+                own(),
+                pop.iter().map(|(w, c)| (w.as_slice(), *c)),
+                &mean,
+                &std,
+                1.5,
+            );
+            assert_eq!(Some(shared), fresh);
+        }
+        // A scale that turns the fallback off: no familiarity, as from `of`.
+        let off = Foreign::of(
+            pop.iter().map(|(w, c)| (w.as_slice(), *c)),
+            &mean,
+            &std,
+            0.0,
+        );
+        assert_eq!(
+            Familiarity::with_foreign([(pop[0].0.as_slice(), ClassId(0))], &off),
+            None
+        );
     }
 
     fn argmax(p: &[f32]) -> usize {

@@ -25,7 +25,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use swimlane_bus::stage::{Applied, Decoded, Effect, LoopOptions, Stage, Stop};
 use swimlane_bus::Record;
-use swimlane_core::familiar::Familiarity;
+use swimlane_core::familiar::{Familiarity, Foreign};
 use swimlane_core::records::{BatchStatus, RunRecord, StagedSample};
 use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
@@ -84,6 +84,7 @@ pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(
         personal_weight,
         population: None,
         base: KeptBlob::default(),
+        foreign: Default::default(),
     })?;
     Ok(())
 }
@@ -105,6 +106,9 @@ struct Trainer {
     /// The installed base model's weights, the parent of every user without a version:
     /// read again only when the stored model's digest changes.
     base: KeptBlob,
+    /// The population's foreign centroids (`swimlane_core::familiar::Foreign`), with the
+    /// digest of the population they are of (`None`: no guard set).
+    foreign: std::sync::Mutex<Option<(Option<String>, Arc<Foreign>)>>,
 }
 
 /// Everything one run needs, read in one short transaction.
@@ -268,6 +272,33 @@ impl Trainer {
         })
     }
 
+    /// The population's foreign centroids under `(mean, std)`: the kept ones while the
+    /// population and the normalisation are the same (a fine-tune keeps its parent's, so
+    /// once per process and base model), computed again otherwise.
+    fn foreign(
+        &self,
+        population: Option<&Population>,
+        (mean, std): (&[f32], &[f32]),
+    ) -> Arc<Foreign> {
+        let sha = population.map(|p| p.0.as_str());
+        let mut kept = self.foreign.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, f)) = kept
+            .as_ref()
+            .filter(|(s, f)| s.as_deref() == sha && f.fits(mean, std, self.familiar_scale))
+        {
+            return f.clone();
+        }
+        let windows: &[Sample] = population.map_or(&[], |p| &p.1);
+        let f = Arc::new(Foreign::of(
+            windows.iter().map(|s| (s.frames.as_slice(), s.label)),
+            mean,
+            std,
+            self.familiar_scale,
+        ));
+        *kept = Some((sha.map(str::to_string), f.clone()));
+        f
+    }
+
     /// Train `plan`'s candidate; `population` (`None`: no guard set installed, or no
     /// fallback) places its foreign centroids.
     fn train(&self, plan: Plan, population: Option<&Population>) -> Result<Trained, String> {
@@ -286,14 +317,10 @@ impl Trainer {
         let cpu_seconds = (swimlane_runtime::process_cpu_seconds() - cpu0) as f32;
         // Which windows the candidate knows: the device's file answers the others with
         // the base model (`swimlane_core::familiar`).
-        let (mean, std) = model.normalisation();
-        let population: &[Sample] = population.map_or(&[], |p| &p.1);
-        let familiarity = Familiarity::of(
+        let foreign = self.foreign(population, model.normalisation());
+        let familiarity = Familiarity::with_foreign(
             plan.samples.iter().map(|s| (s.frames.as_slice(), s.label)),
-            population.iter().map(|s| (s.frames.as_slice(), s.label)),
-            mean,
-            std,
-            self.familiar_scale,
+            &foreign,
         )
         .map(|f| f.with_personal_weight(self.personal_weight));
         Ok(Trained {
