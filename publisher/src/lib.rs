@@ -34,7 +34,7 @@ pub fn run(
         env,
         target_accuracy,
         spec,
-        base: None,
+        base: Default::default(),
         prefix: None,
     })?;
     Ok(())

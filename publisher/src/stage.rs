@@ -26,7 +26,7 @@ use swimlane_core::records::{ModelVersionRecord, RunRecord, Splice, Standing, St
 use swimlane_core::{policy, topics, Event, UserId};
 use swimlane_model::onnx::{self, Lineage, ModelRef};
 use swimlane_model::MicroModel;
-use swimlane_state::{lifecycle, Repo, Res, BASE_MODEL_BLOB};
+use swimlane_state::{lifecycle, Kept, Repo, Res, BASE_MODEL_BLOB};
 use swimlane_store::{KvError, Transaction};
 
 use swimlane_runtime::wiring::StageEnv;
@@ -41,7 +41,7 @@ pub(crate) struct Publisher {
     /// The base model of the ONNX files' fallback, with the SHA-256 of its stored
     /// weights: read again only when the stored base changes (its blob header, read in
     /// every `prepare`, records another digest).
-    pub base: Option<BaseModel>,
+    pub base: Kept<MicroModel>,
     /// The device files' shared prefix last stored (`onnx::DeviceFile`).
     pub prefix: Option<Arc<Prefix>>,
 }
@@ -142,29 +142,23 @@ impl OwnPart {
 /// The installed base model and the SHA-256 (hex) of its stored weights.
 pub(crate) type BaseModel = (String, Arc<MicroModel>);
 
-/// The installed base model, from `cached` when the stored one has the same digest.
+/// The installed base model, from `kept` while the stored one has the same digest.
 fn base_model(
     repo: &Repo,
     tx: &mut Transaction<'_>,
     spec: &swimlane_core::ModelSpec,
-    cached: Option<&BaseModel>,
+    kept: &Kept<MicroModel>,
 ) -> Result<BaseModel, KvError> {
-    let missing = || KvError::Corrupt {
+    repo.blob_kept(tx, BASE_MODEL_BLOB, kept, |bytes| {
+        MicroModel::load_for(&bytes, spec).map_err(|e| KvError::Corrupt {
+            what: BASE_MODEL_BLOB.into(),
+            reason: e.to_string(),
+        })
+    })?
+    .ok_or_else(|| KvError::Corrupt {
         what: BASE_MODEL_BLOB.into(),
         reason: "the base model is not installed (run `swimlane admin init`)".into(),
-    };
-    let sha = repo.blob_sha256(tx, BASE_MODEL_BLOB)?.ok_or_else(missing)?;
-    if let Some(c) = cached.filter(|c| c.0 == sha) {
-        return Ok(c.clone());
-    }
-    let (bytes, sha) = repo
-        .blob_with_sha256(tx, BASE_MODEL_BLOB)?
-        .ok_or_else(missing)?;
-    let model = MicroModel::load_for(&bytes, spec).map_err(|e| KvError::Corrupt {
-        what: BASE_MODEL_BLOB.into(),
-        reason: e.to_string(),
-    })?;
-    Ok((sha, Arc::new(model)))
+    })
 }
 
 /// Whether `run`'s file has the base-model fallback (`export_onnx`).
@@ -178,10 +172,10 @@ fn base_for(
     tx: &mut Transaction<'_>,
     spec: &swimlane_core::ModelSpec,
     run: &RunRecord,
-    cached: Option<&BaseModel>,
+    kept: &Kept<MicroModel>,
 ) -> Result<Option<BaseModel>, KvError> {
     if falls_back(run) {
-        base_model(repo, tx, spec, cached).map(Some)
+        base_model(repo, tx, spec, kept).map(Some)
     } else {
         Ok(None)
     }
@@ -307,7 +301,7 @@ impl Stage for Publisher {
     /// expected to assign.
     fn prepare(&mut self, (user, run_id): &(UserId, String)) -> Result<Option<Accepted>, KvError> {
         let (repo, u) = (&self.env.repo, user.as_str());
-        let (spec, cached) = (&self.spec, self.base.as_ref());
+        let (spec, kept) = (&self.spec, &self.base);
         let found = self.env.db.transact(|tx| {
             let Some(run) = repo.run(tx, u, run_id)? else {
                 return Ok(None);
@@ -318,16 +312,13 @@ impl Stage for Publisher {
             }
             let version = repo.user_state(tx, u)?.last_version + 1;
             let w = weights(repo, tx, &run)?;
-            let base = base_for(repo, tx, spec, &run, cached)?;
+            let base = base_for(repo, tx, spec, &run, kept)?;
             Ok(Some((run, version, w, base)))
         })?;
         let onnx = match found {
             None => None,
             Some((run, version, (w, sha256), base)) => {
                 let file = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
-                if base.is_some() {
-                    self.base = base;
-                }
                 let prefix = file
                     .prefix
                     .as_ref()
@@ -381,7 +372,7 @@ impl Stage for Publisher {
             _ => {
                 // Not made beforehand for this version: make it here.
                 let (w, sha256) = weights(repo, tx, &run)?;
-                let base = base_for(repo, tx, &self.spec, &run, self.base.as_ref())?;
+                let base = base_for(repo, tx, &self.spec, &run, &self.base)?;
                 let file = export_onnx(&self.spec, &run, (&w, &sha256), base.as_ref(), version)?;
                 let prefix = file
                     .prefix
@@ -599,7 +590,7 @@ mod tests {
             },
             target_accuracy: 0.97,
             spec: Arc::new(swimlane_core::ModelSpec::synthetic_pose()),
-            base: None,
+            base: Default::default(),
             prefix: None,
         };
         let mut p = Runner::new(stage, db.clone(), keys.clone(), emitter);

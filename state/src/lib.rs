@@ -103,10 +103,19 @@ fn put_json<T: Serialize>(tx: &mut Transaction<'_>, key: &[u8], v: &T) -> Res<()
     tx.set(key, &serde_json::to_vec(v).expect("records serialize"))
 }
 
-/// A blob's bytes a process keeps between transactions, with the SHA-256 (lowercase hex)
-/// the stored blob's header recorded when they were read: [`Repo::blob_kept`].
-#[derive(Debug, Default)]
-pub struct KeptBlob(Mutex<Option<(String, Arc<Vec<u8>>)>>);
+/// A value a process makes from a stored blob and keeps between transactions, with the
+/// SHA-256 (lowercase hex) the blob's header recorded when it was made:
+/// [`Repo::blob_kept`].
+pub struct Kept<T>(Mutex<Option<(String, Arc<T>)>>);
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept(Mutex::new(None))
+    }
+}
+
+/// A blob's bytes, kept as they are.
+pub type KeptBlob = Kept<Vec<u8>>;
 
 /// Typed access to one deployment's records.
 #[derive(Clone, Debug)]
@@ -547,29 +556,32 @@ impl Repo {
             .map(|(data, h)| (data, hex::encode(h.sha256))))
     }
 
-    /// `blob_id`'s bytes: those `kept` holds while the stored blob's header records the
-    /// same SHA-256 (one key read instead of the whole blob), otherwise read whole and
-    /// checked ([`Repo::blob`]) and kept. `None` when absent. For a blob most runs read
-    /// again (the base model: every new user's parent and current model).
-    pub fn blob_kept(
+    /// What `make` makes of `blob_id`'s bytes, with the blob's SHA-256: the value `kept`
+    /// holds while the stored blob's header records the same SHA-256 (one key read
+    /// instead of the whole blob), otherwise made from the blob read whole and checked
+    /// ([`Repo::blob`]) and kept. `None` when absent. For a blob most runs read again
+    /// (the base model: every new user's parent and current model, the publisher's
+    /// fallback; the guard set).
+    pub fn blob_kept<T>(
         &self,
         tx: &mut Transaction<'_>,
         blob_id: &str,
-        kept: &KeptBlob,
-    ) -> Res<Option<Arc<Vec<u8>>>> {
+        kept: &Kept<T>,
+        make: impl FnOnce(Vec<u8>) -> Res<T>,
+    ) -> Res<Option<(String, Arc<T>)>> {
         let Some(sha) = self.blob_sha256(tx, blob_id)? else {
             return Ok(None);
         };
         let mut k = kept.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, bytes)) = k.as_ref().filter(|(s, _)| *s == sha) {
-            return Ok(Some(bytes.clone()));
+        if let Some(held) = k.as_ref().filter(|(s, _)| *s == sha) {
+            return Ok(Some(held.clone()));
         }
         let Some((bytes, sha)) = self.blob_with_sha256(tx, blob_id)? else {
             return Ok(None);
         };
-        let bytes = Arc::new(bytes);
-        *k = Some((sha, bytes.clone()));
-        Ok(Some(bytes))
+        let made = (sha, Arc::new(make(bytes)?));
+        *k = Some(made.clone());
+        Ok(Some(made))
     }
 
     /// The SHA-256 (lowercase hex) a blob's header records, without reading the blob;
@@ -747,7 +759,11 @@ mod tests {
     fn a_kept_blob_is_read_again_only_when_the_stored_one_changes() {
         let (db, repo) = setup();
         let kept = KeptBlob::default();
-        let read = |kept: &KeptBlob| db.transact(|tx| repo.blob_kept(tx, "w", kept)).unwrap();
+        let read = |kept: &KeptBlob| {
+            db.transact(|tx| repo.blob_kept(tx, "w", kept, Ok))
+                .unwrap()
+                .map(|(_, b)| b)
+        };
         assert_eq!(read(&kept), None);
         db.transact(|tx| repo.put_blob(tx, "w", b"first")).unwrap();
         let a = read(&kept).unwrap();
@@ -761,9 +777,10 @@ mod tests {
         // Another blob id through the same keeper: its own bytes, whatever is kept.
         db.transact(|tx| repo.put_blob(tx, "v", b"other")).unwrap();
         let c = db
-            .transact(|tx| repo.blob_kept(tx, "v", &kept))
+            .transact(|tx| repo.blob_kept(tx, "v", &kept, Ok))
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .1;
         assert_eq!(c.as_slice(), b"other");
         db.transact(|tx| blob::delete_in(tx, &repo.keys.blob("w")))
             .unwrap();

@@ -31,7 +31,9 @@ use swimlane_core::{topics, Event, UserId};
 use swimlane_model::{fine_tune, MicroModel, Sample, TrainConfig};
 use swimlane_runtime::wiring::StageEnv;
 use swimlane_runtime::RuntimeError;
-use swimlane_state::{decode_sample_set, lifecycle, KeptBlob, BASE_MODEL_BLOB, GUARD_SET_BLOB};
+use swimlane_state::{
+    decode_sample_set, lifecycle, Kept, KeptBlob, BASE_MODEL_BLOB, GUARD_SET_BLOB,
+};
 use swimlane_store::{KvError, Transaction};
 
 mod metrics;
@@ -82,7 +84,7 @@ pub fn run(config: TrainerConfig, deps: TrainerDeps, stop: Stop<'_>) -> Result<(
         max_training_windows,
         familiar_scale,
         personal_weight,
-        population: None,
+        population: Kept::default(),
         base: KeptBlob::default(),
         foreign: Default::default(),
     })?;
@@ -102,7 +104,7 @@ struct Trainer {
     familiar_scale: f32,
     personal_weight: f32,
     /// Read once per process, and again only when the stored set's digest changes.
-    population: Option<Population>,
+    population: Kept<Vec<Sample>>,
     /// The installed base model's weights, the parent of every user without a version:
     /// read again only when the stored model's digest changes.
     base: KeptBlob,
@@ -231,7 +233,9 @@ impl Trainer {
                         })?;
                     repo.blob(tx, &mv.model_blob)?.map(Arc::new)
                 }
-                None => repo.blob_kept(tx, BASE_MODEL_BLOB, &self.base)?,
+                None => repo
+                    .blob_kept(tx, BASE_MODEL_BLOB, &self.base, Ok)?
+                    .map(|(_, bytes)| bytes),
             }
             .ok_or_else(|| KvError::Corrupt {
                 what: format!("user {u} parent model"),
@@ -256,18 +260,11 @@ impl Trainer {
     fn population(&self) -> Result<Option<Population>, KvError> {
         let repo = &self.env.repo;
         self.env.db.transact(|tx| {
-            let Some(sha) = repo.blob_sha256(tx, GUARD_SET_BLOB)? else {
-                return Ok(None);
-            };
-            if let Some(p) = self.population.as_ref().filter(|p| p.0 == sha) {
-                return Ok(Some(p.clone()));
-            }
-            Ok(match repo.blob_with_sha256(tx, GUARD_SET_BLOB)? {
-                None => None,
-                Some((bytes, sha)) => {
-                    let set = decode_sample_set(&bytes)?;
-                    Some((sha, Arc::new(set.into_iter().map(to_sample).collect())))
-                }
+            repo.blob_kept(tx, GUARD_SET_BLOB, &self.population, |bytes| {
+                Ok(decode_sample_set(&bytes)?
+                    .into_iter()
+                    .map(to_sample)
+                    .collect())
             })
         })
     }
@@ -367,12 +364,14 @@ impl Stage for Trainer {
             return Ok(None);
         };
         // No fallback (`trainer.familiar_scale` 0): no population to read.
-        if self.familiar_scale > 0.0 {
-            self.population = self.population()?;
-        }
+        let population = if self.familiar_scale > 0.0 {
+            self.population()?
+        } else {
+            None
+        };
         tracing::info!(run_id = %plan.run_id, batch_ids = ?plan.batches, samples = plan.samples.len(), "training");
         let batches = plan.batches.clone();
-        Ok(Some(match self.train(plan, self.population.as_ref()) {
+        Ok(Some(match self.train(plan, population.as_ref()) {
             Ok(t) => {
                 self.env.metrics.train_seconds.observe(t.seconds as f64);
                 Prepared::Trained(t)

@@ -496,7 +496,11 @@ pub fn current_model(
                 Some(mv.guard_accuracy),
             )
         }
-        None => (repo.blob_kept(tx, BASE_MODEL_BLOB, base)?, None),
+        None => (
+            repo.blob_kept(tx, BASE_MODEL_BLOB, base, Ok)?
+                .map(|(_, bytes)| bytes),
+            None,
+        ),
     };
     let bytes =
         bytes.ok_or_else(|| missing(format!("user {user} current model"), "weights missing"))?;
