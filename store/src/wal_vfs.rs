@@ -30,6 +30,9 @@
 //! - **A failed write is never lost.** If writing the buffer fails, the error is kept
 //!   and returned by the file's next call (the commit's sync at the latest), so a
 //!   commit whose frames did not reach the file fails.
+//! - **Bounded memory.** A WAL file holds at most [`BUFFER`] (1 MiB) of waiting bytes,
+//!   in one buffer allocated once and kept until the file closes; a longer run is
+//!   written out as it fills.
 //! - Only writes to files SQLite opens as WAL files are gathered; every other call on
 //!   any file goes straight to the unix VFS. The file format and the locking are the
 //!   unix VFS's, so processes with and without this VFS share a store safely.
@@ -41,18 +44,17 @@ use rusqlite::ffi;
 
 /// The VFS's registered name.
 pub(crate) const NAME: &CStr = c"swimlane-wal";
-/// A run longer than this is written at once (and a write larger than it goes straight
-/// through): bounds the memory a WAL file holds.
-const MAX_BUFFERED: usize = 4 << 20;
+/// A WAL file's buffer: allocated at its first gathered write with room for this much,
+/// never grown and kept until the file closes. A run that would outgrow it is written out
+/// first (a commit of an upload's windows fits in one), and a larger write goes straight
+/// through. Why never grown or freed: memory this process has not touched yet costs a
+/// page fault and a zeroed page a 4 KiB (`clear_page_erms`), and a buffer that grew by
+/// `realloc` or was freed after a large group commit made the next commits fault their
+/// buffer in again: 6.6% of ingest's samples (bench/README.md, "The WAL buffer kept").
+const BUFFER: usize = 1 << 20;
 /// The most one `pwrite` carries: the unix VFS writes `len & 0x1ffff` bytes a call
 /// (`seekAndWriteFd`), so a write of 128 KiB or more would come out short.
 const WRITE_PIECE: usize = 64 << 10;
-/// A run starts with room for this much (a commit of an upload's windows fits), so the
-/// buffer does not grow by copying itself while SQLite writes.
-const FIRST_CAPACITY: usize = 1 << 20;
-/// A buffer grown beyond this is freed after its run is written, so an idle pooled
-/// connection keeps little.
-const KEEP_CAPACITY: usize = 2 << 20;
 
 /// Every file this VFS opens: the unix VFS's file right after this header, in the same
 /// allocation.
@@ -189,9 +191,6 @@ unsafe fn write_out(f: *mut File) {
         file.failed = rc;
     }
     file.buf.clear();
-    if file.buf.capacity() > KEEP_CAPACITY {
-        file.buf = Vec::new();
-    }
 }
 
 /// Write the buffer out, then report (and forget) any failed write.
@@ -253,11 +252,11 @@ unsafe extern "C" fn x_write(
 ) -> c_int {
     let file = f as *mut File;
     let len = n.max(0) as usize;
-    if !(*file).gather || len > MAX_BUFFERED {
+    if !(*file).gather || len > BUFFER {
         return after_flush!(f, xWrite, p, n, off);
     }
     let continues = (*file).start + (*file).buf.len() as i64 == off;
-    if !(*file).buf.is_empty() && (!continues || (*file).buf.len() + len > MAX_BUFFERED) {
+    if !(*file).buf.is_empty() && (!continues || (*file).buf.len() + len > BUFFER) {
         write_out(file);
     }
     if (*file).failed != ffi::SQLITE_OK {
@@ -265,7 +264,9 @@ unsafe extern "C" fn x_write(
     }
     if (*file).buf.is_empty() {
         (*file).start = off;
-        (*file).buf.reserve(FIRST_CAPACITY.max(len));
+        if (*file).buf.capacity() < BUFFER {
+            (*file).buf.reserve_exact(BUFFER);
+        }
         PENDING.with(|p| p.borrow_mut().push(file));
     }
     (*file)
@@ -459,6 +460,32 @@ mod tests {
             for k in round * 6..(round + 1) * 6 {
                 assert_eq!(row(&r, k), value(k, 90_000), "row {k}");
             }
+        }
+        assert_intact(&r);
+    }
+
+    /// A commit several times the buffer's size: the run is written out as the buffer
+    /// fills, and every byte is in the files when the commit returns.
+    #[test]
+    fn a_commit_larger_than_the_buffer_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let w = open(&path, true);
+        w.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        let n = (3 * super::BUFFER / 90_000) as u32 + 1;
+        w.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for k in 0..n {
+            w.execute(
+                "INSERT INTO t VALUES (?1, ?2)",
+                params![k, value(k, 90_000)],
+            )
+            .unwrap();
+        }
+        w.execute_batch("COMMIT").unwrap();
+        let r = open(&path, false);
+        for k in 0..n {
+            assert_eq!(row(&r, k), value(k, 90_000), "row {k}");
         }
         assert_intact(&r);
     }
