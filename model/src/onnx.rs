@@ -773,12 +773,11 @@ pub fn export_device_parts_checked(
     fallback: Option<&Fallback<'_>>,
 ) -> Result<DeviceFile, ModelError> {
     let file = export_parts(model, lineage, weights_sha256, fallback)?;
-    let onnx = OnnxModel::from_bytes(&file.bytes())?;
-    let mut probes = probe_windows(model);
-    if let Some(fb) = fallback {
-        probes.extend(centroid_windows(model, fb.familiarity));
-    }
-    let refs: Vec<&[f32]> = probes.iter().map(Vec::as_slice).collect();
+    // Decoded from its two parts as they are: no copy of the whole file.
+    let onnx = OnnxModel::from_parts(file.prefix.as_deref().unwrap_or_default(), &file.rest)?;
+    let probes = probes(model);
+    let centroids = fallback.map_or_else(Vec::new, |fb| centroid_windows(model, fb.familiarity));
+    let refs: Vec<&[f32]> = probes.iter().chain(&centroids).map(Vec::as_slice).collect();
     let expected = predict_proba_with_fallback(model, fallback, &refs)?;
     let p = compare(&expected, &onnx.predict_proba(&refs)?);
     if !p.holds_within(EXPORT_TOLERANCE) {
@@ -793,23 +792,35 @@ pub fn export_device_parts_checked(
 /// swimmers of every class; for any other spec, seeded windows around the model's own
 /// normalisation (mean ± 3 std per channel); plus a window of zeros and one of ones.
 pub fn probe_windows(model: &MicroModel) -> Vec<Vec<f32>> {
+    probes(model).into_owned()
+}
+
+/// [`probe_windows`], borrowed where they are the same for every model of the spec.
+fn probes(model: &MicroModel) -> std::borrow::Cow<'static, [Vec<f32>]> {
     use rand::Rng;
     let spec = model.spec();
     let input = spec.window_values();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x0_4e4e_0001);
-    let mut out: Vec<Vec<f32>> = if *spec == ModelSpec::synthetic_pose() {
-        // The same for every model of the spec: synthesised once per process (the
-        // publisher checks every version it exports against them).
+    let with_edges = |mut out: Vec<Vec<f32>>| {
+        out.push(vec![0.0; input]);
+        out.push(vec![1.0; input]);
+        out
+    };
+    if *spec == ModelSpec::synthetic_pose() {
+        // The same for every model of the spec: synthesised once per process and lent
+        // (the publisher checks every version it exports against them).
         static POSE: std::sync::OnceLock<Vec<Vec<f32>>> = std::sync::OnceLock::new();
-        POSE.get_or_init(|| {
-            crate::synth::Swimmer::new(0x0_4e4e_0002)
-                .windows(62, &mut rng)
-                .into_iter()
-                .map(|s| s.frames)
-                .collect()
-        })
-        .clone()
-    } else {
+        return std::borrow::Cow::Borrowed(POSE.get_or_init(|| {
+            with_edges(
+                crate::synth::Swimmer::new(0x0_4e4e_0002)
+                    .windows(62, &mut rng)
+                    .into_iter()
+                    .map(|s| s.frames)
+                    .collect(),
+            )
+        }));
+    }
+    std::borrow::Cow::Owned(with_edges({
         let (mean, std) = model.normalisation();
         (0..62)
             .map(|_| {
@@ -821,10 +832,7 @@ pub fn probe_windows(model: &MicroModel) -> Vec<Vec<f32>> {
                     .collect()
             })
             .collect()
-    };
-    out.push(vec![0.0; input]);
-    out.push(vec![1.0; input]);
-    out
+    }))
 }
 
 /// What the device's file computes, computed with candle: for a window familiar to the
@@ -959,13 +967,20 @@ impl OnnxModel {
     /// is a swimlane micro model: its format, input and output, and class list. Never
     /// panics.
     pub fn from_bytes(bytes: &[u8]) -> Result<OnnxModel, ModelError> {
-        if bytes.len() > MAX_MODEL_BYTES {
+        Self::from_parts(&[], bytes)
+    }
+
+    /// [`OnnxModel::from_bytes`] of the file `prefix` then `rest` (a [`DeviceFile`]'s
+    /// parts), decoded from the two parts without joining them.
+    pub fn from_parts(prefix: &[u8], rest: &[u8]) -> Result<OnnxModel, ModelError> {
+        use prost::bytes::Buf;
+        let len = prefix.len() + rest.len();
+        if len > MAX_MODEL_BYTES {
             return Err(ModelError::Format(format!(
-                "{} bytes is more than the {MAX_MODEL_BYTES} byte limit",
-                bytes.len()
+                "{len} bytes is more than the {MAX_MODEL_BYTES} byte limit"
             )));
         }
-        let proto = ModelProto::decode(bytes)
+        let proto = ModelProto::decode(prefix.chain(rest))
             .map_err(|e| ModelError::Format(format!("not an ONNX model: {e}")))?;
         let metadata: BTreeMap<String, String> = proto
             .metadata_props
@@ -1282,6 +1297,11 @@ mod tests {
             export_device_parts_checked(&personal, &lineage, &weights_sha256(&personal), Some(&fb))
                 .unwrap();
         assert_eq!(parts.bytes(), bytes);
+        // Decoded from its parts, it is the file decoded whole.
+        let joined = OnnxModel::from_bytes(&bytes).unwrap();
+        let split = OnnxModel::from_parts(parts.prefix.as_deref().unwrap(), &parts.rest).unwrap();
+        assert_eq!(split.proto(), joined.proto());
+        assert_eq!(split.predict_proba(&refs).unwrap(), got);
         let other = export_device_parts_checked(&base, &lineage, &weights_sha256(&base), Some(&fb))
             .unwrap();
         assert!(parts.prefix.is_some() && parts.prefix == other.prefix);
