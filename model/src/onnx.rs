@@ -505,7 +505,7 @@ fn to_proto_named(
         None => (None, net_graph(model, "", OUTPUT_NAME)?),
         Some(fb) => {
             let (mut inits, mut nodes) = net_graph(model, "", "personal.probabilities")?;
-            let (bi, bn) = net_graph(fb.base, "base.", "base.probabilities")?;
+            let (bi, bn) = net_graph(fb.base, "base.", BASE_OUTPUT)?;
             let (fi, fnodes) = fallback_graph(model, fb.familiarity);
             inits.extend(fi);
             nodes.extend(fnodes);
@@ -777,9 +777,30 @@ pub fn export_device_parts_checked(
     let onnx = OnnxModel::from_parts(file.prefix.as_deref().unwrap_or_default(), &file.rest)?;
     let probes = probes(model);
     let centroids = fallback.map_or_else(Vec::new, |fb| centroid_windows(model, fb.familiarity));
-    let refs: Vec<&[f32]> = probes.iter().chain(&centroids).map(Vec::as_slice).collect();
-    let expected = predict_proba_with_fallback(model, fallback, &refs)?;
-    let p = compare(&expected, &onnx.predict_proba(&refs)?);
+    let (expected, got) = match (fallback, &file.prefix, &probes) {
+        // The base model's answers on the spec's fixed windows, remembered for this base
+        // part's bytes: the personal part checked on them, the rest as below.
+        (Some(fb), Some(prefix), std::borrow::Cow::Borrowed(fixed)) => {
+            let refs: Vec<&[f32]> = fixed.iter().map(Vec::as_slice).collect();
+            let base = BaseAnswers::of(prefix, fb.base, &onnx, &refs)?;
+            let personal = model.predict_proba(&refs)?;
+            let mut expected = blend(model, fb, &refs, personal, base.candle.clone());
+            let known = [(BASE_OUTPUT, &base.onnx)];
+            let (mut got, _) = onnx.predict_proba_with(&refs, &known, None)?;
+            let refs: Vec<&[f32]> = centroids.iter().map(Vec::as_slice).collect();
+            expected.extend(predict_proba_with_fallback(model, fallback, &refs)?);
+            got.extend(onnx.predict_proba(&refs)?);
+            (expected, got)
+        }
+        _ => {
+            let refs: Vec<&[f32]> = probes.iter().chain(&centroids).map(Vec::as_slice).collect();
+            (
+                predict_proba_with_fallback(model, fallback, &refs)?,
+                onnx.predict_proba(&refs)?,
+            )
+        }
+    };
+    let p = compare(&expected, &got);
     if !p.holds_within(EXPORT_TOLERANCE) {
         return Err(ModelError::Format(format!(
             "the ONNX export does not compute what the model computes: {p}"
@@ -850,12 +871,71 @@ pub fn predict_proba_with_fallback(
     };
     fb.check(model)?;
     let base = fb.base.predict_proba(windows)?;
+    Ok(blend(model, fb, windows, personal, base))
+}
+
+/// Each window's answer from the personal model's probabilities and the base model's
+/// (`Familiarity::answer`).
+fn blend(
+    model: &MicroModel,
+    fb: &Fallback<'_>,
+    windows: &[&[f32]],
+    personal: Vec<Vec<f32>>,
+    base: Vec<Vec<f32>>,
+) -> Vec<Vec<f32>> {
     let (mean, std) = model.normalisation();
-    Ok(windows
+    windows
         .iter()
         .zip(personal.into_iter().zip(base))
         .map(|(w, (p, b))| fb.familiarity.answer(w, (mean, std), &p, &b))
-        .collect())
+        .collect()
+}
+
+/// The base model's probabilities in a device's file ([`net_graph`]'s output for the
+/// `base.` part).
+const BASE_OUTPUT: &str = "base.probabilities";
+
+/// What the base model's part of a device's file answers on the spec's fixed probe
+/// windows ([`probes`]), by candle and by this module's evaluator, remembered for that
+/// part's bytes (one entry a process: the publisher exports with one base model at a
+/// time). Both are functions of those bytes and those windows alone: the part holds the
+/// base model's nodes and every initializer they read, its nodes read only the graph's
+/// input, and it is made from the same [`MicroModel`] candle runs. So a file whose part
+/// is byte for byte the remembered one is checked on those windows with them, exactly as
+/// if they were computed again; the personal part, the blend, and every window made
+/// for this file (its familiar centroids) are computed in full. The first file of a
+/// base model computes them from the whole file, so they are the file's own numbers.
+struct BaseAnswers {
+    prefix: Vec<u8>,
+    candle: Vec<Vec<f32>>,
+    onnx: eval::Value,
+}
+
+impl BaseAnswers {
+    fn of(
+        prefix: &[u8],
+        base: &MicroModel,
+        onnx: &OnnxModel,
+        fixed: &[&[f32]],
+    ) -> Result<std::sync::Arc<BaseAnswers>, ModelError> {
+        use std::sync::{Arc, Mutex};
+        static LAST: Mutex<Option<Arc<BaseAnswers>>> = Mutex::new(None);
+        let last = LAST.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(a) = last.filter(|a| a.prefix == prefix) {
+            return Ok(a);
+        }
+        let (_, kept) = onnx.predict_proba_with(fixed, &[], Some(BASE_OUTPUT))?;
+        let onnx = kept.ok_or_else(|| {
+            ModelError::Format(format!("the ONNX file computes no {BASE_OUTPUT}"))
+        })?;
+        let a = Arc::new(BaseAnswers {
+            prefix: prefix.to_vec(),
+            candle: base.predict_proba(fixed)?,
+            onnx,
+        });
+        *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.clone());
+        Ok(a)
+    }
 }
 
 /// A window at each familiar centroid: each channel alternates between its centroid's
@@ -1059,15 +1139,26 @@ impl OnnxModel {
     /// (the operators the exporter writes, with the file's initializers; anything else
     /// in the graph is an error).
     pub fn predict_proba(&self, windows: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.predict_proba_with(windows, &[], None).map(|(p, _)| p)
+    }
+
+    /// [`OnnxModel::predict_proba`] with some values of the graph `known` for these
+    /// windows ([`eval::run_with`]), and the value named `keep`.
+    fn predict_proba_with(
+        &self,
+        windows: &[&[f32]],
+        known: &[(&str, &eval::Value)],
+        keep: Option<&str>,
+    ) -> Result<(Vec<Vec<f32>>, Option<eval::Value>), ModelError> {
         if windows.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let flat = crate::net::flatten_windows(windows, self.spec.window_values())?;
         let x = eval::Value {
             shape: vec![windows.len(), self.spec.frames, self.spec.channels.len()],
             data: flat,
         };
-        let p = eval::run(&self.proto, x)?;
+        let (p, kept) = eval::run_with(&self.proto, x, known, keep)?;
         let k = self.spec.num_classes();
         if p.shape != [windows.len(), k] {
             return Err(ModelError::Format(format!(
@@ -1076,7 +1167,7 @@ impl OnnxModel {
                 windows.len()
             )));
         }
-        Ok(p.data.chunks_exact(k).map(<[f32]>::to_vec).collect())
+        Ok((p.data.chunks_exact(k).map(<[f32]>::to_vec).collect(), kept))
     }
 }
 
@@ -1210,6 +1301,64 @@ mod tests {
         let other = model_seeded(9).to_bytes();
         assert_eq!(file.rest_shared_with(&other, 4096), []);
         assert_eq!(file.rest_shared_with(b"not safetensors", 1), []);
+    }
+
+    /// The export check's remembered base answers (`BaseAnswers`): evaluating a file
+    /// with its base model's probabilities known gives, bit for bit, what evaluating it
+    /// whole gives; the known values are what is used (other ones change the answers);
+    /// and files of two personal models made with one base model are both checked
+    /// through them and still answer as the whole graph does.
+    #[test]
+    fn a_file_checked_with_its_base_models_answers_known_is_checked_on_its_own_numbers() {
+        let (base, samples) = model();
+        let base_sha = weights_sha256(&base);
+        let lineage = Lineage::base();
+        for seed in [5, 6] {
+            let other = Swimmer::new(seed + 10)
+                .windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+            let personal = MicroModel::init(&ModelSpec::synthetic_pose(), &other, seed).unwrap();
+            let (mean, std) = personal.normalisation();
+            let seen: Vec<&Sample> = samples.iter().filter(|s| s.label.0 < 3).collect();
+            let familiarity = Familiarity::of(
+                seen.iter().map(|s| (s.frames.as_slice(), s.label)),
+                samples.iter().map(|s| (s.frames.as_slice(), s.label)),
+                mean,
+                std,
+                swimlane_core::familiar::DEFAULT_SCALE,
+            )
+            .unwrap();
+            let fb = Fallback {
+                base: &base,
+                base_weights_sha256: &base_sha,
+                familiarity: &familiarity,
+            };
+            let sha = weights_sha256(&personal);
+            let file = export_device_parts_checked(&personal, &lineage, &sha, Some(&fb)).unwrap();
+            let onnx = OnnxModel::from_bytes(&file.bytes()).unwrap();
+            let fixed = probes(&personal);
+            assert!(matches!(fixed, std::borrow::Cow::Borrowed(_)));
+            let refs: Vec<&[f32]> = fixed.iter().map(Vec::as_slice).collect();
+            let (whole, kept) = onnx
+                .predict_proba_with(&refs, &[], Some(BASE_OUTPUT))
+                .unwrap();
+            let kept = kept.unwrap();
+            assert_eq!(kept.shape, [refs.len(), 6]);
+            let known = [(BASE_OUTPUT, &kept)];
+            let (with, _) = onnx.predict_proba_with(&refs, &known, None).unwrap();
+            assert_eq!(with, whole);
+            assert_eq!(with, onnx.predict_proba(&refs).unwrap());
+            let uniform = eval::Value {
+                shape: kept.shape.clone(),
+                data: vec![1.0 / 6.0; kept.data.len()],
+            };
+            let (changed, _) = onnx
+                .predict_proba_with(&refs, &[(BASE_OUTPUT, &uniform)], None)
+                .unwrap();
+            assert_ne!(changed, whole);
+            // What the check compared against: candle's answers, within the tolerance.
+            let expected = predict_proba_with_fallback(&personal, Some(&fb), &refs).unwrap();
+            assert!(compare(&expected, &whole).holds_within(EXPORT_TOLERANCE));
+        }
     }
 
     fn model_seeded(seed: u64) -> MicroModel {

@@ -46,8 +46,26 @@ fn is_default_domain(d: &str) -> bool {
     d.is_empty() || d == "ai.onnx"
 }
 
-/// Run `model`'s graph with `input` as its (only) input; the value of its (only) output.
+/// [`run_with`] with nothing known.
+#[cfg(test)]
 pub fn run(model: &ModelProto, input: Value) -> Result<Value, ModelError> {
+    run_with(model, input, &[], None).map(|(out, _)| out)
+}
+
+/// Run `model`'s graph with `input` as its (only) input; the value of its (only) output.
+/// Given values `known` already has for this input (by name), the nodes that compute
+/// them, and any node only they need, are not evaluated, and initializers no evaluated
+/// node reads are not converted; with nothing known every node is evaluated. Also
+/// returns the value named `keep` (`None` when the
+/// graph has no such value). What is known must be what those nodes would compute for
+/// this input: the caller's to guarantee (the export check knows the base model's part
+/// of a file by its bytes, `super::BaseAnswers`).
+pub fn run_with(
+    model: &ModelProto,
+    input: Value,
+    known: &[(&str, &Value)],
+    keep: Option<&str>,
+) -> Result<(Value, Option<Value>), ModelError> {
     let opsets: Vec<i64> = model
         .opset_import
         .iter()
@@ -76,20 +94,53 @@ pub fn run(model: &ModelProto, input: Value) -> Result<Value, ModelError> {
     };
     check_input_type(input_info, &input.shape)?;
 
+    // The nodes to evaluate: with known values, only those the output (and `keep`) needs
+    // that are not known; otherwise all of them.
+    let evaluate: Vec<bool> = if known.is_empty() {
+        vec![true; graph.node.len()]
+    } else {
+        let mut needed: std::collections::HashSet<&str> =
+            std::iter::once(output_info.name.as_str())
+                .chain(keep)
+                .collect();
+        let mut evaluate = vec![false; graph.node.len()];
+        for (i, node) in graph.node.iter().enumerate().rev() {
+            let out = node.output.first().map_or("", String::as_str);
+            if needed.contains(out) && !known.iter().any(|(k, _)| *k == out) {
+                evaluate[i] = true;
+                needed.extend(node.input.iter().map(String::as_str));
+            }
+        }
+        evaluate
+    };
+    let read: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .zip(&evaluate)
+        .filter(|(_, e)| **e)
+        .flat_map(|(n, _)| n.input.iter().map(String::as_str))
+        .collect();
+
     let mut env: HashMap<&str, Value> = HashMap::new();
+    let mut names = std::collections::HashSet::new();
     for t in &graph.initializer {
-        let v = initializer(t)?;
-        if t.name.is_empty() || env.insert(t.name.as_str(), v).is_some() {
+        if t.name.is_empty() || !names.insert(t.name.as_str()) {
             return Err(refuse(format!(
                 "initializer name {:?} empty or repeated",
                 t.name
             )));
         }
+        if known.is_empty() || read.contains(t.name.as_str()) {
+            env.insert(t.name.as_str(), initializer(t)?);
+        }
     }
     // An input named like an initializer overrides it (the initializer is its default).
     env.insert(input_info.name.as_str(), input);
+    for (name, v) in known {
+        env.insert(name, (*v).clone());
+    }
 
-    for node in &graph.node {
+    for (node, _) in graph.node.iter().zip(&evaluate).filter(|(_, e)| **e) {
         let out = eval_node(node, &env)
             .map_err(|e| refuse(format!("node {:?} ({}): {e}", node.name, node.op_type)))?;
         let name = match node.output.as_slice() {
@@ -105,12 +156,14 @@ pub fn run(model: &ModelProto, input: Value) -> Result<Value, ModelError> {
             return Err(refuse(format!("value {name:?} is defined twice")));
         }
     }
-    env.remove(output_info.name.as_str()).ok_or_else(|| {
+    let kept = keep.and_then(|k| env.get(k).cloned());
+    let out = env.remove(output_info.name.as_str()).ok_or_else(|| {
         refuse(format!(
             "no node computes the output {:?}",
             output_info.name
         ))
-    })
+    })?;
+    Ok((out, kept))
 }
 
 /// The graph input must be a float32 tensor of `shape`'s rank whose fixed dimensions
