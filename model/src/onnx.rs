@@ -1358,6 +1358,32 @@ mod tests {
             // What the check compared against: candle's answers, within the tolerance.
             let expected = predict_proba_with_fallback(&personal, Some(&fb), &refs).unwrap();
             assert!(compare(&expected, &whole).holds_within(EXPORT_TOLERANCE));
+            // What is checked does not depend on what is known: a node nothing reads
+            // is still evaluated (an operator the evaluator lacks is refused), and a
+            // value defined twice is refused though its node would be skipped.
+            let x = || eval::Value {
+                shape: vec![refs.len(), WINDOW_FRAMES, WINDOW_FEATURES],
+                data: crate::net::flatten_windows(&refs, WINDOW_FRAMES * WINDOW_FEATURES).unwrap(),
+            };
+            assert!(eval::run_with(onnx.proto(), x(), &known, None).is_ok());
+            for extra in [
+                NodeProto {
+                    op_type: "NotAnOperator".into(),
+                    input: vec![INPUT_NAME.into()],
+                    output: vec!["unread".into()],
+                    ..Default::default()
+                },
+                NodeProto {
+                    op_type: "Relu".into(),
+                    input: vec![INPUT_NAME.into()],
+                    output: vec![BASE_OUTPUT.into()],
+                    ..Default::default()
+                },
+            ] {
+                let mut p = onnx.proto().clone();
+                p.graph.as_mut().unwrap().node.push(extra);
+                assert!(eval::run_with(&p, x(), &known, None).is_err());
+            }
         }
     }
 

@@ -54,10 +54,11 @@ pub fn run(model: &ModelProto, input: Value) -> Result<Value, ModelError> {
 
 /// Run `model`'s graph with `input` as its (only) input; the value of its (only) output.
 /// Given values `known` already has for this input (by name), the nodes that compute
-/// them, and any node only they need, are not evaluated, and initializers no evaluated
-/// node reads are not converted; with nothing known every node is evaluated. Also
-/// returns the value named `keep` (`None` when the
-/// graph has no such value). What is known must be what those nodes would compute for
+/// them, and any node whose value only such skipped nodes read, are not evaluated, and
+/// initializers no evaluated node reads are checked but not converted; with nothing
+/// known every node is evaluated. What is checked does not depend on what is known: one
+/// value a node, none defined twice, every initializer's type and size. Also returns
+/// the value named `keep` (`None` when the graph has no such value). What is known must be what those nodes would compute for
 /// this input: the caller's to guarantee (the export check knows the base model's part
 /// of a file by its bytes, `super::BaseAnswers`).
 pub fn run_with(
@@ -94,25 +95,44 @@ pub fn run_with(
     };
     check_input_type(input_info, &input.shape)?;
 
-    // The nodes to evaluate: with known values, only those the output (and `keep`) needs
-    // that are not known; otherwise all of them.
-    let evaluate: Vec<bool> = if known.is_empty() {
-        vec![true; graph.node.len()]
-    } else {
-        let mut needed: std::collections::HashSet<&str> =
-            std::iter::once(output_info.name.as_str())
-                .chain(keep)
-                .collect();
-        let mut evaluate = vec![false; graph.node.len()];
-        for (i, node) in graph.node.iter().enumerate().rev() {
-            let out = node.output.first().map_or("", String::as_str);
-            if needed.contains(out) && !known.iter().any(|(k, _)| *k == out) {
-                evaluate[i] = true;
-                needed.extend(node.input.iter().map(String::as_str));
+    // Every node defines one value, and no value twice (also where nodes are skipped).
+    let mut defined = std::collections::HashSet::new();
+    for node in &graph.node {
+        match node.output.as_slice() {
+            [name] if !name.is_empty() => {
+                if !defined.insert(name.as_str()) {
+                    return Err(refuse(format!("value {name:?} is defined twice")));
+                }
+            }
+            _ => {
+                return Err(refuse(format!(
+                    "node {:?} has outputs {:?}, expected one",
+                    node.name, node.output
+                )))
             }
         }
-        evaluate
-    };
+    }
+    // The nodes to evaluate: all but those that compute a known value and those whose
+    // value only skipped nodes read (a node nothing reads is still evaluated). The graph
+    // is in topological order, so a node's readers come after it.
+    let mut evaluate = vec![true; graph.node.len()];
+    if !known.is_empty() {
+        for i in (0..graph.node.len()).rev() {
+            let out = graph.node[i].output[0].as_str();
+            let readers = || {
+                graph.node[i + 1..]
+                    .iter()
+                    .zip(&evaluate[i + 1..])
+                    .filter(|(n, _)| n.input.iter().any(|x| x == out))
+            };
+            let skip = known.iter().any(|(k, _)| *k == out)
+                || (out != output_info.name
+                    && keep != Some(out)
+                    && readers().next().is_some()
+                    && readers().all(|(_, e)| !*e));
+            evaluate[i] = !skip;
+        }
+    }
     let read: std::collections::HashSet<&str> = graph
         .node
         .iter()
@@ -130,9 +150,19 @@ pub fn run_with(
                 t.name
             )));
         }
+        // Checked whether or not it is read; converted only if it is.
+        let shape = initializer_shape(t)?;
         if known.is_empty() || read.contains(t.name.as_str()) {
-            env.insert(t.name.as_str(), initializer(t)?);
+            let data = swimlane_core::batch::f32s_from_le(&t.raw_data);
+            env.insert(t.name.as_str(), Value { shape, data });
         }
+    }
+    if let Some(n) = graph
+        .node
+        .iter()
+        .find(|n| names.contains(n.output[0].as_str()) || n.output[0] == input_info.name)
+    {
+        return Err(refuse(format!("value {:?} is defined twice", n.output[0])));
     }
     // An input named like an initializer overrides it (the initializer is its default).
     env.insert(input_info.name.as_str(), input);
@@ -143,15 +173,9 @@ pub fn run_with(
     for (node, _) in graph.node.iter().zip(&evaluate).filter(|(_, e)| **e) {
         let out = eval_node(node, &env)
             .map_err(|e| refuse(format!("node {:?} ({}): {e}", node.name, node.op_type)))?;
-        let name = match node.output.as_slice() {
-            [name] if !name.is_empty() => name.as_str(),
-            _ => {
-                return Err(refuse(format!(
-                    "node {:?} has outputs {:?}, expected one",
-                    node.name, node.output
-                )))
-            }
-        };
+        // One output, defined once (checked above); a value named like an initializer or
+        // the input is defined twice too.
+        let name = node.output[0].as_str();
         if env.insert(name, out).is_some() {
             return Err(refuse(format!("value {name:?} is defined twice")));
         }
@@ -202,7 +226,8 @@ fn check_input_type(
 }
 
 /// A float32 initializer from its little-endian `raw_data`.
-fn initializer(t: &TensorProto) -> Result<Value, ModelError> {
+/// An initializer's shape, once it is checked to be float32 `raw_data` of that shape.
+fn initializer_shape(t: &TensorProto) -> Result<Vec<usize>, ModelError> {
     let bad = |what: &str| refuse(format!("initializer {:?}: {what}", t.name));
     if t.data_type != DataType::Float as i32 {
         return Err(bad(&format!(
@@ -225,8 +250,7 @@ fn initializer(t: &TensorProto) -> Result<Value, ModelError> {
             t.raw_data.len()
         )));
     }
-    let data = swimlane_core::batch::f32s_from_le(&t.raw_data);
-    Ok(Value { shape, data })
+    Ok(shape)
 }
 
 /// `node`'s integer attributes, each of them one of `allowed`.
