@@ -1317,16 +1317,7 @@ mod tests {
             let other = Swimmer::new(seed + 10)
                 .windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
             let personal = MicroModel::init(&ModelSpec::synthetic_pose(), &other, seed).unwrap();
-            let (mean, std) = personal.normalisation();
-            let seen: Vec<&Sample> = samples.iter().filter(|s| s.label.0 < 3).collect();
-            let familiarity = Familiarity::of(
-                seen.iter().map(|s| (s.frames.as_slice(), s.label)),
-                samples.iter().map(|s| (s.frames.as_slice(), s.label)),
-                mean,
-                std,
-                swimlane_core::familiar::DEFAULT_SCALE,
-            )
-            .unwrap();
+            let familiarity = familiarity_below(&personal, &samples, 3);
             let fb = Fallback {
                 base: &base,
                 base_weights_sha256: &base_sha,
@@ -1387,6 +1378,21 @@ mod tests {
         }
     }
 
+    /// `personal`'s familiarity had it trained on `samples` of the classes below
+    /// `classes` only, with all of `samples` as the population.
+    fn familiarity_below(personal: &MicroModel, samples: &[Sample], classes: u8) -> Familiarity {
+        let (mean, std) = personal.normalisation();
+        let seen: Vec<&Sample> = samples.iter().filter(|s| s.label.0 < classes).collect();
+        Familiarity::of(
+            seen.iter().map(|s| (s.frames.as_slice(), s.label)),
+            samples.iter().map(|s| (s.frames.as_slice(), s.label)),
+            mean,
+            std,
+            swimlane_core::familiar::DEFAULT_SCALE,
+        )
+        .unwrap()
+    }
+
     fn model_seeded(seed: u64) -> MicroModel {
         let s = Swimmer::new(seed).windows(64, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
         MicroModel::init(&ModelSpec::synthetic_pose(), &s, seed).unwrap()
@@ -1400,15 +1406,7 @@ mod tests {
         let personal = MicroModel::init(&ModelSpec::synthetic_pose(), &other, 5).unwrap();
         let (mean, std) = personal.normalisation();
         // Trained on two classes only; the population has them all.
-        let seen: Vec<&Sample> = samples.iter().filter(|s| s.label.0 < 2).collect();
-        let familiarity = Familiarity::of(
-            seen.iter().map(|s| (s.frames.as_slice(), s.label)),
-            samples.iter().map(|s| (s.frames.as_slice(), s.label)),
-            mean,
-            std,
-            swimlane_core::familiar::DEFAULT_SCALE,
-        )
-        .unwrap();
+        let familiarity = familiarity_below(&personal, &samples, 2);
         assert!(!familiarity.foreign_centroids.is_empty());
         let base_sha = weights_sha256(&base);
         let fb = Fallback {
