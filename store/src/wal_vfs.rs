@@ -425,6 +425,16 @@ mod tests {
             .unwrap()
     }
 
+    /// Rows `keys` of `len` bytes each ([`value`]), inserted through `c` in one commit.
+    fn commit_rows(c: &Connection, keys: std::ops::Range<u32>, len: usize) {
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for k in keys {
+            c.execute("INSERT INTO t VALUES (?1, ?2)", params![k, value(k, len)])
+                .unwrap();
+        }
+        c.execute_batch("COMMIT").unwrap();
+    }
+
     fn assert_intact(c: &Connection) {
         let ok: String = c
             .query_row("PRAGMA integrity_check", [], |x| x.get(0))
@@ -443,16 +453,7 @@ mod tests {
             .unwrap();
         let r = open(&path, false);
         for round in 0..20u32 {
-            w.execute_batch("BEGIN IMMEDIATE").unwrap();
-            for i in 0..6 {
-                let k = round * 6 + i;
-                w.execute(
-                    "INSERT INTO t VALUES (?1, ?2)",
-                    params![k, value(k, 90_000)],
-                )
-                .unwrap();
-            }
-            w.execute_batch("COMMIT").unwrap();
+            commit_rows(&w, round * 6..(round + 1) * 6, 90_000);
             let n: u32 = r
                 .query_row("SELECT count(*) FROM t", [], |x| x.get(0))
                 .unwrap();
@@ -474,15 +475,7 @@ mod tests {
         w.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
             .unwrap();
         let n = (3 * super::BUFFER / 90_000) as u32 + 1;
-        w.execute_batch("BEGIN IMMEDIATE").unwrap();
-        for k in 0..n {
-            w.execute(
-                "INSERT INTO t VALUES (?1, ?2)",
-                params![k, value(k, 90_000)],
-            )
-            .unwrap();
-        }
-        w.execute_batch("COMMIT").unwrap();
+        commit_rows(&w, 0..n, 90_000);
         let r = open(&path, false);
         for k in 0..n {
             assert_eq!(row(&r, k), value(k, 90_000), "row {k}");
@@ -516,16 +509,7 @@ mod tests {
         // Another thread (buffers are per thread) commits over the same WAL frames.
         let p = path.clone();
         std::thread::spawn(move || {
-            let b = open(&p, true);
-            b.execute_batch("BEGIN IMMEDIATE").unwrap();
-            for k in 100..140u32 {
-                b.execute(
-                    "INSERT INTO t VALUES (?1, ?2)",
-                    params![k, value(k, 50_000)],
-                )
-                .unwrap();
-            }
-            b.execute_batch("COMMIT").unwrap();
+            commit_rows(&open(&p, true), 100..140, 50_000);
         })
         .join()
         .unwrap();

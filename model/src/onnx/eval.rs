@@ -58,9 +58,10 @@ pub fn run(model: &ModelProto, input: Value) -> Result<Value, ModelError> {
 /// initializers no evaluated node reads are checked but not converted; with nothing
 /// known every node is evaluated. What is checked does not depend on what is known: one
 /// value a node, none defined twice, every initializer's type and size. Also returns
-/// the value named `keep` (`None` when the graph has no such value). What is known must be what those nodes would compute for
-/// this input: the caller's to guarantee (the export check knows the base model's part
-/// of a file by its bytes, `super::BaseAnswers`).
+/// the value named `keep` (`None` when the graph has no such value). What is known must
+/// be what those nodes would compute for this input: the caller's to guarantee (the
+/// export check knows the base model's part of a file by its bytes,
+/// `super::BaseAnswers`).
 pub fn run_with(
     model: &ModelProto,
     input: Value,
@@ -173,12 +174,9 @@ pub fn run_with(
     for (node, _) in graph.node.iter().zip(&evaluate).filter(|(_, e)| **e) {
         let out = eval_node(node, &env)
             .map_err(|e| refuse(format!("node {:?} ({}): {e}", node.name, node.op_type)))?;
-        // One output, defined once (checked above); a value named like an initializer or
-        // the input is defined twice too.
-        let name = node.output[0].as_str();
-        if env.insert(name, out).is_some() {
-            return Err(refuse(format!("value {name:?} is defined twice")));
-        }
+        // One output, defined nowhere else (checked above, against the other nodes, the
+        // initializers and the input); a known value's node is not evaluated.
+        env.insert(node.output[0].as_str(), out);
     }
     let kept = keep.and_then(|k| env.get(k).cloned());
     let out = env.remove(output_info.name.as_str()).ok_or_else(|| {
