@@ -6,6 +6,7 @@
 #
 #   bench/profile_pipeline.sh                         # 300 users, 1 trainer
 #   bench/profile_pipeline.sh --users 96 --trainers 2 # any `bench pipeline` flags
+#   CORRECTIONS=1000 bench/profile_pipeline.sh         # corrections a user (250)
 #
 # Needs `perf` (Debian: `linux-perf`) and permission to profile one's own processes
 # (`kernel.perf_event_paranoid` <= 2; kernel frames need root or <= 1). Writes the
@@ -24,7 +25,7 @@ args=("$@")
 [[ " ${args[*]-} " == *" --trainers "* ]] || args+=(--trainers 1)
 # One model thread, as the workers run on this 2-core machine (candle's second thread
 # spins otherwise).
-RAYON_NUM_THREADS=1 "$BIN" bench pipeline --bus embedded --corrections 250 --paced 0 --json \
+RAYON_NUM_THREADS=1 "$BIN" bench pipeline --bus embedded --corrections "${CORRECTIONS:-250}" --paced 0 --json \
   "${args[@]}" >"$OUT/bench.json" 2>"$OUT/bench.log" &
 bench=$!
 declare -A seen=()

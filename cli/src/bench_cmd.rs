@@ -81,6 +81,11 @@ pub struct PipelineArgs {
     /// docs/batch-format.md.
     #[arg(long, value_enum, default_value = "binary")]
     frames: swimlane_cli::upload::Frames,
+    /// Earlier batches every swimmer uploads (each round settled) before the measured
+    /// one, so the measured uploads land on a store that has run for a while: the
+    /// user's retained windows are trained again and retention retires old batches.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -125,6 +130,7 @@ fn downloads(args: DownloadsArgs) -> anyhow::Result<()> {
         corrections: 250,
         peer: None,
         frames: swimlane_cli::upload::Frames::Binary,
+        history: 0,
     };
     let r =
         swimlane_cli::bench_pipeline::downloads(&opts, args.devices, args.seconds, &args.format)?;
@@ -146,6 +152,7 @@ fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         corrections: args.corrections,
         peer: args.peer,
         frames: args.frames,
+        history: args.history,
     };
     if args.training_alone {
         let r = swimlane_cli::bench_pipeline::training_alone(&opts)?;

@@ -15,6 +15,14 @@
 //!   is waiting behind other users' training), and for `paced` more swimmers who
 //!   upload one at a time, each after the previous one settled (the bus, store
 //!   transactions, polling and process scheduling alone).
+//!
+//! With `history` N, every swimmer (burst and paced) first uploads N earlier batches
+//! (`night-0` …), all at once a round, each round settled before the next; the
+//! measured batch is `night-N`. So each measured upload lands on a store that has run
+//! for a while: the user's retained windows are trained and scored again, retention
+//! retires the oldest batch once the budgets are full (ARCHITECTURE.md, "Each user's
+//! history is bounded"), and the store reuses the pages retired batches freed. Only
+//! the measured batches' runs and the workers' CPU from the measured burst on count.
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -64,6 +72,8 @@ pub struct PipelineBenchOptions {
     pub peer: Option<PathBuf>,
     /// How the uploads carry their windows (docs/batch-format.md).
     pub frames: crate::upload::Frames,
+    /// Earlier batches every swimmer uploads before the measured one (module doc).
+    pub history: usize,
 }
 
 /// One run's figures.
@@ -123,6 +133,9 @@ pub struct PipelineBenchRun {
     /// records (`train_cpu_seconds`, `validate_cpu_seconds`); every run counted,
     /// published or rejected.
     pub burst_model_cpu_seconds: f64,
+    /// The runs whose CPU that sums: those over the burst's measured batches (with
+    /// `history`, not the earlier rounds').
+    pub burst_model_runs: usize,
     /// The share of the burst's fleet CPU (`burst_cpu_seconds`, every worker) spent on
     /// anything but that training and scoring.
     pub cpu_outside_model_share: f64,
@@ -142,6 +155,8 @@ pub struct PipelineBenchReport {
     pub trainer_threads: usize,
     /// `binary`, `numbers` or `f32le` (base64).
     pub frames: String,
+    /// Earlier batches per swimmer before the measured one.
+    pub history: usize,
     pub runs: Vec<PipelineBenchRun>,
     /// What the Ray + PyTorch peer printed (with `--peer`).
     pub peer: Option<serde_json::Value>,
@@ -152,6 +167,13 @@ const DEPLOYMENT: &str = "bench";
 /// windows wrong, so that its batch has enough held-out evidence to publish.
 const MIN_CORRECTIONS: usize = 90;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(1200);
+/// Most earlier batches a swimmer uploads before the measured one (`history`).
+pub const MAX_HISTORY: usize = 10;
+
+/// The batch id of a swimmer's upload in round `round` (0 first).
+fn batch_id(round: usize) -> String {
+    format!("night-{round}")
+}
 
 /// Run the benchmark: one run per entry of `opts.trainers`.
 pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
@@ -165,13 +187,18 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         ..Config::default()
     };
     probe.validate()?;
-    eprintln!("training the base model (seed {})...", opts.seed);
-    let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
     anyhow::ensure!(
         (MIN_CORRECTIONS..=1000).contains(&opts.corrections),
         "--corrections must be between {MIN_CORRECTIONS} and 1000"
     );
-    let uploads = make_uploads(&base, opts.users + opts.paced, opts)?;
+    anyhow::ensure!(
+        opts.history <= MAX_HISTORY,
+        "--history must be at most {MAX_HISTORY}"
+    );
+    eprintln!("training the base model (seed {})...", opts.seed);
+    let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
+    let mut rounds = make_rounds(&base, opts.users + opts.paced, opts, opts.history + 1)?;
+    let uploads = rounds.pop().expect("one round at least");
     let peer_dir = opts
         .peer
         .as_ref()
@@ -188,6 +215,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         let r = run_once(
             opts,
             scratch(opts, &base, &uploads, n)?,
+            &rounds,
             &uploads,
             n,
             export,
@@ -227,6 +255,7 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         cores: cores(),
         trainer_threads: opts.trainer_threads,
         frames: format!("{:?}", opts.frames).to_lowercase(),
+        history: opts.history,
         runs,
         peer,
     })
@@ -321,24 +350,43 @@ fn make_uploads(
     users: usize,
     opts: &PipelineBenchOptions,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    Ok(make_rounds(base, users, opts, 1)?.remove(0))
+}
+
+/// `rounds` uploads of each of `users` swimmers: `out[r][i]` is swimmer `i`'s batch
+/// [`batch_id`]`(r)`, corrections of the base model on windows the swimmer swam (a
+/// swimmer whose round has too few is replaced, in every round).
+fn make_rounds(
+    base: &MicroModel,
+    users: usize,
+    opts: &PipelineBenchOptions,
+    rounds: usize,
+) -> anyhow::Result<Vec<Vec<(String, Vec<u8>)>>> {
     let (max_corrections, seed) = (opts.corrections, opts.seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::new();
+    let mut out: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); rounds];
     let mut s = seed.wrapping_mul(1000) + 1;
-    while out.len() < users {
+    while out[0].len() < users {
         let sw = Swimmer::new(s);
         s += 1;
         // The base model gets about one window in six wrong.
         let observed = (max_corrections * 10).max(300);
-        let c = corrections(base, &sw, observed, max_corrections, &mut rng)?;
-        if c.len() < MIN_CORRECTIONS {
+        let mut batches = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let c = corrections(base, &sw, observed, max_corrections, &mut rng)?;
+            if c.len() < MIN_CORRECTIONS {
+                break;
+            }
+            batches.push(c);
+        }
+        if batches.len() < rounds {
             continue;
         }
-        let user = format!("bench-{:03}", out.len());
-        out.push((
-            user,
-            crate::upload::upload_body_as("night-0", &c, opts.frames),
-        ));
+        let user = format!("bench-{:03}", out[0].len());
+        for (r, c) in batches.iter().enumerate() {
+            let body = crate::upload::upload_body_as(&batch_id(r), c, opts.frames);
+            out[r].push((user.clone(), body));
+        }
     }
     Ok(out)
 }
@@ -351,6 +399,10 @@ fn make_uploads(
 /// rate over one's.
 pub fn training_alone(opts: &PipelineBenchOptions) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(opts.users >= 1, "--users must be at least 1");
+    anyhow::ensure!(
+        opts.history == 0,
+        "--history is not measured with --training-alone"
+    );
     eprintln!("training the base model (seed {})...", opts.seed);
     let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
     let uploads = make_uploads(&base, opts.users, opts)?;
@@ -608,6 +660,7 @@ fn burst(devices: &[Device], uploads: &[(String, Vec<u8>)], n: usize) -> anyhow:
 fn run_once(
     opts: &PipelineBenchOptions,
     mut sc: Scratch,
+    earlier: &[Vec<(String, Vec<u8>)>],
     uploads: &[(String, Vec<u8>)],
     trainers: usize,
     export: Option<&std::path::Path>,
@@ -630,7 +683,8 @@ fn run_once(
     // (`Repo::put_batch`). Asking it is one range read of at most one key, so the bench's
     // own polling takes almost no CPU from the workers it times (reading each user's
     // batch record took about a twentieth of a core during a 96-user burst).
-    let wait_settled = |users: &[&str], procs: &mut ProcFleet| -> anyhow::Result<()> {
+    let measured = batch_id(opts.history);
+    let wait_settled = |users: &[&str], batch: &str, procs: &mut ProcFleet| -> anyhow::Result<()> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             procs.check_alive()?;
@@ -641,7 +695,7 @@ fn run_once(
                 let open = db.transact(|tx| {
                     let mut open = Vec::new();
                     for u in users {
-                        let settled = repo.batch(tx, u, "night-0")?.is_some_and(|b| {
+                        let settled = repo.batch(tx, u, batch)?.is_some_and(|b| {
                             b.status.is_terminal()
                                 || matches!(b.status, BatchStatus::Deferred { .. })
                         });
@@ -663,6 +717,13 @@ fn run_once(
         .iter()
         .map(|(u, _)| u.as_str())
         .collect();
+    // The earlier rounds (`history`): every swimmer's at once, each round settled.
+    let all_users: Vec<&str> = uploads.iter().map(|(u, _)| u.as_str()).collect();
+    for (r, round) in earlier.iter().enumerate() {
+        eprintln!("  history round {}: {} batches", r + 1, round.len());
+        burst(&devices, round, round.len())?;
+        wait_settled(&all_users, &batch_id(r), &mut procs)?;
+    }
 
     // The burst: all uploads at once, from a few device threads.
     let t0_ms = now_ms();
@@ -671,7 +732,7 @@ fn run_once(
     let me = std::process::id();
     let bench_cpu0 = crate::procfleet::process_cpu_seconds(me).unwrap_or(0.0);
     burst(&devices, uploads, opts.users)?;
-    wait_settled(&burst_users, &mut procs)?;
+    wait_settled(&burst_users, &measured, &mut procs)?;
     let wall = t0.elapsed().as_secs_f64();
     let bench_cpu = crate::procfleet::process_cpu_seconds(me).unwrap_or(0.0) - bench_cpu0;
     let burst_cpu_seconds: std::collections::BTreeMap<String, f64> = procs
@@ -680,7 +741,7 @@ fn run_once(
         .map(|(w, c)| (w.clone(), round3(c - cpu0.get(&w).copied().unwrap_or(0.0))))
         .collect();
     let cpu: f64 = burst_cpu_seconds.values().sum();
-    let b = figures(&db, &repo, &burst_users)?;
+    let b = figures(&db, &repo, &burst_users, &measured)?;
 
     // Paced: one upload at a time, each after the previous one settled.
     let paced: Vec<&str> = uploads[opts.users..]
@@ -689,11 +750,11 @@ fn run_once(
         .collect();
     for (k, u) in paced.iter().enumerate() {
         upload(opts.users + k).map_err(|e| anyhow::anyhow!("upload failed: {e}"))?;
-        wait_settled(&[u], &mut procs)?;
+        wait_settled(&[u], &measured, &mut procs)?;
     }
     let peak_rss_mib = procs.peak_rss_mib();
     drop(procs);
-    let p = figures(&db, &repo, &paced)?;
+    let p = figures(&db, &repo, &paced, &measured)?;
     if let Some(dir) = export {
         export_for_peer(&db, &repo, &burst_users, dir)?;
     }
@@ -741,6 +802,7 @@ fn run_once(
         over_peer: None,
         cpu_ms_per_user: round3(cpu * 1000.0 / burst_users.len() as f64),
         burst_model_cpu_seconds: round3(b.model_cpu),
+        burst_model_runs: b.model_runs,
         cpu_outside_model_share: round3(if cpu > 0.0 {
             1.0 - b.model_cpu / cpu
         } else {
@@ -941,7 +1003,7 @@ async fn download_loop(
     f
 }
 
-/// What the store says of a set of users' `night-0` batches.
+/// What the store says of a set of users' batches `batch`.
 #[derive(Default)]
 struct Figures {
     published: usize,
@@ -956,14 +1018,24 @@ struct Figures {
     train: Vec<f64>,
     validate: Vec<f64>,
     last_publish_ms: u64,
-    /// Process CPU seconds of every run of these users: training plus scoring.
+    /// Process CPU seconds of these users' runs over the batch: training plus scoring.
     model_cpu: f64,
+    /// The runs `model_cpu` sums.
+    model_runs: usize,
 }
 
-fn figures(db: &swimlane_store::Db, repo: &Repo, users: &[&str]) -> anyhow::Result<Figures> {
+fn figures(
+    db: &swimlane_store::Db,
+    repo: &Repo,
+    users: &[&str],
+    batch: &str,
+) -> anyhow::Result<Figures> {
     let mut f = Figures::default();
     for u in users {
-        for run in db.transact(|tx| repo.runs(tx, u))? {
+        // The runs over this batch (not those of earlier rounds).
+        let runs = db.transact(|tx| repo.runs(tx, u))?;
+        for run in runs.iter().filter(|r| r.batches.iter().any(|b| b == batch)) {
+            f.model_runs += 1;
             f.model_cpu += run.train_cpu_seconds as f64
                 + run
                     .verdict
@@ -971,7 +1043,7 @@ fn figures(db: &swimlane_store::Db, repo: &Repo, users: &[&str]) -> anyhow::Resu
                     .map_or(0.0, |v| v.validate_cpu_seconds as f64);
         }
         let b = db
-            .transact(|tx| repo.batch(tx, u, "night-0"))?
+            .transact(|tx| repo.batch(tx, u, batch))?
             .context("batch record missing")?;
         match &b.status {
             BatchStatus::Published { run_id, version } => {
@@ -1055,6 +1127,12 @@ pub fn print_table(r: &PipelineBenchReport) {
         },
         r.seed
     );
+    if r.history > 0 {
+        println!(
+            "  each swimmer uploaded {} earlier batch(es) first; the figures are the last batch's",
+            r.history
+        );
+    }
     println!(
         "{:>8} {:>9} {:>8} {:>8} {:>11} {:>15} {:>16} {:>16} {:>9} {:>9}",
         "trainers",
