@@ -10,6 +10,8 @@
 #   bench/outside_share.sh                              # 100, 250 and 500 corrections
 #   CORRECTIONS="100 250 500 1000" REPEAT=2 bench/outside_share.sh
 #   BIN=/path/to/swimlane bench/outside_share.sh        # a binary already built
+#   HISTORY=3 bench/outside_share.sh                    # on a store that has run a while
+#                                                       # (`bench pipeline --history`)
 #
 # Writes each run's JSON to bench/out/outside_share/ (gitignored).
 set -euo pipefail
@@ -17,6 +19,7 @@ cd "$(dirname "$0")/.."
 USERS=${USERS:-300}
 CORRECTIONS=${CORRECTIONS:-"100 250 500"}
 REPEAT=${REPEAT:-2}
+HISTORY=${HISTORY:-0}
 OUT=bench/out/outside_share
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/swimlane-target}
 if [ -z "${BIN:-}" ]; then
@@ -29,10 +32,11 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 # several of them.
 for r in $(seq 1 "$REPEAT"); do
   for c in $CORRECTIONS; do
-    echo "== $USERS users x $c corrections (repeat $r)" >&2
+    echo "== $USERS users x $c corrections, history $HISTORY (repeat $r)" >&2
     # One model thread, as the workers run on this 2-core machine.
     RAYON_NUM_THREADS=1 "$BIN" bench pipeline --bus embedded --trainers 1 --users "$USERS" \
-      --corrections "$c" --paced 0 --json >"$OUT/c$c-r$r.json" 2>"$OUT/c$c-r$r.log"
+      --corrections "$c" --paced 0 --history "$HISTORY" --json >"$OUT/c$c-r$r.json" \
+      2>"$OUT/c$c-r$r.log"
   done
 done
 python3 - "$OUT" <<'PY'
