@@ -195,6 +195,12 @@ pub fn run(opts: &PipelineBenchOptions) -> anyhow::Result<PipelineBenchReport> {
         opts.history <= MAX_HISTORY,
         "--history must be at most {MAX_HISTORY}"
     );
+    // The peer is given every window a user's batches hold; with earlier rounds that is
+    // not what the measured run trained on (rejected batches' windows, for one).
+    anyhow::ensure!(
+        opts.history == 0 || opts.peer.is_none(),
+        "--peer compares each swimmer's first upload: it cannot be combined with --history"
+    );
     eprintln!("training the base model (seed {})...", opts.seed);
     let (base, _) = swimlane_model::experiment::train_default_base(opts.seed)?;
     let mut rounds = make_rounds(&base, opts.users + opts.paced, opts, opts.history + 1)?;

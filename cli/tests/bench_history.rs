@@ -64,3 +64,23 @@ fn a_history_longer_than_the_bench_allows_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--history must be at most 10"), "{err}");
 }
+
+#[test]
+fn a_history_with_the_peer_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_swimlane"))
+        .args([
+            "bench",
+            "pipeline",
+            "--users",
+            "1",
+            "--history",
+            "1",
+            "--peer",
+            "/nonexistent/python",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be combined with --history"), "{err}");
+}
