@@ -54,33 +54,32 @@ fn a_bench_with_history_counts_the_measured_batches_runs_only() {
     );
 }
 
-#[test]
-fn a_history_longer_than_the_bench_allows_is_refused() {
+/// What `swimlane bench pipeline ARGS` writes to stderr, once it has failed.
+fn refused(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_swimlane"))
-        .args(["bench", "pipeline", "--users", "1", "--history", "11"])
+        .args(["bench", "pipeline"])
+        .args(args)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_history_longer_than_the_bench_allows_is_refused() {
+    let err = refused(&["--users", "1", "--history", "11"]);
     assert!(err.contains("--history must be at most 10"), "{err}");
 }
 
 #[test]
 fn a_history_with_the_peer_is_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_swimlane"))
-        .args([
-            "bench",
-            "pipeline",
-            "--users",
-            "1",
-            "--history",
-            "1",
-            "--peer",
-            "/nonexistent/python",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[
+        "--users",
+        "1",
+        "--history",
+        "1",
+        "--peer",
+        "/nonexistent/python",
+    ]);
     assert!(err.contains("cannot be combined with --history"), "{err}");
 }
