@@ -133,6 +133,9 @@ pub struct PipelineBenchRun {
     /// records (`train_cpu_seconds`, `validate_cpu_seconds`); every run counted,
     /// published or rejected.
     pub burst_model_cpu_seconds: f64,
+    /// `burst_model_cpu_seconds`' training part (the trainers' `train_cpu_seconds`);
+    /// the rest is the validator's scoring.
+    pub burst_train_cpu_seconds: f64,
     /// The runs whose CPU that sums: those over the burst's measured batches (with
     /// `history`, not the earlier rounds').
     pub burst_model_runs: usize,
@@ -808,6 +811,7 @@ fn run_once(
         over_peer: None,
         cpu_ms_per_user: round3(cpu * 1000.0 / burst_users.len() as f64),
         burst_model_cpu_seconds: round3(b.model_cpu),
+        burst_train_cpu_seconds: round3(b.train_cpu),
         burst_model_runs: b.model_runs,
         cpu_outside_model_share: round3(if cpu > 0.0 {
             1.0 - b.model_cpu / cpu
@@ -1026,6 +1030,8 @@ struct Figures {
     last_publish_ms: u64,
     /// Process CPU seconds of these users' runs over the batch: training plus scoring.
     model_cpu: f64,
+    /// `model_cpu`'s training part.
+    train_cpu: f64,
     /// The runs `model_cpu` sums.
     model_runs: usize,
 }
@@ -1042,6 +1048,7 @@ fn figures(
         let runs = db.transact(|tx| repo.runs(tx, u))?;
         for run in runs.iter().filter(|r| r.batches.iter().any(|b| b == batch)) {
             f.model_runs += 1;
+            f.train_cpu += run.train_cpu_seconds as f64;
             f.model_cpu += run.train_cpu_seconds as f64
                 + run
                     .verdict
@@ -1186,11 +1193,12 @@ pub fn print_table(r: &PipelineBenchReport) {
             x.store_bytes_per_user
         );
         println!(
-            "{} trainer(s): burst CPU seconds: {}; {:.1} ms per user; training and scoring {:.2} s, {:.0}% of the CPU outside them; the bench itself {:.2} s",
+            "{} trainer(s): burst CPU seconds: {}; {:.1} ms per user; training and scoring {:.2} s (training {:.2} s), {:.0}% of the CPU outside them; the bench itself {:.2} s",
             x.trainers,
             by_worker(&x.burst_cpu_seconds, 2),
             x.cpu_ms_per_user,
             x.burst_model_cpu_seconds,
+            x.burst_train_cpu_seconds,
             x.cpu_outside_model_share * 100.0,
             x.bench_cpu_seconds
         );

@@ -524,7 +524,17 @@ fn gemm(a: &Value, b: &Value, c: Option<&Value>, trans_b: bool) -> Result<Value,
     let b_rows: &[f32] = if trans_b {
         &b.data
     } else {
-        bt = (0..n * k).map(|i| b.data[(i % k) * n + i / k]).collect();
+        // Row by row of B, without a division per element (that gather was 4% of the
+        // publisher's samples, for the familiarity's matrices).
+        let mut t = vec![0f32; n * k];
+        if n > 0 {
+            for (kk, row) in b.data.chunks_exact(n).take(k).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    t[j * k + kk] = *v;
+                }
+            }
+        }
+        bt = t;
         &bt
     };
     // The bias as one row of N repeated, or the whole [M, N].
