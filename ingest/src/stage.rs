@@ -170,11 +170,13 @@ pub fn stage_batch(
                 what: format!("batch record {u}/{b}"),
                 reason: e.to_string(),
             })?;
-            return Ok(if existing.digest == record.digest {
-                StageOutcome::Duplicate(existing)
-            } else {
-                StageOutcome::Conflict(existing)
-            });
+            return Ok(
+                if swimlane_core::batch::same_content(&existing.digest, batch) {
+                    StageOutcome::Duplicate(existing)
+                } else {
+                    StageOutcome::Conflict(existing)
+                },
+            );
         }
         if rules.max_uploads_per_day > 0 {
             let today = tx.get_counter(&uploads_key)?;

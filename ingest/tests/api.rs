@@ -286,7 +286,7 @@ async fn happy_path_stages_chunks_record_and_event() {
         (90, heldout, 3)
     );
     assert_eq!(rec.staged_at_ms, NOW_MS);
-    assert_eq!(rec.digest.len(), 64);
+    assert!(rec.digest.starts_with("blake3:"), "{}", rec.digest);
 
     // The chunks: 40 + 40 + 10 samples, the training ones first and the held-out ones
     // after them, each in upload order, with their split and values.
@@ -408,6 +408,43 @@ async fn a_retry_answers_the_same_and_stores_nothing_twice() {
         "{m}"
     );
     assert!(m.contains("swimlane_ingest_samples_staged_total 45"), "{m}");
+}
+
+/// A batch staged by an earlier release carries the SHA-256 of the canonical encoding
+/// (the digest is BLAKE3 now): the same batch re-sent is still a duplicate, and other
+/// content under its id still a conflict.
+#[tokio::test]
+async fn a_batch_staged_with_the_old_sha256_digest_is_still_recognised() {
+    let h = Harness::new();
+    let body = batch("b-1", 12);
+    let (s1, v1) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!(s1, StatusCode::ACCEPTED);
+    // The record as an earlier release wrote it.
+    let validated = swimlane_ingest::stage::decode_and_validate(
+        &uid("alice"),
+        body.to_string().as_bytes(),
+        swimlane_ingest::stage::Encoding::Identity,
+        1 << 24,
+        swimlane_core::batch::BatchLimits::default(),
+        &swimlane_core::ModelSpec::synthetic_pose(),
+    )
+    .unwrap();
+    let key = h.keys.batch("alice", "b-1");
+    let mut rec = BatchRecord::decode(&h.db.get(&key).unwrap().unwrap()).unwrap();
+    assert_eq!(rec.digest, validated.digest);
+    rec.digest = swimlane_core::batch::digest_sha256(&validated.batch_id, &validated.samples);
+    assert_eq!(rec.digest.len(), 64);
+    h.db.transact(|tx| tx.set(&key, &rec.encode())).unwrap();
+    let before = h.user_keys("alice");
+
+    let (s2, v2) = h.post("alice", &h.alice, body.to_string()).await;
+    assert_eq!((s2, &v2), (StatusCode::ACCEPTED, &v1));
+    let mut other = body.clone();
+    other["samples"][3]["label"] = json!("glide");
+    let (s3, v3) = h.post("alice", &h.alice, other.to_string()).await;
+    assert_eq!(s3, StatusCode::CONFLICT, "{v3}");
+    assert_eq!(h.user_keys("alice"), before, "nothing rewritten");
+    assert_eq!(h.events().len(), 1, "one event");
 }
 
 /// `v` (a batch as [`batch`] makes it) as a binary upload: the document without the
