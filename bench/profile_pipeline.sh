@@ -7,6 +7,13 @@
 #   bench/profile_pipeline.sh                         # 300 users, 1 trainer
 #   bench/profile_pipeline.sh --users 96 --trainers 2 # any `bench pipeline` flags
 #   CORRECTIONS=1000 bench/profile_pipeline.sh         # corrections a user (250)
+#   LEAF=1 bench/profile_pipeline.sh                   # leaves only (below)
+#
+# The call graphs (perf's dwarf unwinding, 16 kB of stack copied a sample) say on whose
+# behalf the time is spent but inflate what they measure: ingest's burst CPU doubled
+# under them (bench/README.md, "Session sixteen"). With LEAF=1 the workers are recorded
+# without call graphs at a higher rate, and bench/profile_leaves.py prints each kind of
+# worker's functions by samples instead of the parts below.
 #
 # Needs `perf` (Debian: `linux-perf`) and permission to profile one's own processes
 # (`kernel.perf_event_paranoid` <= 2; kernel frames need root or <= 1). Writes the
@@ -35,14 +42,22 @@ while kill -0 "$bench" 2>/dev/null; do
     [ -n "${seen[$p]-}" ] && continue
     seen[$p]=1
     kind=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | awk '{print $3}') || continue
-    perf record -q -F 499 --call-graph dwarf,16384 -p "$p" -o "$OUT/$kind-$p.data" \
-      >/dev/null 2>&1 &
+    if [ "${LEAF:-0}" = 1 ]; then
+      perf record -q -F 1999 -p "$p" -o "$OUT/$kind-$p.data" >/dev/null 2>&1 &
+    else
+      perf record -q -F 499 --call-graph dwarf,16384 -p "$p" -o "$OUT/$kind-$p.data" \
+        >/dev/null 2>&1 &
+    fi
   done
   sleep 0.02
 done
 wait "$bench" || { cat "$OUT/bench.log" >&2; exit 1; }
 wait
-python3 bench/profile_classify.py "$OUT"/*.data
+if [ "${LEAF:-0}" = 1 ]; then
+  python3 bench/profile_leaves.py "$OUT"/*.data
+else
+  python3 bench/profile_classify.py "$OUT"/*.data
+fi
 python3 - "$OUT/bench.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
