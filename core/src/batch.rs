@@ -557,11 +557,12 @@ pub fn validate_upload(
 /// earlier releases stored ([`digest_sha256`]).
 pub const DIGEST_BLAKE3: &str = "blake3:";
 
-/// [`DIGEST_BLAKE3`] and the BLAKE3 hex of the canonical encoding ([`canonical`]),
-/// hashed whole: BLAKE3 hashes one long input on every SIMD lane at once (60 µs for
-/// 512 kB here, against 257 µs for SHA-256 with the CPU's SHA instructions; fed a
-/// window at a time it was slower than SHA-256), so the encoding is built first (about
-/// 35 µs for 512 kB). The batch digest was an eighth of ingest's CPU.
+/// [`DIGEST_BLAKE3`] and the BLAKE3 hex of the canonical encoding
+/// ([`canonical_encoding`]), built in one buffer and hashed whole: BLAKE3 hashes one long
+/// input on every SIMD lane at once. For 250 windows (512 kB) here: 72 µs, the buffer's
+/// building included, against 257 µs for SHA-256 with the CPU's SHA instructions and
+/// 385 µs for BLAKE3 fed the encoding a piece at a time (`cargo run --release -p
+/// swimlane-core --example digest`). The SHA-256 digest was an eighth of ingest's CPU.
 pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
     let len = 18
         + 8
@@ -571,15 +572,15 @@ pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
             .map(|s| 4 + s.id.len() + 1 + 11 + 4 * s.frames.len())
             .sum::<usize>();
     let mut buf = Vec::with_capacity(len);
-    canonical(batch_id, samples, |b| buf.extend_from_slice(b));
+    canonical_encoding(batch_id, samples, |b| buf.extend_from_slice(b));
     format!("{DIGEST_BLAKE3}{}", blake3::hash(&buf).to_hex())
 }
 
-/// The SHA-256 hex of the canonical encoding ([`canonical`]): the digest batch records
-/// staged before [`digest`] carry.
+/// The SHA-256 hex of the canonical encoding ([`canonical_encoding`]): the digest batch
+/// records staged before [`digest`] carry.
 pub fn digest_sha256(batch_id: &BatchId, samples: &[StagedSample]) -> String {
     let mut h = Sha256::new();
-    canonical(batch_id, samples, |b| h.update(b));
+    canonical_encoding(batch_id, samples, |b| h.update(b));
     hex::encode(h.finalize())
 }
 
@@ -597,7 +598,11 @@ pub fn same_content(stored: &str, batch: &ValidatedBatch) -> bool {
 /// batch id, sample count, and per sample length-prefixed id, label index, the
 /// feedback (format 2) and the values' `f32` bits (little-endian). The held-out flag is
 /// derived, so it is not included. It never changes: stored records carry digests of it.
-fn canonical(batch_id: &BatchId, samples: &[StagedSample], mut out: impl FnMut(&[u8])) {
+pub fn canonical_encoding(
+    batch_id: &BatchId,
+    samples: &[StagedSample],
+    mut out: impl FnMut(&[u8]),
+) {
     out(b"swimlane-batch-v1\0");
     out(&(batch_id.as_str().len() as u32).to_le_bytes());
     out(batch_id.as_str().as_bytes());
@@ -620,8 +625,8 @@ fn canonical(batch_id: &BatchId, samples: &[StagedSample], mut out: impl FnMut(&
 /// `bytes` read as little-endian `f32`s, four bytes a value (a shorter rest is
 /// ignored, as `chunks_exact` does): the reverse of [`le_bytes`], for stored windows,
 /// uploaded `frames_f32le`, model tensors and ONNX initializers. Collected in one pass
-/// (on a little-endian machine a plain copy: 5.7 µs for 296 kB here, against 10 µs
-/// for zeroing a vector and copying the bytes over it).
+/// (on a little-endian machine a plain copy: 5.4 µs for 296 kB here, against 9.8 µs
+/// for zeroing a vector and copying the bytes over it; `--example digest`).
 pub fn f32s_from_le(bytes: &[u8]) -> Vec<f32> {
     let mut v = Vec::with_capacity(bytes.len() / 4);
     v.extend(
