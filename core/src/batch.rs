@@ -564,13 +564,9 @@ pub const DIGEST_BLAKE3: &str = "blake3:";
 /// 385 µs for BLAKE3 fed the encoding a piece at a time (`cargo run --release -p
 /// swimlane-core --example digest`). The SHA-256 digest was an eighth of ingest's CPU.
 pub fn digest(batch_id: &BatchId, samples: &[StagedSample]) -> String {
-    let len = 18
-        + 8
-        + batch_id.as_str().len()
-        + samples
-            .iter()
-            .map(|s| 4 + s.id.len() + 1 + 11 + 4 * s.frames.len())
-            .sum::<usize>();
+    // Sized by a first pass over the same pieces (lengths only, nothing copied).
+    let mut len = 0;
+    canonical_encoding(batch_id, samples, |b| len += b.len());
     let mut buf = Vec::with_capacity(len);
     canonical_encoding(batch_id, samples, |b| buf.extend_from_slice(b));
     format!("{DIGEST_BLAKE3}{}", blake3::hash(&buf).to_hex())

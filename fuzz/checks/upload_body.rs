@@ -30,7 +30,8 @@ pub fn check(data: &[u8]) {
         }
         Ok(b) => {
             assert!(!b.samples.is_empty() && b.samples.len() <= LIMITS.max_samples);
-            assert!(b.digest.starts_with(swimlane_core::batch::DIGEST_BLAKE3) && b.digest.len() == 71);
+            let prefix = swimlane_core::batch::DIGEST_BLAKE3;
+            assert!(b.digest.starts_with(prefix) && b.digest.len() == prefix.len() + 64);
             let mut ids = HashSet::new();
             for s in &b.samples {
                 assert!(!s.id.is_empty() && s.id.len() <= MAX_SAMPLE_ID_LEN);
