@@ -49,6 +49,7 @@ static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DEADLINE: Duration = Duration::from_secs(420);
 const TRAINER_0: Member = (Kind::Trainer, 0);
 const TRAINER_1: Member = (Kind::Trainer, 1);
+const VALIDATOR: Member = (Kind::Validator, 0);
 
 fn broker() -> Option<String> {
     match std::env::var("SWIMLANE_TEST_KAFKA") {
@@ -533,6 +534,24 @@ fn whole_pipeline_over_kafka_with_two_trainers_sharing_partitions() {
         .collect();
     eprintln!("runs per trainer: {runs:?}");
     assert!(runs.iter().all(|r| *r >= 1.0), "runs per trainer: {runs:?}");
+    // Training and scoring CPU are exported (the recording rule
+    // `swimlane:cpu_outside_model:ratio_rate5m` divides them by every worker's process
+    // CPU): each a part of its own process's CPU.
+    for (m, name) in [
+        (TRAINER_0, "swimlane_trainer_train_cpu_seconds_total"),
+        (TRAINER_1, "swimlane_trainer_train_cpu_seconds_total"),
+        (VALIDATOR, "swimlane_validator_score_cpu_seconds_total"),
+    ] {
+        let (part, process) = (
+            metric(&http, &fleet, m, name),
+            metric(&http, &fleet, m, "process_cpu_seconds_total"),
+        );
+        eprintln!("{m:?}: {name} {part:.3} of {process:.3} CPU seconds");
+        assert!(
+            part > 0.0 && part < process,
+            "{m:?}: {name} {part} of {process}"
+        );
+    }
 
     // The undecodable record is dead-lettered, once, with its reason, and counted.
     let (events, dead) = loop {

@@ -64,12 +64,43 @@ pub fn new_registry() -> Registry {
     let registry = Registry::new();
     #[cfg(target_os = "linux")]
     {
-        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        let pc = ProcessMetrics(prometheus::process_collector::ProcessCollector::for_self());
         if let Err(e) = registry.register(Box::new(pc)) {
             tracing::warn!(error = %e, "process metrics unavailable");
         }
     }
     registry
+}
+
+/// The prometheus crate's process collector, with `process_cpu_seconds_total` to the
+/// nanosecond ([`crate::process_cpu_seconds`]) instead of in whole seconds, as its own
+/// is (an integer counter of `/proc`'s ticks divided by the tick rate): a worker that
+/// has used 0.9 s of CPU exported 0, and a 5-minute rate was off by up to a second.
+/// The trainers' and validators' CPU counters are divided by it
+/// (`swimlane:cpu_outside_model:ratio_rate5m`), so both count the same clock.
+#[cfg(target_os = "linux")]
+struct ProcessMetrics(prometheus::process_collector::ProcessCollector);
+
+#[cfg(target_os = "linux")]
+impl Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.0.collect();
+        let seconds = crate::process_cpu_seconds();
+        for f in &mut families {
+            if f.name() == "process_cpu_seconds_total" {
+                for m in f.mut_metric() {
+                    let mut c = prometheus::proto::Counter::default();
+                    c.set_value(seconds);
+                    m.set_counter(c);
+                }
+            }
+        }
+        families
+    }
 }
 
 /// Makes metrics and registers each on the registry as it is made, so a metrics struct
@@ -83,6 +114,14 @@ impl Registrar<'_> {
     }
     pub fn counter(&self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
         self.add(IntCounter::new(name, help)?)
+    }
+    /// A counter of a quantity that is not a whole number (seconds).
+    pub fn seconds_counter(
+        &self,
+        name: &str,
+        help: &str,
+    ) -> prometheus::Result<prometheus::Counter> {
+        self.add(prometheus::Counter::new(name, help)?)
     }
     pub fn gauge(&self, name: &str, help: &str) -> prometheus::Result<prometheus::IntGauge> {
         self.add(prometheus::IntGauge::new(name, help)?)
@@ -289,6 +328,37 @@ mod tests {
         ] {
             assert!(text.contains(&format!("\n{name} ")), "{name} in {text}");
         }
+    }
+
+    /// `process_cpu_seconds_total` is the process's CPU to the nanosecond, not in
+    /// whole seconds (the prometheus crate's own counts whole seconds only).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_cpu_is_exported_to_a_fraction_of_a_second() {
+        let registry = new_registry();
+        let exported = || -> f64 {
+            let text = encode_metrics(&registry);
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("process_cpu_seconds_total "))
+                .unwrap_or_else(|| panic!("no process_cpu_seconds_total in {text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let before = exported();
+        // Work until the process clock has moved by 50 ms (bounded by the clock, not
+        // by a sleep).
+        let start = crate::process_cpu_seconds();
+        let mut x = 0u64;
+        while crate::process_cpu_seconds() - start < 0.05 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = exported();
+        assert!(after - before >= 0.05, "{before} -> {after}");
+        assert!(
+            after.fract() != 0.0 || before.fract() != 0.0,
+            "{before} -> {after}"
+        );
+        assert!(after <= crate::process_cpu_seconds());
     }
 
     #[test]

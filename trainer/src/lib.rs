@@ -374,6 +374,7 @@ impl Stage for Trainer {
         Ok(Some(match self.train(plan, population.as_ref()) {
             Ok(t) => {
                 self.env.metrics.train_seconds.observe(t.seconds as f64);
+                (self.env.metrics.train_cpu_seconds).inc_by(f64::from(t.cpu_seconds.max(0.0)));
                 Prepared::Trained(t)
             }
             Err(reason) => {

@@ -1,10 +1,13 @@
 //! The validator's metrics, defined in one place.
-use prometheus::{Histogram, IntCounterVec, Registry};
+use prometheus::{Counter, Histogram, IntCounterVec, Registry};
 
 /// Metrics the validator exports as `swimlane_validator_*`.
 #[derive(Clone)]
 pub struct ValidatorMetrics {
     pub validate_seconds: Histogram,
+    /// The process CPU spent scoring (`Verdict::validate_cpu_seconds`, summed; see
+    /// `swimlane_trainer_train_cpu_seconds_total`).
+    pub score_cpu_seconds: Counter,
     /// Label `verdict`: `accepted` | `rejected` | `deferred`.
     pub verdicts: IntCounterVec,
     /// Label `outcome`: `rolled_back` | `promoted`: probations ended
@@ -20,6 +23,10 @@ impl ValidatorMetrics {
                 "swimlane_validator_validate_seconds",
                 "Time spent scoring a candidate and the current model",
                 &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+            )?,
+            score_cpu_seconds: r.seconds_counter(
+                "swimlane_validator_score_cpu_seconds_total",
+                "Process CPU seconds spent loading and scoring candidates and current models",
             )?,
             verdicts: r.counters(
                 "swimlane_validator_verdicts_total",
