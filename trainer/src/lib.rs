@@ -374,7 +374,8 @@ impl Stage for Trainer {
         Ok(Some(match self.train(plan, population.as_ref()) {
             Ok(t) => {
                 self.env.metrics.train_seconds.observe(t.seconds as f64);
-                (self.env.metrics.train_cpu_seconds).inc_by(f64::from(t.cpu_seconds.max(0.0)));
+                let cpu = f64::from(t.cpu_seconds.max(0.0));
+                self.env.metrics.train_cpu_seconds.inc_by(cpu);
                 Prepared::Trained(t)
             }
             Err(reason) => {

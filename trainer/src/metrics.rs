@@ -5,8 +5,9 @@ use prometheus::{Counter, Histogram, IntCounter, Registry};
 #[derive(Clone)]
 pub struct TrainerMetrics {
     pub train_seconds: Histogram,
-    /// The process CPU spent fine-tuning candidates (`RunRecord::train_cpu_seconds`,
-    /// summed): with the validator's scoring CPU and every worker's
+    /// The process CPU spent fine-tuning candidates (each run's
+    /// `RunRecord::train_cpu_seconds`, and runs whose commit found the user moved on as
+    /// well): with the validator's scoring CPU and every worker's
     /// `process_cpu_seconds_total`, the share of the fleet's CPU outside training and
     /// scoring (`swimlane:cpu_outside_model:ratio_rate5m`).
     pub train_cpu_seconds: Counter,

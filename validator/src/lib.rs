@@ -415,7 +415,8 @@ impl Validator {
         let validate_seconds = t0.elapsed().as_secs_f64();
         let validate_cpu_seconds = swimlane_runtime::process_cpu_seconds() - cpu0;
         self.env.metrics.validate_seconds.observe(validate_seconds);
-        (self.env.metrics.score_cpu_seconds).inc_by(validate_cpu_seconds.max(0.0));
+        let cpu = validate_cpu_seconds.max(0.0);
+        self.env.metrics.score_cpu_seconds.inc_by(cpu);
         let (mut decision, mut reason) = self.policy.decide(&s);
         // Each batch large enough to judge on its own held-out windows must show a
         // significant gain there, or it is rejected alone (and its run-mates, if any,

@@ -5,7 +5,8 @@ use prometheus::{Counter, Histogram, IntCounterVec, Registry};
 #[derive(Clone)]
 pub struct ValidatorMetrics {
     pub validate_seconds: Histogram,
-    /// The process CPU spent scoring (`Verdict::validate_cpu_seconds`, summed; see
+    /// The process CPU spent scoring (each verdict's `validate_cpu_seconds`, and
+    /// scorings whose verdict was not committed as well; see
     /// `swimlane_trainer_train_cpu_seconds_total`).
     pub score_cpu_seconds: Counter,
     /// Label `verdict`: `accepted` | `rejected` | `deferred`.
