@@ -142,6 +142,38 @@ pub struct PipelineBenchRun {
     /// The share of the burst's fleet CPU (`burst_cpu_seconds`, every worker) spent on
     /// anything but that training and scoring.
     pub cpu_outside_model_share: f64,
+    /// That CPU outside training and scoring, per kind of worker, in milliseconds a
+    /// burst user ([`outside_ms_per_user`]).
+    pub outside_ms_per_user: std::collections::BTreeMap<String, f64>,
+}
+
+/// The burst's CPU outside training and scoring per kind of worker, in milliseconds a
+/// user: `ingest` and `publisher` their whole CPU; `trainer` every trainer process's
+/// CPU less their training (`train_cpu`); `validator` its CPU less its scoring
+/// (`model_cpu - train_cpu`). Each is at least 0 (the clocks are read at different
+/// moments, so a nearly idle part could come out a hair below it).
+pub fn outside_ms_per_user(
+    burst_cpu_seconds: &std::collections::BTreeMap<String, f64>,
+    model_cpu: f64,
+    train_cpu: f64,
+    users: usize,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (worker, cpu) in burst_cpu_seconds {
+        let kind = worker.split('-').next().unwrap_or(worker);
+        *out.entry(kind.to_string()).or_insert(0.0) += cpu;
+    }
+    let less = |out: &mut std::collections::BTreeMap<String, f64>, kind: &str, s: f64| {
+        if let Some(v) = out.get_mut(kind) {
+            *v -= s;
+        }
+    };
+    less(&mut out, "trainer", train_cpu);
+    less(&mut out, "validator", model_cpu - train_cpu);
+    for v in out.values_mut() {
+        *v = round3(v.max(0.0) * 1000.0 / users.max(1) as f64);
+    }
+    out
 }
 
 /// The whole report.
@@ -818,6 +850,12 @@ fn run_once(
         } else {
             0.0
         }),
+        outside_ms_per_user: outside_ms_per_user(
+            &burst_cpu_seconds,
+            b.model_cpu,
+            b.train_cpu,
+            burst_users.len(),
+        ),
         burst_cpu_seconds,
         bench_cpu_seconds: round3(bench_cpu),
     })
@@ -1202,6 +1240,11 @@ pub fn print_table(r: &PipelineBenchReport) {
             x.cpu_outside_model_share * 100.0,
             x.bench_cpu_seconds
         );
+        println!(
+            "{} trainer(s): CPU outside training and scoring, ms per user: {}",
+            x.trainers,
+            by_worker(&x.outside_ms_per_user, 2),
+        );
     }
     for x in &r.runs {
         let ratio = x
@@ -1234,5 +1277,36 @@ mod tests {
         assert_eq!(quantile(&v, 1.0), 100.0);
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    /// Trainers are summed and lose their training, the validator loses its scoring,
+    /// ingest and the publisher keep all of theirs; per user, in ms.
+    #[test]
+    fn the_cpu_outside_splits_by_kind_of_worker() {
+        let burst: std::collections::BTreeMap<String, f64> = [
+            ("ingest", 0.6),
+            ("publisher", 0.3),
+            ("trainer-0", 1.5),
+            ("trainer-1", 1.2),
+            ("validator", 0.5),
+        ]
+        .into_iter()
+        .map(|(w, s)| (w.to_string(), s))
+        .collect();
+        // Training 2.4 s over both trainers, scoring 0.4 s: 300 users.
+        let out = outside_ms_per_user(&burst, 2.8, 2.4, 300);
+        let want = [
+            ("ingest", 2.0),
+            ("publisher", 1.0),
+            ("trainer", 1.0),
+            ("validator", 0.333),
+        ];
+        assert_eq!(out.len(), want.len(), "{out:?}");
+        for (kind, ms) in want {
+            assert!((out[kind] - ms).abs() < 1e-9, "{kind}: {out:?}");
+        }
+        // A part read a hair below its model CPU is 0, not negative.
+        let out = outside_ms_per_user(&burst, 0.6, 0.0, 300);
+        assert_eq!(out["validator"], 0.0);
     }
 }
