@@ -13,7 +13,10 @@ every sample into one part by the frames of its stack, first match wins:
   the familiarity, HTTP, JSON, decoding uploads, the allocator, page faults, the rest.
 
 Prints each worker's parts and the fleet's, as shares of the samples (perf samples
-at a fixed rate, so shares of CPU time).
+at a fixed rate, so shares of CPU time), the share outside training and scoring, and
+that share again without SQLite's samples: what the pipeline would spend outside if
+the store cost nothing. The call graphs overstate ingest's SQLite time
+(bench/README.md, "Session sixteen"), so that last figure is if anything too low.
 """
 import collections
 import os
@@ -101,6 +104,14 @@ def main(files):
     n = sum(fleet.values())
     model = fleet["training"] + fleet["scoring"]
     print(f"outside training and scoring: {(n - model) / n:.1%} of the fleet's samples")
+    # The floor the store's design leaves: the share with every SQLite sample (its
+    # statements, commits and checkpoints, with the system calls under them) taken out
+    # of both the outside and the whole, as if storing cost nothing.
+    store = sum(c for name, c in fleet.items() if name.startswith("sqlite:"))
+    print(
+        f"in SQLite: {store / n:.1%} of the fleet's samples; outside training and "
+        f"scoring without them: {(n - model - store) / (n - store):.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ impl EmbeddedBackend {
     }
 
     fn return_connection(&self, conn: Connection) {
-        if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+        if !conn.is_autocommit() && run(&conn, "ROLLBACK").is_err() {
             return; // state unknown: drop (close) it
         }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,6 +227,18 @@ impl EmbeddedBackend {
         }
     }
 }
+
+/// Run `sql` (one statement without parameters or rows: `BEGIN`, `COMMIT`, ...) through
+/// the connection's statement cache. Every transaction begins and ends with such
+/// statements, and `execute_batch` parses them anew each time: the parser was 2-4% of
+/// the ingest, validator and publisher workers' samples (bench/README.md).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Statements a connection keeps prepared: every statement the hot paths run through
+/// `prepare_cached` (about fifteen) fits, so none is parsed again after its first use.
+const STATEMENT_CACHE: usize = 32;
 
 fn open_connection(path: &Path) -> Result<Connection, KvError> {
     let ctx = |what: &str| format!("{what} {}", path.display());
@@ -242,6 +254,7 @@ fn open_connection(path: &Path) -> Result<Connection, KvError> {
     .map_err(|e| map_sqlite(&ctx("opening"), e))?;
     conn.busy_handler(Some(busy_wait))
         .map_err(|e| map_sqlite(&ctx("configuring"), e))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // Switching a new file to WAL needs a brief exclusive lock; processes opening the
     // same new file at once may see it busy for a moment.
     let mut attempts = 0;
@@ -404,12 +417,10 @@ impl Backend for EmbeddedBackend {
             conflicts: Vec::new(),
         };
         let conn = tx.conn();
-        conn.execute_batch("BEGIN")
-            .map_err(|e| map_sqlite("beginning a transaction", e))?;
+        run(conn, "BEGIN").map_err(|e| map_sqlite("beginning a transaction", e))?;
         tx.read_version = conn
-            .query_row("SELECT val FROM meta WHERE name = 'version'", [], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT val FROM meta WHERE name = 'version'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(|e| map_sqlite("reading the store version", e))?;
         Ok(Box::new(tx))
     }
@@ -536,8 +547,7 @@ impl EmbeddedTx<'_> {
         let conn = self.conn.as_ref().expect("connection present until drop");
         // The read snapshot cannot be upgraded to a writer once others committed; end it
         // and validate reads against the latest data under the write lock instead.
-        conn.execute_batch("ROLLBACK")
-            .map_err(|e| map_sqlite("ending the read snapshot", e))?;
+        run(conn, "ROLLBACK").map_err(|e| map_sqlite("ending the read snapshot", e))?;
         let job = Job {
             read_version: self.read_version,
             conflicts: std::mem::take(&mut self.conflicts),
@@ -631,7 +641,7 @@ fn commit_group(
             .map(|(t, _)| (*t, Err(same_error(&e))))
             .collect()
     };
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return every(map_sqlite("taking the write lock", e));
     }
     let mut results = Vec::with_capacity(group.len());
@@ -640,18 +650,18 @@ fn commit_group(
             Ok(()) => results.push((*ticket, Ok(()))),
             Err(KvError::Conflict) => results.push((*ticket, Err(KvError::Conflict))),
             Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = run(conn, "ROLLBACK");
                 return every(e);
             }
         }
     }
-    match conn.execute_batch("COMMIT") {
+    match run(conn, "COMMIT") {
         Ok(()) => {
             backend.bell.ring();
             results
         }
         Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = run(conn, "ROLLBACK");
             every(map_sqlite("committing", e))
         }
     }
@@ -744,11 +754,9 @@ fn apply(
             }
         }
     }
-    conn.execute(
-        "UPDATE meta SET val = ?1 WHERE name = 'version'",
-        params![ver],
-    )
-    .map_err(m)?;
+    conn.prepare_cached("UPDATE meta SET val = ?1 WHERE name = 'version'")
+        .and_then(|mut s| s.execute(params![ver]))
+        .map_err(m)?;
     if ver % backend.gc_every == 0 {
         collect_tombstones(conn, ver, backend.retention)?;
     }
@@ -849,9 +857,7 @@ impl BackendTx for EmbeddedTx<'_> {
     fn commit(mut self: Box<Self>) -> Result<(), KvError> {
         if self.buf.is_empty() {
             // Read-only: the snapshot was consistent; nothing to validate or write.
-            return self
-                .conn()
-                .execute_batch("COMMIT")
+            return run(self.conn(), "COMMIT")
                 .map_err(|e| map_sqlite("ending a read-only transaction", e));
         }
         self.commit_writes()
