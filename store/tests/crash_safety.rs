@@ -41,11 +41,18 @@ fn marker(n: u64) -> Vec<u8> {
     k
 }
 
-/// What key `i` holds after commit `n`: `n` and `i`, then filler whose length (up to
-/// 6,000 bytes, so commits span many pages) and bytes are fixed by `(n, i)`: a value
-/// of another commit, or a torn one, never passes for it.
+/// What key `i` holds after commit `n`: `n` and `i`, then filler whose length and bytes
+/// are fixed by `(n, i)`: a value of another commit, or a torn one, never passes for it.
+/// Up to 6,000 bytes, so commits span many pages; the last two keys 40,000 to 99,000
+/// (as an upload's sample chunks are), so a commit's WAL frames fill several of the
+/// 64 KiB writes `wal_vfs` gathers them into, and a kill can land between two.
 fn value(n: u64, i: u32) -> Vec<u8> {
-    let len = ((n * 7919 + i as u64 * 104_729) % 6000) as usize;
+    let spread = (n * 7919 + i as u64 * 104_729) as usize;
+    let len = if i >= KEYS - 2 {
+        40_000 + spread % 59_000
+    } else {
+        spread % 6000
+    };
     let mut v = Vec::with_capacity(12 + len);
     v.extend_from_slice(&n.to_le_bytes());
     v.extend_from_slice(&i.to_le_bytes());
