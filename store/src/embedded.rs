@@ -236,6 +236,13 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
+/// `meta`'s value `name` (`version`, `gc_version`), through the statement cache: every
+/// transaction reads the version when it begins and again when it commits.
+fn meta_val(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT val FROM meta WHERE name = ?1")?
+        .query_row(params![name], |r| r.get(0))
+}
+
 /// Statements a connection keeps prepared: every statement the hot paths run through
 /// `prepare_cached` (about fifteen) fits, so none is parsed again after its first use.
 const STATEMENT_CACHE: usize = 32;
@@ -418,10 +425,8 @@ impl Backend for EmbeddedBackend {
         };
         let conn = tx.conn();
         run(conn, "BEGIN").map_err(|e| map_sqlite("beginning a transaction", e))?;
-        tx.read_version = conn
-            .prepare_cached("SELECT val FROM meta WHERE name = 'version'")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(|e| map_sqlite("reading the store version", e))?;
+        tx.read_version =
+            meta_val(conn, "version").map_err(|e| map_sqlite("reading the store version", e))?;
         Ok(Box::new(tx))
     }
     fn name(&self) -> &'static str {
@@ -450,10 +455,7 @@ impl Backend for EmbeddedBackend {
         let collected = (|| -> Result<u64, KvError> {
             conn.execute_batch("BEGIN IMMEDIATE").map_err(m)?;
             let r = (|| -> rusqlite::Result<u64> {
-                let version: i64 =
-                    conn.query_row("SELECT val FROM meta WHERE name = 'version'", [], |r| {
-                        r.get(0)
-                    })?;
+                let version = meta_val(&conn, "version")?;
                 let n = conn.execute(
                     "DELETE FROM kv WHERE v IS NULL AND ver <= ?1",
                     params![version],
@@ -685,12 +687,7 @@ fn apply(
     backend: &EmbeddedBackend,
 ) -> Result<(), KvError> {
     let m = |e| map_sqlite("committing", e);
-    let meta = |name: &str| -> Result<i64, KvError> {
-        conn.query_row("SELECT val FROM meta WHERE name = ?1", params![name], |r| {
-            r.get(0)
-        })
-        .map_err(m)
-    };
+    let meta = |name: &str| meta_val(conn, name).map_err(m);
     let current = meta("version")?;
     if !conflicts.is_empty() && current != read_version {
         if read_version < meta("gc_version")? {
@@ -781,11 +778,7 @@ fn collect_tombstones(conn: &Connection, ver: i64, retention: Duration) -> Resul
             |r| r.get(0),
         )
         .map_err(m)?;
-    let gc_version: i64 = conn
-        .query_row("SELECT val FROM meta WHERE name = 'gc_version'", [], |r| {
-            r.get(0)
-        })
-        .map_err(m)?;
+    let gc_version = meta_val(conn, "gc_version").map_err(m)?;
     if let Some(g) = horizon.filter(|&g| g > gc_version) {
         let n = conn
             .execute("DELETE FROM kv WHERE v IS NULL AND ver <= ?1", params![g])
